@@ -1,0 +1,46 @@
+# Everyday commands. Each target creates .venv and builds the extension as needed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+EXT_STAMP := build/.ext-$(if $(DEBUG),debug,release)
+SOURCES := shmipc/_ring.pyx shmipc/_ring.pxd shmipc/_codec.pxi shmipc/_posix.pxd shmipc/_shm.h setup.py
+PYTEST_ARGS ?=
+
+.PHONY: build test bench bench-quick debug soak clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "Cython>=3.0" "setuptools>=64" wheel
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	touch $@
+
+$(EXT_STAMP): $(STAMP) $(SOURCES)
+	rm -f build/.ext-*
+	SHMIPC_DEBUG=$(if $(DEBUG),1,0) $(PY) setup.py -q build_ext --inplace --force
+	mkdir -p build && touch $@
+
+build: $(EXT_STAMP)
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: build
+	$(PY) -m shmipc bench
+
+bench-quick: build
+	$(PY) -m shmipc bench --quick
+
+# a build with C assertions and no optimisation, then the tests
+debug:
+	$(MAKE) DEBUG=1 test
+
+# the kill-fuzz tests for longer than CI can afford
+soak: build
+	SHMIPC_SOAK=1 $(PY) -m pytest -m soak -p no:cacheprovider $(PYTEST_ARGS)
+
+clean:
+	rm -rf build dist *.egg-info shmipc/*.so shmipc/_ring.c .pytest_cache .benchmarks

@@ -1,0 +1,286 @@
+# Typed messages: how a Python object becomes a record payload and back.
+# Included into _ring.pyx (the encoders run before any lock is taken; the
+# decoders run after the record has been copied out or claimed).
+#
+# Payload layouts (all integers little-endian, every segment 16-aligned):
+#   BYTES, BYTEARRAY, STR (UTF-8), RECORD: the raw bytes
+#   INT: int64;  FLOAT: float64;  TRUE, FALSE, NONE: empty
+#   NDARRAY: u8 ndim, u8 0, u16 descr_len, u32 0, u64 shape[ndim], descr,
+#            then the C-ordered data at the next 16-byte boundary
+#   PICKLE:  u32 nseg, u32 0, u64 length[nseg], then nseg segments each at a
+#            16-byte boundary: the pickle-5 stream and its out-of-band buffers
+
+from libc.string cimport memcpy
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytearray cimport PyByteArray_FromStringAndSize
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+import sys
+import struct
+import pickle
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object u, Py_ssize_t *size) except NULL
+    long long PyLong_AsLongLongAndOverflow(object o, int *overflow) except? -1
+    double PyFloat_AS_DOUBLE(object o)
+
+cdef enum:
+    TAG_PAD = 0
+    TAG_BYTES = 1
+    TAG_BYTEARRAY = 2
+    TAG_STR = 3
+    TAG_INT = 4
+    TAG_FLOAT = 5
+    TAG_TRUE = 6
+    TAG_FALSE = 7
+    TAG_NONE = 8
+    TAG_NDARRAY = 9
+    TAG_PICKLE = 10
+    TAG_RECORD = 11
+    TAG_MAX = 11
+
+TAG_NAMES = ("pad", "bytes", "bytearray", "str", "int", "float", "True", "False",
+             "None", "ndarray", "pickle", "record")
+
+cdef object _ndarray_type = None     # numpy.ndarray once numpy is imported
+cdef object _np = None               # the numpy module, imported on first need
+cdef dict _dtype_descr_cache = {}    # dtype -> descr bytes
+cdef dict _descr_dtype_cache = {}    # descr bytes -> dtype
+cdef object _meta_head = struct.Struct("<BBHI")
+cdef object _pickle_head = struct.Struct("<II")
+
+
+cdef inline Py_ssize_t align16(Py_ssize_t n) noexcept nogil:
+    return (n + 15) & ~<Py_ssize_t>15
+
+
+cdef object numpy_module():
+    global _np, _ndarray_type
+    if _np is None:
+        import numpy
+        _np = numpy
+        _ndarray_type = numpy.ndarray
+    return _np
+
+
+cdef inline bint is_ndarray(object obj):
+    global _ndarray_type
+    if _ndarray_type is None:
+        np = sys.modules.get("numpy")
+        if np is None:
+            return False        # numpy is not even imported: obj cannot be an array
+        numpy_module()
+    return type(obj) is _ndarray_type
+
+
+cdef bytes dtype_descr(object dt):
+    cdef bytes d = _dtype_descr_cache.get(dt)
+    if d is None:
+        if dt.fields is None and dt.subdtype is None:
+            d = b"S" + dt.str.encode("ascii")
+        else:
+            d = b"P" + pickle.dumps(dt, protocol=5)
+        if len(d) > 0xFFFF:
+            raise ValueError(f"dtype description of {len(d)} bytes is too long (at most 65535)")
+        _dtype_descr_cache[dt] = d
+    return d
+
+
+cdef object descr_dtype(bytes d):
+    dt = _descr_dtype_cache.get(d)
+    if dt is None:
+        np = numpy_module()
+        try:
+            if d[:1] == b"S":
+                dt = np.dtype(d[1:].decode("ascii"))
+            elif d[:1] == b"P":
+                dt = pickle.loads(d[1:])
+                if not isinstance(dt, np.dtype):
+                    raise TypeError(type(dt).__name__)
+            else:
+                raise ValueError("unknown kind")
+        except Exception as exc:
+            raise CorruptMessage(f"ndarray message carries an invalid dtype {d[:40]!r}: {exc}") from None
+        if dt.hasobject:
+            raise CorruptMessage(f"ndarray message carries an object dtype {dt}")
+        if len(_descr_dtype_cache) < 1024:
+            _descr_dtype_cache[d] = dt
+    return dt
+
+
+cdef object encode(object obj, enc_t *e):
+    """Fill `e` for `obj`. Returns None when the payload is e.ptr[:e.size]
+    (borrowed from obj or e.small), or a list of segments (objects with the
+    buffer protocol) laid out one after another at 16-byte boundaries, with
+    e.ptr NULL and e.size their total."""
+    cdef type t = type(obj)
+    cdef Py_ssize_t n
+    cdef int overflow = 0
+    cdef long long iv
+    cdef double dv
+    e.ptr = NULL
+    if t is bytes:
+        e.tag = TAG_BYTES
+        e.ptr = PyBytes_AS_STRING(obj)
+        e.size = PyBytes_GET_SIZE(obj)
+        return None
+    if t is str:
+        try:
+            e.ptr = PyUnicode_AsUTF8AndSize(obj, &n)
+        except UnicodeEncodeError:      # lone surrogates: let pickle carry it
+            return encode_pickle(obj, e)
+        e.tag = TAG_STR
+        e.size = n
+        return None
+    if t is int:
+        iv = PyLong_AsLongLongAndOverflow(obj, &overflow)
+        if overflow:
+            return encode_pickle(obj, e)
+        e.tag = TAG_INT
+        memcpy(e.small, &iv, 8)
+        e.ptr = e.small
+        e.size = 8
+        return None
+    if t is float:
+        dv = PyFloat_AS_DOUBLE(obj)
+        e.tag = TAG_FLOAT
+        memcpy(e.small, &dv, 8)
+        e.ptr = e.small
+        e.size = 8
+        return None
+    if obj is None or obj is True or obj is False:
+        e.tag = TAG_NONE if obj is None else (TAG_TRUE if obj is True else TAG_FALSE)
+        e.ptr = e.small
+        e.size = 0
+        return None
+    if t is bytearray or t is memoryview:
+        e.tag = TAG_BYTEARRAY if t is bytearray else TAG_BYTES
+        mv = memoryview(obj)
+        if not mv.c_contiguous:
+            mv = memoryview(mv.tobytes())
+        elif mv.ndim != 1 or mv.itemsize != 1:
+            mv = mv.cast("B") if mv.nbytes else memoryview(b"")
+        e.size = mv.nbytes
+        return [mv]
+    if is_ndarray(obj):
+        if obj.dtype.hasobject:
+            return encode_pickle(obj, e)
+        return encode_ndarray(obj, e)
+    return encode_pickle(obj, e)
+
+
+cdef object encode_ndarray(object arr, enc_t *e):
+    np = numpy_module()
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr)
+    cdef bytes descr = dtype_descr(arr.dtype)
+    cdef int ndim = arr.ndim
+    if ndim > 64:
+        raise ValueError(f"arrays of {ndim} dimensions are not supported (at most 64)")
+    meta = bytearray(align16(8 + 8 * ndim + len(descr)))
+    _meta_head.pack_into(meta, 0, ndim, 0, len(descr), 0)
+    struct.pack_into(f"<{ndim}Q", meta, 8, *arr.shape)
+    meta[8 + 8 * ndim: 8 + 8 * ndim + len(descr)] = descr
+    data = arr.reshape(-1).view(np.uint8) if arr.size else memoryview(b"")
+    e.tag = TAG_NDARRAY
+    e.size = len(meta) + arr.nbytes
+    return [meta, data]
+
+
+cdef object encode_pickle(object obj, enc_t *e):
+    buffers = []
+
+    def keep(pb):
+        try:
+            raw = pb.raw()          # contiguous buffers travel out of band
+        except BufferError:
+            return True             # non-contiguous: pickle copies it in band
+        buffers.append(raw)
+        return False
+
+    stream = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+    cdef Py_ssize_t nseg = 1 + len(buffers)
+    head = bytearray(align16(8 + 8 * nseg))
+    _pickle_head.pack_into(head, 0, nseg, 0)
+    struct.pack_into(f"<{nseg}Q", head, 8, len(stream), *[b.nbytes for b in buffers])
+    cdef Py_ssize_t total = len(head) + align16(len(stream))
+    for b in buffers:
+        total = align16(total) + b.nbytes
+    e.tag = TAG_PICKLE
+    e.size = total
+    return [head, stream] + buffers
+
+
+cdef object decode_scalar(uint8_t tag, const char *p, Py_ssize_t n):
+    """Decode the payloads that need no buffer; raises CorruptMessage."""
+    cdef long long iv
+    cdef double dv
+    if tag == TAG_INT or tag == TAG_FLOAT:
+        if n != 8:
+            raise CorruptMessage(f"{TAG_NAMES[tag]} message of {n} bytes (expected 8)")
+        if tag == TAG_INT:
+            memcpy(&iv, p, 8)
+            return iv
+        memcpy(&dv, p, 8)
+        return dv
+    if n != 0:
+        raise CorruptMessage(f"{TAG_NAMES[tag]} message of {n} bytes (expected 0)")
+    if tag == TAG_TRUE:
+        return True
+    if tag == TAG_FALSE:
+        return False
+    return None
+
+
+cdef object decode_buffer(uint8_t tag, object buf, object dtype):
+    """Decode an NDARRAY, PICKLE or RECORD payload held in `buf` (a bytearray
+    copy, or a read-only memoryview over the ring for zero-copy views)."""
+    mv = memoryview(buf)
+    cdef Py_ssize_t n = mv.nbytes
+    cdef Py_ssize_t off, count, itemsize, ndim, dlen, nseg, i, length
+    if tag == TAG_RECORD:
+        np = numpy_module()
+        if dtype is None or n != dtype.itemsize:
+            raise CorruptMessage(f"record of {n} bytes in a ring of {dtype}")
+        return np.frombuffer(mv, dtype=dtype, count=1)[0]
+    if tag == TAG_NDARRAY:
+        if n < 8:
+            raise CorruptMessage(f"ndarray message of {n} bytes is shorter than its header")
+        ndim, _, dlen, _ = _meta_head.unpack_from(mv, 0)
+        off = 8 + 8 * ndim + dlen
+        if off > n:
+            raise CorruptMessage(f"ndarray header of {off} bytes overruns the {n}-byte message")
+        shape = struct.unpack_from(f"<{ndim}Q", mv, 8)
+        dt = descr_dtype(bytes(mv[8 + 8 * ndim: off]))
+        count = 1
+        for d in shape:
+            count *= d
+            if count > n:
+                break
+        off = align16(off)
+        itemsize = dt.itemsize
+        if count * itemsize > n - off:
+            raise CorruptMessage(
+                f"ndarray of shape {shape} and dtype {dt} needs {count * itemsize} bytes, "
+                f"the message holds {max(n - off, 0)}")
+        np = numpy_module()
+        if count == 0 or itemsize == 0:
+            return np.empty(shape, dtype=dt)
+        return np.frombuffer(mv, dtype=dt, count=count, offset=off).reshape(shape)
+    if tag == TAG_PICKLE:
+        if n < 8:
+            raise CorruptMessage(f"pickle message of {n} bytes is shorter than its header")
+        nseg, _ = _pickle_head.unpack_from(mv, 0)
+        if nseg < 1 or 8 + 8 * nseg > n:
+            raise CorruptMessage(f"pickle message claims {nseg} segments in {n} bytes")
+        lengths = struct.unpack_from(f"<{nseg}Q", mv, 8)
+        off = align16(8 + 8 * nseg)
+        segs = []
+        for i in range(nseg):
+            length = lengths[i]
+            if length > n - off:
+                raise CorruptMessage(
+                    f"pickle segment {i} of {length} bytes at offset {off} overruns the {n}-byte message")
+            segs.append(mv[off: off + length])
+            off = align16(off + length)
+        return pickle.loads(segs[0], buffers=segs[1:])
+    raise CorruptMessage(f"unknown message tag {tag}")

@@ -1,0 +1,63 @@
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
+from shmipc._posix cimport shm_ring_t, shm_rec_t, sem_t
+
+
+cdef struct enc_t:
+    uint8_t tag             # message type (TAG_* in _codec.pxi)
+    const char *ptr         # single-segment payload (borrowed), or NULL when segmented
+    Py_ssize_t size         # payload bytes
+    char small[8]           # payload of int/float messages
+
+
+cdef class Ring:
+    cdef shm_ring_t *hdr            # the ring header in shared memory
+    cdef char *data                 # first data byte
+    cdef uint64_t capacity          # data bytes, a power of two (validated copy: never re-read)
+    cdef uint64_t mask              # capacity - 1
+    cdef uint64_t max_payload       # largest payload one record may carry
+    cdef uint32_t record_size       # fixed-record rings: item bytes; 0 = variable
+    cdef uint32_t maxsize           # most messages in the ring; 0 = no limit
+    cdef bint many_producers        # producers serialise on the producer lock
+    cdef bint many_consumers        # consumers serialise on the consumer lock
+    cdef uint64_t cached_tail       # producer's last view of the tail (a lower bound)
+    cdef uint64_t cached_head       # consumer's last view of the head (a lower bound)
+    cdef int64_t spin_ns            # adaptive spin budget before sleeping
+    cdef Py_buffer view             # the exported mapping; valid while has_view
+    cdef bint has_view
+    cdef bint closed                # closed in this process
+    cdef int active                 # calls in progress in this process
+    cdef object buffer              # the object the ring lives in (a memoryview slice)
+    cdef public object arena        # the Arena holding the ring, or None
+    cdef public object name         # the region name in the arena
+    cdef public object dtype        # fixed-record rings: the numpy dtype
+    cdef object __weakref__
+
+    cdef int _map(self, object buffer, uint64_t need) except -1
+    cdef int _validate_header(self, object buffer) except -1
+    cdef int _setup(self, object dtype) except -1
+    cdef void _release(self) noexcept
+    cdef int _enter(self) except -1
+    cdef void _leave(self) noexcept
+    cdef shm_rec_t *_rec_at(self, uint64_t pos) noexcept nogil
+    cdef int _corrupt(self, str what) except -1
+    cdef uint64_t _check_record(self, uint64_t pos, uint64_t head) except 0
+    cdef int _positions(self, uint64_t *head, uint64_t *cursor, uint64_t *tail) except -1
+    cdef bint _ready(self, int kind, uint64_t need) noexcept nogil
+    cdef bint _wait(self, int kind, uint64_t need, int64_t deadline) except -1
+    cdef bint _look_around(self, int kind) except -1
+    cdef int _reclaim_dead_claims(self) except -1
+    cdef bint _lock(self, int kind, int64_t deadline) except -1
+    cdef void _unlock(self, int kind) noexcept
+    cdef uint64_t _reserve(self, uint64_t head, uint64_t length, uint64_t pending) except? 1
+    cdef int _write_record(self, uint64_t pos, enc_t *e, object segs) except -1
+    cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
+    cdef void _after_commit(self) noexcept
+    cdef int _check_size(self, enc_t *e) except -1
+    cdef int _shut(self) except -1
+    cdef object _encode(self, object obj, enc_t *e)
+    cdef bint _put_encoded(self, enc_t *e, object segs, int64_t deadline) except -1
+    cdef shm_rec_t *_take(self, int64_t deadline, uint64_t *pos_out, uint64_t *len_out) except? NULL
+    cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, bint claim) noexcept
+    cdef int _advance_tail(self) except -1
+    cdef object _copy_out(self, shm_rec_t *r, bint *raw)
+    cdef int _release_claim(self, uint64_t pos) except -1

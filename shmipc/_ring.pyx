@@ -1,0 +1,1128 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The ring: variable-length typed records in a byte ring inside shared memory.
+
+This is the only module that touches raw shared memory. See _shm.h for the
+layout and DESIGN.md for the model. In short:
+
+Invariants (kept by the code below; every one is checked when read back,
+since another process may have scribbled over the memory):
+  * tail <= cursor <= head, head - tail <= capacity; all three only grow.
+      head   = prod.pos:   bytes ever committed by producers,
+      cursor = cons.cursor: bytes ever taken by consumers,
+      tail   = cons.pos:   bytes ever released (free for producers again).
+  * Records are 16-aligned and never wrap: a record that would cross the end
+    is preceded by a PAD record running to the end.
+  * A record becomes visible only when head moves past it (release store),
+    after its header and payload are written: a consumer never sees a
+    partial record, and a producer that dies mid-write leaves nothing behind.
+  * Every record in [tail, cursor) is CLAIMED (a zero-copy view is open on
+    it) or DONE; tail moves over DONE and PAD records only, so a producer
+    never overwrites memory a view still shows.
+  * "many" sides take a lock word holding the owner's pid; it is released
+    before sleeping, so no lock is held across an unbounded wait, and a lock
+    whose owner died is taken over (after a wait slice) by the next waiter.
+  * A waiter registers in `wait.*_waiters` and re-checks its condition
+    before sleeping; the other side publishes, issues a full fence, and then
+    reads the counter (Dekker): a wake-up can be late by one slice at worst
+    if a waiter died, never lost.
+"""
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, INT64_MAX
+from libc.string cimport memcpy, memset
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
+from shmipc._posix cimport *
+
+import os
+import math
+import queue
+
+from shmipc.errors import MessageTooLarge, CorruptArena, CorruptMessage, PeerDied
+
+include "_codec.pxi"
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals() except -1
+
+RING_HEADER_SIZE = SHM_RING_HEADER_SIZE
+MIN_CAPACITY = 1024
+MAX_CAPACITY = 1 << 40
+DEBUG = bool(SHMIPC_DEBUG)
+
+# How long one sleep lasts before the waiter looks around (deadline, Ctrl-C,
+# close, dead peers and lock owners). Bounds recovery time, costs ~20 wake-ups/s.
+cdef int64_t SLICE_NS = 50_000_000
+cdef int64_t SPIN_MIN_NS = 1_000
+cdef int64_t SPIN_MAX_NS = 50_000
+cdef int64_t FOREVER = INT64_MAX
+cdef int BATCH = 64            # put_many encodes this many items before writing them
+
+# what a waiter waits for
+cdef enum:
+    W_DATA = 0      # a consumer: a committed record past the cursor
+    W_SPACE = 1     # a producer: room for `need` bytes (and the message limit)
+    W_PLOCK = 2     # the producer lock
+    W_CLOCK = 3     # the consumer lock
+
+cdef uint32_t g_pid = getpid()
+
+
+def _after_fork_in_child():
+    global g_pid
+    g_pid = getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+cdef inline uint64_t rec_len(uint64_t payload) noexcept nogil:
+    return (SHM_REC_HDR + payload + SHM_REC_ALIGN - 1) & ~<uint64_t>(SHM_REC_ALIGN - 1)
+
+
+cdef int64_t deadline_of(bint block, object timeout) except -2:
+    """Absolute CLOCK_MONOTONIC deadline; 0 means "do not wait"."""
+    if not block:
+        return 0
+    if timeout is None:
+        return FOREVER
+    cdef double t
+    try:
+        t = float(timeout)
+    except (TypeError, ValueError):
+        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}") from None
+    if not t >= 0:          # catches NaN too
+        raise ValueError(f"timeout must be a non-negative number, got {timeout!r}")
+    if t > 1e9:
+        return FOREVER
+    return shm_now_ns() + <int64_t>(t * 1e9)
+
+
+cdef class Ring:
+    """A ring of typed messages in shared memory. Make one with ``Arena.ring()``.
+
+    ``producers`` / ``consumers`` say whether one process (and thread) or many
+    use a side; "one" sides take no lock. Messages from one producer reach a
+    consumer in the order they were put.
+    """
+
+    def __cinit__(self):
+        self.has_view = False
+        self.closed = True
+        self.active = 0
+        self.spin_ns = 20_000
+
+    def __init__(self, *args, **kwargs):
+        raise TypeError("make rings with Arena.ring(); Ring cannot be instantiated directly")
+
+    # ------------------------------------------------------------ creation
+    @staticmethod
+    def _create(buffer, uint64_t capacity, *, bint many_producers=True, bint many_consumers=True,
+                uint32_t maxsize=0, object dtype=None):
+        """Lay out a new ring over `buffer` (a writable buffer of at least
+        RING_HEADER_SIZE + capacity bytes) and return it."""
+        if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or (capacity & (capacity - 1)):
+            raise ValueError(f"ring capacity must be a power of two between {MIN_CAPACITY} and "
+                             f"{MAX_CAPACITY} bytes, got {capacity}")
+        cdef uint32_t record_size = 0
+        if dtype is not None:
+            record_size = dtype.itemsize
+            if record_size == 0 or rec_len(record_size) > capacity // 2:
+                raise ValueError(f"records of {record_size} bytes do not fit a ring of {capacity} bytes")
+        cdef Ring r = Ring.__new__(Ring)
+        r._map(buffer, SHM_RING_HEADER_SIZE + capacity)
+        cdef shm_ring_t *h = r.hdr
+        memset(h, 0, SHM_RING_HEADER_SIZE)
+        h.version = SHM_RING_VERSION
+        h.flags = (SHM_MANY_PRODUCERS if many_producers else 0) | (SHM_MANY_CONSUMERS if many_consumers else 0)
+        h.capacity = capacity
+        h.data_offset = SHM_RING_HEADER_SIZE
+        h.region_size = SHM_RING_HEADER_SIZE + capacity
+        h.record_size = record_size
+        h.maxsize = maxsize
+        h.creator = g_pid
+        if (sem_init(&h.data_sem, 1, 0) or sem_init(&h.space_sem, 1, 0)
+                or sem_init(&h.plock_sem, 1, 0) or sem_init(&h.clock_sem, 1, 0)):
+            r._release()
+            raise OSError(errno, "sem_init failed")
+        shm_fence()
+        h.magic = SHM_RING_MAGIC         # last: an attacher never sees a half-made ring
+        r._setup(dtype)
+        return r
+
+    @staticmethod
+    def _attach(buffer, object dtype=None):
+        """Attach to a ring laid out earlier over `buffer`; CorruptArena if the
+        header is not a valid ring that fits the buffer."""
+        cdef Ring r = Ring.__new__(Ring)
+        r._map(buffer, SHM_RING_HEADER_SIZE)
+        try:
+            r._validate_header(buffer)
+        except BaseException:
+            r._release()
+            raise
+        r._setup(dtype)
+        return r
+
+    cdef int _map(self, object buffer, uint64_t need) except -1:
+        PyObject_GetBuffer(buffer, &self.view, PyBUF_WRITABLE)
+        self.has_view = True
+        if <uint64_t>self.view.len < need:
+            self._release()
+            raise ValueError(f"a ring needs {need} bytes, the buffer has {self.view.len}")
+        if (<size_t>self.view.buf) % 64:
+            self._release()
+            raise ValueError("a ring must start on a 64-byte boundary")
+        self.buffer = buffer
+        self.hdr = <shm_ring_t *>self.view.buf
+        return 0
+
+    cdef int _validate_header(self, object buffer) except -1:
+        cdef shm_ring_t *h = self.hdr
+        if h.magic != SHM_RING_MAGIC:
+            raise CorruptArena(f"no ring here: magic {h.magic:#x}, expected {SHM_RING_MAGIC:#x}")
+        if h.version != SHM_RING_VERSION:
+            raise CorruptArena(f"ring format version {h.version}, this shmipc reads {SHM_RING_VERSION}")
+        cdef uint64_t cap = h.capacity
+        if cap < MIN_CAPACITY or cap > MAX_CAPACITY or (cap & (cap - 1)):
+            raise CorruptArena(f"ring capacity {cap} is not a power of two in range")
+        if h.data_offset != SHM_RING_HEADER_SIZE or h.region_size != SHM_RING_HEADER_SIZE + cap:
+            raise CorruptArena(f"ring data offset {h.data_offset} / size {h.region_size} do not "
+                               f"match capacity {cap}")
+        if h.region_size > <uint64_t>self.view.len:
+            raise CorruptArena(f"ring of {h.region_size} bytes overruns its {self.view.len}-byte region")
+        if h.flags & ~<uint32_t>(SHM_MANY_PRODUCERS | SHM_MANY_CONSUMERS):
+            raise CorruptArena(f"ring flags {h.flags:#x} hold unknown bits")
+        if h.record_size and rec_len(h.record_size) > cap // 2:
+            raise CorruptArena(f"record size {h.record_size} does not fit capacity {cap}")
+        return 0
+
+    cdef int _setup(self, object dtype) except -1:
+        cdef shm_ring_t *h = self.hdr
+        self.data = (<char *>self.hdr) + SHM_RING_HEADER_SIZE
+        self.capacity = h.capacity
+        self.mask = self.capacity - 1
+        self.max_payload = self.capacity // 2 - SHM_REC_HDR
+        if self.max_payload > 0xFFFFFFFF:
+            self.max_payload = 0xFFFFFFFF
+        self.record_size = h.record_size
+        self.maxsize = h.maxsize
+        self.many_producers = (h.flags & SHM_MANY_PRODUCERS) != 0
+        self.many_consumers = (h.flags & SHM_MANY_CONSUMERS) != 0
+        self.cached_tail = shm_load_acq64(&h.cons.pos)
+        self.cached_head = shm_load_acq64(&h.prod.pos)
+        self.dtype = dtype
+        self.closed = False
+        return 0
+
+    cdef void _release(self) noexcept:
+        if self.has_view:
+            PyBuffer_Release(&self.view)
+            self.has_view = False
+        self.hdr = NULL
+        self.data = NULL
+        buf = self.buffer
+        self.buffer = None
+        if isinstance(buf, memoryview):
+            try:
+                buf.release()
+            except BufferError:
+                pass            # someone still holds a view: unmapped when they let go
+
+    def __dealloc__(self):
+        if self.has_view:
+            PyBuffer_Release(&self.view)
+
+    # ------------------------------------------------------------ bookkeeping
+    cdef int _enter(self) except -1:
+        if self.closed:
+            raise ValueError("ring is closed")
+        self.active += 1
+        return 0
+
+    cdef void _leave(self) noexcept:
+        self.active -= 1
+        if self.closed and self.active == 0 and self.has_view:
+            self._release()
+
+    def close(self):
+        """Detach this process from the ring (other processes are unaffected).
+
+        Calls blocked in other threads wake up and raise ValueError. Idempotent.
+        """
+        if self.closed:
+            return
+        self.closed = True
+        if self.active:
+            # wake our own sleepers so they notice; the last one out releases
+            for _ in range(self.active):
+                sem_post(&self.hdr.data_sem)
+                sem_post(&self.hdr.space_sem)
+                sem_post(&self.hdr.plock_sem)
+                sem_post(&self.hdr.clock_sem)
+        else:
+            self._release()
+
+    @property
+    def closed(self):
+        return self.closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        if self.arena is None:
+            raise TypeError("only rings that live in an Arena can be pickled")
+        from shmipc.arena import _rebuild_ring
+        return _rebuild_ring, (self.arena, self.name)
+
+    def __repr__(self):
+        if self.closed:
+            return f"<shmipc.Ring {self.name!r} closed>"
+        return (f"<shmipc.Ring {self.name!r} capacity={self.capacity} "
+                f"producers={'many' if self.many_producers else 'one'} "
+                f"consumers={'many' if self.many_consumers else 'one'} qsize={self.qsize()}>")
+
+    @property
+    def capacity(self):
+        """Data bytes in the ring."""
+        return self.capacity
+
+    @property
+    def max_message_size(self):
+        """Largest encoded message one put can carry, in bytes."""
+        return self.max_payload
+
+    @property
+    def maxsize(self):
+        """Most messages the ring holds at once (0: limited by bytes only)."""
+        return self.maxsize
+
+    @property
+    def producers(self):
+        return "many" if self.many_producers else "one"
+
+    @property
+    def consumers(self):
+        return "many" if self.many_consumers else "one"
+
+    # ------------------------------------------------------------ positions
+    cdef shm_rec_t *_rec_at(self, uint64_t pos) noexcept nogil:
+        return <shm_rec_t *>(self.data + (pos & self.mask))
+
+    cdef int _corrupt(self, str what) except -1:
+        raise CorruptArena(f"ring {self.name!r}: {what}")
+
+    cdef uint64_t _check_record(self, uint64_t pos, uint64_t head) except 0:
+        """Validate the record header at `pos` (which must be < head) and return
+        its length in the ring. Raises CorruptArena on anything out of range."""
+        cdef uint64_t off = pos & self.mask
+        cdef shm_rec_t *r = <shm_rec_t *>(self.data + off)
+        cdef uint32_t size = r.size
+        cdef uint8_t tag = r.tag
+        cdef uint64_t length
+        if pos & (SHM_REC_ALIGN - 1):
+            self._corrupt(f"position {pos} is not 16-aligned")
+        if tag > TAG_MAX or r.check != shm_rec_check(size, tag):
+            self._corrupt(f"garbage record header at position {pos} (tag {tag}, size {size})")
+        length = rec_len(size)
+        if tag == TAG_PAD:
+            if length != self.capacity - off:
+                self._corrupt(f"padding of {length} bytes at offset {off} does not reach the end")
+        elif size > self.max_payload or length > self.capacity - off:
+            self._corrupt(f"record of {size} bytes at offset {off} overruns the ring")
+        if length > head - pos:
+            self._corrupt(f"record of {length} bytes at position {pos} runs past the head {head}")
+        if r.state > SHM_REC_DONE:
+            self._corrupt(f"record at position {pos} has state {r.state}")
+        return length
+
+    cdef int _positions(self, uint64_t *head, uint64_t *cursor, uint64_t *tail) except -1:
+        head[0] = shm_load_acq64(&self.hdr.prod.pos)
+        cursor[0] = shm_load_acq64(&self.hdr.cons.cursor)
+        tail[0] = shm_load_acq64(&self.hdr.cons.pos)
+        if not (tail[0] <= cursor[0] <= head[0]) or head[0] - tail[0] > self.capacity:
+            self._corrupt(f"positions out of order: tail {tail[0]}, cursor {cursor[0]}, "
+                          f"head {head[0]}, capacity {self.capacity}")
+        self.cached_head = head[0]
+        return 0
+
+    # ------------------------------------------------------------ waiting
+    cdef bint _ready(self, int kind, uint64_t need) noexcept nogil:
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t head, tail, off, total
+        if kind == W_DATA:
+            return shm_load_acq64(&h.prod.pos) != shm_load_acq64(&h.cons.cursor) or \
+                shm_load_rlx32(&h.wait.shutdown) != 0
+        if kind == W_SPACE:
+            if shm_load_rlx32(&h.wait.shutdown):
+                return True
+            if self.maxsize and shm_load_rlx64(&h.prod.msgs) - shm_load_rlx64(&h.cons.msgs) >= self.maxsize:
+                return False
+            head = shm_load_acq64(&h.prod.pos)
+            tail = shm_load_acq64(&h.cons.pos)
+            off = head & self.mask
+            total = need if need <= self.capacity - off else self.capacity - off + need
+            return head - tail <= self.capacity - total
+        if kind == W_PLOCK:
+            return shm_cas32(&h.prod.lock, 0, g_pid)
+        return shm_cas32(&h.cons.lock, 0, g_pid)
+
+    cdef bint _wait(self, int kind, uint64_t need, int64_t deadline) except -1:
+        """Wait until `kind` is ready. Returns False when ready, True when the
+        deadline passed. Spins briefly (GIL released), then sleeps on the
+        kind's semaphore in slices, between which it checks Ctrl-C, close,
+        the deadline, and whether the process it waits for died."""
+        cdef shm_ring_t *h = self.hdr
+        cdef int64_t now, spin_end, slice_end, t0
+        cdef bint ok = False
+        cdef int i, rc
+        cdef sem_t *sem
+        cdef uint32_t *waiters
+        if self._ready(kind, need):
+            return False
+        if deadline == 0:
+            return True
+        with nogil:
+            now = shm_now_ns()
+            spin_end = now + self.spin_ns
+            if spin_end > deadline:
+                spin_end = deadline
+            while not ok:
+                for i in range(64):
+                    if self._ready(kind, need):
+                        ok = True
+                        break
+                    shm_cpu_relax()
+                if ok or shm_now_ns() >= spin_end:
+                    break
+        if ok:
+            if self.spin_ns < SPIN_MAX_NS:
+                self.spin_ns *= 2
+            return False
+        if self.spin_ns > SPIN_MIN_NS:
+            self.spin_ns //= 2
+        if kind == W_DATA:
+            sem, waiters = &h.data_sem, &h.wait.data_waiters
+        elif kind == W_SPACE:
+            sem, waiters = &h.space_sem, &h.wait.space_waiters
+        elif kind == W_PLOCK:
+            sem, waiters = &h.plock_sem, &h.wait.plock_waiters
+        else:
+            sem, waiters = &h.clock_sem, &h.wait.clock_waiters
+        while True:
+            shm_add32(waiters, 1)           # seq_cst: orders against the ready check
+            if self._ready(kind, need):
+                shm_add32(waiters, -1)
+                return False
+            now = shm_now_ns()
+            slice_end = now + SLICE_NS
+            if slice_end > deadline:
+                slice_end = deadline
+            with nogil:
+                rc = shm_sem_wait_until(sem, slice_end)
+            shm_add32(waiters, -1)
+            t0 = shm_now_ns()
+            if kind == W_SPACE or kind == W_PLOCK:
+                shm_add64(&h.counters.producer_sleeps, 1)
+                shm_add64(&h.counters.producer_blocked_ns, <uint64_t>(t0 - now))
+            else:
+                shm_add64(&h.counters.consumer_sleeps, 1)
+                shm_add64(&h.counters.consumer_blocked_ns, <uint64_t>(t0 - now))
+            if self._ready(kind, need):
+                return False
+            PyErr_CheckSignals()
+            if self.closed:
+                raise ValueError("ring was closed while waiting")
+            if t0 >= deadline:
+                return True
+            if rc == ETIMEDOUT:
+                if self._look_around(kind):
+                    return False
+
+    cdef bint _look_around(self, int kind) except -1:
+        """After a quiet slice: raise if the peer we wait for is dead, recover
+        what dead processes hold. Returns True if that made `kind` ready."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint32_t owner, pid
+        if kind == W_PLOCK or kind == W_CLOCK:
+            lock = &h.prod.lock if kind == W_PLOCK else &h.cons.lock
+            owner = shm_load_acq32(lock)
+            if owner != 0 and owner != g_pid and not shm_pid_alive(owner):
+                if shm_cas32(lock, owner, g_pid):
+                    shm_add64(&h.counters.recoveries, 1)
+                    if kind == W_PLOCK:
+                        # a dead producer that had not committed lost its message
+                        if shm_load_rlx64(&h.prod.lock_pos) == shm_load_rlx64(&h.prod.pos):
+                            shm_add64(&h.counters.lost, 1)
+                    else:
+                        self._reclaim_dead_claims()
+                    return True
+            return False
+        if kind == W_DATA:
+            pid = shm_load_rlx32(&h.prod.pid)
+            if not self.many_producers and pid != 0 and pid != g_pid and not shm_pid_alive(pid):
+                if not self._ready(W_DATA, 0):
+                    raise PeerDied(pid, "producer")
+            return False
+        # W_SPACE
+        pid = shm_load_rlx32(&h.cons.pid)
+        if not self.many_consumers:
+            if pid != 0 and pid != g_pid and not shm_pid_alive(pid):
+                raise PeerDied(pid, "consumer")
+            return False
+        # many consumers: a dead one may sit on a claimed record at the tail,
+        # or on the consumer lock; take the lock if it is free or dead, and repair
+        owner = shm_load_acq32(&h.cons.lock)
+        if owner == 0:
+            if not shm_cas32(&h.cons.lock, 0, g_pid):
+                return False
+        elif owner == g_pid or shm_pid_alive(owner) or not shm_cas32(&h.cons.lock, owner, g_pid):
+            return False
+        else:
+            shm_add64(&h.counters.recoveries, 1)
+        try:
+            self._reclaim_dead_claims()
+        finally:
+            self._unlock(W_CLOCK)
+        return False
+
+    cdef int _reclaim_dead_claims(self) except -1:
+        """With the consumer lock held: release records claimed by dead
+        processes (their messages are lost and counted), then move the tail."""
+        cdef uint64_t head, cursor, tail, pos, length
+        cdef shm_rec_t *r
+        self._positions(&head, &cursor, &tail)
+        pos = tail
+        while pos < cursor:
+            length = self._check_record(pos, head)
+            r = self._rec_at(pos)
+            if r.tag != TAG_PAD and r.state != SHM_REC_DONE:
+                if r.state != SHM_REC_CLAIMED or (r.owner != g_pid and not shm_pid_alive(r.owner)):
+                    shm_store_rel8(&r.state, SHM_REC_DONE)
+                    shm_add64(&self.hdr.counters.lost, 1)
+                    shm_add64(&self.hdr.counters.recoveries, 1)
+            pos += length
+        self._advance_tail()
+        return 0
+
+    cdef bint _lock(self, int kind, int64_t deadline) except -1:
+        """Take a side's lock; True if the deadline passed first."""
+        if kind == W_PLOCK:
+            if shm_cas32(&self.hdr.prod.lock, 0, g_pid):
+                return False
+        elif shm_cas32(&self.hdr.cons.lock, 0, g_pid):
+            return False
+        return self._wait(kind, 0, deadline)
+
+    cdef void _unlock(self, int kind) noexcept:
+        cdef shm_ring_t *h = self.hdr
+        if kind == W_PLOCK:
+            shm_store_rel32(&h.prod.lock, 0)
+            shm_fence()
+            shm_wake(&h.plock_sem, &h.wait.plock_waiters)
+        else:
+            shm_store_rel32(&h.cons.lock, 0)
+            shm_fence()
+            shm_wake(&h.clock_sem, &h.wait.clock_waiters)
+
+    # ------------------------------------------------------------ producing
+    cdef uint64_t _reserve(self, uint64_t head, uint64_t length, uint64_t pending) except? 1:
+        """With the producer side held and `head` the next free position (with
+        `pending` messages written but not yet committed): find room for a
+        record of `length` bytes, writing a PAD record first if it would cross
+        the end. Returns the position to write at, or 1 (never a valid
+        position) if the ring is full."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t off = head & self.mask
+        cdef uint64_t to_end = self.capacity - off
+        cdef uint64_t total = length if length <= to_end else to_end + length
+        cdef shm_rec_t *pad
+        if head & (SHM_REC_ALIGN - 1):
+            self._corrupt(f"head {head} is not 16-aligned")
+        if head < self.cached_tail or head - self.cached_tail > self.capacity - total:
+            self.cached_tail = shm_load_acq64(&h.cons.pos)
+            if head < self.cached_tail or head - self.cached_tail > self.capacity:
+                self._corrupt(f"head {head} and tail {self.cached_tail} are out of order")
+            if head - self.cached_tail > self.capacity - total:
+                return 1
+        if self.maxsize and (shm_load_rlx64(&h.prod.msgs) + pending
+                             - shm_load_rlx64(&h.cons.msgs) >= self.maxsize):
+            return 1
+        if total != length:
+            pad = <shm_rec_t *>(self.data + off)
+            pad.size = <uint32_t>(to_end - SHM_REC_HDR)
+            pad.tag = TAG_PAD
+            pad.state = SHM_REC_READY
+            pad.check = shm_rec_check(pad.size, TAG_PAD)
+            pad.owner = 0
+            return head + to_end
+        return head
+
+    cdef int _write_record(self, uint64_t pos, enc_t *e, object segs) except -1:
+        cdef shm_rec_t *r = self._rec_at(pos)
+        cdef char *dst = <char *>r + SHM_REC_HDR
+        cdef Py_buffer b
+        cdef Py_ssize_t off = 0
+        r.size = <uint32_t>e.size
+        r.tag = e.tag
+        r.state = SHM_REC_READY
+        r.check = shm_rec_check(r.size, e.tag)
+        r.owner = 0
+        if segs is None:
+            memcpy(dst, e.ptr, e.size)
+            return 0
+        for seg in segs:
+            off = align16(off)
+            PyObject_GetBuffer(seg, &b, PyBUF_SIMPLE)
+            memcpy(dst + off, b.buf, b.len)
+            off += b.len
+            PyBuffer_Release(&b)
+        return 0
+
+    cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
+        """Publish records up to `head` and wake a sleeping consumer."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t used = head - self.cached_tail
+        h.prod.msgs += nmsgs
+        h.prod.bytes += nbytes
+        if used > h.prod.high_water:
+            h.prod.high_water = used
+        if h.prod.pid != g_pid:
+            h.prod.pid = g_pid
+        shm_store_rel64(&h.prod.pos, head)
+
+    cdef void _after_commit(self) noexcept:
+        shm_fence()
+        shm_wake(&self.hdr.data_sem, &self.hdr.wait.data_waiters)
+
+    cdef int _check_size(self, enc_t *e) except -1:
+        if self.record_size and e.tag != TAG_RECORD:
+            raise TypeError("this ring carries fixed records; put records of its dtype")
+        if <uint64_t>e.size > self.max_payload:
+            raise MessageTooLarge(e.size, self.max_payload, self.capacity)
+        return 0
+
+    cdef int _shut(self) except -1:
+        if shm_load_rlx32(&self.hdr.wait.shutdown):
+            raise BrokenPipeError(f"ring {self.name!r} was shut down; nothing more can be put")
+        return 0
+
+    cdef object _encode(self, object obj, enc_t *e):
+        if self.dtype is None:
+            return encode(obj, e)
+        np = numpy_module()
+        rec = np.asarray(obj, dtype=self.dtype)
+        if rec.ndim != 0:
+            raise ValueError(f"put takes one record of {self.dtype}, got an array of shape "
+                             f"{rec.shape}; use put_many for several")
+        e.tag = TAG_RECORD
+        e.size = self.record_size
+        e.ptr = NULL
+        return [rec.reshape(1).view(np.uint8)]
+
+    def put(self, obj, bint block=True, timeout=None):
+        """Put one message. Blocks while the ring is full (up to `timeout`
+        seconds; None: forever) unless block is False.
+
+        Raises:
+            queue.Full: no room in time.
+            MessageTooLarge: the message can never fit (raised at once).
+            BrokenPipeError: the ring was shut down.
+            PeerDied: the sole consumer died while the ring was full.
+            Whatever pickling the object raises; the ring is then unchanged.
+        """
+        cdef enc_t e
+        segs = self._encode(obj, &e)
+        self._check_size(&e)
+        cdef int64_t deadline = deadline_of(block, timeout)
+        self._enter()
+        try:
+            if self._put_encoded(&e, segs, deadline):
+                raise queue.Full
+        finally:
+            self._leave()
+
+    def put_nowait(self, obj):
+        """put(obj, block=False)."""
+        return self.put(obj, False)
+
+    cdef bint _put_encoded(self, enc_t *e, object segs, int64_t deadline) except -1:
+        """Write one encoded message; True if the deadline passed first."""
+        cdef uint64_t length = rec_len(e.size)
+        cdef uint64_t pos
+        cdef shm_ring_t *h = self.hdr
+        while True:
+            self._shut()
+            if self.many_producers:
+                if self._lock(W_PLOCK, deadline):
+                    return True
+                h.prod.lock_pos = h.prod.pos
+            try:
+                pos = self._reserve(shm_load_rlx64(&h.prod.pos), length, 0)
+                if pos != 1:
+                    self._write_record(pos, e, segs)
+                    self._commit(pos + length, 1, e.size)
+            finally:
+                if self.many_producers:
+                    self._unlock(W_PLOCK)
+            if pos != 1:
+                self._after_commit()
+                return False
+            if self._wait(W_SPACE, length, deadline):
+                return True
+
+    def put_many(self, items, bint block=True, timeout=None):
+        """Put every item of an iterable (a 1-d array of records, for
+        fixed-record rings), publishing them in batches. Returns how many
+        were put.
+
+        On queue.Full (timeout) or any error, the items before the failing one
+        are in the ring; ``exc.args[0]`` of queue.Full holds that count.
+        """
+        cdef enc_t encs[64]
+        cdef int n, i, start
+        cdef uint64_t pos, head, nbytes, length
+        cdef Py_ssize_t done = 0
+        cdef int64_t deadline = deadline_of(block, timeout)
+        cdef shm_ring_t *h
+        if self.dtype is not None:
+            np = numpy_module()
+            arr = np.asarray(items, dtype=self.dtype)
+            if arr.ndim != 1:
+                raise ValueError(f"put_many takes a 1-d array of records, got shape {arr.shape}")
+            raw = arr.view(np.uint8).reshape(len(arr), self.record_size) if len(arr) else ()
+            items = raw
+        it = iter(items)
+        self._enter()
+        try:
+            h = self.hdr
+            while True:
+                # encode a batch before taking any lock: pickling may run user code
+                keep = []
+                n = 0
+                for obj in it:
+                    if self.dtype is not None:
+                        encs[n].tag = TAG_RECORD
+                        encs[n].size = self.record_size
+                        encs[n].ptr = NULL
+                        keep.append([obj])
+                    else:
+                        keep.append(encode(obj, &encs[n]))
+                        self._check_size(&encs[n])
+                    n += 1
+                    if n == BATCH:
+                        break
+                if n == 0:
+                    return done
+                i = 0
+                while i < n:
+                    self._shut()
+                    if self.many_producers:
+                        if self._lock(W_PLOCK, deadline):
+                            raise queue.Full(done + i)
+                        h.prod.lock_pos = h.prod.pos
+                    try:
+                        head = shm_load_rlx64(&h.prod.pos)
+                        start = i
+                        nbytes = 0
+                        while i < n:
+                            length = rec_len(encs[i].size)
+                            pos = self._reserve(head, length, i - start)
+                            if pos == 1:
+                                break
+                            self._write_record(pos, &encs[i], keep[i])
+                            head = pos + length
+                            nbytes += encs[i].size
+                            i += 1
+                        if i > start:
+                            self._commit(head, i - start, nbytes)
+                    finally:
+                        if self.many_producers:
+                            self._unlock(W_PLOCK)
+                    self._after_commit()
+                    if i < n and self._wait(W_SPACE, rec_len(encs[i].size), deadline):
+                        raise queue.Full(done + i)
+                done += n
+        finally:
+            self._leave()
+
+    # ------------------------------------------------------------ consuming
+    cdef shm_rec_t *_take(self, int64_t deadline, uint64_t *pos_out, uint64_t *len_out) except? NULL:
+        """Find the next message at the cursor, skipping padding. Returns NULL
+        if the deadline passed first. With many consumers, returns holding the
+        consumer lock; the caller must _unlock(W_CLOCK)."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t head, cursor, tail, length
+        cdef shm_rec_t *r
+        cdef bint got, skipped
+        while True:
+            if self.many_consumers and self._lock(W_CLOCK, deadline):
+                return NULL
+            got = skipped = False
+            try:
+                self._positions(&head, &cursor, &tail)
+                while cursor != head:
+                    length = self._check_record(cursor, head)
+                    r = self._rec_at(cursor)
+                    if r.tag != TAG_PAD:
+                        got = True
+                        break
+                    cursor += length
+                    shm_store_rel64(&h.cons.cursor, cursor)
+                    skipped = True
+                if skipped:
+                    self._advance_tail()
+            except BaseException:
+                if self.many_consumers:
+                    self._unlock(W_CLOCK)
+                raise
+            if got:
+                pos_out[0] = cursor
+                len_out[0] = length
+                return r
+            if self.many_consumers:
+                self._unlock(W_CLOCK)
+            if shm_load_rlx32(&h.wait.shutdown):
+                raise EOFError(f"ring {self.name!r} was shut down and is empty")
+            if self._wait(W_DATA, 0, deadline):
+                return NULL
+
+    cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, bint claim) noexcept:
+        """Mark the record at `pos` taken: DONE after a copy, CLAIMED while a
+        view is open on it; then move the cursor past it."""
+        cdef shm_ring_t *h = self.hdr
+        if claim:
+            r.owner = g_pid
+            shm_store_rel8(&r.state, SHM_REC_CLAIMED)
+        else:
+            shm_store_rel8(&r.state, SHM_REC_DONE)
+        h.cons.msgs += 1
+        h.cons.bytes += r.size
+        if h.cons.pid != g_pid:
+            h.cons.pid = g_pid
+        shm_store_rel64(&h.cons.cursor, pos + length)
+
+    cdef int _advance_tail(self) except -1:
+        """Move the tail over DONE and PAD records (consumer side held) and
+        wake a producer waiting for room."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t tail = shm_load_rlx64(&h.cons.pos)
+        cdef uint64_t cursor = shm_load_rlx64(&h.cons.cursor)
+        cdef uint64_t start = tail
+        cdef shm_rec_t *r
+        if cursor < tail or cursor - tail > self.capacity:
+            self._corrupt(f"cursor {cursor} and tail {tail} are out of order")
+        while tail < cursor:
+            r = self._rec_at(tail)
+            if r.tag != TAG_PAD and r.state != SHM_REC_DONE:
+                break
+            tail += self._check_record(tail, cursor)
+        if tail != start:
+            shm_store_rel64(&h.cons.pos, tail)
+            shm_fence()
+            shm_wake(&h.space_sem, &h.wait.space_waiters)
+        return 0
+
+    cdef object _copy_out(self, shm_rec_t *r, bint *raw):
+        """Copy a record's payload into a new object (bytes, str and scalars
+        final; other payloads as a bytearray to decode, with raw set). Only
+        allocates objects the garbage collector does not track, so no user
+        code can run while the consumer lock is held."""
+        cdef const char *p = (<const char *>r) + SHM_REC_HDR
+        cdef uint8_t tag = r.tag
+        raw[0] = False
+        if tag == TAG_BYTES:
+            return PyBytes_FromStringAndSize(p, r.size)
+        if tag == TAG_STR:
+            try:
+                return PyUnicode_DecodeUTF8(p, r.size, NULL)
+            except UnicodeDecodeError as exc:
+                raise CorruptMessage(f"str message is not valid UTF-8: {exc}") from None
+        if tag == TAG_BYTEARRAY:
+            return PyByteArray_FromStringAndSize(p, r.size)
+        if TAG_INT <= tag <= TAG_NONE:
+            return decode_scalar(tag, p, r.size)
+        raw[0] = True
+        return PyByteArray_FromStringAndSize(p, r.size)
+
+    def get(self, bint block=True, timeout=None):
+        """Take the next message, blocking while the ring is empty (up to
+        `timeout` seconds; None: forever) unless block is False.
+
+        Raises:
+            queue.Empty: nothing arrived in time.
+            EOFError: the ring was shut down and is empty.
+            PeerDied: the sole producer died and everything it sent was read.
+            CorruptArena: the shared memory holds garbage.
+        """
+        cdef uint64_t pos, length
+        cdef shm_rec_t *r
+        cdef bint raw
+        cdef uint8_t tag
+        cdef int64_t deadline = deadline_of(block, timeout)
+        self._enter()
+        try:
+            r = self._take(deadline, &pos, &length)
+            if r == NULL:
+                raise queue.Empty
+            try:
+                tag = r.tag
+                try:
+                    out = self._copy_out(r, &raw)
+                finally:
+                    self._consumed(pos, length, r, False)     # a bad payload is consumed too
+                    self._advance_tail()
+            finally:
+                if self.many_consumers:
+                    self._unlock(W_CLOCK)
+        finally:
+            self._leave()
+        if raw:
+            return decode_buffer(tag, out, self.dtype)
+        return out
+
+    def get_nowait(self):
+        """get(block=False)."""
+        return self.get(False)
+
+    def get_many(self, Py_ssize_t max_items, bint block=True, timeout=None):
+        """Take up to `max_items` messages: waits (as get does) for the first,
+        then takes whatever else is already there. Returns a list, or for
+        fixed-record rings one structured array."""
+        cdef uint64_t pos, length, head, cursor, tail
+        cdef shm_rec_t *r
+        cdef bint raw
+        cdef Py_ssize_t k = 0, off = 0
+        cdef int64_t deadline = deadline_of(block, timeout)
+        cdef char *dst
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items}")
+        out = []
+        tags = []
+        records = None
+        self._enter()
+        try:
+            r = self._take(deadline, &pos, &length)
+            if r == NULL:
+                raise queue.Empty
+            try:
+                head = self.cached_head
+                if self.record_size:
+                    k = (head - pos) // rec_len(self.record_size) + 1
+                    if k > max_items:
+                        k = max_items
+                    records = PyByteArray_FromStringAndSize(NULL, k * self.record_size)
+                    dst = records
+                    k = 0
+                while True:
+                    if r.tag != TAG_PAD:
+                        if records is not None:
+                            if r.tag != TAG_RECORD or r.size != self.record_size:
+                                self._corrupt(f"record of tag {r.tag} and {r.size} bytes in a fixed-record ring")
+                            memcpy(dst + off, (<char *>r) + SHM_REC_HDR, r.size)
+                            off += r.size
+                        else:
+                            tags.append(r.tag)
+                            try:
+                                out.append(self._copy_out(r, &raw))
+                            except CorruptMessage:
+                                self._consumed(pos, length, r, False)
+                                raise
+                        self._consumed(pos, length, r, False)
+                        k += 1
+                    else:
+                        shm_store_rel64(&self.hdr.cons.cursor, pos + length)
+                    pos += length
+                    if k == max_items or pos == head:
+                        break
+                    length = self._check_record(pos, head)
+                    r = self._rec_at(pos)
+            finally:
+                self._advance_tail()
+                if self.many_consumers:
+                    self._unlock(W_CLOCK)
+        finally:
+            self._leave()
+        if records is not None:
+            return numpy_module().frombuffer(records, dtype=self.dtype, count=k)
+        for i in range(k):
+            if tags[i] >= TAG_NDARRAY:
+                out[i] = decode_buffer(tags[i], out[i], self.dtype)
+        return out
+
+    def get_view(self, bint block=True, timeout=None):
+        """Zero-copy receive: ``with ring.get_view() as msg:`` gives the next
+        message as a read-only memoryview (bytes-like messages) or read-only
+        numpy array over the ring memory, valid until the block ends; other
+        types come decoded as usual. The ring space is freed on leaving."""
+        return MessageView(self, deadline_of(block, timeout))
+
+    cdef int _release_claim(self, uint64_t pos) except -1:
+        cdef shm_rec_t *r
+        if self.many_consumers:
+            self._lock(W_CLOCK, FOREVER)
+        try:
+            r = self._rec_at(pos)
+            # a claim taken back by recovery (we looked dead) is no longer ours
+            if r.state == SHM_REC_CLAIMED and r.owner == g_pid:
+                shm_store_rel8(&r.state, SHM_REC_DONE)
+            self._advance_tail()
+        finally:
+            if self.many_consumers:
+                self._unlock(W_CLOCK)
+        return 0
+
+    # ------------------------------------------------------------ state
+    def qsize(self):
+        """Messages in the ring now (approximate while others put and get)."""
+        if self.closed:
+            raise ValueError("ring is closed")
+        cdef uint64_t i = shm_load_rlx64(&self.hdr.prod.msgs)
+        cdef uint64_t o = shm_load_rlx64(&self.hdr.cons.msgs)
+        return i - o if i > o else 0
+
+    def empty(self):
+        """True if the ring holds no message now (approximate)."""
+        return self.qsize() == 0
+
+    def full(self):
+        """True if not even an empty message would fit now (approximate)."""
+        if self.closed:
+            raise ValueError("ring is closed")
+        if self.maxsize and self.qsize() >= self.maxsize:
+            return True
+        cdef uint64_t used = shm_load_rlx64(&self.hdr.prod.pos) - shm_load_rlx64(&self.hdr.cons.pos)
+        cdef uint64_t least = rec_len(self.record_size)
+        return used + least > self.capacity
+
+    def shutdown(self):
+        """Mark the ring finished, for every process: further puts raise
+        BrokenPipeError; gets drain what is left, then raise EOFError."""
+        self._enter()
+        try:
+            h = self.hdr
+            shm_store_rel32(&self.hdr.wait.shutdown, 1)
+            shm_fence()
+            for _ in range(shm_load_rlx32(&self.hdr.wait.data_waiters)):
+                sem_post(&self.hdr.data_sem)
+            for _ in range(shm_load_rlx32(&self.hdr.wait.space_waiters)):
+                sem_post(&self.hdr.space_sem)
+        finally:
+            self._leave()
+
+    @property
+    def is_shutdown(self):
+        """True once shutdown() was called by any process."""
+        if self.closed:
+            raise ValueError("ring is closed")
+        return shm_load_rlx32(&self.hdr.wait.shutdown) != 0
+
+    def stats(self):
+        """Live counters kept in the shared memory, as a dict."""
+        if self.closed:
+            raise ValueError("ring is closed")
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t head = shm_load_rlx64(&h.prod.pos)
+        cdef uint64_t tail = shm_load_rlx64(&h.cons.pos)
+        return {
+            "capacity": self.capacity,
+            "producers": self.producers,
+            "consumers": self.consumers,
+            "messages_in": shm_load_rlx64(&h.prod.msgs),
+            "bytes_in": shm_load_rlx64(&h.prod.bytes),
+            "messages_out": shm_load_rlx64(&h.cons.msgs),
+            "bytes_out": shm_load_rlx64(&h.cons.bytes),
+            "qsize": self.qsize(),
+            "bytes_used": head - tail if head >= tail else 0,
+            "high_water": shm_load_rlx64(&h.prod.high_water),
+            "producers_waiting": shm_load_rlx32(&h.wait.space_waiters) + shm_load_rlx32(&h.wait.plock_waiters),
+            "consumers_waiting": shm_load_rlx32(&h.wait.data_waiters) + shm_load_rlx32(&h.wait.clock_waiters),
+            "producer_sleeps": shm_load_rlx64(&h.counters.producer_sleeps),
+            "consumer_sleeps": shm_load_rlx64(&h.counters.consumer_sleeps),
+            "producer_blocked_s": shm_load_rlx64(&h.counters.producer_blocked_ns) / 1e9,
+            "consumer_blocked_s": shm_load_rlx64(&h.counters.consumer_blocked_ns) / 1e9,
+            "recoveries": shm_load_rlx64(&h.counters.recoveries),
+            "lost": shm_load_rlx64(&h.counters.lost),
+            "shutdown": shm_load_rlx32(&h.wait.shutdown) != 0,
+            "producer_pid": shm_load_rlx32(&h.prod.pid),
+            "consumer_pid": shm_load_rlx32(&h.cons.pid),
+        }
+
+
+cdef class MessageView:
+    """The context manager returned by Ring.get_view()."""
+    cdef Ring ring
+    cdef int64_t deadline
+    cdef uint64_t pos
+    cdef bint held
+    cdef object mv
+
+    def __cinit__(self, Ring ring, int64_t deadline):
+        self.ring = ring
+        self.deadline = deadline
+        self.held = False
+
+    def __enter__(self):
+        cdef Ring ring = self.ring
+        cdef uint64_t pos, length
+        cdef shm_rec_t *r
+        cdef uint8_t tag
+        cdef uint32_t size
+        cdef bint raw
+        if self.held:
+            raise RuntimeError("this view is already open")
+        ring._enter()
+        try:
+            r = ring._take(self.deadline, &pos, &length)
+            if r == NULL:
+                raise queue.Empty
+            try:
+                ring._consumed(pos, length, r, True)
+            finally:
+                if ring.many_consumers:
+                    ring._unlock(W_CLOCK)
+        except BaseException:
+            ring._leave()
+            raise
+        self.pos = pos
+        self.held = True
+        tag = r.tag
+        size = r.size
+        try:
+            if TAG_STR <= tag <= TAG_NONE:
+                return ring._copy_out(r, &raw)
+            start = (<char *>r) + SHM_REC_HDR - <char *>ring.view.buf
+            self.mv = memoryview(ring.buffer)[start: start + size].toreadonly()
+            if tag == TAG_BYTES or tag == TAG_BYTEARRAY:
+                return self.mv
+            return decode_buffer(tag, self.mv, ring.dtype)
+        except BaseException:
+            self._close()
+            raise
+
+    cdef void _close(self):
+        if not self.held:
+            return
+        self.held = False
+        if self.mv is not None:
+            try:
+                self.mv.release()
+            except BufferError:
+                pass        # the caller kept an array over it: its contents may change
+            self.mv = None
+        try:
+            self.ring._release_claim(self.pos)
+        finally:
+            self.ring._leave()
+
+    def __exit__(self, *exc):
+        self._close()
+        return False
+
+    def __dealloc__(self):
+        if self.held and self.ring is not None and not self.ring.closed:
+            try:
+                self._close()
+            except BaseException:
+                pass

@@ -1,0 +1,198 @@
+/* shmipc/_shm.h -- the shared-memory layout of a ring and the few C helpers
+ * (atomics, clocks, liveness) that Cython cannot express directly.
+ *
+ * Everything here is plain C: no Python API, callable without the GIL.
+ * The layout is part of the on-memory format; change SHM_RING_VERSION
+ * when you change it.
+ */
+#ifndef SHMIPC_SHM_H
+#define SHMIPC_SHM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <signal.h>
+#include <time.h>
+#include <semaphore.h>
+#include <sys/types.h>
+
+#ifndef SHMIPC_DEBUG
+#define SHMIPC_DEBUG 0
+#endif
+
+#define SHM_RING_MAGIC   0x474e495243504953ULL   /* "SIPCRING" little-endian */
+#define SHM_RING_VERSION 1u
+#define SHM_CACHE_LINE   64
+
+/* header->flags */
+#define SHM_MANY_PRODUCERS 1u
+#define SHM_MANY_CONSUMERS 2u
+
+/* Record layout: a 16-byte header followed by the payload, the whole record
+ * padded to SHM_REC_ALIGN so every header and payload start 16-aligned. */
+#define SHM_REC_ALIGN 16u
+#define SHM_REC_HDR   16u
+
+/* record state (only many-consumer rings and zero-copy views use CLAIMED/DONE) */
+#define SHM_REC_READY   0u
+#define SHM_REC_CLAIMED 1u
+#define SHM_REC_DONE    2u
+
+typedef struct {
+    uint32_t size;      /* payload bytes */
+    uint8_t  tag;       /* message type, see _codec.pxi; 0 = padding to the end */
+    uint8_t  state;     /* SHM_REC_READY / CLAIMED / DONE */
+    uint16_t check;     /* shm_rec_check(size, tag): catches garbage headers */
+    uint32_t owner;     /* pid of the consumer holding a CLAIMED record */
+    uint32_t reserved;
+} shm_rec_t;
+
+/* One side of the ring (producers or consumers), alone on its cache line so
+ * the two sides never write the same line on the fast path. */
+typedef struct {
+    uint64_t pos;       /* producers: head = bytes ever committed;
+                           consumers: tail = bytes ever released */
+    uint64_t cursor;    /* consumers: bytes ever claimed (>= tail); producers: unused */
+    uint64_t msgs;      /* messages committed / taken */
+    uint64_t bytes;     /* payload bytes committed / taken */
+    uint32_t lock;      /* pid holding this side's lock ("many" side), 0 = free */
+    uint32_t pid;       /* pid of the last process that used this side */
+    uint64_t lock_pos;  /* producers: head when the lock was taken; tells whether
+                           a dead owner had committed its record */
+    uint64_t high_water;/* producers: most bytes ever in the ring */
+} __attribute__((aligned(SHM_CACHE_LINE))) shm_side_t;
+
+/* Who sleeps on what. Read by the other side after every commit, written
+ * only when someone goes to sleep: stays shared in both caches. */
+typedef struct {
+    uint32_t data_waiters;   /* consumers asleep waiting for a message */
+    uint32_t space_waiters;  /* producers asleep waiting for room */
+    uint32_t plock_waiters;  /* producers asleep on the producer lock */
+    uint32_t clock_waiters;  /* consumers asleep on the consumer lock */
+    uint32_t shutdown;       /* 1 once ring.shutdown() was called: no more puts */
+} __attribute__((aligned(SHM_CACHE_LINE))) shm_wait_t;
+
+/* Counters written off the fast path (sleeping, recovery). */
+typedef struct {
+    uint64_t producer_sleeps;
+    uint64_t consumer_sleeps;
+    uint64_t producer_blocked_ns;
+    uint64_t consumer_blocked_ns;
+    uint64_t recoveries;     /* locks or records taken back from dead processes */
+    uint64_t lost;           /* messages lost with a dead process */
+} __attribute__((aligned(SHM_CACHE_LINE))) shm_counters_t;
+
+typedef struct {
+    /* immutable after creation */
+    uint64_t magic;
+    uint32_t version;
+    uint32_t flags;
+    uint64_t capacity;       /* data bytes, a power of two */
+    uint64_t data_offset;    /* from the start of the region */
+    uint64_t region_size;
+    uint32_t record_size;    /* fixed-record rings: item bytes; 0 = variable */
+    uint32_t maxsize;        /* most messages in the ring at once; 0 = no limit */
+    uint32_t creator;        /* pid that created the ring */
+    uint32_t reserved;
+    uint8_t  pad0[8];
+    shm_side_t prod;
+    shm_side_t cons;
+    shm_wait_t wait;
+    shm_counters_t counters;
+    sem_t data_sem;          /* consumers sleep here */
+    sem_t space_sem;         /* producers sleep here */
+    sem_t plock_sem;         /* producers wait for the producer lock here */
+    sem_t clock_sem;         /* consumers wait for the consumer lock here */
+} __attribute__((aligned(SHM_CACHE_LINE))) shm_ring_t;
+
+#define SHM_RING_HEADER_SIZE \
+    ((sizeof(shm_ring_t) + SHM_CACHE_LINE - 1) & ~(size_t)(SHM_CACHE_LINE - 1))
+
+_Static_assert(sizeof(shm_rec_t) == SHM_REC_HDR, "record header must be 16 bytes");
+_Static_assert(sizeof(shm_side_t) == SHM_CACHE_LINE, "a side must fill one cache line");
+_Static_assert(offsetof(shm_ring_t, prod) % SHM_CACHE_LINE == 0, "prod line aligned");
+
+static inline uint16_t shm_rec_check(uint32_t size, uint8_t tag) {
+    uint32_t h = size * 2654435761u + (uint32_t)tag * 40503u + 0x5A17u;
+    return (uint16_t)(h ^ (h >> 16));
+}
+
+/* ---- atomics (GCC builtins; the orderings are the point, see _ring.pyx) ---- */
+static inline uint64_t shm_load_acq64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint64_t shm_load_rlx64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void shm_store_rel64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void shm_store_rlx64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline uint32_t shm_load_acq32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline uint32_t shm_load_rlx32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
+static inline void shm_store_rel32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void shm_store_rlx32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
+static inline uint8_t shm_load_acq8(const uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+static inline void shm_store_rel8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline void shm_add32(uint32_t *p, int32_t d) { __atomic_fetch_add(p, (uint32_t)d, __ATOMIC_SEQ_CST); }
+static inline void shm_add64(uint64_t *p, uint64_t d) { __atomic_fetch_add(p, d, __ATOMIC_RELAXED); }
+static inline int shm_cas32(uint32_t *p, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+}
+static inline void shm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+
+static inline void shm_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* ---- clocks ---- */
+static inline int64_t shm_now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* Sleep on a semaphore until `deadline_ns` (CLOCK_MONOTONIC). Returns 0 when
+ * woken, else errno (ETIMEDOUT, EINTR, ...). Call without the GIL. */
+static inline int shm_sem_wait_until(sem_t *sem, int64_t deadline_ns) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)(deadline_ns / 1000000000LL);
+    ts.tv_nsec = (long)(deadline_ns % 1000000000LL);
+    if (sem_clockwait(sem, CLOCK_MONOTONIC, &ts) == 0) return 0;
+    return errno;
+}
+
+/* Wake one sleeper unless enough wake-ups are already pending: a waiter that
+ * died asleep leaves its count behind, and this keeps it from costing a
+ * system call on every commit or from overflowing the semaphore. */
+static inline void shm_wake(sem_t *sem, const uint32_t *waiters) {
+    uint32_t w = __atomic_load_n(waiters, __ATOMIC_SEQ_CST);
+    if (w == 0) return;
+    int value = 0;
+    sem_getvalue(sem, &value);
+    if (value < (int)w) sem_post(sem);
+}
+
+/* ---- liveness ---- */
+/* 1 if `pid` names a live process, 0 if it is gone or a zombie (a killed child
+ * its parent has not reaped yet must count as dead, or nobody would recover
+ * what it held until the parent called wait()). */
+static inline int shm_pid_alive(uint32_t pid) {
+    if (pid == 0) return 0;
+    if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 0;
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/%u/stat", pid);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return errno == ENOENT ? 0 : 1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return 1;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');   /* the command name may itself hold ')' */
+    if (p == NULL || p[1] != ' ') return 1;
+    return !(p[2] == 'Z' || p[2] == 'X' || p[2] == 'x');
+}
+
+#endif /* SHMIPC_SHM_H */

@@ -1,0 +1,88 @@
+"""The exceptions shmipc raises beyond the standard ones.
+
+Every exception of shmipc's own derives from :class:`ShmipcError`. Where the
+standard library has a matching exception (``queue.Full``, ``queue.Empty``,
+``EOFError``, ``BrokenPipeError``) shmipc raises that one, or a subclass of it,
+so code written for :mod:`multiprocessing` keeps working.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "ShmipcError",
+    "MessageTooLarge",
+    "CorruptArena",
+    "CorruptMessage",
+    "PeerDied",
+    "WorkerLost",
+]
+
+
+class ShmipcError(Exception):
+    """Base class of shmipc's own exceptions."""
+
+
+class MessageTooLarge(ShmipcError, ValueError):
+    """A message can never fit in the ring it was put into.
+
+    Raised at once by ``put``; waiting would not help. ``size`` is the encoded
+    message size and ``limit`` the largest the ring accepts, both in bytes.
+    """
+
+    def __init__(self, size: int, limit: int, capacity: int) -> None:
+        self.size = size
+        self.limit = limit
+        self.capacity = capacity
+        super().__init__(
+            f"message of {size} bytes (encoded) can never fit: this ring takes at most "
+            f"{limit} bytes per message (capacity {capacity} bytes; a message may use "
+            f"at most half of it). Use a larger ring or split the message."
+        )
+
+
+class CorruptArena(ShmipcError):
+    """Shared memory holds something that is not a valid shmipc structure.
+
+    Raised instead of reading or writing outside the mapping when a header,
+    length, offset or tag read from shared memory is out of range.
+    """
+
+
+class CorruptMessage(CorruptArena):
+    """A record's payload does not decode (bad lengths, offsets or dtype)."""
+
+
+class PeerDied(ShmipcError, EOFError):
+    """The other end of a one-to-one channel died.
+
+    Everything it committed before dying has been delivered; ``pid`` is the
+    dead process.
+    """
+
+    def __init__(self, pid: int, role: str) -> None:
+        self.pid = pid
+        self.role = role
+        super().__init__(f"the {role} (pid {pid}) died; nothing more will arrive from it")
+
+
+class WorkerLost(ShmipcError):
+    """A worker process died while running a task.
+
+    ``exitcode`` is the process exit status (negative: the signal number).
+    """
+
+    def __init__(self, pid: int, exitcode: int | None, task: str = "") -> None:
+        self.pid = pid
+        self.exitcode = exitcode
+        if exitcode is not None and exitcode < 0:
+            import signal
+
+            try:
+                how = f"killed by {signal.Signals(-exitcode).name}"
+            except ValueError:
+                how = f"killed by signal {-exitcode}"
+        elif exitcode is None:
+            how = "lost"
+        else:
+            how = f"exited with code {exitcode}"
+        self.how = how
+        super().__init__(f"worker pid {pid} {how}" + (f" while running {task}" if task else ""))
