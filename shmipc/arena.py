@@ -52,6 +52,8 @@ MIN_SIZE = DATA_START + _ring.RING_HEADER_SIZE + _ring.MIN_CAPACITY
 DEFAULT_SIZE = 64 << 20
 DEFAULT_RING_CAPACITY = 1 << 20
 KIND_RING = 1
+KIND_BLOCK = 2
+KIND_NAMES = {KIND_RING: "ring", KIND_BLOCK: "block"}
 PAGE = mmap.PAGESIZE
 
 
@@ -127,6 +129,7 @@ class Arena:
         self.path: str | None = None
         self.size = size
         self._rings: weakref.WeakSet = weakref.WeakSet()
+        self._blocks: list[memoryview] = []
         self._lock = threading.Lock()
         self._owner_pid = os.getpid()
 
@@ -311,7 +314,7 @@ class Arena:
     def _entry(self, i: int, used: int) -> Region:
         base = TABLE_OFFSET + i * ENTRY_SIZE
         name, kind, _flags, offset, size, meta_len = ENTRY.unpack_from(self._buf, base)
-        if kind != KIND_RING:
+        if kind not in KIND_NAMES:
             raise CorruptArena(f"region {i} has unknown kind {kind}")
         if offset < DATA_START or offset % ALIGN or size > used or offset > used - size:
             raise CorruptArena(f"region {i} at offset {offset} of {size} bytes lies outside the "
@@ -325,7 +328,7 @@ class Arena:
                 raise ValueError("not an object")
         except ValueError as exc:
             raise CorruptArena(f"region {i} has an unreadable name or metadata: {exc}") from None
-        return Region(i, text, "ring", offset, size, meta)
+        return Region(i, text, KIND_NAMES[kind], offset, size, meta)
 
     def regions(self) -> Iterator[Region]:
         """The region table, validated entry by entry."""
@@ -359,9 +362,7 @@ class Arena:
             FileExistsError: creating a ring under a name already taken.
         """
         self._check_open()
-        if name is not None:
-            if not isinstance(name, str) or not name or name.startswith("#") or len(name.encode()) > 63:
-                raise ValueError(f"ring name must be a str of 1..63 bytes not starting with '#', got {name!r}")
+        self._check_name(name)
         if capacity is None and name is not None:
             return self._attach_ring(name)
         if capacity is None:
@@ -384,6 +385,21 @@ class Arena:
         if len(meta_bytes) > META_MAX:
             raise ValueError(f"dtype description of {len(meta_bytes)} bytes is too long (at most {META_MAX})")
         need = _ring.RING_HEADER_SIZE + capacity
+
+        def make(view: memoryview) -> "_ring.Ring":
+            return _ring.Ring._create(
+                view, capacity, many_producers=producers == "many",
+                many_consumers=consumers == "many", maxsize=maxsize, dtype=dtype)
+
+        ring, region_name = self._allocate(KIND_RING, need, name, meta_bytes, make)
+        ring.arena = self
+        ring.name = region_name
+        self._rings.add(ring)
+        return ring
+
+    def _allocate(self, kind: int, need: int, name: str | None, meta: bytes, make: Any) -> tuple[Any, str]:
+        """Bump-allocate a region of `need` bytes, build it with make(view),
+        then publish its table entry. Returns (make's result, region name)."""
         with self._table_lock():
             used, nregions = self._header()
             if name is not None and any(r.name == name for r in self.regions()):
@@ -392,27 +408,65 @@ class Arena:
             if nregions >= MAX_REGIONS:
                 raise ArenaFull(f"the arena's region table is full ({MAX_REGIONS} regions)")
             if offset + need > self.size:
-                raise ArenaFull(f"a ring of capacity {capacity} needs {need} bytes; the arena of "
+                raise ArenaFull(f"a region of {need} bytes does not fit: the arena of "
                                 f"{self.size} bytes has {max(self.size - offset, 0)} free")
             region_name = name if name is not None else f"#{nregions}"
-            ring = _ring.Ring._create(
-                self._buf[offset: offset + need], capacity,
-                many_producers=producers == "many", many_consumers=consumers == "many",
-                maxsize=maxsize, dtype=dtype)
+            made = make(self._buf[offset: offset + need])
             base = TABLE_OFFSET + nregions * ENTRY_SIZE
-            ENTRY.pack_into(self._buf, base, region_name.encode(), KIND_RING, 0, offset, need, len(meta_bytes))
-            self._buf[base + ENTRY.size: base + ENTRY.size + len(meta_bytes)] = meta_bytes
+            ENTRY.pack_into(self._buf, base, region_name.encode(), kind, 0, offset, need, len(meta))
+            self._buf[base + ENTRY.size: base + ENTRY.size + len(meta)] = meta
             # commit: the allocation mark, then the count that makes the entry visible
             struct.pack_into("<Q", self._buf, 24, offset + need)
             struct.pack_into("<I", self._buf, 32, nregions + 1)
-        ring.arena = self
-        ring.name = region_name
-        self._rings.add(ring)
-        return ring
+        return made, region_name
+
+    @staticmethod
+    def _check_name(name: Any) -> None:
+        if name is not None:
+            if not isinstance(name, str) or not name or name.startswith("#") or len(name.encode()) > 63:
+                raise ValueError(f"region name must be a str of 1..63 bytes not starting with '#', got {name!r}")
+
+    def block(self, size: int | None = None, *, name: str | None = None) -> memoryview:
+        """A raw block of shared memory (zero-filled, 64-byte aligned) for
+        state of your own; ``arena.block(name="x")`` finds a named one again.
+        Pair it with ``arena.lock()`` for updates that must not interleave.
+
+        Raises:
+            ValueError: an invalid size. KeyError: no block of that name.
+            ArenaFull: no room left.
+        """
+        self._check_open()
+        self._check_name(name)
+        if size is None:
+            if name is None:
+                raise ValueError("give a size to allocate a block, or a name to find one")
+            for region in self.regions():
+                if region.name == name and region.kind == "block":
+                    view = self._buf[region.offset: region.offset + region.size]
+                    self._blocks.append(view)
+                    return view
+            raise KeyError(f"no block named {name!r} in this arena")
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= self.size:
+            raise ValueError(f"block size must be an int in 1..{self.size}, got {size!r}")
+
+        def make(view: memoryview) -> memoryview:
+            view[:] = bytes(len(view))
+            return view
+
+        view, _ = self._allocate(KIND_BLOCK, size, name, b"{}", make)
+        self._blocks.append(view)
+        return view
+
+    def lock(self) -> "_TableLock":
+        """A lock shared by every process using this arena (a POSIX record
+        lock, which the kernel releases if its holder dies, plus a thread
+        lock). For short critical sections: ``with arena.lock(): ...``"""
+        self._check_open()
+        return _TableLock(self)
 
     def _attach_ring(self, name: str) -> "_ring.Ring":
         for region in self.regions():
-            if region.name == name:
+            if region.name == name and region.kind == "ring":
                 dtype = region.meta.get("dtype")
                 if dtype is not None:
                     dtype = _dtype_from_descr(dtype)
@@ -459,6 +513,12 @@ class Arena:
         self._closed = True
         for ring in list(getattr(self, "_rings", ())):
             ring.close()
+        for view in getattr(self, "_blocks", ()):
+            try:
+                view.release()
+            except BufferError:
+                pass
+        self._blocks = []
         if self._buf is not None:
             try:
                 self._buf.release()
