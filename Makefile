@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml | $(PY)
 
 $(EXT_STAMP): $(STAMP) $(SOURCES)
 	rm -f build/.ext-*
+	@# unlink, never overwrite, a loaded extension: running processes keep theirs
+	rm -f shmipc/_ring.*.so
 	SHMIPC_DEBUG=$(if $(DEBUG),1,0) $(PY) setup.py -q build_ext --inplace --force
 	mkdir -p build && touch $@
 

@@ -49,7 +49,7 @@ cdef extern from "_shm.h" nogil:
         uint32_t lock
         uint32_t pid
         uint64_t lock_pos
-        uint64_t high_water
+        uint64_t lock_msgs
 
     ctypedef struct shm_wait_t:
         uint32_t data_waiters
@@ -65,6 +65,7 @@ cdef extern from "_shm.h" nogil:
         uint64_t consumer_blocked_ns
         uint64_t recoveries
         uint64_t lost
+        uint64_t high_water
 
     ctypedef struct shm_ring_t:
         uint64_t magic

@@ -1,5 +1,5 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from shmipc._posix cimport shm_ring_t, shm_rec_t, sem_t
+from shmipc._posix cimport shm_ring_t, shm_rec_t, shm_side_t, sem_t
 
 
 cdef struct enc_t:
@@ -47,6 +47,8 @@ cdef class Ring:
     cdef bint _look_around(self, int kind) except -1
     cdef int _reclaim_dead_claims(self) except -1
     cdef bint _lock(self, int kind, int64_t deadline) except -1
+    cdef void _locked(self, shm_side_t *side) noexcept
+    cdef int _recover_lock(self, int kind) except -1
     cdef void _unlock(self, int kind) noexcept
     cdef uint64_t _reserve(self, uint64_t head, uint64_t length, uint64_t pending) except? 1
     cdef int _write_record(self, uint64_t pos, enc_t *e, object segs) except -1

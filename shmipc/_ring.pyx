@@ -450,13 +450,11 @@ cdef class Ring:
             owner = shm_load_acq32(lock)
             if owner != 0 and owner != g_pid and not shm_pid_alive(owner):
                 if shm_cas32(lock, owner, g_pid):
-                    shm_add64(&h.counters.recoveries, 1)
-                    if kind == W_PLOCK:
-                        # a dead producer that had not committed lost its message
-                        if shm_load_rlx64(&h.prod.lock_pos) == shm_load_rlx64(&h.prod.pos):
-                            shm_add64(&h.counters.lost, 1)
-                    else:
-                        self._reclaim_dead_claims()
+                    try:
+                        self._recover_lock(kind)
+                    except BaseException:
+                        self._unlock(kind)
+                        raise
                     return True
             return False
         if kind == W_DATA:
@@ -477,14 +475,16 @@ cdef class Ring:
         if owner == 0:
             if not shm_cas32(&h.cons.lock, 0, g_pid):
                 return False
-        elif owner == g_pid or shm_pid_alive(owner) or not shm_cas32(&h.cons.lock, owner, g_pid):
-            return False
-        else:
-            shm_add64(&h.counters.recoveries, 1)
-        try:
-            self._reclaim_dead_claims()
-        finally:
-            self._unlock(W_CLOCK)
+            self._locked(&h.cons)
+            try:
+                self._reclaim_dead_claims()
+            finally:
+                self._unlock(W_CLOCK)
+        elif owner != g_pid and not shm_pid_alive(owner) and shm_cas32(&h.cons.lock, owner, g_pid):
+            try:
+                self._recover_lock(W_CLOCK)
+            finally:
+                self._unlock(W_CLOCK)
         return False
 
     cdef int _reclaim_dead_claims(self) except -1:
@@ -508,12 +508,48 @@ cdef class Ring:
 
     cdef bint _lock(self, int kind, int64_t deadline) except -1:
         """Take a side's lock; True if the deadline passed first."""
+        cdef shm_side_t *side = &self.hdr.prod if kind == W_PLOCK else &self.hdr.cons
+        if not shm_cas32(&side.lock, 0, g_pid) and self._wait(kind, 0, deadline):
+            return True
+        self._locked(side)
+        return False
+
+    cdef void _locked(self, shm_side_t *side) noexcept:
+        """Just took `side`'s lock: note the consistent point recovery rolls back to."""
+        side.lock_pos = side.cursor if side == &self.hdr.cons else side.pos
+        side.lock_msgs = side.msgs
+
+    cdef int _recover_lock(self, int kind) except -1:
+        """Just took over the lock of a dead holder: make the side consistent.
+
+        Producers commit by storing head; a holder that died before that
+        wrote nothing visible: its message is lost, and a `msgs` it had
+        already counted is rolled back. Consumers advance the cursor per
+        message; what a dead holder took since locking is lost and counted
+        (records claimed by it are released by _reclaim_dead_claims)."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t head, cursor, tail, pos, length, taken = 0
+        cdef shm_rec_t *r
+        shm_add64(&h.counters.recoveries, 1)
         if kind == W_PLOCK:
-            if shm_cas32(&self.hdr.prod.lock, 0, g_pid):
-                return False
-        elif shm_cas32(&self.hdr.cons.lock, 0, g_pid):
-            return False
-        return self._wait(kind, 0, deadline)
+            if h.prod.pos == h.prod.lock_pos:
+                h.prod.msgs = h.prod.lock_msgs
+                shm_add64(&h.counters.lost, 1)
+            return 0
+        self._positions(&head, &cursor, &tail)
+        pos = h.cons.lock_pos
+        if tail <= pos <= cursor:
+            while pos < cursor:
+                length = self._check_record(pos, head)
+                r = self._rec_at(pos)
+                if r.tag != TAG_PAD:
+                    taken += 1
+                    shm_store_rel8(&r.state, SHM_REC_DONE)
+                pos += length
+        h.cons.msgs = h.cons.lock_msgs + taken
+        shm_add64(&h.counters.lost, taken)
+        self._reclaim_dead_claims()
+        return 0
 
     cdef void _unlock(self, int kind) noexcept:
         cdef shm_ring_t *h = self.hdr
@@ -584,13 +620,15 @@ cdef class Ring:
         """Publish records up to `head` and wake a sleeping consumer."""
         cdef shm_ring_t *h = self.hdr
         cdef uint64_t used = head - self.cached_tail
-        h.prod.msgs += nmsgs
-        h.prod.bytes += nbytes
-        if used > h.prod.high_water:
-            h.prod.high_water = used
         if h.prod.pid != g_pid:
             h.prod.pid = g_pid
-        shm_store_rel64(&h.prod.pos, head)
+        if used > h.counters.high_water:
+            h.counters.high_water = used
+        h.prod.msgs += nmsgs
+        h.prod.bytes += nbytes
+        shm_store_rel64(&h.prod.pos, head)     # the commit point
+        h.prod.lock_pos = head                 # consistent again (see _recover_lock)
+        h.prod.lock_msgs = h.prod.msgs
 
     cdef void _after_commit(self) noexcept:
         shm_fence()
@@ -657,7 +695,6 @@ cdef class Ring:
             if self.many_producers:
                 if self._lock(W_PLOCK, deadline):
                     return True
-                h.prod.lock_pos = h.prod.pos
             try:
                 pos = self._reserve(shm_load_rlx64(&h.prod.pos), length, 0)
                 if pos != 1:
@@ -721,7 +758,6 @@ cdef class Ring:
                     if self.many_producers:
                         if self._lock(W_PLOCK, deadline):
                             raise queue.Full(done + i)
-                        h.prod.lock_pos = h.prod.pos
                     try:
                         head = shm_load_rlx64(&h.prod.pos)
                         start = i
@@ -797,10 +833,10 @@ cdef class Ring:
             shm_store_rel8(&r.state, SHM_REC_CLAIMED)
         else:
             shm_store_rel8(&r.state, SHM_REC_DONE)
-        h.cons.msgs += 1
-        h.cons.bytes += r.size
         if h.cons.pid != g_pid:
             h.cons.pid = g_pid
+        h.cons.msgs += 1
+        h.cons.bytes += r.size
         shm_store_rel64(&h.cons.cursor, pos + length)
 
     cdef int _advance_tail(self) except -1:
@@ -1035,7 +1071,7 @@ cdef class Ring:
             "bytes_out": shm_load_rlx64(&h.cons.bytes),
             "qsize": self.qsize(),
             "bytes_used": head - tail if head >= tail else 0,
-            "high_water": shm_load_rlx64(&h.prod.high_water),
+            "high_water": shm_load_rlx64(&h.counters.high_water),
             "producers_waiting": shm_load_rlx32(&h.wait.space_waiters) + shm_load_rlx32(&h.wait.plock_waiters),
             "consumers_waiting": shm_load_rlx32(&h.wait.data_waiters) + shm_load_rlx32(&h.wait.clock_waiters),
             "producer_sleeps": shm_load_rlx64(&h.counters.producer_sleeps),

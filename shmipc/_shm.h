@@ -61,9 +61,10 @@ typedef struct {
     uint64_t bytes;     /* payload bytes committed / taken */
     uint32_t lock;      /* pid holding this side's lock ("many" side), 0 = free */
     uint32_t pid;       /* pid of the last process that used this side */
-    uint64_t lock_pos;  /* producers: head when the lock was taken; tells whether
-                           a dead owner had committed its record */
-    uint64_t high_water;/* producers: most bytes ever in the ring */
+    uint64_t lock_pos;  /* while the lock is held: the position (head, or cursor)
+                           at the holder's last consistent point ... */
+    uint64_t lock_msgs; /* ... and `msgs` then: recovery from a dead holder
+                           rolls back to, or counts the loss from, this pair */
 } __attribute__((aligned(SHM_CACHE_LINE))) shm_side_t;
 
 /* Who sleeps on what. Read by the other side after every commit, written
@@ -84,6 +85,7 @@ typedef struct {
     uint64_t consumer_blocked_ns;
     uint64_t recoveries;     /* locks or records taken back from dead processes */
     uint64_t lost;           /* messages lost with a dead process */
+    uint64_t high_water;     /* most bytes ever in the ring */
 } __attribute__((aligned(SHM_CACHE_LINE))) shm_counters_t;
 
 typedef struct {

@@ -29,6 +29,7 @@ import mmap
 import os
 import stat
 import struct
+import subprocess
 import threading
 import weakref
 from typing import Any, Iterator, NamedTuple
@@ -228,6 +229,8 @@ class Arena:
         self._fd = shm.fd
         self._unlink_on_close = unlink_on_close
         try:
+            if unlink_on_close:
+                self._start_reaper()
             self._map(mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
             self._format()
         except BaseException:
@@ -534,6 +537,7 @@ class Arena:
         if self._shm is not None:
             if self._unlink_on_close and self._owner_pid == os.getpid():
                 self.unlink()
+            self._stop_reaper()
             try:
                 self._shm.close_fd()
             except Exception:
@@ -543,6 +547,33 @@ class Arena:
         elif self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def _start_reaper(self) -> None:
+        """Start a tiny process that unlinks the name once this one is gone,
+        however it goes (SIGKILL included): it waits for EOF on a pipe whose
+        only write end this process holds. posix_spawn-style start, so it is
+        safe from a threaded process."""
+        assert self.name is not None
+        self._reaper = subprocess.Popen(
+            ["/bin/sh", "-c", 'read _ignored; rm -f -- "/dev/shm/$1"', "shmipc-reaper", self.name[1:]],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            close_fds=True, start_new_session=True)
+        _REAPED.add(self)
+
+    def _stop_reaper(self) -> None:
+        reaper = self.__dict__.pop("_reaper", None)
+        if reaper is None:
+            return
+        _REAPED.discard(self)
+        if self._owner_pid != os.getpid():
+            return          # a forked child's copy: the pipe end was closed at fork
+        if reaper.stdin is not None:
+            reaper.stdin.close()
+        try:
+            reaper.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            reaper.kill()
+            reaper.wait()
 
     def unlink(self) -> None:
         """Remove a named arena's name now (attached processes keep their
@@ -584,6 +615,25 @@ class Arena:
 
             return _rebuild_fd_arena, (reduction.DupFd(self._fd), self.size)
         raise TypeError(f"a {self.kind} arena cannot be sent to another process")
+
+
+_REAPED: "weakref.WeakSet[Arena]" = weakref.WeakSet()
+
+
+def _close_reaper_pipes_in_child() -> None:
+    # a forked child must not hold the reaper's pipe open, or the name would
+    # outlive its owner for as long as the child lives
+    for arena in list(_REAPED):
+        reaper = arena.__dict__.get("_reaper")
+        if reaper is not None and reaper.stdin is not None:
+            try:
+                os.close(reaper.stdin.fileno())
+            except OSError:
+                pass
+            reaper.stdin = None
+
+
+os.register_at_fork(after_in_child=_close_reaper_pipes_in_child)
 
 
 class _TableLock:
