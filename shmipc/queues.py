@@ -1,0 +1,537 @@
+"""multiprocessing-compatible queues over a shared-memory ring.
+
+``Queue``, ``SimpleQueue`` and ``JoinableQueue`` keep the signatures and the
+exceptions of :mod:`multiprocessing`'s, so a program switches by changing one
+import. What differs, and why:
+
+* There is no feeder thread: ``put`` writes the message straight into the
+  ring in shared memory. So a pickling error is raised by the ``put`` that
+  caused it (multiprocessing prints it from its thread and loses the item),
+  and a message that can never fit raises :class:`~shmipc.MessageTooLarge`
+  at once. ``close()`` / ``join_thread()`` have nothing to flush.
+* Each queue owns one :class:`~shmipc.Arena` (a memfd) holding its ring. The
+  ring has a fixed byte ``capacity`` (default :data:`DEFAULT_CAPACITY`; pages
+  are only committed as they are touched); one message may use at most half
+  of it. ``maxsize`` bounds the number of messages, as in multiprocessing.
+* ``put_many`` / ``get_many`` move batches with one lock round trip, and
+  ``stats()`` returns the ring's live counters.
+
+Queues travel to child processes the way multiprocessing's do: inherited
+through fork, or pickled as ``multiprocessing.Process`` arguments under spawn
+and forkserver (the memfd is passed as a file descriptor). Pickling one at any
+other time raises RuntimeError, as multiprocessing does.
+"""
+from __future__ import annotations
+
+import os
+import select
+import struct
+import time
+from typing import Any, Iterable
+
+from shmipc.arena import DATA_START, PAGE, Arena
+from shmipc.errors import MessageTooLarge
+
+__all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
+
+#: Default ring bytes per queue: one message may use half (16 MiB). Memory is
+#: committed as the ring's pages are first written, so a queue that only ever
+#: holds small messages costs little until the ring has cycled once.
+DEFAULT_CAPACITY = 32 << 20
+
+# room in the arena beyond the ring: its header and a block of queue state
+_ARENA_SLACK = 64 << 10
+
+
+def _ring_capacity(capacity: Any) -> int:
+    if capacity is None:
+        return DEFAULT_CAPACITY
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise TypeError(f"capacity must be an int (bytes), not {type(capacity).__name__}")
+    if capacity < 1024 or capacity & (capacity - 1):
+        raise ValueError(f"capacity must be a power of two of at least 1024 bytes, got {capacity}")
+    return capacity
+
+
+def _ring_maxsize(maxsize: Any) -> int:
+    if not isinstance(maxsize, int) or isinstance(maxsize, bool):
+        raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
+    if maxsize >= 2**32 - 1:
+        raise ValueError(f"maxsize must be below {2**32 - 1}, got {maxsize}")
+    return maxsize if maxsize > 0 else 0     # multiprocessing: <= 0 means unbounded
+
+
+def _timeout(timeout: Any) -> Any:
+    # multiprocessing treats a negative timeout as 0 (its semaphores clamp it)
+    if timeout is not None and timeout < 0:
+        return 0.0
+    return timeout
+
+
+def _check_spawning(obj: object) -> None:
+    from multiprocessing import context
+
+    if context.get_spawning_popen() is None:
+        raise RuntimeError(
+            f"{type(obj).__name__} objects should only be shared between processes through "
+            "inheritance: pass them as multiprocessing.Process arguments, or create them "
+            "before fork")
+
+
+class _Base:
+    """State and methods common to the three queues (one ring in one arena)."""
+
+    # set before anything can raise, so __del__ / repr work after a failed __init__
+    _arena: Arena | None = None
+    _ring: Any = None
+    _closed: bool = False
+    _maxsize: int = 0
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, capacity: int | None = None) -> None:
+        maxsize = _ring_maxsize(maxsize)
+        cap = _ring_capacity(capacity)
+        self._maxsize = maxsize
+        # the arena holds the region table, the ring and a small state block
+        self._arena = Arena((DATA_START + cap + _ARENA_SLACK + PAGE - 1) // PAGE * PAGE)
+        self._ring = self._arena.ring(cap, maxsize=maxsize)
+        self._closed = False
+
+    # ------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict:
+        _check_spawning(self)
+        state = self.__dict__.copy()
+        state["_closed"] = False
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    # ------------------------------------------------------------ common API
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"{type(self).__name__} {self!r} is closed")
+
+    def _raise_closed(self, exc: BaseException) -> None:
+        """Turn the ring's 'closed' ValueError into multiprocessing's message."""
+        if self._closed:
+            raise ValueError(f"{type(self).__name__} {self!r} is closed") from None
+        raise exc
+
+    def empty(self) -> bool:
+        """True if the queue holds no message now (approximate, as in
+        multiprocessing: others may put or get at the same moment)."""
+        self._check_open()
+        return self._ring.empty()
+
+    def close(self) -> None:
+        """Stop using the queue in this process: later calls here raise
+        ValueError; other processes are unaffected. Everything put is already
+        in shared memory, so nothing is lost. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._ring is not None:
+            self._ring.close()
+
+    @property
+    def capacity(self) -> int:
+        """Bytes in the queue's ring; one message may use at most half."""
+        return self._ring.capacity
+
+    @property
+    def max_message_size(self) -> int:
+        """Largest encoded message one put accepts, in bytes."""
+        return self._ring.max_message_size
+
+    def stats(self) -> dict:
+        """The ring's live counters (messages and bytes in and out, waits,
+        recoveries of dead processes' locks, lost messages), as a dict."""
+        self._check_open()
+        return self._ring.stats()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed or self._ring is None else f"capacity={self._ring.capacity}"
+        return f"<shmipc.{type(self).__name__} maxsize={self._maxsize} {state} at {id(self):#x}>"
+
+    def __del__(self) -> None:
+        try:
+            if self._arena is not None:
+                self._arena.close()
+        except Exception:
+            pass
+
+
+class Queue(_Base):
+    """A process-shared FIFO queue, a drop-in for ``multiprocessing.Queue``.
+
+    Args:
+        maxsize: most messages held at once; <= 0 means no limit but bytes.
+        ctx: accepted for signature compatibility (the context's start method
+            does not matter to a shared-memory queue).
+        capacity: ring bytes, a power of two >= 1024 (default 32 MiB). A
+            message larger than about capacity/2 raises MessageTooLarge.
+
+    Raises:
+        TypeError / ValueError: an invalid maxsize or capacity.
+    """
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Put `obj` on the queue; wait for room while it is full (up to
+        `timeout` seconds; None: forever) unless block is False.
+
+        Raises:
+            queue.Full: no room in time (at once when block is False).
+            MessageTooLarge: the encoded message can never fit the ring.
+            ValueError: the queue was closed in this process.
+            Whatever pickling `obj` raises; the queue is then unchanged.
+        """
+        try:
+            self._ring.put(obj, block, _timeout(timeout) if timeout is not None else None)
+        except ValueError as exc:
+            if isinstance(exc, MessageTooLarge):
+                raise
+            self._raise_closed(exc)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Remove and return the next message; wait while the queue is empty
+        (up to `timeout` seconds; None: forever) unless block is False.
+
+        Raises:
+            queue.Empty: nothing arrived in time (at once when block is False).
+            ValueError: the queue was closed in this process.
+        """
+        try:
+            return self._ring.get(block, _timeout(timeout) if timeout is not None else None)
+        except ValueError as exc:
+            self._raise_closed(exc)
+
+    def put_nowait(self, obj: Any) -> None:
+        """put(obj, False)."""
+        return self.put(obj, False)
+
+    def get_nowait(self) -> Any:
+        """get(False)."""
+        return self.get(False)
+
+    def put_many(self, items: Iterable[Any], block: bool = True, timeout: float | None = None) -> int:
+        """Put every item of `items` in order, publishing them in batches;
+        returns how many were put.
+
+        Raises:
+            queue.Full: the queue stayed full past `timeout`; the items before
+                the failing one were put (their count is ``exc.args[0]``).
+            MessageTooLarge, pickling errors: as put, for the failing item.
+        """
+        try:
+            return self._ring.put_many(items, block, _timeout(timeout) if timeout is not None else None)
+        except ValueError as exc:
+            if isinstance(exc, MessageTooLarge):
+                raise
+            self._raise_closed(exc)
+            raise       # unreachable; for type checkers
+
+    def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list:
+        """Wait (as get) for one message, then take up to `max_items` of those
+        already there, in order.
+
+        Raises:
+            queue.Empty: nothing arrived in time.
+            ValueError: max_items < 1, or the queue is closed.
+        """
+        try:
+            return self._ring.get_many(max_items, block, _timeout(timeout) if timeout is not None else None)
+        except ValueError as exc:
+            self._raise_closed(exc)
+            raise
+
+    def qsize(self) -> int:
+        """Messages in the queue now (approximate while others put and get)."""
+        self._check_open()
+        return self._ring.qsize()
+
+    def full(self) -> bool:
+        """True if a put would have to wait now (approximate)."""
+        self._check_open()
+        return self._ring.full()
+
+    def join_thread(self) -> None:
+        """multiprocessing waits here for its feeder thread; shmipc has none.
+
+        Raises:
+            AssertionError: the queue is not closed (as multiprocessing).
+        """
+        if not self._closed:
+            raise AssertionError(f"Queue {self!r} not closed")
+
+    def cancel_join_thread(self) -> None:
+        """multiprocessing's way to exit without flushing; nothing to cancel here."""
+
+
+class JoinableQueue(Queue):
+    """A Queue that counts unfinished tasks, a drop-in for
+    ``multiprocessing.JoinableQueue``: every put adds a task, ``task_done()``
+    finishes one, ``join()`` waits until none is left.
+
+    The put count is the ring's own message counter (so put costs nothing
+    extra); the done count lives in a block of the queue's arena and is
+    changed under the arena's cross-process lock.
+    """
+
+    def __init__(self, maxsize: int = 0, *, ctx: Any = None, capacity: int | None = None) -> None:
+        super().__init__(maxsize, ctx=ctx, capacity=capacity)
+        assert self._arena is not None
+        # u64 tasks done, by every process
+        self._done = self._arena.block(64, name="tasks_done")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        del state["_done"]          # a view of the arena: found again by name
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        assert self._arena is not None
+        self._done = self._arena.block(name="tasks_done")
+
+    def _counts(self) -> tuple[int, int]:
+        """(tasks put, tasks done). A task is counted as put before any
+        consumer can see its message (the ring bumps its message count before
+        publishing the record), so done <= put holds for correct callers."""
+        return self._ring.stats()["messages_in"], struct.unpack_from("<Q", self._done, 0)[0]
+
+    def task_done(self) -> None:
+        """Mark one task (one message taken with get) finished.
+
+        Raises:
+            ValueError: called more times than messages were put.
+        """
+        self._check_open()
+        assert self._arena is not None
+        with self._arena.lock():
+            put, done = self._counts()
+            if done >= put:
+                raise ValueError("task_done() called too many times")
+            struct.pack_into("<Q", self._done, 0, done + 1)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until every message put has been marked done with task_done.
+
+        Args:
+            timeout: shmipc extension: give up after this many seconds and
+                return False (multiprocessing has no timeout; None waits
+                forever and returns True).
+
+        Waits by polling the shared counters (every 0.2 ms, backing off to
+        every 10 ms), so it is interruptible and never holds a lock.
+        """
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        pause = 0.0002
+        while True:
+            put, done = self._counts()
+            if done >= put:
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def stats(self) -> dict:
+        """Queue.stats() plus ``unfinished_tasks``."""
+        stats = super().stats()
+        put, done = self._counts()
+        stats["unfinished_tasks"] = put - done
+        return stats
+
+
+class SimpleQueue(_Base):
+    """An unbounded process-shared FIFO queue, a drop-in for
+    ``multiprocessing.SimpleQueue`` (put, get, empty, close).
+
+    Args:
+        ctx: accepted for signature compatibility.
+        capacity: ring bytes, as for Queue.
+        waitable: also keep an event fd that counts messages, so that code
+            written against multiprocessing's internals can wait on
+            ``q._reader`` with ``multiprocessing.connection.wait`` (the stdlib
+            ProcessPoolExecutor does). Costs two system calls per message;
+            queues made by ``shmipc.get_context().SimpleQueue()`` turn it on.
+
+    Raises:
+        TypeError / ValueError: an invalid capacity.
+    """
+
+    _bell: int = -1
+    _bell_owner: int = 0
+
+    def __init__(self, *, ctx: Any = None, capacity: int | None = None, waitable: bool = False) -> None:
+        super().__init__(0, ctx=ctx, capacity=capacity)
+        if waitable:
+            # Invariant (waitable queues): the event counter never exceeds the
+            # messages in the ring that no consumer has claimed. A producer
+            # bumps it after its message is committed; a consumer takes one
+            # count before it takes one message. So a readable fd always
+            # means a message is there, and a consumer holding a count finds
+            # one at once.
+            self._bell = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._bell_owner = os.getpid()
+
+    # multiprocessing's SimpleQueue has two pipe ends; its Pool and the stdlib
+    # ProcessPoolExecutor reach for them. Made on access to avoid a cycle.
+    @property
+    def _reader(self) -> "_Reader":
+        return _Reader(self)
+
+    @property
+    def _writer(self) -> "_Writer":
+        return _Writer(self)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        if self._bell >= 0:
+            from multiprocessing import reduction
+
+            state["_bell"] = reduction.DupFd(self._bell)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        bell = state.get("_bell", -1)
+        if not isinstance(bell, int):
+            state["_bell"] = bell.detach()
+            state["_bell_owner"] = os.getpid()
+        super().__setstate__(state)
+
+    @property
+    def waitable(self) -> bool:
+        """True if this queue keeps an event fd for multiprocessing.connection.wait."""
+        return self._bell >= 0
+
+    def put(self, obj: Any) -> None:
+        """Put `obj` on the queue (waits only if the ring's bytes are full).
+
+        Raises:
+            MessageTooLarge: the encoded message can never fit the ring.
+            ValueError: the queue was closed in this process.
+            Whatever pickling `obj` raises; the queue is then unchanged.
+        """
+        try:
+            self._ring.put(obj)
+        except ValueError as exc:
+            if isinstance(exc, MessageTooLarge):
+                raise
+            self._raise_closed(exc)
+        if self._bell >= 0:
+            os.eventfd_write(self._bell, 1)
+
+    def get(self) -> Any:
+        """Remove and return the next message, waiting while the queue is empty.
+
+        Raises:
+            ValueError: the queue was closed in this process.
+        """
+        if self._bell >= 0:
+            self._take_bell(None)
+        try:
+            return self._ring.get()
+        except ValueError as exc:
+            self._raise_closed(exc)
+
+    def _take_bell(self, timeout: float | None) -> bool:
+        """Take one count from the event fd, waiting up to `timeout` (None:
+        forever) for one. Returns False on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self._check_open()
+            try:
+                os.eventfd_read(self._bell)
+                return True
+            except BlockingIOError:
+                pass        # no count (or another consumer took it): wait for one
+            wait_ms = None
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                wait_ms = max(int(left * 1000), 1)
+            poller = select.poll()
+            poller.register(self._bell, select.POLLIN)
+            poller.poll(wait_ms)
+
+    def _readable(self, timeout: float | None) -> bool:
+        """True if a get would not wait, waiting up to `timeout` for that."""
+        self._check_open()
+        if self._bell < 0:
+            if timeout is None:
+                raise ValueError("waiting with poll(None) needs a waitable SimpleQueue")
+            deadline = time.monotonic() + timeout
+            while self._ring.empty():
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.001)
+            return True
+        poller = select.poll()
+        poller.register(self._bell, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else max(int(timeout * 1000), 0)))
+
+    def close(self) -> None:
+        """Stop using the queue in this process (later calls raise
+        ValueError); other processes are unaffected. Idempotent."""
+        super().close()
+        if self._bell >= 0:
+            os.close(self._bell)
+            self._bell = -1
+
+    def __del__(self) -> None:
+        try:
+            if self._bell >= 0:
+                os.close(self._bell)
+                self._bell = -1
+        except Exception:
+            pass
+        super().__del__()
+
+
+class _Reader:
+    """``SimpleQueue._reader``: the receiving half as multiprocessing's
+    internals use it (``recv``, ``poll``, ``fileno`` for
+    ``multiprocessing.connection.wait``, ``close``)."""
+
+    def __init__(self, q: SimpleQueue) -> None:
+        self._q = q
+
+    def fileno(self) -> int:
+        """The event fd that is readable while a message waits.
+
+        Raises:
+            OSError: the queue is not waitable (make it with waitable=True or
+                through ``shmipc.get_context().SimpleQueue()``), or closed.
+        """
+        if self._q._bell < 0:
+            raise OSError("this shmipc SimpleQueue has no file descriptor to wait on: "
+                          "create it with SimpleQueue(waitable=True) or "
+                          "shmipc.get_context().SimpleQueue()")
+        return self._q._bell
+
+    def recv(self) -> Any:
+        return self._q.get()
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        return self._q._readable(timeout)
+
+    def close(self) -> None:
+        """multiprocessing closes unused pipe ends in children; the shared
+        ring has no per-end state, so this is a no-op."""
+
+
+class _Writer:
+    """``SimpleQueue._writer``: the sending half as multiprocessing's
+    internals use it (``send``, ``close``)."""
+
+    def __init__(self, q: SimpleQueue) -> None:
+        self._q = q
+
+    def send(self, obj: Any) -> None:
+        self._q.put(obj)
+
+    def close(self) -> None:
+        """A no-op: see _Reader.close."""
