@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 $(EXT_STAMP): $(STAMP) $(SOURCES)
 	rm -f build/.ext-*
-	@# unlink, never overwrite, a loaded extension: running processes keep theirs
-	rm -f shmipc/_ring.*.so
-	SHMIPC_DEBUG=$(if $(DEBUG),1,0) $(PY) setup.py -q build_ext --inplace --force
+	@# build aside, then rename over the old extension: running processes keep
+	@# the file they mapped, and a failed build leaves the old one in place
+	SHMIPC_DEBUG=$(if $(DEBUG),1,0) $(PY) setup.py -q build_ext --force --build-lib build/lib
+	for so in build/lib/shmipc/_ring.*.so; do cp "$$so" "shmipc/.$$(basename $$so).tmp" && mv -f "shmipc/.$$(basename $$so).tmp" "shmipc/$$(basename $$so)"; done
 	mkdir -p build && touch $@
 
 build: $(EXT_STAMP)

@@ -85,6 +85,8 @@ cdef int64_t deadline_of(bint block, object timeout) except -2:
         return FOREVER
     cdef double t
     try:
+        if isinstance(timeout, (str, bytes, bytearray)):
+            raise TypeError
         t = float(timeout)
     except (TypeError, ValueError):
         raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}") from None
@@ -649,15 +651,21 @@ cdef class Ring:
     cdef object _encode(self, object obj, enc_t *e):
         if self.dtype is None:
             return encode(obj, e)
-        np = numpy_module()
-        rec = np.asarray(obj, dtype=self.dtype)
+        rec = self._as_records(obj)
         if rec.ndim != 0:
             raise ValueError(f"put takes one record of {self.dtype}, got an array of shape "
                              f"{rec.shape}; use put_many for several")
         e.tag = TAG_RECORD
         e.size = self.record_size
         e.ptr = NULL
-        return [rec.reshape(1).view(np.uint8)]
+        return [rec.reshape(1).view(numpy_module().uint8)]
+
+    def _as_records(self, obj):
+        try:
+            return numpy_module().asarray(obj, dtype=self.dtype)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"this ring carries fixed records of {self.dtype}; "
+                            f"cannot make one of {type(obj).__name__}: {exc}") from None
 
     def put(self, obj, bint block=True, timeout=None):
         """Put one message. Blocks while the ring is full (up to `timeout`
@@ -725,7 +733,7 @@ cdef class Ring:
         cdef shm_ring_t *h
         if self.dtype is not None:
             np = numpy_module()
-            arr = np.asarray(items, dtype=self.dtype)
+            arr = self._as_records(items)
             if arr.ndim != 1:
                 raise ValueError(f"put_many takes a 1-d array of records, got shape {arr.shape}")
             raw = arr.view(np.uint8).reshape(len(arr), self.record_size) if len(arr) else ()
@@ -738,19 +746,25 @@ cdef class Ring:
                 # encode a batch before taking any lock: pickling may run user code
                 keep = []
                 n = 0
-                for obj in it:
-                    if self.dtype is not None:
-                        encs[n].tag = TAG_RECORD
-                        encs[n].size = self.record_size
-                        encs[n].ptr = NULL
-                        keep.append([obj])
-                    else:
-                        keep.append(encode(obj, &encs[n]))
-                        self._check_size(&encs[n])
-                    n += 1
-                    if n == BATCH:
-                        break
+                error = None
+                try:
+                    for obj in it:
+                        if self.dtype is not None:
+                            encs[n].tag = TAG_RECORD
+                            encs[n].size = self.record_size
+                            encs[n].ptr = NULL
+                            keep.append([obj])
+                        else:
+                            keep.append(encode(obj, &encs[n]))
+                            self._check_size(&encs[n])
+                        n += 1
+                        if n == BATCH:
+                            break
+                except Exception as exc:
+                    error = exc         # put the items before it, then raise
                 if n == 0:
+                    if error is not None:
+                        raise error
                     return done
                 i = 0
                 while i < n:
@@ -780,6 +794,8 @@ cdef class Ring:
                     if i < n and self._wait(W_SPACE, rec_len(encs[i].size), deadline):
                         raise queue.Full(done + i)
                 done += n
+                if error is not None:
+                    raise error
         finally:
             self._leave()
 

@@ -1,0 +1,103 @@
+"""Shared test helpers: forking children with a hard deadline, and resource snapshots."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from typing import Any, Callable
+
+import pytest
+
+
+def fork_child(fn: Callable[..., Any], *args: Any) -> int:
+    """Fork a child that runs fn(*args) and exits 0, or 1 (with the traceback
+    on stderr) if it raised. The child never returns into pytest."""
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            fn(*args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
+def wait_child(pid: int, timeout: float = 30.0) -> int:
+    """Wait for a forked child; SIGKILL it (and fail) if it outlives `timeout`.
+    Returns its exit code, negative for a signal, like Popen.returncode."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"child {pid} still running after {timeout} s (killed)")
+        time.sleep(0.005)
+
+
+def open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def shm_entries() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+def live_children() -> set[int]:
+    """Pids of this process's children that have not been reaped."""
+    me = os.getpid()
+    kids = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        if int(fields[1]) == me:
+            kids.add(int(entry))
+    return kids
+
+
+@pytest.fixture
+def no_leaks():
+    """Fail the test if it leaves open fds, /dev/shm entries or children behind."""
+    import gc
+
+    fds, shm, kids = open_fds(), shm_entries(), live_children()
+    yield
+    gc.collect()
+    deadline = time.monotonic() + 3
+    while True:
+        extra_fds = open_fds() - fds
+        extra_shm = shm_entries() - shm
+        extra_kids = live_children() - kids
+        if not (extra_fds or extra_shm or extra_kids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+        gc.collect()
+    assert not extra_shm, f"/dev/shm entries left behind: {sorted(extra_shm)}"
+    assert not extra_kids, f"child processes left behind: {sorted(extra_kids)}"
+    details = {fd: _fd_target(fd) for fd in extra_fds}
+    assert not extra_fds, f"file descriptors left open: {details}"
+
+
+def _fd_target(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
