@@ -1,0 +1,315 @@
+"""Turn `shmipc bench` records into text tables, JSON and a chart.
+
+Ratios are always figures of the same run: for throughput ``shmipc / peer``
+(how many times more messages per second), for round trips ``peer / shmipc``
+of the median (how many times shorter shmipc's round trip is). "ring x" uses
+the plain ``Ring.put/get`` figure; "best x" the best shmipc variant of that
+workload (batched or zero-copy where it applies).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from typing import Any, Iterable
+
+__all__ = ["machine", "format_report", "write_json", "plot", "markdown_tables"]
+
+WORKLOAD_TITLES = {
+    "throughput": "One-way throughput, parent -> forked child",
+    "pingpong": "Ping-pong round trip, 64 B",
+    "numpy": "numpy float64 arrays of 1 MiB, parent -> forked child",
+    "pool": "Pool.map with 2 workers",
+}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        from importlib import metadata
+
+        return metadata.version(dist)
+    except Exception:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    import shmipc
+
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "usable_cores": usable,
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+        "platform": platform.platform(),
+        "load_before": load,
+        "versions": {
+            "shmipc": shmipc.__version__,
+            "numpy": _version("numpy"),
+            "pyzmq": _version("pyzmq"),
+            "faster-fifo": _version("faster-fifo"),
+            "tqdm": _version("tqdm"),
+            "matplotlib": _version("matplotlib"),
+        },
+    }
+
+
+def _human(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.3g} {unit}" if x / scale < 100 else f"{x / scale:.0f} {unit}"
+    return f"{x:.3g}"
+
+
+def _mb(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def _groups(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
+    """Records grouped by (workload, size/pool kind), in run order."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        key = (r["workload"], r["pool_kind"] if r["workload"] == "pool" else r["size"])
+        groups.setdefault(key, []).append(r)
+    return list(groups.items())
+
+
+def _metric(r: dict) -> float | None:
+    """The figure ratios are taken of (higher is better)."""
+    b = r.get("best") or {}
+    if r["status"] != "ok" or not b:
+        return None
+    if r["workload"] == "pingpong":
+        return 1.0 / b["median_us"] if b.get("median_us") else None
+    return b.get("items_per_s") if r["workload"] == "pool" else b.get("msgs_per_s")
+
+
+def _refs(rows: list[dict]) -> tuple[float | None, float | None]:
+    """(plain shmipc figure, best shmipc figure) of a group."""
+    plain = next((_metric(r) for r in rows if r["transport"] in ("shmipc.ring", "shmipc.Pool")), None)
+    best = max((m for r in rows if r["shmipc"] and (m := _metric(r)) is not None), default=None)
+    return plain, best
+
+
+def _ratio(num: float | None, den: float | None) -> str:
+    if num is None or not den:
+        return "-"
+    return f"{num / den:.1f}x" if num / den < 100 else f"{num / den:.0f}x"
+
+
+def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    workload = key[0]
+    plain, best = _refs(rows)
+    if workload == "pingpong":
+        head = ["transport", "median us", "p99 us", "round trips/s", "ring x", "best x"]
+    elif workload == "pool":
+        head = ["pool", "items/s", "MB/s", "shmipc x", ""]
+    else:
+        head = ["transport", "msgs/s", "MB/s", "ring x", "best x"]
+    out = []
+    for r in rows:
+        b = r.get("best") or {}
+        if r["status"] != "ok":
+            why = r["status"] if r["status"] != "skipped" else "skipped"
+            reason = r.get("reason", "")
+            out.append([r["transport"], f"{why}: {reason[:90]}"])       # a note, not figures
+            continue
+        m = _metric(r)
+        mine = r["shmipc"]
+        if workload == "pingpong":
+            cells = [f"{b['median_us']:.2f}", f"{b['p99_us']:.2f}", _human(b["round_trips_per_s"])]
+        elif workload == "pool":
+            cells = [_human(b["items_per_s"]), _mb(b["mb_per_s"])]
+        else:
+            cells = [_human(b["msgs_per_s"]), _mb(b["mb_per_s"])]
+        if workload == "pool":
+            cells += ["" if mine else _ratio(best, m), ""]
+        else:
+            cells += ["" if mine else _ratio(plain, m), "" if mine else _ratio(best, m)]
+        out.append([r["transport"]] + cells)
+    return head, out
+
+
+def _title(key: tuple, options: dict) -> str:
+    workload, what = key
+    title = WORKLOAD_TITLES.get(workload, workload)
+    if workload == "throughput":
+        title += f", {_size(what)} messages"
+    elif workload == "pool":
+        title += ", small ints (x*x)" if what == "ints" else ", 100 KiB bytes (crc32)"
+    rounds = options.get("repeat", 1)
+    secs = options.get("seconds_per_round", 0)
+    return f"{title}   [best of {rounds} round{'s' if rounds != 1 else ''} of {secs:g} s]"
+
+
+def _render(head: list[str], rows: list[list[str]]) -> list[str]:
+    """Align a table; a row of two cells is a name and a note spanning the rest."""
+    full = [r for r in rows if len(r) == len(head)]
+    widths = [max([len(head[i])] + [len(r[i]) for r in full]) for i in range(len(head))]
+    widths[0] = max([widths[0]] + [len(r[0]) for r in rows])
+    lines = ["  " + "  ".join(h.ljust(widths[0]) if i == 0 else h.rjust(widths[i])
+                              for i, h in enumerate(head)).rstrip()]
+    for r in rows:
+        if len(r) != len(head):
+            lines.append("  " + r[0].ljust(widths[0]) + "  " + r[1])
+            continue
+        lines.append("  " + "  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i])
+                                      for i, c in enumerate(r)).rstrip())
+    return lines
+
+
+def _machine_line(m: dict) -> str:
+    v = m.get("versions", {})
+    peers = ", ".join(f"{k} {x}" for k, x in v.items() if x and k != "shmipc")
+    return (f"{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['python']}, "
+            f"{m['platform']}; shmipc {v.get('shmipc')}; {peers}")
+
+
+def format_report(report: dict) -> str:
+    """The text tables `shmipc bench` prints."""
+    m = report["machine"]
+    lines = [f"shmipc bench  {m['date']}", f"machine: {_machine_line(m)}",
+             f"load average before/after: {m.get('load_before')} / {m.get('load_after')}"
+             "  (figures are the best of the rounds; a busy machine lowers them)", ""]
+    for key, rows in _groups(report["records"]):
+        head, body = _table_rows(key, rows)
+        lines.append(_title(key, report["options"]))
+        lines.extend(_render(head, body))
+        lines.append("")
+    lines.extend(_summary(report))
+    return "\n".join(lines)
+
+
+def _summary(report: dict) -> list[str]:
+    """One line per workload: best shmipc against best peer."""
+    out = ["Summary (best shmipc figure / best peer figure, same run):"]
+    for key, rows in _groups(report["records"]):
+        _, best = _refs(rows)
+        peers = [(r, _metric(r)) for r in rows if not r["shmipc"] and _metric(r) is not None]
+        if best is None or not peers:
+            continue
+        peer, pm = max(peers, key=lambda x: x[1])
+        what = _size(key[1]) if key[0] == "throughput" else (key[1] if key[0] == "pool" else "")
+        out.append(f"  {key[0]:<10} {what:<10} {_ratio(best, pm):>7} vs {peer['transport']}")
+    bad = [r for r in report["records"] if r["status"] in ("error", "timeout")]
+    skipped = sorted({(r["transport"], r["reason"]) for r in report["records"] if r["status"] == "skipped"})
+    if skipped:
+        out.append("Skipped: " + "; ".join(f"{t} ({why})" for t, why in skipped))
+    for r in bad:
+        out.append(f"FAILED {r['workload']} {r['transport']} size={r['size']}: {r['status']}: {r['reason']}")
+    out.append(f"Total time: {report.get('elapsed_s', 0):.0f} s")
+    return out
+
+
+def markdown_tables(report: dict) -> str:
+    """The same tables in Markdown (for the README)."""
+    out = []
+    for key, rows in _groups(report["records"]):
+        head, body = _table_rows(key, rows)
+        head = [h for h in head if h] or head
+        out.append(f"**{_title(key, report['options'])}**\n")
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
+        for r in body:
+            r = r + [""] * (len(head) - len(r))
+            out.append("| " + " | ".join(r[:len(head)]) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_json(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+
+
+def plot(report: dict, path: str) -> None:
+    """Throughput (MB/s and msgs/s) against message size, log scales, one line
+    per transport.
+
+    Raises:
+        ImportError: matplotlib is not installed (named in the message).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install matplotlib (or shmipc[bench])") from None
+    series: dict[str, list[tuple[int, float, float]]] = {}
+    mine: dict[str, bool] = {}
+    for r in report["records"]:
+        if r["workload"] != "throughput" or r["status"] != "ok":
+            continue
+        b = r["best"]
+        series.setdefault(r["transport"], []).append((r["size"], b["mb_per_s"], b["msgs_per_s"]))
+        mine[r["transport"]] = r["shmipc"]
+    if not series:
+        raise ValueError("no throughput figures to plot (was the throughput workload run?)")
+    from shmipc.bench.transports import TRANSPORTS
+
+    order = [t.name for t in TRANSPORTS]
+    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    for name in sorted(series, key=lambda n: order.index(n) if n in order else len(order)):
+        points = sorted(series[name])
+        xs = [p[0] for p in points]
+        color = palette[(order.index(name) if name in order else len(order)) % len(palette)]
+        style = dict(linewidth=2.4, marker="o", color=color) if mine[name] else \
+            dict(linewidth=1.3, marker="s", linestyle="--", color=color)
+        axes[0].plot(xs, [p[1] for p in points], label=name, **style)
+        axes[1].plot(xs, [p[2] for p in points], label=name, **style)
+    for ax, ylabel in zip(axes, ("MB/s (higher is better)", "messages/s (higher is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("message size (bytes)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    sizes = sorted({p[0] for pts in series.values() for p in pts})
+    for ax in axes:
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([_size(s) for s in sizes])
+    axes[1].legend(fontsize=8, loc="best")
+    m = report["machine"]
+    fig.suptitle(f"shmipc bench, parent -> forked child — {m['cpu']}, {m['cores']} cores, "
+                 f"{m['python']}, {m['date']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_records(records: Iterable[dict], file: Any = None) -> None:
+    """One line per record as it completes (for --verbose)."""
+    out = file or sys.stderr
+    for r in records:
+        out.write(json.dumps({k: r[k] for k in ("workload", "transport", "size", "status", "best")}) + "\n")

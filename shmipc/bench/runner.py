@@ -1,0 +1,302 @@
+"""Plan the measurements of `shmipc bench` and run each in a fresh process.
+
+Every measurement runs in its own forked process, in its own process group,
+with its stdout/stderr going to a log file (so a noisy transport cannot
+garble the progress bar). The runner waits for its JSON result with a hard
+deadline: a transport that hangs is killed (with the whole group: its peer
+too) and reported as "timeout", and the run goes on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from shmipc.bench.transports import Transport, get_transports
+
+__all__ = ["Options", "Spec", "plan", "run", "DEFAULT_SIZES", "WORKLOADS", "parse_size"]
+
+DEFAULT_SIZES = [64, 1 << 10, 64 << 10, 1 << 20]
+WORKLOADS = ("throughput", "pingpong", "pool", "numpy")
+PINGPONG_SIZE = 64
+NUMPY_BYTES = 1 << 20
+POOL_KINDS = ("ints", "bytes100k")
+
+
+def parse_size(text: str) -> int:
+    """'64', '1k', '64KiB', '1M' -> bytes.
+
+    Raises:
+        ValueError: not a size, or not positive.
+    """
+    s = text.strip().lower().replace("ib", "").replace("b", "")
+    mult = 1
+    if s and s[-1] in "kmg":
+        mult = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[s[-1]]
+        s = s[:-1]
+    try:
+        value = int(float(s) * mult)
+    except ValueError:
+        raise ValueError(f"not a message size: {text!r} (use e.g. 64, 1k, 64k, 1M)") from None
+    if value <= 0:
+        raise ValueError(f"message size must be positive, got {text!r}")
+    return value
+
+
+@dataclass
+class Options:
+    """What `shmipc bench` runs (see ``shmipc bench --help``)."""
+
+    sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
+    transports: list[str] | None = None
+    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    repeat: int = 3
+    seconds: float = 0.2            # per round
+    timeout: float | None = None    # per measurement; None: derived from repeat and seconds
+    processes: int = 2              # Pool.map workers
+    progress: bool = True
+
+    def check(self) -> None:
+        """Raises ValueError naming the bad option."""
+        if self.repeat < 1:
+            raise ValueError(f"--repeat must be >= 1, got {self.repeat}")
+        if not self.seconds > 0:
+            raise ValueError(f"round duration must be > 0 s, got {self.seconds}")
+        for w in self.workloads:
+            if w not in WORKLOADS:
+                raise ValueError(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
+        for s in self.sizes:
+            if s <= 0:
+                raise ValueError(f"message sizes must be positive, got {s}")
+        if self.processes < 1:
+            raise ValueError(f"--processes must be >= 1, got {self.processes}")
+
+    def measurement_timeout(self) -> float:
+        if self.timeout is not None:
+            return self.timeout
+        return 20.0 + self.repeat * (self.seconds * 3 + 2.0)
+
+
+@dataclass
+class Spec:
+    """One measurement: a transport under one workload at one size."""
+
+    workload: str
+    transport: Transport
+    size: int
+    pool_kind: str = ""
+
+    @property
+    def label(self) -> str:
+        what = self.pool_kind if self.workload == "pool" else _fmt_size(self.size)
+        return f"{self.workload} {what} {self.transport.name}"
+
+
+def _fmt_size(n: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def plan(options: Options) -> list[Spec]:
+    """The measurements, in the order they run and are printed."""
+    options.check()
+    transports = get_transports(options.transports)
+    specs: list[Spec] = []
+    for workload in WORKLOADS:
+        if workload not in options.workloads:
+            continue
+        chosen = [t for t in transports if workload in t.workloads]
+        if workload == "throughput":
+            for size in options.sizes:
+                specs.extend(Spec(workload, t, size) for t in chosen
+                             if t.min_size <= size <= t.max_size)
+        elif workload == "pingpong":
+            specs.extend(Spec(workload, t, PINGPONG_SIZE) for t in chosen)
+        elif workload == "numpy":
+            specs.extend(Spec(workload, t, NUMPY_BYTES) for t in chosen)
+        elif workload == "pool":
+            for kind in POOL_KINDS:
+                specs.extend(Spec(workload, t, 0, kind) for t in chosen)
+    return specs
+
+
+def _best(workload: str, rounds: list[dict]) -> dict:
+    if not rounds:
+        return {}
+    if workload == "pingpong":
+        return min(rounds, key=lambda r: r["median_us"])
+    key = "items_per_s" if workload == "pool" else "msgs_per_s"
+    return max(rounds, key=lambda r: r[key])
+
+
+def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: int,
+           parent: int) -> None:
+    """The body of a measurement process; never returns."""
+    payload: dict[str, Any]
+    try:
+        os.setpgid(0, 0)
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        from shmipc._proc import die_with_parent
+
+        die_with_parent(parent)
+        # numpy's BLAS would start a thread pool, and forking the peer with
+        # threads running is unsafe (3.12+ warns); nothing here needs BLAS
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, "1")
+        from shmipc.bench.workloads import measure
+
+        payload = measure(spec.transport, spec.workload, spec.size, options.repeat, options.seconds,
+                          tmpdir, spec.pool_kind or "ints", options.processes)
+        payload["status"] = "ok"
+    except BaseException as exc:       # reported, never raised: this is a child process
+        payload = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
+    try:
+        data = json.dumps(payload).encode()
+        while data:
+            data = data[os.write(result_fd, data):]
+    finally:
+        os._exit(0)
+
+
+def run_one(spec: Spec, options: Options, tmpdir: str, index: int = 0) -> dict:
+    """Run one measurement in a fresh forked process; returns its record."""
+    record: dict[str, Any] = {
+        "workload": spec.workload, "transport": spec.transport.name, "shmipc": spec.transport.shmipc,
+        "size": spec.size, "pool_kind": spec.pool_kind or None, "note": spec.transport.note,
+        "status": "", "reason": "", "rounds": [], "best": {},
+    }
+    reason = spec.transport.unavailable()
+    if reason is not None:
+        record.update(status="skipped", reason=reason)
+        return record
+    log_path = os.path.join(tmpdir, f"measurement-{index}.log")
+    timeout = options.measurement_timeout()
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _child(spec, options, tmpdir, log_path, w, os.getppid())
+    os.close(w)
+    try:
+        os.setpgid(pid, pid)       # also done by the child: whichever runs first
+    except OSError:
+        pass
+    data = b""
+    started = time.monotonic()
+    try:
+        while True:
+            left = started + timeout - time.monotonic()
+            if left <= 0:
+                record.update(status="timeout", reason=f"no result within {timeout:.0f} s: killed")
+                break
+            ready, _, _ = select.select([r], [], [], min(left, 0.5))
+            if ready:
+                chunk = os.read(r, 1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+    finally:
+        os.close(r)
+        _kill_group(pid)
+    record["elapsed_s"] = round(time.monotonic() - started, 3)
+    if record["status"] != "timeout":
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            payload = {"status": "error", "reason": "the measurement process died without a result"}
+        record.update(payload)
+    if record["status"] != "ok":
+        tail = _tail(log_path)
+        if tail:
+            record["log"] = tail
+    record["best"] = _best(spec.workload, record["rounds"])
+    return record
+
+
+def _kill_group(pid: int) -> None:
+    """Kill what is left of a measurement (its peers included) and reap it."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+
+
+def _tail(path: str, limit: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def run(options: Options, on_record: Callable[[dict], None] | None = None) -> dict:
+    """Run every planned measurement; returns the full report (as JSON-ready
+    data: machine, options, records).
+
+    Raises:
+        ValueError: invalid options (unknown transport, bad size, ...).
+    """
+    from shmipc.bench.report import machine
+
+    specs = plan(options)
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "options": {"sizes": options.sizes, "workloads": options.workloads, "repeat": options.repeat,
+                    "seconds_per_round": options.seconds, "processes": options.processes,
+                    "transports": [t.name for t in get_transports(options.transports)]},
+        "records": [],
+    }
+    tmpdir = tempfile.mkdtemp(prefix="shmipc-bench-")
+    started = time.monotonic()
+    current = {"now": ""}
+    try:
+        items: Any = list(enumerate(specs))
+        if options.progress:
+            try:
+                import tqdm
+
+                tqdm.tqdm.monitor_interval = 0     # no monitor thread: we fork
+            except ImportError:
+                pass
+            from shmipc.progress import track
+
+            items = track(items, total=len(specs), desc="bench", status=lambda: dict(current))
+        for index, spec in items:
+            current["now"] = spec.label
+            record = run_one(spec, options, tmpdir, index)
+            report["records"].append(record)
+            if on_record is not None:
+                on_record(record)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    report["machine"]["load_after"] = _loadavg()
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None

@@ -1,0 +1,440 @@
+"""The workloads of `shmipc bench`, run inside one measurement process.
+
+Each measurement process (forked fresh by the runner) opens the transport,
+forks its peer, runs ``rounds`` timed rounds of ``seconds`` each and returns a
+dict of figures; the runner keeps the best round.
+
+How receivers verify (so no transport can win by dropping or mangling data):
+the sender cycles through a pool of P distinct messages (P a power of two);
+message ``i`` is ``pool[i % P]``, whose first and last 8 bytes hold ``i % P``
+and whose body is fixed random bytes. The receiver compares every message it
+gets, byte for byte, with the one it expects next (a memcmp, or a numpy
+comparison for views and arrays), so a lost, reordered, truncated or corrupted
+message is an error. A zero-length message ends a round; the receiver then
+reports its count, which must equal the sender's.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import select
+import struct
+import time
+import zlib
+from typing import Any
+
+from shmipc.bench.transports import BATCH, Endpoint, PoolTransport, Transport
+
+__all__ = ["measure", "message_pool", "VerifyError"]
+
+_STAMP = struct.Struct("<Q")
+POOL_BYTES = 16 << 20           # the message pool stays below this
+HANDSHAKE_TIMEOUT = 30.0
+
+
+class VerifyError(AssertionError):
+    """A receiver got something other than what was sent."""
+
+
+def message_pool(size: int, seed: int = 5) -> list[bytes]:
+    """P distinct messages of `size` bytes, each stamped with its index at
+    both ends (see the module docstring)."""
+    count = 16
+    while count < 1024 and count * 2 * size <= POOL_BYTES:
+        count *= 2
+    body = random.Random(seed).randbytes(size)
+    pool = []
+    for k in range(count):
+        stamp = _STAMP.pack(k)
+        if size >= 16:
+            pool.append(stamp + body[8:size - 8] + stamp)
+        else:
+            pool.append((stamp + body)[:size] if size else b"")
+    # (messages under 8 bytes cannot all differ; the count check still holds)
+    return pool
+
+
+def array_pool(nbytes: int, seed: int = 5) -> list[Any]:
+    """Like message_pool, for float64 numpy arrays of `nbytes` bytes."""
+    import numpy as np
+
+    n = max(nbytes // 8, 2)
+    count = 16
+    rng = np.random.default_rng(seed)
+    body = rng.random(n)
+    pool = []
+    for k in range(count):
+        a = body.copy()
+        a[0] = a[-1] = float(k)
+        pool.append(a)
+    return pool
+
+
+# ---------------------------------------------------------------- helpers
+def _send_line(fd: int, obj: Any) -> None:
+    data = (json.dumps(obj) + "\n").encode()
+    while data:
+        data = data[os.write(fd, data):]
+
+
+class _LineReader:
+    """Read newline-terminated JSON from a pipe with a deadline."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+
+    def read(self, timeout: float, what: str) -> Any:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {what} from the peer process within {timeout:.0f} s")
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    raise EOFError(f"the peer process exited before sending its {what}")
+                self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return json.loads(line)
+
+
+def _equal_buffer(view: Any, expected: bytes, expected_u64: Any) -> bool:
+    """Compare a buffer (memoryview, ndarray) with the expected bytes."""
+    n = view.nbytes if hasattr(view, "nbytes") else len(view)
+    if n != len(expected):
+        return False
+    if expected_u64 is None or n % 8:
+        return bytes(view) == expected
+    import numpy as np
+
+    return bool((np.frombuffer(view, np.uint64) == expected_u64).all())
+
+
+# ---------------------------------------------------------------- one-way throughput
+def _receive_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool) -> int:
+    """Receive and verify one round; returns the count before the end marker.
+
+    Raises:
+        VerifyError: a message differs from the expected one.
+    """
+    count_per_cycle = len(pool)
+    cycles = 0
+    if kind == "bytes" and mode == "single":
+        recv = ep.recv
+        while True:
+            for exp in pool:
+                m = recv()
+                if m != exp:
+                    return _mismatch(m, exp, pool, cycles)
+            cycles += 1
+    if kind == "bytes" and mode == "batch":
+        assert ep.recv_many is not None
+        recv_many = ep.recv_many
+        expected = itertools.cycle(pool)
+        n = 0
+        while True:
+            got = recv_many()
+            for m, exp in zip(got, expected):
+                if m != exp:
+                    if len(m) == 0:
+                        return n
+                    raise VerifyError(f"message {n}: got {len(m)} bytes that differ from the "
+                                      f"{len(exp)} sent")
+                n += 1
+    # views and numpy arrays: compare buffers
+    import numpy as np
+
+    if kind == "numpy":
+        refs = [a.view(np.uint64) for a in pool]
+    else:
+        refs = [np.frombuffer(p, np.uint64) if len(p) >= 4096 and len(p) % 8 == 0 else None
+                for p in pool]
+    raw = [memoryview(a).cast("B").tobytes() if kind == "numpy" else a for a in pool]
+    n = 0
+    while True:
+        for i in range(count_per_cycle):
+            if mode == "view":
+                assert ep.recv_view is not None
+                with ep.recv_view(timeout=60) as v:
+                    nb = v.nbytes if hasattr(v, "nbytes") else len(v)
+                    if nb == 0:
+                        return n
+                    if kind == "numpy" and not (isinstance(v, np.ndarray) and v.dtype == np.float64):
+                        raise VerifyError(f"message {n}: got {type(v).__name__} instead of a float64 array")
+                    ok = _equal_buffer(v, raw[i], refs[i])
+            else:
+                m = ep.recv_obj() if (kind == "numpy" and objects) else ep.recv()
+                if kind == "numpy" and not objects:
+                    m = np.frombuffer(m, np.float64)
+                nb = m.nbytes if hasattr(m, "nbytes") else len(m)
+                if nb == 0:
+                    return n
+                if kind == "numpy" and not (isinstance(m, np.ndarray) and m.dtype == np.float64
+                                            and m.shape == pool[i].shape):
+                    raise VerifyError(f"message {n}: got {type(m).__name__} {getattr(m, 'shape', '')} "
+                                      f"instead of a float64 array of shape {pool[i].shape}")
+                ok = _equal_buffer(m, raw[i], refs[i])
+            if not ok:
+                raise VerifyError(f"message {n}: content differs from what was sent")
+            n += 1
+
+
+def _mismatch(m: Any, exp: bytes, pool: list, cycles: int) -> int:
+    index = next(i for i, p in enumerate(pool) if p is exp)
+    n = cycles * len(pool) + index
+    if len(m) == 0:
+        return n
+    stamp = _STAMP.unpack(m[:8])[0] if len(m) >= 8 else None
+    raise VerifyError(f"message {n}: got {len(m)} bytes stamped {stamp}, expected {len(exp)} bytes "
+                      f"stamped {index} (a message was lost, reordered or corrupted)")
+
+
+def _send_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool,
+                seconds: float) -> tuple[int, float]:
+    """Send pool messages cyclically for `seconds`, then the end marker.
+    Returns (messages sent, start time)."""
+    size = _nbytes(pool[0])
+    stride = max(1, min(len(pool), 16384 // max(size, 1)))
+    if kind == "numpy":
+        items = pool if objects else [memoryview(a).cast("B") for a in pool]
+        send = ep.send_obj if objects else ep.send
+        end: Any = items[0][:0]
+    else:
+        items, send, end = pool, ep.send, b""
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    if mode == "batch":
+        assert ep.send_many is not None
+        send_many = ep.send_many
+        step = min(BATCH, len(items))
+        chunks = [items[j:j + step] for j in range(0, len(items), step)]
+        for chunk in itertools.cycle(chunks):
+            send_many(chunk)
+            n += len(chunk)
+            if time.perf_counter() >= deadline:
+                break
+    else:
+        chunks = [items[j:j + stride] for j in range(0, len(items), stride)]
+        for chunk in itertools.cycle(chunks):
+            for m in chunk:
+                send(m)
+            n += len(chunk)
+            if time.perf_counter() >= deadline:
+                break
+    send(end)
+    return n, t0
+
+
+def _nbytes(m: Any) -> int:
+    return m.nbytes if hasattr(m, "nbytes") else len(m)
+
+
+# ---------------------------------------------------------------- ping-pong
+def _echo(ep: Endpoint) -> int:
+    """Send back every message until the end marker; returns the count."""
+    recv, send = ep.recv, ep.send
+    n = 0
+    while True:
+        m = recv()
+        send(m)
+        if len(m) == 0:
+            return n
+        n += 1
+
+
+def _pingpong_round(ep: Endpoint, pool: list, seconds: float) -> dict:
+    from array import array
+
+    recv, send, clock = ep.recv, ep.send, time.perf_counter_ns
+    samples = array("q")
+    append = samples.append
+    deadline = time.perf_counter_ns() + int(seconds * 1e9)
+    n = 0
+    while True:
+        for exp in pool:
+            t = clock()
+            send(exp)
+            m = recv()
+            t2 = clock()
+            append(t2 - t)
+            if m != exp:
+                raise VerifyError(f"round trip {n}: the echo differs from what was sent")
+            n += 1
+        if t2 >= deadline:
+            break
+    send(b"")
+    if len(recv()) != 0:
+        raise VerifyError("the echo of the end marker is not empty")
+    ordered = sorted(samples)
+    return {
+        "round_trips": n,
+        "median_us": ordered[len(ordered) // 2] / 1e3,
+        "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1e3,
+        "min_us": ordered[0] / 1e3,
+        "round_trips_per_s": n / (sum(samples) / 1e9),
+    }
+
+
+# ---------------------------------------------------------------- pool.map
+def _square(x: int) -> int:
+    return x * x
+
+
+def _crc(b: bytes) -> int:
+    return zlib.crc32(b)
+
+
+def _pool_items(kind: str) -> tuple[Any, list, Any, int]:
+    """(function, items, expected results checker, payload bytes per item)"""
+    if kind == "ints":
+        items = list(range(20_000))
+        return _square, items, [x * x for x in items], 8
+    size = 100 << 10
+    body = random.Random(7).randbytes(size)
+    items = [_STAMP.pack(k) + body[8:] for k in range(64)]
+    return _crc, items, [zlib.crc32(b) for b in items], size
+
+
+def _pool_measure(transport: PoolTransport, kind: str, rounds: int, seconds: float,
+                  processes: int) -> list[dict]:
+    func, items, expected, item_bytes = _pool_items(kind)
+    out = []
+    pool = transport.make_pool(processes)
+    try:
+        if pool.map(func, items[:64]) != expected[:64]:     # warm-up: workers started
+            raise VerifyError("Pool.map returned wrong results in the warm-up")
+        for _ in range(rounds):
+            calls = 0
+            t0 = time.perf_counter()
+            deadline = t0 + seconds
+            while True:
+                got = pool.map(func, items)
+                if got != expected:
+                    bad = sum(1 for a, b in zip(got, expected) if a != b) + abs(len(got) - len(expected))
+                    raise VerifyError(f"Pool.map returned {bad} wrong results out of {len(items)}")
+                calls += 1
+                if time.perf_counter() >= deadline:
+                    break
+            dt = time.perf_counter() - t0
+            n = calls * len(items)
+            out.append({"items": n, "seconds": dt, "items_per_s": n / dt,
+                        "mb_per_s": n * item_bytes / dt / 1e6})
+    finally:
+        pool.terminate() if hasattr(pool, "terminate") else pool.close()
+        if hasattr(pool, "join"):
+            pool.join()
+    return out
+
+
+# ---------------------------------------------------------------- entry point
+def measure(transport: Transport, workload: str, size: int, rounds: int, seconds: float,
+            tmpdir: str, pool_kind: str = "ints", processes: int = 2) -> dict:
+    """Run one measurement in this (fresh) process and return its figures:
+    ``{"rounds": [...]}``, one dict per round.
+
+    Raises:
+        VerifyError: a receiver got wrong data. TimeoutError / EOFError: the
+        peer process hung or died.
+    """
+    if workload == "pool":
+        assert isinstance(transport, PoolTransport)
+        return {"rounds": _pool_measure(transport, pool_kind, rounds, seconds, processes)}
+    kind = "numpy" if workload == "numpy" else "bytes"
+    pool: list = array_pool(size) if kind == "numpy" else message_pool(size)
+    objects = transport.objects
+    channel = transport.open(size, tmpdir)
+    ready_r, ready_w = os.pipe()
+    result_r, result_w = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:                                            # the peer: receives / echoes
+        code = 0
+        try:
+            from shmipc._proc import die_with_parent
+
+            die_with_parent(parent)
+            os.close(ready_r)
+            os.close(result_r)
+            ep = channel.side("b")
+            for _ in range(rounds + 1):                     # +1: the warm-up round
+                _send_line(ready_w, {"ready": True})
+                try:
+                    if workload == "pingpong":
+                        n = _echo(ep)
+                    else:
+                        n = _receive_round(ep, transport.mode, kind, pool, objects)
+                    _send_line(result_w, {"count": n, "t_end": time.perf_counter()})
+                except Exception as exc:
+                    _send_line(result_w, {"error": f"{type(exc).__name__}: {exc}"})
+                    code = 1
+                    break
+            ep.close()
+        except BaseException as exc:
+            try:
+                _send_line(result_w, {"error": f"{type(exc).__name__}: {exc}"})
+            except Exception:
+                pass
+            code = 1
+        os._exit(code)
+    os.close(ready_w)
+    os.close(result_w)
+    ready = _LineReader(ready_r)
+    results = _LineReader(result_r)
+    out: list[dict] = []
+    ep = channel.side("a")
+    warmup = min(seconds, 0.05)
+    try:
+        # round 0 warms up (connections, page faults of fresh buffers) and is
+        # verified like the others but not reported
+        for round_no in range(rounds + 1):
+            ready.read(HANDSHAKE_TIMEOUT, "ready signal")
+            duration = warmup if round_no == 0 else seconds
+            if workload == "pingpong":
+                stats = _pingpong_round(ep, pool, duration)
+                reply = results.read(HANDSHAKE_TIMEOUT, "result")
+                if "error" in reply:
+                    raise VerifyError(f"echo side: {reply['error']}")
+                if reply["count"] != stats["round_trips"]:
+                    raise VerifyError(f"echo side saw {reply['count']} messages, "
+                                      f"{stats['round_trips']} were sent")
+                if round_no:
+                    out.append(stats)
+                continue
+            sent, t0 = _send_round(ep, transport.mode, kind, pool, objects, duration)
+            reply = results.read(max(60.0, seconds * 20), "result")
+            if "error" in reply:
+                raise VerifyError(f"receiver: {reply['error']}")
+            if reply["count"] != sent:
+                raise VerifyError(f"receiver got {reply['count']} messages, {sent} were sent")
+            dt = reply["t_end"] - t0
+            nbytes = _nbytes(pool[0])
+            if round_no:
+                out.append({"messages": sent, "seconds": dt, "msgs_per_s": sent / dt,
+                            "mb_per_s": sent * nbytes / dt / 1e6})
+        ep.close()
+    finally:
+        _reap(pid)
+        channel.close()
+        os.close(ready_r)
+        os.close(result_r)
+    return {"rounds": out}
+
+
+def _reap(pid: int, timeout: float = 10.0) -> None:
+    """Wait for the peer; kill it if it does not exit in time."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return
+        time.sleep(0.002)
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)

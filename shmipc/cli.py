@@ -1,0 +1,161 @@
+"""The `shmipc` command (also ``python -m shmipc``).
+
+    shmipc bench [--quick] [--sizes 64,1k,64k,1M] [--transports shmipc,os.pipe,...]
+                 [--workloads throughput,pingpong,pool,numpy] [--repeat N]
+                 [--json FILE] [--plot FILE.png] [--markdown FILE]
+    shmipc demo [--children N] [--messages M]
+    shmipc inspect PID [--watch] [--interval S]
+
+Exit status: 0 on success, 1 when a measurement failed or timed out (or
+the demo saw a wrong message), 2 for bad arguments, 130 on Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+QUICK_SECONDS = 0.1
+DEFAULT_SECONDS = 0.2
+DEFAULT_REPEAT = 3
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shmipc", description="shmipc: shared-memory IPC between a parent and its forked workers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    b = sub.add_parser(
+        "bench", help="compare shmipc with pipes and multiprocessing on this machine",
+        description="Measure shmipc against os.pipe, multiprocessing (Pipe, Queue, SimpleQueue, "
+                    "Pool) and, when installed, faster-fifo and pyzmq, each between a parent and "
+                    "a forked child, in fresh processes, in the same run. Every receiver verifies "
+                    "what it got. Default run ~1 minute; --quick ~15 s.")
+    b.add_argument("--quick", action="store_true", help="one short round per measurement (~15 s)")
+    b.add_argument("--sizes", type=_csv, default=None, metavar="LIST",
+                   help="message sizes for the throughput workload, e.g. 64,1k,64k,1M (default)")
+    b.add_argument("--transports", type=_csv, default=None, metavar="LIST",
+                   help="transport names or prefixes, e.g. shmipc,os.pipe,mp (default: all)")
+    b.add_argument("--workloads", type=_csv, default=None, metavar="LIST",
+                   help="throughput,pingpong,pool,numpy (default: all)")
+    b.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help=f"timed rounds per measurement; the best is reported (default {DEFAULT_REPEAT}, "
+                        "1 with --quick)")
+    b.add_argument("--seconds", type=float, default=None, metavar="S",
+                   help=f"duration of one round (default {DEFAULT_SECONDS}, {QUICK_SECONDS} with --quick)")
+    b.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="hard limit for one measurement; a transport that hangs is killed and reported")
+    b.add_argument("--processes", type=int, default=2, metavar="N", help="Pool.map workers (default 2)")
+    b.add_argument("--json", metavar="FILE", help="write every figure (all rounds) as JSON")
+    b.add_argument("--plot", metavar="FILE.png", help="draw throughput against message size (matplotlib)")
+    b.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    b.add_argument("--list", action="store_true", help="list the transports and exit")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    d = sub.add_parser(
+        "demo", help="the seed example at scale, narrated",
+        description="The parent makes an anonymous shared arena, forks N children, and they "
+                    "exchange typed messages through rings guarded by process-shared semaphores; "
+                    "every message is verified and the rate is printed.")
+    d.add_argument("--children", type=int, default=2, metavar="N", help="children to fork (default 2)")
+    d.add_argument("--messages", type=int, default=200_000, metavar="M",
+                   help="typed messages to send (default 200000)")
+    d.add_argument("--quiet", action="store_true", help="only the summary lines")
+
+    i = sub.add_parser(
+        "inspect", help="show a process's shared mappings and its shmipc rings, live",
+        description="List the shared mappings of process PID (from /proc/PID/maps) and, for each "
+                    "shmipc arena among them, its regions and the live counters of its rings.")
+    i.add_argument("pid", type=int, help="the process to inspect")
+    i.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    i.add_argument("--interval", type=float, default=1.0, metavar="S", help="--watch refresh period (default 1 s)")
+    i.add_argument("--all", action="store_true", help="list every mapping, not only shared ones")
+    i.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    return parser
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from shmipc.bench import Options, format_report, get_transports, parse_size, run
+    from shmipc.bench import markdown_tables, plot, write_json
+
+    if args.list:
+        for t in get_transports():
+            why = t.unavailable()
+            print(f"{t.name:<20} {t.note}" + (f"  [{why}]" if why else ""))
+        return 0
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else DEFAULT_REPEAT)
+    seconds = args.seconds if args.seconds is not None else (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
+    try:
+        options = Options(repeat=repeat, seconds=seconds, timeout=args.timeout, processes=args.processes,
+                          progress=not args.no_progress)
+        if args.sizes is not None:
+            options.sizes = [parse_size(s) for s in args.sizes]
+        if args.transports is not None:
+            options.transports = args.transports
+            get_transports(args.transports)          # unknown names fail before anything runs
+        if args.workloads is not None:
+            options.workloads = args.workloads
+        options.check()
+        if args.plot:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib") is None:
+                raise ValueError("--plot needs matplotlib (pip install matplotlib)")
+    except ValueError as exc:
+        print(f"shmipc bench: error: {exc}", file=sys.stderr)
+        return 2
+    report = run(options)
+    print(format_report(report))
+    if args.json:
+        write_json(report, args.json)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_tables(report))
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        try:
+            plot(report, args.plot)
+            print(f"wrote {args.plot}")
+        except ValueError as exc:
+            print(f"shmipc bench: no plot: {exc}", file=sys.stderr)
+    failed = [r for r in report["records"] if r["status"] in ("error", "timeout")]
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `shmipc` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "bench":
+            return _bench(args)
+        if args.command == "demo":
+            from shmipc.demo import run_demo
+
+            if args.children < 1 or args.messages < 1:
+                print(f"shmipc demo: error: --children ({args.children}) and --messages "
+                      f"({args.messages}) must be >= 1", file=sys.stderr)
+                return 2
+            return run_demo(args.children, args.messages, quiet=args.quiet)
+        if args.command == "inspect":
+            from shmipc.inspector import run_inspect
+
+            return run_inspect(args.pid, watch=args.watch, interval=args.interval,
+                               show_all=args.all, as_json=args.json)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:          # `shmipc bench | head`
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
