@@ -1,0 +1,1077 @@
+"""A crash-proof process pool whose tasks and results travel through shared memory.
+
+``shmipc.Pool`` is a drop-in for :class:`multiprocessing.pool.Pool`: the same
+methods, ordering, chunking, callbacks and exceptions (re-raised in the parent
+with the worker's traceback as their ``__cause__``). Underneath:
+
+* one arena per pool holds a task ring per worker (parent -> worker), one
+  result ring (workers -> parent) and a *slot table*: each worker writes the
+  task it is about to run into its slot, so when it dies the parent knows
+  exactly which task it held (and that the ones queued behind it never ran);
+* one bookkeeping thread in the parent reads results, hands out tasks
+  (at most ``_CREDIT`` queued per worker, so work stays balanced), runs
+  callbacks, notices worker exits and starts replacements;
+* workers are started by :class:`shmipc._workers.Supervisor`: under fork, by
+  a single-threaded helper forked when the pool is made, so no fork ever
+  happens while this process runs threads.
+
+The engine (:class:`_Engine`) is shared with :class:`shmipc.ProcessPoolExecutor`.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import itertools
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import struct
+import sys
+import threading
+import time
+import traceback
+import weakref
+from multiprocessing import TimeoutError
+from typing import Any, Callable, Deque, Iterable, Iterator
+
+from shmipc import _ring
+from shmipc._workers import Supervisor, parent_alive
+from shmipc.arena import DATA_START, MAX_REGIONS, Arena
+from shmipc.errors import MessageTooLarge, WorkerLost
+
+try:        # the standard library's classes, so `except`/isinstance checks written for it keep working
+    from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
+except ImportError:         # pragma: no cover
+    class RemoteTraceback(Exception):  # type: ignore[no-redef]
+        def __str__(self) -> str:
+            return self.args[0]
+
+    class MaybeEncodingError(Exception):  # type: ignore[no-redef]
+        pass
+
+__all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
+           "IMapUnorderedIterator", "RemoteTraceback", "MaybeEncodingError", "WorkerLost"]
+
+# Pool states, as strings like CPython's pool.py
+INIT = "INIT"
+RUN = "RUN"
+CLOSE = "CLOSE"
+TERMINATE = "TERMINATE"
+
+# task kinds: what a worker does with the payload
+K_CALL = 0          # payload (args, kwargs): func(*args, **kwargs)
+K_MAP = 1           # payload [x, ...]: [func(x), ...]
+K_STARMAP = 2       # payload [args, ...]: [func(*args), ...]
+
+# One slot per worker, written by the worker: pid, busy flag, and the task
+# sequence number it is running. Invariant: busy=1 is written before the
+# user's function runs and cleared after the result was committed, so a
+# worker that dies with busy=0 never started a task still owed.
+_SLOT = struct.Struct("<IIQ")
+_SLOT_SIZE = 64                       # one cache line per worker
+
+_CREDIT = 2                           # tasks queued per worker beyond its current one
+_MAX_WORKERS = MAX_REGIONS - 2        # a task ring each, plus the result ring and slot table
+_TASK_RING = 8 << 20                  # per worker: messages up to 4 MiB
+_RESULT_RING = 32 << 20               # shared: messages up to 16 MiB
+_POLL = 0.05                          # bookkeeping wakes at least this often (worker exits)
+_job_counter = itertools.count()
+_live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
+
+
+# ---------------------------------------------------------------------- worker side
+class _RemoteError:
+    """An exception from a worker, with its formatted traceback; rebuilt in
+    the parent with a RemoteTraceback as __cause__ (as multiprocessing does)."""
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exc = exc
+        self.tb = tb
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_exc, (self.exc, self.tb)
+
+
+def _rebuild_exc(exc: BaseException, tb: str) -> BaseException:
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _wrap_exception(exc: BaseException) -> _RemoteError:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return _RemoteError(exc, f'\n"""\n{tb}"""')
+
+
+def _run_task(kind: int, func: Callable, payload: Any) -> Any:
+    if kind == K_CALL:
+        args, kwargs = payload
+        return func(*args, **kwargs)
+    if kind == K_MAP:
+        return list(map(func, payload))
+    return list(itertools.starmap(func, payload))
+
+
+def _send_result(results: Any, seq: int, ok: bool, value: Any, kind: int, offset: int = 0,
+                 last: bool = True) -> None:
+    """Put a result; split a list too large for the ring into pieces, and turn
+    an unpicklable or too large value into an error for the parent."""
+    try:
+        results.put((seq, ok, offset, last, value))
+        return
+    except MessageTooLarge as exc:
+        if ok and kind != K_CALL and len(value) > 1:
+            half = len(value) // 2
+            _send_result(results, seq, True, value[:half], kind, offset, False)
+            _send_result(results, seq, True, value[half:], kind, offset + half, last)
+            return
+        error: BaseException = exc
+    except Exception as exc:        # pickling failed; the ring is unchanged
+        error = MaybeEncodingError(exc, value if ok else getattr(value, "exc", value))
+        if not ok:
+            # the exception itself does not pickle: send its text instead
+            error = MaybeEncodingError(exc, repr(getattr(value, "exc", value)))
+    try:
+        results.put((seq, False, offset, True, _wrap_exception(error)))
+    except Exception:
+        results.put((seq, False, offset, True, RuntimeError(repr(error))))
+
+
+def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,
+                 maxtasks: int | None, parent_pid: int) -> None:
+    """A pool worker: run tasks from its own ring until told to stop, the
+    pool's parent dies, or `maxtasks` tasks are done."""
+    tasks = arena.ring(name=f"tasks{slot}")
+    results = arena.ring(name="results")
+    slots = arena.block(name="slots")
+    base = slot * _SLOT_SIZE
+    pid = os.getpid()
+    _SLOT.pack_into(slots, base, pid, 0, 0)
+    if initializer is not None:
+        initializer(*initargs)
+    done = 0
+    while maxtasks is None or done < maxtasks:
+        try:
+            msg = tasks.get(timeout=0.5)
+        except queue.Empty:
+            if not parent_alive(parent_pid):
+                return
+            continue
+        except (EOFError, ValueError):          # shut down, closed, or the parent died
+            return
+        if msg is None:                         # the pool is closing
+            return
+        seq, kind, func, payload = msg
+        _SLOT.pack_into(slots, base, pid, 1, seq)
+        try:
+            value, ok = _run_task(kind, func, payload), True
+        except Exception as exc:
+            value, ok = _wrap_exception(exc), False
+        del msg, payload
+        _send_result(results, seq, ok, value, kind)
+        del value
+        _SLOT.pack_into(slots, base, pid, 0, 0)
+        done += 1
+
+
+# ---------------------------------------------------------------------- parent side
+class _Task:
+    """A unit of work: one call, or one chunk of a map."""
+
+    __slots__ = ("seq", "job", "index", "start", "kind", "func", "payload", "tries_left",
+                 "slot", "pieces", "started")
+
+    def __init__(self, job: Any, index: int, start: int, kind: int, func: Callable, payload: Any,
+                 retries: int) -> None:
+        self.seq = 0
+        self.job = job
+        self.index = index          # chunk number within the job
+        self.start = start          # first item's position within the job
+        self.kind = kind
+        self.func = func
+        self.payload = payload
+        self.tries_left = retries
+        self.slot = -1
+        self.pieces: list | None = None     # result pieces of a split result list
+        self.started = False                # the job was told (_start_task) it is under way
+
+    def describe(self) -> str:
+        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        if self.kind == K_CALL:
+            return f"{name}() (job {self.job._job})"
+        n = len(self.payload)
+        return f"{name} on items {self.start}..{self.start + n - 1} (job {self.job._job})"
+
+
+class _Engine:
+    """Workers, rings and the bookkeeping thread behind Pool and ProcessPoolExecutor.
+
+    Invariants (under self._lock):
+      * every task is in exactly one place: self._queue (not yet sent), or
+        self._inflight[seq] with task.slot set (sent to that worker's ring);
+        it leaves _inflight when its last result piece arrives, when it is
+        failed, or when its worker died (then it is re-queued, or failed if
+        it was the one running and has no tries left);
+      * self._outstanding[slot] == number of in-flight tasks sent to slot;
+        at most _CREDIT + 1 (and never past the worker's maxtasks);
+      * a worker's exit is handled only after the result ring was drained,
+        so results it committed before dying are never mistaken for losses.
+    """
+
+    _state = INIT
+    _arena: Arena | None = None
+    _sup: Supervisor | None = None
+    _thread: threading.Thread | None = None
+
+    def __init__(self, processes: int | None, initializer: Callable | None, initargs: Iterable,
+                 maxtasks: int | None, context: Any, retries: int, name: str,
+                 task_ring: int = _TASK_RING, result_ring: int = _RESULT_RING) -> None:
+        if processes is None:
+            processes = min(os.cpu_count() or 1, _MAX_WORKERS)
+        if not isinstance(processes, int) or isinstance(processes, bool):
+            raise TypeError(f"processes must be an int or None, not {type(processes).__name__}")
+        if processes < 1:
+            raise ValueError(f"Number of processes must be at least 1, got {processes}")
+        if processes > _MAX_WORKERS:
+            raise ValueError(f"processes={processes}: a shmipc pool has at most {_MAX_WORKERS} workers")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
+        if maxtasks is not None and (not isinstance(maxtasks, int) or isinstance(maxtasks, bool)
+                                     or maxtasks < 1):
+            raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasks!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        self._owner_pid = os.getpid()
+        self._processes = processes
+        self._maxtasks = maxtasks
+        self._retries = retries
+        self._lock = threading.RLock()
+        self._queue: Deque[Any] = collections.deque()      # _Task, or an iterator of _Tasks
+        self._inflight: dict[int, _Task] = {}
+        self._outstanding = [0] * processes
+        self._sent_to = [0] * processes                     # tasks sent to the slot's current worker
+        self._assigned: list[Deque[int]] = [collections.deque() for _ in range(processes)]
+        self._stopping = [False] * processes                # a stop message was sent
+        self._seq = itertools.count(1)
+        self._jobs: dict[int, Any] = {}
+        self.worker_deaths = 0                              # statistics
+        self.tasks_retried = 0
+        self.tasks_lost = 0
+        size = (DATA_START + processes * (task_ring + 4096) + result_ring + 4096
+                + processes * _SLOT_SIZE + (1 << 20))
+        self._arena = Arena(size)
+        try:
+            self._results = self._arena.ring(result_ring, name="results", producers="many",
+                                             consumers="one")
+            self._tasks = [self._arena.ring(task_ring, name=f"tasks{i}", producers="one",
+                                            consumers="many") for i in range(processes)]
+            self._slots = self._arena.block(processes * _SLOT_SIZE, name="slots")
+            self._sup = Supervisor(_worker_main, (self._arena, initializer, tuple(initargs), maxtasks,
+                                                  os.getpid()), context=context, name=name)
+            self._sup.start(range(processes))
+            self._pids = self._sup.pids()        # slot -> pid of the live workers
+        except BaseException:
+            self._shutdown_resources()
+            raise
+        self._state = RUN
+        _live_pools.add(self)
+        # started last: every fork (the zygote's) has happened by now
+        self._thread = threading.Thread(target=self._run, name=f"{name}-bookkeeping", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ submitting
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def submit_tasks(self, tasks: Any) -> None:
+        """Queue a _Task or an iterator of _Tasks (pulled lazily) and send what fits."""
+        with self._lock:
+            self._check_running()
+            self._queue.append(tasks)
+            self._dispatch()
+
+    def _free_slot(self) -> int:
+        best, best_load = -1, _CREDIT + 1
+        for slot in range(self._processes):
+            load = self._outstanding[slot]
+            if load < best_load and not self._stopping[slot] and slot in self._live:
+                if self._maxtasks is not None and self._sent_to[slot] >= self._maxtasks:
+                    continue
+                best, best_load = slot, load
+        return best
+
+    def _dispatch(self) -> list:
+        """Send queued tasks to workers with credit left. Lock held. Returns
+        callbacks to run after the lock is released."""
+        later: list = []
+        blocked: set[int] = set()
+        while self._queue:
+            slot = self._free_slot()
+            if slot < 0 or slot in blocked:
+                break
+            head = self._queue[0]
+            if isinstance(head, _Task):
+                task = self._queue.popleft()
+            else:
+                try:
+                    task = next(head)
+                except StopIteration:
+                    self._queue.popleft()
+                    continue
+                except Exception as exc:        # the job's own iterator failed: the job says how
+                    self._queue.popleft()
+                    later += head.fail(exc)
+                    continue
+            if not task.started:
+                if not task.job._start_task(task):
+                    continue                    # cancelled (a future)
+                task.started = True
+            task.seq = next(self._seq)
+            try:
+                self._tasks[slot].put_nowait((task.seq, task.kind, task.func, task.payload))
+            except queue.Full:
+                self._queue.appendleft(task)
+                blocked.add(slot)
+                break
+            except MessageTooLarge as exc:
+                if task.kind != K_CALL and len(task.payload) > 1:
+                    half = len(task.payload) // 2
+                    first = _Task(task.job, task.index, task.start, task.kind, task.func,
+                                  task.payload[:half], task.tries_left)
+                    second = _Task(task.job, task.index, task.start + half, task.kind, task.func,
+                                   task.payload[half:], task.tries_left)
+                    task.job._split(task, first, second)
+                    self._queue.appendleft(second)
+                    self._queue.appendleft(first)
+                    continue
+                later += task.job._deliver(task, False, exc)
+                continue
+            except Exception as exc:            # pickling the task failed
+                later += task.job._deliver(task, False, exc)
+                continue
+            task.slot = slot
+            self._inflight[task.seq] = task
+            self._outstanding[slot] += 1
+            self._sent_to[slot] += 1
+            self._assigned[slot].append(task.seq)
+        return later
+
+    # ------------------------------------------------------------ bookkeeping thread
+    @property
+    def _live(self) -> dict[int, int]:
+        return self._pids
+
+    def _run(self) -> None:
+        """The bookkeeping loop: results, worker exits, dispatch, closing."""
+        assert self._sup is not None
+        last_poll = 0.0
+        while True:
+            later: list = []
+            try:
+                msgs = self._results.get_many(256, timeout=_POLL)
+            except queue.Empty:
+                msgs = []
+            except (EOFError, ValueError):      # closed under us: terminate() is running
+                return
+            with self._lock:
+                if self._state == TERMINATE:
+                    return
+                for msg in msgs:
+                    if msg is not None:
+                        later += self._on_result(msg)
+                now = time.monotonic()
+                if not msgs or now - last_poll > _POLL:
+                    last_poll = now
+                    exits = self._sup.poll()
+                    if exits:
+                        later += self._drain_results()
+                        for ev in exits:
+                            later += self._on_exit(ev)
+                later += self._dispatch()
+                finished = self._state == CLOSE and self._maybe_finish()
+            for callback in later:
+                _run_callback(callback)
+            if finished:
+                return
+
+    def _drain_results(self) -> list:
+        later: list = []
+        while True:
+            try:
+                msgs = self._results.get_many(256, block=False)
+            except queue.Empty:
+                return later
+            for msg in msgs:
+                if msg is not None:
+                    later += self._on_result(msg)
+
+    def _on_result(self, msg: tuple) -> list:
+        seq, ok, offset, last, value = msg
+        task = self._inflight.get(seq)
+        if task is None:
+            return []           # a late piece of a task already settled
+        if not last:
+            if task.pieces is None:
+                task.pieces = []
+            task.pieces.append((offset, value))
+            return []
+        if task.pieces:
+            if ok:
+                task.pieces.append((offset, value))
+                task.pieces.sort(key=lambda p: p[0])
+                value = [v for _, piece in task.pieces for v in piece]
+            task.pieces = None
+        self._settle(task)
+        return task.job._deliver(task, ok, value)
+
+    def _settle(self, task: _Task) -> None:
+        del self._inflight[task.seq]
+        slot = task.slot
+        self._outstanding[slot] -= 1
+        try:
+            self._assigned[slot].remove(task.seq)
+        except ValueError:
+            pass
+
+    def _on_exit(self, ev: Any) -> list:
+        """A worker exited: fail or retry the task it was running, re-queue the
+        ones waiting in its ring, start a replacement. Lock held, results drained."""
+        later: list = []
+        slot = ev.slot
+        self._pids.pop(slot, None)
+        _pid, busy, running = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
+        # empty its ring: nothing in it ever started
+        ring = self._tasks[slot]
+        while ring.qsize():
+            try:
+                ring.get(timeout=0.5)           # waits a slice if the dead worker held the lock
+            except (queue.Empty, EOFError):
+                break
+            except Exception:
+                continue                        # a corrupt record is dropped as well
+        requeue: list[_Task] = []
+        for seq in list(self._assigned[slot]):
+            task = self._inflight.get(seq)
+            if task is None:
+                continue
+            self._settle(task)
+            task.pieces = None
+            if busy and seq == running:
+                self.tasks_lost += 1
+                if task.tries_left > 0:
+                    task.tries_left -= 1
+                    self.tasks_retried += 1
+                    requeue.append(task)
+                else:
+                    later += task.job._deliver(task, False, WorkerLost(ev.pid, ev.exitcode, task.describe()))
+            else:
+                requeue.append(task)
+        for task in reversed(requeue):
+            self._queue.appendleft(task)
+        self._assigned[slot].clear()
+        self._outstanding[slot] = 0
+        self._sent_to[slot] = 0
+        self._stopping[slot] = False
+        _SLOT.pack_into(self._slots, slot * _SLOT_SIZE, 0, 0, 0)
+        if ev.exitcode != 0 or busy:
+            self.worker_deaths += 1
+        if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight)):
+            try:
+                self._pids[slot] = self._sup.spawn(slot)
+            except Exception as exc:
+                print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
+        return later
+
+    def _maybe_finish(self) -> bool:
+        """CLOSE: once all work is done, tell workers to stop; True when they all exited."""
+        if self._queue or self._inflight:
+            return False
+        for slot in list(self._pids):
+            if not self._stopping[slot]:
+                try:
+                    self._tasks[slot].put_nowait(None)
+                    self._stopping[slot] = True
+                except queue.Full:
+                    pass
+        return not self._pids
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        with self._lock:
+            if self._state == RUN:
+                self._state = CLOSE
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        if self._state == INIT:
+            return
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                return
+        if self._state == CLOSE:
+            self._shutdown_resources()
+
+    def terminate(self) -> None:
+        if os.getpid() != self._owner_pid:
+            return                  # a forked copy of the pool owns nothing
+        with self._lock:
+            if self._state == TERMINATE:
+                return
+            self._state = TERMINATE
+        if self._sup is not None:
+            self._sup.stop(0.5)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+        self._fail_everything(ValueError("the pool was terminated before this task finished"))
+        self._shutdown_resources()
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        later: list = []
+        with self._lock:
+            for task in list(self._inflight.values()):
+                del self._inflight[task.seq]
+                later += task.job._deliver(task, False, exc)
+            while self._queue:
+                head = self._queue.popleft()
+                if isinstance(head, _Task):
+                    tasks: Iterable[_Task] = [head]
+                elif hasattr(head, "fail"):     # a lazy source: do not read the user's input on
+                    later += head.fail(exc)
+                    tasks = []
+                else:
+                    tasks = head                # a finite list of chunks
+                for task in tasks:
+                    if task.started or task.job._start_task(task):
+                        later += task.job._deliver(task, False, exc)
+        for callback in later:
+            _run_callback(callback)
+
+    def _shutdown_resources(self) -> None:
+        if self._sup is not None:
+            self._sup.stop(0.5)
+        if self._arena is not None:
+            self._arena.close()
+        _live_pools.discard(self)
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: worker deaths, tasks lost with a worker, tasks retried, in flight, queued."""
+        with self._lock:
+            return {"worker_deaths": self.worker_deaths, "tasks_lost": self.tasks_lost,
+                    "tasks_retried": self.tasks_retried, "in_flight": len(self._inflight),
+                    "queued": len(self._queue), "processes": self._processes}
+
+    def __del__(self) -> None:
+        if self._state in (RUN, CLOSE):
+            try:
+                self.terminate()
+            except Exception:
+                pass
+
+
+def _run_callback(callback: Callable[[], Any]) -> None:
+    try:
+        callback()
+    except Exception:
+        # as multiprocessing's result handler would, but without dying
+        print("Exception in a shmipc.Pool callback:", file=sys.stderr)
+        traceback.print_exc()
+
+
+@atexit.register
+def _terminate_live_pools() -> None:
+    for engine in list(_live_pools):
+        try:
+            engine.terminate()
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------- results
+class ApplyResult:
+    """The result of apply_async (and the base of map results), as in multiprocessing.
+
+    ``get(timeout)`` returns the value or raises the worker's exception (its
+    traceback attached as ``__cause__``), a WorkerLost if the worker died, or
+    multiprocessing.TimeoutError.
+    """
+
+    def __init__(self, engine: _Engine | None, callback: Callable | None,
+                 error_callback: Callable | None) -> None:
+        self._engine = engine
+        self._job = next(_job_counter)
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = True
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    # the engine's side (called with the engine lock held)
+    def _start_task(self, task: _Task) -> bool:
+        return True
+
+    def _split(self, task: _Task, first: _Task, second: _Task) -> None:
+        pass
+
+    def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
+        self._success, self._value = ok, value
+        return [self._finish]
+
+    def _finish(self) -> None:
+        if self._success and self._callback is not None:
+            _run_callback(lambda: self._callback(self._value))
+        if not self._success and self._error_callback is not None:
+            _run_callback(lambda: self._error_callback(self._value))
+        self._event.set()
+        self._engine = None
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return cls
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """The result of map_async/starmap_async: ready when every chunk is back;
+    the first error wins (as multiprocessing)."""
+
+    def __init__(self, engine: _Engine, length: int, callback: Callable | None,
+                 error_callback: Callable | None) -> None:
+        super().__init__(engine, callback, error_callback)
+        self._value = [None] * length
+        self._left = 0              # chunks not settled
+        self._sources_done = False
+
+    def _add_chunk(self) -> None:
+        self._left += 1
+
+    def _split(self, task: _Task, first: _Task, second: _Task) -> None:
+        self._left += 1
+
+    def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
+        self._left -= 1
+        if ok and self._success:
+            self._value[task.start: task.start + len(value)] = value
+        elif not ok and self._success:
+            self._success, self._value = False, value
+        if self._left == 0:
+            return [self._finish]
+        return []
+
+
+class IMapIterator:
+    """The iterator returned by imap (ordered); ``next(timeout)`` as in multiprocessing."""
+
+    def __init__(self, engine: _Engine, ordered: bool = True) -> None:
+        self._engine = engine
+        self._job = next(_job_counter)
+        self._cond = threading.Condition(threading.Lock())
+        self._items: dict[int, tuple[bool, Any]] = {}
+        self._unordered: Deque[tuple[bool, Any]] = collections.deque()
+        self._ordered = ordered
+        self._index = 0             # next position to yield
+        self._length: int | None = None     # chunks, once the input is exhausted
+        self._next_chunk = 0        # chunks cut so far (set by the _ChunkSource)
+        self._chunk_len: dict[int, int] = {}    # chunk -> items, for joining split chunks
+        self._parts: dict[int, list] = {}
+
+    def __iter__(self) -> "IMapIterator":
+        return self
+
+    def next(self, timeout: float | None = None) -> Any:
+        try:
+            return self._next(timeout)
+        except KeyboardInterrupt:
+            engine = self._engine
+            if engine is not None:
+                engine.terminate()      # Ctrl-C stops the workers (see Pool's docstring)
+            raise
+
+    def _next(self, timeout: float | None) -> Any:
+        with self._cond:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                if self._ordered and self._index in self._items:
+                    ok, value = self._items.pop(self._index)
+                    break
+                if not self._ordered and self._unordered:
+                    ok, value = self._unordered.popleft()
+                    break
+                if self._length is not None and self._index >= self._length:
+                    self._engine = None
+                    raise StopIteration from None
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError from None
+                self._cond.wait(left)
+            self._index += 1
+        if ok:
+            return value
+        raise value
+
+    __next__ = next
+
+    # the engine's side (engine lock held)
+    def _start_task(self, task: _Task) -> bool:
+        return True
+
+    def _split(self, task: _Task, first: _Task, second: _Task) -> None:
+        pass            # imap pieces are joined back by position below
+
+    def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
+        with self._cond:
+            pieces = self._pending_pieces(task, ok, value)
+            if pieces is None:
+                return []
+            ok, value = pieces
+            if self._ordered:
+                self._items[task.index] = (ok, value)
+            else:
+                self._unordered.append((ok, value))
+            self._cond.notify_all()
+        return []
+
+    def _pending_pieces(self, task: _Task, ok: bool, value: Any) -> tuple[bool, Any] | None:
+        """Chunks split for size come back in pieces: join them per chunk."""
+        want = self._chunk_len.get(task.index)
+        if want is None or task.kind == K_CALL:
+            return ok, value
+        if len(task.payload) == want:
+            del self._chunk_len[task.index]
+            return ok, value
+        got = self._parts.setdefault(task.index, [])
+        got.append((task.start, ok, value, len(task.payload)))
+        if sum(n for *_, n in got) < want:
+            return None
+        del self._parts[task.index], self._chunk_len[task.index]
+        got.sort(key=lambda p: p[0])
+        for _, piece_ok, piece, _ in got:
+            if not piece_ok:
+                return False, piece
+        return True, [v for _, _, piece, _ in got for v in piece]
+
+    def _set_length(self, chunks: int) -> None:
+        with self._cond:
+            self._length = chunks
+            self._cond.notify_all()
+
+    def fail(self, exc: BaseException) -> list:
+        """The input iterator raised (or the pool ended): report it at the next position."""
+        with self._cond:
+            n = self._next_chunk
+            if self._ordered:
+                self._items[n] = (False, exc)
+            else:
+                self._unordered.append((False, exc))
+            self._length = n + 1
+            self._cond.notify_all()
+        return []
+
+
+class IMapUnorderedIterator(IMapIterator):
+    """The iterator returned by imap_unordered: results in completion order."""
+
+    def __init__(self, engine: _Engine) -> None:
+        super().__init__(engine, ordered=False)
+
+
+class _ChunkSource:
+    """Lazily cuts an iterable into _Tasks for an imap job (pulled by the
+    dispatcher only when a worker has room, so the input is read as needed)."""
+
+    def __init__(self, job: IMapIterator, func: Callable, iterable: Iterable, chunksize: int,
+                 kind: int, retries: int) -> None:
+        self.job = job
+        self.func = func
+        self.it = iter(iterable)
+        self.chunksize = chunksize
+        self.kind = kind
+        self.retries = retries
+        self.index = 0
+        self.start = 0
+
+    def __iter__(self) -> "_ChunkSource":
+        return self
+
+    def __next__(self) -> _Task:
+        if self.chunksize == 1 and self.kind == K_CALL:
+            items = list(itertools.islice(self.it, 1))
+        else:
+            items = list(itertools.islice(self.it, self.chunksize))
+        if not items:
+            self.job._set_length(self.index)
+            raise StopIteration
+        if self.kind == K_CALL:
+            payload: Any = ((items[0],), {})
+        else:
+            payload = items
+            self.job._chunk_len[self.index] = len(items)
+        task = _Task(self.job, self.index, self.start, self.kind, self.func, payload, self.retries)
+        self.index += 1
+        self.job._next_chunk = self.index
+        self.start += len(items)
+        return task
+
+    def fail(self, exc: BaseException) -> list:
+        return self.job.fail(exc)
+
+
+# ---------------------------------------------------------------------- the Pool
+class Pool:
+    """A process pool with multiprocessing.Pool's API; tasks and results go
+    through shared memory, and a dying worker costs only its own task.
+
+    Args:
+        processes: number of workers (default: os.cpu_count(), at most 61).
+        initializer, initargs: ``initializer(*initargs)`` runs first in each worker.
+        maxtasksperchild: a worker exits after this many tasks (chunks) and a
+            fresh one replaces it (None: never).
+        context: start method: None (multiprocessing's default), "fork",
+            "spawn", "forkserver", or a multiprocessing/shmipc context. Under
+            spawn and forkserver, functions must be importable (as with
+            multiprocessing).
+        retries: how many times a task whose worker died while running it
+            is run again before it fails with WorkerLost.
+
+    Raises:
+        ValueError / TypeError: an invalid argument, named in the message.
+
+    Where this deliberately differs from multiprocessing.Pool:
+      * A worker that dies while running a task (SIGKILL, the OOM killer,
+        os._exit, a segfault) fails only that task, with
+        :class:`shmipc.WorkerLost` naming the exit code or signal (or the task
+        is re-run, up to `retries` times); the tasks queued behind it go to
+        the other workers, a replacement worker starts, and the pool stays
+        usable. multiprocessing.Pool hangs forever instead (CPython gh-66587).
+        With map(), the lost chunk makes the whole map raise WorkerLost (the
+        first error wins, as for any exception), after the other chunks ran.
+      * Ctrl-C in map()/starmap()/apply() (or iterating imap) terminates the
+        pool's workers before KeyboardInterrupt propagates; workers ignore
+        SIGINT, so no child tracebacks are printed.
+      * terminate() fails results still pending with ValueError instead of
+        leaving their get() blocked forever.
+      * The workers exit within a second when the parent dies.
+      * Callbacks run in the pool's bookkeeping thread, as in multiprocessing;
+        an exception in a callback is printed and the pool carries on.
+      * Under fork, workers (including replacements) are forked from a helper
+        process made when the pool is created, never from a process running
+        threads: a function defined in ``__main__`` after the pool was made
+        is not visible to the workers (as for multiprocessing's own first
+        workers).
+      * imap/imap_unordered read their input only as workers need more work.
+      * At most 61 workers per pool (one shared-memory ring each).
+    """
+
+    def __init__(self, processes: int | None = None, initializer: Callable | None = None,
+                 initargs: Iterable = (), maxtasksperchild: int | None = None,
+                 context: Any = None, retries: int = 0) -> None:
+        self._engine: _Engine | None = None
+        self._engine = _Engine(processes, initializer, initargs, maxtasksperchild, context,
+                               retries, name="ShmipcPoolWorker")
+        self._processes = self._engine._processes
+        self._retries = retries
+
+    @property
+    def _state(self) -> str:
+        return self._engine._state if self._engine is not None else INIT
+
+    # -------------------------------------------------------- state
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__module__}.{type(self).__qualname__} state={self._state} pool_size={self._processes}>"
+
+    def __reduce__(self) -> Any:
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    def statistics(self) -> dict[str, int]:
+        """Worker deaths, tasks lost with a worker, tasks retried, in flight, queued."""
+        assert self._engine is not None
+        return self._engine.statistics()
+
+    # -------------------------------------------------------- one call
+    def apply(self, func: Callable, args: tuple = (), kwds: dict = {}) -> Any:  # noqa: B006 (as mp)
+        """Call func(*args, **kwds) in a worker and return its result."""
+        self._check_running()
+        return self._wait(self.apply_async(func, args, kwds))
+
+    def apply_async(self, func: Callable, args: tuple = (), kwds: dict = {}, callback: Callable | None = None,  # noqa: B006
+                    error_callback: Callable | None = None) -> ApplyResult:
+        """Call func(*args, **kwds) in a worker; returns an AsyncResult.
+
+        Raises:
+            ValueError: the pool is not running.
+        """
+        self._check_running()
+        assert self._engine is not None
+        result = ApplyResult(self._engine, callback, error_callback)
+        self._engine.submit_tasks(_Task(result, 0, 0, K_CALL, func, (tuple(args), dict(kwds)),
+                                        self._retries))
+        return result
+
+    # -------------------------------------------------------- map
+    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, *,
+            progress: bool = False) -> list:
+        """[func(x) for x in iterable], computed by the workers in chunks.
+
+        Args:
+            chunksize: items per task (default as multiprocessing: about four
+                chunks per worker).
+            progress: draw a progress bar (shmipc.progress.track).
+        """
+        self._check_running()
+        if progress:
+            return list(self.imap(func, iterable, chunksize or self._default_chunksize(iterable),
+                                  progress=True))
+        return self._wait(self._map_async(func, iterable, K_MAP, chunksize))
+
+    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
+        """[func(*args) for args in iterable], in chunks as map()."""
+        self._check_running()
+        return self._wait(self._map_async(func, iterable, K_STARMAP, chunksize))
+
+    def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+                  callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
+        """map() without waiting: returns an AsyncResult of the list."""
+        self._check_running()
+        return self._map_async(func, iterable, K_MAP, chunksize, callback, error_callback)
+
+    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+                      callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
+        """starmap() without waiting: returns an AsyncResult of the list."""
+        self._check_running()
+        return self._map_async(func, iterable, K_STARMAP, chunksize, callback, error_callback)
+
+    def _default_chunksize(self, iterable: Any) -> int:
+        if not hasattr(iterable, "__len__"):
+            return 1
+        chunksize, extra = divmod(len(iterable), self._processes * 4)
+        return max(chunksize + bool(extra), 1)
+
+    def _map_async(self, func: Callable, iterable: Iterable, kind: int, chunksize: int | None,
+                   callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
+        assert self._engine is not None
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)
+        items = iterable if isinstance(iterable, list) else list(iterable)
+        if chunksize is None:
+            chunksize, extra = divmod(len(items), self._processes * 4)
+            if extra:
+                chunksize += 1
+        _check_chunksize(chunksize, allow_zero=not items)
+        result = MapResult(self._engine, len(items), callback, error_callback)
+        if not items:
+            result._finish()
+            return result
+        tasks = []
+        for index, start in enumerate(range(0, len(items), chunksize)):
+            tasks.append(_Task(result, index, start, kind, func, items[start: start + chunksize],
+                               self._retries))
+            result._add_chunk()
+        self._engine.submit_tasks(iter(tasks))
+        return result
+
+    def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1, *,
+             progress: bool = False) -> Iterator:
+        """Like map() but returns an iterator (in input order); reads the input lazily."""
+        return self._imap(func, iterable, chunksize, True, progress, "Pool.imap")
+
+    def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int = 1, *,
+                       progress: bool = False) -> Iterator:
+        """Like imap() but yields results as they complete."""
+        return self._imap(func, iterable, chunksize, False, progress, "Pool.imap_unordered")
+
+    def _imap(self, func: Callable, iterable: Iterable, chunksize: int, ordered: bool,
+              progress: bool, desc: str) -> Iterator:
+        self._check_running()
+        assert self._engine is not None
+        _check_chunksize(chunksize)
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        job = IMapIterator(self._engine, ordered)
+        kind = K_CALL if chunksize == 1 else K_MAP
+        self._engine.submit_tasks(_ChunkSource(job, func, iterable, chunksize, kind, self._retries))
+        out: Iterator = job if chunksize == 1 else (item for chunk in job for item in chunk)
+        if progress:
+            from shmipc.progress import track
+
+            out = track(out, total=total, desc=desc)
+        return out
+
+    def _wait(self, result: ApplyResult) -> Any:
+        """get() that stops the workers on Ctrl-C before re-raising it."""
+        try:
+            return result.get()
+        except KeyboardInterrupt:
+            self.terminate()
+            raise
+
+    # -------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """No more tasks: the workers exit once everything queued is done."""
+        if self._engine is not None:
+            self._engine.close()
+
+    def terminate(self) -> None:
+        """Stop the workers now (SIGTERM, then SIGKILL); pending results fail."""
+        if self._engine is not None:
+            self._engine.terminate()
+
+    def join(self) -> None:
+        """Wait for the workers to exit (after close() or terminate()).
+
+        Raises:
+            ValueError: the pool is still running (call close() first).
+        """
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        if self._state not in (CLOSE, TERMINATE):
+            raise ValueError("In unknown state")
+        assert self._engine is not None
+        self._engine.join()
+
+    def __enter__(self) -> "Pool":
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    def __del__(self) -> None:
+        if self._engine is not None and self._engine._state == RUN:
+            import warnings
+
+            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, source=self)
+
+
+def _check_chunksize(chunksize: Any, allow_zero: bool = False) -> None:
+    if not isinstance(chunksize, int) or isinstance(chunksize, bool):
+        raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+    if chunksize < 1 and not (allow_zero and chunksize == 0):
+        raise ValueError(f"Chunksize must be 1+, not {chunksize}")
