@@ -61,8 +61,6 @@ import inspect
 import os
 import pickle
 import queue
-import signal
-import sys
 import time
 import traceback
 import types
@@ -70,7 +68,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from shmipc import _ring
-from shmipc._proc import die_with_parent
+from shmipc._workers import parent_alive
 from shmipc.arena import Arena
 from shmipc.errors import ShmipcError, WorkerLost
 
@@ -255,6 +253,10 @@ class Pipeline:
         capacity = self._ring_capacity if ring_capacity is None else _check_capacity(ring_capacity)
         if name is None:
             name = getattr(fn, "__name__", None) or type(fn).__name__
+            if any(st.name == name for st in self._stages):
+                name = f"{name}#{len(self._stages)}"
+        elif any(st.name == name for st in self._stages):
+            raise ValueError(f"a stage named {name!r} already exists")
         self._stages.append(_Stage(len(self._stages), fn, workers, bool(ordered), on_error,
                                    retries, capacity, str(name)))
         regions = self._regions_needed()
@@ -316,6 +318,10 @@ class Pipeline:
             pass
         return out
 
+    def worker_pids(self) -> dict[str, list[int]]:
+        """The live workers' pids, by stage name (empty before results())."""
+        return {s.name: [pid for pid in s.pids if pid] for s in self._stages}
+
     def stats(self) -> dict[str, Any]:
         """Per stage: workers, items taken, deaths, and its input ring's fill."""
         out: dict[str, Any] = {"fed": getattr(self, "_next_seq", 0),
@@ -365,7 +371,7 @@ class Pipeline:
         self._ncomplete = 0                   # items finished
         self._exhausted = False
         self._ordered = all(s.ordered for s in self._stages)
-        self._feed_buf: list[tuple] = []      # envelopes read from the source, not yet in ring 0
+        self._unsent: tuple | None = None     # an envelope read from the source, not yet in ring 0
         self._requeue: list[tuple[_Stage, tuple]] = []   # retried items waiting for room
         self._partial: dict[int, tuple[int, int]] = {}   # seq -> (numerator, exponent) of credit
         self._held: dict[int, list[tuple[tuple, Any]]] = {}   # seq -> [(path, value)] (ordered)
@@ -381,60 +387,49 @@ class Pipeline:
         self._lost_any = False
         self._started = True
         try:
-            for s in self._stages:
-                for j in range(s.workers):
-                    self._spawn(s, j)
+            self._start_workers()
         except BaseException:
             self.close()
             raise
 
     # ------------------------------------------------------------ workers
-    # Worker start and supervision live in _spawn/_reap/_stop_workers so that
-    # they can move onto shmipc._workers (a single-threaded fork server) as is.
+    # Workers run in numbered slots of a shmipc._workers.Supervisor: forked by
+    # its single-threaded zygote (itself forked here, once, when results()
+    # starts, before any thread of ours exists), so replacements started later
+    # are safe even if the caller has threads running by then (a progress bar's).
+    # Slot k is stage s's worker j for k = s.slot_base + j.
+    def _start_workers(self) -> None:
+        from shmipc._workers import Supervisor
+
+        self._sup = Supervisor(_worker_entry, (self,), context="fork", name="shmipc-pipeline")
+        slots = [s.slot_base + j for s in self._stages for j in range(s.workers)]
+        for k in slots:
+            self._slots[k * SLOT_WORDS] = S_IDLE
+        for k, pid in self._sup.start(slots).items():
+            s, j = self._slot_owner(k)
+            s.pids[j] = pid
+
+    def _slot_owner(self, k: int) -> tuple[_Stage, int]:
+        for s in self._stages:
+            if s.slot_base <= k < s.slot_base + s.workers:
+                return s, k - s.slot_base
+        raise AssertionError(f"no stage has worker slot {k}")
+
     def _spawn(self, s: _Stage, j: int) -> None:
-        """Fork the worker for slot j of stage s."""
-        slot = (s.slot_base + j) * SLOT_WORDS
-        self._slots[slot] = S_IDLE
-        for f in (sys.stdout, sys.stderr):      # unflushed output would be written twice
-            try:
-                f.flush()
-            except Exception:
-                pass
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                code = _worker_main(self, s, j)
-            except BaseException:
-                try:
-                    traceback.print_exc()
-                except BaseException:
-                    pass
-            finally:
-                for f in (sys.stdout, sys.stderr):
-                    try:
-                        f.flush()
-                    except BaseException:
-                        pass
-                os._exit(code)
-        s.pids[j] = pid
+        """Start a replacement for slot j of stage s."""
+        k = s.slot_base + j
+        self._slots[k * SLOT_WORDS] = S_IDLE
+        s.pids[j] = self._sup.spawn(k)
 
     def _reap(self) -> None:
         """Find dead workers; settle what they held and start replacements."""
-        for s in self._stages:
-            for j, pid in enumerate(s.pids):
-                if not pid:
-                    continue
-                try:
-                    done, status = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done, status = pid, 0
-                if not done:
-                    continue
+        for ev in self._sup.poll():
+            s, j = self._slot_owner(ev.slot)
+            if s.pids[j] == ev.pid:
                 s.pids[j] = 0
-                self._worker_died(s, j, pid, os.waitstatus_to_exitcode(status))
+                self._worker_died(s, j, ev.pid, ev.exitcode)
 
-    def _worker_died(self, s: _Stage, j: int, pid: int, exitcode: int) -> None:
+    def _worker_died(self, s: _Stage, j: int, pid: int, exitcode: int | None) -> None:
         s.deaths += 1
         self._lost_any = True
         slots = self._slots
@@ -474,10 +469,11 @@ class Pipeline:
             self._spawn(s, j)
 
     def _stop_workers(self) -> None:
-        """Stop every worker: flag, shut the rings (waking all waiters), wait
-        stop_timeout for them to exit, then SIGKILL and reap the rest."""
-        pids = [pid for s in self._stages for pid in s.pids if pid]
-        if not pids:
+        """Stop every worker: flag, shut the rings (waking all waiters), give
+        them stop_timeout seconds to exit (and run teardown), then let the
+        supervisor SIGTERM/SIGKILL and reap the rest."""
+        sup = getattr(self, "_sup", None)
+        if sup is None:
             return
         try:
             self._ctrl[0] = 1
@@ -487,29 +483,12 @@ class Pipeline:
         except ValueError:
             pass
         deadline = time.monotonic() + self._stop_timeout
-        alive = set(pids)
-        delay = 0.001
-        while alive and time.monotonic() < deadline:
-            for pid in list(alive):
-                try:
-                    done, _ = os.waitpid(pid, os.WNOHANG)
-                except ChildProcessError:
-                    done = pid
-                if done:
-                    alive.discard(pid)
-            if alive:
-                time.sleep(delay)
-                delay = min(delay * 2, 0.02)
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for pid in alive:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+        while sup.pids():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sup.wait(min(left, 0.05))
+        sup.stop(timeout=0.2)
         for s in self._stages:
             s.pids = [0] * len(s.pids)
 
@@ -518,7 +497,7 @@ class Pipeline:
         out = self._out
         ready = self._ready
         try:
-            while True:
+            while not self._closed:
                 more = self._feed()
                 if self._exhausted and self._next_seq == self._ncomplete and not ready:
                     return
@@ -544,6 +523,8 @@ class Pipeline:
                         if type(item) is _Raise:
                             raise item.exc
                         yield item
+                        if self._closed:
+                            return
         finally:
             self.close()
 
@@ -559,61 +540,43 @@ class Pipeline:
                 except queue.Full:
                     keep.append((s, env))
             self._requeue[:] = keep
+        # One item at a time: a source that blocks (a socket, a queue) must not
+        # hold back items it already produced, waiting to fill a batch.
         ring = self._stages[0].ring
-        budget = 4096            # then drain the output for a while
+        put = ring.put_nowait
+        source = self._source
+        budget = 1024            # then drain the output for a while
         while budget > 0:
-            if not self._feed_buf:
+            env = self._unsent
+            if env is None:
                 if self._exhausted:
                     return False
-                room = self._max_inflight - (self._next_seq - self._ncomplete)
-                if room <= 0:
+                # ordered: finished items wait in the reorder buffer until they
+                # are yielded, so they count as inside the pipeline until then
+                done = self._emit_seq if self._ordered else self._ncomplete
+                if self._next_seq - done >= self._max_inflight:
                     return False
-                self._read_source(min(room, 64))
-                if not self._feed_buf:
+                try:
+                    item = next(source)
+                except StopIteration:
+                    self._exhausted = True
                     return False
-            buf = self._feed_buf
+                seq = self._next_seq
+                env = (seq, 0, (), item)
+                self._outstanding.add(seq)
+                self._next_seq = seq + 1
             try:
-                n = ring.put_many(buf, False)
-            except queue.Full as exc:
-                n = exc.args[0] if exc.args else 0
-                del buf[:n]
+                put(env)
+            except queue.Full:
+                self._unsent = env
                 return False
             except _ring_message_errors() as exc:
-                self._raise_feed_error(exc)
-            budget -= n
-            buf.clear()
-        return True
-
-    def _read_source(self, n: int) -> None:
-        buf = self._feed_buf
-        source = self._source
-        seq = self._next_seq
-        for _ in range(n):
-            try:
-                item = next(source)
-            except StopIteration:
-                self._exhausted = True
-                break
-            buf.append((seq, 0, (), item))
-            self._outstanding.add(seq)
-            seq += 1
-        self._next_seq = seq
-
-    def _raise_feed_error(self, exc: BaseException) -> None:
-        """put_many checks a whole batch before writing any of it: put the
-        envelopes one by one to name the source item that cannot be sent."""
-        ring = self._stages[0].ring
-        buf = self._feed_buf
-        while buf:
-            try:
-                ring.put_nowait(buf[0])
-            except queue.Full:
-                return
-            except _ring_message_errors() as bad:
-                bad.add_note(f"(source item {buf[0][0]}, going to stage {self._stages[0].name!r})")
+                self._unsent = None
+                exc.add_note(f"(source item {env[0]}, going to stage {self._stages[0].name!r})")
                 raise
-            del buf[0]
-        raise exc
+            self._unsent = None
+            budget -= 1
+        return True
 
     def _handle(self, msg: tuple) -> None:
         kind, seq, credit, path, value = msg
@@ -702,7 +665,7 @@ class Pipeline:
             self._moves = moves
             self._last_move = now
             return
-        if now - self._last_move < QUIET_S or self._requeue or self._feed_buf or not self._outstanding:
+        if now - self._last_move < QUIET_S or self._requeue or self._unsent is not None or not self._outstanding:
             return
         if any(s.ring.qsize() for s in self._stages) or self._out.qsize():
             return
@@ -756,12 +719,19 @@ class Pipeline:
 
 
 # ---------------------------------------------------------------- worker side
+def _worker_entry(slot: int, p: Pipeline) -> None:
+    """Supervisor target: run worker `slot` of pipeline `p` (inherited by fork).
+    The supervisor has made it ignore SIGINT (the parent stops it) and die
+    with its parent."""
+    s, j = p._slot_owner(slot)
+    code = _worker_main(p, s, j)
+    if code:
+        raise SystemExit(code)
+
+
 def _worker_main(p: Pipeline, s: _Stage, j: int) -> int:
-    """The body of a forked worker: set up, then take items until told to stop.
+    """The body of a worker: set up, then take items until told to stop.
     Returns the exit code."""
-    die_with_parent(p._owner_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # the parent handles Ctrl-C and stops us
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     ctrl = p._ctrl
     slots = p._slots
     base = (s.slot_base + j) * SLOT_WORDS
@@ -769,6 +739,7 @@ def _worker_main(p: Pipeline, s: _Stage, j: int) -> int:
     out = p._out
     nxt = p._stages[s.index + 1].ring if s.index + 1 < len(p._stages) else None
     stash = s.stashes[j] if s.stashes else None
+    owner = p._owner_pid
     try:
         obj, call = _instantiate(s.fn)
         setup = getattr(obj, "setup", None) if obj is not None else None
@@ -788,6 +759,8 @@ def _worker_main(p: Pipeline, s: _Stage, j: int) -> int:
             try:
                 env = inring.get(timeout=WORKER_POLL_S)
             except queue.Empty:
+                if not parent_alive(owner):
+                    break
                 continue
             except EOFError:
                 break

@@ -1,0 +1,548 @@
+"""Pipelines: ordering, backpressure, early close, error policies, worker
+death, class and generator stages. Real forked workers and real rings."""
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import random
+import signal
+import time
+
+import pytest
+
+import shmipc
+from shmipc._proc import pid_alive
+from shmipc.pipeline import Pipeline, PipelineError, RemoteTraceback, StageFailure
+
+from conftest import fork_child, wait_child
+
+np = pytest.importorskip("numpy")
+
+
+# ---------------------------------------------------------------- stage functions
+def double(x):
+    return x * 2
+
+
+def add_one(x):
+    return x + 1
+
+
+def jitter(x):
+    # finish out of order on purpose
+    time.sleep(random.random() * 0.002)
+    return x
+
+
+def fan_out(x):
+    """0, 1 or 2 outputs per input."""
+    for i in range(x % 3):
+        yield (x, i)
+
+
+def fan_out_again(pair):
+    x, i = pair
+    for k in range(x % 2 + 1):
+        time.sleep(random.random() * 0.0005)
+        yield (x, i, k)
+
+
+def fail_on_multiples_of_seven(x):
+    if x % 7 == 0 and x:
+        raise ValueError(f"bad item {x}")
+    return x
+
+
+class Unpicklable(Exception):
+    def __init__(self, lock):
+        super().__init__("holds a lock")
+        self.lock = lock
+
+    def __reduce__(self):
+        raise TypeError("no pickling")
+
+
+def raise_unpicklable(x):
+    import threading
+
+    raise Unpicklable(threading.Lock())
+
+
+class Scale:
+    """A class stage: state made in setup, a file written in teardown."""
+
+    def __init__(self):
+        self.factor = None
+        self.seen = 0
+
+    def setup(self):
+        self.factor = 3
+        self.pid = os.getpid()
+
+    def process(self, x):
+        self.seen += 1
+        return (x * self.factor, self.pid)
+
+    def teardown(self):
+        with open(os.path.join(os.environ["PIPELINE_TEST_DIR"], f"teardown-{self.pid}"), "w") as f:
+            f.write(str(self.seen))
+
+
+class BadSetup:
+    def setup(self):
+        raise RuntimeError("no model file")
+
+    def process(self, x):
+        return x
+
+
+def slow_forever(x):
+    time.sleep(60)
+    return x
+
+
+def kill_self_on(x):
+    """SIGKILL its own worker on item 7, every time."""
+    if x == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def kill_self_once_on(x):
+    """SIGKILL its own worker on item 7, the first time only (a marker file)."""
+    if x == 7:
+        marker = os.path.join(os.environ["PIPELINE_TEST_DIR"], "killed-once")
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return x
+        os.close(fd)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def park_on_three(x):
+    """On item 3 write our pid for the test to find, then wait to be killed."""
+    if x == 3:
+        path = os.path.join(os.environ["PIPELINE_TEST_DIR"], "parked")
+        with open(path + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.rename(path + ".tmp", path)
+        time.sleep(60)
+    return x
+
+
+def invert(a):
+    return 255 - a
+
+
+def row_sums(a):
+    return a.sum(axis=1, dtype=np.int64)
+
+
+@pytest.fixture
+def test_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PIPELINE_TEST_DIR", str(tmp_path))
+    return tmp_path
+
+
+# ---------------------------------------------------------------- ordering
+@pytest.mark.timeout(60)
+def test_two_stages_keep_source_order(no_leaks):
+    with Pipeline(range(2000)) as p:
+        p.stage(jitter, workers=3)
+        p.stage(double, workers=2)
+        out = list(p.results())
+    assert out == [2 * x for x in range(2000)]
+    assert p.closed
+
+
+@pytest.mark.timeout(60)
+def test_unordered_stage_gives_every_result_once(no_leaks):
+    with shmipc.Pipeline(range(1000)) as p:
+        p.stage(jitter, workers=3, ordered=False)
+        p.stage(add_one, workers=1)
+        out = list(p.results())
+    assert sorted(out) == [x + 1 for x in range(1000)]
+
+
+@pytest.mark.timeout(60)
+def test_iterating_the_pipeline_and_chaining_stages(no_leaks):
+    with Pipeline([1, 2, 3]).stage(double).stage(add_one) as p:
+        assert list(p) == [3, 5, 7]
+
+
+@pytest.mark.timeout(60)
+def test_empty_source(no_leaks):
+    with Pipeline([]) as p:
+        p.stage(double, workers=2)
+        assert list(p.results()) == []
+
+
+# ---------------------------------------------------------------- generators
+@pytest.mark.timeout(60)
+def test_generator_stages_fan_out_in_order(no_leaks):
+    with Pipeline(range(400)) as p:
+        p.stage(fan_out, workers=2)
+        p.stage(fan_out_again, workers=3)
+        out = list(p.results())
+    expected = [(x, i, k) for x in range(400) for i in range(x % 3) for k in range(x % 2 + 1)]
+    assert out == expected
+
+
+# ---------------------------------------------------------------- numpy
+@pytest.mark.timeout(60)
+def test_numpy_arrays_between_stages(no_leaks):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size=(64, 256), dtype=np.uint8) for _ in range(200)]
+    with Pipeline(images) as p:
+        p.stage(invert, workers=2)
+        p.stage(row_sums, workers=2)
+        out = list(p.results())
+    assert len(out) == len(images)
+    for img, sums in zip(images, out):
+        assert sums.dtype == np.int64
+        np.testing.assert_array_equal(sums, (255 - img).sum(axis=1, dtype=np.int64))
+
+
+# ---------------------------------------------------------------- class stages
+@pytest.mark.timeout(60)
+def test_class_stage_setup_process_teardown(test_dir, no_leaks):
+    with Pipeline(range(300)) as p:
+        p.stage(Scale, workers=2)
+        out = list(p.results())
+    assert [v for v, _ in out] == [3 * x for x in range(300)]
+    pids = {pid for _, pid in out}
+    # teardown ran in every worker that ran, and they saw every item between them
+    files = sorted(test_dir.glob("teardown-*"))
+    assert {int(f.name.split("-")[1]) for f in files} >= pids
+    assert sum(int(f.read_text()) for f in files) == 300
+
+
+@pytest.mark.timeout(60)
+def test_failing_setup_raises_pipeline_error(no_leaks):
+    with Pipeline(range(10)) as p:
+        p.stage(BadSetup, workers=2)
+        with pytest.raises(PipelineError, match="no model file") as info:
+            list(p.results())
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "BadSetup" in str(info.value.__cause__) or "setup" in str(info.value.__cause__)
+
+
+# ---------------------------------------------------------------- backpressure
+@pytest.mark.timeout(60)
+def test_infinite_source_is_read_only_as_fast_as_results_drain(no_leaks):
+    read = []
+
+    def source():
+        for i in itertools.count():
+            read.append(i)
+            yield np.full(1024, i % 251, dtype=np.uint8)
+
+    with Pipeline(source(), max_inflight=64, ring_capacity=1 << 16) as p:
+        p.stage(invert, workers=2)
+        results = p.results()
+        for n, arr in enumerate(results, 1):
+            assert arr[0] == 255 - ((n - 1) % 251)
+            if n % 100 == 0:
+                # read but not yielded: at most max_inflight (plus the one being yielded)
+                assert len(read) - n <= 64 + 1, (len(read), n)
+            if n == 2000:
+                break
+        time.sleep(0.2)               # a stalled consumer: the source is not read on
+        assert len(read) - n <= 64 + 1
+        stats = p.stats()
+    assert stats["fed"] <= 2000 + 65
+    assert p.closed
+
+
+# ---------------------------------------------------------------- closing early
+@pytest.mark.timeout(60)
+def test_close_stops_busy_workers_promptly(no_leaks):
+    p = Pipeline(range(100), stop_timeout=0.5)
+    p.stage(add_one, workers=1)
+    p.stage(slow_forever, workers=2, ordered=False)
+    it = p.results()
+    pids = [pid for pids in p.worker_pids().values() for pid in pids]
+    assert len(pids) == 3
+    time.sleep(0.3)                    # both slow workers are now inside time.sleep(60)
+    t0 = time.monotonic()
+    p.close()
+    assert time.monotonic() - t0 < 5
+    assert not any(pid_alive(pid) for pid in pids)
+    assert p.closed
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+@pytest.mark.timeout(60)
+def test_break_out_of_loop_closes_pipeline(no_leaks):
+    with Pipeline(itertools.count(), stop_timeout=0.5) as p:
+        p.stage(double, workers=2)
+        t0 = time.monotonic()
+        for n, _ in enumerate(p.results()):
+            if n == 500:
+                break
+        pids = [pid for pids in p.worker_pids().values() for pid in pids]
+    assert p.closed
+    assert time.monotonic() - t0 < 10
+    assert not any(pid_alive(pid) for pid in pids)
+
+
+@pytest.mark.timeout(60)
+def test_results_twice_and_stage_after_start_are_errors(no_leaks):
+    with Pipeline(range(3)) as p:
+        p.stage(double)
+        it = p.results()
+        with pytest.raises(ValueError, match="only once"):
+            p.results()
+        with pytest.raises(ValueError, match="before results"):
+            p.stage(add_one)
+        assert list(it) == [0, 2, 4]
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.timeout(60)
+def test_on_error_raise_re_raises_in_order_with_traceback(no_leaks):
+    got = []
+    with Pipeline(range(1, 100)) as p:
+        p.stage(fail_on_multiples_of_seven, workers=3)
+        with pytest.raises(ValueError, match="bad item 7") as info:
+            for x in p.results():
+                got.append(x)
+    assert got == [1, 2, 3, 4, 5, 6]         # everything before the failing item
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "fail_on_multiples_of_seven" in str(info.value.__cause__)
+    assert p.closed
+
+
+@pytest.mark.timeout(60)
+def test_on_error_skip(no_leaks):
+    with Pipeline(range(1, 100), on_error="skip") as p:
+        p.stage(fail_on_multiples_of_seven, workers=2)
+        p.stage(add_one, workers=1)
+        out = list(p.results())
+    assert out == [x + 1 for x in range(1, 100) if x % 7]
+    assert p.errors == []
+
+
+@pytest.mark.timeout(60)
+def test_on_error_collect_per_stage(no_leaks):
+    with Pipeline(range(1, 50)) as p:
+        p.stage(fail_on_multiples_of_seven, workers=2, on_error="collect")
+        out = list(p.results())
+    assert out == [x for x in range(1, 50) if x % 7]
+    assert sorted(f.seq for f in p.errors) == [x - 1 for x in range(7, 50, 7)]
+    assert all(isinstance(f, StageFailure) for f in p.errors)
+    assert all(isinstance(f.exception, ValueError) for f in p.errors)
+    assert all(f.stage == "fail_on_multiples_of_seven" for f in p.errors)
+    assert all("bad item" in f.traceback for f in p.errors)
+
+
+@pytest.mark.timeout(60)
+def test_unpicklable_exception_comes_back_as_text(no_leaks):
+    with Pipeline(range(3)) as p:
+        p.stage(raise_unpicklable)
+        with pytest.raises(PipelineError, match="Unpicklable") as info:
+            list(p.results())
+    assert "raise_unpicklable" in str(info.value.__cause__)
+
+
+@pytest.mark.timeout(60)
+def test_source_exception_propagates_and_closes(no_leaks):
+    def source():
+        yield 1
+        yield 2
+        raise KeyError("source broke")
+
+    with Pipeline(source()) as p:
+        p.stage(double)
+        with pytest.raises(KeyError, match="source broke"):
+            list(p.results())
+    assert p.closed
+
+
+@pytest.mark.timeout(60)
+def test_message_too_large_names_the_source_item(no_leaks):
+    big = b"x" * (1 << 16)
+    with Pipeline([b"ok", big], ring_capacity=1 << 14) as p:
+        p.stage(len)
+        with pytest.raises(shmipc.MessageTooLarge) as info:
+            list(p.results())
+    assert "source item 1" in "".join(getattr(info.value, "__notes__", []))
+
+
+def test_bad_arguments_name_the_values():
+    with pytest.raises(TypeError, match="iterable"):
+        Pipeline(5)
+    with pytest.raises(ValueError, match="on_error"):
+        Pipeline([], on_error="ignore")
+    with pytest.raises(ValueError, match="ring_capacity.*1000"):
+        Pipeline([], ring_capacity=1000)
+    p = Pipeline([])
+    with pytest.raises(ValueError, match="workers.*0"):
+        p.stage(double, workers=0)
+    with pytest.raises(ValueError, match="retries.*-1"):
+        p.stage(double, retries=-1)
+    with pytest.raises(TypeError, match="callable"):
+        p.stage(42)
+    with pytest.raises(ValueError, match="at least one stage"):
+        p.results()
+    p.close()
+
+
+# ---------------------------------------------------------------- worker death
+@pytest.mark.timeout(60)
+def test_worker_killed_mid_item_fails_that_item_and_is_replaced(no_leaks):
+    with Pipeline(range(30), on_error="collect") as p:
+        p.stage(kill_self_on, workers=2)
+        p.stage(add_one, workers=1)
+        out = list(p.results())
+        deaths = p.stats()["stages"][0]["deaths"]
+    assert out == [x + 1 for x in range(30) if x != 7]
+    assert deaths == 1
+    assert len(p.errors) == 1
+    err = p.errors[0]
+    assert err.seq == 7
+    assert isinstance(err.exception, shmipc.WorkerLost)
+    assert err.exception.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_mid_item_raises_worker_lost(no_leaks):
+    got = []
+    with Pipeline(range(30)) as p:
+        p.stage(kill_self_on, workers=2)
+        with pytest.raises(shmipc.WorkerLost, match="SIGKILL"):
+            for x in p.results():
+                got.append(x)
+    assert got == list(range(7))
+
+
+@pytest.mark.timeout(60)
+def test_retries_rerun_the_item_of_a_killed_worker(test_dir, no_leaks):
+    with Pipeline(range(30)) as p:
+        p.stage(double, workers=1)
+        p.stage(kill_self_once_on, workers=2, retries=1)
+        out = list(p.results())
+        deaths = p.stats()["stages"][1]["deaths"]
+    assert out == [x for x in range(0, 60, 2)]          # item 7 is 14 after double: not killed
+    assert deaths == 0
+    with Pipeline(range(30)) as p:
+        p.stage(kill_self_once_on, workers=2, retries=1)
+        p.stage(double, workers=1)
+        out = list(p.results())
+        deaths = p.stats()["stages"][0]["deaths"]
+    assert out == [2 * x for x in range(30)]
+    assert deaths == 1
+    assert p.errors == []
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_from_outside_mid_item(test_dir, no_leaks):
+    parked = test_dir / "parked"
+    killed = []
+
+    def source():
+        for i in range(20):
+            if i == 10:
+                # the worker holding item 3 parks; kill it from here (the parent)
+                deadline = time.monotonic() + 20
+                while not parked.exists() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                pid = int(parked.read_text())
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            yield i
+
+    with Pipeline(source(), on_error="collect") as p:
+        p.stage(park_on_three, workers=3)
+        out = list(p.results())
+    assert out == [x for x in range(20) if x != 3]
+    assert [f.seq for f in p.errors] == [3]
+    assert p.errors[0].exception.pid == killed[0]
+
+
+# ---------------------------------------------------------------- signals and parents
+def _run_slow_pipeline_until_interrupted(pid_file: str) -> None:
+    try:
+        with Pipeline(itertools.count(), stop_timeout=0.5) as p:
+            p.stage(slow_forever, workers=2)
+            it = p.results()
+            with open(pid_file, "w") as f:
+                f.write(" ".join(str(pid) for pids in p.worker_pids().values() for pid in pids))
+            for _ in it:
+                pass
+    except KeyboardInterrupt:
+        os._exit(42)
+    os._exit(1)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_in_parent_stops_everything(tmp_path):
+    pid_file = str(tmp_path / "pids")
+    child = fork_child(_run_slow_pipeline_until_interrupted, pid_file)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(pid_file) or not open(pid_file).read():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = [int(x) for x in open(pid_file).read().split()]
+    time.sleep(0.2)
+    os.kill(child, signal.SIGINT)
+    assert wait_child(child, timeout=20) == 42
+    deadline = time.monotonic() + 5
+    while any(pid_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(pid_alive(pid) for pid in workers)
+
+
+def _run_pipeline_forever(pid_file: str) -> None:
+    with Pipeline(itertools.count()) as p:
+        p.stage(slow_forever, workers=2)
+        it = p.results()
+        with open(pid_file, "w") as f:
+            f.write(" ".join(str(pid) for pids in p.worker_pids().values() for pid in pids))
+        for _ in it:
+            pass
+
+
+@pytest.mark.timeout(60)
+def test_workers_die_with_the_parent(tmp_path):
+    pid_file = str(tmp_path / "pids")
+    child = fork_child(_run_pipeline_forever, pid_file)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(pid_file) or not open(pid_file).read():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = [int(x) for x in open(pid_file).read().split()]
+    os.kill(child, signal.SIGKILL)
+    assert wait_child(child, timeout=10) == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while any(pid_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(pid_alive(pid) for pid in workers)
+
+
+# ---------------------------------------------------------------- progress
+@pytest.mark.timeout(60)
+def test_progress_shows_rate_and_ring_fill(capsys, monkeypatch, no_leaks):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tqdm(name, *args, **kwargs):          # the plain stderr line, to read it back
+        if name == "tqdm":
+            raise ImportError("hidden for the test")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tqdm)
+    with Pipeline(range(500)) as p:
+        p.stage(double, workers=2)
+        p.stage(add_one, workers=1)
+        out = list(p.results(progress=True, desc="test"))
+    assert out == [2 * x + 1 for x in range(500)]
+    err = capsys.readouterr().err
+    assert "test: 500/500" in err
+    assert "it/s" in err
+    assert "double=" in err and "add_one=" in err and "out=" in err
