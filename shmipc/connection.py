@@ -1,0 +1,455 @@
+"""``Pipe()`` and ``Connection``: multiprocessing's pipes over shared-memory rings.
+
+A pipe is one arena holding one ring per direction (two for a duplex pipe),
+each with one producer and one consumer, so sending and receiving take no
+lock. What the rings cannot tell -- whether anyone still holds the other end --
+comes from the kernel:
+
+Liveness (why the ends hold pipe fds):
+    Each end E owns a tiny OS pipe used only as a token, never for data.
+    Every process holding end E keeps the token's write fd open; processes
+    holding either end keep read fds to watch. The kernel reports POLLHUP on
+    a read fd once every copy of the write fd is closed, so "no live holder of
+    E remains" is exact however E spread: fork copies the fd at the instant of
+    the fork (a parent closing its copy right after ``Process.start()`` cannot
+    race the child), spawn/forkserver children and unpickling processes
+    receive duplicates, and a process that dies (even by SIGKILL) drops its
+    copies.
+
+Invariants:
+    * An end's token write fd is open in exactly the processes that hold the
+      end and have not closed it.
+    * A ring is shut down only once no holder of the end on one side of it is
+      left: by the last closer (which finds POLLHUP on its own token after
+      closing its copy), or by a reader or writer that finds the peer's token
+      hung up. So a shut-down ring never loses a live end's data: a shut-down
+      ring still drains, then raises EOFError.
+    * A blocked recv or send waits on the ring in slices of SLICE seconds and
+      checks the peer's token between them: EOF or BrokenPipeError follows a
+      holder's death within about one slice, and a plain close at once.
+
+Compared with multiprocessing: messages sent with ``send`` arrive through
+``recv`` and bytes sent with ``send_bytes`` through ``recv_bytes``, as there;
+mixing the two is not pickle-compatible (``recv`` returns the bytes of a
+``send_bytes`` message as they are; ``recv_bytes`` of a non-bytes message
+returns its pickle). A send to a peer that died without closing succeeds
+until the ring is full (multiprocessing fails at the first write); then it
+raises BrokenPipeError. There is no ``fileno()``: use ``poll``.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import select
+import time
+from multiprocessing import BufferTooShort, reduction
+from typing import Any
+
+from shmipc.arena import DATA_START, PAGE, Arena
+from shmipc.errors import PeerDied
+from shmipc.queues import DEFAULT_CAPACITY, _ring_capacity
+
+__all__ = ["Pipe", "Connection", "SLICE"]
+
+#: Seconds a blocked recv/send waits on the ring before it checks whether the
+#: other end still has a live holder.
+SLICE = 0.05
+
+_NOTHING = object()     # no message received ahead by poll()
+
+
+def _hung_up(fd: int) -> bool:
+    """True if every copy of the write end of the pipe `fd` reads is closed."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    for _, events in poller.poll(0):
+        if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            return True
+    return False
+
+
+def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple["Connection", "Connection"]:
+    """Return a pair of connected Connections, like ``multiprocessing.Pipe``.
+
+    Args:
+        duplex: True: both ends send and receive. False: the first end only
+            receives and the second only sends.
+        capacity: ring bytes per direction, a power of two >= 1024 (default
+            32 MiB; pages are committed as first used). A message larger than
+            about capacity/2 raises MessageTooLarge in send.
+
+    Raises:
+        TypeError / ValueError: an invalid capacity.
+        OSError: out of file descriptors.
+    """
+    cap = _ring_capacity(capacity)
+    nrings = 2 if duplex else 1
+    arena = Arena((DATA_START + nrings * (cap + (64 << 10)) + PAGE - 1) // PAGE * PAGE)
+    fds: list[int] = []
+    try:
+        arena.ring(cap, name="a>b", producers="one", consumers="one")
+        if duplex:
+            arena.ring(cap, name="b>a", producers="one", consumers="one")
+        r_a, w_a = os.pipe()
+        fds += [r_a, w_a]
+        r_b, w_b = os.pipe()
+        fds += [r_b, w_b]
+        r_a2, r_b2 = os.dup(r_a), os.dup(r_b)
+        fds += [r_a2, r_b2]
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        arena.close()
+        raise
+    if duplex:
+        a = Connection._make(arena, send="a>b", recv="b>a", token=w_a, mine=r_a, peer=r_b)
+        b = Connection._make(arena, send="b>a", recv="a>b", token=w_b, mine=r_b2, peer=r_a2)
+    else:
+        # multiprocessing's order: (receiving end, sending end)
+        a = Connection._make(arena, send=None, recv="a>b", token=w_a, mine=r_a, peer=r_b)
+        b = Connection._make(arena, send="a>b", recv=None, token=w_b, mine=r_b2, peer=r_a2)
+    return a, b
+
+
+class Connection:
+    """One end of a Pipe: send/recv objects, send_bytes/recv_bytes(_into)
+    raw bytes, poll, close. Make them with :func:`Pipe`.
+
+    A Connection can be passed to child processes as multiprocessing's can:
+    inherited through fork, or pickled (as a Process argument under spawn
+    and forkserver, or sent through another connection or queue).
+    """
+
+    # set before anything can raise, so __del__ is safe after a failed set-up
+    _closed: bool = True
+    _token: int = -1
+    _mine: int = -1
+    _peer: int = -1
+    _send_ring: Any = None
+    _recv_ring: Any = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("make connections with shmipc.Pipe()")
+
+    @classmethod
+    def _make(cls, arena: Arena, *, send: str | None, recv: str | None,
+              token: int, mine: int, peer: int) -> "Connection":
+        self = cls.__new__(cls)
+        self._token, self._mine, self._peer = token, mine, peer
+        self._arena = arena
+        self._send_name, self._recv_name = send, recv
+        # each end attaches its own Ring objects, so closing one end in a
+        # process never closes the other end's rings there
+        self._send_ring = arena.ring(name=send) if send is not None else None
+        self._recv_ring = arena.ring(name=recv) if recv is not None else None
+        self._pending = _NOTHING
+        self._closed = False
+        return self
+
+    # ------------------------------------------------------------ state
+    @property
+    def closed(self) -> bool:
+        """True if this end was closed in this process."""
+        return self._closed
+
+    @property
+    def readable(self) -> bool:
+        """True if this end can receive."""
+        return self._recv_ring is not None
+
+    @property
+    def writable(self) -> bool:
+        """True if this end can send."""
+        return self._send_ring is not None
+
+    def _check_closed(self) -> None:
+        if self._closed:
+            raise OSError("handle is closed")
+
+    def _check_readable(self) -> None:
+        if self._closed:
+            raise OSError("handle is closed")
+        if self._recv_ring is None:
+            raise OSError("connection is write-only")
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise OSError("handle is closed")
+        if self._send_ring is None:
+            raise OSError("connection is read-only")
+
+    def _peer_gone(self) -> bool:
+        """True if no process holds the other end any more; then shut both
+        rings down so every later call here and in other holders of this end
+        answers at once (recv drains first)."""
+        if not _hung_up(self._peer):
+            return False
+        for ring in (self._send_ring, self._recv_ring):
+            if ring is not None:
+                ring.shutdown()
+        return True
+
+    def stats(self) -> dict:
+        """The rings' live counters: ``{"send": {...}, "recv": {...}}``."""
+        self._check_closed()
+        out = {}
+        if self._send_ring is not None:
+            out["send"] = self._send_ring.stats()
+        if self._recv_ring is not None:
+            out["recv"] = self._recv_ring.stats()
+        return out
+
+    # ------------------------------------------------------------ sending
+    def send(self, obj: Any) -> None:
+        """Send an object to the other end (read it with recv).
+
+        Raises:
+            BrokenPipeError: the other end was closed, or died and the ring
+                filled up.
+            MessageTooLarge: the encoded object can never fit the ring.
+            OSError: this end is closed or read-only.
+            Whatever pickling `obj` raises; nothing is sent then.
+        """
+        self._check_writable()
+        ring = self._send_ring
+        while True:
+            try:
+                ring.put(obj, True, SLICE)
+                return
+            except queue.Full:
+                pass            # the reader is slow, or gone: look
+            except PeerDied:
+                pass            # the ring's last reader died; another holder may remain
+            except ValueError as exc:
+                if self._closed:
+                    raise OSError("handle is closed") from None
+                raise exc
+            if self._peer_gone():
+                raise BrokenPipeError("the other end of the pipe is closed")
+
+    def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
+        """Send the bytes of a bytes-like object, or of buf[offset:offset+size]
+        (counted in bytes), as one message (read it with recv_bytes).
+
+        Raises:
+            ValueError: a negative offset or size, or one past the end of buf.
+            BrokenPipeError, MessageTooLarge, OSError: as send.
+        """
+        self._check_writable()
+        m = memoryview(buf)
+        if m.itemsize > 1:
+            m = m.cast("B")
+        n = m.nbytes
+        if offset < 0:
+            raise ValueError(f"offset is negative ({offset})")
+        if n < offset:
+            raise ValueError(f"buffer length {n} < offset {offset}")
+        if size is None:
+            size = n - offset
+        elif size < 0:
+            raise ValueError(f"size is negative ({size})")
+        elif offset + size > n:
+            raise ValueError(f"buffer length {n} < offset {offset} + size {size}")
+        # the ring encodes a memoryview as a bytes message (one copy, into
+        # the ring), so the receiver gets bytes whatever buf was
+        self.send(m[offset:offset + size])
+
+    # ------------------------------------------------------------ receiving
+    def _take(self, timeout: float | None) -> Any:
+        """The next message, waiting up to `timeout` (None: forever).
+
+        Raises:
+            queue.Empty: nothing came in time (the peer is still held).
+            EOFError: the peer is gone and everything it sent was read.
+        """
+        item = self._pending
+        if item is not _NOTHING:
+            self._pending = _NOTHING
+            return item
+        ring = self._recv_ring
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = SLICE
+            if deadline is not None:
+                wait = min(SLICE, max(deadline - time.monotonic(), 0.0))
+            try:
+                return ring.get(True, wait)
+            except queue.Empty:
+                pass
+            except PeerDied:
+                pass            # the last sender died; another holder may remain
+            except EOFError:
+                raise EOFError("the other end of the pipe is closed and nothing is left to read") from None
+            except ValueError:
+                if self._closed:
+                    raise OSError("handle is closed") from None
+                raise
+            if self._peer_gone():
+                try:
+                    return ring.get_nowait()        # whatever it sent before going
+                except (queue.Empty, EOFError):
+                    raise EOFError("the other end of the pipe is closed and nothing is "
+                                   "left to read") from None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise queue.Empty
+
+    def recv(self) -> Any:
+        """Receive the next object sent with send, waiting for one.
+
+        Raises:
+            EOFError: the other end is closed (or its holders died) and
+                nothing is left to read.
+            OSError: this end is closed or write-only.
+        """
+        self._check_readable()
+        return self._take(None)
+
+    def _recv_buffer(self) -> bytes:
+        item = self._take(None)
+        if isinstance(item, bytes):
+            return item
+        if isinstance(item, bytearray):
+            return bytes(item)
+        # sent with send(): what multiprocessing's recv_bytes would return
+        return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        """Receive the next message as bytes (one sent with send_bytes).
+
+        Raises:
+            ValueError: a negative maxlength.
+            OSError: the message is longer than `maxlength` (it is discarded
+                and this end stops receiving, as in multiprocessing), or this
+                end is closed or write-only.
+            EOFError: as recv.
+        """
+        if maxlength is not None and maxlength < 0:
+            raise ValueError(f"negative maxlength ({maxlength})")
+        self._check_readable()
+        data = self._recv_buffer()
+        if maxlength is not None and len(data) > maxlength:
+            self._bad_message_length()
+        return data
+
+    def _bad_message_length(self) -> None:
+        if self._send_ring is not None:
+            self._recv_ring.close()
+            self._recv_ring = None
+        else:
+            self.close()
+        raise OSError("bad message length")
+
+    def recv_bytes_into(self, buf: Any, offset: int = 0) -> int:
+        """Receive the next message into the writable buffer `buf` at byte
+        `offset`; returns the message's length in bytes.
+
+        Raises:
+            ValueError: a negative offset, or one past the end of buf.
+            multiprocessing.BufferTooShort: the message does not fit; it is
+                consumed and held in ``exc.args[0]``.
+            EOFError, OSError: as recv.
+        """
+        self._check_readable()
+        with memoryview(buf) as m:
+            bytesize = m.nbytes
+            if offset < 0:
+                raise ValueError(f"negative offset ({offset})")
+            if offset > bytesize:
+                raise ValueError(f"offset {offset} too large for a buffer of {bytesize} bytes")
+            data = self._recv_buffer()
+            size = len(data)
+            if bytesize < offset + size:
+                raise BufferTooShort(data)
+            m.cast("B")[offset:offset + size] = data
+            return size
+
+    def poll(self, timeout: float | None = 0.0) -> bool:
+        """True if a recv would not wait: a message is there, or the other end
+        is gone (recv then raises EOFError). Waits up to `timeout` seconds
+        (None: forever) for that.
+
+        Raises:
+            OSError: this end is closed or write-only.
+        """
+        self._check_readable()
+        if self._pending is not _NOTHING:
+            return True
+        if timeout is not None and timeout < 0:
+            timeout = 0.0
+        try:
+            self._pending = self._take(timeout)
+        except queue.Empty:
+            return False
+        except EOFError:
+            return True
+        return True
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Close this end in this process. When no process holds it any more,
+        the other end's recv raises EOFError (after draining) and its send
+        raises BrokenPipeError. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.close(self._token)
+            self._token = -1
+            if _hung_up(self._mine):        # this was the last holder of this end
+                for ring in (self._send_ring, self._recv_ring):
+                    if ring is not None:
+                        ring.shutdown()
+        finally:
+            for ring in (self._send_ring, self._recv_ring):
+                if ring is not None:
+                    ring.close()
+            self._send_ring = self._recv_ring = None
+            self._pending = _NOTHING
+            for name in ("_mine", "_peer"):
+                fd = getattr(self, name)
+                if fd >= 0:
+                    os.close(fd)
+                    setattr(self, name, -1)
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        if self._closed:
+            return "<shmipc.Connection closed>"
+        mode = "duplex" if self.readable and self.writable else ("read" if self.readable else "write")
+        return f"<shmipc.Connection {mode}>"
+
+    # ------------------------------------------------------------ pickling
+    def __reduce__(self) -> tuple:
+        self._check_closed()
+        if self._pending is not _NOTHING:
+            raise TypeError("cannot pickle a Connection holding a message that poll() "
+                            "received ahead; recv it first")
+        return _rebuild_connection, (
+            self._arena, self._send_name if self.writable else None,
+            self._recv_name if self.readable else None,
+            reduction.DupFd(self._token), reduction.DupFd(self._mine), reduction.DupFd(self._peer))
+
+
+def _rebuild_connection(arena: Arena, send: str | None, recv: str | None,
+                        token: Any, mine: Any, peer: Any) -> Connection:
+    fds = []
+    try:
+        for dup in (token, mine, peer):
+            fds.append(dup.detach())
+        return Connection._make(arena, send=send, recv=recv, token=fds[0], mine=fds[1], peer=fds[2])
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
