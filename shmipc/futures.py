@@ -1,0 +1,195 @@
+"""``shmipc.ProcessPoolExecutor``: a concurrent.futures executor on shmipc's pool engine.
+
+Calls and results travel through shared-memory rings (see shmipc.pool); the
+executor is a :class:`concurrent.futures.Executor`, so ``submit``, ``map``
+(with ``chunksize`` and ``timeout``), ``shutdown(wait, cancel_futures)``,
+``as_completed`` and ``wait`` behave as with the standard one.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
+from typing import Any, Callable, Iterable, Iterator
+
+from shmipc.pool import K_CALL, K_STARMAP, RUN, _Engine, _Task
+
+__all__ = ["ProcessPoolExecutor"]
+
+
+class _FutureJob:
+    """Connects one task of the engine to a Future."""
+
+    __slots__ = ("future", "_job")
+    _ids = itertools.count()
+
+    def __init__(self, future: Future) -> None:
+        self.future = future
+        self._job = next(self._ids)
+
+    def _start_task(self, task: _Task) -> bool:
+        # False when the future was cancelled before a worker got it
+        return self.future.set_running_or_notify_cancel()
+
+    def _split(self, task: _Task, first: _Task, second: _Task) -> None:
+        raise AssertionError("executor tasks are single calls and never split")
+
+    def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
+        future = self.future
+
+        def settle() -> None:
+            if future.done():
+                return
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+        return [settle]
+
+    def fail(self, exc: BaseException) -> list:       # pragma: no cover (not a lazy source)
+        return []
+
+
+def _process_chunk(fn: Callable, chunk: list) -> list:
+    return [fn(*args) for args in chunk]
+
+
+class ProcessPoolExecutor(Executor):
+    """A concurrent.futures.ProcessPoolExecutor whose calls and results go
+    through shared memory.
+
+    Args:
+        max_workers: number of worker processes (default os.cpu_count(), at most 61).
+        mp_context: start method: None (multiprocessing's default), a name,
+            or a multiprocessing/shmipc context.
+        initializer, initargs: ``initializer(*initargs)`` runs first in each worker.
+        max_tasks_per_child: a worker exits after this many calls and a fresh
+            one replaces it (allowed with every start method, fork included).
+
+    Raises:
+        ValueError: max_workers <= 0 (or above 61), or max_tasks_per_child <= 0.
+        TypeError: an initializer that is not callable.
+
+    Where this deliberately differs from the standard library: a worker that
+    dies while running a call (SIGKILL, OOM killer, os._exit, a segfault)
+    fails only that call's future with :class:`shmipc.WorkerLost`, and a
+    replacement worker starts; the standard executor marks the whole pool
+    broken (BrokenProcessPool) and fails every pending future.
+    """
+
+    def __init__(self, max_workers: int | None = None, mp_context: Any = None,
+                 initializer: Callable | None = None, initargs: tuple = (), *,
+                 max_tasks_per_child: int | None = None) -> None:
+        self._engine: _Engine | None = None
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        if max_workers is not None:
+            if not isinstance(max_workers, int) or isinstance(max_workers, bool):
+                raise TypeError(f"max_workers must be an int or None, not {type(max_workers).__name__}")
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None:
+            if not isinstance(max_tasks_per_child, int) or isinstance(max_tasks_per_child, bool):
+                raise TypeError("max_tasks_per_child must be an integer")
+            if max_tasks_per_child <= 0:
+                raise ValueError("max_tasks_per_child must be >= 1")
+        self._engine = _Engine(max_workers, initializer, initargs, max_tasks_per_child, mp_context,
+                               0, name="ShmipcExecutorWorker")
+        self._max_workers = self._engine._processes
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
+        """Schedule fn(*args, **kwargs); returns a Future.
+
+        Raises:
+            RuntimeError: after shutdown() (or the interpreter is exiting).
+        """
+        with self._shutdown_lock:
+            if self._shutdown or self._engine is None or self._engine._state != RUN:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            future: Future = Future()
+            self._engine.submit_tasks(_Task(_FutureJob(future), 0, 0, K_CALL, fn, (args, kwargs), 0))
+            return future
+
+    def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
+            chunksize: int = 1) -> Iterator:
+        """Like map(fn, *iterables), results in order; `chunksize` calls travel
+        per task. The iterables are read at once (as the standard executor).
+
+        Raises:
+            ValueError: chunksize < 1.
+            TimeoutError: (on iteration) a result is not ready `timeout`
+                seconds after the map() call.
+        """
+        if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        zipped = zip(*iterables)
+        futures = []
+        with self._shutdown_lock:
+            if self._shutdown or self._engine is None or self._engine._state != RUN:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            tasks = []
+            while True:
+                chunk = list(itertools.islice(zipped, chunksize))
+                if not chunk:
+                    break
+                future: Future = Future()
+                futures.append(future)
+                tasks.append(_Task(_FutureJob(future), 0, 0, K_STARMAP, fn, chunk, 0))
+            self._engine.submit_tasks(iter(tasks))
+        return self._results(futures, end_time)
+
+    @staticmethod
+    def _results(futures: list[Future], end_time: float | None) -> Iterator:
+        # a generator, so that closing it early cancels what has not started
+        try:
+            futures.reverse()
+            while futures:
+                future = futures.pop()
+                if end_time is None:
+                    chunk = future.result()
+                else:
+                    chunk = future.result(end_time - time.monotonic())
+                yield from chunk
+                del chunk, future
+        except FuturesTimeoutError:
+            raise
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No new calls; cancel the pending ones if `cancel_futures`; with
+        `wait`, return once everything running finished and the workers exited."""
+        with self._shutdown_lock:
+            self._shutdown = True
+            engine = self._engine
+            if engine is None:
+                return
+            if cancel_futures:
+                with engine._lock:
+                    pending: list[_Task] = []
+                    for head in engine._queue:
+                        pending.extend([head] if isinstance(head, _Task) else list(head))
+                    for task in pending:
+                        task.job.future.cancel()    # False (kept) if it already started once
+                    # the tasks stay queued; the dispatcher drops the cancelled ones
+                    engine._queue.clear()
+                    engine._queue.extend(pending)
+            engine.close()
+        if wait:
+            engine.join()
+
+    def __del__(self) -> None:
+        engine = self._engine
+        if engine is not None and engine._state == RUN:
+            try:
+                engine.terminate()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        state = "running" if self._engine is not None and self._engine._state == RUN else "shut down"
+        return f"<shmipc.ProcessPoolExecutor {state} max_workers={getattr(self, '_max_workers', '?')}>"
