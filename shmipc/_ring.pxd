@@ -59,7 +59,8 @@ cdef class Ring:
     cdef object _encode(self, object obj, enc_t *e)
     cdef bint _put_encoded(self, enc_t *e, object segs, int64_t deadline) except -1
     cdef shm_rec_t *_take(self, int64_t deadline, uint64_t *pos_out, uint64_t *len_out) except? NULL
-    cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, bint claim) noexcept
+    cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, uint32_t size, bint claim) noexcept
     cdef int _advance_tail(self) except -1
-    cdef object _copy_out(self, shm_rec_t *r, bint *raw)
+    cdef int _payload(self, shm_rec_t *r, uint64_t length, uint8_t *tag, uint32_t *size) except -1
+    cdef object _copy_out(self, const char *p, uint8_t tag, uint32_t size, bint *raw)
     cdef int _release_claim(self, uint64_t pos) except -1

@@ -438,6 +438,8 @@ cdef class Ring:
                 raise ValueError("ring was closed while waiting")
             if t0 >= deadline:
                 return True
+            if rc != 0 and rc != ETIMEDOUT and rc != EINTR:
+                self._corrupt(f"waiting on a semaphore failed: {os.strerror(rc)}")
             if rc == ETIMEDOUT:
                 if self._look_around(kind):
                     return False
@@ -840,7 +842,7 @@ cdef class Ring:
             if self._wait(W_DATA, 0, deadline):
                 return NULL
 
-    cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, bint claim) noexcept:
+    cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, uint32_t size, bint claim) noexcept:
         """Mark the record at `pos` taken: DONE after a copy, CLAIMED while a
         view is open on it; then move the cursor past it."""
         cdef shm_ring_t *h = self.hdr
@@ -852,7 +854,7 @@ cdef class Ring:
         if h.cons.pid != g_pid:
             h.cons.pid = g_pid
         h.cons.msgs += 1
-        h.cons.bytes += r.size
+        h.cons.bytes += size
         shm_store_rel64(&h.cons.cursor, pos + length)
 
     cdef int _advance_tail(self) except -1:
@@ -876,27 +878,34 @@ cdef class Ring:
             shm_wake(&h.space_sem, &h.wait.space_waiters)
         return 0
 
-    cdef object _copy_out(self, shm_rec_t *r, bint *raw):
-        """Copy a record's payload into a new object (bytes, str and scalars
-        final; other payloads as a bytearray to decode, with raw set). Only
-        allocates objects the garbage collector does not track, so no user
-        code can run while the consumer lock is held."""
-        cdef const char *p = (<const char *>r) + SHM_REC_HDR
-        cdef uint8_t tag = r.tag
+    cdef int _payload(self, shm_rec_t *r, uint64_t length, uint8_t *tag, uint32_t *size) except -1:
+        """Read a message record's tag and size once (another process could
+        change them under us) and check them against the validated length."""
+        tag[0] = r.tag
+        size[0] = r.size
+        if tag[0] == TAG_PAD or tag[0] > TAG_MAX or SHM_REC_HDR + <uint64_t>size[0] > length:
+            self._corrupt(f"record changed under the reader (tag {tag[0]}, size {size[0]}, length {length})")
+        return 0
+
+    cdef object _copy_out(self, const char *p, uint8_t tag, uint32_t size, bint *raw):
+        """Copy a payload into a new object (bytes, str and scalars final;
+        other payloads as a bytearray to decode, with raw set). Only allocates
+        objects the garbage collector does not track, so no user code can run
+        while the consumer lock is held."""
         raw[0] = False
         if tag == TAG_BYTES:
-            return PyBytes_FromStringAndSize(p, r.size)
+            return PyBytes_FromStringAndSize(p, size)
         if tag == TAG_STR:
             try:
-                return PyUnicode_DecodeUTF8(p, r.size, NULL)
+                return PyUnicode_DecodeUTF8(p, size, NULL)
             except UnicodeDecodeError as exc:
                 raise CorruptMessage(f"str message is not valid UTF-8: {exc}") from None
         if tag == TAG_BYTEARRAY:
-            return PyByteArray_FromStringAndSize(p, r.size)
+            return PyByteArray_FromStringAndSize(p, size)
         if TAG_INT <= tag <= TAG_NONE:
-            return decode_scalar(tag, p, r.size)
+            return decode_scalar(tag, p, size)
         raw[0] = True
-        return PyByteArray_FromStringAndSize(p, r.size)
+        return PyByteArray_FromStringAndSize(p, size)
 
     def get(self, bint block=True, timeout=None):
         """Take the next message, blocking while the ring is empty (up to
@@ -911,7 +920,8 @@ cdef class Ring:
         cdef uint64_t pos, length
         cdef shm_rec_t *r
         cdef bint raw
-        cdef uint8_t tag
+        cdef uint8_t tag = 0
+        cdef uint32_t size = 0
         cdef int64_t deadline = deadline_of(block, timeout)
         self._enter()
         try:
@@ -919,11 +929,11 @@ cdef class Ring:
             if r == NULL:
                 raise queue.Empty
             try:
-                tag = r.tag
                 try:
-                    out = self._copy_out(r, &raw)
+                    self._payload(r, length, &tag, &size)
+                    out = self._copy_out((<const char *>r) + SHM_REC_HDR, tag, size, &raw)
                 finally:
-                    self._consumed(pos, length, r, False)     # a bad payload is consumed too
+                    self._consumed(pos, length, r, size, False)     # a bad payload is consumed too
                     self._advance_tail()
             finally:
                 if self.many_consumers:
@@ -947,7 +957,9 @@ cdef class Ring:
         cdef bint raw
         cdef Py_ssize_t k = 0, off = 0
         cdef int64_t deadline = deadline_of(block, timeout)
-        cdef char *dst
+        cdef uint8_t tag = 0
+        cdef uint32_t size = 0
+        cdef char *dst = NULL
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         out = []
@@ -969,19 +981,21 @@ cdef class Ring:
                     k = 0
                 while True:
                     if r.tag != TAG_PAD:
+                        self._payload(r, length, &tag, &size)
                         if records is not None:
-                            if r.tag != TAG_RECORD or r.size != self.record_size:
-                                self._corrupt(f"record of tag {r.tag} and {r.size} bytes in a fixed-record ring")
-                            memcpy(dst + off, (<char *>r) + SHM_REC_HDR, r.size)
-                            off += r.size
+                            if tag != TAG_RECORD or size != self.record_size:
+                                self._consumed(pos, length, r, size, False)
+                                self._corrupt(f"record of tag {tag} and {size} bytes in a fixed-record ring")
+                            memcpy(dst + off, (<char *>r) + SHM_REC_HDR, size)
+                            off += size
                         else:
-                            tags.append(r.tag)
+                            tags.append(tag)
                             try:
-                                out.append(self._copy_out(r, &raw))
+                                out.append(self._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw))
                             except CorruptMessage:
-                                self._consumed(pos, length, r, False)
+                                self._consumed(pos, length, r, size, False)
                                 raise
-                        self._consumed(pos, length, r, False)
+                        self._consumed(pos, length, r, size, False)
                         k += 1
                     else:
                         shm_store_rel64(&self.hdr.cons.cursor, pos + length)
@@ -1119,8 +1133,8 @@ cdef class MessageView:
         cdef Ring ring = self.ring
         cdef uint64_t pos, length
         cdef shm_rec_t *r
-        cdef uint8_t tag
-        cdef uint32_t size
+        cdef uint8_t tag = 0
+        cdef uint32_t size = 0
         cdef bint raw
         if self.held:
             raise RuntimeError("this view is already open")
@@ -1130,7 +1144,13 @@ cdef class MessageView:
             if r == NULL:
                 raise queue.Empty
             try:
-                ring._consumed(pos, length, r, True)
+                try:
+                    ring._payload(r, length, &tag, &size)
+                except BaseException:
+                    ring._consumed(pos, length, r, size, False)     # a bad record is consumed
+                    ring._advance_tail()
+                    raise
+                ring._consumed(pos, length, r, size, True)
             finally:
                 if ring.many_consumers:
                     ring._unlock(W_CLOCK)
@@ -1139,11 +1159,9 @@ cdef class MessageView:
             raise
         self.pos = pos
         self.held = True
-        tag = r.tag
-        size = r.size
         try:
             if TAG_STR <= tag <= TAG_NONE:
-                return ring._copy_out(r, &raw)
+                return ring._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw)
             start = (<char *>r) + SHM_REC_HDR - <char *>ring.view.buf
             self.mv = memoryview(ring.buffer)[start: start + size].toreadonly()
             if tag == TAG_BYTES or tag == TAG_BYTEARRAY:
