@@ -395,7 +395,11 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
             ready.read(HANDSHAKE_TIMEOUT, "ready signal")
             duration = warmup if round_no == 0 else seconds
             if workload == "pingpong":
-                stats = _pingpong_round(ep, pool, duration)
+                try:
+                    stats = _pingpong_round(ep, pool, duration)
+                except Exception as exc:
+                    _raise_peer_error(results, exc)
+                    raise
                 reply = results.read(HANDSHAKE_TIMEOUT, "result")
                 if "error" in reply:
                     raise VerifyError(f"echo side: {reply['error']}")
@@ -405,7 +409,13 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
                 if round_no:
                     out.append(stats)
                 continue
-            sent, t0 = _send_round(ep, transport.mode, kind, pool, objects, duration)
+            try:
+                sent, t0 = _send_round(ep, transport.mode, kind, pool, objects, duration)
+            except Exception as exc:
+                # the receiver may have stopped on purpose (it found a wrong
+                # message): its verdict explains the broken channel
+                _raise_peer_error(results, exc)
+                raise
             reply = results.read(max(60.0, seconds * 20), "result")
             if "error" in reply:
                 raise VerifyError(f"receiver: {reply['error']}")
@@ -423,6 +433,18 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
         os.close(ready_r)
         os.close(result_r)
     return {"rounds": out}
+
+
+def _raise_peer_error(results: _LineReader, exc: BaseException) -> None:
+    """If the peer reported an error, raise it (chained to `exc`)."""
+    if isinstance(exc, VerifyError):
+        return
+    try:
+        reply = results.read(2.0, "result")
+    except Exception:
+        return
+    if isinstance(reply, dict) and "error" in reply:
+        raise VerifyError(f"receiver: {reply['error']}") from exc
 
 
 def _reap(pid: int, timeout: float = 10.0) -> None:

@@ -1,0 +1,268 @@
+"""shmipc.bench: options, planning, the verifying receivers (a transport that
+drops, reorders or corrupts messages is caught), the hard timeout, reports.
+
+Every measurement here runs for real: a fresh forked measurement process and
+its forked peer, moving data through real shared memory or pipes. Rounds are
+kept very short; no figure is asserted, only counts and outcomes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+
+from shmipc.bench import Options, format_report, get_transports, markdown_tables, parse_size, plan, plot
+from shmipc.bench.runner import Spec, run_one
+from shmipc.bench.transports import Endpoint, OsPipe, ShmipcRing, Transport
+from shmipc.bench.workloads import message_pool
+
+
+# ---------------------------------------------------------------- options
+def test_parse_size():
+    assert parse_size("64") == 64
+    assert parse_size("1k") == 1024
+    assert parse_size("64KiB") == 64 << 10
+    assert parse_size("1M") == 1 << 20
+    assert parse_size("1MiB") == 1 << 20
+    for bad in ("", "abc", "0", "-5", "1x"):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+
+
+def test_transport_selection_by_name_and_prefix():
+    names = [t.name for t in get_transports(["shmipc"])]
+    assert names[:3] == ["shmipc.ring", "shmipc.ring+batch", "shmipc.ring+view"]
+    assert all(n.startswith("shmipc") for n in names)
+    assert [t.name for t in get_transports(["os.pipe"])] == ["os.pipe"]
+    assert {t.name for t in get_transports(["mp"])} == {"mp.Pipe", "mp.Queue", "mp.SimpleQueue", "mp.Pool"}
+    with pytest.raises(ValueError, match="unknown transport 'nope'.*os.pipe"):
+        get_transports(["nope"])
+
+
+def test_plan_uses_each_variant_where_it_applies():
+    specs = plan(Options(sizes=[64, 1 << 20], workloads=["throughput", "pingpong"]))
+    by = {(s.workload, s.size, s.transport.name) for s in specs}
+    assert ("throughput", 64, "shmipc.ring+batch") in by
+    assert ("throughput", 1 << 20, "shmipc.ring+batch") not in by      # batching is for small messages
+    assert ("throughput", 1 << 20, "shmipc.ring+view") in by
+    assert ("throughput", 64, "shmipc.ring+view") not in by            # views are for large ones
+    assert ("throughput", 64, "shmipc.ring") in by and ("throughput", 1 << 20, "shmipc.ring") in by
+    assert all(s.size == 64 for s in specs if s.workload == "pingpong")
+    assert not any(s.transport.name.endswith(("+batch", "+view")) for s in specs if s.workload == "pingpong")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("repeat", 0, "--repeat"), ("seconds", 0.0, "round duration"), ("workloads", ["x"], "unknown workload"),
+    ("sizes", [0], "positive"), ("processes", 0, "--processes"),
+])
+def test_bad_options_are_named(field, value, match):
+    options = Options()
+    setattr(options, field, value)
+    with pytest.raises(ValueError, match=match):
+        options.check()
+
+
+def test_message_pool_is_stamped_and_distinct():
+    for size in (16, 64, 1 << 20):
+        pool = message_pool(size)
+        assert len(pool) & (len(pool) - 1) == 0 and len(pool) >= 16
+        assert all(len(m) == size for m in pool)
+        assert len(set(pool)) == len(pool)
+        assert pool[5][:8] == pool[5][-8:] == (5).to_bytes(8, "little")
+
+
+# ---------------------------------------------------------------- real measurements
+def _opts(**kw) -> Options:
+    base = dict(repeat=2, seconds=0.03, progress=False, timeout=60)
+    base.update(kw)
+    return Options(**base)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["shmipc.ring", "shmipc.ring+batch", "os.pipe", "mp.Pipe"])
+def test_throughput_measurement_counts_every_message(tmp_path, transport, no_leaks):
+    t = get_transports([transport])[0]
+    record = run_one(Spec("throughput", t, 1024), _opts(), str(tmp_path))
+    assert record["status"] == "ok", record
+    assert len(record["rounds"]) == 2
+    for r in record["rounds"]:
+        assert r["messages"] > 0 and r["msgs_per_s"] > 0
+        assert r["mb_per_s"] == pytest.approx(r["msgs_per_s"] * 1024 / 1e6)
+    assert record["best"] == max(record["rounds"], key=lambda r: r["msgs_per_s"])
+
+
+@pytest.mark.timeout(60)
+def test_zero_copy_view_and_numpy(tmp_path, no_leaks):
+    pytest.importorskip("numpy")
+    view = get_transports(["shmipc.ring+view"])[0]
+    record = run_one(Spec("throughput", view, 1 << 20), _opts(), str(tmp_path))
+    assert record["status"] == "ok", record
+    for name in ("shmipc.ring+view", "os.pipe", "mp.Queue"):
+        record = run_one(Spec("numpy", get_transports([name])[0], 1 << 20), _opts(repeat=1), str(tmp_path))
+        assert record["status"] == "ok", (name, record)
+        assert record["best"]["messages"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_pingpong_reports_latency(tmp_path, no_leaks):
+    record = run_one(Spec("pingpong", ShmipcRing(), 64), _opts(), str(tmp_path))
+    assert record["status"] == "ok", record
+    best = record["best"]
+    assert best["round_trips"] > 0
+    assert 0 < best["min_us"] <= best["median_us"] <= best["p99_us"]
+    assert best == min(record["rounds"], key=lambda r: r["median_us"])
+
+
+@pytest.mark.timeout(90)
+def test_pool_map_workload(tmp_path, no_leaks):
+    t = get_transports(["mp.Pool"])[0]
+    record = run_one(Spec("pool", t, 0, "ints"), _opts(repeat=1), str(tmp_path))
+    assert record["status"] == "ok", record
+    assert record["best"]["items"] % 20_000 == 0 and record["best"]["items"] > 0
+
+
+# ---------------------------------------------------------------- cheating transports are caught
+class _Faulty(Transport):
+    """An os.pipe that drops, duplicates or corrupts one message in 300."""
+
+    objects = False
+
+    def __init__(self, fault: str) -> None:
+        self.name = f"faulty-{fault}"
+        self.fault = fault
+
+    def open(self, size, tmpdir):
+        channel = OsPipe().open(size, tmpdir)
+        fault = self.fault
+        side = channel.side
+
+        def faulty_side(which):
+            ep = side(which)
+            if which != "a":
+                return ep
+            send = ep.send
+            count = [0]
+
+            def bad_send(msg):
+                count[0] += 1
+                if count[0] % 300 == 0 and len(msg):
+                    if fault == "drop":
+                        return
+                    if fault == "duplicate":
+                        send(msg)
+                    if fault == "corrupt":
+                        msg = bytearray(msg)
+                        msg[len(msg) // 2] ^= 0xFF
+                send(msg)
+
+            faulty = Endpoint(bad_send, ep.recv, ep.close)
+            faulty.objects = False
+            return faulty
+
+        channel.side = faulty_side
+        return channel
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fault", ["drop", "duplicate", "corrupt"])
+def test_receiver_catches_a_faulty_transport(tmp_path, fault, no_leaks):
+    record = run_one(Spec("throughput", _Faulty(fault), 256), _opts(repeat=1, seconds=0.1), str(tmp_path))
+    assert record["status"] == "error", record
+    assert "message" in record["reason"] and "VerifyError" in record["reason"], record["reason"]
+
+
+class _Hangs(Transport):
+    """A transport whose receiver never returns: the runner must kill it."""
+
+    name = "hangs"
+
+    def open(self, size, tmpdir):
+        return _HangsChannel()
+
+
+class _HangsChannel:
+    def side(self, which):
+        return Endpoint(lambda m: None, lambda: time.sleep(3600))
+
+    def close(self):
+        pass
+
+
+@pytest.mark.timeout(60)
+def test_a_hanging_transport_is_killed_and_reported(tmp_path, no_leaks):
+    t0 = time.monotonic()
+    record = run_one(Spec("pingpong", _Hangs(), 64), _opts(timeout=2.0), str(tmp_path))
+    assert record["status"] == "timeout"
+    assert "2 s" in record["reason"]
+    assert time.monotonic() - t0 < 15
+
+
+class _Missing(Transport):
+    name = "missing"
+    requires = ("shmipc_no_such_module_xyz",)
+
+
+def test_a_missing_transport_is_skipped(tmp_path):
+    record = run_one(Spec("throughput", _Missing(), 64), _opts(), str(tmp_path))
+    assert record["status"] == "skipped"
+    assert "not available" in record["reason"] and "shmipc_no_such_module_xyz" in record["reason"]
+
+
+# ---------------------------------------------------------------- reports
+def _fake_report() -> dict:
+    def rec(workload, transport, mine, size, best, status="ok", reason=""):
+        return {"workload": workload, "transport": transport, "shmipc": mine, "size": size,
+                "pool_kind": "ints" if workload == "pool" else None, "note": "", "status": status,
+                "reason": reason, "rounds": [best] if best else [], "best": best or {}}
+
+    tp = lambda m, size: {"messages": 1, "seconds": 1.0, "msgs_per_s": m, "mb_per_s": m * size / 1e6}
+    records = []
+    for size in (64, 1 << 20):
+        records.append(rec("throughput", "shmipc.ring", True, size, tp(8e6 / size * 64, size)))
+        records.append(rec("throughput", "os.pipe", False, size, tp(1e6 / size * 64, size)))
+        records.append(rec("throughput", "pyzmq", False, size, None, "skipped", "not available (zmq)"))
+    records.append(rec("pingpong", "shmipc.ring", True, 64,
+                       {"round_trips": 10, "median_us": 1.0, "p99_us": 2.0, "min_us": 0.9, "round_trips_per_s": 1e6}))
+    records.append(rec("pingpong", "os.pipe", False, 64,
+                       {"round_trips": 10, "median_us": 50.0, "p99_us": 80.0, "min_us": 9, "round_trips_per_s": 2e4}))
+    records.append(rec("pingpong", "mp.Queue", False, 64, None, "timeout", "no result within 20 s: killed"))
+    from shmipc.bench.report import machine
+
+    return {"machine": dict(machine(), load_after=[0.0, 0.0, 0.0]),
+            "options": {"repeat": 3, "seconds_per_round": 0.2}, "records": records, "elapsed_s": 1.0}
+
+
+def test_report_tables_ratios_and_failures():
+    text = format_report(_fake_report())
+    assert "One-way throughput, parent -> forked child, 64 B messages" in text
+    assert "best of 3 rounds of 0.2 s" in text
+    assert "8.0x" in text                      # 8 M vs 1 M msgs/s
+    assert "50.0x" in text                     # 1 us vs 50 us median
+    assert "pyzmq" in text and "skipped" in text
+    assert "FAILED pingpong mp.Queue" in text
+    assert "cores" in text and "Python" in text or "CPython" in text
+    md = markdown_tables(_fake_report())
+    assert "| transport | msgs/s | MB/s | ring x | best x |" in md
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "chart.png"
+    plot(_fake_report(), str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = _fake_report()
+    report["records"] = [r for r in report["records"] if r["workload"] != "throughput"]
+    with pytest.raises(ValueError, match="no throughput"):
+        plot(report, str(path))
+
+
+def test_json_round_trip(tmp_path):
+    from shmipc.bench import write_json
+
+    path = tmp_path / "r.json"
+    write_json(_fake_report(), str(path))
+    data = json.loads(path.read_text())
+    assert {r["transport"] for r in data["records"]} >= {"shmipc.ring", "os.pipe"}
+    assert data["machine"]["cores"] == os.cpu_count()
