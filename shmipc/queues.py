@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import threading
 import time
 from typing import Any, Iterable
 
@@ -386,8 +387,19 @@ class SimpleQueue(_Base):
     def _writer(self) -> "_Writer":
         return _Writer(self)
 
+    @property
+    def _rlock(self) -> Any:
+        # multiprocessing.Pool's terminate takes this to stop its workers from
+        # reading while it drains the queue, then kills them; shmipc's get
+        # takes no such lock, so a lock of this process suffices.
+        lock = self.__dict__.get("_rlock_here")
+        if lock is None:
+            lock = self.__dict__.setdefault("_rlock_here", threading.Lock())
+        return lock
+
     def __getstate__(self) -> dict:
         state = super().__getstate__()
+        state.pop("_rlock_here", None)
         if self._bell >= 0:
             from multiprocessing import reduction
 
