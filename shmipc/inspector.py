@@ -92,7 +92,7 @@ def read_maps(pid: int) -> list[Mapping]:
 def _process_name(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            cmd = " ".join(f.read().replace(b"\0", b" ").decode(errors="replace").split())
         if cmd:
             return cmd if len(cmd) <= 100 else cmd[:97] + "..."
         with open(f"/proc/{pid}/comm") as f:

@@ -1,0 +1,226 @@
+"""The `shmipc` command, run for real in subprocesses: bench (tiny settings),
+demo, and inspect against a live child process that holds an arena."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from shmipc.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shmipc_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shmipc", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+# ---------------------------------------------------------------- bench
+@pytest.mark.timeout(120)
+def test_bench_quick_end_to_end(tmp_path):
+    out_json, out_png, out_md = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.md"
+    proc = shmipc_cmd("bench", "--quick", "--sizes", "64,4k", "--seconds", "0.03",
+                      "--json", str(out_json), "--plot", str(out_png), "--markdown", str(out_md),
+                      "--no-progress", timeout=110)
+    report = json.loads(out_json.read_text())
+    records = report["records"]
+    core = [r for r in records if r["transport"] in
+            ("shmipc.ring", "shmipc.ring+batch", "os.pipe", "mp.Pipe", "mp.Queue", "mp.SimpleQueue", "mp.Pool")]
+    assert core and all(r["status"] == "ok" for r in core), [(r["transport"], r["reason"]) for r in core]
+    failed = [r for r in records if r["status"] in ("error", "timeout")]
+    assert proc.returncode == (1 if failed else 0), proc.stderr
+    assert {r["workload"] for r in records} == {"throughput", "pingpong", "pool", "numpy"}
+    assert {r["size"] for r in records if r["workload"] == "throughput"} == {64, 4096}
+    for r in records:
+        if r["status"] == "ok":
+            assert len(r["rounds"]) == 1 and r["best"]
+    out = proc.stdout
+    assert "One-way throughput, parent -> forked child, 64 B messages" in out
+    assert "Ping-pong round trip" in out and "Pool.map" in out and "numpy" in out
+    assert "machine:" in out and "cores" in out and "Summary" in out
+    assert "x vs " in out                                     # a ratio line of the summary
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "| transport |" in out_md.read_text()
+    assert report["machine"]["cores"] == os.cpu_count()
+
+
+@pytest.mark.timeout(60)
+def test_bench_selected_transports_only():
+    proc = shmipc_cmd("bench", "--transports", "shmipc.ring,os.pipe", "--workloads", "pingpong",
+                      "--repeat", "2", "--seconds", "0.03", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("  ")]
+    names = {line.split()[0] for line in lines}
+    assert {"shmipc.ring", "os.pipe"} <= names and "mp.Pipe" not in names
+    assert "best of 2 rounds" in proc.stdout
+    assert "pingpong" in proc.stdout and "vs os.pipe" in proc.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args,message", [
+    (["--transports", "carrier-pigeon"], "unknown transport 'carrier-pigeon'"),
+    (["--sizes", "huge"], "not a message size: 'huge'"),
+    (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--workloads", "everything"], "unknown workload 'everything'"),
+])
+def test_bench_bad_arguments_exit_2(args, message):
+    proc = shmipc_cmd("bench", *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+
+
+def test_bench_list(capsys):
+    assert main(["bench", "--list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("shmipc.ring", "os.pipe", "mp.Queue", "faster-fifo", "pyzmq"):
+        assert name in out
+
+
+def test_help_and_missing_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "bench" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- demo
+@pytest.mark.timeout(60)
+def test_demo_verifies_every_message():
+    proc = shmipc_cmd("demo", "--children", "3", "--messages", "5000")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert "anonymous shared arena" in out and "forked 3 children" in out
+    assert "verified 5,000 of 5,000 messages" in out
+    assert "messages/s" in out and "OK:" in out
+    assert out.count("handled") == 3
+
+
+@pytest.mark.timeout(30)
+def test_demo_bad_arguments():
+    proc = shmipc_cmd("demo", "--children", "0")
+    assert proc.returncode == 2 and "--children" in proc.stderr
+
+
+# ---------------------------------------------------------------- inspect
+HOLDER = textwrap.dedent("""
+    import sys, time, shmipc
+    arena = shmipc.Arena(8 << 20)
+    tasks = arena.ring(1 << 16, name="tasks")
+    spare = arena.ring(1 << 12)
+    state = arena.block(4096, name="state")
+    for i in range(123):
+        tasks.put(b"x" * 100)
+    for i in range(23):
+        tasks.get()
+    print("ready", flush=True)
+    if sys.argv[1] == "busy":
+        i = 0
+        while True:
+            tasks.put(i); tasks.get(); i += 1
+            if i % 1000 == 0:
+                time.sleep(0.001)
+    time.sleep(60)
+""")
+
+
+@pytest.fixture
+def holder(request):
+    """A live child process holding an anonymous arena with two rings."""
+    mode = getattr(request, "param", "idle")
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, mode], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_inspect_live_process(holder):
+    proc = shmipc_cmd("inspect", str(holder.pid))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"process {holder.pid}" in out
+    assert "/memfd:shmipc (deleted)" in out and "rw-s" in out
+    tasks = next(line for line in out.splitlines() if line.strip().startswith("tasks"))
+    assert "123" in tasks.split() and "100" in tasks.split()       # messages in / depth
+    assert "#1" in out                                            # the unnamed ring too
+    assert "blocks: state" in out
+
+    proc = shmipc_cmd("inspect", str(holder.pid), "--json")
+    data = json.loads(proc.stdout)
+    arena = next(a for a in data["arenas"] if a["backing"] == "/memfd:shmipc (deleted)")
+    rings = {r["name"]: r for r in arena["regions"] if r["kind"] == "ring"}
+    stats = rings["tasks"]["stats"]
+    assert (stats["messages_in"], stats["messages_out"], stats["qsize"]) == (123, 23, 100)
+    assert rings["#1"]["stats"]["messages_in"] == 0
+    mapping = next(m for m in data["mappings"] if m["path"] == "/memfd:shmipc (deleted)")
+    assert mapping["size"] == 8 << 20 and mapping["shared"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("holder", ["busy"], indirect=True)
+def test_inspect_watch_refreshes_until_ctrl_c(holder):
+    watcher = subprocess.Popen([sys.executable, "-m", "shmipc", "inspect", str(holder.pid), "--watch",
+                                "--interval", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, cwd=ROOT)
+    try:
+        time.sleep(2.0)
+        watcher.send_signal(signal.SIGINT)
+        out, err = watcher.communicate(timeout=20)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.wait()
+    assert watcher.returncode == 0, err
+    assert out.count(f"process {holder.pid}") >= 3
+    assert "out/s" in out                          # rates once there is a previous refresh
+    assert "Ctrl-C to stop" in out
+
+
+@pytest.mark.timeout(30)
+def test_inspect_missing_process():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    result = shmipc_cmd("inspect", str(proc.pid))
+    assert result.returncode == 1
+    assert f"no process with pid {proc.pid}" in result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_inspect_process_without_arenas():
+    result = shmipc_cmd("inspect", str(os.getpid()))
+    assert result.returncode == 0
+    assert "no shmipc arena mapped" in result.stdout
+
+
+def test_inspect_refuses_non_arena_memory(tmp_path):
+    """A shared mapping that is not an arena is never opened as one (which
+    would format it)."""
+    import mmap
+
+    from shmipc.inspector import inspect_process
+
+    path = tmp_path / "zeros"
+    path.write_bytes(bytes(1 << 16))
+    with open(path, "r+b") as f:
+        m = mmap.mmap(f.fileno(), 1 << 16)
+        try:
+            data = inspect_process(os.getpid())
+            assert any(mp["path"] == str(path) for mp in data["mappings"])
+            assert not any(a["backing"] == str(path) for a in data["arenas"])
+            assert m[:8] == bytes(8)
+        finally:
+            m.close()
+    assert path.read_bytes() == bytes(1 << 16)
