@@ -64,8 +64,11 @@ def _ring_maxsize(maxsize: Any) -> int:
 
 def _timeout(timeout: Any) -> Any:
     # multiprocessing treats a negative timeout as 0 (its semaphores clamp it)
-    if timeout is not None and timeout < 0:
-        return 0.0
+    try:
+        if timeout < 0:
+            return 0.0
+    except TypeError:
+        raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}") from None
     return timeout
 
 

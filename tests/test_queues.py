@@ -1,0 +1,460 @@
+"""Queue, SimpleQueue, JoinableQueue: one test body run against multiprocessing
+and shmipc for every shared behaviour, under fork, spawn and forkserver; then
+what only shmipc does (errors at put, batches, stats, waitable SimpleQueue)."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import threading
+import time
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+import shmipc
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(params=["multiprocessing", "shmipc"])
+def impl(request):
+    """The module under test: both expose Queue, SimpleQueue, JoinableQueue."""
+    return multiprocessing if request.param == "multiprocessing" else shmipc
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request):
+    return multiprocessing.get_context(request.param)
+
+
+@pytest.fixture
+def kit(impl, ctx):
+    """What makes the queues for children started by `ctx`: multiprocessing's
+    queues must come from the same context; shmipc's work with any."""
+    return ctx if impl is multiprocessing else shmipc
+
+
+# ------------------------------------------------------------ child targets
+def consume_and_report(q, out, n):
+    """Take n items, report (count, sum)."""
+    total = 0
+    for _ in range(n):
+        total += q.get(timeout=30)
+    out.put((n, total))
+
+
+def produce(q, start, n):
+    for i in range(start, start + n):
+        q.put(i)
+
+
+def consume_digest(q, out):
+    """Take byte strings until None; report how many and an order-free checksum."""
+    count, acc = 0, 0
+    while True:
+        item = q.get(timeout=30)
+        if item is None:
+            break
+        count += 1
+        acc ^= int.from_bytes(hashlib.sha256(item).digest()[:8], "little")
+    out.put((count, acc))
+
+
+def produce_blobs(q, seed, n):
+    for i in range(n):
+        q.put(f"{seed}:{i}".encode() * (1 + i % 7))
+
+
+def slow_consumer(q, delay, n, out):
+    time.sleep(delay)
+    got = [q.get(timeout=30) for _ in range(n)]
+    out.put(got)
+
+
+def joinable_worker(q, out):
+    done = 0
+    while True:
+        item = q.get(timeout=30)
+        if item is None:
+            q.task_done()
+            break
+        time.sleep(0.001)
+        done += item
+        q.task_done()
+    out.put(done)
+
+
+def echo_simple(inq, outq):
+    while True:
+        item = inq.get()
+        if item == "stop":
+            break
+        outq.put(item)
+
+
+SAMPLES = [b"bytes", "str \u2603", 7, -2.5, None, True, (1, "x"), {"k": [1, 2]}, Fraction(1, 3),
+           ValueError("boom", 3), bytearray(b"ba")]
+
+
+# ------------------------------------------------------------ shared behaviour
+@pytest.mark.timeout(30)
+def test_fifo_order_and_types(impl):
+    q = impl.Queue()
+    for obj in SAMPLES:
+        q.put(obj)
+    got = [q.get(timeout=5) for _ in SAMPLES]
+    for a, b in zip(SAMPLES, got):
+        assert type(a) is type(b)
+        if isinstance(a, Exception):
+            assert a.args == b.args
+        else:
+            assert a == b
+    for i in range(1000):
+        q.put(i)
+    assert [q.get(timeout=5) for _ in range(1000)] == list(range(1000))
+
+
+@pytest.mark.timeout(30)
+def test_timeouts_and_nowait(impl):
+    q = impl.Queue(maxsize=1)
+    t = time.monotonic()
+    with pytest.raises(queue.Empty):
+        q.get(timeout=0.2)
+    assert time.monotonic() - t >= 0.15
+    with pytest.raises(queue.Empty):
+        q.get_nowait()
+    with pytest.raises(queue.Empty):
+        q.get(False)
+    with pytest.raises(queue.Empty):
+        q.get(timeout=-1)                  # multiprocessing treats a negative timeout as 0
+    q.put(1)
+    t = time.monotonic()
+    with pytest.raises(queue.Full):
+        q.put(2, timeout=0.2)
+    assert time.monotonic() - t >= 0.15
+    with pytest.raises(queue.Full):
+        q.put_nowait(2)
+    with pytest.raises(queue.Full):
+        q.put(2, block=False, timeout=10)   # block=False ignores the timeout
+    assert q.get(timeout=5) == 1
+
+
+@pytest.mark.timeout(30)
+def test_qsize_empty_full(impl):
+    q = impl.Queue(maxsize=3)
+    assert q.empty() and not q.full() and q.qsize() == 0
+    for i in range(3):
+        q.put(i)
+    deadline = time.monotonic() + 5        # multiprocessing's feeder thread lags
+    while q.empty() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert q.full() and q.qsize() == 3 and not q.empty()
+    q.get(timeout=5)
+    assert not q.full() and q.qsize() == 2
+
+
+@pytest.mark.timeout(60)
+def test_maxsize_blocks_until_a_consumer_takes(kit, ctx):
+    q = kit.Queue(maxsize=2)
+    out = kit.Queue()
+    p = ctx.Process(target=slow_consumer, args=(q, 0.3, 5, out))
+    p.start()
+    t = time.monotonic()
+    for i in range(5):
+        q.put(i, timeout=20)               # the third put waits for the child
+    assert time.monotonic() - t >= 0.2
+    assert out.get(timeout=20) == list(range(5))
+    p.join(20)
+    assert p.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_queue_passed_to_child(kit, ctx):
+    q, out = kit.Queue(), kit.Queue()
+    p = ctx.Process(target=consume_and_report, args=(q, out, 100))
+    p.start()
+    for i in range(100):
+        q.put(i)
+    assert out.get(timeout=30) == (100, sum(range(100)))
+    p.join(20)
+    assert p.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_many_producers_many_consumers_checksums(impl):
+    ctx = multiprocessing.get_context("fork")
+    q, out = impl.Queue(maxsize=64), impl.Queue()
+    nprod, ncons, per = 3, 2, 1500
+    expect_acc = 0
+    for s in range(nprod):
+        for i in range(per):
+            expect_acc ^= int.from_bytes(hashlib.sha256(f"{s}:{i}".encode() * (1 + i % 7)).digest()[:8], "little")
+    cons = [ctx.Process(target=consume_digest, args=(q, out)) for _ in range(ncons)]
+    prods = [ctx.Process(target=produce_blobs, args=(q, s, per)) for s in range(nprod)]
+    for p in cons + prods:
+        p.start()
+    for p in prods:
+        p.join(30)
+        assert p.exitcode == 0
+    for _ in cons:
+        q.put(None)
+    results = [out.get(timeout=30) for _ in cons]
+    for p in cons:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(c for c, _ in results) == nprod * per
+    acc = 0
+    for _, a in results:
+        acc ^= a
+    assert acc == expect_acc
+
+
+@pytest.mark.timeout(30)
+def test_close_semantics(impl):
+    q = impl.Queue()
+    q.put(1)
+    with pytest.raises(AssertionError):
+        q.join_thread()                    # not closed yet
+    q.cancel_join_thread()
+    q.close()
+    q.close()                              # idempotent
+    q.join_thread()
+    with pytest.raises(ValueError, match="is closed"):
+        q.put(2)
+    with pytest.raises(ValueError, match="is closed"):
+        q.get(timeout=1)
+
+
+@pytest.mark.timeout(30)
+def test_pickling_outside_process_start_is_refused(impl):
+    for q in (impl.Queue(), impl.JoinableQueue()):
+        with pytest.raises(RuntimeError, match="inheritance"):
+            pickle.dumps(q)
+
+
+@pytest.mark.timeout(30)
+def test_unpicklable_object(impl, capfd):
+    q = impl.Queue()
+    if impl is shmipc:
+        with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+            q.put(lambda: 0)                    # raised here, in the caller
+        with pytest.raises(TypeError):
+            q.put(threading.Lock())
+        assert q.empty()
+    else:
+        q.put(lambda: 0)                        # lost in the feeder thread
+        with pytest.raises(queue.Empty):
+            q.get(timeout=0.5)
+        assert "pickle" in capfd.readouterr().err.lower()
+    q.put("after")                              # the queue still works
+    assert q.get(timeout=5) == "after"
+
+
+@pytest.mark.timeout(30)
+def test_task_done_too_many_times(impl):
+    q = impl.JoinableQueue()
+    with pytest.raises(ValueError, match="too many times"):
+        q.task_done()
+    q.put(1)
+    q.get(timeout=5)
+    q.task_done()
+    with pytest.raises(ValueError, match="too many times"):
+        q.task_done()
+    q.join()
+
+
+@pytest.mark.timeout(60)
+def test_joinable_queue_join_waits_for_workers(kit, ctx):
+    q, out = kit.JoinableQueue(), kit.Queue()
+    workers = [ctx.Process(target=joinable_worker, args=(q, out)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for i in range(200):
+        q.put(i)
+    q.put(None)
+    q.put(None)
+    q.join()                                    # returns only when all 202 are done
+    assert sum(out.get(timeout=10) for _ in workers) == sum(range(200))
+    for w in workers:
+        w.join(20)
+        assert w.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_simple_queue(kit, ctx):
+    inq, outq = kit.SimpleQueue(), kit.SimpleQueue()
+    assert inq.empty()
+    p = ctx.Process(target=echo_simple, args=(inq, outq))
+    p.start()
+    for obj in SAMPLES[:7]:
+        inq.put(obj)
+    assert [outq.get() for _ in range(7)] == SAMPLES[:7]
+    inq.put("stop")
+    p.join(20)
+    assert p.exitcode == 0
+    assert outq.empty()
+    inq.close()
+    with pytest.raises((ValueError, OSError)):
+        inq.get()
+
+
+@pytest.mark.timeout(30)
+def test_blocked_get_wakes_on_put_from_thread(impl):
+    q = impl.Queue()
+    got = []
+    t = threading.Thread(target=lambda: got.append(q.get(timeout=10)))
+    t.start()
+    time.sleep(0.1)
+    q.put("wake")
+    t.join(10)
+    assert got == ["wake"]
+
+
+# ------------------------------------------------------------ shmipc only
+@pytest.mark.timeout(30)
+def test_message_too_large_raises_at_once():
+    q = shmipc.Queue(capacity=4096)
+    assert q.capacity == 4096 and q.max_message_size < 2048
+    t = time.monotonic()
+    with pytest.raises(shmipc.MessageTooLarge) as info:
+        q.put(b"x" * 5000, timeout=10)
+    assert time.monotonic() - t < 1
+    assert info.value.size >= 5000 and info.value.capacity == 4096
+    assert q.empty()
+    q.put(b"y" * 1000)
+    assert q.get(timeout=1) == b"y" * 1000
+
+
+@pytest.mark.timeout(30)
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="1000"):
+        shmipc.Queue(capacity=1000)
+    with pytest.raises(TypeError, match="capacity"):
+        shmipc.Queue(capacity="big")
+    with pytest.raises(TypeError, match="maxsize"):
+        shmipc.Queue(maxsize=1.5)
+    with pytest.raises(TypeError, match="timeout"):
+        shmipc.Queue().get(timeout="soon")
+    q = shmipc.Queue(maxsize=-5)                # as multiprocessing: unbounded
+    for i in range(100):
+        q.put_nowait(i)
+    with pytest.raises(ValueError, match="max_items"):
+        q.get_many(0)
+
+
+@pytest.mark.timeout(30)
+def test_put_many_get_many_and_stats():
+    q = shmipc.Queue(maxsize=0)
+    assert q.put_many(range(500)) == 500
+    assert q.put_many([b"a", "b", None]) == 3
+    got = []
+    while len(got) < 503:
+        got += q.get_many(128, timeout=5)
+    assert got == list(range(500)) + [b"a", "b", None]
+    stats = q.stats()
+    assert stats["messages_in"] == stats["messages_out"] == 503 and stats["qsize"] == 0
+    with pytest.raises(queue.Empty):
+        q.get_many(10, timeout=0.05)
+    small = shmipc.Queue(maxsize=10)
+    with pytest.raises(queue.Full) as info:
+        small.put_many(range(20), timeout=0.1)
+    assert info.value.args[0] == 10
+    assert small.get_many(100) == list(range(10))
+
+
+@pytest.mark.timeout(30)
+def test_numpy_arrays_through_queue():
+    q = shmipc.Queue()
+    arrays = [np.arange(100_000, dtype=np.float64), np.zeros((3, 4), dtype=np.int8), np.array(2.5)]
+    for a in arrays:
+        q.put(a)
+    for a in arrays:
+        b = q.get(timeout=5)
+        assert b.dtype == a.dtype and b.shape == a.shape and np.array_equal(a, b)
+
+
+@pytest.mark.timeout(30)
+def test_joinable_unfinished_tasks_and_join_timeout():
+    q = shmipc.JoinableQueue()
+    q.put(1)
+    q.put(2)
+    assert q.stats()["unfinished_tasks"] == 2
+    assert q.join(timeout=0.05) is False
+    q.get()
+    q.task_done()
+    q.get()
+    q.task_done()
+    assert q.stats()["unfinished_tasks"] == 0 and q.join(timeout=1) is True
+
+
+@pytest.mark.timeout(60)
+def test_waitable_simple_queue_with_connection_wait():
+    ctx = multiprocessing.get_context("fork")
+    inq, outq = shmipc.SimpleQueue(), shmipc.get_context().SimpleQueue()
+    assert outq.waitable and not inq.waitable
+    with pytest.raises(OSError, match="waitable"):
+        inq._reader.fileno()
+    p = ctx.Process(target=echo_simple, args=(inq, outq))
+    p.start()
+    reader = outq._reader
+    assert multiprocessing.connection.wait([reader], timeout=0.1) == []
+    assert not reader.poll(0)
+    for i in range(50):
+        inq.put(i)
+    got = []
+    while len(got) < 50:
+        assert multiprocessing.connection.wait([reader, p.sentinel], timeout=10) == [reader] or got
+        got.append(reader.recv())
+    assert got == list(range(50))
+    inq.put("stop")
+    p.join(20)
+    assert p.exitcode == 0
+    assert multiprocessing.connection.wait([reader], timeout=0.05) == []
+
+
+@pytest.mark.timeout(60)
+def test_multiprocessing_pool_with_shmipc_context_queues():
+    import multiprocessing.pool
+
+    with multiprocessing.pool.Pool(2, context=shmipc.get_context("fork")) as pool:
+        assert pool.map(abs, range(-50, 50)) == [abs(i) for i in range(-50, 50)]
+    pool.join()
+
+
+@pytest.mark.timeout(30)
+def test_close_wakes_a_getter_blocked_in_another_thread():
+    q = shmipc.Queue()
+    errors = []
+
+    def getter():
+        try:
+            q.get(timeout=20)
+        except BaseException as exc:          # noqa: BLE001 - recorded for the assert
+            errors.append(exc)
+
+    t = threading.Thread(target=getter)
+    t.start()
+    time.sleep(0.1)
+    q.close()
+    t.join(5)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], ValueError)
+
+
+@pytest.mark.timeout(30)
+def test_no_leaks(no_leaks):
+    for _ in range(20):
+        q = shmipc.Queue(capacity=1 << 16)
+        q.put(b"x")
+        q.close()
+        s = shmipc.SimpleQueue(waitable=True, capacity=1 << 16)
+        s.put(1)
+        assert s.get() == 1
+        s.close()
+        j = shmipc.JoinableQueue(capacity=1 << 16)
+        del q, s, j
