@@ -14,7 +14,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Callable, Iterable, Iterator
 
-from shmipc.pool import K_CALL, K_STARMAP, RUN, _Engine, _Task
+from shmipc.pool import K_CALL, K_MAP, K_STARMAP, RUN, _Engine, _Task
 
 __all__ = ["ProcessPoolExecutor"]
 
@@ -33,7 +33,7 @@ class _FutureJob:
         # False when the future was cancelled before a worker got it
         return self.future.set_running_or_notify_cancel()
 
-    def _split(self, task: _Task, first: _Task, second: _Task) -> None:
+    def _split(self, task: _Task, parts: list) -> None:
         raise AssertionError("executor tasks are single calls and never split")
 
     def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
@@ -125,19 +125,29 @@ class ProcessPoolExecutor(Executor):
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
         end_time = None if timeout is None else timeout + time.monotonic()
-        zipped = zip(*iterables)
+        # one iterable: chunks of its items (a range: range slices, a few bytes
+        # each); several: chunks of argument tuples, as the standard executor
+        if len(iterables) == 1:
+            kind = K_MAP
+            source = iterables[0]
+            if isinstance(source, range):
+                chunks: Iterator = (source[i: i + chunksize] for i in range(0, len(source), chunksize))
+            else:
+                it = iter(source)
+                chunks = iter(lambda: list(itertools.islice(it, chunksize)), [])
+        else:
+            kind = K_STARMAP
+            zipped = zip(*iterables)
+            chunks = iter(lambda: list(itertools.islice(zipped, chunksize)), [])
         futures = []
         with self._shutdown_lock:
             if self._shutdown or self._engine is None or self._engine._state != RUN:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             tasks = []
-            while True:
-                chunk = list(itertools.islice(zipped, chunksize))
-                if not chunk:
-                    break
+            for chunk in chunks:
                 future: Future = Future()
                 futures.append(future)
-                tasks.append(_Task(_FutureJob(future), 0, 0, K_STARMAP, fn, chunk, 0))
+                tasks.append(_Task(_FutureJob(future), 0, 0, kind, fn, chunk, 0))
             self._engine.submit_tasks(iter(tasks))
         return self._results(futures, end_time)
 

@@ -72,13 +72,46 @@ K_STARMAP = 2       # payload [args, ...]: [func(*args), ...]
 _SLOT = struct.Struct("<IIQ")
 _SLOT_SIZE = 64                       # one cache line per worker
 
-_CREDIT = 2                           # tasks queued per worker beyond its current one
+# How many tasks may wait in a worker's ring behind the one it runs: enough
+# to cover the parent's reaction time (a thread wake-up, ~0.1 ms) for short
+# tasks, few for long ones so that work stays balanced between workers. Each
+# slot's credit follows the time between its completions (EWMA).
+_CREDIT_MIN = 2
+_CREDIT_MAX = 64
+_CREDIT_HORIZON = 0.004               # seconds of work to keep queued per worker
 _MAX_WORKERS = MAX_REGIONS - 2        # a task ring each, plus the result ring and slot table
 _TASK_RING = 8 << 20                  # per worker: messages up to 4 MiB
 _RESULT_RING = 32 << 20               # shared: messages up to 16 MiB
 _POLL = 0.05                          # bookkeeping wakes at least this often (worker exits)
 _job_counter = itertools.count()
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
+
+
+_BLOB_MIN = 16 << 10                  # bytes at least this long travel out of band
+
+
+class _Blob:
+    """Wraps a large bytes object so that pickle protocol 5 hands its buffer
+    to the ring out of band (one copy, straight into shared memory) instead
+    of copying it into the pickle stream; it unpickles as plain bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        if isinstance(protocol, int) and protocol >= 5:
+            return bytes, (pickle.PickleBuffer(self.data),)
+        return bytes, (self.data,)
+
+
+def _wrap_blobs(items: Any) -> Any:
+    """`items` (a chunk) with large bytes wrapped in _Blob; checks only the
+    first item's type, so chunks of anything else cost nothing."""
+    if not isinstance(items, list) or not items or type(items[0]) is not bytes:
+        return items
+    return [_Blob(x) if type(x) is bytes and len(x) >= _BLOB_MIN else x for x in items]
 
 
 # ---------------------------------------------------------------------- worker side
@@ -118,7 +151,12 @@ def _send_result(results: Any, seq: int, ok: bool, value: Any, kind: int, offset
     """Put a result; split a list too large for the ring into pieces, and turn
     an unpicklable or too large value into an error for the parent."""
     try:
-        results.put((seq, ok, offset, last, value))
+        if ok:
+            wire = _wrap_blobs(value) if kind != K_CALL else (
+                _Blob(value) if type(value) is bytes and len(value) >= _BLOB_MIN else value)
+        else:
+            wire = value
+        results.put((seq, ok, offset, last, wire))
         return
     except MessageTooLarge as exc:
         if ok and kind != K_CALL and len(value) > 1:
@@ -214,7 +252,7 @@ class _Engine:
         failed, or when its worker died (then it is re-queued, or failed if
         it was the one running and has no tries left);
       * self._outstanding[slot] == number of in-flight tasks sent to slot;
-        at most _CREDIT + 1 (and never past the worker's maxtasks);
+        at most self._credit[slot] + 1 (and never past the worker's maxtasks);
       * a worker's exit is handled only after the result ring was drained,
         so results it committed before dying are never mistaken for losses.
     """
@@ -250,6 +288,9 @@ class _Engine:
         self._queue: Deque[Any] = collections.deque()      # _Task, or an iterator of _Tasks
         self._inflight: dict[int, _Task] = {}
         self._outstanding = [0] * processes
+        self._credit = [_CREDIT_MIN] * processes
+        self._interval = [0.01] * processes                 # EWMA of seconds between completions
+        self._last_done = [0.0] * processes
         self._sent_to = [0] * processes                     # tasks sent to the slot's current worker
         self._assigned: list[Deque[int]] = [collections.deque() for _ in range(processes)]
         self._stopping = [False] * processes                # a stop message was sent
@@ -293,10 +334,11 @@ class _Engine:
             self._dispatch()
 
     def _free_slot(self) -> int:
-        best, best_load = -1, _CREDIT + 1
+        best, best_load = -1, _CREDIT_MAX + 1
         for slot in range(self._processes):
             load = self._outstanding[slot]
-            if load < best_load and not self._stopping[slot] and slot in self._live:
+            if load <= self._credit[slot] and load < best_load and not self._stopping[slot] \
+                    and slot in self._live:
                 if self._maxtasks is not None and self._sent_to[slot] >= self._maxtasks:
                     continue
                 best, best_load = slot, load
@@ -330,21 +372,26 @@ class _Engine:
                 task.started = True
             task.seq = next(self._seq)
             try:
-                self._tasks[slot].put_nowait((task.seq, task.kind, task.func, task.payload))
+                payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
+                self._tasks[slot].put_nowait((task.seq, task.kind, task.func, payload))
+                del payload
             except queue.Full:
                 self._queue.appendleft(task)
                 blocked.add(slot)
                 break
             except MessageTooLarge as exc:
-                if task.kind != K_CALL and len(task.payload) > 1:
-                    half = len(task.payload) // 2
-                    first = _Task(task.job, task.index, task.start, task.kind, task.func,
-                                  task.payload[:half], task.tries_left)
-                    second = _Task(task.job, task.index, task.start + half, task.kind, task.func,
-                                   task.payload[half:], task.tries_left)
-                    task.job._split(task, first, second)
-                    self._queue.appendleft(second)
-                    self._queue.appendleft(first)
+                n = len(task.payload) if task.kind != K_CALL else 1
+                if n > 1:
+                    # cut it into pieces that fit (with room to spare), keeping item order
+                    pieces = min(n, -(-exc.size * 5 // (exc.limit * 4)))
+                    step = -(-n // pieces)
+                    parts = [_Task(task.job, task.index, task.start + i, task.kind, task.func,
+                                   task.payload[i: i + step], task.tries_left)
+                             for i in range(0, n, step)]
+                    for part in parts:
+                        part.started = task.started
+                    task.job._split(task, parts)
+                    self._queue.extendleft(reversed(parts))
                     continue
                 later += task.job._deliver(task, False, exc)
                 continue
@@ -430,6 +477,11 @@ class _Engine:
         del self._inflight[task.seq]
         slot = task.slot
         self._outstanding[slot] -= 1
+        now = time.monotonic()
+        if self._last_done[slot]:
+            interval = self._interval[slot] = 0.8 * self._interval[slot] + 0.2 * (now - self._last_done[slot])
+            self._credit[slot] = max(_CREDIT_MIN, min(_CREDIT_MAX, int(_CREDIT_HORIZON / max(interval, 1e-6))))
+        self._last_done[slot] = now
         try:
             self._assigned[slot].remove(task.seq)
         except ValueError:
@@ -473,6 +525,7 @@ class _Engine:
         self._assigned[slot].clear()
         self._outstanding[slot] = 0
         self._sent_to[slot] = 0
+        self._last_done[slot] = 0.0
         self._stopping[slot] = False
         _SLOT.pack_into(self._slots, slot * _SLOT_SIZE, 0, 0, 0)
         if ev.exitcode != 0 or busy:
@@ -634,7 +687,7 @@ class ApplyResult:
     def _start_task(self, task: _Task) -> bool:
         return True
 
-    def _split(self, task: _Task, first: _Task, second: _Task) -> None:
+    def _split(self, task: _Task, parts: list) -> None:
         pass
 
     def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
@@ -670,8 +723,8 @@ class MapResult(ApplyResult):
     def _add_chunk(self) -> None:
         self._left += 1
 
-    def _split(self, task: _Task, first: _Task, second: _Task) -> None:
-        self._left += 1
+    def _split(self, task: _Task, parts: list) -> None:
+        self._left += len(parts) - 1
 
     def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
         self._left -= 1
@@ -740,7 +793,7 @@ class IMapIterator:
     def _start_task(self, task: _Task) -> bool:
         return True
 
-    def _split(self, task: _Task, first: _Task, second: _Task) -> None:
+    def _split(self, task: _Task, parts: list) -> None:
         pass            # imap pieces are joined back by position below
 
     def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
@@ -978,9 +1031,8 @@ class Pool:
     def _map_async(self, func: Callable, iterable: Iterable, kind: int, chunksize: int | None,
                    callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
         assert self._engine is not None
-        if not hasattr(iterable, "__len__"):
-            iterable = list(iterable)
-        items = iterable if isinstance(iterable, list) else list(iterable)
+        # a range stays a range: its slices pickle in a few bytes
+        items = iterable if isinstance(iterable, (list, tuple, range)) else list(iterable)
         if chunksize is None:
             chunksize, extra = divmod(len(items), self._processes * 4)
             if extra:
