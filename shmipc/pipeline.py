@@ -95,6 +95,7 @@ S_IDLE, S_BUSY, S_DONE = 0, 1, 2
 SLOT_WORDS = 32
 MAX_PATH = SLOT_WORDS - 5
 
+OUT_OF_BAND_MIN = 4096   # bytes: smaller bytes values are cheaper pickled in band
 POLL_S = 0.05            # parent's longest sleep before it looks at its workers
 WORKER_POLL_S = 0.5      # worker's longest sleep before it looks at the stop flag
 REAP_EVERY_S = 0.1       # how often the parent checks for dead workers
@@ -853,15 +854,21 @@ _ndarray: Any = None          # numpy.ndarray, once numpy is imported
 
 
 def _pack(value: Any) -> tuple[Any, Any]:
-    """(value, meta) for an envelope: a plain-dtype numpy array becomes its
-    raw data (an out-of-band buffer) and (dtype.str, shape)."""
+    """(value, meta) for an envelope. A plain-dtype numpy array becomes its
+    raw data (an out-of-band buffer) and (dtype.str, shape); large bytes and
+    bytearrays go out of band too (in band, pickle would copy them once more)."""
     global _ndarray
+    t = type(value)
+    if t is bytes or t is bytearray:
+        if len(value) < OUT_OF_BAND_MIN:
+            return value, None
+        return pickle.PickleBuffer(value), t.__name__
     if _ndarray is None:
         np = sys.modules.get("numpy")
         if np is None:
             return value, None
         _ndarray = np.ndarray
-    if type(value) is not _ndarray:
+    if t is not _ndarray:
         return value, None
     dt = value.dtype
     if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
@@ -871,8 +878,13 @@ def _pack(value: Any) -> tuple[Any, Any]:
     return pickle.PickleBuffer(value), (dt.str, value.shape)
 
 
-def _unpack(data: Any, meta: tuple) -> Any:
-    """The array that _pack took apart (over the received buffer, no copy)."""
+def _unpack(data: Any, meta: Any) -> Any:
+    """The value that _pack took apart (an array over the received buffer,
+    with no copy; bytes and bytearrays copied out of it)."""
+    if meta == "bytes":
+        return bytes(data)
+    if meta == "bytearray":
+        return bytearray(data)
     import numpy as np
 
     dtype, shape = meta

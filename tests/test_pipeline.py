@@ -206,6 +206,61 @@ def test_numpy_arrays_between_stages(no_leaks):
         np.testing.assert_array_equal(sums, (255 - img).sum(axis=1, dtype=np.int64))
 
 
+def identity(x):
+    return x
+
+
+def scale_in_place(a):
+    a *= 2
+    return a
+
+
+def _values():
+    rng = np.random.default_rng(2)
+    return [
+        b"small", b"x" * 100_000, bytearray(b"y" * 50_000), "text", 12, 3.5, None, True,
+        {"k": [1, 2]}, np.float32(1.5), np.array(7), np.zeros((0, 3)),
+        rng.random((40, 30)), rng.random((40, 30))[:, ::3],          # non-contiguous
+        np.array([(1, 2.0)], dtype=[("a", "i4"), ("b", "f8")]),    # structured
+        np.array([1, "a", None], dtype=object),
+        rng.integers(0, 2**40, size=(5, 5, 5)).astype(">i8"),     # big-endian
+    ]
+
+
+def _same(a, b):
+    if isinstance(a, np.ndarray):
+        return (isinstance(b, np.ndarray) and a.dtype == b.dtype and a.shape == b.shape
+                and (a == b).all())
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("zero_copy", [False, True])
+def test_values_of_every_kind_arrive_unchanged(zero_copy, no_leaks):
+    values = _values()
+    with Pipeline(values) as p:
+        p.stage(identity, workers=2, zero_copy=zero_copy)
+        p.stage(identity, workers=1, zero_copy=zero_copy)
+        out = list(p.results())
+    assert len(out) == len(values)
+    for a, b in zip(values, out):
+        assert _same(a, b), (a, b)
+
+
+@pytest.mark.timeout(60)
+def test_inputs_are_private_copies_unless_zero_copy(no_leaks):
+    arrays = [np.arange(10) for _ in range(5)]
+    with Pipeline(arrays) as p:
+        p.stage(scale_in_place, workers=2)
+        out = list(p.results())
+    assert all((o == np.arange(10) * 2).all() for o in out)
+    with Pipeline(arrays, on_error="collect") as p:
+        p.stage(scale_in_place, workers=2, zero_copy=True)
+        assert list(p.results()) == []
+    assert len(p.errors) == 5
+    assert all("read-only" in str(f.exception) for f in p.errors)
+
+
 # ---------------------------------------------------------------- class stages
 @pytest.mark.timeout(60)
 def test_class_stage_setup_process_teardown(test_dir, no_leaks):
