@@ -21,7 +21,7 @@ WORKLOAD_TITLES = {
     "throughput": "One-way throughput, parent -> forked child",
     "pingpong": "Ping-pong round trip, 64 B",
     "numpy": "numpy float64 arrays of 1 MiB, parent -> forked child",
-    "pool": "Pool.map with 2 workers",
+    "pool": "Pool.map",
 }
 
 
@@ -115,7 +115,8 @@ def _metric(r: dict) -> float | None:
 
 def _refs(rows: list[dict]) -> tuple[float | None, float | None]:
     """(plain shmipc figure, best shmipc figure) of a group."""
-    plain = next((_metric(r) for r in rows if r["transport"] in ("shmipc.ring", "shmipc.Pool")), None)
+    plain = next((_metric(r) for r in rows if r["transport"] in
+                  ("shmipc.ring", "shmipc.Pool", "shmipc.ProcessPoolExecutor")), None)
     best = max((m for r in rows if r["shmipc"] and (m := _metric(r)) is not None), default=None)
     return plain, best
 
@@ -159,15 +160,21 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
     return head, out
 
 
-def _title(key: tuple, options: dict) -> str:
+def _title(key: tuple, options: dict, rows: list[dict]) -> str:
     workload, what = key
     title = WORKLOAD_TITLES.get(workload, workload)
+    processes = options.get("processes", 2)
     if workload == "throughput":
         title += f", {_size(what)} messages"
+    elif workload == "pool" and rows and rows[0].get("title"):
+        title = f"{rows[0]['title']}, {processes} workers (benchmarks/bench_pool.py)"
     elif workload == "pool":
-        title += ", small ints (x*x)" if what == "ints" else ", 100 KiB bytes (crc32)"
+        title = f"Pool.map with {processes} workers, " + (
+            "small ints (x*x)" if what == "ints" else "100 KiB bytes (crc32)")
     rounds = options.get("repeat", 1)
     secs = options.get("seconds_per_round", 0)
+    if workload == "pool" and rows and rows[0].get("title"):
+        return f"{title}   [best of {rounds} run{'s' if rounds != 1 else ''}]"
     return f"{title}   [best of {rounds} round{'s' if rounds != 1 else ''} of {secs:g} s]"
 
 
@@ -202,7 +209,7 @@ def format_report(report: dict) -> str:
              "  (figures are the best of the rounds; a busy machine lowers them)", ""]
     for key, rows in _groups(report["records"]):
         head, body = _table_rows(key, rows)
-        lines.append(_title(key, report["options"]))
+        lines.append(_title(key, report["options"], rows))
         lines.extend(_render(head, body))
         lines.append("")
     lines.extend(_summary(report))
@@ -236,7 +243,7 @@ def markdown_tables(report: dict) -> str:
     for key, rows in _groups(report["records"]):
         head, body = _table_rows(key, rows)
         head = [h for h in head if h] or head
-        out.append(f"**{_title(key, report['options'])}**\n")
+        out.append(f"**{_title(key, report['options'], rows)}**\n")
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
         for r in body:

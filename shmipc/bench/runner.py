@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from shmipc.bench.transports import Transport, get_transports
+from shmipc.bench.transports import PoolSuite, Transport, bench_pool_path, get_transports
 
 __all__ = ["Options", "Spec", "plan", "run", "DEFAULT_SIZES", "WORKLOADS", "parse_size"]
 
@@ -124,6 +124,14 @@ def plan(options: Options) -> list[Spec]:
         elif workload == "numpy":
             specs.extend(Spec(workload, t, NUMPY_BYTES) for t in chosen)
         elif workload == "pool":
+            if not chosen:
+                continue
+            suite = PoolSuite()
+            if bench_pool_path() is not None and suite.unavailable() is None:
+                # the pool's own comparison (benchmarks/bench_pool.py), so
+                # both benches report the same workload
+                specs.append(Spec(workload, suite, 0, "suite"))
+                continue
             for kind in POOL_KINDS:
                 specs.extend(Spec(workload, t, 0, kind) for t in chosen)
     return specs
@@ -149,6 +157,11 @@ def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: 
         os.dup2(log, 2)
         os.close(log)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        # if this measurement hangs, its log says where (shown with the timeout)
+        import faulthandler
+
+        faulthandler.dump_traceback_later(max(options.measurement_timeout() - 1.0, 0.5), exit=False,
+                                          file=sys.stderr)
         from shmipc._proc import die_with_parent
 
         die_with_parent(parent)
@@ -228,6 +241,20 @@ def run_one(spec: Spec, options: Options, tmpdir: str, index: int = 0) -> dict:
     return record
 
 
+def _expand(record: dict) -> list[dict]:
+    """A suite measurement (benchmarks/bench_pool.py) brings several records."""
+    subs = record.pop("records", None)
+    if not subs or record["status"] != "ok":
+        return [record]
+    out = []
+    for sub in subs:
+        one = dict(record)
+        one.update(sub)
+        one["note"] = "benchmarks/bench_pool.py"
+        out.append(one)
+    return out
+
+
 def _kill_group(pid: int) -> None:
     """Kill what is left of a measurement (its peers included) and reap it."""
     try:
@@ -285,9 +312,10 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
         for index, spec in items:
             current["now"] = spec.label
             record = run_one(spec, options, tmpdir, index)
-            report["records"].append(record)
-            if on_record is not None:
-                on_record(record)
+            for one in _expand(record):
+                report["records"].append(one)
+                if on_record is not None:
+                    on_record(one)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     report["machine"]["load_after"] = _loadavg()

@@ -459,6 +459,26 @@ class MpPool(PoolTransport):
         return multiprocessing.get_context("fork").Pool(processes)
 
 
+def bench_pool_path() -> str | None:
+    """benchmarks/bench_pool.py of the checkout shmipc runs from (the pool's
+    own comparison), or None when shmipc is installed without it."""
+    import shmipc
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(shmipc.__file__))),
+                        "benchmarks", "bench_pool.py")
+    return path if os.path.isfile(path) else None
+
+
+class PoolSuite(PoolTransport):
+    """Runs benchmarks/bench_pool.py's ``run()`` (shmipc.Pool and
+    ProcessPoolExecutor against the standard library's) in one measurement
+    process; its rows become records of shmipc.Pool, mp.Pool, ..."""
+
+    name = "benchmarks/bench_pool.py"
+    requires = ("shmipc.pool",)
+    note = "the pool engineer's comparison, run as is"
+
+
 TRANSPORTS: list[Transport] = [
     ShmipcRing(), ShmipcRingBatch(), ShmipcRingView(), ShmipcQueue(), ShmipcPipe(), ShmipcPool(),
     OsPipe(), MpPipe(), MpQueue(), MpSimpleQueue(), FasterFifo(), Zmq(), MpPool(),

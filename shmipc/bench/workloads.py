@@ -21,6 +21,7 @@ import os
 import random
 import select
 import struct
+import sys
 import time
 import zlib
 from typing import Any
@@ -331,6 +332,33 @@ def _pool_measure(transport: PoolTransport, kind: str, rounds: int, seconds: flo
     return out
 
 
+def _pool_suite(path: str, processes: int, rounds: int) -> list[dict]:
+    """Run benchmarks/bench_pool.py's run(); one record per pool per row."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("shmipc_bench_pool", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # registered before it runs: its task functions are pickled by reference
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    rows = module.run(processes=processes, repeat=rounds)
+    items = {"pool_map_int": (module.N_INTS, 8), "pool_map_100k": (module.N_BLOBS, module.BLOB_SIZE),
+             "executor_map": (module.N_INTS, 8)}
+    names = {"executor_map": ("shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor")}
+    records = []
+    for row in rows:
+        n, item_bytes = items.get(row["name"], (0, 0))
+        mine, theirs = names.get(row["name"], ("shmipc.Pool", "mp.Pool"))
+        for transport, seconds, is_shmipc in ((mine, row["shmipc_s"], True), (theirs, row["stdlib_s"], False)):
+            best = {"items": n, "seconds": seconds, "items_per_s": n / seconds if seconds else 0.0,
+                    "mb_per_s": n * item_bytes / seconds / 1e6 if seconds else 0.0}
+            records.append({"transport": transport, "shmipc": is_shmipc, "pool_kind": row["name"],
+                            "title": row["label"], "target": row.get("target"),
+                            "rounds": [best], "best": best, "status": "ok"})
+    return records
+
+
 # ---------------------------------------------------------------- entry point
 def measure(transport: Transport, workload: str, size: int, rounds: int, seconds: float,
             tmpdir: str, pool_kind: str = "ints", processes: int = 2) -> dict:
@@ -341,6 +369,13 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
         VerifyError: a receiver got wrong data. TimeoutError / EOFError: the
         peer process hung or died.
     """
+    if workload == "pool" and pool_kind == "suite":
+        from shmipc.bench.transports import bench_pool_path
+
+        path = bench_pool_path()
+        if path is None:
+            raise FileNotFoundError("benchmarks/bench_pool.py is not next to this shmipc")
+        return {"rounds": [], "records": _pool_suite(path, processes, rounds)}
     if workload == "pool":
         assert isinstance(transport, PoolTransport)
         return {"rounds": _pool_measure(transport, pool_kind, rounds, seconds, processes)}
