@@ -82,6 +82,7 @@ _CREDIT_HORIZON = 0.004               # seconds of work to keep queued per worke
 _MAX_WORKERS = MAX_REGIONS - 2        # a task ring each, plus the result ring and slot table
 _TASK_RING = 8 << 20                  # per worker: messages up to 4 MiB
 _RESULT_RING = 32 << 20               # shared: messages up to 16 MiB
+_IMAP_AHEAD = 256                     # chunks of one imap job queued or running at once
 _POLL = 0.05                          # bookkeeping wakes at least this often (worker exits)
 _job_counter = itertools.count()
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
@@ -295,7 +296,7 @@ class _Engine:
         self._assigned: list[Deque[int]] = [collections.deque() for _ in range(processes)]
         self._stopping = [False] * processes                # a stop message was sent
         self._seq = itertools.count(1)
-        self._jobs: dict[int, Any] = {}
+        self._feeders: set = set()                          # live _Feeder threads
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
@@ -327,11 +328,49 @@ class _Engine:
             raise ValueError("Pool not running")
 
     def submit_tasks(self, tasks: Any) -> None:
-        """Queue a _Task or an iterator of _Tasks (pulled lazily) and send what fits."""
+        """Queue a _Task or an iterator of _Tasks (a finite one: it is pulled
+        under the engine lock) and send what fits.
+
+        Raises:
+            ValueError: the pool is not running.
+        """
         with self._lock:
             self._check_running()
             self._queue.append(tasks)
-            self._dispatch()
+            later = self._dispatch()
+        for callback in later:
+            _run_callback(callback)
+
+    def start_feeder(self, feeder: "_Feeder") -> None:
+        """Start an imap job's input reader (see _Feeder)."""
+        with self._lock:
+            self._check_running()
+            self._feeders.add(feeder)
+        feeder.start()
+
+    def _enqueue(self, task: _Task) -> bool:
+        """Queue a task from a feeder (allowed after close(), as the job was
+        accepted before). False if the pool was terminated."""
+        with self._lock:
+            if self._state == TERMINATE:
+                return False
+            self._queue.append(task)
+            later = self._dispatch()
+        for callback in later:
+            _run_callback(callback)
+        return True
+
+    def _feeder_done(self, feeder: "_Feeder") -> None:
+        with self._lock:
+            self._feeders.discard(feeder)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the bookkeeping thread now (it also wakes every _POLL seconds)."""
+        try:
+            self._results.put_nowait(None)
+        except Exception:
+            pass
 
     def _free_slot(self) -> int:
         best, best_load = -1, _CREDIT_MAX + 1
@@ -362,9 +401,9 @@ class _Engine:
                 except StopIteration:
                     self._queue.popleft()
                     continue
-                except Exception as exc:        # the job's own iterator failed: the job says how
+                except Exception as exc:        # pragma: no cover (our own finite lists)
                     self._queue.popleft()
-                    later += head.fail(exc)
+                    print(f"shmipc.Pool: a task source failed: {exc!r}", file=sys.stderr)
                     continue
             if not task.started:
                 if not task.job._start_task(task):
@@ -530,7 +569,7 @@ class _Engine:
         _SLOT.pack_into(self._slots, slot * _SLOT_SIZE, 0, 0, 0)
         if ev.exitcode != 0 or busy:
             self.worker_deaths += 1
-        if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight)):
+        if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders)):
             try:
                 self._pids[slot] = self._sup.spawn(slot)
             except Exception as exc:
@@ -539,7 +578,7 @@ class _Engine:
 
     def _maybe_finish(self) -> bool:
         """CLOSE: once all work is done, tell workers to stop; True when they all exited."""
-        if self._queue or self._inflight:
+        if self._queue or self._inflight or self._feeders:
             return False
         for slot in list(self._pids):
             if not self._stopping[slot]:
@@ -555,6 +594,7 @@ class _Engine:
         with self._lock:
             if self._state == RUN:
                 self._state = CLOSE
+        self._wake()
 
     def join(self, timeout: float | None = None) -> None:
         if self._state == RUN:
@@ -592,16 +632,13 @@ class _Engine:
                 later += task.job._deliver(task, False, exc)
             while self._queue:
                 head = self._queue.popleft()
-                if isinstance(head, _Task):
-                    tasks: Iterable[_Task] = [head]
-                elif hasattr(head, "fail"):     # a lazy source: do not read the user's input on
-                    later += head.fail(exc)
-                    tasks = []
-                else:
-                    tasks = head                # a finite list of chunks
+                tasks: Iterable[_Task] = [head] if isinstance(head, _Task) else head
                 for task in tasks:
                     if task.started or task.job._start_task(task):
                         later += task.job._deliver(task, False, exc)
+            feeders = list(self._feeders)
+        for feeder in feeders:
+            feeder.job.fail(exc)
         for callback in later:
             _run_callback(callback)
 
@@ -752,6 +789,7 @@ class IMapIterator:
         self._next_chunk = 0        # chunks cut so far (set by the _ChunkSource)
         self._chunk_len: dict[int, int] = {}    # chunk -> items, for joining split chunks
         self._parts: dict[int, list] = {}
+        self._room: threading.Semaphore | None = None    # the feeder's credit (see _Feeder)
 
     def __iter__(self) -> "IMapIterator":
         return self
@@ -802,6 +840,8 @@ class IMapIterator:
             if pieces is None:
                 return []
             ok, value = pieces
+            if self._room is not None:
+                self._room.release()
             if self._ordered:
                 self._items[task.index] = (ok, value)
             else:
@@ -853,45 +893,62 @@ class IMapUnorderedIterator(IMapIterator):
         super().__init__(engine, ordered=False)
 
 
-class _ChunkSource:
-    """Lazily cuts an iterable into _Tasks for an imap job (pulled by the
-    dispatcher only when a worker has room, so the input is read as needed)."""
+class _Feeder(threading.Thread):
+    """Reads an imap job's input and queues it as tasks, from its own thread
+    (as multiprocessing's task handler does, so a slow or blocking input never
+    stalls result handling, nor the caller of imap). At most `ahead` chunks of
+    the job are queued or running at a time: the input is read as workers
+    need it, and an endless input is fine.
 
-    def __init__(self, job: IMapIterator, func: Callable, iterable: Iterable, chunksize: int,
-                 kind: int, retries: int) -> None:
+    Runs no user code but the input iterator; never forks (threads are safe here:
+    every fork of the pool happens in the zygote)."""
+
+    def __init__(self, engine: "_Engine", job: "IMapIterator", func: Callable, iterable: Iterable,
+                 chunksize: int, kind: int, retries: int, ahead: int) -> None:
+        super().__init__(name="shmipc-imap-feeder", daemon=True)
+        self.engine = engine
         self.job = job
         self.func = func
-        self.it = iter(iterable)
+        self.iterable = iterable
         self.chunksize = chunksize
         self.kind = kind
         self.retries = retries
-        self.index = 0
-        self.start = 0
+        job._room = threading.Semaphore(ahead)
 
-    def __iter__(self) -> "_ChunkSource":
-        return self
-
-    def __next__(self) -> _Task:
-        if self.chunksize == 1 and self.kind == K_CALL:
-            items = list(itertools.islice(self.it, 1))
-        else:
-            items = list(itertools.islice(self.it, self.chunksize))
-        if not items:
-            self.job._set_length(self.index)
-            raise StopIteration
-        if self.kind == K_CALL:
-            payload: Any = ((items[0],), {})
-        else:
-            payload = items
-            self.job._chunk_len[self.index] = len(items)
-        task = _Task(self.job, self.index, self.start, self.kind, self.func, payload, self.retries)
-        self.index += 1
-        self.job._next_chunk = self.index
-        self.start += len(items)
-        return task
-
-    def fail(self, exc: BaseException) -> list:
-        return self.job.fail(exc)
+    def run(self) -> None:
+        engine, job = self.engine, self.job
+        index = start = 0
+        try:
+            it = iter(self.iterable)
+            while True:
+                while not job._room.acquire(timeout=0.1):
+                    if engine._state == TERMINATE:
+                        return
+                if engine._state == TERMINATE:
+                    return
+                try:
+                    items = list(itertools.islice(it, self.chunksize))
+                except Exception as exc:        # the input raised: the job reports it in place
+                    job.fail(exc)
+                    return
+                if not items:
+                    job._set_length(index)
+                    return
+                if self.kind == K_CALL:
+                    payload: Any = ((items[0],), {})
+                else:
+                    payload = items
+                    job._chunk_len[index] = len(items)
+                task = _Task(job, index, start, self.kind, self.func, payload, self.retries)
+                index += 1
+                start += len(items)
+                job._next_chunk = index
+                if not engine._enqueue(task):
+                    return                      # terminated meanwhile: the job was failed
+        except Exception as exc:                # iter() itself failed
+            job.fail(exc)
+        finally:
+            engine._feeder_done(self)
 
 
 # ---------------------------------------------------------------------- the Pool
@@ -1068,7 +1125,8 @@ class Pool:
         total = len(iterable) if hasattr(iterable, "__len__") else None
         job = IMapIterator(self._engine, ordered)
         kind = K_CALL if chunksize == 1 else K_MAP
-        self._engine.submit_tasks(_ChunkSource(job, func, iterable, chunksize, kind, self._retries))
+        self._engine.start_feeder(_Feeder(self._engine, job, func, iterable, chunksize, kind,
+                                          self._retries, ahead=max(_IMAP_AHEAD, 4 * self._processes)))
         out: Iterator = job if chunksize == 1 else (item for chunk in job for item in chunk)
         if progress:
             from shmipc.progress import track
