@@ -1,0 +1,368 @@
+"""Pipe and Connection: one test body against multiprocessing and shmipc for
+every shared behaviour (under fork, spawn and forkserver where a child is
+involved), then what only shmipc does."""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmipc
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+@pytest.fixture(params=["multiprocessing", "shmipc"])
+def impl(request):
+    return multiprocessing if request.param == "multiprocessing" else shmipc
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request):
+    return multiprocessing.get_context(request.param)
+
+
+# ------------------------------------------------------------ child targets
+def echo_until_stop(conn):
+    """Echo objects back until "stop"; exit 0."""
+    while True:
+        obj = conn.recv()
+        if obj == "stop":
+            return
+        conn.send(obj)
+
+
+def send_then_close(conn, items):
+    for item in items:
+        conn.send(item)
+    conn.close()
+
+
+def send_then_exit(conn, items):
+    for item in items:
+        conn.send(item)          # no close: process exit drops the end
+
+
+def sleep_forever(conn):
+    time.sleep(120)
+
+
+def echo_bytes(conn, n):
+    for _ in range(n):
+        conn.send_bytes(conn.recv_bytes())
+
+
+def recv_until_eof(conn, out):
+    count = 0
+    try:
+        while True:
+            conn.recv()
+            count += 1
+    except EOFError:
+        out.put(count)
+
+
+def digest_stream(conn, n):
+    """Receive n blobs, send back an ordered sha256 of all."""
+    h = hashlib.sha256()
+    for _ in range(n):
+        h.update(conn.recv_bytes())
+    conn.send(h.hexdigest())
+
+
+# ------------------------------------------------------------ shared behaviour
+@pytest.mark.timeout(30)
+def test_send_recv_both_ways(impl):
+    a, b = impl.Pipe()
+    objs = [b"bytes", "str", 1, 2.5, None, (1, 2), {"k": [1]}, ValueError("x")]
+    for obj in objs:
+        a.send(obj)
+    got = [b.recv() for _ in objs]
+    assert got[:-1] == objs[:-1] and type(got[-1]) is ValueError and got[-1].args == ("x",)
+    b.send("back")
+    assert a.recv() == "back"
+    assert a.readable and a.writable and not a.closed
+
+
+@pytest.mark.timeout(30)
+def test_send_bytes_offsets_and_errors(impl):
+    a, b = impl.Pipe()
+    a.send_bytes(b"abcdef")
+    a.send_bytes(b"abcdef", 2)
+    a.send_bytes(bytearray(b"abcdef"), 1, 3)
+    a.send_bytes(memoryview(b"abcdef"), 6)
+    a.send_bytes(np.arange(4, dtype=np.int32), 4, 8)      # offset/size in bytes
+    assert b.recv_bytes() == b"abcdef"
+    assert b.recv_bytes() == b"cdef"
+    assert b.recv_bytes() == b"bcd"
+    assert b.recv_bytes() == b""
+    assert b.recv_bytes() == np.arange(4, dtype=np.int32).tobytes()[4:12]
+    for args in [(-1,), (7,), (0, -1), (2, 5)]:
+        with pytest.raises(ValueError):
+            a.send_bytes(b"abcdef", *args)
+    with pytest.raises(ValueError):
+        b.recv_bytes(-1)
+
+
+@pytest.mark.timeout(30)
+def test_recv_bytes_maxlength_exceeded(impl):
+    a, b = impl.Pipe()
+    a.send_bytes(b"x" * 100)
+    with pytest.raises(OSError, match="bad message length"):
+        b.recv_bytes(10)
+    with pytest.raises(OSError):            # no longer readable, as multiprocessing
+        b.recv_bytes()
+    r, w = impl.Pipe(duplex=False)
+    w.send_bytes(b"x" * 100)
+    with pytest.raises(OSError, match="bad message length"):
+        r.recv_bytes(99)
+    assert r.closed                        # a read-only end is closed then
+
+
+@pytest.mark.timeout(30)
+def test_recv_bytes_into(impl):
+    a, b = impl.Pipe()
+    a.send_bytes(b"hello")
+    buf = bytearray(10)
+    assert b.recv_bytes_into(buf, 3) == 5
+    assert buf == b"\0\0\0hello\0\0"
+    arr = np.zeros(4, dtype=np.int16)
+    a.send_bytes(b"\x01\x00\x02\x00")
+    assert b.recv_bytes_into(arr) == 4 and list(arr) == [1, 2, 0, 0]
+    a.send_bytes(b"too long for it")
+    with pytest.raises(multiprocessing.BufferTooShort) as info:
+        b.recv_bytes_into(bytearray(4))
+    assert info.value.args[0] == b"too long for it"
+    with pytest.raises(ValueError):
+        b.recv_bytes_into(bytearray(4), -1)
+    with pytest.raises(ValueError):
+        b.recv_bytes_into(bytearray(4), 5)
+
+
+@pytest.mark.timeout(30)
+def test_poll(impl):
+    a, b = impl.Pipe()
+    assert b.poll() is False
+    t = time.monotonic()
+    assert b.poll(0.2) is False
+    assert time.monotonic() - t >= 0.15
+    assert b.poll(-1) is False
+    a.send(1)
+    assert b.poll(5) is True and b.poll() is True       # poll does not consume
+    assert b.recv() == 1
+    threading.Timer(0.1, a.send, ("late",)).start()
+    assert b.poll(None) is True and b.recv() == "late"
+
+
+@pytest.mark.timeout(30)
+def test_closed_peer_eof_and_broken_pipe(impl):
+    a, b = impl.Pipe()
+    a.send("last words")
+    a.close()
+    assert a.closed
+    assert b.poll(1) is True
+    assert b.recv() == "last words"       # drained first
+    assert b.poll(1) is True               # EOF counts as readable
+    with pytest.raises(EOFError):
+        b.recv()
+    with pytest.raises(BrokenPipeError):
+        b.send("anyone?")
+
+
+@pytest.mark.timeout(30)
+def test_operations_on_a_closed_end(impl):
+    a, b = impl.Pipe()
+    a.close()
+    a.close()                              # idempotent
+    for op in (lambda: a.send(1), a.recv, a.poll, lambda: a.send_bytes(b"x"), a.recv_bytes):
+        with pytest.raises(OSError):
+            op()
+
+
+@pytest.mark.timeout(30)
+def test_one_way_pipe(impl):
+    r, w = impl.Pipe(duplex=False)
+    assert r.readable and not r.writable and w.writable and not w.readable
+    with pytest.raises(OSError):
+        r.send(1)
+    with pytest.raises(OSError):
+        w.recv()
+    w.send({"one": "way"})
+    assert r.recv() == {"one": "way"}
+
+
+@pytest.mark.timeout(60)
+def test_child_uses_end_after_parent_closes_its_copy(impl, ctx):
+    a, b = impl.Pipe()
+    p = ctx.Process(target=echo_until_stop, args=(b,))
+    p.start()
+    b.close()                              # the common pattern: the child keeps its copy
+    for obj in [1, "two", (3,), b"four" * 1000]:
+        a.send(obj)
+        assert a.recv() == obj
+    a.send("stop")
+    p.join(20)
+    assert p.exitcode == 0
+    with pytest.raises(EOFError):          # the child's exit dropped the last copy of b
+        a.recv()
+
+
+@pytest.mark.timeout(60)
+def test_eof_after_child_closes_or_exits(impl, ctx):
+    for target in (send_then_close, send_then_exit):
+        a, b = impl.Pipe()
+        p = ctx.Process(target=target, args=(b, list(range(10))))
+        p.start()
+        b.close()
+        assert [a.recv() for _ in range(10)] == list(range(10))
+        with pytest.raises(EOFError):
+            a.recv()
+        p.join(20)
+        assert p.exitcode == 0
+        a.close()
+
+
+@pytest.mark.timeout(60)
+def test_eof_when_peer_process_is_killed(impl):
+    ctx = multiprocessing.get_context("fork")
+    a, b = impl.Pipe()
+    p = ctx.Process(target=sleep_forever, args=(b,))
+    p.start()
+    b.close()
+    assert a.poll(0.2) is False            # the child still holds b
+    os.kill(p.pid, signal.SIGKILL)
+    p.join(20)
+    t = time.monotonic()
+    with pytest.raises(EOFError):
+        a.recv()
+    assert time.monotonic() - t < 5
+    with pytest.raises(BrokenPipeError):
+        a.send(1)
+
+
+@pytest.mark.timeout(60)
+def test_parent_close_gives_child_eof(impl):
+    # spawn: the child does not inherit the parent's end `a` (under fork it
+    # would, and wait forever, in multiprocessing as in shmipc)
+    ctx = multiprocessing.get_context("spawn")
+    a, b = impl.Pipe()
+    out = ctx.Queue()
+    p = ctx.Process(target=recv_until_eof, args=(b, out))
+    p.start()
+    b.close()
+    for i in range(25):
+        a.send(i)
+    a.close()
+    assert out.get(timeout=30) == 25
+    p.join(20)
+    assert p.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_connection_pickled_after_start(impl):
+    """Not as a Process argument: sent through a pipe to a running child."""
+    ctx = multiprocessing.get_context("fork")
+    here, there = multiprocessing.Pipe()
+    p = ctx.Process(target=_child_gets_connection, args=(there,))
+    p.start()
+    a, b = impl.Pipe()
+    here.send(b)                           # pickled now: the fds travel by resource sharer
+    b.close()
+    a.send("ping")
+    assert a.recv() == "pong"
+    a.close()
+    p.join(20)
+    assert p.exitcode == 0
+
+
+def _child_gets_connection(transport):
+    assert transport.poll(20)
+    conn = transport.recv()
+    assert conn.recv() == "ping"
+    conn.send("pong")
+    conn.close()
+
+
+# ------------------------------------------------------------ shmipc only
+@pytest.mark.timeout(60)
+def test_stream_checksum_through_child():
+    ctx = multiprocessing.get_context("fork")
+    a, b = shmipc.Pipe(capacity=1 << 16)    # small ring: wraps many times
+    n = 3000
+    p = ctx.Process(target=digest_stream, args=(b, n))
+    p.start()
+    b.close()
+    h = hashlib.sha256()
+    for i in range(n):
+        blob = os.urandom(1 + i % 3000)
+        h.update(blob)
+        a.send_bytes(blob)
+    assert a.recv() == h.hexdigest()
+    p.join(20)
+    assert p.exitcode == 0
+
+
+@pytest.mark.timeout(30)
+def test_message_too_large_and_capacity_errors():
+    a, b = shmipc.Pipe(capacity=4096)
+    with pytest.raises(shmipc.MessageTooLarge):
+        a.send(b"x" * 5000)
+    with pytest.raises(shmipc.MessageTooLarge):
+        a.send_bytes(b"x" * 5000)
+    a.send("fits")
+    assert b.recv() == "fits"
+    with pytest.raises(ValueError, match="3000"):
+        shmipc.Pipe(capacity=3000)
+    with pytest.raises(TypeError):
+        shmipc.Connection()
+
+
+@pytest.mark.timeout(30)
+def test_numpy_array_and_mixed_recv_bytes():
+    a, b = shmipc.Pipe()
+    arr = np.random.default_rng(1).random((256, 256))
+    a.send(arr)
+    got = b.recv()
+    assert got.dtype == arr.dtype and np.array_equal(got, arr)
+    a.send({"not": "bytes"})
+    assert pickle.loads(b.recv_bytes()) == {"not": "bytes"}   # as multiprocessing's recv_bytes
+    st = a.stats()
+    assert st["send"]["messages_in"] == 2 and st["recv"]["messages_in"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_full_ring_send_blocks_until_read():
+    a, b = shmipc.Pipe(capacity=4096)
+    done = threading.Event()
+
+    def writer():
+        for i in range(200):
+            a.send_bytes(bytes([i % 256]) * 500)
+        done.set()
+
+    t = threading.Thread(target=writer)
+    t.start()
+    time.sleep(0.1)
+    assert not done.is_set()               # the ring holds only a few messages
+    got = [b.recv_bytes() for _ in range(200)]
+    t.join(10)
+    assert done.is_set() and all(g == bytes([i % 256]) * 500 for i, g in enumerate(got))
+
+
+@pytest.mark.timeout(30)
+def test_no_leaks(no_leaks):
+    for _ in range(20):
+        a, b = shmipc.Pipe(capacity=1 << 12)
+        a.send(1)
+        assert b.recv() == 1
+        a.close()
+        b.close()
+        c, d = shmipc.Pipe(duplex=False, capacity=1 << 12)
+        del c, d
