@@ -105,4 +105,7 @@ cdef extern from "_shm.h" nogil:
     int64_t shm_now_ns()
     int shm_sem_wait_until(sem_t *sem, int64_t deadline_ns)
     void shm_wake(sem_t *sem, const uint32_t *waiters)
+    void shm_sem_template_init()
+    bint shm_sem_sane(sem_t *sem)
+    void shm_sem_post(sem_t *sem)
     bint shm_pid_alive(uint32_t pid)

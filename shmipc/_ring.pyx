@@ -63,6 +63,7 @@ cdef enum:
     W_CLOCK = 3     # the consumer lock
 
 cdef uint32_t g_pid = getpid()
+shm_sem_template_init()
 
 
 def _after_fork_in_child():
@@ -255,10 +256,10 @@ cdef class Ring:
         if self.active:
             # wake our own sleepers so they notice; the last one out releases
             for _ in range(self.active):
-                sem_post(&self.hdr.data_sem)
-                sem_post(&self.hdr.space_sem)
-                sem_post(&self.hdr.plock_sem)
-                sem_post(&self.hdr.clock_sem)
+                shm_sem_post(&self.hdr.data_sem)
+                shm_sem_post(&self.hdr.space_sem)
+                shm_sem_post(&self.hdr.plock_sem)
+                shm_sem_post(&self.hdr.clock_sem)
         else:
             self._release()
 
@@ -1070,10 +1071,11 @@ cdef class Ring:
             h = self.hdr
             shm_store_rel32(&self.hdr.wait.shutdown, 1)
             shm_fence()
-            for _ in range(shm_load_rlx32(&self.hdr.wait.data_waiters)):
-                sem_post(&self.hdr.data_sem)
-            for _ in range(shm_load_rlx32(&self.hdr.wait.space_waiters)):
-                sem_post(&self.hdr.space_sem)
+            # (bounded: the counts themselves may be garbage)
+            for _ in range(min(shm_load_rlx32(&self.hdr.wait.data_waiters), 4096)):
+                shm_sem_post(&self.hdr.data_sem)
+            for _ in range(min(shm_load_rlx32(&self.hdr.wait.space_waiters), 4096)):
+                shm_sem_post(&self.hdr.space_sem)
         finally:
             self._leave()
 

@@ -156,10 +156,41 @@ static inline int64_t shm_now_ns(void) {
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+/* ---- semaphores ----
+ * glibc aborts the process ("The futex facility returned an unexpected error
+ * code") when a semaphore's flag word holds garbage, and a garbage count can
+ * make a waiter wake for ever. Shared memory may hold garbage, so every
+ * semaphore is checked against a freshly initialised one before use: apart
+ * from the 64-bit count word (value and waiters), its bytes never change. */
+#define SHM_SEM_MAX_VALUE (1 << 24)
+static unsigned char shm_sem_template[sizeof(sem_t)];
+
+static inline void shm_sem_template_init(void) {
+    sem_t t;
+    memset(&t, 0, sizeof t);
+    sem_init(&t, 1, 0);
+    memcpy(shm_sem_template, &t, sizeof t);
+}
+
+static inline int shm_sem_sane(sem_t *sem) {
+#if defined(__GLIBC__) && (defined(__x86_64__) || defined(__aarch64__))
+    if (memcmp((const char *)sem + 8, shm_sem_template + 8, sizeof(sem_t) - 8) != 0) return 0;
+#endif
+    int value = 0;
+    if (sem_getvalue(sem, &value) != 0) return 0;
+    return value >= 0 && value <= SHM_SEM_MAX_VALUE;
+}
+
+static inline void shm_sem_post(sem_t *sem) {
+    if (shm_sem_sane(sem)) sem_post(sem);
+}
+
 /* Sleep on a semaphore until `deadline_ns` (CLOCK_MONOTONIC). Returns 0 when
- * woken, else errno (ETIMEDOUT, EINTR, ...). Call without the GIL. */
+ * woken, else errno (ETIMEDOUT, EINTR; EINVAL for a corrupt semaphore).
+ * Call without the GIL. */
 static inline int shm_sem_wait_until(sem_t *sem, int64_t deadline_ns) {
     struct timespec ts;
+    if (!shm_sem_sane(sem)) return EINVAL;
     ts.tv_sec = (time_t)(deadline_ns / 1000000000LL);
     ts.tv_nsec = (long)(deadline_ns % 1000000000LL);
     if (sem_clockwait(sem, CLOCK_MONOTONIC, &ts) == 0) return 0;
@@ -171,10 +202,10 @@ static inline int shm_sem_wait_until(sem_t *sem, int64_t deadline_ns) {
  * system call on every commit or from overflowing the semaphore. */
 static inline void shm_wake(sem_t *sem, const uint32_t *waiters) {
     uint32_t w = __atomic_load_n(waiters, __ATOMIC_SEQ_CST);
-    if (w == 0) return;
+    if (w == 0 || !shm_sem_sane(sem)) return;
     int value = 0;
     sem_getvalue(sem, &value);
-    if (value < (int)w) sem_post(sem);
+    if ((uint32_t)value < w) sem_post(sem);
 }
 
 /* ---- liveness ---- */
