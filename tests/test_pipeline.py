@@ -519,6 +519,38 @@ def test_sigkill_from_outside_mid_item(test_dir, no_leaks):
     assert p.errors[0].exception.pid == killed[0]
 
 
+_PIPELINE_UNDER_TEST = None
+
+
+def die_unseen_on_five(x):
+    """Simulate a worker SIGKILLed between taking item 5 and writing its slot:
+    mark our slot idle again, then die, so the parent cannot tell what was lost."""
+    if x == 5:
+        from shmipc.pipeline import S_BUSY, S_IDLE, SLOT_WORDS
+
+        slots = _PIPELINE_UNDER_TEST._slots
+        for k in range(len(slots) // SLOT_WORDS):
+            if slots[k * SLOT_WORDS] == S_BUSY and slots[k * SLOT_WORDS + 1] == 5:
+                slots[k * SLOT_WORDS] = S_IDLE
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_item_lost_without_a_trace_fails_instead_of_hanging(no_leaks):
+    global _PIPELINE_UNDER_TEST
+    with Pipeline(range(10), on_error="collect") as p:
+        p.stage(die_unseen_on_five, workers=2)
+        _PIPELINE_UNDER_TEST = p          # inherited by the forked workers
+        t0 = time.monotonic()
+        out = list(p.results())
+    _PIPELINE_UNDER_TEST = None
+    assert out == [x for x in range(10) if x != 5]
+    assert [f.seq for f in p.errors] == [5]
+    assert isinstance(p.errors[0].exception, shmipc.WorkerLost)
+    assert time.monotonic() - t0 < 15
+
+
 # ---------------------------------------------------------------- signals and parents
 def _run_slow_pipeline_until_interrupted(pid_file: str) -> None:
     try:
