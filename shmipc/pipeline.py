@@ -375,7 +375,17 @@ class Pipeline:
         except BaseException:
             self.close()
             raise
-        # the parent's iteration state
+        # The parent's iteration state.
+        # Invariants (between two steps of _iterate):
+        #   * every seq in [0, _next_seq) was read from the source exactly once;
+        #     it is in _outstanding until its credits add up to 1 (or it is
+        #     settled as lost), then counted in _ncomplete;
+        #   * ordered: seqs < _emit_seq have had their results moved to _ready;
+        #     a finished seq >= _emit_seq waits in _complete with its results
+        #     in _held; _next_seq - _emit_seq <= max_inflight bounds both;
+        #   * unordered: _next_seq - _ncomplete <= max_inflight;
+        #   * a message for a seq not in _outstanding is late (its item was
+        #     settled after a worker died) and is dropped, never yielded.
         self._next_seq = 0                    # next source position to read
         self._emit_seq = 0                    # next position to yield (ordered)
         self._ncomplete = 0                   # items finished

@@ -169,8 +169,8 @@ def test_unordered_stage_gives_every_result_once(no_leaks):
 
 @pytest.mark.timeout(60)
 def test_iterating_the_pipeline_and_chaining_stages(no_leaks):
-    with Pipeline([1, 2, 3]).stage(double).stage(add_one) as p:
-        assert list(p) == [3, 5, 7]
+    with Pipeline([1, 2, 3]).stage(double).stage(add_one).stage(lambda x: -x) as p:
+        assert list(p) == [-3, -5, -7]
 
 
 @pytest.mark.timeout(60)
