@@ -1,0 +1,372 @@
+"""Pool: one test body run against multiprocessing.Pool and shmipc.Pool for every
+shared behaviour (ordering, exceptions, AsyncResult, chunksize, imap laziness,
+initializer, maxtasksperchild, callbacks, states), each start method, then what
+only shmipc does (bad arguments named, progress, statistics, large payloads).
+
+Crash behaviour lives in test_pool_crash.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import multiprocessing.pool
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import shmipc
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+# ------------------------------------------------------------ worker functions (importable)
+def inc(x):
+    return x + 1
+
+
+def add(a, b):
+    return a + b
+
+
+def square(x):
+    return x * x
+
+
+def slow_square(x):
+    time.sleep(0.002 * (x % 5))
+    return x * x
+
+
+def fail_on_three(x):
+    if x == 3:
+        raise KeyError(f"three:{x}")
+    return x
+
+
+def return_pid(_x=None):
+    time.sleep(0.002)
+    return os.getpid()
+
+
+def sleep_then(x, seconds=0.3):
+    time.sleep(seconds)
+    return x
+
+
+_init_value = None
+
+
+def set_init(value):
+    global _init_value
+    _init_value = value
+
+
+def get_init(_x=None):
+    return _init_value
+
+
+def digest(blob):
+    return hashlib.sha256(blob).hexdigest()
+
+
+def array_sum(arr):
+    return float(arr.sum()), arr.shape
+
+
+def make_bytes(n):
+    return bytes([n % 256]) * (200 << 10)
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("I refuse to be pickled")
+
+
+def return_unpicklable(_x):
+    return Unpicklable()
+
+
+# ------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module", params=["multiprocessing", "shmipc"])
+def impl(request):
+    return request.param
+
+
+def make_pool(impl, *args, **kwargs):
+    """A pool of `impl` ('multiprocessing' or 'shmipc'); fork unless context= says otherwise."""
+    context = kwargs.pop("context", "fork")
+    if impl == "multiprocessing":
+        return multiprocessing.get_context(context).Pool(*args, **kwargs)
+    return shmipc.Pool(*args, context=context, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def pool(impl):
+    """One 2-worker pool per implementation, shared by the read-only tests."""
+    p = make_pool(impl, 2)
+    yield p
+    p.terminate()
+    p.join()
+
+
+# ------------------------------------------------------------ shared behaviour
+@pytest.mark.timeout(60)
+def test_map_order_and_chunksizes(pool):
+    data = list(range(1000))
+    want = [x * x for x in data]
+    assert pool.map(square, data) == want
+    for chunksize in (1, 3, 7, 1000, 5000):
+        assert pool.map(square, data, chunksize) == want
+    assert pool.map(square, iter(data)) == want              # an iterator without len
+    assert pool.map(square, range(1000)) == want
+    assert pool.map(square, []) == []
+    assert pool.starmap(add, [(i, i) for i in range(100)]) == [2 * i for i in range(100)]
+
+
+@pytest.mark.timeout(60)
+def test_async_variants_and_callbacks(pool):
+    got, errors = [], []
+    r = pool.map_async(square, range(50), callback=got.append, error_callback=errors.append)
+    assert r.get(timeout=30) == [x * x for x in range(50)]
+    r.wait(5)
+    assert got == [[x * x for x in range(50)]] and errors == []
+    r = pool.starmap_async(add, [(1, 2), (3, 4)])
+    assert r.get(timeout=30) == [3, 7]
+    r = pool.apply_async(add, (2, 3), callback=got.append)
+    assert r.get(timeout=30) == 5
+    assert pool.apply(add, (5,), {"b": 6}) == 11
+    r = pool.apply_async(fail_on_three, (3,), error_callback=errors.append)
+    with pytest.raises(KeyError):
+        r.get(timeout=30)
+    deadline = time.monotonic() + 5
+    while not errors and time.monotonic() < deadline:       # callbacks run before ready
+        time.sleep(0.01)
+    assert len(errors) == 1 and isinstance(errors[0], KeyError)
+    assert r.ready() and not r.successful()
+
+
+@pytest.mark.timeout(60)
+def test_async_result_states(pool):
+    r = pool.apply_async(sleep_then, (7, 0.5))
+    assert not r.ready()
+    with pytest.raises(ValueError):
+        r.successful()
+    with pytest.raises(multiprocessing.TimeoutError):
+        r.get(timeout=0.01)
+    r.wait(0.01)
+    assert not r.ready()
+    assert r.get(timeout=30) == 7
+    assert r.ready() and r.successful()
+
+
+@pytest.mark.timeout(60)
+def test_exception_carries_remote_traceback(pool):
+    with pytest.raises(KeyError) as info:
+        pool.map(fail_on_three, range(10), chunksize=2)
+    cause = info.value.__cause__
+    assert isinstance(cause, multiprocessing.pool.RemoteTraceback)
+    assert "fail_on_three" in str(cause) and "three:3" in str(cause)
+    with pytest.raises(KeyError):
+        pool.apply(fail_on_three, (3,))
+    # the pool is still usable after errors
+    assert pool.map(inc, range(5)) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.timeout(60)
+def test_imap_order_and_errors(pool):
+    assert list(pool.imap(slow_square, range(40))) == [x * x for x in range(40)]
+    assert list(pool.imap(slow_square, range(40), chunksize=6)) == [x * x for x in range(40)]
+    assert sorted(pool.imap_unordered(slow_square, range(40))) == [x * x for x in range(40)]
+    assert sorted(pool.imap_unordered(slow_square, range(40), 4)) == [x * x for x in range(40)]
+    # chunksize 1: the error is raised in its place and iteration goes on
+    it = pool.imap(fail_on_three, range(6))
+    got = []
+    for _ in range(6):
+        try:
+            got.append(it.next(timeout=30))
+        except KeyError:
+            got.append("E")
+    assert got == [0, 1, 2, "E", 4, 5]
+    with pytest.raises(StopIteration):
+        it.next(timeout=30)
+    it = pool.imap(sleep_then, [1])
+    with pytest.raises(multiprocessing.TimeoutError):
+        it.next(timeout=0.01)
+    assert it.next(timeout=30) == 1
+
+
+def _gated_input(gate, pulled, n):
+    for i in range(n):
+        if i == 3:
+            # blocks until the caller saw a first result: only a lazy imap gets here
+            assert gate.wait(20), "imap read its whole input before yielding"
+        pulled.append(i)
+        yield i
+
+
+@pytest.mark.timeout(60)
+def test_imap_is_lazy(pool):
+    gate, pulled = threading.Event(), []
+    it = pool.imap(inc, _gated_input(gate, pulled, 10))
+    assert it.next(timeout=30) == 1
+    assert len(pulled) <= 3
+    gate.set()
+    assert list(it) == list(range(2, 11))
+    # the input iterator raising: reported in place, after the good items
+    def bad():
+        yield 1
+        yield 2
+        raise ZeroDivisionError("input broke")
+    got = []
+    with pytest.raises(ZeroDivisionError):
+        for x in pool.imap(inc, bad()):
+            got.append(x)
+    assert got == [2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_initializer_and_maxtasksperchild(impl):
+    p = make_pool(impl, 2, initializer=set_init, initargs=("ready",), maxtasksperchild=2)
+    try:
+        assert p.map(get_init, range(10), chunksize=1) == ["ready"] * 10
+        pids = set(p.map(return_pid, range(20), chunksize=1))
+        assert len(pids) >= 10 // 1 / 2           # 20 tasks, 2 per worker: at least 10 workers
+        assert p.map(inc, range(100), chunksize=3) == list(range(1, 101))
+    finally:
+        p.close()
+        p.join()
+
+
+@pytest.mark.timeout(60)
+def test_close_join_terminate_states(impl):
+    p = make_pool(impl, 2)
+    assert p._state == "RUN"
+    r = p.map_async(slow_square, range(20), chunksize=2)
+    with pytest.raises(ValueError):
+        p.join()                                  # still running
+    p.close()
+    assert p._state == "CLOSE"
+    with pytest.raises(ValueError):
+        p.apply_async(inc, (1,))
+    with pytest.raises(ValueError):
+        p.map(inc, [1])
+    p.join()
+    assert r.get(timeout=5) == [x * x for x in range(20)]
+    with make_pool(impl, 2) as q:
+        assert q.apply(inc, (1,)) == 2
+    assert q._state == "TERMINATE"
+    with pytest.raises(ValueError):
+        q.apply_async(inc, (1,))
+    q.join()
+
+
+@pytest.mark.timeout(60)
+def test_close_keeps_imap_going(impl):
+    p = make_pool(impl, 2)
+    it = p.imap(inc, range(200))
+    p.close()
+    assert sum(it) == sum(range(1, 201))
+    p.join()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_start_methods(impl, method):
+    with make_pool(impl, 2, context=method, initializer=set_init, initargs=(method,)) as p:
+        assert p.map(square, range(100)) == [x * x for x in range(100)]
+        assert p.apply(get_init) == method
+        assert sorted(p.imap_unordered(inc, range(10))) == list(range(1, 11))
+        with pytest.raises(KeyError):
+            p.apply(fail_on_three, (3,))
+
+
+@pytest.mark.timeout(60)
+def test_unpicklable_result(pool):
+    with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+        pool.apply(return_unpicklable, (1,))
+    assert pool.apply(inc, (1,)) == 2
+
+
+# ------------------------------------------------------------ shmipc only
+@pytest.mark.timeout(60)
+def test_large_payloads_travel_intact():
+    blobs = [os.urandom(100 << 10) for _ in range(300)]
+    with shmipc.Pool(2) as p:
+        assert p.map(digest, blobs) == [digest(b) for b in blobs]
+        # chunks far above a ring's message limit are cut to fit
+        assert p.map(digest, blobs, chunksize=300) == [digest(b) for b in blobs]
+        back = p.map(make_bytes, range(100), chunksize=100)       # large results come back in pieces
+        assert back == [make_bytes(n) for n in range(100)]
+        arrays = [np.arange(i, i + 50_000, dtype=np.float64).reshape(100, 500) for i in range(20)]
+        assert p.map(array_sum, arrays) == [(float(a.sum()), (100, 500)) for a in arrays]
+        assert list(p.imap(digest, blobs, chunksize=150)) == [digest(b) for b in blobs]
+
+
+@pytest.mark.timeout(60)
+def test_bad_arguments_named():
+    with pytest.raises(ValueError, match="processes"):
+        shmipc.Pool(0)
+    with pytest.raises(ValueError, match="maxtasksperchild"):
+        shmipc.Pool(1, maxtasksperchild=0)
+    with pytest.raises(ValueError, match="retries"):
+        shmipc.Pool(1, retries=-1)
+    with pytest.raises(TypeError, match="initializer"):
+        shmipc.Pool(1, initializer=3)
+    with pytest.raises(ValueError, match="start method"):
+        shmipc.Pool(1, context="teleport")
+    with shmipc.Pool(1) as p:
+        with pytest.raises(ValueError, match="Chunksize"):
+            p.map(inc, [1, 2], chunksize=0)
+        with pytest.raises(ValueError, match="Chunksize"):
+            p.imap(inc, [1, 2], chunksize=-1)
+        with pytest.raises(TypeError, match="chunksize"):
+            p.map(inc, [1, 2], chunksize="2")
+
+
+@pytest.mark.timeout(60)
+def test_progress_and_statistics(capsys):
+    with shmipc.Pool(2) as p:
+        assert p.map(inc, range(100), progress=True) == list(range(1, 101))
+        assert list(p.imap(inc, range(10), progress=True)) == list(range(1, 11))
+        stats = p.statistics()
+    assert stats["worker_deaths"] == 0 and stats["in_flight"] == 0 and stats["processes"] == 2
+    err = capsys.readouterr().err
+    assert "100" in err
+
+
+@pytest.mark.timeout(60)
+def test_callbacks_from_threads_and_nested_submit():
+    results = []
+    with shmipc.Pool(2) as p:
+        done = threading.Event()
+
+        def chain(value):
+            if value < 5:
+                p.apply_async(inc, (value,), callback=chain)    # submitting from a callback
+            else:
+                done.set()
+            results.append(value)
+        p.apply_async(inc, (0,), callback=chain)
+        assert done.wait(20)
+        threads = [threading.Thread(target=lambda: results.append(sum(p.map(inc, range(100)))))
+                   for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert results[:5] == [1, 2, 3, 4, 5] and results[5:] == [5050] * 4
+
+
+@pytest.mark.timeout(60)
+def test_no_leaks_after_close_and_terminate(no_leaks):
+    p = shmipc.Pool(2)
+    assert p.map(inc, range(10)) == list(range(1, 11))
+    p.close()
+    p.join()
+    q = shmipc.Pool(2, context="spawn")
+    q.map_async(sleep_then, range(4))
+    q.terminate()
+    q.join()
