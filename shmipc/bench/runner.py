@@ -62,6 +62,7 @@ class Options:
     timeout: float | None = None    # per measurement; None: derived from repeat and seconds
     processes: int = 2              # Pool.map workers
     progress: bool = True
+    verify: str = "full"            # or "stamps" (see workloads._receive_round)
 
     def check(self) -> None:
         """Raises ValueError naming the bad option."""
@@ -75,6 +76,8 @@ class Options:
         for s in self.sizes:
             if s <= 0:
                 raise ValueError(f"message sizes must be positive, got {s}")
+        if self.verify not in ("full", "stamps"):
+            raise ValueError(f"verify must be 'full' or 'stamps', got {self.verify!r}")
         if self.processes < 1:
             raise ValueError(f"--processes must be >= 1, got {self.processes}")
 
@@ -172,7 +175,7 @@ def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: 
         from shmipc.bench.workloads import measure
 
         payload = measure(spec.transport, spec.workload, spec.size, options.repeat, options.seconds,
-                          tmpdir, spec.pool_kind or "ints", options.processes)
+                          tmpdir, spec.pool_kind or "ints", options.processes, options.verify)
         payload["status"] = "ok"
     except BaseException as exc:       # reported, never raised: this is a child process
         payload = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
