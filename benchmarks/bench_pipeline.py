@@ -8,6 +8,8 @@ parent receives every result and checks count and checksum.
 
   * shmipc: ``Pipeline(source).stage(touch).stage(passthrough)``: rings in one
     shared arena, results in source order (the harder job: a reorder buffer).
+  * shmipc zero-copy: the same with ``zero_copy=True`` stages (inputs are
+    read-only arrays over the ring, valid during the call: one copy less per hop).
   * multiprocessing: the classic hand-built version: ``multiprocessing.Queue``
     (maxsize 64) between the stages, a feeder thread in the parent putting the
     source, worker processes looping on ``get``/``put``, results in completion
@@ -137,7 +139,7 @@ RUNNERS = {"shmipc": run_shmipc, "shmipc_zero_copy": run_shmipc_zero_copy,
 # ---------------------------------------------------------------- driving
 def items_for(size: int, quick: bool = False) -> int:
     n = max(MIN_ITEMS, min(MAX_ITEMS, TARGET_BYTES // size))
-    return max(500, n // 8) if quick else n
+    return max(1000, n // 4) if quick else n
 
 
 def run_one(impl: str, size: int, n: int, workers: int = 1, timeout: float = 300.0) -> dict[str, Any]:
@@ -165,10 +167,13 @@ def run_one(impl: str, size: int, n: int, workers: int = 1, timeout: float = 300
 
 def measure(sizes: Any = DEFAULT_SIZES, items: int | None = None, workers: int = 1, repeat: int = 2,
             quick: bool = False) -> list[dict[str, Any]]:
-    """Measure both pipelines at each item size (best of `repeat` fresh runs).
+    """Measure the pipelines at each item size (best of `repeat` fresh runs,
+    interleaved so that a busy moment on the machine hits all of them).
 
-    Returns one dict per size: size, items, shmipc_items_s, mp_items_s,
-    shmipc_mb_s, mp_mb_s, ratio (shmipc / multiprocessing).
+    Returns one dict per size: size, items, workers_per_stage, and for each
+    implementation (shmipc, shmipc_zero_copy, mp) ``<impl>_items_s`` and
+    ``<impl>_mb_s``; ``ratio`` = shmipc / mp, ``ratio_zero_copy`` =
+    shmipc_zero_copy / mp.
     """
     rows = []
     for size in sizes:
@@ -178,21 +183,27 @@ def measure(sizes: Any = DEFAULT_SIZES, items: int | None = None, workers: int =
             for impl in RUNNERS:
                 row = run_one(impl, size, n, workers)
                 best[impl] = min(best.get(impl, float("inf")), row["seconds"])
-        s, m = n / best["shmipc"], n / best["multiprocessing"]
-        rows.append({"size": size, "items": n, "workers_per_stage": workers,
-                     "shmipc_items_s": s, "mp_items_s": m,
-                     "shmipc_mb_s": s * size / 1e6, "mp_mb_s": m * size / 1e6, "ratio": s / m})
+        out: dict[str, Any] = {"size": size, "items": n, "workers_per_stage": workers}
+        for impl, key in (("shmipc", "shmipc"), ("shmipc_zero_copy", "shmipc_zero_copy"),
+                          ("multiprocessing", "mp")):
+            out[f"{key}_items_s"] = n / best[impl]
+            out[f"{key}_mb_s"] = n / best[impl] * size / 1e6
+        out["ratio"] = out["shmipc_items_s"] / out["mp_items_s"]
+        out["ratio_zero_copy"] = out["shmipc_zero_copy_items_s"] / out["mp_items_s"]
+        rows.append(out)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'item size':>10} {'items':>8} {'shmipc items/s':>15} {'mp items/s':>12} "
-             f"{'shmipc MB/s':>12} {'mp MB/s':>9} {'speed-up':>9}"]
+    lines = [f"{'item size':>10} {'items':>7} {'shmipc it/s':>12} {'zero-copy it/s':>15} {'mp it/s':>9} "
+             f"{'shmipc MB/s':>12} {'mp MB/s':>8} {'speed-up':>9} {'zero-copy':>10}"]
     for r in rows:
         size = r["size"]
         label = f"{size >> 20} MiB" if size >= 1 << 20 else (f"{size >> 10} KiB" if size >= 1024 else f"{size} B")
-        lines.append(f"{label:>10} {r['items']:>8} {r['shmipc_items_s']:>15,.0f} {r['mp_items_s']:>12,.0f} "
-                     f"{r['shmipc_mb_s']:>12,.0f} {r['mp_mb_s']:>9,.0f} {r['ratio']:>8.1f}x")
+        lines.append(f"{label:>10} {r['items']:>7} {r['shmipc_items_s']:>12,.0f} "
+                     f"{r['shmipc_zero_copy_items_s']:>15,.0f} {r['mp_items_s']:>9,.0f} "
+                     f"{r['shmipc_mb_s']:>12,.0f} {r['mp_mb_s']:>8,.0f} {r['ratio']:>8.1f}x "
+                     f"{r['ratio_zero_copy']:>9.1f}x")
     return "\n".join(lines)
 
 
