@@ -26,14 +26,15 @@ cdef class Ring:
     cdef bint has_view
     cdef bint closed                # closed in this process
     cdef int active                 # calls in progress in this process
-    cdef object buffer              # the object the ring lives in (a memoryview slice)
+    cdef object buffer              # the object the ring lives in (the arena's mmap)
+    cdef Py_ssize_t region_len      # bytes from the ring's start to the end of the buffer
     cdef public object arena        # the Arena holding the ring, or None
     cdef public object name         # the region name in the arena
     cdef public object dtype        # fixed-record rings: the numpy dtype
     cdef object __weakref__
 
-    cdef int _map(self, object buffer, uint64_t need) except -1
-    cdef int _validate_header(self, object buffer) except -1
+    cdef int _map(self, object buffer, Py_ssize_t offset, uint64_t need) except -1
+    cdef int _validate_header(self, Py_ssize_t size) except -1
     cdef int _setup(self, object dtype) except -1
     cdef void _release(self) noexcept
     cdef int _enter(self) except -1
@@ -55,6 +56,7 @@ cdef class Ring:
     cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
     cdef void _after_commit(self) noexcept
     cdef int _check_size(self, enc_t *e) except -1
+    cdef int _debug_check(self) except -1
     cdef int _shut(self) except -1
     cdef object _encode(self, object obj, enc_t *e)
     cdef bint _put_encoded(self, enc_t *e, object segs, int64_t deadline) except -1

@@ -8,15 +8,17 @@ MAX_CAPACITY: int
 DEBUG: bool
 TAG_NAMES: tuple[str, ...]
 
+def debug_counters() -> dict[str, int]: ...
+
 class Ring:
     arena: Any
     name: str | None
     dtype: Any
     @staticmethod
-    def _create(buffer: Any, capacity: int, *, many_producers: bool = ..., many_consumers: bool = ...,
-                maxsize: int = ..., dtype: Any = ...) -> Ring: ...
+    def _create(buffer: Any, capacity: int, *, offset: int = ..., many_producers: bool = ...,
+                many_consumers: bool = ..., maxsize: int = ..., dtype: Any = ...) -> Ring: ...
     @staticmethod
-    def _attach(buffer: Any, dtype: Any = ...) -> Ring: ...
+    def _attach(buffer: Any, dtype: Any = ..., *, offset: int = ..., size: int = ...) -> Ring: ...
     @property
     def closed(self) -> bool: ...
     @property

@@ -65,6 +65,15 @@ cdef enum:
 cdef uint32_t g_pid = getpid()
 shm_sem_template_init()
 
+# leak counters (uvloop-style): the test suite asserts they return to zero
+cdef Py_ssize_t g_rings_open = 0      # rings mapped in this process
+cdef Py_ssize_t g_views_open = 0      # zero-copy views not yet released
+
+
+def debug_counters():
+    """Rings mapped and zero-copy views still open in this process."""
+    return {"rings_open": g_rings_open, "views_open": g_views_open}
+
 
 def _after_fork_in_child():
     global g_pid
@@ -117,10 +126,12 @@ cdef class Ring:
 
     # ------------------------------------------------------------ creation
     @staticmethod
-    def _create(buffer, uint64_t capacity, *, bint many_producers=True, bint many_consumers=True,
-                uint32_t maxsize=0, object dtype=None):
-        """Lay out a new ring over `buffer` (a writable buffer of at least
-        RING_HEADER_SIZE + capacity bytes) and return it."""
+    def _create(buffer, uint64_t capacity, *, Py_ssize_t offset=0, bint many_producers=True,
+                bint many_consumers=True, uint32_t maxsize=0, object dtype=None):
+        """Lay out a new ring at `offset` in `buffer` (writable, with at least
+        RING_HEADER_SIZE + capacity bytes there) and return it. Pass the
+        mmap itself, not a memoryview of it: a memoryview with an export
+        complains when the garbage collector clears a cycle holding it."""
         if capacity < MIN_CAPACITY or capacity > MAX_CAPACITY or (capacity & (capacity - 1)):
             raise ValueError(f"ring capacity must be a power of two between {MIN_CAPACITY} and "
                              f"{MAX_CAPACITY} bytes, got {capacity}")
@@ -130,7 +141,7 @@ cdef class Ring:
             if record_size == 0 or rec_len(record_size) > capacity // 2:
                 raise ValueError(f"records of {record_size} bytes do not fit a ring of {capacity} bytes")
         cdef Ring r = Ring.__new__(Ring)
-        r._map(buffer, SHM_RING_HEADER_SIZE + capacity)
+        r._map(buffer, offset, SHM_RING_HEADER_SIZE + capacity)
         cdef shm_ring_t *h = r.hdr
         memset(h, 0, SHM_RING_HEADER_SIZE)
         h.version = SHM_RING_VERSION
@@ -151,33 +162,35 @@ cdef class Ring:
         return r
 
     @staticmethod
-    def _attach(buffer, object dtype=None):
-        """Attach to a ring laid out earlier over `buffer`; CorruptArena if the
-        header is not a valid ring that fits the buffer."""
+    def _attach(buffer, object dtype=None, *, Py_ssize_t offset=0, Py_ssize_t size=-1):
+        """Attach to a ring laid out earlier at `offset` in `buffer` (in a
+        region of `size` bytes; -1: to the end); CorruptArena if the header
+        is not a valid ring that fits the region."""
         cdef Ring r = Ring.__new__(Ring)
-        r._map(buffer, SHM_RING_HEADER_SIZE)
+        r._map(buffer, offset, SHM_RING_HEADER_SIZE)
         try:
-            r._validate_header(buffer)
+            r._validate_header(size)
         except BaseException:
             r._release()
             raise
         r._setup(dtype)
         return r
 
-    cdef int _map(self, object buffer, uint64_t need) except -1:
+    cdef int _map(self, object buffer, Py_ssize_t offset, uint64_t need) except -1:
         PyObject_GetBuffer(buffer, &self.view, PyBUF_WRITABLE)
         self.has_view = True
-        if <uint64_t>self.view.len < need:
+        if offset < 0 or offset > self.view.len or <uint64_t>(self.view.len - offset) < need:
             self._release()
-            raise ValueError(f"a ring needs {need} bytes, the buffer has {self.view.len}")
-        if (<size_t>self.view.buf) % 64:
+            raise ValueError(f"a ring needs {need} bytes at offset {offset}, the buffer has {self.view.len}")
+        if (<size_t>self.view.buf + offset) % 64:
             self._release()
             raise ValueError("a ring must start on a 64-byte boundary")
         self.buffer = buffer
-        self.hdr = <shm_ring_t *>self.view.buf
+        self.region_len = self.view.len - offset
+        self.hdr = <shm_ring_t *>((<char *>self.view.buf) + offset)
         return 0
 
-    cdef int _validate_header(self, object buffer) except -1:
+    cdef int _validate_header(self, Py_ssize_t size) except -1:
         cdef shm_ring_t *h = self.hdr
         if h.magic != SHM_RING_MAGIC:
             raise CorruptArena(f"no ring here: magic {h.magic:#x}, expected {SHM_RING_MAGIC:#x}")
@@ -189,8 +202,10 @@ cdef class Ring:
         if h.data_offset != SHM_RING_HEADER_SIZE or h.region_size != SHM_RING_HEADER_SIZE + cap:
             raise CorruptArena(f"ring data offset {h.data_offset} / size {h.region_size} do not "
                                f"match capacity {cap}")
-        if h.region_size > <uint64_t>self.view.len:
-            raise CorruptArena(f"ring of {h.region_size} bytes overruns its {self.view.len}-byte region")
+        if size < 0 or size > self.region_len:
+            size = self.region_len
+        if h.region_size > <uint64_t>size:
+            raise CorruptArena(f"ring of {h.region_size} bytes overruns its {size}-byte region")
         if h.flags & ~<uint32_t>(SHM_MANY_PRODUCERS | SHM_MANY_CONSUMERS):
             raise CorruptArena(f"ring flags {h.flags:#x} hold unknown bits")
         if h.record_size and rec_len(h.record_size) > cap // 2:
@@ -213,12 +228,17 @@ cdef class Ring:
         self.cached_head = shm_load_acq64(&h.prod.pos)
         self.dtype = dtype
         self.closed = False
+        global g_rings_open
+        g_rings_open += 1
         return 0
 
     cdef void _release(self) noexcept:
+        global g_rings_open
         if self.has_view:
             PyBuffer_Release(&self.view)
             self.has_view = False
+            if self.data != NULL:
+                g_rings_open -= 1
         self.hdr = NULL
         self.data = NULL
         buf = self.buffer
@@ -230,8 +250,11 @@ cdef class Ring:
                 pass            # someone still holds a view: unmapped when they let go
 
     def __dealloc__(self):
+        global g_rings_open
         if self.has_view:
             PyBuffer_Release(&self.view)
+            if self.data != NULL:
+                g_rings_open -= 1
 
     # ------------------------------------------------------------ bookkeeping
     cdef int _enter(self) except -1:
@@ -689,8 +712,18 @@ cdef class Ring:
         try:
             if self._put_encoded(&e, segs, deadline):
                 raise queue.Full
+            self._debug_check()
         finally:
             self._leave()
+
+    cdef int _debug_check(self) except -1:
+        """Debug builds: the positions are in order after every call."""
+        cdef uint64_t head, cursor, tail
+        if SHMIPC_DEBUG and not self.closed:
+            self._positions(&head, &cursor, &tail)
+            if self.hdr.wait.data_waiters > 100000 or self.hdr.wait.space_waiters > 100000:
+                self._corrupt("waiter counts out of range")
+        return 0
 
     def put_nowait(self, obj):
         """put(obj, block=False)."""
@@ -939,6 +972,7 @@ cdef class Ring:
             finally:
                 if self.many_consumers:
                     self._unlock(W_CLOCK)
+            self._debug_check()
         finally:
             self._leave()
         if raw:
@@ -1161,6 +1195,8 @@ cdef class MessageView:
             raise
         self.pos = pos
         self.held = True
+        global g_views_open
+        g_views_open += 1
         try:
             if TAG_STR <= tag <= TAG_NONE:
                 return ring._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw)
@@ -1174,9 +1210,11 @@ cdef class MessageView:
             raise
 
     cdef void _close(self):
+        global g_views_open
         if not self.held:
             return
         self.held = False
+        g_views_open -= 1
         if self.mv is not None:
             try:
                 self.mv.release()

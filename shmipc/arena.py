@@ -389,9 +389,9 @@ class Arena:
             raise ValueError(f"dtype description of {len(meta_bytes)} bytes is too long (at most {META_MAX})")
         need = _ring.RING_HEADER_SIZE + capacity
 
-        def make(view: memoryview) -> "_ring.Ring":
+        def make(offset: int) -> "_ring.Ring":
             return _ring.Ring._create(
-                view, capacity, many_producers=producers == "many",
+                self._mmap, capacity, offset=offset, many_producers=producers == "many",
                 many_consumers=consumers == "many", maxsize=maxsize, dtype=dtype)
 
         ring, region_name = self._allocate(KIND_RING, need, name, meta_bytes, make)
@@ -401,7 +401,7 @@ class Arena:
         return ring
 
     def _allocate(self, kind: int, need: int, name: str | None, meta: bytes, make: Any) -> tuple[Any, str]:
-        """Bump-allocate a region of `need` bytes, build it with make(view),
+        """Bump-allocate a region of `need` bytes, build it with make(offset),
         then publish its table entry. Returns (make's result, region name)."""
         with self._table_lock():
             used, nregions = self._header()
@@ -414,7 +414,7 @@ class Arena:
                 raise ArenaFull(f"a region of {need} bytes does not fit: the arena of "
                                 f"{self.size} bytes has {max(self.size - offset, 0)} free")
             region_name = name if name is not None else f"#{nregions}"
-            made = make(self._buf[offset: offset + need])
+            made = make(offset)
             base = TABLE_OFFSET + nregions * ENTRY_SIZE
             ENTRY.pack_into(self._buf, base, region_name.encode(), kind, 0, offset, need, len(meta))
             self._buf[base + ENTRY.size: base + ENTRY.size + len(meta)] = meta
@@ -452,8 +452,9 @@ class Arena:
         if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= self.size:
             raise ValueError(f"block size must be an int in 1..{self.size}, got {size!r}")
 
-        def make(view: memoryview) -> memoryview:
-            view[:] = bytes(len(view))
+        def make(offset: int) -> memoryview:
+            view = self._buf[offset: offset + size]
+            view[:] = bytes(size)
             return view
 
         view, _ = self._allocate(KIND_BLOCK, size, name, b"{}", make)
@@ -473,7 +474,7 @@ class Arena:
                 dtype = region.meta.get("dtype")
                 if dtype is not None:
                     dtype = _dtype_from_descr(dtype)
-                ring = _ring.Ring._attach(self._buf[region.offset: region.offset + region.size], dtype)
+                ring = _ring.Ring._attach(self._mmap, dtype, offset=region.offset, size=region.size)
                 ring.arena = self
                 ring.name = name
                 self._rings.add(ring)

@@ -101,3 +101,14 @@ def _fd_target(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
+
+
+@pytest.fixture(autouse=True)
+def _no_open_views():
+    """Debug builds (make debug): every zero-copy view a test opens is released."""
+    from shmipc import _ring
+
+    before = _ring.debug_counters()["views_open"]
+    yield
+    if _ring.DEBUG:
+        assert _ring.debug_counters()["views_open"] == before, "a zero-copy view was never released"
