@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _bench(args: argparse.Namespace) -> int:
     from shmipc.bench import Options, format_report, get_transports, parse_size, run
     from shmipc.bench import markdown_tables, plot, write_json
+    from shmipc.bench.report import markdown_summary
 
     if args.list:
         for t in get_transports():
@@ -118,7 +119,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"wrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown_tables(report))
+            f.write(markdown_summary(report) + "\n" + markdown_tables(report))
         print(f"wrote {args.markdown}")
     if args.plot:
         try:

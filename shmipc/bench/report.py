@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Iterable
 
-__all__ = ["machine", "format_report", "write_json", "plot", "markdown_tables"]
+__all__ = ["machine", "format_report", "write_json", "plot", "markdown_tables", "markdown_summary"]
 
 WORKLOAD_TITLES = {
     "throughput": "One-way throughput, parent -> forked child",
@@ -226,7 +226,7 @@ def _summary(report: dict) -> list[str]:
             continue
         peer, pm = max(peers, key=lambda x: x[1])
         what = _size(key[1]) if key[0] == "throughput" else (key[1] if key[0] == "pool" else "")
-        out.append(f"  {key[0]:<10} {what:<10} {_ratio(best, pm):>7} vs {peer['transport']}")
+        out.append(f"  {key[0] + ' ' + what:<25} {_ratio(best, pm):>7} vs {peer['transport']}")
     bad = [r for r in report["records"] if r["status"] in ("error", "timeout")]
     skipped = sorted({(r["transport"], r["reason"]) for r in report["records"] if r["status"] == "skipped"})
     if skipped:
@@ -251,6 +251,61 @@ def markdown_tables(report: dict) -> str:
             out.append("| " + " | ".join(r[:len(head)]) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def markdown_summary(report: dict) -> str:
+    """One Markdown matrix: a row per transport, a column per workload (its
+    headline figure), then the pools; for the README."""
+    cols: list[tuple[tuple, str]] = []
+    cells: dict[str, dict[tuple, str]] = {}
+    order: list[str] = []
+    pools = []
+    for key, rows in _groups(report["records"]):
+        workload, what = key
+        if workload == "pool":
+            pools.append((key, rows))
+            continue
+        if workload == "throughput":
+            label = f"{_size(what)} msgs/s" if what < 4096 else f"{_size(what)} MB/s"
+        elif workload == "pingpong":
+            label = "64 B round trip, median us"
+        else:
+            label = "numpy 1 MiB MB/s"
+        cols.append((key, label))
+        for r in rows:
+            if r["transport"] not in order:
+                order.append(r["transport"])
+            b = r.get("best") or {}
+            if r["status"] != "ok" or not b:
+                text = r["status"]
+            elif workload == "pingpong":
+                text = f"{b['median_us']:.1f}"
+            elif workload == "throughput" and what < 4096:
+                text = _human(b["msgs_per_s"])
+            else:
+                text = _mb(b["mb_per_s"])
+            cells.setdefault(r["transport"], {})[key] = f"**{text}**" if r["shmipc"] else text
+    out = ["| transport | " + " | ".join(label for _, label in cols) + " |",
+           "|---|" + "---:|" * len(cols)]
+    from shmipc.bench.transports import TRANSPORTS
+
+    known = [t.name for t in TRANSPORTS]
+    order.sort(key=lambda n: known.index(n) if n in known else len(known))
+    for name in order:
+        out.append(f"| {name} | " + " | ".join(cells.get(name, {}).get(key, "") for key, _ in cols) + " |")
+    if pools:
+        out += ["", "| pool workload | shmipc | standard library | shmipc x |", "|---|---:|---:|---:|"]
+        for key, rows in pools:
+            mine = [r for r in rows if r["shmipc"] and _metric(r)]
+            theirs = [r for r in rows if not r["shmipc"] and _metric(r)]
+            if not mine or not theirs:
+                continue
+            title = rows[0].get("title") or key[1]
+            a, b = mine[0], theirs[0]
+            out.append(f"| {title} | {_human(a['best']['items_per_s'])} items/s | "
+                       f"{_human(b['best']['items_per_s'])} items/s ({b['transport']}) | "
+                       f"{_ratio(_metric(a), _metric(b))} |")
+    return "\n".join(out) + "\n"
 
 
 def write_json(report: dict, path: str) -> None:

@@ -301,7 +301,14 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
     started = time.monotonic()
     current = {"now": ""}
     try:
-        items: Any = list(enumerate(specs))
+        def labelled() -> Any:
+            # the label is set as an item is taken, so the bar names the
+            # measurement running now
+            for index, spec in enumerate(specs):
+                current["now"] = spec.label
+                yield index, spec
+
+        items: Any = labelled()
         if options.progress:
             try:
                 import tqdm
@@ -313,7 +320,6 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
 
             items = track(items, total=len(specs), desc="bench", status=lambda: dict(current))
         for index, spec in items:
-            current["now"] = spec.label
             record = run_one(spec, options, tmpdir, index)
             for one in _expand(record):
                 report["records"].append(one)
