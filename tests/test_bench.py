@@ -210,6 +210,25 @@ def test_a_missing_transport_is_skipped(tmp_path):
     assert "not available" in record["reason"] and "shmipc_no_such_module_xyz" in record["reason"]
 
 
+class _Broken(Transport):
+    name = "broken"
+    requires = ("shmipc_test_broken_peer",)
+
+
+@pytest.mark.timeout(60)
+def test_a_broken_install_is_skipped_by_the_measurement_process(tmp_path, monkeypatch):
+    """Found but failing on import (a broken optional peer): skipped, with
+    the reason; the runner's own process never imports it."""
+    import sys
+
+    (tmp_path / "shmipc_test_broken_peer.py").write_text("raise RuntimeError('broken install')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    record = run_one(Spec("throughput", _Broken(), 64), _opts(), str(tmp_path))
+    assert record["status"] == "skipped", record
+    assert "broken install" in record["reason"]
+    assert "shmipc_test_broken_peer" not in sys.modules
+
+
 # ---------------------------------------------------------------- reports
 def _fake_report() -> dict:
     def rec(workload, transport, mine, size, best, status="ok", reason=""):

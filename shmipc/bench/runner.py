@@ -130,7 +130,7 @@ def plan(options: Options) -> list[Spec]:
             if not chosen:
                 continue
             suite = PoolSuite()
-            if bench_pool_path() is not None and suite.unavailable() is None:
+            if bench_pool_path() is not None and suite.unavailable(load=False) is None:
                 # the pool's own comparison (benchmarks/bench_pool.py), so
                 # both benches report the same workload
                 specs.append(Spec(workload, suite, 0, "suite"))
@@ -147,6 +147,10 @@ def _best(workload: str, rounds: list[dict]) -> dict:
         return min(rounds, key=lambda r: r["median_us"])
     key = "items_per_s" if workload == "pool" else "msgs_per_s"
     return max(rounds, key=lambda r: r[key])
+
+
+class _Skip(Exception):
+    """The transport turned out to be unusable in the measurement process."""
 
 
 def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: int,
@@ -174,9 +178,15 @@ def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: 
             os.environ.setdefault(var, "1")
         from shmipc.bench.workloads import measure
 
+        reason = spec.transport.unavailable()
+        if reason is not None:
+            payload = {"status": "skipped", "reason": reason}
+            raise _Skip
         payload = measure(spec.transport, spec.workload, spec.size, options.repeat, options.seconds,
                           tmpdir, spec.pool_kind or "ints", options.processes, options.verify)
         payload["status"] = "ok"
+    except _Skip:
+        pass
     except BaseException as exc:       # reported, never raised: this is a child process
         payload = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
     try:
@@ -194,7 +204,7 @@ def run_one(spec: Spec, options: Options, tmpdir: str, index: int = 0) -> dict:
         "size": spec.size, "pool_kind": spec.pool_kind or None, "note": spec.transport.note,
         "status": "", "reason": "", "rounds": [], "best": {},
     }
-    reason = spec.transport.unavailable()
+    reason = spec.transport.unavailable(load=False)
     if reason is not None:
         record.update(status="skipped", reason=reason)
         return record

@@ -19,6 +19,7 @@ without limit.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import struct
 from typing import Any, Callable
@@ -105,11 +106,19 @@ class Transport:
     min_size = 0                # throughput sizes outside [min_size, max_size] are not measured
     max_size = 1 << 62
 
-    def unavailable(self) -> str | None:
-        """None if the transport can run here, else why not (e.g. not installed)."""
+    def unavailable(self, load: bool = True) -> str | None:
+        """None if the transport can run here, else why not (e.g. not installed).
+
+        With ``load=False`` only look for the modules without importing them
+        (the runner's process stays free of their side effects, such as
+        threads, and the measurement process does the real import).
+        """
         for module in self.requires:
             try:
-                importlib.import_module(module)
+                if load:
+                    importlib.import_module(module)
+                elif importlib.util.find_spec(module) is None:
+                    return f"not available ({module} is not installed)"
             except Exception as exc:   # ImportError, or a broken install of an optional peer
                 return f"not available ({module}: {type(exc).__name__}: {exc})"
         return None
