@@ -224,3 +224,43 @@ def test_inspect_refuses_non_arena_memory(tmp_path):
         finally:
             m.close()
     assert path.read_bytes() == bytes(1 << 16)
+
+
+def test_inspect_no_permission_is_a_clear_error(monkeypatch, capsys):
+    import builtins
+
+    from shmipc import inspector
+
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/4242/maps":
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert inspector.run_inspect(4242) == 1
+    err = capsys.readouterr().err
+    assert "no permission to read /proc/4242/maps" in err
+
+
+def test_inspect_opens_an_arena_through_the_fd_when_map_files_fails(no_leaks):
+    """Without access to /proc/PID/map_files (no CAP_SYS_ADMIN), the arena is
+    found through the process's open descriptor for the same file."""
+    import shmipc
+    from shmipc.inspector import _open_arena, read_maps
+
+    arena = shmipc.Arena(1 << 20)
+    arena.ring(4096, name="r").put(b"hello")
+    try:
+        m = next(m for m in read_maps(os.getpid()) if m.path == "/memfd:shmipc (deleted)"
+                 and m.size == arena.size)
+        m.start, m.end = 0x1000, 0x2000            # map_files has no such entry
+        seen, via = _open_arena(os.getpid(), m)
+        try:
+            assert via.startswith(f"/proc/{os.getpid()}/fd/")
+            assert seen._attach_ring("r").stats()["messages_in"] == 1
+        finally:
+            seen.close()
+    finally:
+        arena.close()
