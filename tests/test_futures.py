@@ -1,0 +1,178 @@
+"""ProcessPoolExecutor: one test body against concurrent.futures' executor and
+shmipc's (submit, map with chunksize and timeout, exceptions, initializer,
+max_tasks_per_child, shutdown with cancel_futures, as_completed), each start
+method, then shmipc-only behaviour. Worker deaths: test_pool_crash.py."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import os
+import time
+
+import pytest
+
+import shmipc
+
+START_METHODS = ["fork", "spawn", "forkserver"]
+
+
+def inc(x):
+    return x + 1
+
+
+def add(a, b=0):
+    return a + b
+
+
+def boom(x):
+    if x == 3:
+        raise ValueError(f"boom {x}")
+    return x
+
+
+def nap(x, seconds=0.2):
+    time.sleep(seconds)
+    return x
+
+
+def getpid(_x=None):
+    time.sleep(0.002)
+    return os.getpid()
+
+
+_init = None
+
+
+def set_init(value):
+    global _init
+    _init = value
+
+
+def get_init(_x=None):
+    return _init
+
+
+@pytest.fixture(scope="module", params=["concurrent.futures", "shmipc"])
+def impl(request):
+    return request.param
+
+
+def make_executor(impl, max_workers=2, method="fork", **kwargs):
+    if impl == "concurrent.futures":
+        if method == "fork":
+            kwargs.pop("max_tasks_per_child", None)     # the standard one refuses it under fork
+        return cf.ProcessPoolExecutor(max_workers, mp_context=multiprocessing.get_context(method),
+                                      **kwargs)
+    return shmipc.ProcessPoolExecutor(max_workers, mp_context=method, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def executor(impl):
+    ex = make_executor(impl)
+    yield ex
+    ex.shutdown(wait=True)
+
+
+@pytest.mark.timeout(60)
+def test_submit_and_results(executor):
+    assert executor.submit(add, 2, b=3).result(timeout=30) == 5
+    futures = [executor.submit(inc, i) for i in range(100)]
+    assert [f.result(timeout=30) for f in futures] == list(range(1, 101))
+    done = {f.result() for f in cf.as_completed(futures, timeout=30)}
+    assert done == set(range(1, 101))
+    f = executor.submit(boom, 3)
+    with pytest.raises(ValueError, match="boom 3"):
+        f.result(timeout=30)
+    assert isinstance(f.exception(), ValueError)
+
+
+@pytest.mark.timeout(60)
+def test_map_chunksize_order_errors(executor):
+    for chunksize in (1, 7, 1000):
+        assert list(executor.map(inc, range(500), chunksize=chunksize)) == list(range(1, 501))
+    assert list(executor.map(add, range(10), range(10), chunksize=3)) == [2 * i for i in range(10)]
+    assert list(executor.map(inc, iter([1, 2, 3]))) == [2, 3, 4]
+    assert list(executor.map(inc, [])) == []
+    it = executor.map(boom, range(6), chunksize=2)
+    assert [next(it), next(it)] == [0, 1]
+    with pytest.raises(ValueError):             # the chunk (2, 3) fails as a whole
+        next(it)
+    with pytest.raises(ValueError):
+        executor.map(inc, [1], chunksize=0)
+
+
+@pytest.mark.timeout(60)
+def test_map_timeout(executor):
+    it = executor.map(nap, [1, 2], timeout=0.05)
+    with pytest.raises(cf.TimeoutError):
+        list(it)
+
+
+@pytest.mark.timeout(60)
+def test_initializer(impl):
+    with make_executor(impl, 2, initializer=set_init, initargs=("hi",)) as ex:
+        assert list(ex.map(get_init, range(6))) == ["hi"] * 6
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_max_tasks_per_child(method):
+    # shmipc only: the standard executor refuses it under fork, and on 3.11
+    # can hang with it under spawn (CPython gh-115634)
+    with shmipc.ProcessPoolExecutor(2, mp_context=method, initializer=set_init, initargs=("hi",),
+                                    max_tasks_per_child=3) as ex:
+        pids = {f.result(timeout=30) for f in [ex.submit(getpid) for _ in range(12)]}
+        assert len(pids) >= 4
+        assert list(ex.map(get_init, range(6))) == ["hi"] * 6
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_cancel_futures(impl):
+    ex = make_executor(impl, 1)
+    futures = [ex.submit(nap, i, 0.2) for i in range(6)]
+    futures[0].result(timeout=30)
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert futures[0].done() and not futures[0].cancelled()
+    assert any(f.cancelled() for f in futures[2:])
+    assert all(f.done() for f in futures)
+    with pytest.raises(RuntimeError):
+        ex.submit(inc, 1)
+
+
+@pytest.mark.timeout(60)
+def test_cancel_before_start(impl):
+    with make_executor(impl, 1) as ex:
+        first = ex.submit(nap, 0, 0.3)
+        waiting = [ex.submit(inc, i) for i in range(50)]
+        last = waiting[-1]
+        assert last.cancel()
+        assert first.result(timeout=30) == 0
+        assert last.cancelled()
+        assert [f.result(timeout=30) for f in waiting[:-1]] == list(range(1, 50))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_start_methods(impl, method):
+    with make_executor(impl, 2, method, initializer=set_init, initargs=(method,)) as ex:
+        assert list(ex.map(inc, range(50), chunksize=5)) == list(range(1, 51))
+        assert ex.submit(get_init).result(timeout=60) == method
+
+
+@pytest.mark.timeout(60)
+def test_shmipc_bad_arguments():
+    with pytest.raises(ValueError, match="max_workers"):
+        shmipc.ProcessPoolExecutor(0)
+    with pytest.raises(ValueError, match="max_tasks_per_child"):
+        shmipc.ProcessPoolExecutor(1, max_tasks_per_child=0)
+    with pytest.raises(ValueError, match="start method"):
+        shmipc.ProcessPoolExecutor(1, mp_context="teleport")
+
+
+@pytest.mark.timeout(60)
+def test_no_leaks(no_leaks):
+    ex = shmipc.ProcessPoolExecutor(2)
+    assert list(ex.map(inc, range(2000), chunksize=100)) == list(range(1, 2001))
+    ex.shutdown(wait=True)
+    with shmipc.ProcessPoolExecutor(2) as ex:
+        ex.submit(nap, 1, 0.1)
