@@ -1,0 +1,286 @@
+"""Pool and ProcessPoolExecutor when workers die (issue 4): a worker SIGKILLed,
+segfaulting or calling os._exit fails only its own task (WorkerLost naming the
+exit code or signal) or has it retried; a replacement starts; the rest
+completes; nothing hangs or leaks. Also: random kills during a long run, the
+parent dying (workers follow within a second), Ctrl-C during map.
+
+Every test has a hard timeout, so a hang fails instead of stalling the run.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import shmipc
+from shmipc._proc import pid_alive
+
+from conftest import fork_child, wait_child
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+# ------------------------------------------------------------ worker functions
+def slow_double(x):
+    time.sleep(0.01)
+    return 2 * x
+
+
+def kill_self_at(x, at=7):
+    if x == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def segfault_at(x, at=2):
+    if x == at:
+        ctypes.string_at(0)             # SIGSEGV in C code
+    return x
+
+
+def exit_at(x, at=1):
+    if x == at:
+        os._exit(3)
+    return x
+
+
+def checksum(x):
+    time.sleep(random.random() * 0.004)
+    return x, hashlib.sha256(str(x).encode()).hexdigest()
+
+
+def nap(x):
+    time.sleep(30)
+    return x
+
+
+def pool_pids(pool):
+    return dict(pool._engine._pids)
+
+
+def busy_worker(pool, timeout=20.0):
+    """(slot, pid) of a worker that is running a task now (its slot says so)."""
+    from shmipc.pool import _SLOT, _SLOT_SIZE
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for slot, pid in sorted(pool_pids(pool).items()):
+            wpid, busy, _seq = _SLOT.unpack_from(pool._engine._slots, slot * _SLOT_SIZE)
+            if busy and wpid == pid and pid_alive(pid):
+                return slot, pid
+        time.sleep(0.002)
+    raise AssertionError("no worker became busy")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _mp_helpers_running():
+    """multiprocessing's resource tracker and fork server are started once per
+    process, on first use; start them before the leak checks look."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    multiprocessing.resource_tracker.ensure_running()
+    multiprocessing.forkserver.ensure_running()
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+# ------------------------------------------------------------ one death
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_sigkill_mid_map_fails_only_that_chunk(no_leaks, method):
+    with shmipc.Pool(2, context=method) as p:
+        r = p.map_async(slow_double, range(200), chunksize=5)
+        victim_slot, victim = busy_worker(p)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(shmipc.WorkerLost) as info:
+            r.get(timeout=30)
+        err = info.value
+        assert err.pid == victim and err.exitcode == -signal.SIGKILL and "SIGKILL" in str(err)
+        assert "slow_double" in str(err)
+        # a replacement took the slot; the pool works on
+        assert wait_for(lambda: pool_pids(p).get(victim_slot) not in (None, victim))
+        assert p.map(slow_double, range(50)) == [2 * x for x in range(50)]
+        stats = p.statistics()
+        assert stats["worker_deaths"] == 1 and stats["tasks_lost"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_mid_map_with_retries_completes(no_leaks):
+    with shmipc.Pool(2, retries=2) as p:
+        r = p.map_async(slow_double, range(300), chunksize=5)
+        for _ in range(2):
+            time.sleep(0.05)
+            os.kill(busy_worker(p)[1], signal.SIGKILL)
+        assert r.get(timeout=30) == [2 * x for x in range(300)]
+        assert p.statistics()["tasks_retried"] >= 1
+
+
+@pytest.mark.timeout(60)
+def test_segfault_and_exit_fail_only_their_task(no_leaks):
+    with shmipc.Pool(2) as p:
+        results = [p.apply_async(segfault_at, (i,)) for i in range(6)]
+        for i, r in enumerate(results):
+            if i == 2:
+                with pytest.raises(shmipc.WorkerLost) as info:
+                    r.get(timeout=30)
+                assert info.value.exitcode == -signal.SIGSEGV and "SIGSEGV" in info.value.how
+            else:
+                assert r.get(timeout=30) == i
+        results = [p.apply_async(exit_at, (i,)) for i in range(4)]
+        with pytest.raises(shmipc.WorkerLost) as info:
+            results[1].get(timeout=30)
+        assert info.value.exitcode == 3 and "code 3" in str(info.value)
+        assert [results[i].get(timeout=30) for i in (0, 2, 3)] == [0, 2, 3]
+        # imap: the lost item raises in its place, the others arrive
+        got = []
+        it = p.imap(kill_self_at, range(12))
+        for _ in range(12):
+            try:
+                got.append(it.next(timeout=30))
+            except shmipc.WorkerLost:
+                got.append("lost")
+        assert got == [0, 1, 2, 3, 4, 5, 6, "lost", 8, 9, 10, 11]
+        # a poisoned task retried still fails, after retries + 1 deaths
+    with shmipc.Pool(2, retries=2) as p:
+        with pytest.raises(shmipc.WorkerLost):
+            p.map(segfault_at, range(4), chunksize=1)
+        assert p.statistics()["tasks_lost"] == 3
+        assert p.map(segfault_at, [0, 1, 3]) == [0, 1, 3]
+
+
+@pytest.mark.timeout(60)
+def test_executor_death_fails_one_future(no_leaks):
+    with shmipc.ProcessPoolExecutor(2) as ex:
+        futures = [ex.submit(kill_self_at, i) for i in range(12)]
+        for i, f in enumerate(futures):
+            if i == 7:
+                assert isinstance(f.exception(timeout=30), shmipc.WorkerLost)
+            else:
+                assert f.result(timeout=30) == i
+        assert list(ex.map(slow_double, range(20), chunksize=3)) == [2 * x for x in range(20)]
+
+
+# ------------------------------------------------------------ many deaths
+@pytest.mark.timeout(120)
+def test_kill_fuzz_results_complete(no_leaks):
+    """SIGKILL a random worker at random instants during a long imap_unordered;
+    with retries every result must arrive exactly once and intact."""
+    rng = random.Random(1234)
+    n_items, kills, recoveries = 8000, 0, []
+    with shmipc.Pool(3, retries=1000) as p:
+        it = p.imap_unordered(checksum, range(n_items), chunksize=2)
+        seen = {}
+        next_kill = time.monotonic() + 0.02
+        for x, digest in it:
+            assert digest == hashlib.sha256(str(x).encode()).hexdigest()
+            assert x not in seen
+            seen[x] = digest
+            if time.monotonic() >= next_kill and len(seen) < n_items - 200:
+                pids = pool_pids(p)
+                if len(pids) == 3:
+                    slot, pid = rng.choice(sorted(pids.items()))
+                    os.kill(pid, signal.SIGKILL)
+                    t0 = time.monotonic()
+                    kills += 1
+                    if wait_for(lambda: pool_pids(p).get(slot) not in (None, pid), 5):
+                        recoveries.append(time.monotonic() - t0)
+                next_kill = time.monotonic() + rng.uniform(0.0, 0.03)
+        assert len(seen) == n_items
+        stats = p.statistics()
+    assert kills >= 100, kills
+    assert stats["worker_deaths"] == kills
+    assert len(recoveries) == kills and max(recoveries) < 1.0
+    print(f"\nkill fuzz: {kills} SIGKILLs survived, replacement within "
+          f"{max(recoveries) * 1e3:.0f} ms (median {sorted(recoveries)[len(recoveries) // 2] * 1e3:.0f} ms), "
+          f"{stats['tasks_retried']} tasks retried")
+
+
+# ------------------------------------------------------------ the parent dies
+def _middle(report_w):
+    """The pool's parent: report the worker pids (and the zygote's), then wait to be killed."""
+    p = shmipc.Pool(2)
+    p.map(slow_double, range(4))
+    pids = list(p._engine._pids.values()) + [p._engine._sup._zygote.pid]
+    os.write(report_w, (" ".join(map(str, pids)) + "\n").encode())
+    time.sleep(60)
+
+
+@pytest.mark.timeout(60)
+def test_workers_exit_when_parent_dies():
+    r, w = os.pipe()
+    middle = fork_child(_middle, w)
+    os.close(w)
+    with os.fdopen(r) as f:
+        pids = [int(x) for x in f.readline().split()]
+    assert len(pids) == 3 and all(pid_alive(x) for x in pids)
+    os.kill(middle, signal.SIGKILL)
+    t0 = time.monotonic()
+    assert wait_child(middle, 10) == -signal.SIGKILL
+    assert wait_for(lambda: not any(pid_alive(x) for x in pids), 5)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0, f"workers outlived their parent by {elapsed:.2f} s"
+
+
+# ------------------------------------------------------------ Ctrl-C
+CTRL_C_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {here!r})
+    import shmipc
+    from shmipc._proc import pid_alive
+    from test_pool_crash import nap
+    if __name__ == "__main__":
+        p = shmipc.Pool(2, context={method!r})
+        pids = list(p._engine._pids.values())
+        print("ready", flush=True)
+        t0 = None
+        try:
+            p.map(nap, range(8), chunksize=1)
+        except KeyboardInterrupt:
+            t0 = time.monotonic()
+            print("KeyboardInterrupt", flush=True)
+        deadline = time.monotonic() + 5
+        while any(pid_alive(x) for x in pids) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        print("workers alive:", sum(pid_alive(x) for x in pids), flush=True)
+""")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_ctrl_c_during_map(method):
+    script = CTRL_C_SCRIPT.format(root=ROOT, here=HERE, method=method)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(0.3)                         # the map is under way
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)      # as a terminal's Ctrl-C: the whole group
+        out, err = proc.communicate(timeout=20)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "KeyboardInterrupt" in out
+    assert "workers alive: 0" in out
+    assert elapsed < 5
+    assert "Traceback" not in err, err          # no screen of child tracebacks
