@@ -19,7 +19,7 @@ import pytest
 
 import shmipc
 from shmipc._ring import RING_HEADER_SIZE
-from conftest import fork_child, wait_child
+from conftest import fork_child, shm_entries, wait_child
 
 SOAK = os.environ.get("SHMIPC_SOAK") == "1"
 KILLS = 400 if SOAK else 60
@@ -55,7 +55,7 @@ def kill(pid: int) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_producers_killed_at_random_instants():
+def test_producers_killed_at_random_instants(no_leaks):
     """Three producers, killed and replaced at random; the parent consumes.
     Each producer's sequence must arrive whole and in order up to its death."""
     rng = random.Random(1)
@@ -133,7 +133,7 @@ def _counted_producer(ring, producer, count):
 
 
 @pytest.mark.timeout(120)
-def test_consumers_killed_at_random_instants():
+def test_consumers_killed_at_random_instants(no_leaks):
     """Three zero-copy consumers, killed and replaced at random, forward what
     they read; nothing may arrive twice and what is missing must be counted."""
     rng = random.Random(2)
@@ -201,7 +201,7 @@ def _big_producer(ring, producer):
 
 
 @pytest.mark.timeout(120)
-def test_producer_killed_mid_write_of_a_large_message():
+def test_producer_killed_mid_write_of_a_large_message(no_leaks):
     """A 48 MiB copy takes milliseconds under the producer lock; killing the
     writer then leaves a half-written record and a dead lock owner. The
     other producer must take the lock over within a second, and the half
@@ -318,3 +318,30 @@ def test_one_to_one_producer_learns_its_consumer_died():
             ring.put(b"z" * 1000, timeout=10)
     assert time.monotonic() - t < 2
     arena.close()
+
+
+def _make_named_arena_and_wait(name, ready):
+    arena = shmipc.Arena.named(name, 1 << 20)
+    arena.ring(4096, name="r").put(b"alive")
+    ready.put("ready")
+    time.sleep(60)
+
+
+@pytest.mark.timeout(30)
+def test_named_arena_is_unlinked_when_its_owner_is_killed(no_leaks):
+    name = f"shmipc-test-killed-{os.getpid()}"
+    side = shmipc.Arena(1 << 20)
+    ready = side.ring(4096)
+    pid = fork_child(_make_named_arena_and_wait, name, ready)
+    assert ready.get(timeout=10) == "ready"
+    assert name in shm_entries()
+    attached = shmipc.Arena.attach(name)
+    kill(pid)
+    t = time.monotonic()
+    while name in shm_entries() and time.monotonic() - t < 5:
+        time.sleep(0.01)
+    print(f"\nname gone {time.monotonic() - t:.3f} s after SIGKILL of its owner")
+    assert name not in shm_entries()
+    assert attached.ring(name="r").get(timeout=1) == b"alive"   # attached mappings live on
+    attached.close()
+    side.close()
