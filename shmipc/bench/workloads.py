@@ -11,7 +11,15 @@ and whose body is fixed random bytes. The receiver compares every message it
 gets, byte for byte, with the one it expects next (a memcmp, or a numpy
 comparison for views and arrays), so a lost, reordered, truncated or corrupted
 message is an error. A zero-length message ends a round; the receiver then
-reports its count, which must equal the sender's.
+reports its count, which must equal the sender's. (``verify="stamps"``, used
+by benchmarks/bench_ring.py for zero-copy receives, checks every message's
+length and stamps and every byte of one message in FULL_EVERY.)
+
+Timing: a throughput round runs from the sender's first send to the moment
+the receiver has the end marker (both read CLOCK_MONOTONIC, which all
+processes share), so data still buffered in a transport when the sender
+stops is counted only once it is delivered. A ping-pong round times every
+round trip on the sender's side.
 """
 from __future__ import annotations
 
@@ -313,7 +321,7 @@ def _crc(b: bytes) -> int:
 
 
 def _pool_items(kind: str) -> tuple[Any, list, Any, int]:
-    """(function, items, expected results checker, payload bytes per item)"""
+    """(function, items, expected results, payload bytes per item)"""
     if kind == "ints":
         items = list(range(20_000))
         return _square, items, [x * x for x in items], 8
@@ -348,9 +356,8 @@ def _pool_measure(transport: PoolTransport, kind: str, rounds: int, seconds: flo
             out.append({"items": n, "seconds": dt, "items_per_s": n / dt,
                         "mb_per_s": n * item_bytes / dt / 1e6})
     finally:
-        pool.terminate() if hasattr(pool, "terminate") else pool.close()
-        if hasattr(pool, "join"):
-            pool.join()
+        pool.terminate()
+        pool.join()
     return out
 
 
