@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import resource
 import select
 import sys
