@@ -18,11 +18,15 @@ process may run:
   target importable, as with multiprocessing.
 
 Lifetimes: every worker ignores SIGINT (Ctrl-C goes to the parent only, so
-the terminal does not fill with child tracebacks) and is killed by the kernel
-when its parent dies (``die_with_parent``: the zygote dies with the caller,
-workers with the zygote; under forkserver with the fork server, which exits
-when the caller does). The target also receives nothing about the parent: it
-can call :func:`parent_alive` in its idle loop as a second line of defence.
+the terminal does not fill with child tracebacks) and is killed when its
+parent dies: workers get the kernel's parent-death signal from the zygote
+(fork) or the fork server (forkserver), both single-threaded and gone within
+0.25 s of the caller. That signal follows the *thread* that started a
+process, so it is used towards the caller only for processes started from the
+main thread or from a thread marked with :func:`mark_thread_long_lived`; the
+zygote also watches getppid(). A target can call :func:`parent_alive` in its
+idle loop as a further line of defence (spawn workers started from a
+short-lived thread rely on it).
 
 Typical use (one thread calls the Supervisor's methods at a time)::
 
@@ -56,7 +60,8 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from shmipc._proc import die_with_parent, pid_alive
 
-__all__ = ["Supervisor", "WorkerExit", "resolve_start_method", "parent_alive"]
+__all__ = ["Supervisor", "WorkerExit", "resolve_start_method", "parent_alive",
+           "mark_thread_long_lived", "unmark_thread_long_lived"]
 
 # zygote <- parent commands, and zygote -> parent events: fixed records, written
 # with one write() each (smaller than PIPE_BUF, hence atomic)
@@ -105,6 +110,26 @@ def parent_alive(parent_pid: int) -> bool:
     return pid_alive(parent_pid)
 
 
+_long_lived_threads: set[int] = set()
+
+
+def mark_thread_long_lived() -> None:
+    """Declare that the calling thread outlives every worker it starts (e.g.
+    a pool's bookkeeping thread), so workers it starts may use the kernel's
+    parent-death signal, which follows the starting *thread*."""
+    _long_lived_threads.add(threading.get_ident())
+
+
+def unmark_thread_long_lived() -> None:
+    """Undo mark_thread_long_lived() (call it as the thread ends: idents are reused)."""
+    _long_lived_threads.discard(threading.get_ident())
+
+
+def _outlives_children() -> bool:
+    return (threading.current_thread() is threading.main_thread()
+            or threading.get_ident() in _long_lived_threads)
+
+
 def _exit_code_of(status: int) -> int:
     try:
         return os.waitstatus_to_exitcode(status)
@@ -133,17 +158,22 @@ def _run_target(target: Callable[..., Any], slot: int, args: tuple) -> int:
 
 
 def _process_entry(target: Callable[..., Any], slot: int, args: tuple, parent_pid: int,
-                   method: str) -> None:
+                   method: str, pdeathsig: bool) -> None:
     """Entry of a spawn/forkserver worker (a multiprocessing Process target)."""
-    # under forkserver our parent is the fork server, which exits when the
-    # caller does; under spawn it is the caller itself
-    die_with_parent(parent_pid if method == "spawn" else os.getppid())
+    # Under forkserver our parent is the fork server (single-threaded; it exits
+    # when the caller does). Under spawn it is the caller, and the kernel sends
+    # the parent-death signal when the *thread* that started us ends: only ask
+    # for it when that thread outlives us (see Supervisor.spawn).
+    if method != "spawn":
+        die_with_parent(os.getppid())
+    elif pdeathsig:
+        die_with_parent(parent_pid)
     code = _run_target(target, slot, args)
     if code:
         sys.exit(code)
 
 
-def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int,
+def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int, pdeathsig: bool,
                  target: Callable[..., Any], args: tuple, name: str) -> None:
     """The zygote: forks workers on request, reaps them, reports exit codes.
 
@@ -151,7 +181,12 @@ def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int,
     Exits when told to, or when the parent closes the command pipe (the parent
     died or stopped us), after stopping and reaping every worker.
     """
-    die_with_parent(parent_pid)
+    # the death signal follows the thread that forked us: trust it only if that
+    # thread lives as long as the process; getppid() below covers the rest
+    if pdeathsig:
+        die_with_parent(parent_pid)
+    elif os.getppid() != parent_pid:
+        os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for fd in close_fds:
         try:
@@ -232,9 +267,11 @@ def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int,
         fds = [cmd_r] + [pidfd for _, pidfd in children.values() if pidfd >= 0]
         polling = any(pidfd < 0 for _, pidfd in children.values())
         try:
-            ready, _, _ = select.select(fds, [], [], 0.05 if polling else None)
+            ready, _, _ = select.select(fds, [], [], 0.05 if polling else 0.25)
         except InterruptedError:
             ready = []
+        if os.getppid() != parent_pid:                  # the parent process died
+            break
         if cmd_r in ready:
             try:
                 data = os.read(cmd_r, 4096)
@@ -324,7 +361,8 @@ class Supervisor:
         self._cmd_w, self._evt_r = cmd_w, evt_r
         proc = self._ctx.Process(
             target=_zygote_main, name=f"{self.name}-zygote", daemon=True,
-            args=(cmd_r, evt_w, (cmd_w, evt_r), os.getpid(), self.target, self.args, self.name))
+            args=(cmd_r, evt_w, (cmd_w, evt_r), os.getpid(), _outlives_children(),
+                  self.target, self.args, self.name))
         try:
             proc.start()
         finally:
@@ -353,7 +391,8 @@ class Supervisor:
             else:
                 proc = self._ctx.Process(
                     target=_process_entry, name=f"{self.name}-{slot}", daemon=True,
-                    args=(self.target, slot, self.args, os.getpid(), self.start_method))
+                    args=(self.target, slot, self.args, os.getpid(), self.start_method,
+                          _outlives_children()))
                 proc.start()
                 self._procs[slot] = proc
                 pid = proc.pid

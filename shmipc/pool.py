@@ -37,7 +37,8 @@ from multiprocessing import TimeoutError
 from typing import Any, Callable, Deque, Iterable, Iterator
 
 from shmipc import _ring
-from shmipc._workers import Supervisor, parent_alive
+from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive,
+                             unmark_thread_long_lived)
 from shmipc.arena import DATA_START, MAX_REGIONS, Arena
 from shmipc.errors import MessageTooLarge, WorkerLost
 
@@ -259,6 +260,7 @@ class _Engine:
     """
 
     _state = INIT
+    _broken = ""                # why the pool cannot run tasks any more (no workers can start)
     _arena: Arena | None = None
     _sup: Supervisor | None = None
     _thread: threading.Thread | None = None
@@ -326,6 +328,8 @@ class _Engine:
     def _check_running(self) -> None:
         if self._state != RUN:
             raise ValueError("Pool not running")
+        if self._broken:
+            raise RuntimeError(self._broken)
 
     def submit_tasks(self, tasks: Any) -> None:
         """Queue a _Task or an iterator of _Tasks (a finite one: it is pulled
@@ -352,7 +356,7 @@ class _Engine:
         """Queue a task from a feeder (allowed after close(), as the job was
         accepted before). False if the pool was terminated."""
         with self._lock:
-            if self._state == TERMINATE:
+            if self._state == TERMINATE or self._broken:
                 return False
             self._queue.append(task)
             later = self._dispatch()
@@ -450,7 +454,16 @@ class _Engine:
         return self._pids
 
     def _run(self) -> None:
-        """The bookkeeping loop: results, worker exits, dispatch, closing."""
+        """The bookkeeping thread: it outlives every worker it starts (close()
+        ends it only after they all exited; terminate() kills them first)."""
+        mark_thread_long_lived()
+        try:
+            self._loop()
+        finally:
+            unmark_thread_long_lived()
+
+    def _loop(self) -> None:
+        """Results, worker exits, dispatch, closing."""
         assert self._sup is not None
         last_poll = 0.0
         while True:
@@ -574,6 +587,11 @@ class _Engine:
                 self._pids[slot] = self._sup.spawn(slot)
             except Exception as exc:
                 print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
+                if not self._pids:
+                    # no worker left and none can start (e.g. the zygote was killed):
+                    # fail everything now rather than let callers wait forever
+                    self._broken = f"the pool lost all its workers and cannot start new ones ({exc})"
+                    later += self._fail_all_locked(RuntimeError(self._broken))
         return later
 
     def _maybe_finish(self) -> bool:
@@ -625,22 +643,27 @@ class _Engine:
         self._shutdown_resources()
 
     def _fail_everything(self, exc: BaseException) -> None:
-        later: list = []
         with self._lock:
-            for task in list(self._inflight.values()):
-                del self._inflight[task.seq]
-                later += task.job._deliver(task, False, exc)
-            while self._queue:
-                head = self._queue.popleft()
-                tasks: Iterable[_Task] = [head] if isinstance(head, _Task) else head
-                for task in tasks:
-                    if task.started or task.job._start_task(task):
-                        later += task.job._deliver(task, False, exc)
-            feeders = list(self._feeders)
-        for feeder in feeders:
-            feeder.job.fail(exc)
+            later = self._fail_all_locked(exc)
         for callback in later:
             _run_callback(callback)
+
+    def _fail_all_locked(self, exc: BaseException) -> list:
+        """Fail every task in flight or queued, and every imap job still reading
+        its input, with `exc`. Lock held; returns the callbacks to run."""
+        later: list = []
+        for task in list(self._inflight.values()):
+            self._settle(task)
+            later += task.job._deliver(task, False, exc)
+        while self._queue:
+            head = self._queue.popleft()
+            tasks: Iterable[_Task] = [head] if isinstance(head, _Task) else head
+            for task in tasks:
+                if task.started or task.job._start_task(task):
+                    later += task.job._deliver(task, False, exc)
+        for feeder in list(self._feeders):
+            later.append(lambda job=feeder.job: job.fail(exc))
+        return later
 
     def _shutdown_resources(self) -> None:
         if self._sup is not None:

@@ -370,3 +370,21 @@ def test_no_leaks_after_close_and_terminate(no_leaks):
     q.map_async(sleep_then, range(4))
     q.terminate()
     q.join()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_pool_made_in_a_thread_outlives_it(method):
+    # the kernel's parent-death signal follows the thread that forked a process:
+    # workers must not die when the thread that made the pool ends
+    box = []
+    t = threading.Thread(target=lambda: box.append(shmipc.Pool(2, context=method)))
+    t.start()
+    t.join(30)
+    p = box[0]
+    try:
+        time.sleep(0.3)
+        assert p.map(square, range(100)) == [x * x for x in range(100)]
+        assert p.statistics()["worker_deaths"] == 0
+    finally:
+        p.terminate()

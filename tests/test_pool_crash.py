@@ -284,3 +284,20 @@ def test_ctrl_c_during_map(method):
     assert "workers alive: 0" in out
     assert elapsed < 5
     assert "Traceback" not in err, err          # no screen of child tracebacks
+
+
+@pytest.mark.timeout(60)
+def test_zygote_killed_fails_work_instead_of_hanging(no_leaks):
+    p = shmipc.Pool(2, context="fork")
+    try:
+        assert p.map(slow_double, range(4)) == [0, 2, 4, 6]
+        r = p.map_async(nap, range(4), chunksize=1)
+        busy_worker(p)
+        os.kill(p._engine._sup._zygote.pid, signal.SIGKILL)     # its workers die with it
+        with pytest.raises((RuntimeError, shmipc.WorkerLost)):
+            r.get(timeout=30)
+        with pytest.raises(RuntimeError, match="lost all its workers"):
+            p.apply(slow_double, (1,))
+    finally:
+        p.terminate()
+        p.join()
