@@ -63,6 +63,47 @@ def test_bench_selected_transports_only():
     assert "pingpong" in proc.stdout and "vs os.pipe" in proc.stdout
 
 
+def _processes_with(marker: str) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.timeout(60)
+def test_bench_ctrl_c_stops_everything(tmp_path):
+    """Ctrl-C during a measurement: exit 130, and no measurement process or
+    peer is left running (they live in their own process group)."""
+    marker = str(tmp_path / "ctrl-c-marker.json")   # in the command line of every fork
+    proc = subprocess.Popen([sys.executable, "-m", "shmipc", "bench", "--no-progress", "--json", marker,
+                             "--workloads", "throughput", "--seconds", "0.5", "--repeat", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 20
+        while len(_processes_with(marker)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)                          # the CLI, a measurement, its peer
+        assert len(_processes_with(marker)) >= 3
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    deadline = time.monotonic() + 5
+    while _processes_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(marker) == []
+    assert not os.path.exists(marker)                 # no report from an interrupted run
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("args,message", [
     (["--transports", "carrier-pigeon"], "unknown transport 'carrier-pigeon'"),
