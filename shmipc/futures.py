@@ -193,10 +193,11 @@ class ProcessPoolExecutor(Executor):
             engine.join()
 
     def __del__(self) -> None:
+        # as the standard executor: once collected, finish what was submitted and stop
         engine = self._engine
         if engine is not None and engine._state == RUN:
             try:
-                engine.terminate()
+                engine.close()
             except Exception:
                 pass
 

@@ -723,6 +723,7 @@ class ApplyResult:
         self._error_callback = error_callback
         self._success = True
         self._value: Any = None
+        self._pool: Any = None      # keeps the Pool alive (not collected, so not terminated) until done
 
     def ready(self) -> bool:
         return self._event.is_set()
@@ -761,6 +762,7 @@ class ApplyResult:
             _run_callback(lambda: self._error_callback(self._value))
         self._event.set()
         self._engine = None
+        self._pool = None
 
     def __class_getitem__(cls, item: Any) -> Any:
         return cls
@@ -813,6 +815,7 @@ class IMapIterator:
         self._chunk_len: dict[int, int] = {}    # chunk -> items, for joining split chunks
         self._parts: dict[int, list] = {}
         self._room: threading.Semaphore | None = None    # the feeder's credit (see _Feeder)
+        self._pool: Any = None      # keeps the Pool alive until the iterator is exhausted
 
     def __iter__(self) -> "IMapIterator":
         return self
@@ -838,6 +841,7 @@ class IMapIterator:
                     break
                 if self._length is not None and self._index >= self._length:
                     self._engine = None
+                    self._pool = None
                     raise StopIteration from None
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
@@ -1065,6 +1069,7 @@ class Pool:
         self._check_running()
         assert self._engine is not None
         result = ApplyResult(self._engine, callback, error_callback)
+        result._pool = self
         self._engine.submit_tasks(_Task(result, 0, 0, K_CALL, func, (tuple(args), dict(kwds)),
                                         self._retries))
         return result
@@ -1119,6 +1124,7 @@ class Pool:
                 chunksize += 1
         _check_chunksize(chunksize, allow_zero=not items)
         result = MapResult(self._engine, len(items), callback, error_callback)
+        result._pool = self
         if not items:
             result._finish()
             return result
@@ -1147,6 +1153,7 @@ class Pool:
         _check_chunksize(chunksize)
         total = len(iterable) if hasattr(iterable, "__len__") else None
         job = IMapIterator(self._engine, ordered)
+        job._pool = self
         kind = K_CALL if chunksize == 1 else K_MAP
         self._engine.start_feeder(_Feeder(self._engine, job, func, iterable, chunksize, kind,
                                           self._retries, ahead=max(_IMAP_AHEAD, 4 * self._processes)))
@@ -1197,10 +1204,19 @@ class Pool:
         self.terminate()
 
     def __del__(self) -> None:
-        if self._engine is not None and self._engine._state == RUN:
+        # as multiprocessing: a pool collected while running warns, and is terminated
+        # (results still pending hold a reference to it, so it is not collected early)
+        engine = self._engine
+        if engine is None or engine._state == TERMINATE:
+            return
+        if engine._state == RUN:
             import warnings
 
             warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, source=self)
+        try:
+            engine.terminate()
+        except Exception:
+            pass
 
 
 def _check_chunksize(chunksize: Any, allow_zero: bool = False) -> None:
