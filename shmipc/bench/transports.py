@@ -226,12 +226,8 @@ class ShmipcQueue(Transport):
     def open(self, size: int, tmpdir: str) -> Channel:
         import shmipc
 
-        def make() -> Any:
-            try:
-                return shmipc.Queue(capacity=ring_capacity_for(size))
-            except TypeError:
-                return shmipc.Queue()
-        return _QueueChannel(make)
+        cap = ring_capacity_for(size)
+        return _QueueChannel(lambda: shmipc.Queue(capacity=cap))
 
 
 class _ConnChannel(Channel):
@@ -268,11 +264,7 @@ class ShmipcPipe(Transport):
     def open(self, size: int, tmpdir: str) -> Channel:
         import shmipc
 
-        try:
-            pair = shmipc.Pipe(duplex=True, capacity=ring_capacity_for(size))
-        except TypeError:
-            pair = shmipc.Pipe(duplex=True)
-        return _ConnChannel(pair)
+        return _ConnChannel(shmipc.Pipe(duplex=True, capacity=ring_capacity_for(size)))
 
 
 # ---------------------------------------------------------------- peers
