@@ -206,7 +206,9 @@ def format_report(report: dict) -> str:
     m = report["machine"]
     lines = [f"shmipc bench  {m['date']}", f"machine: {_machine_line(m)}",
              f"load average before/after: {m.get('load_before')} / {m.get('load_after')}"
-             "  (figures are the best of the rounds; a busy machine lowers them)", ""]
+             "  (figures are the best of the rounds; a busy machine lowers them)",
+             "ring x: the plain shmipc.ring (put/get) figure over this transport's; best x: the best "
+             "shmipc variant's; for round trips, this transport's median over shmipc's", ""]
     for key, rows in _groups(report["records"]):
         head, body = _table_rows(key, rows)
         lines.append(_title(key, report["options"], rows))
