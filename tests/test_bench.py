@@ -197,6 +197,9 @@ def test_a_hanging_transport_is_killed_and_reported(tmp_path, no_leaks):
     assert record["status"] == "timeout"
     assert "2 s" in record["reason"]
     assert time.monotonic() - t0 < 15
+    assert "_pingpong_round" in record["log"]          # where it hung, from faulthandler
+    assert "_pingpong_round" in format_report({"machine": _fake_report()["machine"], "options": {},
+                                               "records": [record]})
 
 
 class _Missing(Transport):

@@ -235,6 +235,8 @@ def _summary(report: dict) -> list[str]:
         out.append("Skipped: " + "; ".join(f"{t} ({why})" for t, why in skipped))
     for r in bad:
         out.append(f"FAILED {r['workload']} {r['transport']} size={r['size']}: {r['status']}: {r['reason']}")
+        # the end of the measurement's own output: for a hang, where it hung
+        out.extend("    | " + line for line in (r.get("log") or "").splitlines()[-8:])
     out.append(f"Total time: {report.get('elapsed_s', 0):.0f} s")
     return out
 
