@@ -236,7 +236,7 @@ def _summary(report: dict) -> list[str]:
     for r in bad:
         out.append(f"FAILED {r['workload']} {r['transport']} size={r['size']}: {r['status']}: {r['reason']}")
         # the end of the measurement's own output: for a hang, where it hung
-        out.extend("    | " + line for line in (r.get("log") or "").splitlines()[-8:])
+        out.extend("    | " + line for line in (r.get("log") or "").splitlines()[-12:])
     out.append(f"Total time: {report.get('elapsed_s', 0):.0f} s")
     return out
 

@@ -163,12 +163,15 @@ def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: 
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
+        # the Python-level streams too: they may be wrappers around other
+        # descriptors (pytest's capture, a notebook's)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         # if this measurement hangs, its log says where (shown with the timeout)
         import faulthandler
 
-        faulthandler.dump_traceback_later(max(options.measurement_timeout() - 1.0, 0.5), exit=False,
-                                          file=sys.stderr)
+        faulthandler.dump_traceback_later(max(options.measurement_timeout() - 1.0, 0.5), exit=False, file=2)
         from shmipc._proc import die_with_parent
 
         die_with_parent(parent)
@@ -281,13 +284,19 @@ def _kill_group(pid: int) -> None:
 
 
 def _tail(path: str, limit: int = 2000) -> str:
+    """What explains a failure from a measurement's log: faulthandler's dump
+    (innermost frames first: where it hung), else the end of the output."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - limit))
-            return f.read().decode(errors="replace").strip()
+            f.seek(max(0, f.tell() - (64 << 10)))
+            text = f.read().decode(errors="replace")
     except OSError:
         return ""
+    dump = text.rfind("Timeout (")
+    if dump >= 0:
+        return "\n".join(text[dump:].splitlines()[:12])
+    return text[-limit:].strip()
 
 
 def run(options: Options, on_record: Callable[[dict], None] | None = None) -> dict:
