@@ -8,7 +8,9 @@ replacements, and stops them all. It never forks while threads of the calling
 process may run:
 
 * ``fork``: the first ``start()`` forks one helper process, the *zygote*,
-  from the caller (do that before starting your own threads). Every worker,
+  from the caller (do that before starting your own threads; the threads of
+  objects registered with :func:`register_pausable`, such as other pools'
+  bookkeeping threads, are stopped for the moment of that fork). Every worker,
   including replacements started later from any thread, is forked by the
   zygote, which is single-threaded. The zygote reaps its workers and reports
   their exit codes through a pipe (control only; no data goes through it).
@@ -56,12 +58,15 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, NamedTuple
+import weakref
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from shmipc._proc import die_with_parent, pid_alive
 
 __all__ = ["Supervisor", "WorkerExit", "resolve_start_method", "parent_alive",
-           "mark_thread_long_lived", "unmark_thread_long_lived"]
+           "mark_thread_long_lived", "unmark_thread_long_lived", "register_pausable",
+           "threads_paused"]
 
 # zygote <- parent commands, and zygote -> parent events: fixed records, written
 # with one write() each (smaller than PIPE_BUF, hence atomic)
@@ -111,6 +116,37 @@ def parent_alive(parent_pid: int) -> bool:
 
 
 _long_lived_threads: set[int] = set()
+_pausable: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def register_pausable(obj: Any) -> None:
+    """Register an object that runs threads of its own and can stop them for
+    a moment: ``obj._pause_for_fork() -> bool`` (True if it stopped its
+    threads; they must be gone, not merely idle) and ``obj._resume_after_fork()``.
+    Before forking a zygote, every registered object is paused, so the fork
+    happens with no shmipc thread running (Python 3.12+ warns about forking a
+    process with threads, and such forks can deadlock). Held weakly."""
+    _pausable.add(obj)
+
+
+@contextmanager
+def threads_paused() -> Iterator[None]:
+    """Stop the threads of every registered pausable object for the block."""
+    paused = []
+    try:
+        for obj in list(_pausable):
+            try:
+                if obj._pause_for_fork():
+                    paused.append(obj)
+            except Exception:
+                pass
+        yield
+    finally:
+        for obj in paused:
+            try:
+                obj._resume_after_fork()
+            except Exception:
+                traceback.print_exc()
 
 
 def mark_thread_long_lived() -> None:
@@ -364,7 +400,8 @@ class Supervisor:
             args=(cmd_r, evt_w, (cmd_w, evt_r), os.getpid(), _outlives_children(),
                   self.target, self.args, self.name))
         try:
-            proc.start()
+            with threads_paused():          # no shmipc thread runs while we fork
+                proc.start()
         finally:
             os.close(cmd_r)
             os.close(evt_w)

@@ -37,7 +37,7 @@ from multiprocessing import TimeoutError
 from typing import Any, Callable, Deque, Iterable, Iterator
 
 from shmipc import _ring
-from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive,
+from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive, register_pausable,
                              unmark_thread_long_lived)
 from shmipc.arena import DATA_START, MAX_REGIONS, Arena
 from shmipc.errors import MessageTooLarge, WorkerLost
@@ -321,8 +321,35 @@ class _Engine:
         self._state = RUN
         _live_pools.add(self)
         # started last: every fork (the zygote's) has happened by now
-        self._thread = threading.Thread(target=self._run, name=f"{name}-bookkeeping", daemon=True)
+        self._name = name
+        self._pause_requested = False
+        self._loop_done = False             # the loop ended for good (finished or terminated)
+        self._start_thread()
+        register_pausable(self)
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"{self._name}-bookkeeping", daemon=True)
         self._thread.start()
+
+    def _pause_for_fork(self) -> bool:
+        """Stop the bookkeeping thread while another pool forks its zygote
+        (see shmipc._workers.register_pausable). Results wait in the ring."""
+        thread = self._thread
+        if (thread is None or not thread.is_alive() or thread is threading.current_thread()
+                or os.getpid() != self._owner_pid):
+            return False
+        self._pause_requested = True
+        self._wake()
+        thread.join(2.0)
+        if thread.is_alive():           # busy in a long callback: fork anyway, it is idle in C
+            self._pause_requested = False
+            return False
+        return True
+
+    def _resume_after_fork(self) -> None:
+        self._pause_requested = False
+        if not self._loop_done and self._state != TERMINATE:
+            self._start_thread()
 
     # ------------------------------------------------------------ submitting
     def _check_running(self) -> None:
@@ -461,12 +488,14 @@ class _Engine:
             self._loop()
         finally:
             unmark_thread_long_lived()
+            if not self._pause_requested:
+                self._loop_done = True
 
     def _loop(self) -> None:
         """Results, worker exits, dispatch, closing."""
         assert self._sup is not None
         last_poll = 0.0
-        while True:
+        while not self._pause_requested:
             later: list = []
             try:
                 msgs = self._results.get_many(256, timeout=_POLL)
@@ -619,11 +648,17 @@ class _Engine:
             raise ValueError("Pool is still running")
         if self._state == INIT:
             return
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            thread = self._thread
+            if thread is None or thread is threading.current_thread():
+                break
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
             if thread.is_alive():
-                return
+                return                          # timed out
+            if self._loop_done or self._state == TERMINATE:
+                break
+            time.sleep(0.001)                   # paused for another pool's fork: it comes back
         if self._state == CLOSE:
             self._shutdown_resources()
 

@@ -388,3 +388,31 @@ def test_pool_made_in_a_thread_outlives_it(method):
         assert p.statistics()["worker_deaths"] == 0
     finally:
         p.terminate()
+
+
+@pytest.mark.timeout(60)
+def test_second_pool_forks_with_no_thread_running(monkeypatch):
+    # a new pool's zygote is forked while no other pool's bookkeeping thread runs
+    # (Python 3.12+ warns about forking with threads; such forks can deadlock)
+    first = shmipc.Pool(2)
+    r = first.map_async(slow_square, range(200), chunksize=1)     # busy meanwhile
+    seen = []
+    real_fork = os.fork
+
+    def fork_spy():
+        seen.append([t.name for t in threading.enumerate()
+                     if "bookkeeping" in t.name or "feeder" in t.name])
+        return real_fork()
+    monkeypatch.setattr(os, "fork", fork_spy)
+    try:
+        second = shmipc.Pool(2)
+        monkeypatch.setattr(os, "fork", real_fork)
+        assert seen and seen[0] == [], seen        # (other libraries' threads may run)
+        assert second.map(square, range(50)) == [x * x for x in range(50)]
+        assert r.get(timeout=30) == [x * x for x in range(200)]
+        assert first.map(square, range(50)) == [x * x for x in range(50)]
+        second.close()
+        second.join()
+    finally:
+        first.terminate()
+        first.join()
