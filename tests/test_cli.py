@@ -25,9 +25,13 @@ def shmipc_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------- bench
 @pytest.mark.timeout(120)
 def test_bench_quick_end_to_end(tmp_path):
+    import importlib.util
+
     out_json, out_png, out_md = tmp_path / "r.json", tmp_path / "r.png", tmp_path / "r.md"
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    plot_args = ["--plot", str(out_png)] if has_matplotlib else []
     proc = shmipc_cmd("bench", "--quick", "--sizes", "64,4k", "--seconds", "0.03",
-                      "--json", str(out_json), "--plot", str(out_png), "--markdown", str(out_md),
+                      "--json", str(out_json), *plot_args, "--markdown", str(out_md),
                       "--no-progress", timeout=110)
     report = json.loads(out_json.read_text())
     records = report["records"]
@@ -46,9 +50,20 @@ def test_bench_quick_end_to_end(tmp_path):
     assert "Ping-pong round trip" in out and "Pool.map" in out and "numpy" in out
     assert "machine:" in out and "cores" in out and "Summary" in out
     assert "x vs " in out                                     # a ratio line of the summary
-    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    if has_matplotlib:
+        assert out_png.read_bytes()[:4] == b"\x89PNG"
     assert "| transport |" in out_md.read_text()
     assert report["machine"]["cores"] == os.cpu_count()
+
+
+def test_bench_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys):
+    """--plot is checked before anything runs: no minute of measuring lost."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    assert main(["bench", "--plot", "x.png"]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)
