@@ -65,6 +65,7 @@ TERMINATE = "TERMINATE"
 K_CALL = 0          # payload (args, kwargs): func(*args, **kwargs)
 K_MAP = 1           # payload [x, ...]: [func(x), ...]
 K_STARMAP = 2       # payload [args, ...]: [func(*args), ...]
+K_BIG = 3           # a stub: the task itself waits in the "bigtasks" ring (see _Engine)
 
 # One slot per worker, written by the worker: pid, busy flag, and the task
 # sequence number it is running. Invariant: busy=1 is written before the
@@ -80,9 +81,14 @@ _SLOT_SIZE = 64                       # one cache line per worker
 _CREDIT_MIN = 2
 _CREDIT_MAX = 64
 _CREDIT_HORIZON = 0.004               # seconds of work to keep queued per worker
-_MAX_WORKERS = MAX_REGIONS - 2        # a task ring each, plus the result ring and slot table
+_MAX_WORKERS = MAX_REGIONS - 4        # a task ring each, plus the result ring, big rings, slot table
 _TASK_RING = 8 << 20                  # per worker: messages up to 4 MiB
 _RESULT_RING = 32 << 20               # shared: messages up to 16 MiB
+# Messages too large for those rings go through one "big" ring per direction
+# (up to half its capacity each). Its pages are touched only by large
+# messages, so small traffic never commits this memory.
+_BIG_RING = 256 << 20
+_BIG_WAIT = 30.0                      # seconds a reader waits for a big message announced by a stub
 _IMAP_AHEAD = 256                     # chunks of one imap job queued or running at once
 _POLL = 0.05                          # bookkeeping wakes at least this often (worker exits)
 _job_counter = itertools.count()
@@ -148,10 +154,11 @@ def _run_task(kind: int, func: Callable, payload: Any) -> Any:
     return list(itertools.starmap(func, payload))
 
 
-def _send_result(results: Any, seq: int, ok: bool, value: Any, kind: int, offset: int = 0,
-                 last: bool = True) -> None:
-    """Put a result; split a list too large for the ring into pieces, and turn
-    an unpicklable or too large value into an error for the parent."""
+def _send_result(results: Any, big_results: Any, seq: int, ok: bool, value: Any, kind: int,
+                 offset: int = 0, last: bool = True) -> None:
+    """Put a result; split a list too large for the ring into pieces (one
+    item too large goes through the big ring, announced by a stub), and turn
+    an unpicklable or far too large value into an error for the parent."""
     try:
         if ok:
             wire = _wrap_blobs(value) if kind != K_CALL else (
@@ -163,10 +170,19 @@ def _send_result(results: Any, seq: int, ok: bool, value: Any, kind: int, offset
     except MessageTooLarge as exc:
         if ok and kind != K_CALL and len(value) > 1:
             half = len(value) // 2
-            _send_result(results, seq, True, value[:half], kind, offset, False)
-            _send_result(results, seq, True, value[half:], kind, offset + half, last)
+            _send_result(results, big_results, seq, True, value[:half], kind, offset, False)
+            _send_result(results, big_results, seq, True, value[half:], kind, offset + half, last)
             return
         error: BaseException = exc
+        try:
+            # the payload first, then the stub (ok=None) that tells the parent to fetch it
+            big_results.put((seq, ok, offset, last, wire), timeout=_BIG_WAIT)
+            results.put((seq, None, offset, last, None))
+            return
+        except MessageTooLarge as big_exc:
+            error = big_exc
+        except queue.Full as full:
+            error = full
     except Exception as exc:        # pickling failed; the ring is unchanged
         error = MaybeEncodingError(exc, value if ok else getattr(value, "exc", value))
         if not ok:
@@ -178,12 +194,31 @@ def _send_result(results: Any, seq: int, ok: bool, value: Any, kind: int, offset
         results.put((seq, False, offset, True, RuntimeError(repr(error))))
 
 
+def _take_big(big_tasks: Any, seq: int, parent_pid: int) -> tuple | None:
+    """The task announced by a K_BIG stub: the next message of the big-task
+    ring with that sequence number (the parent sends one at a time and puts
+    it right after the stub; leftovers of a dead worker are skipped)."""
+    deadline = time.monotonic() + _BIG_WAIT
+    while time.monotonic() < deadline:
+        try:
+            msg = big_tasks.get(timeout=0.5)
+        except queue.Empty:
+            if not parent_alive(parent_pid):
+                return None
+            continue
+        if msg[0] == seq:
+            return msg
+    return None
+
+
 def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,
                  maxtasks: int | None, parent_pid: int) -> None:
     """A pool worker: run tasks from its own ring until told to stop, the
     pool's parent dies, or `maxtasks` tasks are done."""
     tasks = arena.ring(name=f"tasks{slot}")
     results = arena.ring(name="results")
+    big_tasks = arena.ring(name="bigtasks")
+    big_results = arena.ring(name="bigresults")
     slots = arena.block(name="slots")
     base = slot * _SLOT_SIZE
     pid = os.getpid()
@@ -203,13 +238,20 @@ def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs
         if msg is None:                         # the pool is closing
             return
         seq, kind, func, payload = msg
+        if kind == K_BIG:
+            msg = _take_big(big_tasks, seq, parent_pid)
+            if msg is None:
+                _send_result(results, big_results, seq, False, _wrap_exception(RuntimeError(
+                    f"task {seq}: its data never arrived in the big-message ring")), K_CALL)
+                continue
+            seq, kind, func, payload = msg
         _SLOT.pack_into(slots, base, pid, 1, seq)
         try:
             value, ok = _run_task(kind, func, payload), True
         except Exception as exc:
             value, ok = _wrap_exception(exc), False
         del msg, payload
-        _send_result(results, seq, ok, value, kind)
+        _send_result(results, big_results, seq, ok, value, kind)
         del value
         _SLOT.pack_into(slots, base, pid, 0, 0)
         done += 1
@@ -299,10 +341,13 @@ class _Engine:
         self._stopping = [False] * processes                # a stop message was sent
         self._seq = itertools.count(1)
         self._feeders: set = set()                          # live _Feeder threads
+        self._big_seq = 0                                   # the task last sent through the big ring
+        self._big_slot = -1
+        self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
-        size = (DATA_START + processes * (task_ring + 4096) + result_ring + 4096
+        size = (DATA_START + processes * (task_ring + 4096) + result_ring + 4096 + 2 * (_BIG_RING + 4096)
                 + processes * _SLOT_SIZE + (1 << 20))
         self._arena = Arena(size)
         try:
@@ -310,6 +355,10 @@ class _Engine:
                                              consumers="one")
             self._tasks = [self._arena.ring(task_ring, name=f"tasks{i}", producers="one",
                                             consumers="many") for i in range(processes)]
+            self._big_tasks = self._arena.ring(_BIG_RING, name="bigtasks", producers="one",
+                                               consumers="many")
+            self._big_results = self._arena.ring(_BIG_RING, name="bigresults", producers="many",
+                                                 consumers="one")
             self._slots = self._arena.block(processes * _SLOT_SIZE, name="slots")
             self._sup = Supervisor(_worker_main, (self._arena, initializer, tuple(initargs), maxtasks,
                                                   os.getpid()), context=context, name=name)
@@ -403,6 +452,39 @@ class _Engine:
         except Exception:
             pass
 
+    def _send_big(self, slot: int, task: _Task, exc: MessageTooLarge) -> bool | None:
+        """Send one task too large for a worker's ring: a stub in the worker's
+        ring, the task in the big ring. One at a time: a worker that reads a
+        stub takes the big ring's only message. Lock held. True if sent, None
+        to retry later, False if it can never fit."""
+        big = self._big_tasks
+        if exc.size > big.max_message_size:
+            return False
+        if big.qsize():
+            return None                         # the previous big task was not taken yet
+        try:
+            self._tasks[slot].put_nowait((task.seq, K_BIG, None, None))
+        except queue.Full:
+            return None
+        payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
+        big.put_nowait((task.seq, task.kind, task.func, payload))
+        self._big_seq, self._big_slot = task.seq, slot
+        return True
+
+    def _fetch_big(self, seq: int, offset: int) -> tuple[bool, Any]:
+        """The big result announced by a stub; those of others read on the way
+        are kept for their own stubs. Lock held."""
+        key = (seq, offset)
+        deadline = time.monotonic() + _BIG_WAIT
+        while key not in self._big_stash:
+            try:
+                bseq, ok, boffset, _last, value = self._big_results.get(
+                    timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                return False, RuntimeError(f"task {seq}: its large result never arrived")
+            self._big_stash[(bseq, boffset)] = (ok, value)
+        return self._big_stash.pop(key)
+
     def _free_slot(self) -> int:
         best, best_load = -1, _CREDIT_MAX + 1
         for slot in range(self._processes):
@@ -463,8 +545,15 @@ class _Engine:
                     task.job._split(task, parts)
                     self._queue.extendleft(reversed(parts))
                     continue
-                later += task.job._deliver(task, False, exc)
-                continue
+                sent = self._send_big(slot, task, exc)
+                if sent is None:                # the big ring is busy, or the ring full: later
+                    self._queue.appendleft(task)
+                    break
+                if not sent:
+                    big = self._big_tasks
+                    later += task.job._deliver(task, False, MessageTooLarge(
+                        exc.size, big.max_message_size, big.capacity))
+                    continue
             except Exception as exc:            # pickling the task failed
                 later += task.job._deliver(task, False, exc)
                 continue
@@ -537,6 +626,8 @@ class _Engine:
 
     def _on_result(self, msg: tuple) -> list:
         seq, ok, offset, last, value = msg
+        if ok is None:                          # a stub: the result waits in the big ring
+            ok, value = self._fetch_big(seq, offset)
         task = self._inflight.get(seq)
         if task is None:
             return []           # a late piece of a task already settled
@@ -584,6 +675,13 @@ class _Engine:
                 break
             except Exception:
                 continue                        # a corrupt record is dropped as well
+        if self._big_slot == slot and self._big_seq in self._inflight:
+            # the big task sent to it may still wait in the big ring: it never started
+            while self._big_tasks.qsize():
+                try:
+                    self._big_tasks.get(timeout=0.5)
+                except Exception:
+                    break
         requeue: list[_Task] = []
         for seq in list(self._assigned[slot]):
             task = self._inflight.get(seq)
@@ -604,6 +702,8 @@ class _Engine:
         for task in reversed(requeue):
             self._queue.appendleft(task)
         self._assigned[slot].clear()
+        # big results read ahead for tasks that are no longer in flight will never be claimed
+        self._big_stash = {k: v for k, v in self._big_stash.items() if k[0] in self._inflight}
         self._outstanding[slot] = 0
         self._sent_to[slot] = 0
         self._last_done[slot] = 0.0

@@ -305,6 +305,29 @@ def test_large_payloads_travel_intact():
         assert list(p.imap(digest, blobs, chunksize=150)) == [digest(b) for b in blobs]
 
 
+def double(arr):
+    return arr * 2
+
+
+def make_huge(n):
+    return bytes([n]) * (20 << 20)
+
+
+@pytest.mark.timeout(60)
+def test_items_larger_than_a_ring_message():
+    # beyond the per-worker ring's message limit: through the big-message rings
+    blobs = [os.urandom(12 << 20) for _ in range(3)]
+    arr = np.random.default_rng(1).random(3_000_000)
+    with shmipc.Pool(2) as p:
+        assert p.map(digest, blobs) == [digest(b) for b in blobs]
+        assert list(p.imap_unordered(digest, blobs)) and p.apply(digest, (blobs[0],)) == digest(blobs[0])
+        assert [len(x) for x in p.map(make_huge, range(3))] == [20 << 20] * 3
+        assert np.array_equal(p.apply(double, (arr,)), arr * 2)
+        with pytest.raises(shmipc.MessageTooLarge, match="can never fit"):
+            p.apply(len, (bytes(200 << 20),))
+        assert p.apply(len, (b"small",)) == 5
+
+
 @pytest.mark.timeout(60)
 def test_bad_arguments_named():
     with pytest.raises(ValueError, match="processes"):
