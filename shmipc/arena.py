@@ -365,9 +365,9 @@ class Arena:
             FileExistsError: creating a ring under a name already taken.
         """
         self._check_open()
+        if capacity is None and isinstance(name, str):
+            return self._attach_ring(name)      # any name, the generated "#N" ones included
         self._check_name(name)
-        if capacity is None and name is not None:
-            return self._attach_ring(name)
         if capacity is None:
             capacity = DEFAULT_RING_CAPACITY
         if not isinstance(capacity, int) or isinstance(capacity, bool):

@@ -188,9 +188,7 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
                                         "offset": region.offset, "size": region.size}
                 if region.kind == "ring":
                     try:
-                        # _attach_ring, not ring(name=): unnamed rings ("#3") are
-                        # refused by ring()'s name check, and inspect shows them all
-                        ring = arena._attach_ring(region.name)
+                        ring = arena.ring(name=region.name)
                         try:
                             info["stats"] = ring.stats()
                         finally:
