@@ -861,6 +861,7 @@ def _worker_main(p: Pipeline, s: _Stage, j: int) -> int:
 
 _NOTHING = object()
 _ndarray: Any = None          # numpy.ndarray, once numpy is imported
+_dtypes: dict[str, Any] = {}  # dtype.str -> dtype, for _unpack
 
 
 def _pack(value: Any) -> tuple[Any, Any]:
@@ -895,10 +896,22 @@ def _unpack(data: Any, meta: Any) -> Any:
         return bytes(data)
     if meta == "bytearray":
         return bytearray(data)
+    descr, shape = meta
+    dtype = _dtypes.get(descr)
+    if dtype is None:
+        import numpy as np
+
+        dtype = _dtypes[descr] = np.dtype(descr)
+    arr = _frombuffer(data, dtype)
+    return arr if len(shape) == 1 else arr.reshape(shape)
+
+
+def _frombuffer(data: Any, dtype: Any) -> Any:
+    global _frombuffer
     import numpy as np
 
-    dtype, shape = meta
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    _frombuffer = np.frombuffer
+    return np.frombuffer(data, dtype)
 
 
 def _repack(env: tuple) -> tuple:
