@@ -93,6 +93,7 @@ _IMAP_AHEAD = 256                     # chunks of one imap job queued or running
 _POLL = 0.05                          # bookkeeping wakes at least this often (worker exits)
 _job_counter = itertools.count()
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
+_shutdown_lock = threading.Lock()
 
 
 _BLOB_MIN = 16 << 10                  # bytes at least this long travel out of band
@@ -302,6 +303,7 @@ class _Engine:
     """
 
     _state = INIT
+    _resources_released = False
     _broken = ""                # why the pool cannot run tasks any more (no workers can start)
     _arena: Arena | None = None
     _sup: Supervisor | None = None
@@ -611,6 +613,9 @@ class _Engine:
             for callback in later:
                 _run_callback(callback)
             if finished:
+                # every worker exited: release the arena and the zygote now, so
+                # that close() without join() (or shutdown(wait=False)) leaks nothing
+                self._shutdown_resources()
                 return
 
     def _drain_results(self) -> list:
@@ -801,6 +806,11 @@ class _Engine:
         return later
 
     def _shutdown_resources(self) -> None:
+        """Stop the workers and the zygote, close the arena. Once (several threads may race here)."""
+        with _shutdown_lock:
+            if self._resources_released:
+                return
+            self._resources_released = True
         if self._sup is not None:
             self._sup.stop(0.5)
         if self._arena is not None:

@@ -176,3 +176,11 @@ def test_no_leaks(no_leaks):
     ex.shutdown(wait=True)
     with shmipc.ProcessPoolExecutor(2) as ex:
         ex.submit(nap, 1, 0.1)
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_without_wait_leaks_nothing(no_leaks):
+    ex = shmipc.ProcessPoolExecutor(2)
+    futures = [ex.submit(nap, i, 0.05) for i in range(4)]
+    ex.shutdown(wait=False)
+    assert [f.result(timeout=30) for f in futures] == [0, 1, 2, 3]

@@ -439,3 +439,12 @@ def test_second_pool_forks_with_no_thread_running(monkeypatch):
     finally:
         first.terminate()
         first.join()
+
+
+@pytest.mark.timeout(60)
+def test_close_without_join_leaks_nothing(no_leaks):
+    p = shmipc.Pool(2)
+    r = p.map_async(slow_square, range(20))
+    p.close()
+    assert r.get(timeout=30) == [x * x for x in range(20)]
+    # no join(): the pool releases its workers, zygote and arena by itself
