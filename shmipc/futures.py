@@ -7,11 +7,12 @@ executor is a :class:`concurrent.futures.Executor`, so ``submit``, ``map``
 """
 from __future__ import annotations
 
+import collections
 import itertools
+import signal
 import threading
 import time
 from concurrent.futures import Executor, Future
-from concurrent.futures import TimeoutError as FuturesTimeoutError
 from typing import Any, Callable, Iterable, Iterator
 
 from shmipc.pool import K_CALL, K_MAP, K_STARMAP, RUN, _Engine, _Task
@@ -106,24 +107,35 @@ class ProcessPoolExecutor(Executor):
             RuntimeError: after shutdown() (or the interpreter is exiting).
         """
         with self._shutdown_lock:
-            if self._shutdown or self._engine is None or self._engine._state != RUN:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
+            assert self._engine is not None
             future: Future = Future()
             self._engine.submit_tasks(_Task(_FutureJob(future), 0, 0, K_CALL, fn, (args, kwargs), 0))
             return future
 
     def map(self, fn: Callable, *iterables: Iterable, timeout: float | None = None,
-            chunksize: int = 1) -> Iterator:
+            chunksize: int = 1, buffersize: int | None = None) -> Iterator:
         """Like map(fn, *iterables), results in order; `chunksize` calls travel
-        per task. The iterables are read at once (as the standard executor).
+        per task.
+
+        Args:
+            timeout: seconds, from this call, until each result must be ready.
+            chunksize: calls per task (a range input travels as range slices).
+            buffersize: (as Python 3.14) at most this many chunks submitted
+                and not yet yielded; the iterables are then read lazily.
+                None: read them all now (as the standard executor).
 
         Raises:
-            ValueError: chunksize < 1.
+            ValueError: chunksize < 1 or buffersize < 1.
+            RuntimeError: after shutdown().
             TimeoutError: (on iteration) a result is not ready `timeout`
                 seconds after the map() call.
         """
         if not isinstance(chunksize, int) or isinstance(chunksize, bool) or chunksize < 1:
             raise ValueError("chunksize must be >= 1.")
+        if buffersize is not None and (not isinstance(buffersize, int) or isinstance(buffersize, bool)
+                                       or buffersize < 1):
+            raise ValueError(f"buffersize must be None or an int >= 1, got {buffersize!r}")
         end_time = None if timeout is None else timeout + time.monotonic()
         # one iterable: chunks of its items (a range: range slices, a few bytes
         # each); several: chunks of argument tuples, as the standard executor
@@ -139,36 +151,67 @@ class ProcessPoolExecutor(Executor):
             kind = K_STARMAP
             zipped = zip(*iterables)
             chunks = iter(lambda: list(itertools.islice(zipped, chunksize)), [])
-        futures = []
+        futures: collections.deque = collections.deque()
         with self._shutdown_lock:
-            if self._shutdown or self._engine is None or self._engine._state != RUN:
-                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._check_open()
             tasks = []
-            for chunk in chunks:
+            for chunk in (chunks if buffersize is None else itertools.islice(chunks, buffersize)):
                 future: Future = Future()
                 futures.append(future)
                 tasks.append(_Task(_FutureJob(future), 0, 0, kind, fn, chunk, 0))
+            assert self._engine is not None
             self._engine.submit_tasks(iter(tasks))
-        return self._results(futures, end_time)
+        more = None if buffersize is None else (kind, fn, chunks)
+        return self._results(futures, end_time, more)
 
-    @staticmethod
-    def _results(futures: list[Future], end_time: float | None) -> Iterator:
+    def _check_open(self) -> None:
+        if self._shutdown or self._engine is None or self._engine._state != RUN:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def _results(self, futures: "collections.deque[Future]", end_time: float | None,
+                 more: tuple | None) -> Iterator:
         # a generator, so that closing it early cancels what has not started
         try:
-            futures.reverse()
             while futures:
-                future = futures.pop()
+                future = futures.popleft()
+                if more is not None:            # buffersize: one chunk in for each one out
+                    kind, fn, chunks = more
+                    chunk = next(chunks, None)
+                    if chunk is not None:
+                        nxt: Future = Future()
+                        with self._shutdown_lock:
+                            self._check_open()
+                            assert self._engine is not None
+                            self._engine.submit_tasks(_Task(_FutureJob(nxt), 0, 0, kind, fn, chunk, 0))
+                        futures.append(nxt)
                 if end_time is None:
-                    chunk = future.result()
+                    result = future.result()
                 else:
-                    chunk = future.result(end_time - time.monotonic())
-                yield from chunk
-                del chunk, future
-        except FuturesTimeoutError:
-            raise
+                    result = future.result(end_time - time.monotonic())
+                yield from result
+                del result, future
         finally:
             for future in futures:
                 future.cancel()
+
+    def terminate_workers(self) -> None:
+        """(As Python 3.14) stop every worker now (SIGTERM, then SIGKILL);
+        calls not finished fail. The executor is shut down."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        if self._engine is not None:
+            self._engine.terminate()
+
+    def kill_workers(self) -> None:
+        """(As Python 3.14) SIGKILL every worker now; calls not finished fail.
+        The executor is shut down."""
+        with self._shutdown_lock:
+            self._shutdown = True
+        engine = self._engine
+        if engine is not None and engine._sup is not None:
+            for slot in list(engine._sup.pids()):
+                engine._sup.kill(slot, signal.SIGKILL)
+            engine.terminate()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No new calls; cancel the pending ones if `cancel_futures`; with

@@ -184,3 +184,33 @@ def test_shutdown_without_wait_leaks_nothing(no_leaks):
     futures = [ex.submit(nap, i, 0.05) for i in range(4)]
     ex.shutdown(wait=False)
     assert [f.result(timeout=30) for f in futures] == [0, 1, 2, 3]
+
+
+def _counting(log, n):
+    for i in range(n):
+        log.append(i)
+        yield i
+
+
+@pytest.mark.timeout(60)
+def test_map_buffersize_reads_lazily():
+    log = []
+    with shmipc.ProcessPoolExecutor(2) as ex:
+        it = ex.map(inc, _counting(log, 1000), chunksize=10, buffersize=3)
+        assert next(it) == 1
+        assert len(log) <= 50                       # at most a few chunks read ahead
+        assert list(it) == list(range(2, 1001))
+        with pytest.raises(ValueError, match="buffersize"):
+            ex.map(inc, [1], buffersize=0)
+
+
+@pytest.mark.timeout(60)
+def test_terminate_and_kill_workers(no_leaks):
+    for stop in ("terminate_workers", "kill_workers"):
+        ex = shmipc.ProcessPoolExecutor(2)
+        f = ex.submit(nap, 1, 30)
+        time.sleep(0.2)
+        getattr(ex, stop)()
+        assert f.done() and f.exception() is not None
+        with pytest.raises(RuntimeError):
+            ex.submit(inc, 1)
