@@ -5,15 +5,22 @@ methods, ordering, chunking, callbacks and exceptions (re-raised in the parent
 with the worker's traceback as their ``__cause__``). Underneath:
 
 * one arena per pool holds a task ring per worker (parent -> worker), one
-  result ring (workers -> parent) and a *slot table*: each worker writes the
-  task it is about to run into its slot, so when it dies the parent knows
-  exactly which task it held (and that the ones queued behind it never ran);
-* one bookkeeping thread in the parent reads results, hands out tasks
-  (at most ``_CREDIT`` queued per worker, so work stays balanced), runs
-  callbacks, notices worker exits and starts replacements;
+  result ring (workers -> parent), a big-message ring each way (for the rare
+  message too large for the others, announced by a small stub) and a *slot
+  table*: each worker writes the task it is about to run into its slot, so
+  when it dies the parent knows exactly which task it held (and that the
+  ones queued behind it in its own ring never ran);
+* one bookkeeping thread in the parent reads results, hands out tasks (a
+  few queued per worker, more for short tasks: see _CREDIT_*), runs
+  callbacks, notices worker exits and starts replacements; imap jobs read
+  their input from a feeder thread of their own;
 * workers are started by :class:`shmipc._workers.Supervisor`: under fork, by
-  a single-threaded helper forked when the pool is made, so no fork ever
-  happens while this process runs threads.
+  a single-threaded helper (the zygote) forked when the pool is made, with
+  the threads of other pools paused for that moment, so no fork ever
+  happens while shmipc threads run;
+* chunks too large for a message are cut into pieces that fit; ``range``
+  inputs travel as range slices; bytes of 16 KiB or more travel out of band
+  (written once, straight into the ring).
 
 The engine (:class:`_Engine`) is shared with :class:`shmipc.ProcessPoolExecutor`.
 """
@@ -1129,7 +1136,7 @@ class Pool:
     through shared memory, and a dying worker costs only its own task.
 
     Args:
-        processes: number of workers (default: os.cpu_count(), at most 61).
+        processes: number of workers (default: os.cpu_count(), at most 59).
         initializer, initargs: ``initializer(*initargs)`` runs first in each worker.
         maxtasksperchild: a worker exits after this many tasks (chunks) and a
             fresh one replaces it (None: never).
@@ -1165,8 +1172,13 @@ class Pool:
         threads: a function defined in ``__main__`` after the pool was made
         is not visible to the workers (as for multiprocessing's own first
         workers).
-      * imap/imap_unordered read their input only as workers need more work.
-      * At most 61 workers per pool (one shared-memory ring each).
+      * imap/imap_unordered read their input (in a thread, as
+        multiprocessing) only as workers need more work: at most 256 chunks
+        of a job are queued or running at once.
+      * A pool whose workers can no longer be started (its zygote was
+        killed) fails its pending work with RuntimeError instead of hanging.
+      * At most 59 workers per pool (one shared-memory ring each); one
+        argument or result may be up to 128 MiB once pickled.
     """
 
     def __init__(self, processes: int | None = None, initializer: Callable | None = None,
