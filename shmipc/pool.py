@@ -79,6 +79,8 @@ K_BIG = 3           # a stub: the task itself waits in the "bigtasks" ring (see 
 # user's function runs and cleared after the result was committed, so a
 # worker that dies with busy=0 never started a task still owed.
 _SLOT = struct.Struct("<IIQ")
+_STARTING = 2                         # busy field while the worker starts (runs the initializer)
+_MAX_STARTUP_DEATHS = 10              # consecutive workers dying before ready: the pool is broken
 _SLOT_SIZE = 64                       # one cache line per worker
 
 # How many tasks may wait in a worker's ring behind the one it runs: enough
@@ -230,9 +232,10 @@ def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs
     slots = arena.block(name="slots")
     base = slot * _SLOT_SIZE
     pid = os.getpid()
-    _SLOT.pack_into(slots, base, pid, 0, 0)
+    _SLOT.pack_into(slots, base, pid, _STARTING, 0)
     if initializer is not None:
         initializer(*initargs)
+    _SLOT.pack_into(slots, base, pid, 0, 0)             # ready
     done = 0
     while maxtasks is None or done < maxtasks:
         try:
@@ -353,6 +356,7 @@ class _Engine:
         self._big_seq = 0                                   # the task last sent through the big ring
         self._big_slot = -1
         self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
+        self._startup_deaths = 0                            # consecutive workers dead before ready
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
@@ -723,6 +727,17 @@ class _Engine:
         _SLOT.pack_into(self._slots, slot * _SLOT_SIZE, 0, 0, 0)
         if ev.exitcode != 0 or busy:
             self.worker_deaths += 1
+        if ev.exitcode != 0 and (_pid == 0 or busy == _STARTING):
+            self._startup_deaths += 1
+            if self._startup_deaths >= _MAX_STARTUP_DEATHS and not self._broken:
+                # mp would respawn forever and leave callers waiting: say why instead
+                self._broken = (f"{self._startup_deaths} workers in a row died while starting "
+                                f"(last: pid {ev.pid}, {WorkerLost(ev.pid, ev.exitcode).how}); "
+                                f"does the initializer fail, or the function not import?")
+                later += self._fail_all_locked(RuntimeError(self._broken))
+                return later
+        elif _pid != 0:
+            self._startup_deaths = 0
         if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders)):
             try:
                 self._pids[slot] = self._sup.spawn(slot)

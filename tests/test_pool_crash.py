@@ -301,3 +301,18 @@ def test_zygote_killed_fails_work_instead_of_hanging(no_leaks):
     finally:
         p.terminate()
         p.join()
+
+
+def failing_initializer():
+    raise OSError("no database today")
+
+
+@pytest.mark.timeout(60)
+def test_failing_initializer_fails_work_instead_of_respawning_forever(no_leaks, capfd):
+    # multiprocessing.Pool restarts such workers forever and map() never returns
+    with shmipc.Pool(2, initializer=failing_initializer) as p:
+        with pytest.raises(RuntimeError, match="died while starting"):
+            p.map(slow_double, range(10))
+        with pytest.raises(RuntimeError, match="initializer"):
+            p.apply_async(slow_double, (1,))
+    assert "no database today" in capfd.readouterr().err      # the workers' tracebacks
