@@ -538,7 +538,9 @@ class Pipeline:
                     self._last_reap = now
                     self._tune_batch()
                     self._reap()
-                    if self._lost_any and self._exhausted:
+                    if self._lost_any:
+                        # also with the source not done: at max_inflight, a lost
+                        # head item would otherwise stall an ordered pipeline
                         self._settle_stuck(now)
                 if ready:
                     items = ready[:]
@@ -726,9 +728,9 @@ class Pipeline:
 
     def _settle_stuck(self, now: float) -> None:
         """After a worker died, an item it had just taken (before it could
-        write its slot) may be lost without a trace. When the source is done,
-        every ring is empty, every worker idle, and nothing moved for QUIET_S,
-        the unfinished items are failed with WorkerLost."""
+        write its slot) may be lost without a trace. When nothing is being
+        fed, every ring is empty, every worker idle, and nothing moved for
+        QUIET_S, the unfinished items are failed with WorkerLost."""
         moves = sum(s.ring.stats()["messages_out"] for s in self._stages) + \
             self._out.stats()["messages_out"]
         if moves != self._moves:

@@ -551,6 +551,22 @@ def test_item_lost_without_a_trace_fails_instead_of_hanging(no_leaks):
     assert time.monotonic() - t0 < 15
 
 
+@pytest.mark.timeout(60)
+def test_item_lost_without_a_trace_does_not_stall_an_infinite_source(no_leaks):
+    global _PIPELINE_UNDER_TEST
+    with Pipeline(itertools.count(), on_error="collect", max_inflight=8) as p:
+        p.stage(die_unseen_on_five, workers=2)
+        _PIPELINE_UNDER_TEST = p
+        out = []
+        for x in p.results():
+            out.append(x)
+            if len(out) == 50:
+                break
+    _PIPELINE_UNDER_TEST = None
+    assert out == [x for x in range(51) if x != 5]
+    assert [f.seq for f in p.errors] == [5]
+
+
 # ---------------------------------------------------------------- signals and parents
 def _run_slow_pipeline_until_interrupted(pid_file: str) -> None:
     try:
