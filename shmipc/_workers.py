@@ -202,11 +202,33 @@ def _process_entry(target: Callable[..., Any], slot: int, args: tuple, parent_pi
     # for it when that thread outlives us (see Supervisor.spawn).
     if method != "spawn":
         die_with_parent(os.getppid())
+        _release_forkserver()
     elif pdeathsig:
         die_with_parent(parent_pid)
     code = _run_target(target, slot, args)
     if code:
         sys.exit(code)
+
+
+def _release_forkserver() -> None:
+    """Close this worker's copy of the fork server's "alive" pipe.
+
+    The fork server exits when every holder of that pipe is gone, and it
+    hands a copy to each process it starts: so our workers would keep it
+    (and, through its death signal, themselves) alive after the parent
+    died. Without the copy, the parent's death ends the fork server (unless
+    other processes of the parent still hold it), which ends the workers.
+    """
+    try:
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver
+        fd = getattr(server, "_forkserver_alive_fd", None)
+        if fd is not None:
+            os.close(fd)
+            server._forkserver_alive_fd = None
+    except Exception:
+        pass            # another Python's layout: the idle-loop check still applies
 
 
 def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int, pdeathsig: bool,

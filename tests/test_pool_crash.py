@@ -23,7 +23,6 @@ import pytest
 import shmipc
 from shmipc._proc import pid_alive
 
-from conftest import fork_child, wait_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -213,28 +212,45 @@ def test_kill_fuzz_results_complete(no_leaks):
 
 
 # ------------------------------------------------------------ the parent dies
-def _middle(report_w):
-    """The pool's parent: report the worker pids (and the zygote's), then wait to be killed."""
-    p = shmipc.Pool(2)
-    p.map(slow_double, range(4))
-    pids = list(p._engine._pids.values()) + [p._engine._sup._zygote.pid]
-    os.write(report_w, (" ".join(map(str, pids)) + "\n").encode())
-    time.sleep(60)
+PARENT_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {here!r})
+    import shmipc
+    from test_pool_crash import slow_double, nap
+    if __name__ == "__main__":
+        p = shmipc.Pool(2, context={method!r})
+        p.map(slow_double, range(4))
+        r = p.map_async(nap, range(1))          # one worker busy, one idle
+        time.sleep(0.2)
+        pids = list(p._engine._pids.values())
+        if p._engine._sup._zygote is not None:
+            pids.append(p._engine._sup._zygote.pid)
+        print(" ".join(map(str, pids)), flush=True)
+        time.sleep(60)
+""")
 
 
 @pytest.mark.timeout(60)
-def test_workers_exit_when_parent_dies():
-    r, w = os.pipe()
-    middle = fork_child(_middle, w)
-    os.close(w)
-    with os.fdopen(r) as f:
-        pids = [int(x) for x in f.readline().split()]
-    assert len(pids) == 3 and all(pid_alive(x) for x in pids)
-    os.kill(middle, signal.SIGKILL)
-    t0 = time.monotonic()
-    assert wait_child(middle, 10) == -signal.SIGKILL
-    assert wait_for(lambda: not any(pid_alive(x) for x in pids), 5)
-    elapsed = time.monotonic() - t0
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_workers_exit_when_parent_dies(method):
+    """The pool's parent is SIGKILLed: its workers (busy or idle) and the
+    zygote are gone within a second."""
+    script = PARENT_SCRIPT.format(root=ROOT, here=HERE, method=method)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) >= 2 and all(pid_alive(x) for x in pids)
+        os.kill(proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        proc.wait(10)
+        assert wait_for(lambda: not any(pid_alive(x) for x in pids), 5)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
     assert elapsed < 1.0, f"workers outlived their parent by {elapsed:.2f} s"
 
 
