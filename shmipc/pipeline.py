@@ -765,6 +765,11 @@ class Pipeline:
             if self._started:
                 self._stop_workers()
         finally:
+            # views of our own over arena blocks would keep the mapping (and
+            # its fd) alive past arena.close() for as long as this object lives
+            slots = getattr(self, "_slots", None)
+            if slots is not None:
+                slots.release()
             if self._arena is not None:
                 self._arena.close()
 

@@ -567,6 +567,64 @@ def test_item_lost_without_a_trace_does_not_stall_an_infinite_source(no_leaks):
     assert [f.seq for f in p.errors] == [5]
 
 
+def yield_three_but_die_on_four(x):
+    for i in range(3):
+        if x == 4 and i == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield (x, i)
+
+
+@pytest.mark.timeout(60)
+def test_generator_worker_killed_after_some_outputs(no_leaks):
+    with Pipeline(range(8), on_error="collect", retries=2) as p:
+        p.stage(yield_three_but_die_on_four, workers=2)
+        p.stage(identity, workers=2)
+        out = list(p.results())
+    # the output sent before the death stays ((4, 1) was still held back: a
+    # generator stage sends each output when the next one exists); the item is
+    # not retried (that would send (4, 0) twice) and fails with WorkerLost
+    expected = [(x, i) for x in range(8) for i in range(3) if not (x == 4 and i >= 1)]
+    assert out == expected
+    assert [f.seq for f in p.errors] == [4]
+    assert isinstance(p.errors[0].exception, shmipc.WorkerLost)
+
+
+@pytest.mark.timeout(60)
+def test_retried_item_in_a_later_stage_with_zero_copy(test_dir, no_leaks):
+    arrays = [np.full(1000, i, dtype=np.int32) for i in range(20)]
+    with Pipeline(arrays) as p:
+        p.stage(identity, workers=1)
+        p.stage(kill_self_once_on_array_seven, workers=2, retries=1, zero_copy=True)
+        out = list(p.results())
+        deaths = p.stats()["stages"][1]["deaths"]
+    assert deaths == 1
+    assert [int(a[0]) for a in out] == list(range(20))
+    assert all((a == a[0]).all() and a.shape == (1000,) for a in out)
+
+
+def kill_self_once_on_array_seven(a):
+    if a[0] == 7:
+        kill_self_once_on(7)
+    return a
+
+
+class Offset:
+    """A stage given as an object: each worker gets its own (forked) copy."""
+
+    def __init__(self, offset):
+        self.offset = offset
+
+    def process(self, x):
+        return x + self.offset
+
+
+@pytest.mark.timeout(60)
+def test_object_with_process_as_stage(no_leaks):
+    with Pipeline(range(10)) as p:
+        p.stage(Offset(100), workers=2)
+        assert list(p.results()) == list(range(100, 110))
+
+
 # ---------------------------------------------------------------- signals and parents
 def _run_slow_pipeline_until_interrupted(pid_file: str) -> None:
     try:
