@@ -211,22 +211,36 @@ class Connection:
             OSError: this end is closed or read-only.
             Whatever pickling `obj` raises; nothing is sent then.
         """
-        self._check_writable()
-        ring = self._send_ring
+        ring = self._send_ring          # None once closed, or on a read-only end
+        if ring is None:
+            self._check_writable()
+        try:
+            ring.put(obj, True, SLICE)  # the common case: there is room
+        except (queue.Full, PeerDied):
+            self._send_slow(obj)        # the reader is slow, or gone: look
+        except ValueError:
+            if self._closed:
+                raise OSError("handle is closed") from None
+            raise
+
+    def _send_slow(self, obj: Any) -> None:
         while True:
+            if self._peer_gone():
+                raise BrokenPipeError("the other end of the pipe is closed")
+            ring = self._send_ring
+            if ring is None:
+                self._check_writable()
             try:
                 ring.put(obj, True, SLICE)
                 return
             except queue.Full:
-                pass            # the reader is slow, or gone: look
+                pass
             except PeerDied:
                 pass            # the ring's last reader died; another holder may remain
-            except ValueError as exc:
+            except ValueError:
                 if self._closed:
                     raise OSError("handle is closed") from None
-                raise exc
-            if self._peer_gone():
-                raise BrokenPipeError("the other end of the pipe is closed")
+                raise
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send the bytes of a bytes-like object, or of buf[offset:offset+size]
@@ -236,6 +250,17 @@ class Connection:
             ValueError: a negative offset or size, or one past the end of buf.
             BrokenPipeError, MessageTooLarge, OSError: as send.
         """
+        ring = self._send_ring
+        if ring is not None and type(buf) is bytes and not offset and size is None:
+            try:
+                ring.put(buf, True, SLICE)  # the common case, inlined
+                return
+            except (queue.Full, PeerDied):
+                return self._send_slow(buf)
+            except ValueError:
+                if self._closed:
+                    raise OSError("handle is closed") from None
+                raise
         self._check_writable()
         m = memoryview(buf)
         if m.itemsize > 1:
@@ -302,14 +327,27 @@ class Connection:
                 nothing is left to read.
             OSError: this end is closed or write-only.
         """
-        self._check_readable()
+        ring = self._recv_ring          # None once closed, or on a write-only end
+        if ring is None:
+            self._check_readable()
+        if self._pending is _NOTHING:
+            try:
+                return ring.get(True, SLICE)    # the common case: a message is there
+            except (queue.Empty, PeerDied):
+                pass
+            except EOFError:
+                raise EOFError("the other end of the pipe is closed and nothing is left to read") from None
+            except ValueError:
+                if self._closed:
+                    raise OSError("handle is closed") from None
+                raise
         return self._take(None)
 
     def _recv_buffer(self) -> bytes:
-        item = self._take(None)
-        if isinstance(item, bytes):
+        item = self.recv()
+        if type(item) is bytes:
             return item
-        if isinstance(item, bytearray):
+        if isinstance(item, (bytes, bytearray)):
             return bytes(item)
         # sent with send(): what multiprocessing's recv_bytes would return
         return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
@@ -324,9 +362,23 @@ class Connection:
                 end is closed or write-only.
             EOFError: as recv.
         """
+        ring = self._recv_ring
+        if ring is not None and maxlength is None and self._pending is _NOTHING:
+            try:
+                data = ring.get(True, SLICE)        # the common case, inlined
+                if type(data) is bytes:
+                    return data
+                self._pending = data
+            except (queue.Empty, PeerDied):
+                pass
+            except EOFError:
+                raise EOFError("the other end of the pipe is closed and nothing is left to read") from None
+            except ValueError:
+                if self._closed:
+                    raise OSError("handle is closed") from None
+                raise
         if maxlength is not None and maxlength < 0:
             raise ValueError(f"negative maxlength ({maxlength})")
-        self._check_readable()
         data = self._recv_buffer()
         if maxlength is not None and len(data) > maxlength:
             self._bad_message_length()
