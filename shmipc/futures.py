@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
 from shmipc.pool import K_CALL, K_MAP, K_STARMAP, RUN, _Engine, _Task
@@ -98,6 +99,8 @@ class ProcessPoolExecutor(Executor):
                 raise ValueError("max_tasks_per_child must be >= 1")
         self._engine = _Engine(max_workers, initializer, initargs, max_tasks_per_child, mp_context,
                                0, name="ShmipcExecutorWorker")
+        # when no worker can start any more (a failing initializer, the zygote killed)
+        self._engine._broken_error = BrokenProcessPool
         self._max_workers = self._engine._processes
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
@@ -165,6 +168,8 @@ class ProcessPoolExecutor(Executor):
         return self._results(futures, end_time, more)
 
     def _check_open(self) -> None:
+        if self._engine is not None and self._engine._broken:
+            raise BrokenProcessPool(self._engine._broken)
         if self._shutdown or self._engine is None or self._engine._state != RUN:
             raise RuntimeError("cannot schedule new futures after shutdown")
 

@@ -314,6 +314,7 @@ class _Engine:
 
     _state = INIT
     _resources_released = False
+    _broken_error: type = RuntimeError     # what broken-pool failures raise (the executor: BrokenProcessPool)
     _broken = ""                # why the pool cannot run tasks any more (no workers can start)
     _arena: Arena | None = None
     _sup: Supervisor | None = None
@@ -418,7 +419,10 @@ class _Engine:
         if self._state != RUN:
             raise ValueError("Pool not running")
         if self._broken:
-            raise RuntimeError(self._broken)
+            raise self._broken_error(self._broken)
+        if os.getpid() != self._owner_pid:
+            raise ValueError("this pool belongs to the process that created it "
+                             f"(pid {self._owner_pid}), not to this forked copy")
 
     def submit_tasks(self, tasks: Any) -> None:
         """Queue a _Task or an iterator of _Tasks (a finite one: it is pulled
@@ -734,7 +738,7 @@ class _Engine:
                 self._broken = (f"{self._startup_deaths} workers in a row died while starting "
                                 f"(last: pid {ev.pid}, {WorkerLost(ev.pid, ev.exitcode).how}); "
                                 f"does the initializer fail, or the function not import?")
-                later += self._fail_all_locked(RuntimeError(self._broken))
+                later += self._fail_all_locked(self._broken_error(self._broken))
                 return later
         elif _pid != 0:
             self._startup_deaths = 0
@@ -747,7 +751,7 @@ class _Engine:
                     # no worker left and none can start (e.g. the zygote was killed):
                     # fail everything now rather than let callers wait forever
                     self._broken = f"the pool lost all its workers and cannot start new ones ({exc})"
-                    later += self._fail_all_locked(RuntimeError(self._broken))
+                    later += self._fail_all_locked(self._broken_error(self._broken))
         return later
 
     def _maybe_finish(self) -> bool:

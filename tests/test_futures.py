@@ -214,3 +214,17 @@ def test_terminate_and_kill_workers(no_leaks):
         assert f.done() and f.exception() is not None
         with pytest.raises(RuntimeError):
             ex.submit(inc, 1)
+
+
+def failing_init():
+    raise OSError("cannot initialise")
+
+
+@pytest.mark.timeout(60)
+def test_failing_initializer_breaks_the_pool(impl):
+    with make_executor(impl, 2, initializer=failing_init) as ex:
+        f = ex.submit(inc, 1)
+        with pytest.raises(cf.process.BrokenProcessPool):
+            f.result(timeout=30)
+        with pytest.raises(cf.process.BrokenProcessPool):
+            ex.submit(inc, 1)

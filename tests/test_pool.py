@@ -448,3 +448,21 @@ def test_close_without_join_leaks_nothing(no_leaks):
     p.close()
     assert r.get(timeout=30) == [x * x for x in range(20)]
     # no join(): the pool releases its workers, zygote and arena by itself
+
+
+def _use_inherited_pool(p):
+    try:
+        p.apply(inc, (1,))
+    except ValueError as exc:
+        assert "forked copy" in str(exc)
+        return
+    raise AssertionError("a forked copy of a pool accepted work")
+
+
+@pytest.mark.timeout(60)
+def test_forked_copy_of_a_pool_refuses_work():
+    from conftest import fork_child, wait_child
+
+    with shmipc.Pool(1) as p:
+        assert wait_child(fork_child(_use_inherited_pool, p), 30) == 0
+        assert p.apply(inc, (1,)) == 2          # the original is unaffected
