@@ -73,7 +73,7 @@ from typing import Any, Callable, Iterable, Iterator
 from shmipc import _ring
 from shmipc._workers import parent_alive
 from shmipc.arena import Arena
-from shmipc.errors import ShmipcError, WorkerLost
+from shmipc.errors import PeerDied, ShmipcError, WorkerLost
 
 __all__ = ["Pipeline", "PipelineError", "RemoteTraceback", "StageFailure"]
 
@@ -872,8 +872,12 @@ def _worker_main(p: Pipeline, s: _Stage, j: int) -> int:
                         emit(seq, e + sent, path + (sent,), held)
                 else:
                     emit(seq, e, path, result)
-            except (BrokenPipeError, EOFError):
-                raise                      # the pipeline is shutting down
+            except (BrokenPipeError, EOFError) as exc:
+                # from our own rings: the pipeline is shutting down (or the
+                # parent died); from the stage's code: an error like any other
+                if ctrl[0] or isinstance(exc, PeerDied):
+                    raise
+                out.put((K_ERROR, seq, e + sent, path, _error_value(s.index, exc), None))
             except Exception as exc:
                 out.put((K_ERROR, seq, e + sent, path, _error_value(s.index, exc), None))
             slots[base] = S_DONE

@@ -54,6 +54,12 @@ def fail_on_multiples_of_seven(x):
     return x
 
 
+def raise_eof_on_odd(x):
+    if x % 2:
+        raise EOFError(f"truncated record {x}")
+    return x
+
+
 class Unpicklable(Exception):
     def __init__(self, lock):
         super().__init__("holds a lock")
@@ -393,6 +399,18 @@ def test_on_error_collect_per_stage(no_leaks):
     assert all(isinstance(f.exception, ValueError) for f in p.errors)
     assert all(f.stage == "fail_on_multiples_of_seven" for f in p.errors)
     assert all("bad item" in f.traceback for f in p.errors)
+
+
+@pytest.mark.timeout(60)
+def test_eof_error_from_a_stage_is_an_item_error_not_a_shutdown(no_leaks):
+    with Pipeline(range(10), on_error="collect") as p:
+        p.stage(raise_eof_on_odd, workers=2)
+        out = list(p.results())
+        deaths = p.stats()["stages"][0]["deaths"]
+    assert out == [0, 2, 4, 6, 8]
+    assert sorted(f.seq for f in p.errors) == [1, 3, 5, 7, 9]
+    assert all(isinstance(f.exception, EOFError) for f in p.errors)
+    assert deaths == 0
 
 
 @pytest.mark.timeout(60)
