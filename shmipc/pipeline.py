@@ -334,10 +334,13 @@ class Pipeline:
         return {s.name: [pid for pid in s.pids if pid] for s in self._stages}
 
     def stats(self) -> dict[str, Any]:
-        """Per stage: workers, items taken, deaths, and its input ring's fill."""
+        """Items fed and completed, errors collected, late messages dropped
+        (for items settled after their worker died); per stage: workers,
+        deaths, and while running, items in/taken and its input ring's fill."""
         out: dict[str, Any] = {"fed": getattr(self, "_next_seq", 0),
                                "completed": getattr(self, "_ncomplete", 0),
-                               "errors": len(self.errors), "stages": []}
+                               "errors": len(self.errors),
+                               "late_dropped": getattr(self, "_dropped", 0), "stages": []}
         for s in self._stages:
             row: dict[str, Any] = {"name": s.name, "workers": s.workers, "deaths": s.deaths}
             if s.ring is not None and not s.ring.closed:
@@ -706,6 +709,9 @@ class Pipeline:
     def _finish(self, seq: int) -> None:
         self._outstanding.discard(seq)
         self._ncomplete += 1
+        if self._attempts:                    # only items that were retried
+            for key in [k for k in self._attempts if k[1] == seq]:
+                del self._attempts[key]
         if not self._ordered:
             return
         self._complete.add(seq)
