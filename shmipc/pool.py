@@ -301,8 +301,10 @@ class _Engine:
     """Workers, rings and the bookkeeping thread behind Pool and ProcessPoolExecutor.
 
     Invariants (under self._lock):
-      * every task is in exactly one place: self._queue (not yet sent), or
-        self._inflight[seq] with task.slot set (sent to that worker's ring);
+      * every task is in exactly one place: self._queue (not yet sent),
+        self._big_waiting (too large for a ring message, waiting for the
+        big ring to be free), or self._inflight[seq] with task.slot set
+        (sent to that worker's ring);
         it leaves _inflight when its last result piece arrives, when it is
         failed, or when its worker died (then it is re-queued, or failed if
         it was the one running and has no tries left);
@@ -354,6 +356,7 @@ class _Engine:
         self._stopping = [False] * processes                # a stop message was sent
         self._seq = itertools.count(1)
         self._feeders: set = set()                          # live _Feeder threads
+        self._big_waiting: Deque[_Task] = collections.deque()  # too large, waiting for the big ring
         self._big_seq = 0                                   # the task last sent through the big ring
         self._big_slot = -1
         self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
@@ -482,7 +485,7 @@ class _Engine:
         try:
             self._tasks[slot].put_nowait((task.seq, K_BIG, None, None))
         except queue.Full:
-            return None
+            return None                         # (rare: a stub is tiny) tried again later
         payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
         big.put_nowait((task.seq, task.kind, task.func, payload))
         self._big_seq, self._big_slot = task.seq, slot
@@ -502,12 +505,12 @@ class _Engine:
             self._big_stash[(bseq, boffset)] = (ok, value)
         return self._big_stash.pop(key)
 
-    def _free_slot(self) -> int:
+    def _free_slot(self, exclude: set[int]) -> int:
         best, best_load = -1, _CREDIT_MAX + 1
         for slot in range(self._processes):
             load = self._outstanding[slot]
             if load <= self._credit[slot] and load < best_load and not self._stopping[slot] \
-                    and slot in self._live:
+                    and slot in self._live and slot not in exclude:
                 if self._maxtasks is not None and self._sent_to[slot] >= self._maxtasks:
                     continue
                 best, best_load = slot, load
@@ -517,10 +520,12 @@ class _Engine:
         """Send queued tasks to workers with credit left. Lock held. Returns
         callbacks to run after the lock is released."""
         later: list = []
-        blocked: set[int] = set()
+        blocked: set[int] = set()           # slots whose ring is full for now
+        if self._big_waiting and not self._big_tasks.qsize():
+            self._queue.appendleft(self._big_waiting.popleft())
         while self._queue:
-            slot = self._free_slot()
-            if slot < 0 or slot in blocked:
+            slot = self._free_slot(blocked)
+            if slot < 0:
                 break
             head = self._queue[0]
             if isinstance(head, _Task):
@@ -547,7 +552,7 @@ class _Engine:
             except queue.Full:
                 self._queue.appendleft(task)
                 blocked.add(slot)
-                break
+                continue
             except MessageTooLarge as exc:
                 n = len(task.payload) if task.kind != K_CALL else 1
                 if n > 1:
@@ -563,9 +568,9 @@ class _Engine:
                     self._queue.extendleft(reversed(parts))
                     continue
                 sent = self._send_big(slot, task, exc)
-                if sent is None:                # the big ring is busy, or the ring full: later
-                    self._queue.appendleft(task)
-                    break
+                if sent is None:                # the big ring is busy: later, others go first
+                    self._big_waiting.append(task)
+                    continue
                 if not sent:
                     big = self._big_tasks
                     later += task.job._deliver(task, False, MessageTooLarge(
@@ -742,7 +747,8 @@ class _Engine:
                 return later
         elif _pid != 0:
             self._startup_deaths = 0
-        if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders)):
+        if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders
+                                                             or self._big_waiting)):
             try:
                 self._pids[slot] = self._sup.spawn(slot)
             except Exception as exc:
@@ -756,7 +762,7 @@ class _Engine:
 
     def _maybe_finish(self) -> bool:
         """CLOSE: once all work is done, tell workers to stop; True when they all exited."""
-        if self._queue or self._inflight or self._feeders:
+        if self._queue or self._inflight or self._feeders or self._big_waiting:
             return False
         for slot in list(self._pids):
             if not self._stopping[slot]:
@@ -821,6 +827,8 @@ class _Engine:
         for task in list(self._inflight.values()):
             self._settle(task)
             later += task.job._deliver(task, False, exc)
+        self._queue.extendleft(reversed(self._big_waiting))
+        self._big_waiting.clear()
         while self._queue:
             head = self._queue.popleft()
             tasks: Iterable[_Task] = [head] if isinstance(head, _Task) else head
@@ -848,7 +856,7 @@ class _Engine:
         with self._lock:
             return {"worker_deaths": self.worker_deaths, "tasks_lost": self.tasks_lost,
                     "tasks_retried": self.tasks_retried, "in_flight": len(self._inflight),
-                    "queued": len(self._queue), "processes": self._processes}
+                    "queued": len(self._queue) + len(self._big_waiting), "processes": self._processes}
 
     def __del__(self) -> None:
         if self._state in (RUN, CLOSE):
