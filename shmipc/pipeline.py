@@ -15,9 +15,12 @@ the parent. The parent is single-threaded: it reads the source only while
 the first ring has room and fewer than ``max_inflight`` items are inside the
 pipeline, and it drains the output ring; so memory stays bounded with an
 infinite source (backpressure), and a Ctrl-C in the parent lands in its own
-thread. Workers are forked when ``results()`` starts; each takes one item at
-a time from its stage's ring and puts what it makes into the next ring (the
-last stage into the output ring).
+thread. Workers start when ``results()`` does, forked (so stages may be
+lambdas or closures, and nothing is pickled to start them) by the
+single-threaded zygote of a :class:`shmipc._workers.Supervisor`; each takes
+one item at a time from its stage's ring and puts what it makes into the next
+ring (the last stage into the output ring). Every worker stage also writes
+errors, and "no output" credits, straight to the output ring.
 
 Every message carries an envelope ``(seq, credit, path, value, meta)``:
   * ``seq`` is the source position; results are yielded in ``seq`` order
@@ -36,7 +39,8 @@ Every message carries an envelope ``(seq, credit, path, value, meta)``:
     out-of-band buffer that the ring copies straight in and out, with
     ``meta = (dtype.str, shape)`` to rebuild it: the array is never pickled
     (numpy's own pickling would cost ~6 us per hop); only the few-dozen-byte
-    envelope is. Other values travel as themselves (meta None).
+    envelope is. Other values travel as themselves (meta None). A stage
+    with ``zero_copy=True`` even reads its input arrays in place in the ring.
 
 Failure model
 -------------
@@ -50,12 +54,17 @@ Failure model
     to ``retries`` times (the worker keeps a copy of its current input in a
     small ring of its own when retries are on). A generator item whose
     outputs were partly sent is not retried (that would duplicate them).
+    If a worker dies in the instant between taking an item and writing its
+    slot, nothing records the item: once nothing has moved for QUIET_S with
+    every ring empty and every worker idle, unfinished items fail with
+    WorkerLost (so nothing hangs), and a late result is dropped (counted).
   * ``close()`` (also on leaving the ``with`` block, breaking out of
     ``results()``, or an exception) tells the workers to stop, shuts the rings
     down (waking every waiter), gives them ``stop_timeout`` seconds to run
-    ``teardown()``, SIGKILLs the rest, reaps them and closes the arena.
-  * Workers die with the parent (PR_SET_PDEATHSIG) and ignore SIGINT: a
-    Ctrl-C raises KeyboardInterrupt in the parent, which stops them.
+    ``teardown()``, then has the supervisor SIGTERM/SIGKILL and reap the rest,
+    and closes the arena.
+  * Workers die with the parent (PR_SET_PDEATHSIG, via the zygote) and ignore
+    SIGINT: a Ctrl-C raises KeyboardInterrupt in the parent, which stops them.
 """
 from __future__ import annotations
 
