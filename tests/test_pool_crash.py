@@ -182,7 +182,8 @@ def test_kill_fuzz_results_complete(no_leaks):
     """SIGKILL a random worker at random instants during a long imap_unordered;
     with retries every result must arrive exactly once and intact."""
     rng = random.Random(1234)
-    n_items, kills, recoveries = 8000, 0, []
+    # SHMIPC_SOAK=N runs N times longer (make soak)
+    n_items, kills, recoveries = 8000 * int(os.environ.get("SHMIPC_SOAK", "1")), 0, []
     with shmipc.Pool(3, retries=1000) as p:
         it = p.imap_unordered(checksum, range(n_items), chunksize=2)
         seen = {}
@@ -268,7 +269,11 @@ CTRL_C_SCRIPT = textwrap.dedent("""
         print("ready", flush=True)
         t0 = None
         try:
-            p.map(nap, range(8), chunksize=1)
+            if {call!r} == "map":
+                p.map(nap, range(8), chunksize=1)
+            else:
+                for _ in p.imap_unordered(nap, range(8)):
+                    pass
         except KeyboardInterrupt:
             t0 = time.monotonic()
             print("KeyboardInterrupt", flush=True)
@@ -280,9 +285,9 @@ CTRL_C_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
-def test_ctrl_c_during_map(method):
-    script = CTRL_C_SCRIPT.format(root=ROOT, here=HERE, method=method)
+@pytest.mark.parametrize("method,call", [("fork", "map"), ("forkserver", "map"), ("fork", "imap")])
+def test_ctrl_c_during_map(method, call):
+    script = CTRL_C_SCRIPT.format(root=ROOT, here=HERE, method=method, call=call)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
