@@ -82,7 +82,7 @@ from typing import Any, Callable, Iterable, Iterator
 from shmipc import _ring
 from shmipc._workers import parent_alive
 from shmipc.arena import Arena
-from shmipc.errors import PeerDied, ShmipcError, WorkerLost
+from shmipc.errors import MessageTooLarge, PeerDied, ShmipcError, WorkerLost
 
 __all__ = ["Pipeline", "PipelineError", "RemoteTraceback", "StageFailure"]
 
@@ -623,7 +623,9 @@ class Pipeline:
                 return False
             except _ring_message_errors() as exc:
                 self._unsent = None
-                exc.add_note(f"(source item {env[0]}, going to stage {self._stages[0].name!r})")
+                hint = ("; give Pipeline or stage() a larger ring_capacity"
+                        if isinstance(exc, MessageTooLarge) else "")
+                exc.add_note(f"(source item {env[0]}, going to stage {self._stages[0].name!r}{hint})")
                 raise
             self._unsent = None
             budget -= 1
@@ -1037,8 +1039,8 @@ def _path_key(pair: tuple) -> tuple:
 
 
 def _ring_message_errors() -> tuple[type[BaseException], ...]:
-    from shmipc.errors import MessageTooLarge
-
+    """What put raises for a message that cannot be sent (too large, or not
+    picklable: pickle raises PicklingError, TypeError or AttributeError)."""
     return (MessageTooLarge, pickle.PicklingError, TypeError, AttributeError)
 
 
