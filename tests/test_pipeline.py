@@ -446,6 +446,17 @@ def test_message_too_large_names_the_source_item(no_leaks):
     assert "source item 1" in "".join(getattr(info.value, "__notes__", []))
 
 
+@pytest.mark.timeout(60)
+def test_unpicklable_source_item_names_the_item(no_leaks):
+    import threading
+
+    with Pipeline([1, 2, threading.Lock()]) as p:
+        p.stage(double)
+        with pytest.raises(TypeError, match="pickle") as info:
+            list(p.results())
+    assert "source item 2" in "".join(getattr(info.value, "__notes__", []))
+
+
 def test_bad_arguments_name_the_values():
     with pytest.raises(TypeError, match="iterable"):
         Pipeline(5)
