@@ -714,6 +714,26 @@ def test_workers_die_with_the_parent(tmp_path):
     assert not any(pid_alive(pid) for pid in workers)
 
 
+@pytest.mark.timeout(60)
+def test_pipeline_run_from_a_thread(no_leaks):
+    import threading
+
+    got = {}
+
+    def run():
+        # workers started from a thread other than the main one (their
+        # parent-death signal would follow that thread) work and stop as usual
+        with Pipeline(range(200)) as p:
+            p.stage(double, workers=2)
+            got["out"] = list(p.results())
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert not t.is_alive()
+    assert got["out"] == [2 * x for x in range(200)]
+
+
 # ---------------------------------------------------------------- progress
 @pytest.mark.timeout(60)
 def test_progress_shows_rate_and_ring_fill(capsys, monkeypatch, no_leaks):
