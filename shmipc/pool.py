@@ -29,21 +29,18 @@ from __future__ import annotations
 import atexit
 import collections
 import itertools
-import multiprocessing
 import os
 import pickle
 import queue
-import signal
 import struct
 import sys
 import threading
 import time
 import traceback
 import weakref
-from multiprocessing import TimeoutError
+from multiprocessing import TimeoutError  # AsyncResult.get raises multiprocessing.TimeoutError, as mp
 from typing import Any, Callable, Deque, Iterable, Iterator
 
-from shmipc import _ring
 from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive, register_pausable,
                              unmark_thread_long_lived)
 from shmipc.arena import DATA_START, MAX_REGIONS, Arena
