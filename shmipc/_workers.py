@@ -232,7 +232,8 @@ def _release_forkserver() -> None:
 
 
 def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int, pdeathsig: bool,
-                 target: Callable[..., Any], args: tuple, name: str) -> None:
+                 target: Callable[..., Any], args: tuple, name: str,
+                 wake: Callable[[], Any] | None = None) -> None:
     """The zygote: forks workers on request, reaps them, reports exit codes.
 
     Single-threaded by construction (a fresh fork), so its forks are safe.
@@ -272,6 +273,11 @@ def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int, pdea
                 if pidfd >= 0:
                     os.close(pidfd)
                 report(_EVT_EXITED, slot, pid, _exit_code_of(status) if status != -1 else -1)
+                if wake is not None:
+                    try:
+                        wake()
+                    except Exception:
+                        pass                # best effort: the parent also polls
 
     def fork_worker(slot: int) -> None:
         try:
@@ -370,6 +376,10 @@ class Supervisor:
         context: None (multiprocessing's default start method), "fork",
             "spawn", "forkserver" or a multiprocessing/shmipc context.
         name: process name prefix, for ps and tracebacks.
+        wake: (fork only) called in the zygote right after it reported a
+            worker's exit, to wake a parent that sleeps on something other
+            than the event pipe (the pool posts a message into the ring its
+            bookkeeping thread waits on). Inherited by fork, never pickled.
 
     Raises:
         ValueError / TypeError: an invalid context.
@@ -382,13 +392,14 @@ class Supervisor:
     _stopped: bool = False
 
     def __init__(self, target: Callable[..., Any], args: tuple = (), *, context: Any = None,
-                 name: str = "shmipc-worker") -> None:
+                 name: str = "shmipc-worker", wake: Callable[[], Any] | None = None) -> None:
         if not callable(target):
             raise TypeError(f"target must be callable, not {type(target).__name__}")
         self.start_method = resolve_start_method(context)
         self.target = target
         self.args = tuple(args)
         self.name = name
+        self._wake = wake
         self._ctx = multiprocessing.get_context(self.start_method)
         self._lock = threading.RLock()
         self._pids: dict[int, int] = {}                 # slot -> pid
@@ -420,7 +431,7 @@ class Supervisor:
         proc = self._ctx.Process(
             target=_zygote_main, name=f"{self.name}-zygote", daemon=True,
             args=(cmd_r, evt_w, (cmd_w, evt_r), os.getpid(), _outlives_children(),
-                  self.target, self.args, self.name))
+                  self.target, self.args, self.name, self._wake))
         try:
             with threads_paused():          # no shmipc thread runs while we fork
                 proc.start()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import itertools
 import os
 import pickle
@@ -374,8 +375,11 @@ class _Engine:
             self._big_results = self._arena.ring(_BIG_RING, name="bigresults", producers="many",
                                                  consumers="one")
             self._slots = self._arena.block(processes * _SLOT_SIZE, name="slots")
+            # the zygote posts a None into the result ring after each worker exit,
+            # so the bookkeeping thread handles it at once instead of at its next poll
             self._sup = Supervisor(_worker_main, (self._arena, initializer, tuple(initargs), maxtasks,
-                                                  os.getpid()), context=context, name=name)
+                                                  os.getpid()), context=context, name=name,
+                                   wake=functools.partial(self._results.put_nowait, None))
             self._sup.start(range(processes))
             self._pids = self._sup.pids()        # slot -> pid of the live workers
         except BaseException:
@@ -618,7 +622,7 @@ class _Engine:
                     if msg is not None:
                         later += self._on_result(msg)
                 now = time.monotonic()
-                if not msgs or now - last_poll > _POLL:
+                if not msgs or now - last_poll > _POLL or None in msgs:
                     last_poll = now
                     exits = self._sup.poll()
                     if exits:
