@@ -242,9 +242,11 @@ class Pipeline:
 
         Args:
             fn: a function of one item returning one output; a generator
-                function yielding 0..n outputs per item; a class (one instance
-                per worker) or an object with ``process(item)`` and optional
-                ``setup()`` / ``teardown()`` run once per worker.
+                function yielding 0..n outputs per item (any call that returns
+                a generator object counts as one); a class (one instance per
+                worker) or an object with ``process(item)`` and optional
+                ``setup()`` / ``teardown()`` run once per worker (teardown
+                when the pipeline closes, unless the worker is killed).
             workers: processes running this stage.
             ordered: False lets results leave in completion order (the
                 pipeline's output is in source order only if every stage is
