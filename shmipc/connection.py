@@ -34,7 +34,9 @@ mixing the two is not pickle-compatible (``recv`` returns the bytes of a
 ``send_bytes`` message as they are; ``recv_bytes`` of a non-bytes message
 returns its pickle). A send to a peer that died without closing succeeds
 until the ring is full (multiprocessing fails at the first write); then it
-raises BrokenPipeError. There is no ``fileno()``: use ``poll``.
+raises BrokenPipeError. A Connection has no file descriptor, so
+``multiprocessing.connection.wait`` cannot watch it: use :func:`wait` from
+this module, which takes shmipc Connections and anything that function takes.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ from shmipc.arena import DATA_START, PAGE, Arena
 from shmipc.errors import PeerDied
 from shmipc.queues import DEFAULT_CAPACITY, _ring_capacity
 
-__all__ = ["Pipe", "Connection", "SLICE"]
+__all__ = ["Pipe", "Connection", "SLICE", "wait"]
 
 #: Seconds a blocked recv/send waits on the ring before it checks whether the
 #: other end still has a live holder.
@@ -437,6 +439,15 @@ class Connection:
             return True
         return True
 
+    def fileno(self) -> int:
+        """Always raises: the data moves through shared memory, not a file.
+
+        Raises:
+            OSError: always; wait on connections with shmipc.connection.wait.
+        """
+        raise OSError("a shmipc Connection has no file descriptor to wait on; use "
+                      "shmipc.connection.wait([...]) instead of multiprocessing.connection.wait")
+
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Close this end in this process. When no process holds it any more,
@@ -505,3 +516,42 @@ def _rebuild_connection(arena: Arena, send: str | None, recv: str | None,
         for fd in fds:
             os.close(fd)
         raise
+
+
+def wait(object_list: Any, timeout: float | None = None) -> list:
+    """Like ``multiprocessing.connection.wait``: return the objects of
+    `object_list` that are ready, waiting up to `timeout` seconds (None:
+    forever) for at least one.
+
+    `object_list` may mix shmipc Connections (ready when a recv would not
+    wait: a message, or EOF) with whatever multiprocessing's wait takes
+    (its Connections, sockets, ``Process.sentinel`` ints, objects with
+    ``fileno()``).
+
+    Rings have no file descriptor, so this polls: it checks the shmipc
+    connections, then waits on the descriptors for a short pause that grows
+    from 50 us to 5 ms while nothing happens.
+
+    Raises:
+        OSError: a shmipc Connection in the list is closed or write-only.
+    """
+    from multiprocessing.connection import wait as wait_fds
+
+    objects = list(object_list)
+    ours = [obj for obj in objects if isinstance(obj, Connection)]
+    others = [obj for obj in objects if not isinstance(obj, Connection)]
+    if not ours:
+        return wait_fds(others, timeout)
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    pause = 50e-6
+    while True:
+        ready = [conn for conn in ours if conn.poll(0)]
+        if others:
+            ready += wait_fds(others, 0 if ready else pause)
+        elif not ready:
+            time.sleep(pause)
+        if ready:
+            return [obj for obj in objects if obj in ready]
+        if deadline is not None and time.monotonic() >= deadline:
+            return []
+        pause = min(pause * 2, 0.005)

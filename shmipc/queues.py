@@ -28,6 +28,7 @@ import select
 import struct
 import threading
 import time
+import types
 from typing import Any, Iterable
 
 from shmipc.arena import DATA_START, PAGE, Arena
@@ -39,6 +40,9 @@ __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
 #: committed as the ring's pages are first written, so a queue that only ever
 #: holds small messages costs little until the ring has cycled once.
 DEFAULT_CAPACITY = 32 << 20
+
+# a waitable SimpleQueue's get looks for a stranded message this often (ms)
+_BELL_SLICE_MS = 50
 
 # room in the arena beyond the ring: its header and a block of queue state
 _ARENA_SLACK = 64 << 10
@@ -84,6 +88,9 @@ def _check_spawning(obj: object) -> None:
 
 class _Base:
     """State and methods common to the three queues (one ring in one arena)."""
+
+    # multiprocessing's queues are generic in annotations: Queue[int]
+    __class_getitem__ = classmethod(types.GenericAlias)
 
     # set before anything can raise, so __del__ / repr work after a failed __init__
     _arena: Arena | None = None
@@ -366,7 +373,6 @@ class SimpleQueue(_Base):
     """
 
     _bell: int = -1
-    _bell_owner: int = 0
 
     def __init__(self, *, ctx: Any = None, capacity: int | None = None, waitable: bool = False) -> None:
         super().__init__(0, ctx=ctx, capacity=capacity)
@@ -374,11 +380,12 @@ class SimpleQueue(_Base):
             # Invariant (waitable queues): the event counter never exceeds the
             # messages in the ring that no consumer has claimed. A producer
             # bumps it after its message is committed; a consumer takes one
-            # count before it takes one message. So a readable fd always
-            # means a message is there, and a consumer holding a count finds
-            # one at once.
+            # count before it takes one message. So a readable fd means a
+            # message is there, and a consumer holding a count finds one at
+            # once. (One exception: a producer that dies between committing
+            # and counting leaves a message without a count; _take_bell then
+            # takes it without one, and a later count is one spare wake-up.)
             self._bell = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._bell_owner = os.getpid()
 
     # multiprocessing's SimpleQueue has two pipe ends; its Pool and the stdlib
     # ProcessPoolExecutor reach for them. Made on access to avoid a cycle.
@@ -413,7 +420,6 @@ class SimpleQueue(_Base):
         bell = state.get("_bell", -1)
         if not isinstance(bell, int):
             state["_bell"] = bell.detach()
-            state["_bell_owner"] = os.getpid()
         super().__setstate__(state)
 
     @property
@@ -445,32 +451,31 @@ class SimpleQueue(_Base):
             ValueError: the queue was closed in this process.
         """
         if self._bell >= 0:
-            self._take_bell(None)
+            self._take_bell()
         try:
             return self._ring.get()
         except ValueError as exc:
             self._raise_closed(exc)
 
-    def _take_bell(self, timeout: float | None) -> bool:
-        """Take one count from the event fd, waiting up to `timeout` (None:
-        forever) for one. Returns False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+    def _take_bell(self) -> None:
+        """Before a get on a waitable queue: take one count from the event fd,
+        waiting for one. If the count stays zero for a whole slice while the
+        ring holds messages, a producer died (or stalled) between committing
+        a message and counting it: go on without a count rather than strand
+        that message (a count arriving later is then one spare wake-up)."""
+        poller = None
         while True:
             self._check_open()
             try:
                 os.eventfd_read(self._bell)
-                return True
+                return
             except BlockingIOError:
                 pass        # no count (or another consumer took it): wait for one
-            wait_ms = None
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                wait_ms = max(int(left * 1000), 1)
-            poller = select.poll()
-            poller.register(self._bell, select.POLLIN)
-            poller.poll(wait_ms)
+            if poller is None:
+                poller = select.poll()
+                poller.register(self._bell, select.POLLIN)
+            if not poller.poll(_BELL_SLICE_MS) and not self._ring.empty():
+                return
 
     def _readable(self, timeout: float | None) -> bool:
         """True if a get would not wait, waiting up to `timeout` for that."""

@@ -366,3 +366,33 @@ def test_no_leaks(no_leaks):
         b.close()
         c, d = shmipc.Pipe(duplex=False, capacity=1 << 12)
         del c, d
+
+
+@pytest.mark.timeout(30)
+def test_wait_mixes_shmipc_connections_and_descriptors():
+    from shmipc.connection import wait
+
+    a, b = shmipc.Pipe()
+    c, d = shmipc.Pipe()
+    mp_r, mp_w = multiprocessing.Pipe(duplex=False)
+    with pytest.raises(OSError, match="shmipc.connection.wait"):
+        b.fileno()
+    t = time.monotonic()
+    assert wait([b, d, mp_r], timeout=0.2) == []
+    assert time.monotonic() - t >= 0.15
+    threading.Timer(0.1, c.send, ("to d",)).start()
+    assert wait([b, d, mp_r], timeout=10) == [d]
+    assert d.recv() == "to d"
+    mp_w.send(1)
+    a.send(2)
+    assert wait([b, d, mp_r], timeout=10) == [b, mp_r]
+    a.close()
+    assert b.recv() == 2
+    assert wait([b, d], timeout=10) == [b]      # EOF is ready
+    with pytest.raises(EOFError):
+        b.recv()
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=time.sleep, args=(0.2,))
+    p.start()
+    assert wait([d, p.sentinel], timeout=10) == [p.sentinel]
+    p.join()

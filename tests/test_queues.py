@@ -458,3 +458,15 @@ def test_no_leaks(no_leaks):
         s.close()
         j = shmipc.JoinableQueue(capacity=1 << 16)
         del q, s, j
+
+
+@pytest.mark.timeout(30)
+def test_waitable_get_finds_a_message_whose_count_was_never_written():
+    # what a producer killed between committing a message and counting it leaves
+    q = shmipc.SimpleQueue(waitable=True)
+    q._ring.put("stranded")
+    t = time.monotonic()
+    assert q.get() == "stranded"
+    assert time.monotonic() - t < 5
+    q.put("normal")
+    assert q._reader.poll(1) and q.get() == "normal"
