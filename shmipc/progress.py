@@ -28,7 +28,8 @@ def track(iterable: Iterable[T], total: int | None = None, desc: str | None = No
     out = file if file is not None else sys.stderr
     last = 0.0
     if tqdm is not None:
-        bar = tqdm(total=total, desc=desc, unit="it", file=out, dynamic_ncols=True, mininterval=every)
+        bar = _quiet_tqdm(tqdm)(total=total, desc=desc, unit="it", file=out, dynamic_ncols=True,
+                                mininterval=every)
         try:
             for item in iterable:
                 bar.update(1)
@@ -53,6 +54,19 @@ def track(iterable: Iterable[T], total: int | None = None, desc: str | None = No
         _plain(out, desc, count, total, count / max(time.monotonic() - start, 1e-9), status)
         out.write("\n")
         out.flush()
+
+
+_QUIET: dict[type, type] = {}
+
+
+def _quiet_tqdm(tqdm: type) -> type:
+    """tqdm without its monitor thread: that thread lingers for seconds after
+    a bar closes, and a fork in the meantime is a fork of a threaded process
+    (Python 3.12+ warns; it can deadlock). Subclassed, so the user's own
+    bars keep their setting."""
+    if tqdm not in _QUIET:
+        _QUIET[tqdm] = type("QuietTqdm", (tqdm,), {"monitor_interval": 0})
+    return _QUIET[tqdm]
 
 
 def _plain(out: Any, desc: str | None, count: int, total: int | None, rate: float,
