@@ -34,11 +34,19 @@ def work(x: int) -> int:
 
 
 def kill_a_busy_worker(pool: shmipc.Pool) -> int:
-    """SIGKILL one worker of `pool` while it runs a task; returns its pid."""
-    time.sleep(0.2)
-    pid = sorted(pool._engine._pids.values())[0]
-    os.kill(pid, signal.SIGKILL)
-    return pid
+    """SIGKILL one worker of `pool` while it runs a task (its slot in the
+    pool's slot table says so); returns its pid."""
+    from shmipc.pool import _SLOT, _SLOT_SIZE
+
+    time.sleep(0.1)
+    engine = pool._engine
+    while True:
+        for slot, pid in sorted(engine._pids.items()):
+            wpid, busy, _task = _SLOT.unpack_from(engine._slots, slot * _SLOT_SIZE)
+            if busy == 1 and wpid == pid:
+                os.kill(pid, signal.SIGKILL)
+                return pid
+        time.sleep(0.001)
 
 
 def main() -> None:

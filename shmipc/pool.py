@@ -917,6 +917,10 @@ class ApplyResult:
         self._event.wait(timeout)
 
     def get(self, timeout: float | None = None) -> Any:
+        engine = self._engine
+        if engine is not None and engine._thread is threading.current_thread() and not self.ready():
+            # a callback waiting for a result would stop the thread that delivers it
+            raise RuntimeError("cannot wait for a pool result inside a pool callback")
         self.wait(timeout)
         if not self.ready():
             raise TimeoutError
@@ -1010,6 +1014,9 @@ class IMapIterator:
             raise
 
     def _next(self, timeout: float | None) -> Any:
+        engine = self._engine
+        if engine is not None and engine._thread is threading.current_thread():
+            raise RuntimeError("cannot iterate a pool's imap inside a pool callback")
         with self._cond:
             deadline = None if timeout is None else time.monotonic() + timeout
             while True:
@@ -1194,7 +1201,9 @@ class Pool:
         leaving their get() blocked forever.
       * The workers exit within a second when the parent dies.
       * Callbacks run in the pool's bookkeeping thread, as in multiprocessing;
-        an exception in a callback is printed and the pool carries on.
+        an exception in a callback is printed and the pool carries on, and
+        waiting for a pool result inside a callback raises RuntimeError
+        (multiprocessing deadlocks).
       * Under fork, workers (including replacements) are forked from a helper
         process made when the pool is created, never from a process running
         threads: a function defined in ``__main__`` after the pool was made

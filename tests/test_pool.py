@@ -466,3 +466,17 @@ def test_forked_copy_of_a_pool_refuses_work():
     with shmipc.Pool(1) as p:
         assert wait_child(fork_child(_use_inherited_pool, p), 30) == 0
         assert p.apply(inc, (1,)) == 2          # the original is unaffected
+
+
+@pytest.mark.timeout(60)
+def test_waiting_inside_a_callback_raises_instead_of_deadlocking():
+    errors = []
+    with shmipc.Pool(1) as p:
+        def callback(_value):
+            try:
+                p.apply_async(inc, (1,)).get(timeout=5)
+            except RuntimeError as exc:
+                errors.append(exc)
+        p.apply_async(inc, (1,), callback=callback).wait(10)
+        assert p.apply(inc, (2,)) == 3
+    assert len(errors) == 1 and "callback" in str(errors[0])
