@@ -457,6 +457,53 @@ class SimpleQueue(_Base):
         except ValueError as exc:
             self._raise_closed(exc)
 
+    def put_many(self, items: Iterable[Any]) -> int:
+        """Put every item of `items` in order, publishing them in batches;
+        returns how many were put.
+
+        Raises:
+            MessageTooLarge, pickling errors: as put, for the failing item
+                (the items before it were put).
+            ValueError: the queue was closed in this process.
+        """
+        if self._bell < 0:
+            try:
+                return self._ring.put_many(items)
+            except ValueError as exc:
+                if isinstance(exc, MessageTooLarge):
+                    raise
+                self._raise_closed(exc)
+                raise
+        count = 0
+        for item in items:          # one by one: each message is counted on the event fd
+            self.put(item)
+            count += 1
+        return count
+
+    def get_many(self, max_items: int) -> list:
+        """Wait for one message, then take up to `max_items` of those already
+        there, in order.
+
+        Raises:
+            ValueError: max_items < 1, or the queue is closed.
+        """
+        if self._bell < 0:
+            try:
+                return self._ring.get_many(max_items)
+            except ValueError as exc:
+                self._raise_closed(exc)
+                raise
+        if max_items < 1:
+            raise ValueError(f"max_items must be at least 1, got {max_items}")
+        out = [self.get()]
+        while len(out) < max_items:
+            try:
+                os.eventfd_read(self._bell)     # one count per further message
+            except BlockingIOError:
+                break
+            out.append(self._ring.get())
+        return out
+
     def _take_bell(self) -> None:
         """Before a get on a waitable queue: take one count from the event fd,
         waiting for one. If the count stays zero for a whole slice while the

@@ -470,3 +470,35 @@ def test_waitable_get_finds_a_message_whose_count_was_never_written():
     assert time.monotonic() - t < 5
     q.put("normal")
     assert q._reader.poll(1) and q.get() == "normal"
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("waitable", [False, True])
+def test_simple_queue_batches(waitable):
+    q = shmipc.SimpleQueue(waitable=waitable)
+    assert q.put_many(iter(range(300))) == 300
+    got = []
+    while len(got) < 300:
+        got += q.get_many(64)
+        assert len(got) <= 300
+    assert got == list(range(300)) and q.empty()
+    if waitable:
+        assert not q._reader.poll(0)           # no count left over
+    with pytest.raises(ValueError, match="max_items"):
+        q.get_many(0)
+
+
+@pytest.mark.timeout(60)
+def test_threads_put_while_a_child_gets(impl):
+    q, out = impl.Queue(maxsize=100), impl.Queue()
+    ctx = multiprocessing.get_context("fork")
+    p = ctx.Process(target=consume_and_report, args=(q, out, 4 * 2000))
+    p.start()                              # forked before any thread of ours runs
+    threads = [threading.Thread(target=produce, args=(q, k * 2000, 2000)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert out.get(timeout=30) == (8000, sum(range(8000)))
+    p.join(20)
+    assert p.exitcode == 0
