@@ -435,6 +435,11 @@ class Supervisor:
         try:
             with threads_paused():          # no shmipc thread runs while we fork
                 proc.start()
+        except BaseException:
+            os.close(cmd_w)
+            os.close(evt_r)
+            self._cmd_w = self._evt_r = -1
+            raise
         finally:
             os.close(cmd_r)
             os.close(evt_w)
