@@ -91,6 +91,21 @@ def _mp_helpers_running():
     multiprocessing.forkserver.ensure_running()
 
 
+def _zombies_of(parents):
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            state, ppid = data[data.rfind(b")") + 2:].split()[:2]
+            if state == b"Z" and int(ppid) in parents:
+                out.append(int(entry))
+    return out
+
+
 def wait_for(cond, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not cond():
@@ -204,6 +219,9 @@ def test_kill_fuzz_results_complete(no_leaks):
                 next_kill = time.monotonic() + rng.uniform(0.0, 0.03)
         assert len(seen) == n_items
         stats = p.statistics()
+        # no zombies while the parent lives: every dead worker was reaped
+        parents = {os.getpid(), p._engine._sup._zygote.pid}
+        assert wait_for(lambda: not _zombies_of(parents), 2), _zombies_of(parents)
     assert kills >= 100, kills
     assert stats["worker_deaths"] == kills
     assert len(recoveries) == kills and max(recoveries) < 1.0
