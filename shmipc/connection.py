@@ -37,6 +37,9 @@ until the ring is full (multiprocessing fails at the first write); then it
 raises BrokenPipeError. A Connection has no file descriptor, so
 ``multiprocessing.connection.wait`` cannot watch it: use :func:`wait` from
 this module, which takes shmipc Connections and anything that function takes.
+As with multiprocessing, two processes must not send on (or receive from) the
+same end at the same time -- each ring has one producer and one consumer
+process; threads of one process may share an end.
 """
 from __future__ import annotations
 
@@ -50,7 +53,7 @@ from typing import Any
 
 from shmipc.arena import DATA_START, PAGE, Arena
 from shmipc.errors import PeerDied
-from shmipc.queues import DEFAULT_CAPACITY, _ring_capacity
+from shmipc.queues import _ring_capacity
 
 __all__ = ["Pipe", "Connection", "SLICE", "wait"]
 

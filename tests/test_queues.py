@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import multiprocessing.connection
-import os
 import pickle
 import queue
 import threading
