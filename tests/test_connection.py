@@ -396,3 +396,19 @@ def test_wait_mixes_shmipc_connections_and_descriptors():
     p.start()
     assert wait([d, p.sentinel], timeout=10) == [p.sentinel]
     p.join()
+
+
+@pytest.mark.timeout(30)
+def test_blocked_send_raises_when_reader_is_killed():
+    ctx = multiprocessing.get_context("fork")
+    a, b = shmipc.Pipe(capacity=4096)
+    p = ctx.Process(target=sleep_forever, args=(b,))
+    p.start()
+    b.close()
+    threading.Timer(0.3, os.kill, (p.pid, signal.SIGKILL)).start()
+    t = time.monotonic()
+    with pytest.raises(BrokenPipeError):
+        for _ in range(100):               # fills the ring, then waits for the reader
+            a.send_bytes(b"x" * 1000)
+    assert 0.2 < time.monotonic() - t < 10
+    p.join(10)

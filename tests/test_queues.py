@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
+import signal
 import threading
 import time
 from fractions import Fraction
@@ -501,3 +503,25 @@ def test_threads_put_while_a_child_gets(impl):
     assert out.get(timeout=30) == (8000, sum(range(8000)))
     p.join(20)
     assert p.exitcode == 0
+
+
+def get_forever(q):
+    q.get()                                # blocks: nothing is put for this one
+
+
+@pytest.mark.timeout(60)
+def test_killed_consumer_does_not_stall_the_queue():
+    ctx = multiprocessing.get_context("fork")
+    q, out = shmipc.Queue(maxsize=8), shmipc.Queue()
+    victim = ctx.Process(target=get_forever, args=(q,))
+    victim.start()
+    time.sleep(0.2)                        # the victim now waits inside get
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.join(10)
+    survivor = ctx.Process(target=consume_and_report, args=(q, out, 200))
+    survivor.start()
+    for i in range(200):
+        q.put(i, timeout=20)
+    assert out.get(timeout=30) == (200, sum(range(200)))
+    survivor.join(20)
+    assert survivor.exitcode == 0 and q.stats()["lost"] == 0
