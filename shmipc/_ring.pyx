@@ -983,14 +983,19 @@ cdef class Ring:
         """get(block=False)."""
         return self.get(False)
 
-    def get_many(self, Py_ssize_t max_items, bint block=True, timeout=None):
+    def get_many(self, Py_ssize_t max_items, bint block=True, timeout=None, *, Py_ssize_t max_bytes=0):
         """Take up to `max_items` messages: waits (as get does) for the first,
         then takes whatever else is already there. Returns a list, or for
-        fixed-record rings one structured array."""
+        fixed-record rings one structured array.
+
+        max_bytes: if > 0, stop once the messages taken hold that many payload
+        bytes (at least one message is always taken). Keeps batches of large
+        messages from costing a burst of allocations.
+        """
         cdef uint64_t pos, length, head, cursor, tail
         cdef shm_rec_t *r
         cdef bint raw
-        cdef Py_ssize_t k = 0, off = 0
+        cdef Py_ssize_t k = 0, off = 0, taken_bytes = 0
         cdef int64_t deadline = deadline_of(block, timeout)
         cdef uint8_t tag = 0
         cdef uint32_t size = 0
@@ -1032,10 +1037,11 @@ cdef class Ring:
                                 raise
                         self._consumed(pos, length, r, size, False)
                         k += 1
+                        taken_bytes += size
                     else:
                         shm_store_rel64(&self.hdr.cons.cursor, pos + length)
                     pos += length
-                    if k == max_items or pos == head:
+                    if k == max_items or pos == head or (max_bytes > 0 and taken_bytes >= max_bytes):
                         break
                     length = self._check_record(pos, head)
                     r = self._rec_at(pos)

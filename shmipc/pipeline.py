@@ -420,8 +420,6 @@ class Pipeline:
         self._last_move = time.monotonic()
         self._moves = -1
         self._lost_any = False
-        self._batch = 16                      # results taken at once (see _tune_batch)
-        self._seen_out = (0, 0)
         self._started = True
         try:
             self._start_workers()
@@ -539,10 +537,15 @@ class Pipeline:
                 if self._exhausted and self._next_seq == self._ncomplete and not ready:
                     return
                 try:
+                    # batches of about BATCH_BYTES: every result taken is a fresh
+                    # allocation, and when a large batch of big results is freed
+                    # at once malloc hands the memory back to the kernel, then
+                    # faults it in again for the next batch (measured: 5 page
+                    # faults per 64 KiB item, a third of the parent's time)
                     if more:
-                        msgs = out.get_many(self._batch, False)
+                        msgs = out.get_many(1024, False, max_bytes=BATCH_BYTES)
                     else:
-                        msgs = out.get_many(self._batch, True, POLL_S)
+                        msgs = out.get_many(1024, True, POLL_S, max_bytes=BATCH_BYTES)
                 except queue.Empty:
                     msgs = ()
                 if msgs:
@@ -550,7 +553,6 @@ class Pipeline:
                 now = time.monotonic()
                 if now - self._last_reap >= REAP_EVERY_S:
                     self._last_reap = now
-                    self._tune_batch()
                     self._reap()
                     if self._lost_any:
                         # also with the source not done: at max_inflight, a lost
@@ -567,19 +569,6 @@ class Pipeline:
                             return
         finally:
             self.close()
-
-    def _tune_batch(self) -> None:
-        """Take results in batches of about BATCH_BYTES: every result taken is
-        a fresh allocation, and when a large batch of big results is freed at
-        once malloc gives the memory back to the kernel, then faults it in
-        again for the next batch (measured: 5 page faults per 64 KiB item, a
-        third of the parent's time, with batches of 1024)."""
-        st = self._out.stats()
-        msgs, nbytes = st["messages_out"], st["bytes_out"]
-        dm, db = msgs - self._seen_out[0], nbytes - self._seen_out[1]
-        self._seen_out = (msgs, nbytes)
-        if dm > 0:
-            self._batch = max(1, min(1024, BATCH_BYTES * dm // max(db, 1)))
 
     def _feed(self) -> bool:
         """Move retried items and source items into the rings, without

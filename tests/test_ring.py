@@ -145,6 +145,10 @@ def test_batches(arena, sides):
         assert len(got) % 37 == 0 or len(got) == 200
     assert got == items
     assert ring.put_many([]) == 0
+    ring.put_many([b"a" * 100] * 10)
+    assert len(ring.get_many(10, max_bytes=250)) == 3        # stops once 250 bytes are taken
+    assert len(ring.get_many(10, max_bytes=1)) == 1          # always at least one
+    assert len(ring.get_many(10)) == 6
     with pytest.raises(queue.Empty):
         ring.get_many(5, timeout=0.01)
     with pytest.raises(ValueError, match="max_items"):
