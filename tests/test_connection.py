@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import shmipc
+from conftest import fork_child, wait_child
 
 START_METHODS = ["fork", "spawn", "forkserver"]
 
@@ -157,8 +158,10 @@ def test_poll(impl):
     a.send(1)
     assert b.poll(5) is True and b.poll() is True       # poll does not consume
     assert b.recv() == 1
-    threading.Timer(0.1, a.send, ("late",)).start()
+    timer = threading.Timer(0.1, a.send, ("late",))
+    timer.start()
     assert b.poll(None) is True and b.recv() == "late"
+    timer.join()
 
 
 @pytest.mark.timeout(30)
@@ -267,7 +270,15 @@ def test_parent_close_gives_child_eof(impl):
 
 @pytest.mark.timeout(60)
 def test_connection_pickled_after_start(impl):
-    """Not as a Process argument: sent through a pipe to a running child."""
+    """Not as a Process argument: sent through a pipe to a running child.
+    Pickling a connection then starts multiprocessing's resource-sharer
+    thread, so the body runs in a forked helper: the test process keeps no
+    thread that later forks would copy."""
+    assert wait_child(fork_child(_send_connection_to_running_child, impl.__name__), 30) == 0
+
+
+def _send_connection_to_running_child(impl_name):
+    impl = multiprocessing if impl_name == "multiprocessing" else shmipc
     ctx = multiprocessing.get_context("fork")
     here, there = multiprocessing.Pipe()
     p = ctx.Process(target=_child_gets_connection, args=(there,))
@@ -380,8 +391,10 @@ def test_wait_mixes_shmipc_connections_and_descriptors():
     t = time.monotonic()
     assert wait([b, d, mp_r], timeout=0.2) == []
     assert time.monotonic() - t >= 0.15
-    threading.Timer(0.1, c.send, ("to d",)).start()
+    timer = threading.Timer(0.1, c.send, ("to d",))
+    timer.start()
     assert wait([b, d, mp_r], timeout=10) == [d]
+    timer.join()                           # no thread of ours may run when we fork below
     assert d.recv() == "to d"
     mp_w.send(1)
     a.send(2)
@@ -405,10 +418,12 @@ def test_blocked_send_raises_when_reader_is_killed():
     p = ctx.Process(target=sleep_forever, args=(b,))
     p.start()
     b.close()
-    threading.Timer(0.3, os.kill, (p.pid, signal.SIGKILL)).start()
+    timer = threading.Timer(0.3, os.kill, (p.pid, signal.SIGKILL))
+    timer.start()
     t = time.monotonic()
     with pytest.raises(BrokenPipeError):
         for _ in range(100):               # fills the ring, then waits for the reader
             a.send_bytes(b"x" * 1000)
     assert 0.2 < time.monotonic() - t < 10
+    timer.join()
     p.join(10)
