@@ -156,3 +156,16 @@ def test_context_pickles_by_method():
 
     ctx = pickle.loads(pickle.dumps(shmipc.get_context("spawn")))
     assert isinstance(ctx, ShmipcContext) and ctx.get_start_method() == "spawn"
+
+
+@pytest.mark.timeout(60)
+def test_manager_and_synchronisation_members():
+    ctx = shmipc.get_context("fork")
+    with ctx.Manager() as manager:
+        shared = manager.dict()
+        shared["k"] = 1
+        assert dict(shared) == {"k": 1}
+    event, barrier = ctx.Event(), ctx.Barrier(1)
+    event.set()
+    assert event.is_set() and barrier.wait(timeout=5) == 0
+    assert ctx.Array("i", [1, 2, 3])[:] == [1, 2, 3]
