@@ -480,3 +480,13 @@ def test_waiting_inside_a_callback_raises_instead_of_deadlocking():
         p.apply_async(inc, (1,), callback=callback).wait(10)
         assert p.apply(inc, (2,)) == 3
     assert len(errors) == 1 and "callback" in str(errors[0])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_shmipc_context_objects(method):
+    ctx = shmipc.get_context(method)
+    with shmipc.Pool(2, context=ctx) as p:
+        assert p.map(square, range(20)) == [x * x for x in range(20)]
+    with ctx.Pool(2) as p:                      # the context's own Pool is shmipc's
+        assert isinstance(p, shmipc.Pool) and p.apply(square, (3,)) == 9
