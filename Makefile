@@ -41,9 +41,10 @@ bench-quick: build
 debug:
 	$(MAKE) DEBUG=1 test
 
-# the kill-fuzz tests for longer than CI can afford
+# the kill-fuzz tests, SOAK times longer than CI can afford
+SOAK ?= 10
 soak: build
-	SHMIPC_SOAK=1 $(PY) -m pytest -m soak -p no:cacheprovider $(PYTEST_ARGS)
+	SHMIPC_SOAK=$(SOAK) $(PY) -m pytest -s -p no:cacheprovider tests/test_crash.py tests/test_pool_crash.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf build dist *.egg-info shmipc/*.so shmipc/_ring.c .pytest_cache .benchmarks

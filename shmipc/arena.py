@@ -4,8 +4,8 @@ An arena starts with a header (magic, version, size, a table of named
 regions) followed by 64-byte-aligned regions that rings live in::
 
     offset 0      header (64 bytes)
-    offset 64     region table: MAX_REGIONS entries of 512 bytes
-    offset 32768  regions, bump-allocated
+    offset 64      region table: MAX_REGIONS entries of 512 bytes
+    offset 131072  regions, bump-allocated
 
 Backings:
   * ``Arena(size)``: nameless shared memory (a memfd) made in the parent and
@@ -46,8 +46,8 @@ ENTRY = struct.Struct("<64sIIQQI4x")     # name, kind, flags, offset, size, meta
 ENTRY_SIZE = 512
 META_MAX = ENTRY_SIZE - ENTRY.size
 TABLE_OFFSET = 64
-MAX_REGIONS = 63
-DATA_START = 32768
+MAX_REGIONS = 255
+DATA_START = 131072
 ALIGN = 64
 MIN_SIZE = DATA_START + _ring.RING_HEADER_SIZE + _ring.MIN_CAPACITY
 DEFAULT_SIZE = 64 << 20
@@ -289,7 +289,8 @@ class Arena:
     # ------------------------------------------------------------ header
     def _format(self) -> None:
         buf = self._buf
-        buf[:DATA_START] = bytes(DATA_START)
+        if self.kind == "file":
+            buf[:DATA_START] = bytes(DATA_START)   # new shared memory is zero already
         HEADER.pack_into(buf, 0, b"\0" * 8, VERSION, 0, self.size, DATA_START, 0, MAX_REGIONS, os.getpid())
         buf[:8] = MAGIC                          # last: a half-made header never looks valid
 

@@ -63,7 +63,7 @@ class ProcessPoolExecutor(Executor):
     through shared memory.
 
     Args:
-        max_workers: number of worker processes (default os.cpu_count(), at most 59).
+        max_workers: number of worker processes (default os.cpu_count(), at most 251).
         mp_context: start method: None (multiprocessing's default), a name,
             or a multiprocessing/shmipc context.
         initializer, initargs: ``initializer(*initargs)`` runs first in each worker.
@@ -71,7 +71,7 @@ class ProcessPoolExecutor(Executor):
             one replaces it (allowed with every start method, fork included).
 
     Raises:
-        ValueError: max_workers <= 0 (or above 59), or max_tasks_per_child <= 0.
+        ValueError: max_workers <= 0 (or above 251), or max_tasks_per_child <= 0.
         TypeError: an initializer that is not callable.
 
     Where this deliberately differs from the standard library: a worker that

@@ -1171,7 +1171,7 @@ class Pool:
     through shared memory, and a dying worker costs only its own task.
 
     Args:
-        processes: number of workers (default: os.cpu_count(), at most 59).
+        processes: number of workers (default: os.cpu_count(), at most 251).
         initializer, initargs: ``initializer(*initargs)`` runs first in each worker.
         maxtasksperchild: a worker exits after this many tasks (chunks) and a
             fresh one replaces it (None: never).
@@ -1214,7 +1214,7 @@ class Pool:
         of a job are queued or running at once.
       * A pool whose workers can no longer be started (its zygote was
         killed) fails its pending work with RuntimeError instead of hanging.
-      * At most 59 workers per pool (one shared-memory ring each); one
+      * At most 251 workers per pool (one shared-memory ring each); one
         argument or result may be up to 128 MiB once pickled.
     """
 

@@ -9,6 +9,9 @@ from typing import Any, Callable
 
 import pytest
 
+# make soak: SHMIPC_SOAK=N runs the kill-fuzz tests N times longer
+SOAK = max(1, int(os.environ.get("SHMIPC_SOAK") or 1))
+
 
 def fork_child(fn: Callable[..., Any], *args: Any) -> int:
     """Fork a child that runs fn(*args) and exits 0, or 1 (with the traceback

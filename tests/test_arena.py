@@ -12,7 +12,7 @@ import uuid
 import pytest
 
 import shmipc
-from shmipc.arena import DATA_START, MIN_SIZE
+from shmipc.arena import DATA_START, MAX_REGIONS, MIN_SIZE
 from conftest import fork_child, shm_entries, wait_child
 
 
@@ -184,9 +184,9 @@ def test_region_table(no_leaks):
 @pytest.mark.timeout(20)
 def test_arena_table_fills_up_cleanly(no_leaks):
     with shmipc.Arena(16 << 20) as arena:
-        for i in range(63):
+        for i in range(MAX_REGIONS):
             arena.block(64)
-        with pytest.raises(shmipc.ArenaFull, match="63"):
+        with pytest.raises(shmipc.ArenaFull, match=str(MAX_REGIONS)):
             arena.block(64)
 
 

@@ -3,7 +3,7 @@
 Checks, for every round: nobody hangs, every delivered message is intact
 (checksums), nothing is delivered twice, and whatever is missing is covered
 by the ring's own `lost` count, which only grows when a process died.
-SHMIPC_SOAK=1 (``make soak``) runs many more rounds.
+SHMIPC_SOAK=N (``make soak``) runs N times as many rounds.
 """
 from __future__ import annotations
 
@@ -19,10 +19,9 @@ import pytest
 
 import shmipc
 from shmipc._ring import RING_HEADER_SIZE
-from conftest import fork_child, shm_entries, wait_child
+from conftest import SOAK, fork_child, shm_entries, wait_child
 
-SOAK = os.environ.get("SHMIPC_SOAK") == "1"
-KILLS = 400 if SOAK else 60
+KILLS = 60 * SOAK
 EXPECTED = (queue.Empty, queue.Full, shmipc.CorruptArena, shmipc.PeerDied, EOFError, BrokenPipeError)
 
 
@@ -54,7 +53,7 @@ def kill(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * SOAK)
 def test_producers_killed_at_random_instants(no_leaks):
     """Three producers, killed and replaced at random; the parent consumes.
     Each producer's sequence must arrive whole and in order up to its death."""
@@ -132,7 +131,7 @@ def _counted_producer(ring, producer, count):
         ring.put(make_message(producer, seq, seq % 3000), timeout=30)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * SOAK)
 def test_consumers_killed_at_random_instants(no_leaks):
     """Three zero-copy consumers, killed and replaced at random, forward what
     they read; nothing may arrive twice and what is missing must be counted."""
@@ -140,7 +139,7 @@ def test_consumers_killed_at_random_instants(no_leaks):
     arena = shmipc.Arena(64 << 20)
     ring = arena.ring(1 << 18, producers="many", consumers="many")
     results = arena.ring(4 << 20, producers="many", consumers="one")
-    count = 100_000 if SOAK else 40_000
+    count = 40_000 * SOAK
     prods = [fork_child(_counted_producer, ring, p, count) for p in range(2)]
     consumers = {fork_child(_viewing_consumer, ring, results) for _ in range(3)}
     seen: set[tuple[int, int]] = set()
@@ -200,7 +199,7 @@ def _big_producer(ring, producer):
         seq += 1
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * SOAK)
 def test_producer_killed_mid_write_of_a_large_message(no_leaks):
     """A 48 MiB copy takes milliseconds under the producer lock; killing the
     writer then leaves a half-written record and a dead lock owner. The
@@ -208,7 +207,7 @@ def test_producer_killed_mid_write_of_a_large_message(no_leaks):
     record must never be delivered."""
     arena = shmipc.Arena(200 << 20)
     ring = arena.ring(128 << 20, producers="many", consumers="one")
-    rounds = 20 if SOAK else 6
+    rounds = 6 * SOAK
     rng = random.Random(3)
     producers = [fork_child(_big_producer, ring, 0), fork_child(_big_producer, ring, 1)]
     next_id = 2
@@ -279,9 +278,9 @@ def _garbage_reader(ring, seed):
             pass
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * SOAK)
 def test_garbage_in_the_arena_raises_never_crashes():
-    rounds = 300 if SOAK else 40
+    rounds = 40 * SOAK
     crashes = []
     for seed in range(rounds):
         arena = shmipc.Arena(1 << 20)

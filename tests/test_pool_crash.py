@@ -22,6 +22,7 @@ import pytest
 
 import shmipc
 from shmipc._proc import pid_alive
+from conftest import SOAK
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -192,13 +193,13 @@ def test_executor_death_fails_one_future(no_leaks):
 
 
 # ------------------------------------------------------------ many deaths
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120 * SOAK)
 def test_kill_fuzz_results_complete(no_leaks):
     """SIGKILL a random worker at random instants during a long imap_unordered;
     with retries every result must arrive exactly once and intact."""
     rng = random.Random(1234)
     # SHMIPC_SOAK=N runs N times longer (make soak)
-    n_items, kills, recoveries = 8000 * int(os.environ.get("SHMIPC_SOAK", "1")), 0, []
+    n_items, kills, recoveries = 8000 * SOAK, 0, []
     with shmipc.Pool(3, retries=1000) as p:
         it = p.imap_unordered(checksum, range(n_items), chunksize=2)
         seen = {}
