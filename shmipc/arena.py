@@ -32,7 +32,7 @@ import struct
 import subprocess
 import threading
 import weakref
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 from shmipc import _ring
 from shmipc.errors import CorruptArena, ShmipcError
@@ -123,6 +123,20 @@ class Arena:
         os.ftruncate(fd, size)
         self._map(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
         self._format()
+
+    @staticmethod
+    def size_for(rings: "Iterable[int]" = (), blocks: "Iterable[int]" = ()) -> int:
+        """The arena size (page-rounded) that holds rings of these capacities
+        and blocks of these sizes: the header and region table included.
+
+        ``Arena(Arena.size_for(rings=[1 << 20, 1 << 20], blocks=[64]))``
+        """
+        size = DATA_START
+        for capacity in rings:
+            size = _align(size, ALIGN) + _ring.RING_HEADER_SIZE + capacity
+        for nbytes in blocks:
+            size = _align(size, ALIGN) + nbytes
+        return _align(max(size, MIN_SIZE), PAGE)
 
     def _init_state(self, kind: str, name: str | None, size: int) -> None:
         self.kind = kind

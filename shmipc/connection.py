@@ -51,7 +51,7 @@ import time
 from multiprocessing import BufferTooShort, reduction
 from typing import Any
 
-from shmipc.arena import DATA_START, PAGE, Arena
+from shmipc.arena import Arena
 from shmipc.errors import PeerDied
 from shmipc.queues import _ring_capacity
 
@@ -90,7 +90,7 @@ def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple["Connecti
     """
     cap = _ring_capacity(capacity)
     nrings = 2 if duplex else 1
-    arena = Arena((DATA_START + nrings * (cap + (64 << 10)) + PAGE - 1) // PAGE * PAGE)
+    arena = Arena(Arena.size_for(rings=[cap] * nrings))
     fds: list[int] = []
     try:
         arena.ring(cap, name="a>b", producers="one", consumers="one")

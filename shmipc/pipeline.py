@@ -364,11 +364,11 @@ class Pipeline:
     # ------------------------------------------------------------ start
     def _start(self) -> None:
         nworkers = sum(s.workers for s in self._stages)
-        ring_bytes = sum(s.ring_capacity * (1 + (s.workers if s.retries else 0)) for s in self._stages)
         out_capacity = max(self._ring_capacity, max(s.ring_capacity for s in self._stages))
-        size = (64 << 10) + ring_bytes + out_capacity + (len(self._stages) * 2 + 4) * (
-            _ring.RING_HEADER_SIZE + 4096) + nworkers * SLOT_WORDS * 8 + 4096
-        self._arena = Arena(size)
+        rings = [out_capacity]
+        for s in self._stages:
+            rings += [s.ring_capacity] * (1 + (s.workers if s.retries else 0))
+        self._arena = Arena(Arena.size_for(rings=rings, blocks=[64, max(nworkers, 1) * SLOT_WORDS * 8]))
         arena = self._arena
         try:
             # the control block: byte 0 is the stop flag workers look at between items

@@ -44,7 +44,7 @@ from typing import Any, Callable, Deque, Iterable, Iterator
 
 from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive, register_pausable,
                              unmark_thread_long_lived)
-from shmipc.arena import DATA_START, MAX_REGIONS, Arena
+from shmipc.arena import MAX_REGIONS, Arena
 from shmipc.errors import MessageTooLarge, WorkerLost
 
 try:        # the standard library's classes, so `except`/isinstance checks written for it keep working
@@ -362,9 +362,8 @@ class _Engine:
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
-        size = (DATA_START + processes * (task_ring + 4096) + result_ring + 4096 + 2 * (_BIG_RING + 4096)
-                + processes * _SLOT_SIZE + (1 << 20))
-        self._arena = Arena(size)
+        self._arena = Arena(Arena.size_for(rings=[result_ring, _BIG_RING, _BIG_RING] + [task_ring] * processes,
+                                           blocks=[processes * _SLOT_SIZE]))
         try:
             self._results = self._arena.ring(result_ring, name="results", producers="many",
                                              consumers="one")

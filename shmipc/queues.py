@@ -31,7 +31,7 @@ import time
 import types
 from typing import Any, Iterable
 
-from shmipc.arena import DATA_START, PAGE, Arena
+from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
@@ -45,7 +45,6 @@ DEFAULT_CAPACITY = 32 << 20
 _BELL_SLICE_MS = 50
 
 # room in the arena beyond the ring: its header and a block of queue state
-_ARENA_SLACK = 64 << 10
 
 
 def _ring_capacity(capacity: Any) -> int:
@@ -102,8 +101,8 @@ class _Base:
         maxsize = _ring_maxsize(maxsize)
         cap = _ring_capacity(capacity)
         self._maxsize = maxsize
-        # the arena holds the region table, the ring and a small state block
-        self._arena = Arena((DATA_START + cap + _ARENA_SLACK + PAGE - 1) // PAGE * PAGE)
+        # the arena holds the ring and, for JoinableQueue, a small state block
+        self._arena = Arena(Arena.size_for(rings=[cap], blocks=[64]))
         self._ring = self._arena.ring(cap, maxsize=maxsize)
         self._closed = False
 

@@ -7,7 +7,6 @@ SHMIPC_SOAK=N (``make soak``) runs N times as many rounds.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 import random
