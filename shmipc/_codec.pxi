@@ -14,6 +14,8 @@ from libc.string cimport memcpy
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.bytearray cimport PyByteArray_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DecodeUTF8
+import copyreg
+import io
 import sys
 import struct
 import pickle
@@ -186,6 +188,31 @@ cdef object encode_ndarray(object arr, enc_t *e):
     return [meta, data]
 
 
+cdef object _fp_table = None          # copyreg's table plus multiprocessing's reducers
+cdef dict _fp_seen = None             # ForkingPickler._extra_reducers when the table was built
+
+
+class _ForkingPickler(pickle.Pickler):
+    """Pickles as multiprocessing's ForkingPickler does (sockets, Connections,
+    and whatever libraries register there, torch tensors for one), with
+    protocol 5 out-of-band buffers, which ForkingPickler.dumps cannot do."""
+
+
+cdef object pickle_dumps(object obj, object keep):
+    global _fp_table, _fp_seen
+    from multiprocessing import reduction       # registers the socket reducers
+    extra = reduction.ForkingPickler._extra_reducers
+    if _fp_seen is None or _fp_seen != extra:
+        table = copyreg.dispatch_table.copy()
+        table.update(extra)
+        _fp_table, _fp_seen = table, dict(extra)
+    out = io.BytesIO()
+    pickler = _ForkingPickler(out, 5, buffer_callback=keep)
+    pickler.dispatch_table = _fp_table
+    pickler.dump(obj)
+    return out.getbuffer()
+
+
 cdef object encode_pickle(object obj, enc_t *e):
     buffers = []
 
@@ -197,7 +224,7 @@ cdef object encode_pickle(object obj, enc_t *e):
         buffers.append(raw)
         return False
 
-    stream = pickle.dumps(obj, protocol=5, buffer_callback=keep)
+    stream = pickle_dumps(obj, keep)
     cdef Py_ssize_t nseg = 1 + len(buffers)
     head = bytearray(align16(8 + 8 * nseg))
     _pickle_head.pack_into(head, 0, nseg, 0)

@@ -45,6 +45,7 @@ cdef class Ring:
     cdef int _positions(self, uint64_t *head, uint64_t *cursor, uint64_t *tail) except -1
     cdef bint _ready(self, int kind, uint64_t need) noexcept nogil
     cdef bint _wait(self, int kind, uint64_t need, int64_t deadline) except -1
+    cdef bint _sleep(self, int kind, uint64_t need, int64_t deadline, sem_t *sem, uint32_t *waiters) except -1
     cdef bint _look_around(self, int kind) except -1
     cdef int _reclaim_dead_claims(self) except -1
     cdef bint _lock(self, int kind, int64_t deadline) except -1

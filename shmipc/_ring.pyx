@@ -400,7 +400,7 @@ cdef class Ring:
         kind's semaphore in slices, between which it checks Ctrl-C, close,
         the deadline, and whether the process it waits for died."""
         cdef shm_ring_t *h = self.hdr
-        cdef int64_t now, spin_end, slice_end, t0
+        cdef int64_t now, spin_end, slice_end, t0, start
         cdef bint ok = False
         cdef int i, rc
         cdef sem_t *sem
@@ -410,7 +410,7 @@ cdef class Ring:
         if deadline == 0:
             return True
         with nogil:
-            now = shm_now_ns()
+            now = start = shm_now_ns()
             spin_end = now + self.spin_ns
             if spin_end > deadline:
                 spin_end = deadline
@@ -426,8 +426,6 @@ cdef class Ring:
             if self.spin_ns < SPIN_MAX_NS:
                 self.spin_ns *= 2
             return False
-        if self.spin_ns > SPIN_MIN_NS:
-            self.spin_ns //= 2
         if kind == W_DATA:
             sem, waiters = &h.data_sem, &h.wait.data_waiters
         elif kind == W_SPACE:
@@ -436,6 +434,24 @@ cdef class Ring:
             sem, waiters = &h.plock_sem, &h.wait.plock_waiters
         else:
             sem, waiters = &h.clock_sem, &h.wait.clock_waiters
+        try:
+            return self._sleep(kind, need, deadline, sem, waiters)
+        finally:
+            # Adapt the spin to how long waits really take: one that ended
+            # within SPIN_MAX_NS would have been cheaper spun through (a sleep
+            # and wake-up cost tens of microseconds); a long one was not worth
+            # spinning for. Halving on every sleep alone gets stuck sleeping
+            # under load, where even short waits overrun a tiny budget.
+            if shm_now_ns() - start < SPIN_MAX_NS:
+                self.spin_ns = min(self.spin_ns * 2, SPIN_MAX_NS)
+            elif self.spin_ns > SPIN_MIN_NS:
+                self.spin_ns //= 2
+
+    cdef bint _sleep(self, int kind, uint64_t need, int64_t deadline, sem_t *sem, uint32_t *waiters) except -1:
+        """The sleeping half of _wait."""
+        cdef shm_ring_t *h = self.hdr
+        cdef int64_t now, slice_end, t0
+        cdef int rc
         while True:
             shm_add32(waiters, 1)           # seq_cst: orders against the ready check
             if self._ready(kind, need):

@@ -480,3 +480,27 @@ def test_rings_reach_children_of_every_start_method(method):
     assert proc.exitcode == 0
     assert ring.get(timeout=1) == 6
     arena.close()
+
+
+def _send_socket_end(ring, sock_ring):
+    msg = sock_ring.get(timeout=10)
+    msg["sock"].sendall(b"through a socket sent in a message")
+
+
+@pytest.mark.timeout(30)
+def test_objects_registered_with_forking_pickler_travel_like_multiprocessing():
+    """A socket inside a message is reduced the way multiprocessing reduces it
+    (a duplicated descriptor), not pickled with its raw fd number."""
+    import socket
+
+    arena = shmipc.Arena(1 << 20)
+    ring = arena.ring(4096)
+    here, there = socket.socketpair()
+    with here, there:
+        ring.put({"sock": there})
+        got = ring.get(timeout=5)
+        assert isinstance(got["sock"], socket.socket) and got["sock"].fileno() != there.fileno()
+        got["sock"].sendall(b"ping")
+        assert here.recv(4) == b"ping"
+        got["sock"].close()
+    arena.close()
