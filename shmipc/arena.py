@@ -35,6 +35,7 @@ import weakref
 from typing import Any, Iterable, Iterator, NamedTuple
 
 from shmipc import _ring
+from shmipc._lifetime import Closeable
 from shmipc.errors import CorruptArena, ShmipcError
 
 __all__ = ["Arena", "ArenaFull", "Region"]
@@ -94,7 +95,7 @@ def _shm_name(name: Any) -> str:
     return full
 
 
-class Arena:
+class Arena(Closeable):
     """A shared mapping that holds rings. See the module docstring for backings.
 
     Args:
@@ -601,18 +602,6 @@ class Arena:
         try:
             posix_ipc.unlink_shared_memory(self.name)
         except posix_ipc.ExistentialError:
-            pass
-
-    def __enter__(self) -> "Arena":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
             pass
 
     def __repr__(self) -> str:

@@ -52,6 +52,7 @@ from multiprocessing import BufferTooShort, reduction
 from typing import Any
 
 from shmipc.arena import Arena
+from shmipc._lifetime import Closeable
 from shmipc.errors import PeerDied
 from shmipc.queues import _ring_capacity
 
@@ -117,7 +118,7 @@ def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple["Connecti
     return a, b
 
 
-class Connection:
+class Connection(Closeable):
     """One end of a Pipe: send/recv objects, send_bytes/recv_bytes(_into)
     raw bytes, poll, close. Make them with :func:`Pipe`.
 
@@ -477,18 +478,6 @@ class Connection:
                 if fd >= 0:
                     os.close(fd)
                     setattr(self, name, -1)
-
-    def __enter__(self) -> "Connection":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         if self._closed:

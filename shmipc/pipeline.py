@@ -82,6 +82,7 @@ from typing import Any, Callable, Iterable, Iterator
 from shmipc import _ring
 from shmipc._workers import parent_alive
 from shmipc.arena import Arena
+from shmipc._lifetime import Closeable
 from shmipc.errors import MessageTooLarge, PeerDied, ShmipcError, WorkerLost
 
 __all__ = ["Pipeline", "PipelineError", "RemoteTraceback", "StageFailure"]
@@ -176,7 +177,7 @@ class _Stage:
         self.start_deaths = 0            # deaths in a row of workers that took no item
 
 
-class Pipeline:
+class Pipeline(Closeable):
     """Stages of forked workers connected by shared-memory rings.
 
     Args:
@@ -784,18 +785,6 @@ class Pipeline:
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def __enter__(self) -> "Pipeline":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
     def __repr__(self) -> str:
         stages = " -> ".join(f"{s.name}x{s.workers}" for s in self._stages) or "no stages"
