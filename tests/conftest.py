@@ -12,6 +12,8 @@ import pytest
 # make soak: SHMIPC_SOAK=N runs the kill-fuzz tests N times longer
 SOAK = max(1, int(os.environ.get("SHMIPC_SOAK") or 1))
 
+START_METHODS = ["fork", "spawn", "forkserver"]
+
 
 def fork_child(fn: Callable[..., Any], *args: Any) -> int:
     """Fork a child that runs fn(*args) and exits 0, or 1 (with the traceback
@@ -115,3 +117,22 @@ def _no_open_views():
     yield
     if _ring.DEBUG:
         assert _ring.debug_counters()["views_open"] == before, "a zero-copy view was never released"
+
+
+@pytest.fixture(params=["multiprocessing", "shmipc"])
+def impl(request):
+    """The module under test, for one test body run against both (as uvloop
+    runs one body against two loops): both expose Queue, Pipe, ..."""
+    import multiprocessing
+
+    import shmipc
+
+    return multiprocessing if request.param == "multiprocessing" else shmipc
+
+
+@pytest.fixture(params=START_METHODS)
+def ctx(request):
+    """A multiprocessing context of each start method."""
+    import multiprocessing
+
+    return multiprocessing.get_context(request.param)

@@ -17,17 +17,8 @@ import pytest
 import shmipc
 from conftest import fork_child, wait_child
 
-START_METHODS = ["fork", "spawn", "forkserver"]
 
 
-@pytest.fixture(params=["multiprocessing", "shmipc"])
-def impl(request):
-    return multiprocessing if request.param == "multiprocessing" else shmipc
-
-
-@pytest.fixture(params=START_METHODS)
-def ctx(request):
-    return multiprocessing.get_context(request.param)
 
 
 # ------------------------------------------------------------ child targets

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 import shmipc
+from conftest import START_METHODS
 from shmipc.connection import Connection
 from shmipc.context import ShmipcContext
 from shmipc.queues import JoinableQueue, Queue, SimpleQueue
 
-START_METHODS = ["fork", "spawn", "forkserver"]
 
 
 def square(x):

@@ -12,8 +12,8 @@ import time
 import pytest
 
 import shmipc
+from conftest import START_METHODS
 
-START_METHODS = ["fork", "spawn", "forkserver"]
 
 
 def inc(x):

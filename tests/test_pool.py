@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 import shmipc
+from conftest import START_METHODS
 
-START_METHODS = ["fork", "spawn", "forkserver"]
 
 
 # ------------------------------------------------------------ worker functions (importable)

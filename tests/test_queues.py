@@ -19,18 +19,8 @@ import pytest
 
 import shmipc
 
-START_METHODS = ["fork", "spawn", "forkserver"]
 
 
-@pytest.fixture(params=["multiprocessing", "shmipc"])
-def impl(request):
-    """The module under test: both expose Queue, SimpleQueue, JoinableQueue."""
-    return multiprocessing if request.param == "multiprocessing" else shmipc
-
-
-@pytest.fixture(params=START_METHODS)
-def ctx(request):
-    return multiprocessing.get_context(request.param)
 
 
 @pytest.fixture
