@@ -44,7 +44,6 @@ DEFAULT_CAPACITY = 32 << 20
 # a waitable SimpleQueue's get looks for a stranded message this often (ms)
 _BELL_SLICE_MS = 50
 
-# room in the arena beyond the ring: its header and a block of queue state
 
 
 def _ring_capacity(capacity: Any) -> int:
