@@ -364,9 +364,11 @@ cdef class Ring:
         return length
 
     cdef int _positions(self, uint64_t *head, uint64_t *cursor, uint64_t *tail) except -1:
-        head[0] = shm_load_acq64(&self.hdr.prod.pos)
-        cursor[0] = shm_load_acq64(&self.hdr.cons.cursor)
+        """Read and check the three positions; for the consumer side held
+        (its tail and cursor cannot move meanwhile; the head only grows)."""
         tail[0] = shm_load_acq64(&self.hdr.cons.pos)
+        cursor[0] = shm_load_acq64(&self.hdr.cons.cursor)
+        head[0] = shm_load_acq64(&self.hdr.prod.pos)
         if not (tail[0] <= cursor[0] <= head[0]) or head[0] - tail[0] > self.capacity:
             self._corrupt(f"positions out of order: tail {tail[0]}, cursor {cursor[0]}, "
                           f"head {head[0]}, capacity {self.capacity}")
@@ -736,7 +738,13 @@ cdef class Ring:
         """Debug builds: the positions are in order after every call."""
         cdef uint64_t head, cursor, tail
         if SHMIPC_DEBUG and not self.closed:
-            self._positions(&head, &cursor, &tail)
+            # read in this order: others may move any of them meanwhile, but
+            # each only grows, so honest values still read tail <= cursor <= head
+            tail = shm_load_acq64(&self.hdr.cons.pos)
+            cursor = shm_load_acq64(&self.hdr.cons.cursor)
+            head = shm_load_acq64(&self.hdr.prod.pos)
+            if not (tail <= cursor <= head):
+                self._corrupt(f"positions out of order: tail {tail}, cursor {cursor}, head {head}")
             if self.hdr.wait.data_waiters > 100000 or self.hdr.wait.space_waiters > 100000:
                 self._corrupt("waiter counts out of range")
         return 0
