@@ -36,7 +36,7 @@ def work(x: int) -> int:
 def kill_a_busy_worker(pool: shmipc.Pool) -> int:
     """SIGKILL one worker of `pool` while it runs a task (its slot in the
     pool's slot table says so); returns its pid."""
-    from shmipc.pool import _SLOT, _SLOT_SIZE
+    from shmipc._engine import _SLOT, _SLOT_SIZE
 
     time.sleep(0.1)
     engine = pool._engine

@@ -1,6 +1,6 @@
 """``shmipc.ProcessPoolExecutor``: a concurrent.futures executor on shmipc's pool engine.
 
-Calls and results travel through shared-memory rings (see shmipc.pool); the
+Calls and results travel through shared-memory rings (see shmipc._engine); the
 executor is a :class:`concurrent.futures.Executor`, so ``submit``, ``map``
 (with ``chunksize`` and ``timeout``), ``shutdown(wait, cancel_futures)``,
 ``as_completed`` and ``wait`` behave as with the standard one.
@@ -16,7 +16,7 @@ from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
-from shmipc.pool import K_CALL, K_MAP, K_STARMAP, RUN, _Engine, _Task
+from shmipc._engine import K_CALL, K_MAP, K_STARMAP, RUN, _Engine, _Task
 
 __all__ = ["ProcessPoolExecutor"]
 

@@ -1,0 +1,883 @@
+"""The engine behind Pool and ProcessPoolExecutor: workers, rings, bookkeeping.
+
+* one arena per pool holds a task ring per worker (parent -> worker), one
+  result ring (workers -> parent), a big-message ring each way (for the rare
+  message too large for the others, announced by a small stub) and a *slot
+  table*: each worker writes the task it is about to run into its slot, so
+  when it dies the parent knows exactly which task it held (and that the
+  ones queued behind it in its own ring never ran);
+* one bookkeeping thread in the parent reads results, hands out tasks (a
+  few queued per worker, more for short tasks: see _CREDIT_*), runs
+  callbacks, notices worker exits and starts replacements; imap jobs read
+  their input from a feeder thread of their own (shmipc.pool._Feeder);
+* workers are started by :class:`shmipc._workers.Supervisor`: under fork, by
+  a single-threaded helper (the zygote) forked when the pool is made, with
+  the threads of other pools paused for that moment, so no fork ever
+  happens while shmipc threads run;
+* chunks too large for a message are cut into pieces that fit; ``range``
+  inputs travel as range slices; bytes of 16 KiB or more travel out of band
+  (written once, straight into the ring).
+
+The worker side (what runs in each worker process) comes first, then the
+parent side (:class:`_Engine`).
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import functools
+import itertools
+import os
+import pickle
+import queue
+import struct
+import sys
+import threading
+import time
+import traceback
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable
+
+from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive, register_pausable,
+                             unmark_thread_long_lived)
+from shmipc.arena import MAX_REGIONS, Arena
+from shmipc.errors import MessageTooLarge, WorkerLost
+
+if TYPE_CHECKING:
+    from shmipc.pool import _Feeder
+
+try:        # the standard library's classes, so `except`/isinstance checks written for it keep working
+    from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
+except ImportError:         # pragma: no cover
+    class RemoteTraceback(Exception):  # type: ignore[no-redef]
+        def __str__(self) -> str:
+            return self.args[0]
+
+    class MaybeEncodingError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+# Pool states, as strings like CPython's pool.py
+INIT = "INIT"
+RUN = "RUN"
+CLOSE = "CLOSE"
+TERMINATE = "TERMINATE"
+
+# task kinds: what a worker does with the payload
+K_CALL = 0          # payload (args, kwargs): func(*args, **kwargs)
+K_MAP = 1           # payload [x, ...]: [func(x), ...]
+K_STARMAP = 2       # payload [args, ...]: [func(*args), ...]
+K_BIG = 3           # a stub: the task itself waits in the "bigtasks" ring (see _Engine)
+
+# One slot per worker, written by the worker: pid, busy flag, and the task
+# sequence number it is running. Invariant: busy=1 is written before the
+# user's function runs and cleared after the result was committed, so a
+# worker that dies with busy=0 never started a task still owed.
+_SLOT = struct.Struct("<IIQ")
+_STARTING = 2                         # busy field while the worker starts (runs the initializer)
+_MAX_STARTUP_DEATHS = 10              # consecutive workers dying before ready: the pool is broken
+_SLOT_SIZE = 64                       # one cache line per worker
+
+# How many tasks may wait in a worker's ring behind the one it runs: enough
+# to cover the parent's reaction time (a thread wake-up, ~0.1 ms) for short
+# tasks, few for long ones so that work stays balanced between workers. Each
+# slot's credit follows the time between its completions (EWMA).
+_CREDIT_MIN = 2
+_CREDIT_MAX = 64
+_CREDIT_HORIZON = 0.004               # seconds of work to keep queued per worker
+_MAX_WORKERS = MAX_REGIONS - 4        # a task ring each, plus the result ring, big rings, slot table
+_TASK_RING = 8 << 20                  # per worker: messages up to 4 MiB
+_RESULT_RING = 32 << 20               # shared: messages up to 16 MiB
+# Messages too large for those rings go through one "big" ring per direction
+# (up to half its capacity each). Its pages are touched only by large
+# messages, so small traffic never commits this memory.
+_BIG_RING = 256 << 20
+_BIG_WAIT = 30.0                      # seconds a reader waits for a big message announced by a stub
+_IMAP_AHEAD = 256                     # chunks of one imap job queued or running at once
+_POLL = 0.05                          # bookkeeping wakes at least this often (worker exits)
+_job_counter = itertools.count()
+_live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
+_shutdown_lock = threading.Lock()
+
+
+_BLOB_MIN = 16 << 10                  # bytes at least this long travel out of band
+
+
+class _Blob:
+    """Wraps a large bytes object so that pickle protocol 5 hands its buffer
+    to the ring out of band (one copy, straight into shared memory) instead
+    of copying it into the pickle stream; it unpickles as plain bytes."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        if isinstance(protocol, int) and protocol >= 5:
+            return bytes, (pickle.PickleBuffer(self.data),)
+        return bytes, (self.data,)
+
+
+def _wrap_blobs(items: Any) -> Any:
+    """`items` (a chunk) with large bytes wrapped in _Blob; checks only the
+    first item's type, so chunks of anything else cost nothing."""
+    if not isinstance(items, list) or not items or type(items[0]) is not bytes:
+        return items
+    return [_Blob(x) if type(x) is bytes and len(x) >= _BLOB_MIN else x for x in items]
+
+
+# ---------------------------------------------------------------------- worker side
+class _RemoteError:
+    """An exception from a worker, with its formatted traceback; rebuilt in
+    the parent with a RemoteTraceback as __cause__ (as multiprocessing does)."""
+
+    def __init__(self, exc: BaseException, tb: str) -> None:
+        self.exc = exc
+        self.tb = tb
+
+    def __reduce__(self) -> tuple:
+        return _rebuild_exc, (self.exc, self.tb)
+
+
+def _rebuild_exc(exc: BaseException, tb: str) -> BaseException:
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _wrap_exception(exc: BaseException) -> _RemoteError:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return _RemoteError(exc, f'\n"""\n{tb}"""')
+
+
+def _run_task(kind: int, func: Callable, payload: Any) -> Any:
+    if kind == K_CALL:
+        args, kwargs = payload
+        return func(*args, **kwargs)
+    if kind == K_MAP:
+        return list(map(func, payload))
+    return list(itertools.starmap(func, payload))
+
+
+def _send_result(results: Any, big_results: Any, seq: int, ok: bool, value: Any, kind: int,
+                 offset: int = 0, last: bool = True) -> None:
+    """Put a result; split a list too large for the ring into pieces (one
+    item too large goes through the big ring, announced by a stub), and turn
+    an unpicklable or far too large value into an error for the parent."""
+    try:
+        if ok:
+            wire = _wrap_blobs(value) if kind != K_CALL else (
+                _Blob(value) if type(value) is bytes and len(value) >= _BLOB_MIN else value)
+        else:
+            wire = value
+        results.put((seq, ok, offset, last, wire))
+        return
+    except MessageTooLarge as exc:
+        if ok and kind != K_CALL and len(value) > 1:
+            half = len(value) // 2
+            _send_result(results, big_results, seq, True, value[:half], kind, offset, False)
+            _send_result(results, big_results, seq, True, value[half:], kind, offset + half, last)
+            return
+        error: BaseException = exc
+        try:
+            # the payload first, then the stub (ok=None) that tells the parent to fetch it
+            big_results.put((seq, ok, offset, last, wire), timeout=_BIG_WAIT)
+            results.put((seq, None, offset, last, None))
+            return
+        except MessageTooLarge as big_exc:
+            error = big_exc
+        except queue.Full as full:
+            error = full
+    except Exception as exc:        # pickling failed; the ring is unchanged
+        error = MaybeEncodingError(exc, value if ok else getattr(value, "exc", value))
+        if not ok:
+            # the exception itself does not pickle: send its text instead
+            error = MaybeEncodingError(exc, repr(getattr(value, "exc", value)))
+    try:
+        results.put((seq, False, offset, True, _wrap_exception(error)))
+    except Exception:
+        results.put((seq, False, offset, True, RuntimeError(repr(error))))
+
+
+def _take_big(big_tasks: Any, seq: int, parent_pid: int) -> tuple | None:
+    """The task announced by a K_BIG stub: the next message of the big-task
+    ring with that sequence number (the parent sends one at a time and puts
+    it right after the stub; leftovers of a dead worker are skipped)."""
+    deadline = time.monotonic() + _BIG_WAIT
+    while time.monotonic() < deadline:
+        try:
+            msg = big_tasks.get(timeout=0.5)
+        except queue.Empty:
+            if not parent_alive(parent_pid):
+                return None
+            continue
+        if msg[0] == seq:
+            return msg
+    return None
+
+
+def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,
+                 maxtasks: int | None, parent_pid: int) -> None:
+    """A pool worker: run tasks from its own ring until told to stop, the
+    pool's parent dies, or `maxtasks` tasks are done."""
+    tasks = arena.ring(name=f"tasks{slot}")
+    results = arena.ring(name="results")
+    big_tasks = arena.ring(name="bigtasks")
+    big_results = arena.ring(name="bigresults")
+    slots = arena.block(name="slots")
+    base = slot * _SLOT_SIZE
+    pid = os.getpid()
+    _SLOT.pack_into(slots, base, pid, _STARTING, 0)
+    if initializer is not None:
+        initializer(*initargs)
+    _SLOT.pack_into(slots, base, pid, 0, 0)             # ready
+    done = 0
+    while maxtasks is None or done < maxtasks:
+        try:
+            msg = tasks.get(timeout=0.5)
+        except queue.Empty:
+            if not parent_alive(parent_pid):
+                return
+            continue
+        except (EOFError, ValueError):          # shut down, closed, or the parent died
+            return
+        if msg is None:                         # the pool is closing
+            return
+        seq, kind, func, payload = msg
+        if kind == K_BIG:
+            msg = _take_big(big_tasks, seq, parent_pid)
+            if msg is None:
+                _send_result(results, big_results, seq, False, _wrap_exception(RuntimeError(
+                    f"task {seq}: its data never arrived in the big-message ring")), K_CALL)
+                continue
+            seq, kind, func, payload = msg
+        _SLOT.pack_into(slots, base, pid, 1, seq)
+        try:
+            value, ok = _run_task(kind, func, payload), True
+        except Exception as exc:
+            value, ok = _wrap_exception(exc), False
+        del msg, payload
+        _send_result(results, big_results, seq, ok, value, kind)
+        del value
+        _SLOT.pack_into(slots, base, pid, 0, 0)
+        done += 1
+
+
+# ---------------------------------------------------------------------- parent side
+class _Task:
+    """A unit of work: one call, or one chunk of a map."""
+
+    __slots__ = ("seq", "job", "index", "start", "kind", "func", "payload", "tries_left",
+                 "slot", "pieces", "started")
+
+    def __init__(self, job: Any, index: int, start: int, kind: int, func: Callable, payload: Any,
+                 retries: int) -> None:
+        self.seq = 0
+        self.job = job
+        self.index = index          # chunk number within the job
+        self.start = start          # first item's position within the job
+        self.kind = kind
+        self.func = func
+        self.payload = payload
+        self.tries_left = retries
+        self.slot = -1
+        self.pieces: list | None = None     # result pieces of a split result list
+        self.started = False                # the job was told (_start_task) it is under way
+
+    def describe(self) -> str:
+        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        if self.kind == K_CALL:
+            return f"{name}() (job {self.job._job})"
+        n = len(self.payload)
+        return f"{name} on items {self.start}..{self.start + n - 1} (job {self.job._job})"
+
+
+class _Engine:
+    """Workers, rings and the bookkeeping thread behind Pool and ProcessPoolExecutor.
+
+    Invariants (under self._lock):
+      * every task is in exactly one place: self._queue (not yet sent),
+        self._big_waiting (too large for a ring message, waiting for the
+        big ring to be free), or self._inflight[seq] with task.slot set
+        (sent to that worker's ring);
+        it leaves _inflight when its last result piece arrives, when it is
+        failed, or when its worker died (then it is re-queued, or failed if
+        it was the one running and has no tries left);
+      * self._outstanding[slot] == number of in-flight tasks sent to slot;
+        at most self._credit[slot] + 1 (and never past the worker's maxtasks);
+      * a worker's exit is handled only after the result ring was drained,
+        so results it committed before dying are never mistaken for losses.
+    """
+
+    _state = INIT
+    _resources_released = False
+    _broken_error: type = RuntimeError     # what broken-pool failures raise (the executor: BrokenProcessPool)
+    _broken = ""                # why the pool cannot run tasks any more (no workers can start)
+    _arena: Arena | None = None
+    _sup: Supervisor | None = None
+    _thread: threading.Thread | None = None
+
+    def __init__(self, processes: int | None, initializer: Callable | None, initargs: Iterable,
+                 maxtasks: int | None, context: Any, retries: int, name: str,
+                 task_ring: int = _TASK_RING, result_ring: int = _RESULT_RING) -> None:
+        if processes is None:
+            processes = min(os.cpu_count() or 1, _MAX_WORKERS)
+        if not isinstance(processes, int) or isinstance(processes, bool):
+            raise TypeError(f"processes must be an int or None, not {type(processes).__name__}")
+        if processes < 1:
+            raise ValueError(f"Number of processes must be at least 1, got {processes}")
+        if processes > _MAX_WORKERS:
+            raise ValueError(f"processes={processes}: a shmipc pool has at most {_MAX_WORKERS} workers")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
+        if maxtasks is not None and (not isinstance(maxtasks, int) or isinstance(maxtasks, bool)
+                                     or maxtasks < 1):
+            raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasks!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        self._owner_pid = os.getpid()
+        self._processes = processes
+        self._maxtasks = maxtasks
+        self._retries = retries
+        self._lock = threading.RLock()
+        self._queue: Deque[Any] = collections.deque()      # _Task, or an iterator of _Tasks
+        self._inflight: dict[int, _Task] = {}
+        self._outstanding = [0] * processes
+        self._credit = [_CREDIT_MIN] * processes
+        self._interval = [0.01] * processes                 # EWMA of seconds between completions
+        self._last_done = [0.0] * processes
+        self._sent_to = [0] * processes                     # tasks sent to the slot's current worker
+        self._assigned: list[Deque[int]] = [collections.deque() for _ in range(processes)]
+        self._stopping = [False] * processes                # a stop message was sent
+        self._seq = itertools.count(1)
+        self._feeders: set = set()                          # live _Feeder threads
+        self._big_waiting: Deque[_Task] = collections.deque()  # too large, waiting for the big ring
+        self._big_seq = 0                                   # the task last sent through the big ring
+        self._big_slot = -1
+        self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
+        self._startup_deaths = 0                            # consecutive workers dead before ready
+        self.worker_deaths = 0                              # statistics
+        self.tasks_retried = 0
+        self.tasks_lost = 0
+        self._arena = Arena(Arena.size_for(rings=[result_ring, _BIG_RING, _BIG_RING] + [task_ring] * processes,
+                                           blocks=[processes * _SLOT_SIZE]))
+        try:
+            self._results = self._arena.ring(result_ring, name="results", producers="many",
+                                             consumers="one")
+            self._tasks = [self._arena.ring(task_ring, name=f"tasks{i}", producers="one",
+                                            consumers="many") for i in range(processes)]
+            self._big_tasks = self._arena.ring(_BIG_RING, name="bigtasks", producers="one",
+                                               consumers="many")
+            self._big_results = self._arena.ring(_BIG_RING, name="bigresults", producers="many",
+                                                 consumers="one")
+            self._slots = self._arena.block(processes * _SLOT_SIZE, name="slots")
+            # the zygote posts a None into the result ring after each worker exit,
+            # so the bookkeeping thread handles it at once instead of at its next poll
+            self._sup = Supervisor(_worker_main, (self._arena, initializer, tuple(initargs), maxtasks,
+                                                  os.getpid()), context=context, name=name,
+                                   wake=functools.partial(self._results.put_nowait, None))
+            self._sup.start(range(processes))
+            self._pids = self._sup.pids()        # slot -> pid of the live workers
+        except BaseException:
+            self._shutdown_resources()
+            raise
+        self._state = RUN
+        _live_pools.add(self)
+        # started last: every fork (the zygote's) has happened by now
+        self._name = name
+        self._pause_requested = False
+        self._loop_done = False             # the loop ended for good (finished or terminated)
+        self._start_thread()
+        register_pausable(self)
+
+    def _start_thread(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"{self._name}-bookkeeping", daemon=True)
+        self._thread.start()
+
+    def _pause_for_fork(self) -> bool:
+        """Stop the bookkeeping thread while another pool forks its zygote
+        (see shmipc._workers.register_pausable). Results wait in the ring."""
+        thread = self._thread
+        if (thread is None or not thread.is_alive() or thread is threading.current_thread()
+                or os.getpid() != self._owner_pid):
+            return False
+        self._pause_requested = True
+        self._wake()
+        thread.join(2.0)
+        if thread.is_alive():           # busy in a long callback: fork anyway, it is idle in C
+            self._pause_requested = False
+            return False
+        return True
+
+    def _resume_after_fork(self) -> None:
+        self._pause_requested = False
+        if not self._loop_done and self._state != TERMINATE:
+            self._start_thread()
+
+    # ------------------------------------------------------------ submitting
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+        if self._broken:
+            raise self._broken_error(self._broken)
+        if os.getpid() != self._owner_pid:
+            raise ValueError("this pool belongs to the process that created it "
+                             f"(pid {self._owner_pid}), not to this forked copy")
+
+    def submit_tasks(self, tasks: Any) -> None:
+        """Queue a _Task or an iterator of _Tasks (a finite one: it is pulled
+        under the engine lock) and send what fits.
+
+        Raises:
+            ValueError: the pool is not running.
+        """
+        with self._lock:
+            self._check_running()
+            self._queue.append(tasks)
+            later = self._dispatch()
+        for callback in later:
+            _run_callback(callback)
+
+    def start_feeder(self, feeder: "_Feeder") -> None:
+        """Start an imap job's input reader (see _Feeder)."""
+        with self._lock:
+            self._check_running()
+            self._feeders.add(feeder)
+        feeder.start()
+
+    def _enqueue(self, task: _Task) -> bool:
+        """Queue a task from a feeder (allowed after close(), as the job was
+        accepted before). False if the pool was terminated."""
+        with self._lock:
+            if self._state == TERMINATE or self._broken:
+                return False
+            self._queue.append(task)
+            later = self._dispatch()
+        for callback in later:
+            _run_callback(callback)
+        return True
+
+    def _feeder_done(self, feeder: "_Feeder") -> None:
+        with self._lock:
+            self._feeders.discard(feeder)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the bookkeeping thread now (it also wakes every _POLL seconds)."""
+        try:
+            self._results.put_nowait(None)
+        except Exception:
+            pass
+
+    def _send_big(self, slot: int, task: _Task, exc: MessageTooLarge) -> bool | None:
+        """Send one task too large for a worker's ring: a stub in the worker's
+        ring, the task in the big ring. One at a time: a worker that reads a
+        stub takes the big ring's only message. Lock held. True if sent, None
+        to retry later, False if it can never fit."""
+        big = self._big_tasks
+        if exc.size > big.max_message_size:
+            return False
+        if big.qsize():
+            return None                         # the previous big task was not taken yet
+        try:
+            self._tasks[slot].put_nowait((task.seq, K_BIG, None, None))
+        except queue.Full:
+            return None                         # (rare: a stub is tiny) tried again later
+        payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
+        big.put_nowait((task.seq, task.kind, task.func, payload))
+        self._big_seq, self._big_slot = task.seq, slot
+        return True
+
+    def _fetch_big(self, seq: int, offset: int) -> tuple[bool, Any]:
+        """The big result announced by a stub; those of others read on the way
+        are kept for their own stubs. Lock held."""
+        key = (seq, offset)
+        deadline = time.monotonic() + _BIG_WAIT
+        while key not in self._big_stash:
+            try:
+                bseq, ok, boffset, _last, value = self._big_results.get(
+                    timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                return False, RuntimeError(f"task {seq}: its large result never arrived")
+            self._big_stash[(bseq, boffset)] = (ok, value)
+        return self._big_stash.pop(key)
+
+    def _free_slot(self, exclude: set[int]) -> int:
+        best, best_load = -1, _CREDIT_MAX + 1
+        for slot in range(self._processes):
+            load = self._outstanding[slot]
+            if load <= self._credit[slot] and load < best_load and not self._stopping[slot] \
+                    and slot in self._live and slot not in exclude:
+                if self._maxtasks is not None and self._sent_to[slot] >= self._maxtasks:
+                    continue
+                best, best_load = slot, load
+        return best
+
+    def _dispatch(self) -> list:
+        """Send queued tasks to workers with credit left. Lock held. Returns
+        callbacks to run after the lock is released."""
+        later: list = []
+        blocked: set[int] = set()           # slots whose ring is full for now
+        if self._big_waiting and not self._big_tasks.qsize():
+            self._queue.appendleft(self._big_waiting.popleft())
+        while self._queue:
+            slot = self._free_slot(blocked)
+            if slot < 0:
+                break
+            head = self._queue[0]
+            if isinstance(head, _Task):
+                task = self._queue.popleft()
+            else:
+                try:
+                    task = next(head)
+                except StopIteration:
+                    self._queue.popleft()
+                    continue
+                except Exception as exc:        # pragma: no cover (our own finite lists)
+                    self._queue.popleft()
+                    print(f"shmipc.Pool: a task source failed: {exc!r}", file=sys.stderr)
+                    continue
+            if not task.started:
+                if not task.job._start_task(task):
+                    continue                    # cancelled (a future)
+                task.started = True
+            task.seq = next(self._seq)
+            try:
+                payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
+                self._tasks[slot].put_nowait((task.seq, task.kind, task.func, payload))
+                del payload
+            except queue.Full:
+                self._queue.appendleft(task)
+                blocked.add(slot)
+                continue
+            except MessageTooLarge as exc:
+                n = len(task.payload) if task.kind != K_CALL else 1
+                if n > 1:
+                    # cut it into pieces that fit (with room to spare), keeping item order
+                    pieces = min(n, -(-exc.size * 5 // (exc.limit * 4)))
+                    step = -(-n // pieces)
+                    parts = [_Task(task.job, task.index, task.start + i, task.kind, task.func,
+                                   task.payload[i: i + step], task.tries_left)
+                             for i in range(0, n, step)]
+                    for part in parts:
+                        part.started = task.started
+                    task.job._split(task, parts)
+                    self._queue.extendleft(reversed(parts))
+                    continue
+                sent = self._send_big(slot, task, exc)
+                if sent is None:                # the big ring is busy: later, others go first
+                    self._big_waiting.append(task)
+                    continue
+                if not sent:
+                    big = self._big_tasks
+                    later += task.job._deliver(task, False, MessageTooLarge(
+                        exc.size, big.max_message_size, big.capacity))
+                    continue
+            except Exception as exc:            # pickling the task failed
+                later += task.job._deliver(task, False, exc)
+                continue
+            task.slot = slot
+            self._inflight[task.seq] = task
+            self._outstanding[slot] += 1
+            self._sent_to[slot] += 1
+            self._assigned[slot].append(task.seq)
+        return later
+
+    # ------------------------------------------------------------ bookkeeping thread
+    @property
+    def _live(self) -> dict[int, int]:
+        return self._pids
+
+    def _run(self) -> None:
+        """The bookkeeping thread: it outlives every worker it starts (close()
+        ends it only after they all exited; terminate() kills them first)."""
+        mark_thread_long_lived()
+        try:
+            self._loop()
+        finally:
+            unmark_thread_long_lived()
+            if not self._pause_requested:
+                self._loop_done = True
+
+    def _loop(self) -> None:
+        """Results, worker exits, dispatch, closing."""
+        assert self._sup is not None
+        last_poll = 0.0
+        while not self._pause_requested:
+            later: list = []
+            try:
+                msgs = self._results.get_many(256, timeout=_POLL)
+            except queue.Empty:
+                msgs = []
+            except (EOFError, ValueError):      # closed under us: terminate() is running
+                return
+            with self._lock:
+                if self._state == TERMINATE:
+                    return
+                for msg in msgs:
+                    if msg is not None:
+                        later += self._on_result(msg)
+                now = time.monotonic()
+                if not msgs or now - last_poll > _POLL or None in msgs:
+                    last_poll = now
+                    exits = self._sup.poll()
+                    if exits:
+                        later += self._drain_results()
+                        for ev in exits:
+                            later += self._on_exit(ev)
+                later += self._dispatch()
+                finished = self._state == CLOSE and self._maybe_finish()
+            for callback in later:
+                _run_callback(callback)
+            if finished:
+                # every worker exited: release the arena and the zygote now, so
+                # that close() without join() (or shutdown(wait=False)) leaks nothing
+                self._shutdown_resources()
+                return
+
+    def _drain_results(self) -> list:
+        later: list = []
+        while True:
+            try:
+                msgs = self._results.get_many(256, block=False)
+            except queue.Empty:
+                return later
+            for msg in msgs:
+                if msg is not None:
+                    later += self._on_result(msg)
+
+    def _on_result(self, msg: tuple) -> list:
+        seq, ok, offset, last, value = msg
+        if ok is None:                          # a stub: the result waits in the big ring
+            ok, value = self._fetch_big(seq, offset)
+        task = self._inflight.get(seq)
+        if task is None:
+            return []           # a late piece of a task already settled
+        if not last:
+            if task.pieces is None:
+                task.pieces = []
+            task.pieces.append((offset, value))
+            return []
+        if task.pieces:
+            if ok:
+                task.pieces.append((offset, value))
+                task.pieces.sort(key=lambda p: p[0])
+                value = [v for _, piece in task.pieces for v in piece]
+            task.pieces = None
+        self._settle(task)
+        return task.job._deliver(task, ok, value)
+
+    def _settle(self, task: _Task) -> None:
+        del self._inflight[task.seq]
+        slot = task.slot
+        self._outstanding[slot] -= 1
+        now = time.monotonic()
+        if self._last_done[slot]:
+            interval = self._interval[slot] = 0.8 * self._interval[slot] + 0.2 * (now - self._last_done[slot])
+            self._credit[slot] = max(_CREDIT_MIN, min(_CREDIT_MAX, int(_CREDIT_HORIZON / max(interval, 1e-6))))
+        self._last_done[slot] = now
+        try:
+            self._assigned[slot].remove(task.seq)
+        except ValueError:
+            pass
+
+    def _on_exit(self, ev: Any) -> list:
+        """A worker exited: fail or retry the task it was running, re-queue the
+        ones waiting in its ring, start a replacement. Lock held, results drained."""
+        later: list = []
+        slot = ev.slot
+        self._pids.pop(slot, None)
+        _pid, busy, running = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
+        # empty its ring: nothing in it ever started
+        ring = self._tasks[slot]
+        while ring.qsize():
+            try:
+                ring.get(timeout=0.5)           # waits a slice if the dead worker held the lock
+            except (queue.Empty, EOFError):
+                break
+            except Exception:
+                continue                        # a corrupt record is dropped as well
+        if self._big_slot == slot and self._big_seq in self._inflight:
+            # the big task sent to it may still wait in the big ring: it never started
+            while self._big_tasks.qsize():
+                try:
+                    self._big_tasks.get(timeout=0.5)
+                except Exception:
+                    break
+        requeue: list[_Task] = []
+        for seq in list(self._assigned[slot]):
+            task = self._inflight.get(seq)
+            if task is None:
+                continue
+            self._settle(task)
+            task.pieces = None
+            if busy and seq == running:
+                self.tasks_lost += 1
+                if task.tries_left > 0:
+                    task.tries_left -= 1
+                    self.tasks_retried += 1
+                    requeue.append(task)
+                else:
+                    later += task.job._deliver(task, False, WorkerLost(ev.pid, ev.exitcode, task.describe()))
+            else:
+                requeue.append(task)
+        for task in reversed(requeue):
+            self._queue.appendleft(task)
+        self._assigned[slot].clear()
+        # big results read ahead for tasks that are no longer in flight will never be claimed
+        self._big_stash = {k: v for k, v in self._big_stash.items() if k[0] in self._inflight}
+        self._outstanding[slot] = 0
+        self._sent_to[slot] = 0
+        self._last_done[slot] = 0.0
+        self._stopping[slot] = False
+        _SLOT.pack_into(self._slots, slot * _SLOT_SIZE, 0, 0, 0)
+        if ev.exitcode != 0 or busy:
+            self.worker_deaths += 1
+        if ev.exitcode != 0 and (_pid == 0 or busy == _STARTING):
+            self._startup_deaths += 1
+            if self._startup_deaths >= _MAX_STARTUP_DEATHS and not self._broken:
+                # mp would respawn forever and leave callers waiting: say why instead
+                self._broken = (f"{self._startup_deaths} workers in a row died while starting "
+                                f"(last: pid {ev.pid}, {WorkerLost(ev.pid, ev.exitcode).how}); "
+                                f"does the initializer fail, or the function not import?")
+                later += self._fail_all_locked(self._broken_error(self._broken))
+                return later
+        elif _pid != 0:
+            self._startup_deaths = 0
+        if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders
+                                                             or self._big_waiting)):
+            try:
+                self._pids[slot] = self._sup.spawn(slot)
+            except Exception as exc:
+                print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
+                if not self._pids:
+                    # no worker left and none can start (e.g. the zygote was killed):
+                    # fail everything now rather than let callers wait forever
+                    self._broken = f"the pool lost all its workers and cannot start new ones ({exc})"
+                    later += self._fail_all_locked(self._broken_error(self._broken))
+        return later
+
+    def _maybe_finish(self) -> bool:
+        """CLOSE: once all work is done, tell workers to stop; True when they all exited."""
+        if self._queue or self._inflight or self._feeders or self._big_waiting:
+            return False
+        for slot in list(self._pids):
+            if not self._stopping[slot]:
+                try:
+                    self._tasks[slot].put_nowait(None)
+                    self._stopping[slot] = True
+                except queue.Full:
+                    pass
+        return not self._pids
+
+    # ------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        with self._lock:
+            if self._state == RUN:
+                self._state = CLOSE
+        self._wake()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        if self._state == INIT:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            thread = self._thread
+            if thread is None or thread is threading.current_thread():
+                break
+            thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
+            if thread.is_alive():
+                return                          # timed out
+            if self._loop_done or self._state == TERMINATE:
+                break
+            time.sleep(0.001)                   # paused for another pool's fork: it comes back
+        if self._state == CLOSE:
+            self._shutdown_resources()
+
+    def terminate(self) -> None:
+        if os.getpid() != self._owner_pid:
+            return                  # a forked copy of the pool owns nothing
+        with self._lock:
+            if self._state == TERMINATE:
+                return
+            self._state = TERMINATE
+        if self._sup is not None:
+            self._sup.stop(0.5)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5.0)
+        self._fail_everything(ValueError("the pool was terminated before this task finished"))
+        self._shutdown_resources()
+
+    def _fail_everything(self, exc: BaseException) -> None:
+        with self._lock:
+            later = self._fail_all_locked(exc)
+        for callback in later:
+            _run_callback(callback)
+
+    def _fail_all_locked(self, exc: BaseException) -> list:
+        """Fail every task in flight or queued, and every imap job still reading
+        its input, with `exc`. Lock held; returns the callbacks to run."""
+        later: list = []
+        for task in list(self._inflight.values()):
+            self._settle(task)
+            later += task.job._deliver(task, False, exc)
+        self._queue.extendleft(reversed(self._big_waiting))
+        self._big_waiting.clear()
+        while self._queue:
+            head = self._queue.popleft()
+            tasks: Iterable[_Task] = [head] if isinstance(head, _Task) else head
+            for task in tasks:
+                if task.started or task.job._start_task(task):
+                    later += task.job._deliver(task, False, exc)
+        for feeder in list(self._feeders):
+            later.append(lambda job=feeder.job: job.fail(exc))
+        return later
+
+    def _shutdown_resources(self) -> None:
+        """Stop the workers and the zygote, close the arena. Once (several threads may race here)."""
+        with _shutdown_lock:
+            if self._resources_released:
+                return
+            self._resources_released = True
+        if self._sup is not None:
+            self._sup.stop(0.5)
+        if self._arena is not None:
+            self._arena.close()
+        _live_pools.discard(self)
+
+    def statistics(self) -> dict[str, int]:
+        """Counters: worker deaths, tasks lost with a worker, tasks retried, in flight, queued."""
+        with self._lock:
+            return {"worker_deaths": self.worker_deaths, "tasks_lost": self.tasks_lost,
+                    "tasks_retried": self.tasks_retried, "in_flight": len(self._inflight),
+                    "queued": len(self._queue) + len(self._big_waiting), "processes": self._processes}
+
+    def __del__(self) -> None:
+        if self._state in (RUN, CLOSE):
+            try:
+                self.terminate()
+            except Exception:
+                pass
+
+
+def _run_callback(callback: Callable[[], Any]) -> None:
+    try:
+        callback()
+    except Exception:
+        # as multiprocessing's result handler would, but without dying
+        print("Exception in a shmipc.Pool callback:", file=sys.stderr)
+        traceback.print_exc()
+
+
+@atexit.register
+def _terminate_live_pools() -> None:
+    for engine in list(_live_pools):
+        try:
+            engine.terminate()
+        except Exception:
+            pass
+
+
