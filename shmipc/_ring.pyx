@@ -365,14 +365,20 @@ cdef class Ring:
 
     cdef int _positions(self, uint64_t *head, uint64_t *cursor, uint64_t *tail) except -1:
         """Read and check the three positions; for the consumer side held
-        (its tail and cursor cannot move meanwhile; the head only grows)."""
+        (its tail and cursor cannot move meanwhile; the head only grows).
+
+        The head is the producers' cache line: while the head last seen is
+        past the cursor, it is a valid bound and is not read again, so a
+        consumer that is behind costs the producer no cache-line transfer."""
         tail[0] = shm_load_acq64(&self.hdr.cons.pos)
         cursor[0] = shm_load_acq64(&self.hdr.cons.cursor)
-        head[0] = shm_load_acq64(&self.hdr.prod.pos)
+        if cursor[0] < self.cached_head:
+            head[0] = self.cached_head
+        else:
+            head[0] = self.cached_head = shm_load_acq64(&self.hdr.prod.pos)
         if not (tail[0] <= cursor[0] <= head[0]) or head[0] - tail[0] > self.capacity:
             self._corrupt(f"positions out of order: tail {tail[0]}, cursor {cursor[0]}, "
                           f"head {head[0]}, capacity {self.capacity}")
-        self.cached_head = head[0]
         return 0
 
     # ------------------------------------------------------------ waiting
@@ -626,6 +632,11 @@ cdef class Ring:
             self.cached_tail = shm_load_acq64(&h.cons.pos)
             if head < self.cached_tail or head - self.cached_tail > self.capacity:
                 self._corrupt(f"head {head} and tail {self.cached_tail} are out of order")
+            # the high-water mark is sampled here, when the producer refreshes
+            # its view of the tail: at least once a lap, and whenever the ring
+            # looks full, which is when the maximum happens
+            if head - self.cached_tail > h.counters.high_water:
+                h.counters.high_water = head - self.cached_tail
             if head - self.cached_tail > self.capacity - total:
                 return 1
         if self.maxsize and (shm_load_rlx64(&h.prod.msgs) + pending
@@ -665,11 +676,8 @@ cdef class Ring:
     cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
         """Publish records up to `head` and wake a sleeping consumer."""
         cdef shm_ring_t *h = self.hdr
-        cdef uint64_t used = head - self.cached_tail
         if h.prod.pid != g_pid:
             h.prod.pid = g_pid
-        if used > h.counters.high_water:
-            h.counters.high_water = used
         h.prod.msgs += nmsgs
         h.prod.bytes += nbytes
         shm_store_rel64(&h.prod.pos, head)     # the commit point
@@ -1035,7 +1043,10 @@ cdef class Ring:
             if r == NULL:
                 raise queue.Empty
             try:
-                head = self.cached_head
+                # one fresh look at the head per batch: take all there is
+                head = self.cached_head = shm_load_acq64(&self.hdr.prod.pos)
+                if head < pos or head - pos > self.capacity:
+                    self._corrupt(f"head {head} moved out of range of the cursor {pos}")
                 if self.record_size:
                     k = (head - pos) // rec_len(self.record_size) + 1
                     if k > max_items:

@@ -85,7 +85,8 @@ typedef struct {
     uint64_t consumer_blocked_ns;
     uint64_t recoveries;     /* locks or records taken back from dead processes */
     uint64_t lost;           /* messages lost with a dead process */
-    uint64_t high_water;     /* most bytes ever in the ring */
+    uint64_t high_water;     /* most bytes seen in the ring (sampled by the producer
+                                whenever it re-reads the tail: see _reserve) */
 } __attribute__((aligned(SHM_CACHE_LINE))) shm_counters_t;
 
 typedef struct {

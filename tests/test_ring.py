@@ -482,15 +482,7 @@ def test_rings_reach_children_of_every_start_method(method):
     arena.close()
 
 
-def _send_socket_end(ring, sock_ring):
-    msg = sock_ring.get(timeout=10)
-    msg["sock"].sendall(b"through a socket sent in a message")
-
-
-@pytest.mark.timeout(30)
-def test_objects_registered_with_forking_pickler_travel_like_multiprocessing():
-    """A socket inside a message is reduced the way multiprocessing reduces it
-    (a duplicated descriptor), not pickled with its raw fd number."""
+def _socket_through_a_ring():
     import socket
 
     arena = shmipc.Arena(1 << 20)
@@ -504,3 +496,27 @@ def test_objects_registered_with_forking_pickler_travel_like_multiprocessing():
         assert here.recv(4) == b"ping"
         got["sock"].close()
     arena.close()
+
+
+@pytest.mark.timeout(30)
+def test_objects_registered_with_forking_pickler_travel_like_multiprocessing():
+    """A socket inside a message is reduced the way multiprocessing reduces it
+    (a duplicated descriptor), not pickled with its raw fd number. In a forked
+    helper: reducing a socket starts multiprocessing's resource-sharer thread,
+    which later raw forks of the test process would copy half-alive."""
+    assert wait_child(fork_child(_socket_through_a_ring), 20) == 0
+
+
+@pytest.mark.timeout(20)
+def test_high_water_mark_catches_a_full_ring(arena):
+    ring = arena.ring(4096)
+    while True:
+        try:
+            ring.put_nowait(b"x" * 100)
+        except queue.Full:
+            break
+    full = ring.stats()["bytes_used"]
+    assert full > 4096 - 128 and ring.stats()["high_water"] == full
+    ring.get_many(1000)
+    ring.put(b"small")
+    assert ring.stats()["high_water"] == full and ring.stats()["bytes_used"] == 32
