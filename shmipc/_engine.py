@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable
 
 from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive, register_pausable,
                              unmark_thread_long_lived)
+from shmipc._proc import steady_malloc
 from shmipc.arena import MAX_REGIONS, Arena
 from shmipc.errors import MessageTooLarge, WorkerLost
 
@@ -220,6 +221,7 @@ def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs
                  maxtasks: int | None, parent_pid: int) -> None:
     """A pool worker: run tasks from its own ring until told to stop, the
     pool's parent dies, or `maxtasks` tasks are done."""
+    steady_malloc()                 # large arguments must not cost a page fault storm each
     tasks = arena.ring(name=f"tasks{slot}")
     results = arena.ring(name="results")
     big_tasks = arena.ring(name="bigtasks")

@@ -6,7 +6,7 @@ import ctypes.util
 import os
 import signal
 
-__all__ = ["die_with_parent", "pid_alive"]
+__all__ = ["die_with_parent", "pid_alive", "steady_malloc"]
 
 _PR_SET_PDEATHSIG = 1
 _libc = None
@@ -44,3 +44,27 @@ def pid_alive(pid: int) -> bool:
         return False
     state = data[data.rfind(b")") + 2: data.rfind(b")") + 3]
     return state not in (b"Z", b"X", b"x")
+
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+
+
+def steady_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Make glibc's malloc keep and reuse freed memory up to these sizes
+    instead of unmapping it and faulting fresh pages in for the next large
+    message. A worker that receives a stream of large messages otherwise
+    spends most of its time in page faults, and whether it does depends on
+    malloc's adaptive thresholds as inherited from its parent (measured:
+    Pool.map over 2000 x 100 KiB bytes took 85 ms or 13 ms depending only on
+    what the parent had allocated before). Returns False where mallopt is
+    not available (not glibc)."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        mallopt = _libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and \
+        bool(mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))

@@ -83,6 +83,7 @@ from shmipc import _ring
 from shmipc._workers import parent_alive
 from shmipc.arena import Arena
 from shmipc._lifetime import Closeable
+from shmipc._proc import steady_malloc
 from shmipc.errors import MessageTooLarge, PeerDied, ShmipcError, WorkerLost
 
 __all__ = ["Pipeline", "PipelineError", "RemoteTraceback", "StageFailure"]
@@ -798,6 +799,7 @@ def _worker_entry(slot: int, p: Pipeline) -> None:
     The supervisor has made it ignore SIGINT (the parent stops it) and die
     with its parent."""
     s, j = p._slot_owner(slot)
+    steady_malloc()                 # large items must not cost a page fault storm each
     code = _worker_main(p, s, j)
     if code:
         raise SystemExit(code)
