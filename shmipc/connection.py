@@ -49,7 +49,7 @@ import queue
 import select
 import time
 from multiprocessing import BufferTooShort, reduction
-from typing import Any
+from typing import Any, NoReturn
 
 from shmipc.arena import Arena
 from shmipc._lifetime import Closeable
@@ -63,6 +63,7 @@ __all__ = ["Pipe", "Connection", "SLICE", "wait"]
 SLICE = 0.05
 
 _NOTHING = object()     # no message received ahead by poll()
+_EOF_MESSAGE = "the other end of the pipe is closed and nothing is left to read"
 
 
 def _hung_up(fd: int) -> bool:
@@ -179,6 +180,13 @@ class Connection(Closeable):
         if self._recv_ring is None:
             raise OSError("connection is write-only")
 
+    def _raise_closed(self, exc: ValueError) -> NoReturn:
+        """A ring's ValueError: multiprocessing's OSError if this end was
+        closed (by another thread, mid-call), else the error itself."""
+        if self._closed:
+            raise OSError("handle is closed") from None
+        raise exc
+
     def _check_writable(self) -> None:
         if self._closed:
             raise OSError("handle is closed")
@@ -224,10 +232,8 @@ class Connection(Closeable):
             ring.put(obj, True, SLICE)  # the common case: there is room
         except (queue.Full, PeerDied):
             self._send_slow(obj)        # the reader is slow, or gone: look
-        except ValueError:
-            if self._closed:
-                raise OSError("handle is closed") from None
-            raise
+        except ValueError as exc:
+            self._raise_closed(exc)
 
     def _send_slow(self, obj: Any) -> None:
         while True:
@@ -243,10 +249,8 @@ class Connection(Closeable):
                 pass
             except PeerDied:
                 pass            # the ring's last reader died; another holder may remain
-            except ValueError:
-                if self._closed:
-                    raise OSError("handle is closed") from None
-                raise
+            except ValueError as exc:
+                self._raise_closed(exc)
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send the bytes of a bytes-like object, or of buf[offset:offset+size]
@@ -263,10 +267,8 @@ class Connection(Closeable):
                 return
             except (queue.Full, PeerDied):
                 return self._send_slow(buf)
-            except ValueError:
-                if self._closed:
-                    raise OSError("handle is closed") from None
-                raise
+            except ValueError as exc:
+                self._raise_closed(exc)
         self._check_writable()
         m = memoryview(buf)
         if m.itemsize > 1:
@@ -311,11 +313,9 @@ class Connection(Closeable):
             except PeerDied:
                 pass            # the last sender died; another holder may remain
             except EOFError:
-                raise EOFError("the other end of the pipe is closed and nothing is left to read") from None
-            except ValueError:
-                if self._closed:
-                    raise OSError("handle is closed") from None
-                raise
+                raise EOFError(_EOF_MESSAGE) from None
+            except ValueError as exc:
+                self._raise_closed(exc)
             if self._peer_gone():
                 try:
                     return ring.get_nowait()        # whatever it sent before going
@@ -342,11 +342,9 @@ class Connection(Closeable):
             except (queue.Empty, PeerDied):
                 pass
             except EOFError:
-                raise EOFError("the other end of the pipe is closed and nothing is left to read") from None
-            except ValueError:
-                if self._closed:
-                    raise OSError("handle is closed") from None
-                raise
+                raise EOFError(_EOF_MESSAGE) from None
+            except ValueError as exc:
+                self._raise_closed(exc)
         return self._take(None)
 
     def _recv_buffer(self) -> bytes:
@@ -378,11 +376,9 @@ class Connection(Closeable):
             except (queue.Empty, PeerDied):
                 pass
             except EOFError:
-                raise EOFError("the other end of the pipe is closed and nothing is left to read") from None
-            except ValueError:
-                if self._closed:
-                    raise OSError("handle is closed") from None
-                raise
+                raise EOFError(_EOF_MESSAGE) from None
+            except ValueError as exc:
+                self._raise_closed(exc)
         if maxlength is not None and maxlength < 0:
             raise ValueError(f"negative maxlength ({maxlength})")
         data = self._recv_buffer()
