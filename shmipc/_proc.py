@@ -6,6 +6,8 @@ import ctypes.util
 import os
 import signal
 
+from shmipc._ring import pid_alive  # the rings' own liveness check, zombies counted dead
+
 __all__ = ["die_with_parent", "pid_alive", "steady_malloc"]
 
 _PR_SET_PDEATHSIG = 1
@@ -27,23 +29,6 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
     if os.getppid() != parent_pid:
         os._exit(1)
-
-
-def pid_alive(pid: int) -> bool:
-    """True if `pid` is a live process (a zombie counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return False
-    state = data[data.rfind(b")") + 2: data.rfind(b")") + 3]
-    return state not in (b"Z", b"X", b"x")
 
 
 _M_TRIM_THRESHOLD = -1

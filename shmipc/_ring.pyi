@@ -9,6 +9,7 @@ DEBUG: bool
 TAG_NAMES: tuple[str, ...]
 
 def debug_counters() -> dict[str, int]: ...
+def pid_alive(pid: int) -> bool: ...
 
 class Ring:
     arena: Any

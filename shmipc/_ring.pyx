@@ -70,6 +70,14 @@ cdef Py_ssize_t g_rings_open = 0      # rings mapped in this process
 cdef Py_ssize_t g_views_open = 0      # zero-copy views not yet released
 
 
+def pid_alive(pid):
+    """True if `pid` is a live process; a zombie (killed, not yet reaped)
+    counts as dead. The check rings use to recover from dead processes."""
+    if not 0 < pid < 2**32:
+        raise ValueError(f"pid must be in 1..{2**32 - 1}, got {pid!r}")
+    return bool(shm_pid_alive(<uint32_t>pid))
+
+
 def debug_counters():
     """Rings mapped and zero-copy views still open in this process."""
     return {"rings_open": g_rings_open, "views_open": g_views_open}
