@@ -19,10 +19,12 @@ from typing import Any
 from shmipc._ring import MessageView, Ring
 from shmipc.arena import Arena, ArenaFull, Region
 from shmipc.errors import (
+    ArenaClosed,
     CorruptArena,
     CorruptMessage,
     MessageTooLarge,
     PeerDied,
+    RingClosed,
     ShmipcError,
     WorkerLost,
 )
@@ -45,6 +47,7 @@ _LAZY = {
 
 __all__ = [
     "Arena",
+    "ArenaClosed",
     "ArenaFull",
     "CorruptArena",
     "CorruptMessage",
@@ -53,6 +56,7 @@ __all__ = [
     "PeerDied",
     "Region",
     "Ring",
+    "RingClosed",
     "ShmipcError",
     "WorkerLost",
     *_LAZY,

@@ -35,7 +35,7 @@ import os
 import math
 import queue
 
-from shmipc.errors import MessageTooLarge, CorruptArena, CorruptMessage, PeerDied
+from shmipc.errors import MessageTooLarge, CorruptArena, CorruptMessage, PeerDied, RingClosed
 
 include "_codec.pxi"
 
@@ -267,7 +267,7 @@ cdef class Ring:
     # ------------------------------------------------------------ bookkeeping
     cdef int _enter(self) except -1:
         if self.closed:
-            raise ValueError("ring is closed")
+            raise RingClosed(f"ring {self.name!r} is closed")
         self.active += 1
         return 0
 
@@ -491,7 +491,7 @@ cdef class Ring:
                 return False
             PyErr_CheckSignals()
             if self.closed:
-                raise ValueError("ring was closed while waiting")
+                raise RingClosed(f"ring {self.name!r} was closed while waiting")
             if t0 >= deadline:
                 return True
             if rc != 0 and rc != ETIMEDOUT and rc != EINTR:
@@ -1127,7 +1127,7 @@ cdef class Ring:
     def qsize(self):
         """Messages in the ring now (approximate while others put and get)."""
         if self.closed:
-            raise ValueError("ring is closed")
+            raise RingClosed(f"ring {self.name!r} is closed")
         cdef uint64_t i = shm_load_rlx64(&self.hdr.prod.msgs)
         cdef uint64_t o = shm_load_rlx64(&self.hdr.cons.msgs)
         return i - o if i > o else 0
@@ -1139,7 +1139,7 @@ cdef class Ring:
     def full(self):
         """True if not even an empty message would fit now (approximate)."""
         if self.closed:
-            raise ValueError("ring is closed")
+            raise RingClosed(f"ring {self.name!r} is closed")
         if self.maxsize and self.qsize() >= self.maxsize:
             return True
         cdef uint64_t used = shm_load_rlx64(&self.hdr.prod.pos) - shm_load_rlx64(&self.hdr.cons.pos)
@@ -1166,13 +1166,13 @@ cdef class Ring:
     def is_shutdown(self):
         """True once shutdown() was called by any process."""
         if self.closed:
-            raise ValueError("ring is closed")
+            raise RingClosed(f"ring {self.name!r} is closed")
         return shm_load_rlx32(&self.hdr.wait.shutdown) != 0
 
     def stats(self):
         """Live counters kept in the shared memory, as a dict."""
         if self.closed:
-            raise ValueError("ring is closed")
+            raise RingClosed(f"ring {self.name!r} is closed")
         cdef shm_ring_t *h = self.hdr
         cdef uint64_t head = shm_load_rlx64(&h.prod.pos)
         cdef uint64_t tail = shm_load_rlx64(&h.cons.pos)

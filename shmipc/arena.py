@@ -36,7 +36,7 @@ from typing import Any, Iterable, Iterator, NamedTuple
 
 from shmipc import _ring
 from shmipc._lifetime import Closeable
-from shmipc.errors import CorruptArena, ShmipcError
+from shmipc.errors import ArenaClosed, CorruptArena, ShmipcError
 
 __all__ = ["Arena", "ArenaFull", "Region"]
 
@@ -503,7 +503,7 @@ class Arena(Closeable):
     # ------------------------------------------------------------ lifetime
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError("arena is closed")
+            raise ArenaClosed("arena is closed")
 
     @property
     def closed(self) -> bool:

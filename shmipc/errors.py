@@ -12,13 +12,20 @@ __all__ = [
     "MessageTooLarge",
     "CorruptArena",
     "CorruptMessage",
+    "RingClosed",
+    "ArenaClosed",
     "PeerDied",
     "WorkerLost",
 ]
 
 
 class ShmipcError(Exception):
-    """Base class of shmipc's own exceptions."""
+    """Base class of shmipc's own exceptions.
+
+    Every subclass survives a pickle round trip (a task may raise one in a
+    worker and the parent receives it intact): subclasses whose ``__init__``
+    takes other arguments than the message define ``__reduce__``.
+    """
 
 
 class MessageTooLarge(ShmipcError, ValueError):
@@ -38,6 +45,9 @@ class MessageTooLarge(ShmipcError, ValueError):
             f"at most half of it). Use a larger ring or split the message."
         )
 
+    def __reduce__(self):
+        return (type(self), (self.size, self.limit, self.capacity))
+
 
 class CorruptArena(ShmipcError):
     """Shared memory holds something that is not a valid shmipc structure.
@@ -51,6 +61,20 @@ class CorruptMessage(CorruptArena):
     """A record's payload does not decode (bad lengths, offsets or dtype)."""
 
 
+class RingClosed(ShmipcError, ValueError):
+    """This process closed the ring (or its arena) and then used it.
+
+    One condition, one exception: layers above the ring catch this, not a
+    bare ``ValueError`` (which user code, unpickling or bad arguments also
+    raise). A ``ValueError`` subclass because multiprocessing raises
+    ``ValueError`` for operations on a closed queue.
+    """
+
+
+class ArenaClosed(RingClosed):
+    """This process closed the arena and then used it (or one of its rings)."""
+
+
 class PeerDied(ShmipcError, EOFError):
     """The other end of a one-to-one channel died.
 
@@ -62,6 +86,9 @@ class PeerDied(ShmipcError, EOFError):
         self.pid = pid
         self.role = role
         super().__init__(f"the {role} (pid {pid}) died; nothing more will arrive from it")
+
+    def __reduce__(self):
+        return (type(self), (self.pid, self.role))
 
 
 class WorkerLost(ShmipcError):
@@ -85,4 +112,8 @@ class WorkerLost(ShmipcError):
         else:
             how = f"exited with code {exitcode}"
         self.how = how
+        self.task = task
         super().__init__(f"worker pid {pid} {how}" + (f" while running {task}" if task else ""))
+
+    def __reduce__(self):
+        return (type(self), (self.pid, self.exitcode, self.task))
