@@ -53,8 +53,8 @@ from typing import Any, NoReturn
 
 from shmipc.arena import Arena
 from shmipc._lifetime import Closeable
-from shmipc.errors import PeerDied
-from shmipc.queues import _ring_capacity
+from shmipc.errors import PeerDied, RingClosed
+from shmipc.queues import _ring_capacity, _timeout
 
 __all__ = ["Pipe", "Connection", "SLICE", "wait"]
 
@@ -180,12 +180,12 @@ class Connection(Closeable):
         if self._recv_ring is None:
             raise OSError("connection is write-only")
 
-    def _raise_closed(self, exc: ValueError) -> NoReturn:
-        """A ring's ValueError: multiprocessing's OSError if this end was
-        closed (by another thread, mid-call), else the error itself."""
-        if self._closed:
-            raise OSError("handle is closed") from None
-        raise exc
+    def _raise_closed(self) -> NoReturn:
+        """The one translation of the ring's RingClosed (this end was closed
+        in this process, by another thread mid-call, or its arena was):
+        multiprocessing's OSError. Any other ValueError (from pickling,
+        unpickling, user code) is never caught as "closed"."""
+        raise OSError("handle is closed") from None
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -232,8 +232,8 @@ class Connection(Closeable):
             ring.put(obj, True, SLICE)  # the common case: there is room
         except (queue.Full, PeerDied):
             self._send_slow(obj)        # the reader is slow, or gone: look
-        except ValueError as exc:
-            self._raise_closed(exc)
+        except RingClosed:
+            self._raise_closed()
 
     def _send_slow(self, obj: Any) -> None:
         while True:
@@ -249,8 +249,8 @@ class Connection(Closeable):
                 pass
             except PeerDied:
                 pass            # the ring's last reader died; another holder may remain
-            except ValueError as exc:
-                self._raise_closed(exc)
+            except RingClosed:
+                self._raise_closed()
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send the bytes of a bytes-like object, or of buf[offset:offset+size]
@@ -267,8 +267,8 @@ class Connection(Closeable):
                 return
             except (queue.Full, PeerDied):
                 return self._send_slow(buf)
-            except ValueError as exc:
-                self._raise_closed(exc)
+            except RingClosed:
+                self._raise_closed()
         self._check_writable()
         m = memoryview(buf)
         if m.itemsize > 1:
@@ -314,8 +314,8 @@ class Connection(Closeable):
                 pass            # the last sender died; another holder may remain
             except EOFError:
                 raise EOFError(_EOF_MESSAGE) from None
-            except ValueError as exc:
-                self._raise_closed(exc)
+            except RingClosed:
+                self._raise_closed()
             if self._peer_gone():
                 try:
                     return ring.get_nowait()        # whatever it sent before going
@@ -343,8 +343,8 @@ class Connection(Closeable):
                 pass
             except EOFError:
                 raise EOFError(_EOF_MESSAGE) from None
-            except ValueError as exc:
-                self._raise_closed(exc)
+            except RingClosed:
+                self._raise_closed()
         return self._take(None)
 
     def _recv_buffer(self) -> bytes:
@@ -377,8 +377,8 @@ class Connection(Closeable):
                 pass
             except EOFError:
                 raise EOFError(_EOF_MESSAGE) from None
-            except ValueError as exc:
-                self._raise_closed(exc)
+            except RingClosed:
+                self._raise_closed()
         if maxlength is not None and maxlength < 0:
             raise ValueError(f"negative maxlength ({maxlength})")
         data = self._recv_buffer()
@@ -425,12 +425,13 @@ class Connection(Closeable):
 
         Raises:
             OSError: this end is closed or write-only.
+            ValueError: a NaN timeout (as multiprocessing).
         """
         self._check_readable()
+        if timeout is not None:
+            timeout = _timeout(timeout)     # negative: 0; NaN: ValueError
         if self._pending is not _NOTHING:
             return True
-        if timeout is not None and timeout < 0:
-            timeout = 0.0
         try:
             self._pending = self._take(timeout)
         except queue.Empty:
@@ -522,6 +523,7 @@ def wait(object_list: Any, timeout: float | None = None) -> list:
 
     Raises:
         OSError: a shmipc Connection in the list is closed or write-only.
+        ValueError: a NaN timeout (as multiprocessing).
     """
     from multiprocessing.connection import wait as wait_fds
 
@@ -530,7 +532,7 @@ def wait(object_list: Any, timeout: float | None = None) -> list:
     others = [obj for obj in objects if not isinstance(obj, Connection)]
     if not ours:
         return wait_fds(others, timeout)
-    deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+    deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
     pause = 50e-6
     while True:
         ready = [conn for conn in ours if conn.poll(0)]

@@ -29,10 +29,10 @@ import struct
 import threading
 import time
 import types
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn, overload
 
 from shmipc.arena import Arena
-from shmipc.errors import MessageTooLarge
+from shmipc.errors import RingClosed
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
 
@@ -65,12 +65,17 @@ def _ring_maxsize(maxsize: Any) -> int:
 
 
 def _timeout(timeout: Any) -> Any:
-    # multiprocessing treats a negative timeout as 0 (its semaphores clamp it)
+    """A timeout in seconds, checked: negative means 0 (multiprocessing's
+    semaphores clamp it); NaN raises ValueError, as multiprocessing does
+    (a NaN compares false with everything, so a deadline made of it would
+    never pass and the wait would never end)."""
     try:
         if timeout < 0:
             return 0.0
     except TypeError:
         raise TypeError(f"timeout must be a number or None, not {type(timeout).__name__}") from None
+    if timeout != timeout:
+        raise ValueError("timeout must be a number of seconds, got NaN")
     return timeout
 
 
@@ -118,13 +123,15 @@ class _Base:
     # ------------------------------------------------------------ common API
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError(f"{type(self).__name__} {self!r} is closed")
+            raise RingClosed(f"{type(self).__name__} {self!r} is closed")
 
-    def _raise_closed(self, exc: BaseException) -> None:
-        """Turn the ring's 'closed' ValueError into multiprocessing's message."""
-        if self._closed:
-            raise ValueError(f"{type(self).__name__} {self!r} is closed") from None
-        raise exc
+    def _raise_closed(self) -> NoReturn:
+        """The one translation of the ring's RingClosed (the queue, or its
+        arena, was closed in this process, perhaps by another thread
+        mid-call): multiprocessing's ValueError, naming the queue. Any other
+        ValueError (from pickling, unpickling, user code) is never caught as
+        "closed"."""
+        raise RingClosed(f"{type(self).__name__} {self!r} is closed") from None
 
     def empty(self) -> bool:
         """True if the queue holds no message now (approximate, as in
@@ -196,10 +203,8 @@ class Queue(_Base):
         """
         try:
             self._ring.put(obj, block, _timeout(timeout) if timeout is not None else None)
-        except ValueError as exc:
-            if isinstance(exc, MessageTooLarge):
-                raise
-            self._raise_closed(exc)
+        except RingClosed:
+            self._raise_closed()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Remove and return the next message; wait while the queue is empty
@@ -211,8 +216,8 @@ class Queue(_Base):
         """
         try:
             return self._ring.get(block, _timeout(timeout) if timeout is not None else None)
-        except ValueError as exc:
-            self._raise_closed(exc)
+        except RingClosed:
+            self._raise_closed()
 
     def put_nowait(self, obj: Any) -> None:
         """put(obj, False)."""
@@ -233,11 +238,8 @@ class Queue(_Base):
         """
         try:
             return self._ring.put_many(items, block, _timeout(timeout) if timeout is not None else None)
-        except ValueError as exc:
-            if isinstance(exc, MessageTooLarge):
-                raise
-            self._raise_closed(exc)
-            raise       # unreachable; for type checkers
+        except RingClosed:
+            self._raise_closed()
 
     def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list:
         """Wait (as get) for one message, then take up to `max_items` of those
@@ -249,9 +251,8 @@ class Queue(_Base):
         """
         try:
             return self._ring.get_many(max_items, block, _timeout(timeout) if timeout is not None else None)
-        except ValueError as exc:
-            self._raise_closed(exc)
-            raise
+        except RingClosed:
+            self._raise_closed()
 
     def qsize(self) -> int:
         """Messages in the queue now (approximate while others put and get)."""
@@ -322,24 +323,33 @@ class JoinableQueue(Queue):
                 raise ValueError("task_done() called too many times")
             struct.pack_into("<Q", self._done, 0, done + 1)
 
-    def join(self, timeout: float | None = None) -> bool:
+    @overload
+    def join(self, timeout: None = None) -> None: ...
+    @overload
+    def join(self, timeout: float) -> bool: ...
+
+    def join(self, timeout: float | None = None) -> bool | None:
         """Block until every message put has been marked done with task_done.
 
         Args:
-            timeout: shmipc extension: give up after this many seconds and
-                return False (multiprocessing has no timeout; None waits
-                forever and returns True).
+            timeout: shmipc extension: give up after this many seconds
+                (negative: 0) and return False, or return True once every
+                task is done. Without it (multiprocessing's signature) join
+                waits forever and returns None, as multiprocessing's does.
+
+        Raises:
+            ValueError: a NaN timeout, or the queue was closed in this process.
 
         Waits by polling the shared counters (every 0.2 ms, backing off to
         every 10 ms), so it is interruptible and never holds a lock.
         """
         self._check_open()
-        deadline = None if timeout is None else time.monotonic() + max(timeout, 0.0)
+        deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
         pause = 0.0002
         while True:
             put, done = self._counts()
             if done >= put:
-                return True
+                return None if deadline is None else True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(pause)
@@ -435,10 +445,8 @@ class SimpleQueue(_Base):
         """
         try:
             self._ring.put(obj)
-        except ValueError as exc:
-            if isinstance(exc, MessageTooLarge):
-                raise
-            self._raise_closed(exc)
+        except RingClosed:
+            self._raise_closed()
         if self._bell >= 0:
             os.eventfd_write(self._bell, 1)
 
@@ -452,8 +460,8 @@ class SimpleQueue(_Base):
             self._take_bell()
         try:
             return self._ring.get()
-        except ValueError as exc:
-            self._raise_closed(exc)
+        except RingClosed:
+            self._raise_closed()
 
     def put_many(self, items: Iterable[Any]) -> int:
         """Put every item of `items` in order, publishing them in batches;
@@ -467,11 +475,8 @@ class SimpleQueue(_Base):
         if self._bell < 0:
             try:
                 return self._ring.put_many(items)
-            except ValueError as exc:
-                if isinstance(exc, MessageTooLarge):
-                    raise
-                self._raise_closed(exc)
-                raise
+            except RingClosed:
+                self._raise_closed()
         count = 0
         for item in items:          # one by one: each message is counted on the event fd
             self.put(item)
@@ -488,9 +493,8 @@ class SimpleQueue(_Base):
         if self._bell < 0:
             try:
                 return self._ring.get_many(max_items)
-            except ValueError as exc:
-                self._raise_closed(exc)
-                raise
+            except RingClosed:
+                self._raise_closed()
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         out = [self.get()]
@@ -499,7 +503,10 @@ class SimpleQueue(_Base):
                 os.eventfd_read(self._bell)     # one count per further message
             except BlockingIOError:
                 break
-            out.append(self._ring.get())
+            try:
+                out.append(self._ring.get())
+            except RingClosed:
+                self._raise_closed()
         return out
 
     def _take_bell(self) -> None:

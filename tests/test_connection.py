@@ -418,3 +418,47 @@ def test_blocked_send_raises_when_reader_is_killed():
     assert 0.2 < time.monotonic() - t < 10
     timer.join()
     p.join(10)
+
+
+# ------------------------------------------------------------ issue 9: NaN, closed vs ValueError
+@pytest.mark.timeout(10)
+def test_nan_timeout_raises_value_error(impl):
+    nan = float("nan")
+    a, b = impl.Pipe()
+    wait = shmipc.connection.wait if impl is shmipc else multiprocessing.connection.wait
+    with pytest.raises(ValueError):
+        b.poll(nan)
+    with pytest.raises(ValueError):
+        wait([b], nan)
+    a.send(1)
+    with pytest.raises(ValueError):
+        b.poll(nan)                             # also with a message waiting
+    assert b.recv() == 1
+
+
+_CLOSE_ME = []
+
+
+def _close_then_fail():
+    _CLOSE_ME.pop().close()
+    raise ValueError("a user error while unpickling")
+
+
+class ClosesConnectionOnUnpickle:
+    def __reduce__(self):
+        return (_close_then_fail, ())
+
+
+@pytest.mark.timeout(10)
+def test_user_value_error_is_not_mistaken_for_closed():
+    """Only the ring's RingClosed means "this end is closed" (OSError); a
+    ValueError raised while unpickling reaches recv's caller as itself, even
+    when the end was closed meanwhile."""
+    a, b = shmipc.Pipe()
+    a.send(ClosesConnectionOnUnpickle())
+    _CLOSE_ME.append(b)
+    with pytest.raises(ValueError, match="a user error while unpickling"):
+        b.recv()
+    with pytest.raises(OSError, match="handle is closed"):
+        b.recv()
+    a.close()

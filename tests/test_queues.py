@@ -515,3 +515,67 @@ def test_killed_consumer_does_not_stall_the_queue():
     assert out.get(timeout=30) == (200, sum(range(200)))
     survivor.join(20)
     assert survivor.exitcode == 0 and q.stats()["lost"] == 0
+
+
+# ------------------------------------------------------------ issue 9: NaN, closed vs ValueError
+@pytest.mark.timeout(10)
+def test_nan_timeout_raises_value_error(impl):
+    nan = float("nan")
+    q = impl.Queue()
+    with pytest.raises(ValueError):
+        q.get(timeout=nan)
+    if impl is shmipc:                      # multiprocessing's join takes no timeout
+        jq = shmipc.JoinableQueue()
+        jq.put(1)                           # an unfinished task: join would wait
+        with pytest.raises(ValueError, match="NaN"):
+            jq.join(nan)
+        jq.get(timeout=5)
+        jq.task_done()
+        assert jq.join(5) is True
+
+
+_CLOSE_ME = []
+
+
+def _close_then_fail():
+    """Unpickled in get: closes the queue mid-call, then fails as user code may."""
+    _CLOSE_ME.pop().close()
+    raise ValueError("a user error while unpickling")
+
+
+class ClosesQueueOnUnpickle:
+    def __reduce__(self):
+        return (_close_then_fail, ())
+
+
+class FailsToUnpickle:
+    def __reduce__(self):
+        return (int, ("not a number",))     # unpickling raises ValueError
+
+
+@pytest.mark.timeout(10)
+def test_user_value_error_is_not_mistaken_for_closed():
+    """Only the ring's RingClosed means "closed"; a ValueError raised while
+    unpickling (even in a process that closed the queue meanwhile) reaches
+    the caller as itself."""
+    for q in (shmipc.Queue(), shmipc.SimpleQueue(), shmipc.get_context().SimpleQueue()):
+        q.put(FailsToUnpickle())
+        with pytest.raises(ValueError, match="invalid literal") as info:
+            q.get()
+        assert not isinstance(info.value, shmipc.RingClosed)
+        q.put(ClosesQueueOnUnpickle())
+        _CLOSE_ME.append(q)
+        with pytest.raises(ValueError, match="a user error while unpickling") as info:
+            q.get()
+        assert not isinstance(info.value, shmipc.RingClosed)
+        with pytest.raises(shmipc.RingClosed, match="is closed"):
+            q.get()                         # the queue itself is closed now
+
+
+@pytest.mark.timeout(10)
+def test_join_returns_none_like_multiprocessing(impl):
+    q = impl.JoinableQueue()
+    q.put(1)
+    q.get(timeout=5)
+    q.task_done()
+    assert q.join() is None
