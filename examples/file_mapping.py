@@ -7,7 +7,7 @@
 3. An arena kept in a file: a ring written in one process is still there,
    messages and all, when another process maps the file later.
 
-    python examples/file_mapping.py
+    .venv/bin/python examples/file_mapping.py
 """
 from __future__ import annotations
 

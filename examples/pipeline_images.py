@@ -17,6 +17,9 @@ Run::
 
     .venv/bin/python examples/pipeline_images.py            # 2000 images
     .venv/bin/python examples/pipeline_images.py -n 500 --progress
+
+With ``--progress`` the bar counts images done; after it, ``decode=91%`` is
+how full the ring feeding the decode stage is (ring fill, not completion).
 """
 from __future__ import annotations
 
@@ -100,7 +103,9 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=2000, help="images")
     ap.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2),
                     help="workers per stage (the Pool gets 3x this many)")
-    ap.add_argument("--progress", action="store_true", help="show the pipeline's progress bar")
+    ap.add_argument("--progress", action="store_true",
+                    help="show the pipeline's progress bar (images done; after it, how full each "
+                         "stage's input ring is)")
     args = ap.parse_args()
 
     size = H * W * 3
@@ -108,6 +113,10 @@ def main() -> None:
           f"{os.cpu_count()} CPUs")
     t_pool, pool_results = run_pool(args.n, args.workers)
     print(f"multiprocessing.Pool, imap chained : {t_pool:6.2f} s  ({args.n / t_pool:8,.0f} images/s)")
+    if args.progress:
+        print("progress: images done of the total; 'decode=91%' after the bar is how full the ring "
+              "feeding decode is (ring fill, not completion): a ring that stays full sits in front "
+              "of the slowest stage")
     t_shm, shm_results = run_shmipc(args.n, args.workers, args.progress)
     print(f"shmipc.Pipeline                    : {t_shm:6.2f} s  ({args.n / t_shm:8,.0f} images/s)")
     if not same(pool_results, shm_results):

@@ -12,7 +12,7 @@ Processes, locks and everything else stay multiprocessing's; Queue,
 JoinableQueue, SimpleQueue and Pipe become shmipc's, with the same methods
 and exceptions.
 
-Run:  python examples/queue_dropin.py [--method spawn] [--items 2000]
+Run:  .venv/bin/python examples/queue_dropin.py [--method spawn] [--items 2000]
 It runs the program with both contexts and prints the time each took.
 """
 from __future__ import annotations
