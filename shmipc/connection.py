@@ -545,3 +545,17 @@ def wait(object_list: Any, timeout: float | None = None) -> list:
         if deadline is not None and time.monotonic() >= deadline:
             return []
         pause = min(pause * 2, 0.005)
+
+
+def __getattr__(name: str) -> Any:
+    """Names of ``multiprocessing.connection`` that shmipc has no version of
+    (Listener, Client, answer_challenge, ...) are multiprocessing's, so code
+    that does ``import shmipc as multiprocessing`` finds them here too."""
+    if not name.startswith("_"):
+        import multiprocessing.connection as mp_connection
+
+        try:
+            return getattr(mp_connection, name)
+        except AttributeError:
+            pass
+    raise AttributeError(f"module 'shmipc.connection' has no attribute {name!r}")

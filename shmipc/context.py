@@ -155,3 +155,14 @@ def get_context(method: str | None = None) -> ShmipcContext:
         ValueError: an unknown or unavailable start method.
     """
     return ShmipcContext(method)
+
+
+def __getattr__(name: str) -> Any:
+    """Names of ``multiprocessing.context`` that shmipc has no version of
+    (BaseContext, Process, the concrete contexts, ...) are multiprocessing's."""
+    if not name.startswith("_"):
+        try:
+            return getattr(_mp_context, name)
+        except AttributeError:
+            pass
+    raise AttributeError(f"module 'shmipc.context' has no attribute {name!r}")
