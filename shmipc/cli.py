@@ -5,13 +5,16 @@
                  [--json FILE] [--plot FILE.png] [--markdown FILE]
     shmipc demo [--children N] [--messages M]
     shmipc inspect PID [--watch] [--interval S]
+    shmipc --version
 
 Exit status: 0 on success, 1 when a measurement failed or timed out (or
-the demo saw a wrong message), 2 for bad arguments, 130 on Ctrl-C.
+the demo saw a wrong message, or the process to inspect does not exist or
+cannot be read), 2 for bad arguments (an invalid pid included), 130 on Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Sequence
 
@@ -26,9 +29,37 @@ def _csv(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def version() -> str:
+    """The installed distribution's version (the package's own when run from a checkout)."""
+    try:
+        from importlib import metadata
+
+        return metadata.version("shmipc")
+    except Exception:            # not installed as a distribution
+        import shmipc
+
+        return shmipc.__version__
+
+
+def check_output_path(path: str, option: str) -> None:
+    """Fail before measuring if `path` cannot be written.
+
+    Raises:
+        ValueError: naming the option, the path and why.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{option} {path}: no such directory {folder}")
+    if os.path.isdir(path):
+        raise ValueError(f"{option} {path}: is a directory")
+    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+        raise ValueError(f"{option} {path}: not writable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shmipc", description="shmipc: shared-memory IPC between a parent and its forked workers.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -104,6 +135,9 @@ def _bench(args: argparse.Namespace) -> int:
         if args.workloads is not None:
             options.workloads = args.workloads
         options.check()
+        for option, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+            if path:
+                check_output_path(path, option)
         if args.plot:
             import importlib.util
 

@@ -21,6 +21,7 @@ __all__ = ["run_demo", "make_message", "digest"]
 TYPES = ("int", "float", "str", "bytes", "tuple", "dict", "ndarray")
 WINDOW = 2048                 # messages in flight: the results ring always has room for them
 TIMEOUT = 30.0                # a get that waits this long means something is stuck
+PROGRESS_EVERY = 1.0          # seconds between progress lines on long runs
 
 
 def make_message(seq: int, np: Any) -> Any:
@@ -99,8 +100,9 @@ def _child(index: int, tasks: Any, results: Any, parent: int) -> None:
 
 
 def run_demo(children: int = 2, messages: int = 200_000, quiet: bool = False,
-             out: Any = None) -> int:
+             out: Any = None, progress_every: float = PROGRESS_EVERY) -> int:
     """Run the demo; returns 0 when every message was answered correctly.
+    Unless `quiet`, a line every `progress_every` seconds tells how far it got.
 
     Raises:
         ValueError: children or messages below 1.
@@ -145,8 +147,17 @@ def run_demo(children: int = 2, messages: int = 200_000, quiet: bool = False,
     wrong: list[str] = []
     sent = received = 0
     t0 = time.perf_counter()
+    next_progress = t0 + progress_every
+    tty = bool(getattr(out, "isatty", lambda: False)())
     try:
         while received < messages:
+            if not quiet and time.perf_counter() >= next_progress:
+                # a long run is not silent: answered so far, and the rate
+                now = time.perf_counter()
+                next_progress = now + progress_every
+                line = (f"[parent {me}] {received:,} of {messages:,} answered ({received / messages:.0%}), "
+                        f"{received / (now - t0):,.0f} messages/s")
+                print(("\r" + line) if tty else line, end="" if tty else "\n", file=out, flush=True)
             # keep at most WINDOW messages in flight, so neither ring can fill
             # up while both sides wait on each other
             if sent < messages and sent - received < WINDOW:
@@ -179,6 +190,8 @@ def run_demo(children: int = 2, messages: int = 200_000, quiet: bool = False,
                     by_child[child] += 1
                 received += 1
         elapsed = time.perf_counter() - t0
+        if tty and not quiet and elapsed >= progress_every:
+            print(file=out)                 # end the progress line
         tasks.shutdown()
         say(f"[parent {me}] all {messages:,} sent; shut the 'tasks' ring down: the children "
             "drain it, see EOFError and say goodbye")

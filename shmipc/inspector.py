@@ -80,13 +80,54 @@ def read_maps(pid: int) -> list[Mapping]:
     except FileNotFoundError:
         raise InspectError(f"no process with pid {pid} (no {path})") from None
     except PermissionError:
-        raise InspectError(f"no permission to read {path}: inspect a process of your own user "
-                           "(or run as root)") from None
+        hint = "" if os.geteuid() == 0 else " (or run as root)"
+        raise InspectError(f"no permission to read {path}: inspect a process of your own user"
+                           f"{hint}") from None
     except ProcessLookupError:
         raise InspectError(f"process {pid} exited") from None
     if not text and not os.path.exists(f"/proc/{pid}"):
         raise InspectError(f"process {pid} exited")
     return [m for m in map(_parse_maps_line, text.splitlines()) if m is not None]
+
+
+def read_resident(pid: int) -> dict[int, int]:
+    """Resident bytes (Rss) of each mapping of `pid`, by start address, from
+    /proc/PID/smaps; empty if it cannot be read."""
+    out: dict[int, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            start = None
+            for line in f:
+                if line.startswith("Rss:"):
+                    if start is not None:
+                        out[start] = int(line.split()[1]) * 1024
+                elif "-" in line.split(None, 1)[0] and not line.split(None, 1)[0].endswith(":"):
+                    head = line.split(None, 1)[0]
+                    try:
+                        start = int(head.split("-", 1)[0], 16)
+                    except ValueError:
+                        start = None
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
+def guess_owner(regions: list[dict[str, Any]]) -> str:
+    """Which shmipc API made an arena, judged from its region names (arenas
+    do not record their maker); says so when it cannot tell."""
+    names = {r["name"] for r in regions}
+    rings = [r for r in regions if r["kind"] == "ring"]
+    if {"results", "bigtasks", "bigresults"} <= names and any(n.startswith("tasks") and n[5:].isdigit()
+                                                              for n in names):
+        return "a Pool or ProcessPoolExecutor (judged from its region names)"
+    if names & {"a>b", "b>a"} and len(rings) <= 2:
+        return "a Pipe (judged from its region names)"
+    if len(rings) == 1 and rings[0]["name"] == "#0" and names <= {"#0", "tasks_done"}:
+        what = "a JoinableQueue" if "tasks_done" in names else "a Queue or SimpleQueue"
+        return f"{what} (judged from its region names)"
+    if len(rings) >= 2 and all(r["name"].startswith("#") for r in regions):
+        return "a Pipeline, or an arena of your own (unnamed regions)"
+    return "not known (an arena of your own, or one whose maker cannot be told from its region names)"
 
 
 def _process_name(pid: int) -> str:
@@ -152,6 +193,15 @@ def _open_arena(pid: int, m: Mapping) -> tuple[Any, str]:
     raise InspectError("cannot open it: " + "; ".join(errors))
 
 
+def _allocated(path: str) -> int | None:
+    """Bytes of memory the shared file really holds (tmpfs pages written by
+    any process), or None if it cannot be told."""
+    try:
+        return os.stat(path).st_blocks * 512
+    except OSError:
+        return None
+
+
 def _looks_like_arena(m: Mapping) -> bool:
     """Shared and file-backed (memfd, /dev/shm, a file): worth reading 8 bytes of."""
     return m.shared and m.offset == 0 and m.inode != 0 and not m.path.startswith("[") and bool(m.path)
@@ -164,6 +214,7 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
         InspectError: no such process, or no permission.
     """
     maps = read_maps(pid)
+    resident = read_resident(pid)
     shown = maps if show_all else [m for m in maps if m.shared]
     arenas = []
     seen: set[tuple[str, int]] = set()
@@ -181,9 +232,10 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
             arenas.append(entry)
             continue
         try:
-            used, nregions = arena._header()
-            entry.update(via=via, size=arena.size, used=used)
+            entry.update(via=via, size=arena.size, resident=resident.get(m.start), allocated=_allocated(via))
+            used = 0
             for region in arena.regions():
+                used = max(used, region.offset + region.size)
                 info: dict[str, Any] = {"name": region.name, "kind": region.kind,
                                         "offset": region.offset, "size": region.size}
                 if region.kind == "ring":
@@ -196,6 +248,8 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
                     except Exception as exc:
                         info["error"] = f"{type(exc).__name__}: {exc}"
                 entry["regions"].append(info)
+            entry["used"] = used
+            entry["owner"] = guess_owner(entry["regions"])
         except Exception as exc:
             entry["error"] = f"{type(exc).__name__}: {exc}"
         finally:
@@ -205,7 +259,8 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
         "pid": pid,
         "process": _process_name(pid),
         "time": time.time(),
-        "mappings": [dict(asdict(m), size=m.size, shared=m.shared) for m in shown],
+        "mappings": [dict(asdict(m), size=m.size, shared=m.shared, resident=resident.get(m.start))
+                     for m in shown],
         "arenas": arenas,
     }
 
@@ -238,8 +293,9 @@ def format_inspection(data: dict[str, Any], previous: dict[str, Any] | None = No
     lines.append(f"{len(maps)} {'shared ' if all(m['shared'] for m in maps) else ''}mapping"
                  f"{'s' if len(maps) != 1 else ''} (from /proc/{data['pid']}/maps)")
     if maps:
-        lines += _table(["address", "perms", "size", "backing"],
+        lines += _table(["address", "perms", "virtual", "resident", "backing"],
                         [[f"{m['start']:x}-{m['end']:x}", m["perms"], _bytes(m["size"]),
+                          "?" if m.get("resident") is None else _bytes(m["resident"]),
                           m["path"] or "[anonymous]"] for m in maps])
     arenas = data["arenas"]
     if not arenas:
@@ -256,9 +312,15 @@ def format_inspection(data: dict[str, Any], previous: dict[str, Any] | None = No
         if "error" in a and not a.get("regions"):
             lines.append(f"arena {a['backing']} at {a['mapping']}: {a['error']}")
             continue
-        lines.append(f"arena {a['backing']} at {a['mapping']}: {_bytes(a['size'])}, "
-                     f"{_bytes(a['used'])} allocated, {len(a['regions'])} region"
-                     f"{'s' if len(a['regions']) != 1 else ''} (opened via {a['via']})")
+        memory = [f"{_bytes(a['size'])} of address space"]
+        if a.get("resident") is not None:
+            memory.append(f"{_bytes(a['resident'])} resident in this process")
+        if a.get("allocated") is not None:
+            memory.append(f"{_bytes(a['allocated'])} of memory in use by all processes")
+        lines.append(f"arena {a['backing']} at {a['mapping']} (opened via {a['via']})")
+        lines.append(f"  made by: {a.get('owner', 'not known')}")
+        lines.append(f"  memory: {', '.join(memory)}; regions handed out up to {_bytes(a.get('used', 0))}, "
+                     f"{len(a['regions'])} region{'s' if len(a['regions']) != 1 else ''}")
         blocks = [r for r in a["regions"] if r["kind"] != "ring"]
         rings = [r for r in a["regions"] if r["kind"] == "ring"]
         if rings:
@@ -275,7 +337,9 @@ def format_inspection(data: dict[str, Any], previous: dict[str, Any] | None = No
                     continue
                 row = [r["name"], _bytes(s["capacity"]), f"{s['producers']}/{s['consumers']}",
                        f"{s['messages_in']:,}", f"{s['messages_out']:,}", f"{s['qsize']:,}",
-                       _bytes(s["bytes_used"]), _bytes(s["high_water"]),
+                       # the ring samples its high water mark once per lap: never show
+                       # it below what is in use right now
+                       _bytes(s["bytes_used"]), _bytes(max(s["high_water"], s["bytes_used"])),
                        f"{s['producers_waiting']}/{s['consumers_waiting']}",
                        f"{s['producer_blocked_s']:.1f}/{s['consumer_blocked_s']:.1f}",
                        str(s["recoveries"]), str(s["lost"]), "shut down" if s["shutdown"] else "open"]
@@ -294,9 +358,12 @@ def format_inspection(data: dict[str, Any], previous: dict[str, Any] | None = No
 
 def run_inspect(pid: int, watch: bool = False, interval: float = 1.0, show_all: bool = False,
                 as_json: bool = False, out: Any = None) -> int:
-    """The `shmipc inspect` command; returns the exit status (1: the process
-    cannot be inspected)."""
+    """The `shmipc inspect` command; returns the exit status (1: no such
+    process, or it cannot be read; 2: an invalid pid or interval)."""
     out = out or sys.stdout
+    if pid <= 0:                  # a bad argument, like a pid that is not a number (argparse: 2)
+        print(f"shmipc inspect: error: invalid pid {pid}: must be a positive process id", file=sys.stderr)
+        return 2
     if interval <= 0:
         print(f"shmipc inspect: error: --interval must be > 0, got {interval}", file=sys.stderr)
         return 2

@@ -320,3 +320,118 @@ def test_inspect_opens_an_arena_through_the_fd_when_map_files_fails(no_leaks):
             seen.close()
     finally:
         arena.close()
+
+
+# ---------------------------------------------------------------- issue 14: a newcomer's first hour
+def test_version(capsys):
+    from shmipc.cli import version
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"shmipc {version()}"
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown", "--plot"])
+def test_bench_output_paths_are_checked_before_measuring(option, capsys, tmp_path):
+    """A path that cannot be written fails at once (exit 2), not with a
+    traceback after the whole run."""
+    t0 = time.monotonic()
+    assert main(["bench", option, "/nonexistent/dir/x.out", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{option} /nonexistent/dir/x.out: no such directory /nonexistent/dir" in err
+    assert main(["bench", option, str(tmp_path), "--no-progress"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.timeout(60)
+def test_bench_one_transport_still_has_a_summary():
+    proc = shmipc_cmd("bench", "--transports", "os.pipe", "--workloads", "pingpong", "--repeat", "1",
+                      "--seconds", "0.03", "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    summary = proc.stdout.split("Summary", 1)[1]
+    assert "pingpong" in summary and "os.pipe median" in summary and "no shmipc transport measured" in summary
+
+
+@pytest.mark.timeout(60)
+def test_demo_shows_progress_on_long_runs():
+    import io
+
+    from shmipc.demo import run_demo
+
+    out = io.StringIO()
+    assert run_demo(2, 20_000, out=out, progress_every=0.01) == 0
+    lines = [line for line in out.getvalue().splitlines() if "answered (" in line]
+    assert lines and "of 20,000 answered" in lines[0] and "messages/s" in lines[0]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("pid", ["0", "-5", "abc"])
+def test_inspect_invalid_pids_exit_2(pid):
+    """Every kind of invalid pid is a bad argument (2); a pid with no process is 1."""
+    result = shmipc_cmd("inspect", "--", pid)
+    assert result.returncode == 2, result.stderr
+    assert "pid" in result.stderr
+
+
+def test_inspect_no_root_hint_for_root(monkeypatch, capsys):
+    import builtins
+
+    from shmipc import inspector
+
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path) == "/proc/4242/maps":
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    assert inspector.run_inspect(4242) == 1
+    err = capsys.readouterr().err
+    assert ("run as root" in err) == (os.geteuid() != 0)
+
+
+@pytest.mark.timeout(60)
+def test_inspect_shows_resident_apart_and_who_made_each_arena(holder):
+    proc = shmipc_cmd("inspect", str(holder.pid))
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "virtual" in out and "resident" in out
+    assert "of address space" in out and "resident in this process" in out
+    assert "made by: " in out
+    data = json.loads(shmipc_cmd("inspect", str(holder.pid), "--json").stdout)
+    arena = next(a for a in data["arenas"] if a["backing"] == "/memfd:shmipc (deleted)")
+    assert 0 < arena["resident"] < arena["size"]
+    assert arena["used"] <= arena["size"]
+    assert "not known" in arena["owner"]          # an arena of the user's own: said so
+
+
+POOL_HOLDER = textwrap.dedent("""
+    import time, shmipc
+    pool = shmipc.Pool(1)
+    assert pool.map(abs, [-1, -2]) == [1, 2]
+    q = shmipc.Queue()
+    q.put(b"x" * 1000)
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_inspect_names_pools_and_queues_and_high_water_is_never_below_used():
+    proc = subprocess.Popen([sys.executable, "-c", POOL_HOLDER], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        data = json.loads(shmipc_cmd("inspect", str(proc.pid), "--json").stdout)
+        text = shmipc_cmd("inspect", str(proc.pid)).stdout
+    finally:
+        proc.kill()
+        proc.wait(10)
+    owners = [a["owner"] for a in data["arenas"]]
+    assert any("Pool" in o for o in owners) and any("Queue" in o for o in owners), owners
+    queue_line = next(line for line in text.splitlines() if line.strip().startswith("#0"))
+    cells = queue_line.split()
+    used, high = " ".join(cells[7:9]), " ".join(cells[9:11])
+    assert used == "1.0 KiB" and high == "1.0 KiB", queue_line

@@ -127,11 +127,32 @@ def _ratio(num: float | None, den: float | None) -> str:
     return f"{num / den:.1f}x" if num / den < 100 else f"{num / den:.0f}x"
 
 
+def _mean_us(b: dict) -> float:
+    """A ping-pong round's mean round trip (older reports hold only its inverse)."""
+    if "mean_us" in b:
+        return b["mean_us"]
+    return 1e6 / b["round_trips_per_s"] if b.get("round_trips_per_s") else float("nan")
+
+
+def _figure(r: dict) -> str:
+    """A record's headline figure, with its unit."""
+    b = r.get("best") or {}
+    if r["workload"] == "pingpong":
+        return f"median {b['median_us']:.2f} us"
+    if r["workload"] == "pool":
+        return f"{_human(b['items_per_s'])} items/s"
+    if r.get("size", 0) >= 4096:
+        return f"{_mb(b['mb_per_s'])} MB/s"
+    return f"{_human(b['msgs_per_s'])} msgs/s"
+
+
 def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     workload = key[0]
     plain, best = _refs(rows)
     if workload == "pingpong":
-        head = ["transport", "median us", "p99 us", "round trips/s", "ring x", "best x"]
+        # the mean, not a rate: a median of 1.5 us next to "36 k round trips/s"
+        # (the mean's inverse, pulled up by rare 50 us wake-ups) reads as a contradiction
+        head = ["transport", "median us", "mean us", "p99 us", "ring x", "best x"]
     elif workload == "pool":
         head = ["pool", "items/s", "MB/s", "shmipc x", ""]
     else:
@@ -147,7 +168,7 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
         m = _metric(r)
         mine = r["shmipc"]
         if workload == "pingpong":
-            cells = [f"{b['median_us']:.2f}", f"{b['p99_us']:.2f}", _human(b["round_trips_per_s"])]
+            cells = [f"{b['median_us']:.2f}", f"{_mean_us(b):.2f}", f"{b['p99_us']:.2f}"]
         elif workload == "pool":
             cells = [_human(b["items_per_s"]), _mb(b["mb_per_s"])]
         else:
@@ -219,16 +240,26 @@ def format_report(report: dict) -> str:
 
 
 def _summary(report: dict) -> list[str]:
-    """One line per workload: best shmipc against best peer."""
+    """One line per workload: best shmipc against best peer (or, when only one
+    side was measured, that side's best figure)."""
     out = ["Summary (best shmipc figure / best peer figure, same run):"]
     for key, rows in _groups(report["records"]):
-        _, best = _refs(rows)
-        peers = [(r, _metric(r)) for r in rows if not r["shmipc"] and _metric(r) is not None]
-        if best is None or not peers:
-            continue
-        peer, pm = max(peers, key=lambda x: x[1])
         what = _size(key[1]) if key[0] == "throughput" else (key[1] if key[0] == "pool" else "")
-        out.append(f"  {key[0] + ' ' + what:<25} {_ratio(best, pm):>7} vs {peer['transport']}")
+        label = f"{key[0] + ' ' + what:<25}"
+        measured = [r for r in rows if _metric(r) is not None]
+        mine = [r for r in measured if r["shmipc"]]
+        peers = [r for r in measured if not r["shmipc"]]
+        if mine and peers:
+            best = max(mine, key=_metric)
+            peer = max(peers, key=_metric)
+            out.append(f"  {label} {_ratio(_metric(best), _metric(peer)):>7} vs {peer['transport']}"
+                       f"  ({best['transport']} {_figure(best)}, {peer['transport']} {_figure(peer)})")
+        elif measured:
+            one = max(measured, key=_metric)
+            out.append(f"  {label} {one['transport']} {_figure(one)}  (no "
+                       f"{'peer' if one['shmipc'] else 'shmipc transport'} measured to compare with)")
+        else:
+            out.append(f"  {label} nothing measured (see above)")
     bad = [r for r in report["records"] if r["status"] in ("error", "timeout")]
     skipped = sorted({(r["transport"], r["reason"]) for r in report["records"] if r["status"] == "skipped"})
     if skipped:

@@ -307,6 +307,7 @@ def _pingpong_round(ep: Endpoint, pool: list, seconds: float) -> dict:
         "median_us": ordered[len(ordered) // 2] / 1e3,
         "p99_us": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] / 1e3,
         "min_us": ordered[0] / 1e3,
+        "mean_us": sum(samples) / len(samples) / 1e3,
         "round_trips_per_s": n / (sum(samples) / 1e9),
     }
 
