@@ -320,6 +320,9 @@ class Pool:
             multiprocessing).
         retries: how many times a task whose worker died while running it
             is run again before it fails with WorkerLost.
+        cluster: None (default): this machine, through shared memory. "ray",
+            "ray://host:port" or "ray:ADDRESS": the same API on a Ray cluster
+            (a :class:`shmipc.cluster.RayPool` is returned; see shmipc.cluster).
 
     Raises:
         ValueError / TypeError: an invalid argument, named in the message.
@@ -357,9 +360,16 @@ class Pool:
         argument or result may be up to 128 MiB once pickled.
     """
 
+    def __new__(cls, *args: Any, cluster: str | None = None, **kwargs: Any) -> Any:
+        if cluster is None:
+            return super().__new__(cls)
+        from shmipc.cluster.ray_pool import RayPool     # imports Ray only when asked for
+
+        return RayPool(*args, cluster=cluster, **kwargs)
+
     def __init__(self, processes: int | None = None, initializer: Callable | None = None,
                  initargs: Iterable = (), maxtasksperchild: int | None = None,
-                 context: Any = None, retries: int = 0) -> None:
+                 context: Any = None, retries: int = 0, *, cluster: None = None) -> None:
         self._engine: _Engine | None = None
         self._engine = _Engine(processes, initializer, initargs, maxtasksperchild, context,
                                retries, name="ShmipcPoolWorker")
