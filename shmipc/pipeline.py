@@ -195,6 +195,9 @@ class Pipeline(Closeable):
             again before it fails with WorkerLost.
         stop_timeout: seconds workers get to finish (teardown) on close
             before they are killed.
+        cluster: None (default): this machine, through shared memory. "ray",
+            "ray://host:port" or "ray:ADDRESS": the same API on a Ray cluster
+            (a :class:`shmipc.cluster.RayPipeline` is returned; see shmipc.cluster).
 
     Raises:
         TypeError: `source` is not iterable.
@@ -207,9 +210,16 @@ class Pipeline(Closeable):
     _closed = False
     _owner_pid = 0
 
+    def __new__(cls, *args: Any, cluster: str | None = None, **kwargs: Any) -> Any:
+        if cluster is None:
+            return super().__new__(cls)
+        from shmipc.cluster.ray_pipeline import RayPipeline     # imports Ray only when asked for
+
+        return RayPipeline(*args, cluster=cluster, **kwargs)
+
     def __init__(self, source: Iterable[Any], *, ring_capacity: int = DEFAULT_RING_CAPACITY,
                  max_inflight: int = DEFAULT_MAX_INFLIGHT, on_error: str = "raise",
-                 retries: int = 0, stop_timeout: float = 1.0) -> None:
+                 retries: int = 0, stop_timeout: float = 1.0, cluster: None = None) -> None:
         self._owner_pid = os.getpid()
         try:
             self._source = iter(source)
