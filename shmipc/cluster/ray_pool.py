@@ -1,0 +1,588 @@
+"""shmipc.Pool's API on a Ray cluster: ``shmipc.Pool(n, cluster="ray")``.
+
+The workers are `n` Ray actors (one CPU each by default), placed by Ray
+anywhere on the cluster; tasks and results travel through Ray (its object
+store is shared memory on each node, the network between nodes). A
+bookkeeping thread sends each worker at most two chunks at a time and
+delivers results, as the shared-memory pool's does.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from multiprocessing import TimeoutError  # get() raises multiprocessing.TimeoutError, as mp
+from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
+from typing import Any, Callable, Iterable, Iterator
+
+from shmipc.cluster import connect
+from shmipc.cluster._actors import (E_DONE, E_FATAL, E_LOST, E_REQUEUE, K_CALL, K_MAP, K_STARMAP, POOL,
+                                    ActorGroup, poll)
+from shmipc.errors import WorkerLost
+
+__all__ = ["RayPool"]
+
+INIT, RUN, CLOSE, TERMINATE = "INIT", "RUN", "CLOSE", "TERMINATE"
+_IMAP_AHEAD = 256        # chunks of one imap job queued or running at once (as the shared-memory pool)
+_POLL_S = 0.02           # the bookkeeping thread's longest wait before it looks for new tasks
+_jobs = itertools.count()
+
+
+def _rebuild(err: tuple) -> BaseException:
+    exc, text, tb = err
+    if exc is None:
+        exc = MaybeEncodingError(text, "the exception raised in the worker does not pickle")
+    exc.__cause__ = RemoteTraceback(tb)
+    return exc
+
+
+def _run_callback(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except Exception:
+        import sys
+        import traceback
+
+        print("Exception in a shmipc.Pool callback:", file=sys.stderr)
+        traceback.print_exc()
+
+
+class _Task:
+    __slots__ = ("job", "index", "start", "kind", "func", "payload", "tries")
+
+    def __init__(self, job: Any, index: int, start: int, kind: int, func: Callable, payload: Any) -> None:
+        self.job = job
+        self.index = index
+        self.start = start
+        self.kind = kind
+        self.func = func
+        self.payload = payload
+        self.tries = 0
+
+    def describe(self) -> str:
+        name = getattr(self.func, "__qualname__", None) or repr(self.func)
+        return f"{name} (chunk {self.index})" if self.kind != K_CALL else name
+
+
+# ---------------------------------------------------------------------- results
+class ApplyResult:
+    """The result of apply_async, as the shared-memory pool's: ``get(timeout)``
+    returns the value or raises the worker's exception (its traceback as
+    ``__cause__``), WorkerLost, or multiprocessing.TimeoutError."""
+
+    def __init__(self, pool: "RayPool", callback: Callable | None, error_callback: Callable | None) -> None:
+        self._pool: Any = pool
+        self._event = threading.Event()
+        self._callback = callback
+        self._error_callback = error_callback
+        self._success = True
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> Any:
+        pool = self._pool
+        if pool is not None and pool._thread is threading.current_thread() and not self.ready():
+            raise RuntimeError("cannot wait for a pool result inside a pool callback")
+        self.wait(timeout)
+        if not self.ready():
+            raise TimeoutError
+        if self._success:
+            return self._value
+        raise self._value
+
+    def _deliver(self, task: _Task, ok: bool, value: Any) -> None:
+        self._success, self._value = ok, value
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._success and self._callback is not None:
+            _run_callback(lambda: self._callback(self._value))
+        if not self._success and self._error_callback is not None:
+            _run_callback(lambda: self._error_callback(self._value))
+        self._event.set()
+        self._pool = None
+
+
+AsyncResult = ApplyResult
+
+
+class MapResult(ApplyResult):
+    """map_async's result: ready when every chunk is back; the first error wins."""
+
+    def __init__(self, pool: "RayPool", length: int, chunks: int, callback: Callable | None,
+                 error_callback: Callable | None) -> None:
+        super().__init__(pool, callback, error_callback)
+        self._value = [None] * length
+        self._left = chunks
+
+    def _deliver(self, task: _Task, ok: bool, value: Any) -> None:
+        self._left -= 1
+        if ok and self._success:
+            self._value[task.start: task.start + len(value)] = value
+        elif not ok and self._success:
+            self._success, self._value = False, value
+        if self._left == 0:
+            self._finish()
+
+
+class IMapIterator:
+    """imap's iterator (imap_unordered's with ordered=False); ``next(timeout)``."""
+
+    def __init__(self, pool: "RayPool", ordered: bool, ahead: int) -> None:
+        self._pool: Any = pool
+        self._cond = threading.Condition(threading.Lock())
+        self._items: dict[int, tuple[bool, Any]] = {}
+        self._unordered: collections.deque = collections.deque()
+        self._ordered = ordered
+        self._index = 0
+        self._length: int | None = None
+        self._room = threading.Semaphore(ahead)
+
+    def __iter__(self) -> "IMapIterator":
+        return self
+
+    def next(self, timeout: float | None = None) -> Any:
+        pool = self._pool
+        if pool is not None and pool._thread is threading.current_thread():
+            raise RuntimeError("cannot iterate a pool's imap inside a pool callback")
+        try:
+            with self._cond:
+                deadline = None if timeout is None else time.monotonic() + timeout
+                while True:
+                    if self._ordered and self._index in self._items:
+                        ok, value = self._items.pop(self._index)
+                        break
+                    if not self._ordered and self._unordered:
+                        ok, value = self._unordered.popleft()
+                        break
+                    if self._length is not None and self._index >= self._length:
+                        self._pool = None
+                        raise StopIteration
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError
+                    self._cond.wait(left)
+                self._index += 1
+        except KeyboardInterrupt:
+            if pool is not None:
+                pool.terminate()
+            raise
+        if ok:
+            return value
+        raise value
+
+    __next__ = next
+
+    def _deliver(self, task: _Task, ok: bool, value: Any) -> None:
+        with self._cond:
+            self._room.release()
+            if self._ordered:
+                self._items[task.index] = (ok, value)
+            else:
+                self._unordered.append((ok, value))
+            self._cond.notify_all()
+
+    def _set_length(self, n: int) -> None:
+        with self._cond:
+            self._length = n
+            self._cond.notify_all()
+
+    def _fail(self, n: int, exc: BaseException) -> None:
+        """The input raised after `n` chunks: report it in its place."""
+        with self._cond:
+            if self._ordered:
+                self._items[n] = (False, exc)
+            else:
+                self._unordered.append((False, exc))
+            self._length = n + 1
+            self._cond.notify_all()
+
+
+# ---------------------------------------------------------------------- the pool
+class RayPool:
+    """``shmipc.Pool``'s API with its workers on a Ray cluster. Made by
+    ``shmipc.Pool(processes, ..., cluster="ray")`` (see :mod:`shmipc.cluster`
+    for the values of `cluster`).
+
+    Args:
+        processes: workers (Ray actors); default: the cluster's CPUs.
+        initializer, initargs: ``initializer(*initargs)`` runs first in each
+            worker (also in a replacement).
+        maxtasksperchild: a worker is replaced after this many tasks (chunks).
+        context: ignored (Ray starts its own worker processes; functions and
+            arguments are pickled with cloudpickle, so lambdas work).
+        retries: how many times a task whose worker died while running it is
+            run again (on another worker) before it fails with WorkerLost.
+        cluster: where to run (see shmipc.cluster).
+        ray_options: Ray actor options for each worker, e.g. ``{"num_cpus": 2}``
+            or ``{"resources": {...}, "runtime_env": {...}}`` (default one CPU).
+
+    Raises:
+        ValueError / TypeError: an invalid argument, named in the message;
+            more workers than the cluster has CPUs for.
+        ImportError: Ray is not installed.
+
+    What is the same as the shared-memory pool: map/starmap/imap/
+    imap_unordered/apply_async and their _async forms, chunking, callbacks
+    (in the pool's bookkeeping thread), the first error wins in map, the
+    worker's exception re-raised with its traceback as ``__cause__``, a
+    worker that dies (SIGKILL, OOM, a node lost) costs only the task it was
+    running (WorkerLost, or a re-run with `retries`) and is replaced,
+    terminate() fails pending results with ValueError, imap reads its input
+    only as workers need it, ``progress=True``, ``statistics()``.
+
+    What differs on Ray:
+      * workers are started by Ray, not forked: functions, arguments and
+        results are pickled (cloudpickle) and must be importable or
+        picklable on every node (install shmipc and your code there, or use
+        ``ray_options={"runtime_env": ...}``);
+      * a dead worker's exit code is not known: WorkerLost.exitcode is None
+        (its pid is known: the worker reports it when it starts);
+      * Ray must be running or startable: the first pool of a process may
+        start a local Ray instance (seconds), which lives as long as the process;
+      * each worker holds one CPU of the cluster for the pool's lifetime;
+        asking for more than the cluster has raises ValueError (Ray would
+        wait forever for the missing CPUs).
+    """
+
+    def __init__(self, processes: int | None = None, initializer: Callable | None = None,
+                 initargs: Iterable = (), maxtasksperchild: int | None = None, context: Any = None,
+                 retries: int = 0, *, cluster: str = "ray", ray_options: dict | None = None) -> None:
+        self._state = INIT
+        self._group: ActorGroup | None = None     # set first: terminate()/__del__ read them
+        self._thread: threading.Thread | None = None
+        if processes is not None and (not isinstance(processes, int) or isinstance(processes, bool)
+                                      or processes < 1):
+            raise ValueError(f"Number of processes must be at least 1, got {processes!r}")
+        if maxtasksperchild is not None and (not isinstance(maxtasksperchild, int)
+                                             or isinstance(maxtasksperchild, bool) or maxtasksperchild < 1):
+            raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasksperchild!r}")
+        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+            raise ValueError(f"retries must be an int >= 0, got {retries!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        ray = connect(cluster)
+        options = dict(ray_options or {})
+        cpus = float(ray.cluster_resources().get("CPU", 0))
+        per = float(options.get("num_cpus", 1))
+        if processes is None:
+            processes = max(int(cpus // per) if per else int(cpus), 1)
+        if processes * per > cpus:
+            raise ValueError(f"{processes} workers of {per:g} CPU each need {processes * per:g} CPUs; "
+                             f"the Ray cluster has {cpus:g} (use fewer processes, or "
+                             f"ray_options={{'num_cpus': ...}})")
+        self._ray = ray
+        self._processes = processes
+        self._retries = retries
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._queue: collections.deque[_Task] = collections.deque()
+        self._feeders: set[threading.Thread] = set()
+        self._stats = {"worker_deaths": 0, "tasks_lost": 0, "tasks_retried": 0}
+        self._group = ActorGroup(ray, "pool", processes, POOL, None, initializer, initargs,
+                                 depth=2, max_calls=maxtasksperchild, options=options)
+        self._thread = threading.Thread(target=self._run, name="shmipc-ray-pool", daemon=True)
+        self._state = RUN
+        self._thread.start()
+
+    # -------------------------------------------------------- state
+    def _check_running(self) -> None:
+        if self._state != RUN:
+            raise ValueError("Pool not running")
+
+    def __repr__(self) -> str:
+        return f"<shmipc.cluster.RayPool state={self._state} pool_size={getattr(self, '_processes', 0)}>"
+
+    def __reduce__(self) -> Any:
+        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
+
+    def statistics(self) -> dict[str, int]:
+        """Worker deaths, tasks lost with a worker, tasks retried, in flight, queued."""
+        with self._lock:
+            g = self._group
+            return {**self._stats, "worker_deaths": g.deaths if g else 0,
+                    "in_flight": g.busy() if g else 0, "queued": len(self._queue),
+                    "processes": getattr(self, "_processes", 0)}
+
+    def worker_pids(self) -> list[int]:
+        """The started workers' pids (on their nodes)."""
+        with self._lock:
+            return self._group.pids() if self._group else []
+
+    # -------------------------------------------------------- the bookkeeping thread
+    def _submit(self, tasks: Iterable[_Task]) -> None:
+        with self._lock:
+            if self._state == TERMINATE:
+                raise ValueError("Pool not running")
+            self._queue.extend(tasks)
+        self._wake.set()
+
+    def _run(self) -> None:
+        group = self._group
+        assert group is not None
+        while True:
+            with self._lock:
+                if self._state == TERMINATE:
+                    return
+                while self._queue and group.room():
+                    t = self._queue[0]
+                    group.submit(t, "task", t.kind, t.func, t.payload)
+                    self._queue.popleft()
+                idle = not self._queue and not group.busy() and not self._feeders
+                if self._state == CLOSE and idle:
+                    break
+            try:
+                events = poll(self._ray, [group], _POLL_S)
+            except Exception:           # Ray is shutting down under us
+                if self._state == TERMINATE:
+                    return
+                raise
+            if not events:
+                if not group.busy():
+                    self._wake.wait(_POLL_S)
+                    self._wake.clear()
+                continue
+            for kind, _g, _slot, call, value in events:
+                if kind == E_FATAL:
+                    self._fatal(value)
+                    return
+                task: _Task = call.job
+                if kind == E_DONE:
+                    if isinstance(value, tuple):
+                        ok, v = value
+                        task.job._deliver(task, ok, v if ok else _rebuild(v))
+                    else:                # Ray failed the call itself
+                        task.job._deliver(task, False, value)
+                elif kind == E_REQUEUE:
+                    with self._lock:
+                        self._queue.appendleft(task)
+                elif kind == E_LOST:
+                    if task.tries < self._retries:
+                        task.tries += 1
+                        with self._lock:
+                            self._stats["tasks_retried"] += 1
+                            self._queue.appendleft(task)
+                    else:
+                        with self._lock:
+                            self._stats["tasks_lost"] += 1
+                        task.job._deliver(task, False, WorkerLost(value, None, task=task.describe()))
+        group.stop(timeout=1.0)
+
+    def _fatal(self, value: tuple) -> None:
+        pid, err = value
+        if isinstance(err, tuple):
+            exc: BaseException = RuntimeError(f"pool workers cannot start: the initializer raised {err[1]}")
+            exc.__cause__ = RemoteTraceback(err[2])
+        else:
+            exc = RuntimeError(f"pool workers cannot start: {err}")
+        self._fail_pending(exc)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        """Terminate: every task not delivered fails with `exc`."""
+        with self._lock:
+            self._state = TERMINATE
+            tasks = list(self._queue)
+            self._queue.clear()
+            group = self._group
+            if group is not None:
+                for s in group.slots:
+                    tasks += [c.job for c in s.calls]
+        if group is not None:
+            group.stop(0, graceful=False)
+        for t in tasks:
+            t.job._deliver(t, False, exc)
+        self._wake.set()
+
+    # -------------------------------------------------------- one call
+    def apply(self, func: Callable, args: tuple = (), kwds: dict = {}) -> Any:  # noqa: B006 (as mp)
+        """Call func(*args, **kwds) in a worker and return its result."""
+        self._check_running()
+        return self._wait(self.apply_async(func, args, kwds))
+
+    def apply_async(self, func: Callable, args: tuple = (), kwds: dict = {}, callback: Callable | None = None,  # noqa: B006
+                    error_callback: Callable | None = None) -> ApplyResult:
+        """Call func(*args, **kwds) in a worker; returns an AsyncResult."""
+        self._check_running()
+        result = ApplyResult(self, callback, error_callback)
+        self._submit([_Task(result, 0, 0, K_CALL, func, (tuple(args), dict(kwds)))])
+        return result
+
+    # -------------------------------------------------------- map
+    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, *,
+            progress: bool = False) -> list:
+        """[func(x) for x in iterable], computed by the workers in chunks."""
+        self._check_running()
+        if progress:
+            items = iterable if hasattr(iterable, "__len__") else list(iterable)
+            return list(self.imap(func, items, chunksize or self._default_chunksize(items), progress=True))
+        return self._wait(self._map_async(func, iterable, K_MAP, chunksize))
+
+    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
+        """[func(*args) for args in iterable], in chunks as map()."""
+        self._check_running()
+        return self._wait(self._map_async(func, iterable, K_STARMAP, chunksize))
+
+    def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+                  callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
+        """map() without waiting: returns an AsyncResult of the list."""
+        self._check_running()
+        return self._map_async(func, iterable, K_MAP, chunksize, callback, error_callback)
+
+    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
+                      callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
+        """starmap() without waiting: returns an AsyncResult of the list."""
+        self._check_running()
+        return self._map_async(func, iterable, K_STARMAP, chunksize, callback, error_callback)
+
+    def _default_chunksize(self, items: Any) -> int:
+        chunksize, extra = divmod(len(items), self._processes * 4)
+        return max(chunksize + bool(extra), 1)
+
+    def _map_async(self, func: Callable, iterable: Iterable, kind: int, chunksize: int | None,
+                   callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
+        items = iterable if isinstance(iterable, (list, tuple, range)) else list(iterable)
+        if chunksize is None:
+            chunksize = self._default_chunksize(items) if items else 0
+        _check_chunksize(chunksize, allow_zero=not items)
+        starts = range(0, len(items), chunksize) if items else range(0)
+        result = MapResult(self, len(items), len(starts), callback, error_callback)
+        if not items:
+            result._finish()
+            return result
+        self._submit([_Task(result, i, s, kind, func, list(items[s: s + chunksize]))
+                      for i, s in enumerate(starts)])
+        return result
+
+    def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1, *,
+             progress: bool = False) -> Iterator:
+        """Like map() but returns an iterator (in input order); reads the input lazily."""
+        return self._imap(func, iterable, chunksize, True, progress, "Pool.imap")
+
+    def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int = 1, *,
+                       progress: bool = False) -> Iterator:
+        """Like imap() but yields results as they complete."""
+        return self._imap(func, iterable, chunksize, False, progress, "Pool.imap_unordered")
+
+    def _imap(self, func: Callable, iterable: Iterable, chunksize: int, ordered: bool,
+              progress: bool, desc: str) -> Iterator:
+        self._check_running()
+        _check_chunksize(chunksize)
+        total = len(iterable) if hasattr(iterable, "__len__") else None
+        job = IMapIterator(self, ordered, ahead=max(_IMAP_AHEAD, 4 * self._processes))
+        feeder = threading.Thread(target=self._feed, args=(job, func, iterable, chunksize),
+                                  name="shmipc-ray-imap-feeder", daemon=True)
+        with self._lock:
+            self._feeders.add(feeder)
+        feeder.start()
+        out: Iterator = job if chunksize == 1 else (item for chunk in job for item in chunk)
+        if progress:
+            from shmipc.progress import track
+
+            out = track(out, total=total, desc=desc)
+        return out
+
+    def _feed(self, job: IMapIterator, func: Callable, iterable: Iterable, chunksize: int) -> None:
+        """An imap job's input, read in its own thread (it may block) only as
+        chunks come back: at most `ahead` chunks queued or running."""
+        index = start = 0
+        kind = K_CALL if chunksize == 1 else K_MAP
+        try:
+            it = iter(iterable)
+            while True:
+                while not job._room.acquire(timeout=0.1):
+                    if self._state == TERMINATE:
+                        return
+                if self._state == TERMINATE:
+                    return
+                try:
+                    items = list(itertools.islice(it, chunksize))
+                except Exception as exc:
+                    job._fail(index, exc)
+                    return
+                if not items:
+                    job._set_length(index)
+                    return
+                payload: Any = ((items[0],), {}) if kind == K_CALL else items
+                try:
+                    self._submit([_Task(job, index, start, kind, func, payload)])
+                except ValueError as exc:        # terminated meanwhile
+                    job._fail(index, exc)
+                    return
+                index += 1
+                start += len(items)
+        except Exception as exc:
+            job._fail(index, exc)
+        finally:
+            with self._lock:
+                self._feeders.discard(threading.current_thread())
+            self._wake.set()
+
+    def _wait(self, result: ApplyResult) -> Any:
+        try:
+            return result.get()
+        except KeyboardInterrupt:
+            self.terminate()
+            raise
+
+    # -------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """No more tasks: the workers end once everything queued is done."""
+        with self._lock:
+            if self._state == RUN:
+                self._state = CLOSE
+        self._wake.set()
+
+    def terminate(self) -> None:
+        """Kill the workers now; results still pending fail with ValueError."""
+        if self._state == TERMINATE or self._group is None:
+            self._state = TERMINATE
+            return
+        self._fail_pending(ValueError("Pool was terminated"))
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+
+    def join(self) -> None:
+        """Wait for the workers to end (after close() or terminate())."""
+        if self._state == RUN:
+            raise ValueError("Pool is still running")
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def __enter__(self) -> "RayPool":
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", INIT) not in (RUN, CLOSE):
+            return
+        if self._state == RUN:
+            import warnings
+
+            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, source=self)
+        try:
+            self.terminate()
+        except Exception:
+            pass
+
+
+def _check_chunksize(chunksize: Any, allow_zero: bool = False) -> None:
+    if not isinstance(chunksize, int) or isinstance(chunksize, bool):
+        raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
+    if chunksize < 1 and not (allow_zero and chunksize == 0):
+        raise ValueError(f"Chunksize must be 1+, not {chunksize}")
