@@ -13,51 +13,47 @@ How it works
 One arena holds one ring per stage (its input) plus an output ring read by
 the parent. The parent is single-threaded: it reads the source only while
 the first ring has room and fewer than ``max_inflight`` items are inside the
-pipeline, and it drains the output ring; so memory stays bounded with an
-infinite source (backpressure), and a Ctrl-C in the parent lands in its own
-thread. Workers start when ``results()`` does, forked (so stages may be
-lambdas or closures, and nothing is pickled to start them) by the
-single-threaded zygote of a :class:`shmipc._workers.Supervisor`; each takes
-one item at a time from its stage's ring and puts what it makes into the next
-ring (the last stage into the output ring). Every worker stage also writes
-errors, and "no output" credits, straight to the output ring.
+pipeline, and it drains the output ring at least every few milliseconds
+(also while a slow live source trickles in); so memory stays bounded with an
+infinite source (backpressure), results leave as soon as they are ready, and
+a Ctrl-C in the parent lands in its own thread. Workers start when
+``results()`` does, forked (so stages may be lambdas or closures, and nothing
+is pickled to start them) by the single-threaded zygote of a
+:class:`shmipc._workers.Supervisor`; each takes one item at a time from its
+stage's ring and puts what it makes into the next ring (the last stage into
+the output ring). Every worker stage also writes errors, and "no output"
+credits, straight to the output ring.
 
-Every message carries an envelope ``(seq, credit, path, value, meta)``:
-  * ``seq`` is the source position; results are yielded in ``seq`` order
-    (a reorder buffer in the parent, bounded by ``max_inflight``) unless a
-    stage was declared ``ordered=False``;
-  * ``credit`` is an exponent e (the message carries 2**-e of its source
-    item); a generator stage splits its input's credit among the outputs it
-    yields (halving as it goes, so every share is still a power of two), and
-    an input that yields nothing, fails, or is lost with its worker returns
-    its credit straight to the parent. An item is finished when the credits
-    the parent got for it add up to 1: that is how the parent knows all
-    outputs of a fanned-out item have arrived, without counting them first;
-  * ``path`` holds the output index at each generator stage, so outputs of
-    one item are yielded in the order the generators made them.
-  * a numpy array (of a plain dtype) travels as its raw data, a pickle-5
-    out-of-band buffer that the ring copies straight in and out, with
-    ``meta = (dtype.str, shape)`` to rebuild it: the array is never pickled
-    (numpy's own pickling would cost ~6 us per hop); only the few-dozen-byte
-    envelope is. Other values travel as themselves (meta None). A stage
-    with ``zero_copy=True`` even reads its input arrays in place in the ring.
+Where things are:
+  * this module: the API and the parent's loop (feed, drain, reap);
+  * :mod:`shmipc._pipeline_sched`: the scheduler, pure code: credits (how
+    the parent knows a fanned-out item is finished), reordering, and what a
+    dead worker's slot says was lost;
+  * :mod:`shmipc._pipeline_worker`: the worker loop;
+  * :mod:`shmipc._pipeline_wire`: the messages (a value that fails to pickle
+    or unpickle fails its item, naming it; numpy arrays travel as raw data).
 
 Failure model
 -------------
   * An exception in a stage goes back to the parent with the worker's
     traceback (as ``__cause__``), and is handled by the stage's ``on_error``:
     "raise" (in source order, after the results before it), "skip", or
-    "collect" (kept in ``Pipeline.errors``).
-  * A worker that dies (SIGKILL, OOM, os._exit) is replaced. What it was
-    working on is known from its slot in shared memory: the item fails with
+    "collect" (kept in ``Pipeline.errors``). So is a value (source item,
+    result, exception) that cannot be pickled or unpickled: it fails its
+    item only.
+  * A worker that dies (SIGKILL, OOM, os._exit), busy or idle, is replaced.
+    What it was working on, and which of its outputs were committed, is
+    known from its slot in shared memory: every share of an item is counted
+    exactly once (see shmipc._pipeline_sched). Its item fails with
     :class:`~shmipc.errors.WorkerLost` under ``on_error``, or is retried up
-    to ``retries`` times (the worker keeps a copy of its current input in a
-    small ring of its own when retries are on). A generator item whose
-    outputs were partly sent is not retried (that would duplicate them).
+    to ``retries`` times if it had sent nothing yet (the worker keeps a copy
+    of its current input in a small ring of its own when retries are on).
     If a worker dies in the instant between taking an item and writing its
     slot, nothing records the item: once nothing has moved for QUIET_S with
-    every ring empty and every worker idle, unfinished items fail with
+    every ring empty and no worker busy, unfinished items fail with
     WorkerLost (so nothing hangs), and a late result is dropped (counted).
+  * Only workers that keep dying before their setup finished stop the
+    pipeline (PipelineError, after MAX_START_DEATHS in a row).
   * ``close()`` (also on leaving the ``with`` block, breaking out of
     ``results()``, or an exception) tells the workers to stop, shuts the rings
     down (waking every waiter), gives them ``stop_timeout`` seconds to run
@@ -68,23 +64,21 @@ Failure model
 """
 from __future__ import annotations
 
-import inspect
 import os
 import pickle
 import queue
-import sys
 import time
-import traceback
-import types
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from shmipc import _ring
-from shmipc._workers import parent_alive
-from shmipc.arena import Arena
 from shmipc._lifetime import Closeable
+from shmipc._pipeline_sched import (MAX_PATH, S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, Raise,
+                                    Scheduler, SlotRecord, StageFailure, StageRule)
+from shmipc._pipeline_wire import (K_DONE, K_ERROR, K_FATAL, K_RESULT, PipelineError,
+                                   RemoteTraceback, pack, rebuild_error, repack, unpack)
 from shmipc._proc import steady_malloc
-from shmipc.errors import MessageTooLarge, PeerDied, ShmipcError, WorkerLost
+from shmipc.arena import Arena
+from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
 
 __all__ = ["Pipeline", "PipelineError", "RemoteTraceback", "StageFailure"]
 
@@ -92,68 +86,13 @@ ON_ERROR = ("raise", "skip", "collect")
 DEFAULT_RING_CAPACITY = 4 << 20
 DEFAULT_MAX_INFLIGHT = 256
 
-# output-ring record kinds: (kind, seq, credit, path, value, meta)
-K_RESULT = 0     # value is a result
-K_DONE = 1       # no value: just returns credit (an input that yielded nothing)
-K_ERROR = 2      # value is (stage index, exception or None, repr, traceback text)
-K_FATAL = 3      # a stage's setup() failed: the pipeline cannot run
-
-# Worker slots: one row of SLOT_WORDS int64 per worker in a shared block, written
-# by the worker, read by the parent after the worker died, to learn what it held.
-#   [0] state, [1] seq, [2] credit exponent, [3] outputs sent so far,
-#   [4] path length, [5:] path
-S_IDLE, S_BUSY, S_DONE = 0, 1, 2
-SLOT_WORDS = 32
-MAX_PATH = SLOT_WORDS - 5
-
-OUT_OF_BAND_MIN = 4096   # bytes: smaller bytes values are cheaper pickled in band
 BATCH_BYTES = 128 << 10  # results taken at once, in bytes (malloc's trim threshold)
 POLL_S = 0.05            # parent's longest sleep before it looks at its workers
-WORKER_POLL_S = 0.5      # worker's longest sleep before it looks at the stop flag
+FEED_SLICE_S = 0.002     # longest the parent reads the source before it drains results
 REAP_EVERY_S = 0.1       # how often the parent checks for dead workers
 QUIET_S = 1.0            # nothing moving this long after a death: stuck items are lost
-MAX_START_DEATHS = 3     # replacements that die before taking an item, in a row
-
-
-class PipelineError(ShmipcError):
-    """The pipeline cannot go on: a stage's setup() failed, its workers keep
-    dying at start, or a worker's exception could not be sent back as is."""
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, attached as the
-    ``__cause__`` of the exception re-raised in the parent."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
-
-
-@dataclass
-class StageFailure:
-    """One failed item, as kept in ``Pipeline.errors`` with on_error="collect".
-
-    ``seq`` is the item's position in the source; ``exception`` has the
-    worker's traceback as ``__cause__`` (a RemoteTraceback), also in
-    ``traceback`` as text.
-    """
-
-    stage: str
-    seq: int
-    exception: BaseException
-    traceback: str
-
-
-class _Raise:
-    """A failure waiting in the output queue for its turn to be raised."""
-
-    __slots__ = ("exc",)
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
+MAX_START_DEATHS = 5     # workers of a stage dying before their setup finished, in a row
+SPAWN_GIVE_UP_S = 15.0   # a worker that cannot be started for this long stops the pipeline
 
 
 class _Stage:
@@ -175,7 +114,7 @@ class _Stage:
         self.stashes: list[Any] = []     # per worker: its current input (retries only)
         self.pids: list[int] = []        # per worker slot: pid, 0 when none
         self.deaths = 0
-        self.start_deaths = 0            # deaths in a row of workers that took no item
+        self.start_deaths = 0            # deaths in a row of workers that had not finished setup
 
 
 class Pipeline(Closeable):
@@ -294,6 +233,9 @@ class Pipeline(Closeable):
         self._stages.append(_Stage(len(self._stages), fn, workers, bool(ordered), on_error,
                                    retries, capacity, str(name), bool(zero_copy)))
         regions = self._regions_needed()
+        if len(self._stages) > MAX_PATH:
+            self._stages.pop()
+            raise ValueError(f"too many stages: at most {MAX_PATH}")
         if regions > 60:
             self._stages.pop()
             raise ValueError(f"too many rings for one arena: this stage would need {regions} regions "
@@ -348,7 +290,7 @@ class Pipeline(Closeable):
             for s in self._stages:
                 out[s.name] = f"{s.ring.stats()['bytes_used'] / s.ring.capacity:.0%}"
             out["out"] = f"{self._out.stats()['bytes_used'] / self._out.capacity:.0%}"
-        except ValueError:       # closed under us
+        except RingClosed:       # closed under us
             pass
         return out
 
@@ -358,12 +300,16 @@ class Pipeline(Closeable):
 
     def stats(self) -> dict[str, Any]:
         """Items fed and completed, errors collected, late messages dropped
-        (for items settled after their worker died); per stage: workers,
-        deaths, and while running, items in/taken and its input ring's fill."""
-        out: dict[str, Any] = {"fed": getattr(self, "_next_seq", 0),
-                               "completed": getattr(self, "_ncomplete", 0),
+        (for items settled after their worker died), items retried and
+        shares lost with a worker; per stage: workers, deaths, and while
+        running, items in/taken and its input ring's fill."""
+        sched = getattr(self, "_sched", None)
+        out: dict[str, Any] = {"fed": sched.next_seq if sched else 0,
+                               "completed": sched.ncomplete if sched else 0,
                                "errors": len(self.errors),
-                               "late_dropped": getattr(self, "_dropped", 0), "stages": []}
+                               "late_dropped": sched.dropped if sched else 0,
+                               "retried": sched.retried if sched else 0,
+                               "lost": sched.lost if sched else 0, "stages": []}
         for s in self._stages:
             row: dict[str, Any] = {"name": s.name, "workers": s.workers, "deaths": s.deaths}
             if s.ring is not None and not s.ring.closed:
@@ -402,36 +348,15 @@ class Pipeline(Closeable):
         except BaseException:
             self.close()
             raise
-        # The parent's iteration state.
-        # Invariants (between two steps of _iterate):
-        #   * every seq in [0, _next_seq) was read from the source exactly once;
-        #     it is in _outstanding until its credits add up to 1 (or it is
-        #     settled as lost), then counted in _ncomplete;
-        #   * ordered: seqs < _emit_seq have had their results moved to _ready;
-        #     a finished seq >= _emit_seq waits in _complete with its results
-        #     in _held; _next_seq - _emit_seq <= max_inflight bounds both;
-        #   * unordered: _next_seq - _ncomplete <= max_inflight;
-        #   * a message for a seq not in _outstanding is late (its item was
-        #     settled after a worker died) and is dropped, never yielded.
-        self._next_seq = 0                    # next source position to read
-        self._emit_seq = 0                    # next position to yield (ordered)
-        self._ncomplete = 0                   # items finished
-        self._exhausted = False
-        self._ordered = all(s.ordered for s in self._stages)
+        self._sched = Scheduler([StageRule(s.name, s.on_error, s.retries) for s in self._stages],
+                                all(s.ordered for s in self._stages), self._max_inflight, self.errors)
         self._unsent: tuple | None = None     # an envelope read from the source, not yet in ring 0
         self._requeue: list[tuple[_Stage, tuple]] = []   # retried items waiting for room
-        self._partial: dict[int, tuple[int, int]] = {}   # seq -> (numerator, exponent) of credit
-        self._held: dict[int, list[tuple[tuple, Any]]] = {}   # seq -> [(path, value)] (ordered)
-        self._failed: dict[int, BaseException] = {}       # seq -> exception to raise (ordered)
-        self._complete: set[int] = set()      # finished seqs not yet yielded (ordered)
-        self._outstanding: set[int] = set()   # seqs read and not finished
-        self._ready: list[Any] = []           # results (and _Raise) to yield, in order
-        self._attempts: dict[tuple, int] = {} # (stage, seq, path) -> tries so far
-        self._dropped = 0                     # late messages for items already finished
+        self._respawn: dict[int, tuple[float, str]] = {}  # slot -> (first failure, why)
         self._last_reap = time.monotonic()
         self._last_move = time.monotonic()
         self._moves = -1
-        self._lost_any = False
+        self._maybe_lost = False              # a death may have lost an item without a trace
         self._started = True
         try:
             self._start_workers()
@@ -451,7 +376,7 @@ class Pipeline(Closeable):
         self._sup = Supervisor(_worker_entry, (self,), context="fork", name="shmipc-pipeline")
         slots = [s.slot_base + j for s in self._stages for j in range(s.workers)]
         for k in slots:
-            self._slots[k * SLOT_WORDS] = S_IDLE
+            self._slots[k * SLOT_WORDS] = S_STARTING
         for k, pid in self._sup.start(slots).items():
             s, j = self._slot_owner(k)
             s.pids[j] = pid
@@ -463,55 +388,78 @@ class Pipeline(Closeable):
         raise AssertionError(f"no stage has worker slot {k}")
 
     def _spawn(self, s: _Stage, j: int) -> None:
-        """Start a replacement for slot j of stage s."""
+        """Start a replacement for slot j of stage s; if it cannot be started
+        now (its helper is being replaced, fork failed), try again at the
+        next reap, for up to SPAWN_GIVE_UP_S."""
         k = s.slot_base + j
-        self._slots[k * SLOT_WORDS] = S_IDLE
-        s.pids[j] = self._sup.spawn(k)
+        self._slots[k * SLOT_WORDS] = S_STARTING
+        try:
+            s.pids[j] = self._sup.spawn(k)
+        except (OSError, ValueError) as exc:   # Supervisor.spawn's "cannot now"
+            first = self._respawn.get(k, (time.monotonic(), ""))[0]
+            self._respawn[k] = (first, f"{type(exc).__name__}: {exc}")
+            return
+        self._respawn.pop(k, None)
+
+    def _retry_spawns(self) -> None:
+        for k, (first, why) in list(self._respawn.items()):
+            s, j = self._slot_owner(k)
+            self._spawn(s, j)
+            if k in self._respawn and time.monotonic() - first > SPAWN_GIVE_UP_S:
+                raise PipelineError(f"cannot start a worker for stage {s.name!r} for "
+                                    f"{SPAWN_GIVE_UP_S:.0f} s: {why}")
 
     def _reap(self) -> None:
         """Find dead workers; settle what they held and start replacements."""
+        if self._respawn:
+            self._retry_spawns()
+        dead = []
         for ev in self._sup.poll():
             s, j = self._slot_owner(ev.slot)
             if s.pids[j] == ev.pid:
                 s.pids[j] = 0
-                self._worker_died(s, j, ev.pid, ev.exitcode)
+                s.deaths += 1
+                dead.append((s, j, ev.pid, ev.exitcode))
+        for s in self._stages:
+            if s.start_deaths and any(pid and self._slots[(s.slot_base + j) * SLOT_WORDS] != S_STARTING
+                                      for j, pid in enumerate(s.pids)):
+                s.start_deaths = 0               # a worker of it got through setup
+        if not dead:
+            return
+        # what a dead worker committed to the output ring is there now: take
+        # it all before deciding what it lost (so a delivered result counts)
+        self._drain_all()
+        for s, j, pid, exitcode in dead:
+            self._worker_died(s, j, pid, exitcode)
 
     def _worker_died(self, s: _Stage, j: int, pid: int, exitcode: int | None) -> None:
-        s.deaths += 1
-        self._lost_any = True
-        slots = self._slots
         base = (s.slot_base + j) * SLOT_WORDS
-        state, seq, credit, sent, npath = slots[base: base + 5]
-        path = tuple(slots[base + 5: base + 5 + npath]) if 0 < npath <= MAX_PATH else ()
+        rec = SlotRecord.from_words(self._slots[base: base + SLOT_WORDS])
         stashed = None
         if s.stashes:
             try:
                 stashed = s.stashes[j].get_nowait()
             except queue.Empty:
                 pass
-        if state == S_IDLE and stashed is not None:
-            # died between keeping its copy and marking itself busy: not started yet
-            seq, credit, path = stashed[0], stashed[1], stashed[2]
-            state, sent = S_BUSY, 0
-        if state == S_BUSY:
-            s.start_deaths = 0
-            key = (s.index, seq, path)
-            tries = self._attempts.get(key, 0) + 1
-            if stashed is not None and sent == 0 and tries <= s.retries:
-                self._attempts[key] = tries
-                self._requeue.append((s, stashed))
-            else:
-                self._attempts.pop(key, None)
-                exc = WorkerLost(pid, exitcode, task=f"item {seq} of stage {s.name!r}")
-                self._settle_error(s, seq, credit + sent, exc, "")
-        elif state == S_DONE:
-            s.start_deaths = 0
-        elif state == S_IDLE:
+            except Exception:
+                stashed = None            # a copy that does not decode: as if none
+        if rec is None or rec.state == S_STARTING:
             s.start_deaths += 1
             if s.start_deaths >= MAX_START_DEATHS:
                 raise PipelineError(
-                    f"workers of stage {s.name!r} keep dying before taking an item (last: pid "
+                    f"workers of stage {s.name!r} keep dying before their setup finished (last: pid "
                     f"{pid}, {WorkerLost(pid, exitcode).how}); giving up")
+        elif rec.state not in (S_BUSY, S_DONE) and stashed is None:
+            # idle, or between taking an item and writing it down
+            self._maybe_lost = True
+        name = s.name
+
+        def lost(seq: int) -> BaseException:
+            return WorkerLost(pid, exitcode, task=f"item {seq} of stage {name!r}")
+
+        env = self._sched.worker_lost(s.index, rec, stashed, lost)
+        if env is not None:
+            self._requeue.append((s, env))
         if not self._closed:
             self._spawn(s, j)
 
@@ -527,7 +475,7 @@ class Pipeline(Closeable):
             for s in self._stages:
                 s.ring.shutdown()
             self._out.shutdown()
-        except ValueError:
+        except RingClosed:
             pass
         deadline = time.monotonic() + self._stop_timeout
         while sup.pids():
@@ -542,11 +490,11 @@ class Pipeline(Closeable):
     # ------------------------------------------------------------ the parent loop
     def _iterate(self) -> Iterator[Any]:
         out = self._out
-        ready = self._ready
+        sched = self._sched
         try:
             while not self._closed:
                 more = self._feed()
-                if self._exhausted and self._next_seq == self._ncomplete and not ready:
+                if sched.finished:
                     return
                 try:
                     # batches of about BATCH_BYTES: every result taken is a fresh
@@ -554,7 +502,7 @@ class Pipeline(Closeable):
                     # at once malloc hands the memory back to the kernel, then
                     # faults it in again for the next batch (measured: 5 page
                     # faults per 64 KiB item, a third of the parent's time)
-                    if more:
+                    if more or sched.ready:
                         msgs = out.get_many(1024, False, max_bytes=BATCH_BYTES)
                     else:
                         msgs = out.get_many(1024, True, POLL_S, max_bytes=BATCH_BYTES)
@@ -566,15 +514,13 @@ class Pipeline(Closeable):
                 if now - self._last_reap >= REAP_EVERY_S:
                     self._last_reap = now
                     self._reap()
-                    if self._lost_any:
+                    if self._maybe_lost:
                         # also with the source not done: at max_inflight, a lost
                         # head item would otherwise stall an ordered pipeline
                         self._settle_stuck(now)
-                if ready:
-                    items = ready[:]
-                    ready.clear()
-                    for item in items:
-                        if type(item) is _Raise:
+                if sched.ready:
+                    for item in sched.take_ready():
+                        if type(item) is Raise:
                             raise item.exc
                         yield item
                         if self._closed:
@@ -584,192 +530,137 @@ class Pipeline(Closeable):
 
     def _feed(self) -> bool:
         """Move retried items and source items into the rings, without
-        blocking. True if there is more to feed right now (so the caller
-        should not sleep)."""
+        blocking, for at most FEED_SLICE_S. True if there is more to feed
+        right now (so the caller should not sleep)."""
         if self._requeue:
             keep = []
             for s, env in self._requeue:
                 try:
-                    s.ring.put_nowait(_repack(env))
+                    s.ring.put_nowait(repack(env))
                 except queue.Full:
                     keep.append((s, env))
             self._requeue[:] = keep
         # One item at a time: a source that blocks (a socket, a queue) must not
-        # hold back items it already produced, waiting to fill a batch.
-        ring = self._stages[0].ring
-        put = ring.put_nowait
+        # hold back items it already produced, waiting to fill a batch; and
+        # back to the results after a slice, however slow the source is.
+        sched = self._sched
+        put = self._stages[0].ring.put_nowait
         source = self._source
-        budget = 1024            # then drain the output for a while
-        while budget > 0:
+        t0 = time.monotonic()
+        while True:
             env = self._unsent
             if env is None:
-                if self._exhausted:
-                    return False
-                # ordered: finished items wait in the reorder buffer until they
-                # are yielded, so they count as inside the pipeline until then
-                done = self._emit_seq if self._ordered else self._ncomplete
-                if self._next_seq - done >= self._max_inflight:
+                if sched.exhausted or not sched.can_admit():
                     return False
                 try:
                     item = next(source)
                 except StopIteration:
-                    self._exhausted = True
+                    sched.exhausted = True
                     return False
-                seq = self._next_seq
-                env = (seq, 0, (), *_pack(item))
-                self._outstanding.add(seq)
-                self._next_seq = seq + 1
+                seq = sched.admit()
+                try:
+                    env = (seq, 0, (), *pack(item))
+                except Exception as exc:
+                    self._source_item_failed(seq, exc)
+                    continue
             try:
                 put(env)
             except queue.Full:
                 self._unsent = env
                 return False
-            except _ring_message_errors() as exc:
+            except (MessageTooLarge, pickle.PicklingError, TypeError, AttributeError) as exc:
                 self._unsent = None
-                hint = ("; give Pipeline or stage() a larger ring_capacity"
-                        if isinstance(exc, MessageTooLarge) else "")
-                exc.add_note(f"(source item {env[0]}, going to stage {self._stages[0].name!r}{hint})")
-                raise
+                self._source_item_failed(env[0], exc)
+                continue
             self._unsent = None
-            budget -= 1
-        return True
+            if time.monotonic() - t0 >= FEED_SLICE_S:
+                return True
+
+    def _source_item_failed(self, seq: int, exc: BaseException) -> None:
+        """A source item that cannot be sent to the first stage fails alone."""
+        hint = ("; give Pipeline or stage() a larger ring_capacity"
+                if isinstance(exc, MessageTooLarge) else "")
+        exc.add_note(f"(source item {seq}, going to stage {self._stages[0].name!r}{hint})")
+        self._sched.error(0, seq, 0, (), exc)
+
+    def _drain_all(self) -> None:
+        """Handle every message now in the output ring."""
+        out = self._out
+        target = out.stats()["messages_in"]
+        while out.stats()["messages_out"] < target:
+            try:
+                msgs = out.get_many(1024, False)
+            except queue.Empty:
+                return
+            self._handle_batch(msgs)
 
     def _handle_batch(self, msgs: list) -> None:
-        """Handle output messages; the common one (a whole item's only result)
-        on a fast path, the rest in _handle."""
-        outstanding = self._outstanding
-        ready = self._ready
-        ordered = self._ordered
+        """Hand output messages to the scheduler; the common one (a whole
+        item's only result, a native value) on a fast path."""
+        sched = self._sched
         for msg in msgs:
-            kind, seq, credit, path, value, meta = msg
-            # credit 0: this is the item's one and only message
-            if kind != K_RESULT or credit != 0 or seq not in outstanding:
-                self._handle(msg)
-                continue
-            if meta is not None:
-                value = _unpack(value, meta)
-            outstanding.discard(seq)
-            self._ncomplete += 1
-            if not ordered:
-                ready.append(value)
-            elif seq == self._emit_seq:
-                ready.append(value)
-                self._emit_seq = seq + 1
-                if self._complete:
-                    self._flush()
+            kind, seq, credit, path, data, meta = msg
+            if kind == K_RESULT and meta is None:
+                sched.result(seq, credit, path, data)
             else:
-                self._held[seq] = [(path, value)]
-                self._complete.add(seq)
+                self._handle(kind, seq, credit, path, data, meta)
 
-    def _handle(self, msg: tuple) -> None:
-        kind, seq, credit, path, value, meta = msg
-        if meta is not None:
-            value = _unpack(value, meta)
-        if kind == K_FATAL:
-            stage_index, exc, text, tb = value
-            name = self._stages[stage_index].name
-            err = PipelineError(f"setup of stage {name!r} failed: {text}")
-            err.__cause__ = RemoteTraceback(tb)
-            raise err
-        if seq not in self._outstanding:
-            self._dropped += 1   # late: the item was settled after its worker died
-            return
+    def _handle(self, kind: int, seq: int, credit: int, path: tuple, data: Any, meta: Any) -> None:
+        sched = self._sched
+        last = len(self._stages) - 1
         if kind == K_RESULT:
-            if self._ordered:
-                held = self._held.get(seq)
-                if held is None:
-                    self._held[seq] = [(path, value)]
-                else:
-                    held.append((path, value))
-            else:
-                self._ready.append(value)
-        elif kind == K_ERROR:
-            stage_index, exc, text, tb = value
-            s = self._stages[stage_index]
-            if exc is None:
-                exc = PipelineError(f"stage {s.name!r} raised {text} (not picklable: sent as text)")
-            exc.__cause__ = RemoteTraceback(tb)
-            self._settle_error(s, seq, credit, exc, tb, add_credit=False)
-        self._add_credit(seq, credit)
-
-    def _settle_error(self, s: _Stage, seq: int, credit: int, exc: BaseException, tb: str,
-                      add_credit: bool = True) -> None:
-        if s.on_error == "raise":
-            if self._ordered:
-                self._failed.setdefault(seq, exc)
-            else:
-                self._ready.append(_Raise(exc))
-        elif s.on_error == "collect":
-            self.errors.append(StageFailure(s.name, seq, exc, tb))
-        if add_credit:
-            self._add_credit(seq, credit)
-
-    def _add_credit(self, seq: int, e: int) -> None:
-        """Count 2**-e of item `seq` as arrived; finish the item at 1."""
-        if e == 0 and seq not in self._partial:
-            self._finish(seq)
-            return
-        num, den = self._partial.get(seq, (0, 0))
-        if e > den:
-            num <<= e - den
-            den = e
-        num += 1 << (den - e)
-        if num >= 1 << den:
-            self._partial.pop(seq, None)
-            self._finish(seq)
-        else:
-            self._partial[seq] = (num, den)
-
-    def _finish(self, seq: int) -> None:
-        self._outstanding.discard(seq)
-        self._ncomplete += 1
-        if self._attempts:                    # only items that were retried
-            for key in [k for k in self._attempts if k[1] == seq]:
-                del self._attempts[key]
-        if not self._ordered:
-            return
-        self._complete.add(seq)
-        self._flush()
-
-    def _flush(self) -> None:
-        """Ordered: move the results of finished items at the head to _ready."""
-        while self._emit_seq in self._complete:
-            s = self._emit_seq
-            self._complete.discard(s)
-            held = self._held.pop(s, None)
-            if held:
-                if len(held) > 1:
-                    held.sort(key=_path_key)
-                self._ready.extend(v for _, v in held)
-            exc = self._failed.pop(s, None)
-            if exc is not None:
-                self._ready.append(_Raise(exc))
-            self._emit_seq = s + 1
+            try:
+                value = unpack(data, meta)
+            except Exception as exc:
+                err = PipelineError(f"the result of item {seq} from stage {self._stages[last].name!r} "
+                                    f"could not be unpickled: {type(exc).__name__}: {exc}")
+                err.__cause__ = exc
+                sched.error(last, seq, credit, path, err)
+                return
+            sched.result(seq, credit, path, value)
+        elif kind == K_DONE:
+            sched.done(seq, credit, path)
+        elif kind in (K_ERROR, K_FATAL):
+            stage_index, blob, text, tb = data
+            if not (isinstance(stage_index, int) and 0 <= stage_index <= last):
+                stage_index = 0
+            name = self._stages[stage_index].name
+            if kind == K_FATAL:
+                err = PipelineError(f"setup of stage {name!r} failed: {text}")
+                err.__cause__ = RemoteTraceback(tb)
+                raise err
+            exc = rebuild_error(blob, text, tb, f"item {seq} in stage {name!r}")
+            sched.error(stage_index, seq, credit, path, exc, tb)
 
     def _settle_stuck(self, now: float) -> None:
-        """After a worker died, an item it had just taken (before it could
-        write its slot) may be lost without a trace. When nothing is being
-        fed, every ring is empty, every worker idle, and nothing moved for
-        QUIET_S, the unfinished items are failed with WorkerLost."""
+        """After a worker died idle, an item it had just taken (before it
+        could write its slot) may be lost without a trace. When nothing is
+        being fed, every ring is empty, no worker holds an item, and nothing
+        moved for QUIET_S, the unfinished items are failed with WorkerLost."""
+        sched = self._sched
+        if not sched.outstanding:
+            self._maybe_lost = False
+            return
         moves = sum(s.ring.stats()["messages_out"] for s in self._stages) + \
             self._out.stats()["messages_out"]
         if moves != self._moves:
             self._moves = moves
             self._last_move = now
             return
-        if now - self._last_move < QUIET_S or self._requeue or self._unsent is not None or not self._outstanding:
+        if now - self._last_move < QUIET_S or self._requeue or self._unsent is not None:
             return
         if any(s.ring.qsize() for s in self._stages) or self._out.qsize():
             return
         slots = self._slots
         nworkers = sum(s.workers for s in self._stages)
-        if any(slots[i * SLOT_WORDS] != S_IDLE for i in range(nworkers)):
+        if any(slots[i * SLOT_WORDS] in (S_BUSY, S_DONE) for i in range(nworkers)):
             return
-        for seq in sorted(self._outstanding):
-            exc = WorkerLost(0, None, task=f"item {seq} (taken by a worker that died)")
-            self._partial.pop(seq, None)
-            self._settle_error(self._stages[0], seq, 0, exc, "", add_credit=False)
-            self._finish(seq)
+
+        def lost(seq: int) -> BaseException:
+            return WorkerLost(0, None, task=f"item {seq} (taken by a worker that died)")
+
+        sched.fail_outstanding(lost)
+        self._maybe_lost = False
         self._last_move = now
 
     # ------------------------------------------------------------ lifetime
@@ -803,237 +694,17 @@ class Pipeline(Closeable):
         return f"<shmipc.Pipeline {stages} {state}>"
 
 
-# ---------------------------------------------------------------- worker side
 def _worker_entry(slot: int, p: Pipeline) -> None:
     """Supervisor target: run worker `slot` of pipeline `p` (inherited by fork).
     The supervisor has made it ignore SIGINT (the parent stops it) and die
     with its parent."""
+    from shmipc._pipeline_worker import StageWorker
+
     s, j = p._slot_owner(slot)
     steady_malloc()                 # large items must not cost a page fault storm each
-    code = _worker_main(p, s, j)
+    code = StageWorker(p, s, j).run()
     if code:
         raise SystemExit(code)
-
-
-def _worker_main(p: Pipeline, s: _Stage, j: int) -> int:
-    """The body of a worker: set up, then take items until told to stop.
-    Returns the exit code."""
-    ctrl = p._ctrl
-    slots = p._slots
-    base = (s.slot_base + j) * SLOT_WORDS
-    inring = s.ring
-    out = p._out
-    nxt = p._stages[s.index + 1].ring if s.index + 1 < len(p._stages) else None
-    stash = s.stashes[j] if s.stashes else None
-    owner = p._owner_pid
-    try:
-        obj, call = _instantiate(s.fn)
-        setup = getattr(obj, "setup", None) if obj is not None else None
-        if setup is not None:
-            setup()
-    except Exception as exc:
-        _send(out, (K_FATAL, -1, 0, (), _error_value(s.index, exc), None))
-        return 3
-    try:
-        if nxt is None:
-            def emit(seq: int, e: int, path: tuple, value: Any) -> None:
-                out.put((K_RESULT, seq, e, path, *_pack(value)))
-        else:
-            def emit(seq: int, e: int, path: tuple, value: Any) -> None:
-                nxt.put((seq, e, path, *_pack(value)))
-        def handle(env: tuple) -> None:
-            if stash is not None:
-                stash.put(_repack(env))
-            seq, e, path, value, meta = env
-            if meta is not None:
-                value = _unpack(value, meta)
-            slots[base + 1] = seq
-            slots[base + 2] = e
-            slots[base + 3] = 0
-            n = len(path)
-            slots[base + 4] = n
-            if n:
-                slots[base + 5: base + 5 + n] = _as_q(path)
-            slots[base] = S_BUSY
-            sent = 0
-            try:
-                result = call(value)
-                del value
-                if isinstance(result, types.GeneratorType):
-                    held = _NOTHING
-                    try:
-                        for item in result:
-                            if held is not _NOTHING:
-                                # the held output takes half of what is left
-                                emit(seq, e + sent + 1, path + (sent,), held)
-                                sent += 1
-                                slots[base + 3] = sent
-                            held = item
-                    except Exception:
-                        if held is not _NOTHING:
-                            emit(seq, e + sent + 1, path + (sent,), held)
-                            sent += 1
-                            slots[base + 3] = sent
-                        raise
-                    if held is _NOTHING:
-                        out.put((K_DONE, seq, e + sent, path, None, None))
-                    else:
-                        emit(seq, e + sent, path + (sent,), held)
-                else:
-                    emit(seq, e, path, result)
-            except (BrokenPipeError, EOFError) as exc:
-                # from our own rings: the pipeline is shutting down (or the
-                # parent died); from the stage's code: an error like any other
-                if ctrl[0] or isinstance(exc, PeerDied):
-                    raise
-                out.put((K_ERROR, seq, e + sent, path, _error_value(s.index, exc), None))
-            except Exception as exc:
-                out.put((K_ERROR, seq, e + sent, path, _error_value(s.index, exc), None))
-            slots[base] = S_DONE
-            if stash is not None:
-                with stash.get_view(timeout=0):
-                    pass
-            slots[base] = S_IDLE
-
-        while not ctrl[0]:
-            try:
-                if s.zero_copy:
-                    # the input stays in the ring (claimed) until handled: no copy out
-                    view = inring.get_view(timeout=WORKER_POLL_S)
-                    env = view.__enter__()
-                else:
-                    view = None
-                    env = inring.get(timeout=WORKER_POLL_S)
-            except queue.Empty:
-                if not parent_alive(owner):
-                    break
-                continue
-            except EOFError:
-                break
-            try:
-                if ctrl[0]:
-                    break
-                handle(env)
-            finally:
-                del env
-                if view is not None:
-                    view.__exit__(None, None, None)
-    except (BrokenPipeError, EOFError):
-        pass
-    finally:
-        teardown = getattr(obj, "teardown", None) if obj is not None else None
-        if teardown is not None:
-            teardown()
-    return 0
-
-
-_NOTHING = object()
-_ndarray: Any = None          # numpy.ndarray, once numpy is imported
-_dtypes: dict[str, Any] = {}  # dtype.str -> dtype, for _unpack
-
-
-def _pack(value: Any) -> tuple[Any, Any]:
-    """(value, meta) for an envelope. A plain-dtype numpy array becomes its
-    raw data (an out-of-band buffer) and (dtype.str, shape); large bytes and
-    bytearrays go out of band too (in band, pickle would copy them once more)."""
-    global _ndarray
-    t = type(value)
-    if t is bytes or t is bytearray:
-        if len(value) < OUT_OF_BAND_MIN:
-            return value, None
-        return pickle.PickleBuffer(value), t.__name__
-    if _ndarray is None:
-        np = sys.modules.get("numpy")
-        if np is None:
-            return value, None
-        _ndarray = np.ndarray
-    if t is not _ndarray:
-        return value, None
-    dt = value.dtype
-    if dt.hasobject or dt.fields is not None or dt.subdtype is not None:
-        return value, None          # str does not describe these: pickle them
-    if not value.flags.c_contiguous:
-        value = value.copy()
-    return pickle.PickleBuffer(value), (dt.str, value.shape)
-
-
-def _unpack(data: Any, meta: Any) -> Any:
-    """The value that _pack took apart (an array over the received buffer,
-    with no copy; bytes and bytearrays copied out of it)."""
-    if meta == "bytes":
-        return bytes(data)
-    if meta == "bytearray":
-        return bytearray(data)
-    descr, shape = meta
-    dtype = _dtypes.get(descr)
-    if dtype is None:
-        import numpy as np
-
-        dtype = _dtypes[descr] = np.dtype(descr)
-    arr = _frombuffer(data, dtype)
-    return arr if len(shape) == 1 else arr.reshape(shape)
-
-
-def _frombuffer(data: Any, dtype: Any) -> Any:
-    global _frombuffer
-    import numpy as np
-
-    _frombuffer = np.frombuffer
-    return np.frombuffer(data, dtype)
-
-
-def _repack(env: tuple) -> tuple:
-    """A received envelope, ready to be put again (its array data arrives as
-    a memoryview, which pickles only wrapped in a PickleBuffer)."""
-    if env[4] is None:
-        return env
-    return (*env[:3], pickle.PickleBuffer(env[3]), env[4])
-
-
-def _instantiate(fn: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """(object with setup/teardown or None, the per-item callable)."""
-    if inspect.isclass(fn):
-        obj = fn()
-        if not callable(getattr(obj, "process", None)):
-            raise TypeError(f"stage class {fn.__name__} has no process(item) method")
-        return obj, obj.process
-    if callable(getattr(fn, "process", None)):
-        return fn, fn.process
-    return None, fn
-
-
-def _error_value(stage_index: int, exc: BaseException) -> tuple:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    text = f"{type(exc).__name__}: {exc}"
-    exc.__traceback__ = None
-    try:
-        pickle.loads(pickle.dumps(exc))
-    except Exception:
-        exc = None
-    return (stage_index, exc, text, f'\n"""\n{tb}"""')
-
-
-def _send(ring: Any, msg: tuple) -> None:
-    try:
-        ring.put(msg, timeout=5)
-    except (queue.Full, BrokenPipeError, EOFError, ValueError):
-        pass
-
-
-def _as_q(path: tuple) -> Any:
-    import array
-
-    return memoryview(array.array("q", path))
-
-
-def _path_key(pair: tuple) -> tuple:
-    return pair[0]
-
-
-def _ring_message_errors() -> tuple[type[BaseException], ...]:
-    """What put raises for a message that cannot be sent (too large, or not
-    picklable: pickle raises PicklingError, TypeError or AttributeError)."""
-    return (MessageTooLarge, pickle.PicklingError, TypeError, AttributeError)
 
 
 def _check_capacity(capacity: Any) -> int:

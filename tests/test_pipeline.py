@@ -554,12 +554,12 @@ def die_unseen_on_five(x):
     """Simulate a worker SIGKILLed between taking item 5 and writing its slot:
     mark our slot idle again, then die, so the parent cannot tell what was lost."""
     if x == 5:
-        from shmipc.pipeline import S_BUSY, S_IDLE, SLOT_WORDS
+        from shmipc._pipeline_sched import S_BUSY, S_READY, SLOT_WORDS
 
         slots = _PIPELINE_UNDER_TEST._slots
         for k in range(len(slots) // SLOT_WORDS):
             if slots[k * SLOT_WORDS] == S_BUSY and slots[k * SLOT_WORDS + 1] == 5:
-                slots[k * SLOT_WORDS] = S_IDLE
+                slots[k * SLOT_WORDS] = S_READY
         os.kill(os.getpid(), signal.SIGKILL)
     return x
 
@@ -755,3 +755,265 @@ def test_progress_shows_rate_and_ring_fill(capsys, monkeypatch, no_leaks):
     assert "test: 500/500" in err
     assert "it/s" in err
     assert "double=" in err and "add_one=" in err and "out=" in err
+
+
+# ---------------------------------------------------------------- hardening (issue 9)
+class DieRightAfterSending:
+    """A stage that SIGKILLs its own worker at the first line the worker runs
+    after its result for item `victim` was committed to the output ring (the
+    instant between delivering a result and marking its slot done). A trace
+    function watches the ring's message count; no timing involved."""
+
+    victim = 10                   # item 5, doubled by the stage before
+
+    def setup(self):
+        import sys
+
+        out = _PIPELINE_UNDER_TEST._out
+        self.armed = None
+
+        def tracer(frame, event, arg):
+            if self.armed is not None and out.stats()["messages_in"] > self.armed:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return tracer
+
+        frame = sys._getframe().f_back
+        while frame is not None:          # the worker loop's frames, already running
+            frame.f_trace = tracer
+            frame = frame.f_back
+        sys.settrace(tracer)
+
+    def process(self, x):
+        if x == self.victim:
+            self.armed = _PIPELINE_UNDER_TEST._out.stats()["messages_in"]
+        return x * 10
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_after_delivering_its_result_settles_the_item_once(no_leaks):
+    global _PIPELINE_UNDER_TEST
+    with Pipeline(range(12), on_error="collect") as p:
+        p.stage(double, workers=1)
+        p.stage(DieRightAfterSending, workers=1)
+        _PIPELINE_UNDER_TEST = p          # inherited by the forked workers
+        out = list(p.results())
+        stats = p.stats()
+    _PIPELINE_UNDER_TEST = None
+    # the result was delivered before the death: it is yielded, once, and the
+    # item is not also failed; no result is lost from the end of the run
+    assert stats["stages"][1]["deaths"] == 1
+    assert out == [20 * x for x in range(12)]
+    assert p.errors == []
+    assert stats["completed"] == 12
+
+
+class DieRightAfterForwarding(DieRightAfterSending):
+    """The same instant in a middle stage: the output went to the next stage's ring."""
+
+    victim = 5
+
+    def setup(self):
+        import sys
+
+        nxt = _PIPELINE_UNDER_TEST._stages[1].ring
+        self.armed = None
+
+        def tracer(frame, event, arg):
+            if self.armed is not None and nxt.stats()["messages_in"] > self.armed:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return tracer
+
+        frame = sys._getframe().f_back
+        while frame is not None:
+            frame.f_trace = tracer
+            frame = frame.f_back
+        sys.settrace(tracer)
+
+    def process(self, x):
+        if x == self.victim:
+            self.armed = _PIPELINE_UNDER_TEST._stages[1].ring.stats()["messages_in"]
+        return x * 10
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("ordered", [True, False])
+def test_worker_killed_after_forwarding_settles_the_item_exactly_once(ordered, no_leaks):
+    global _PIPELINE_UNDER_TEST
+    with Pipeline(range(12), on_error="collect") as p:
+        p.stage(DieRightAfterForwarding, workers=1, ordered=ordered)
+        p.stage(add_one, workers=1)
+        _PIPELINE_UNDER_TEST = p
+        out = list(p.results())
+        stats = p.stats()
+    _PIPELINE_UNDER_TEST = None
+    assert stats["stages"][0]["deaths"] == 1
+    # item 5 yields its result or fails with WorkerLost: exactly one of the two
+    got = sorted(out)
+    failed = [f.seq for f in p.errors]
+    assert all(isinstance(f.exception, shmipc.WorkerLost) for f in p.errors)
+    assert sorted([(x - 1) // 10 for x in got] + failed) == list(range(12))
+    assert stats["completed"] == 12
+
+
+class DoubleAndSayReady:
+    """double, as a class stage whose setup() leaves a marker: the worker is
+    past its start-up once the marker exists."""
+
+    def setup(self):
+        path = os.path.join(os.environ["PIPELINE_TEST_DIR"], f"ready-{os.getpid()}")
+        open(path, "w").close()
+
+    def process(self, x):
+        return 2 * x
+
+
+@pytest.mark.timeout(60)
+def test_killing_idle_workers_replaces_them_and_goes_on(test_dir, no_leaks):
+    import threading
+
+    kills = []
+    stop = threading.Event()
+
+    def killer(p):
+        # five times: wait until the stage's worker is past its setup and
+        # asleep in its ring (idle), then SIGKILL it
+        deadline = time.monotonic() + 30
+        while len(kills) < 5 and not stop.is_set() and time.monotonic() < deadline:
+            pids = p.worker_pids().get("DoubleAndSayReady", [])
+            ring = p._stages[0].ring
+            if (pids and pids[0] not in kills and (test_dir / f"ready-{pids[0]}").exists()
+                    and ring.stats()["consumers_waiting"] >= 1 and ring.qsize() == 0):
+                os.kill(pids[0], signal.SIGKILL)
+                kills.append(pids[0])
+            time.sleep(0.005)
+
+    def source(p):
+        # a live source that keeps the pipeline running until the kills are done
+        i = 0
+        deadline = time.monotonic() + 30
+        while (len(kills) < 5 or i < 20) and time.monotonic() < deadline:
+            time.sleep(0.01)
+            yield i
+            i += 1
+
+    holder = {}
+    with Pipeline(_LateSource(holder, source)) as p:
+        holder["p"] = p
+        p.stage(DoubleAndSayReady, workers=1)
+        it = p.results()
+        t = threading.Thread(target=killer, args=(p,))
+        t.start()
+        try:
+            out = list(it)
+        finally:
+            stop.set()
+            t.join()
+        deaths = p.stats()["stages"][0]["deaths"]
+    assert len(kills) == 5
+    assert out == [2 * x for x in range(len(out))] and len(out) >= 20
+    assert deaths == 5
+
+
+class _LateSource:
+    """An iterable whose generator is made on first use (it needs the pipeline)."""
+
+    def __init__(self, holder, make):
+        self.holder, self.make, self.it = holder, make, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.it is None:
+            self.it = self.make(self.holder["p"])
+        return next(self.it)
+
+
+@pytest.mark.timeout(60)
+def test_results_of_a_slow_live_source_arrive_promptly(no_leaks):
+    produced = {}
+
+    def source():
+        for i in range(80):
+            time.sleep(0.02)                  # a live source: one item per ~20 ms
+            produced[i] = time.monotonic()
+            yield i
+
+    late = []
+    with Pipeline(source()) as p:
+        p.stage(double, workers=2)
+        for n, x in enumerate(p.results()):
+            assert x == 2 * n
+            late.append(time.monotonic() - produced[n])
+    assert len(late) == 80
+    assert max(late) < 1.0, f"results came up to {max(late):.2f} s after their items"
+
+
+class BadOnLoad:
+    """Pickles fine; unpickling it raises (here: a ValueError, which must not
+    be taken for a closed ring)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __reduce__(self):
+        return (_refuse_to_load, (self.n,))
+
+
+def _refuse_to_load(n):
+    raise ValueError(f"cannot rebuild object {n}")
+
+
+class CodedError(Exception):
+    def __init__(self, msg, code):
+        super().__init__(msg)
+        self.code = code
+
+
+def make_bad_result(x):
+    return BadOnLoad(x) if x == 4 else x
+
+
+def raise_coded_on_six(x):
+    if x == 6:
+        raise CodedError("six is bad", 6)
+    return x
+
+
+def raise_value_error_on_two(x):
+    if x == 2:
+        raise ValueError("two is bad")
+    return x
+
+
+@pytest.mark.timeout(60)
+def test_stage_value_error_is_an_item_error_not_a_closed_ring(no_leaks):
+    with Pipeline(range(8), on_error="collect") as p:
+        p.stage(raise_value_error_on_two, workers=2)
+        p.stage(identity, workers=1)
+        out = list(p.results())
+        deaths = sum(s["deaths"] for s in p.stats()["stages"])
+    assert out == [x for x in range(8) if x != 2]
+    assert [(f.seq, type(f.exception)) for f in p.errors] == [(2, ValueError)]
+    assert deaths == 0
+
+
+@pytest.mark.timeout(60)
+def test_anything_that_fails_to_pickle_or_unpickle_fails_only_its_item(no_leaks):
+    import threading
+
+    source = [0, 1, threading.Lock(), 3, 4, BadOnLoad(5), 6, 7]
+    with Pipeline(source, on_error="collect") as p:
+        p.stage(identity, workers=2)              # item 5 cannot be unpickled here
+        p.stage(make_bad_result, workers=1)       # item 4's result cannot be unpickled by the parent
+        p.stage(raise_coded_on_six, workers=1)    # an exception that does not rebuild
+        out = list(p.results())
+        deaths = sum(s["deaths"] for s in p.stats()["stages"])
+    assert out == [0, 1, 3, 7]
+    failures = {f.seq: f for f in p.errors}
+    assert sorted(failures) == [2, 4, 5, 6]
+    assert deaths == 0
+    for seq, f in failures.items():
+        assert f"item {seq}" in str(f.exception) + "".join(getattr(f.exception, "__notes__", [])), f
+    assert "CodedError" in str(failures[6].exception)
+    assert "cannot rebuild object 5" in str(failures[5].exception)

@@ -1,0 +1,203 @@
+"""The worker side of a pipeline: one process runs one stage's function on
+one item at a time, keeping its slot (see shmipc._pipeline_sched) up to date
+so the parent knows, if it dies, exactly what it held and what it had sent.
+
+Per item (the order is what makes a death decidable):
+  1. take an envelope from the stage's ring (slot READY);
+  2. with retries, keep a copy in this worker's stash ring;
+  3. write seq, credit and path, then state BUSY;
+  4. before each put, write progress (sent, inflight) as one word; after it,
+     (sent + 1, F_NONE);
+  5. state DONE, empty the stash, state READY.
+A kill between 1 and 3 loses the item without a trace (the parent notices
+when the pipeline goes quiet); everything else is decided from the slot.
+"""
+from __future__ import annotations
+
+import inspect
+import queue
+import types
+from typing import Any, Callable
+
+from shmipc._pipeline_sched import (F_END, F_FUNC, F_LAST, F_NONE, F_PART, S_BUSY, S_DONE,
+                                    S_READY, SLOT_WORDS)
+from shmipc._pipeline_wire import K_DONE, K_ERROR, K_FATAL, K_RESULT, error_value, pack, repack, unpack
+from shmipc._workers import parent_alive
+from shmipc.errors import PeerDied, RingClosed
+
+__all__ = ["StageWorker"]
+
+WORKER_POLL_S = 0.5      # longest sleep before the worker looks at the stop flag and its parent
+_NOTHING = object()
+
+
+class StageWorker:
+    """Runs worker `j` of stage `stage` of a (forked) pipeline's rings.
+
+    Args:
+        p: the Pipeline (inherited by fork: its rings, slots and control block).
+        stage: the stage's parent-side record (shmipc.pipeline._Stage).
+        j: this worker's index within the stage.
+    """
+
+    def __init__(self, p: Any, stage: Any, j: int) -> None:
+        self.ctrl = p._ctrl
+        self.slots = p._slots
+        self.base = (stage.slot_base + j) * SLOT_WORDS
+        self.index = stage.index
+        self.fn = stage.fn
+        self.zero_copy = stage.zero_copy
+        self.inring = stage.ring
+        self.out = p._out
+        self.nxt = p._stages[stage.index + 1].ring if stage.index + 1 < len(p._stages) else None
+        self.stash = stage.stashes[j] if stage.stashes else None
+        self.owner = p._owner_pid
+        self.obj: Any = None
+
+    def run(self) -> int:
+        """Set up, take items until told to stop, tear down. Returns the exit code."""
+        try:
+            self.obj, call = _instantiate(self.fn)
+            setup = getattr(self.obj, "setup", None) if self.obj is not None else None
+            if setup is not None:
+                setup()
+        except Exception as exc:
+            try:
+                self.out.put((K_FATAL, -1, 0, (), error_value(self.index, exc), None), timeout=5)
+            except (queue.Full, BrokenPipeError, EOFError, RingClosed):
+                pass
+            return 3
+        self.call = call
+        self.slots[self.base] = S_READY
+        try:
+            self._loop()
+        except (BrokenPipeError, EOFError, RingClosed):
+            pass                          # the pipeline is shutting down
+        finally:
+            teardown = getattr(self.obj, "teardown", None) if self.obj is not None else None
+            if teardown is not None:
+                teardown()
+        return 0
+
+    def _loop(self) -> None:
+        ctrl = self.ctrl
+        inring = self.inring
+        while not ctrl[0]:
+            try:
+                if self.zero_copy:
+                    # the input stays in the ring (claimed) until handled: no copy out
+                    view = inring.get_view(timeout=WORKER_POLL_S)
+                    env = view.__enter__()
+                else:
+                    view = None
+                    env = inring.get(timeout=WORKER_POLL_S)
+            except queue.Empty:
+                if not parent_alive(self.owner):
+                    return
+                continue
+            try:
+                if ctrl[0]:
+                    return
+                self._handle(env)
+            finally:
+                del env
+                if view is not None:
+                    view.__exit__(None, None, None)
+
+    # ------------------------------------------------------------ one item
+    def _handle(self, env: tuple) -> None:
+        slots, base = self.slots, self.base
+        if self.stash is not None:
+            self.stash.put(repack(env))
+        seq, e, path, data, meta = env
+        slots[base + 1] = seq
+        slots[base + 2] = e
+        slots[base + 3] = 0
+        n = len(path)
+        slots[base + 4] = n
+        for i, step in enumerate(path):
+            slots[base + 5 + i] = step
+        slots[base] = S_BUSY
+        self.seq, self.e, self.path, self.sent = seq, e, path, 0
+        try:
+            try:
+                value = unpack(data, meta)
+            except Exception as exc:
+                exc.add_note(f"(the input of item {seq} to stage {self.index} could not be unpickled)")
+                raise
+            del data
+            result = self.call(value)
+            del value
+            if isinstance(result, types.GeneratorType):
+                self._run_generator(result)
+            else:
+                self._emit(e, path, result, F_FUNC)
+        except (BrokenPipeError, EOFError) as exc:
+            # from our own rings: the pipeline is shutting down (or the parent
+            # died); from the stage's code (or a RingClosed from a queue of
+            # its own: this process never closes our rings): an item error
+            if self.ctrl[0] or isinstance(exc, PeerDied):
+                raise
+            self._report(K_ERROR, error_value(self.index, exc))
+        except Exception as exc:
+            self._report(K_ERROR, error_value(self.index, exc))
+        slots[base] = S_DONE
+        if self.stash is not None:
+            with self.stash.get_view(timeout=0):
+                pass
+        slots[base] = S_READY
+
+    def _run_generator(self, gen: types.GeneratorType) -> None:
+        """Send each output once the next exists (so the last one can take
+        all of the share that is left); K_DONE if there was none."""
+        e, path = self.e, self.path
+        held = _NOTHING
+        try:
+            for item in gen:
+                if held is not _NOTHING:
+                    # the held output takes half of what is left
+                    self._emit(e + self.sent + 1, path + (self.sent,), held, F_PART)
+                held = item
+        except Exception:
+            if held is not _NOTHING:
+                self._emit(e + self.sent + 1, path + (self.sent,), held, F_PART)
+            raise
+        if held is _NOTHING:
+            self._report(K_DONE, None)
+        else:
+            self._emit(e + self.sent, path + (self.sent,), held, F_LAST)
+
+    def _emit(self, e: int, path: tuple, value: Any, inflight: int) -> None:
+        """Send one output of the current item on (to the next stage, or to
+        the parent from the last stage). A value that does not pickle raises
+        here, before anything is marked in flight."""
+        data, meta = pack(value)
+        slots, base = self.slots, self.base
+        slots[base + 3] = self.sent * 8 + inflight
+        if self.nxt is None:
+            self.out.put((K_RESULT, self.seq, e, path, data, meta))
+        else:
+            self.nxt.put((self.seq, e, path, data, meta))
+        self.sent += 1
+        slots[base + 3] = self.sent * 8 + F_NONE
+
+    def _report(self, kind: int, data: Any) -> None:
+        """Send the rest of the current item's share to the parent: K_DONE,
+        or K_ERROR with the exception."""
+        slots, base = self.slots, self.base
+        slots[base + 3] = self.sent * 8 + F_END
+        self.out.put((kind, self.seq, self.e + self.sent, self.path, data, None))
+        self.sent += 1
+        slots[base + 3] = self.sent * 8 + F_NONE
+
+
+def _instantiate(fn: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """(object with setup/teardown or None, the per-item callable)."""
+    if inspect.isclass(fn):
+        obj = fn()
+        if not callable(getattr(obj, "process", None)):
+            raise TypeError(f"stage class {fn.__name__} has no process(item) method")
+        return obj, obj.process
+    if callable(getattr(fn, "process", None)):
+        return fn, fn.process
+    return None, fn
