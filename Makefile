@@ -48,3 +48,18 @@ soak: build
 
 clean:
 	rm -rf build dist *.egg-info shmipc/*.so shmipc/_ring.c .pytest_cache .benchmarks
+
+# CPython's own multiprocessing and concurrent.futures tests, run against the
+# standard library and shmipc (tests/cpython/run.py; the table goes to
+# build/cpython-tests.md). Builds without test.test_concurrent_futures (pyenv's
+# and Debian's 3.11/3.12) take it from Debian's libpython3.X-testsuite,
+# installed here where apt-get works; elsewhere that suite is skipped, saying so.
+.PHONY: cpython-tests
+CPYTHON_TESTS_ARGS ?=
+cpython-tests: build
+	@$(PY) -c 'import test.test_concurrent_futures' 2>/dev/null \
+	  || ls /usr/lib/python$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')/test/test_concurrent_futures* >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	       && apt-get update -qq && apt-get install -y -qq libpython$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')-testsuite >/dev/null; } \
+	  || echo "note: no test.test_concurrent_futures for this interpreter (and libpython3.X-testsuite could not be installed): that suite will be skipped"
+	$(PY) tests/cpython/run.py --out build/cpython-tests $(CPYTHON_TESTS_ARGS)
