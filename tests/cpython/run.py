@@ -1,0 +1,225 @@
+"""Run CPython's own multiprocessing and concurrent.futures tests against the
+standard library and against shmipc, and report per test class.
+
+    python tests/cpython/run.py [--methods fork,forkserver,spawn] [--suites mp,futures]
+                                [--classes Name,...] [--out build/cpython-tests]
+
+The tests come from the interpreter's own ``test`` package:
+``test._test_multiprocessing`` (the classes that exercise Queue,
+JoinableQueue, SimpleQueue, Pipe/Connection, connection.wait and Pool) and
+``test.test_concurrent_futures`` (the process-pool classes). Some builds
+lack the latter (Debian's and pyenv's 3.11 and 3.12 among them); then it is
+taken from Debian's ``libpython3.X-testsuite`` (``/usr/lib/python3.X/test``)
+if installed (``make cpython-tests`` installs it where apt-get works), and
+the suite is skipped with a message otherwise.
+
+Each (suite, implementation, start method, class) runs in a process of its
+own (tests/cpython/_one.py), so a hang or a crash costs one class, with a
+per-test watchdog. Implementations: ``stdlib``; ``shmipc`` (shmipc's Queue,
+JoinableQueue, SimpleQueue, Pipe, Pool, connection.wait and get_context
+where the tests use multiprocessing's; for futures, the standard executor with
+``mp_context=shmipc.get_context(method)``); ``shmipc-executor`` (futures only:
+``shmipc.ProcessPoolExecutor`` in place of the standard one).
+
+Tests listed in tests/cpython/excluded.txt (only tests that read private
+attributes of the standard library's implementation) are skipped for shmipc
+and counted apart. Writes <out>.json (every test's outcome, failures with
+their tracebacks) and <out>.md (the table), and prints the table.
+Exit status 0 whatever the outcomes (a report, not a gate), 2 on a usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ONE = os.path.join(HERE, "_one.py")
+EXCLUDED = os.path.join(HERE, "excluded.txt")
+METHODS = ("fork", "forkserver", "spawn")
+
+# the classes of test._test_multiprocessing whose subject shmipc provides
+MP_CLASSES = (
+    "WithProcessesTestQueue",
+    "TestSimpleQueue",
+    "WithProcessesTestConnection",
+    "WithProcessesTestPoll",
+    "WithProcessesTestPollEintr",
+    "WithProcessesTestPicklingConnections",
+    "TestWait",
+    "TestTimeouts",
+    "TestIgnoreEINTR",
+    "WithProcessesTestPool",
+    "WithProcessesTestPoolWorkerErrors",
+    "WithProcessesTestPoolWorkerLifetime",
+    "TestPoolNotLeakOnFailure",
+    "TestInitializers",
+)
+
+IMPLS = {"mp": ("stdlib", "shmipc"), "futures": ("stdlib", "shmipc", "shmipc-executor")}
+
+
+def _has_module(python: str, module: str) -> bool:
+    return subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode == 0
+
+
+def find_testdir(python: str) -> str | None:
+    """Where test.test_concurrent_futures can come from for `python`: None if
+    its own test package has it (or nothing has it), else Debian's copy."""
+    if _has_module(python, "test.test_concurrent_futures"):
+        return None
+    version = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    path = f"/usr/lib/python{version}/test"
+    if glob.glob(os.path.join(path, "test_concurrent_futures*")):
+        return path
+    return ""       # nowhere
+
+
+def _env(suite: str, impl: str, method: str, testdir: str | None) -> dict:
+    env = dict(os.environ, SHMIPC_CPY_SUITE=suite, SHMIPC_CPY_IMPL=impl, SHMIPC_CPY_METHOD=method)
+    if testdir:
+        env["SHMIPC_CPY_TESTDIR"] = testdir
+    root = os.path.dirname(os.path.dirname(HERE))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def list_classes(python: str, suite: str, method: str, testdir: str | None) -> list[str]:
+    out = subprocess.run([python, ONE, "--list"], capture_output=True, text=True,
+                         env=_env(suite, "stdlib", method, testdir), cwd=HERE, timeout=300)
+    if out.returncode:
+        raise RuntimeError(f"cannot load the {suite} tests:\n{out.stderr}")
+    names = out.stdout.split()
+    if suite == "mp":
+        return [name for name in MP_CLASSES if name in names]
+    return names
+
+
+def run_class(python: str, suite: str, impl: str, method: str, cls: str, testdir: str | None,
+              class_timeout: float) -> list[dict]:
+    """Run one class in a fresh process; one dict per test. A test that was
+    started but never finished (hang, crash) is reported as failed."""
+    with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as f:
+        path = f.name
+    try:
+        try:
+            proc = subprocess.run([python, ONE, cls, path, EXCLUDED], capture_output=True,
+                                  text=True, env=_env(suite, impl, method, testdir), cwd=HERE,
+                                  timeout=class_timeout)
+            tail = proc.stderr[-3000:]
+        except subprocess.TimeoutExpired as exc:
+            err = exc.stderr or b""
+            tail = f"class timed out after {class_timeout} s\n" + (
+                err.decode(errors="replace") if isinstance(err, bytes) else err)[-3000:]
+        with open(path) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    finally:
+        os.unlink(path)
+    results: dict[str, dict] = {}
+    for line in lines:
+        if line["outcome"] == "start":
+            results[line["test"]] = {"test": line["test"], "outcome": "failed",
+                                     "detail": "did not finish (hang or crash):\n" + tail}
+        else:
+            results[line["test"]] = line
+    if not results:
+        results[cls] = {"test": cls, "outcome": "failed", "detail": "class did not run:\n" + tail}
+    return list(results.values())
+
+
+def _count(results: list[dict]) -> dict:
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "excluded": 0}
+    for r in results:
+        counts[r["outcome"]] += 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--suites", default="mp,futures")
+    parser.add_argument("--impls", default="stdlib,shmipc,shmipc-executor")
+    parser.add_argument("--classes", default="", help="only these classes (comma-separated)")
+    parser.add_argument("--class-timeout", type=float, default=1200)
+    parser.add_argument("--out", default=os.path.join("build", "cpython-tests"))
+    args = parser.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    only = set(filter(None, args.classes.split(",")))
+    report: dict = {"python": subprocess.run([args.python, "-VV"], capture_output=True,
+                                             text=True).stdout.strip(), "runs": []}
+    testdir = find_testdir(args.python)
+    for suite in args.suites.split(","):
+        if suite == "futures" and testdir == "":
+            print("SKIPPED futures: this interpreter has no test.test_concurrent_futures and "
+                  "no /usr/lib/python3.X/test copy (install libpython3.X-testsuite)", flush=True)
+            report["skipped_futures"] = True
+            continue
+        for method in methods:
+            classes = [c for c in list_classes(args.python, suite, method, testdir)
+                       if not only or c in only]
+            for cls in classes:
+                for impl in IMPLS[suite]:
+                    if impl not in args.impls.split(","):
+                        continue
+                    t = time.monotonic()
+                    results = run_class(args.python, suite, impl, method, cls, testdir,
+                                        args.class_timeout)
+                    counts = _count(results)
+                    print(f"{suite:7} {method:10} {impl:15} {cls:45} "
+                          + " ".join(f"{k} {v}" for k, v in counts.items())
+                          + f"  ({time.monotonic() - t:.0f} s)", flush=True)
+                    report["runs"].append({"suite": suite, "method": method, "impl": impl,
+                                           "class": cls, "counts": counts, "results": results})
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    table = render(report)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    return 0
+
+
+def render(report: dict) -> str:
+    """A Markdown table: one row per (suite, class, start method), columns
+    passed/failed/skipped(/excluded) per implementation, then totals."""
+    impls = ["stdlib", "shmipc", "shmipc-executor"]
+    rows: dict[tuple, dict] = {}
+    totals = {impl: {"passed": 0, "failed": 0, "skipped": 0, "excluded": 0} for impl in impls}
+    for run in report["runs"]:
+        key = (run["suite"], run["class"], run["method"])
+        rows.setdefault(key, {})[run["impl"]] = run["counts"]
+        for k, v in run["counts"].items():
+            totals[run["impl"]][k] += v
+    used = [i for i in impls if any(i in r for r in rows.values())]
+
+    def cell(c: dict | None) -> str:
+        if c is None:
+            return ""
+        s = f"{c['passed']}/{c['failed']}/{c['skipped']}"
+        return s + (f" (+{c['excluded']} excl.)" if c["excluded"] else "")
+
+    lines = [f"CPython's tests, {report['python']}: passed/failed/skipped per class",
+             "", "| suite | class | method | " + " | ".join(used) + " |",
+             "|---|---|---|" + "---|" * len(used)]
+    for (suite, cls, method), cells in sorted(rows.items()):
+        lines.append(f"| {suite} | {cls} | {method} | "
+                     + " | ".join(cell(cells.get(i)) for i in used) + " |")
+    lines.append("| **total** | | | " + " | ".join(cell(totals[i]) for i in used) + " |")
+    failed = [(run["impl"], run["method"], r["test"]) for run in report["runs"]
+              if run["impl"] != "stdlib" for r in run["results"] if r["outcome"] == "failed"]
+    if failed:
+        lines += ["", "Failing for shmipc:", ""]
+        lines += [f"- {impl} / {method}: {test}" for impl, method, test in sorted(failed)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
