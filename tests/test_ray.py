@@ -338,3 +338,26 @@ def test_import_shmipc_does_not_import_ray():
     code = ("import sys, shmipc; shmipc.Pool; shmipc.Pipeline; import shmipc.cluster; "
             "assert 'ray' not in sys.modules, 'ray was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------- the example
+def _run_example(*args, env=None):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, "examples", "ray_pipeline.py"), *args],
+                          capture_output=True, text=True, timeout=100, cwd=root, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_example_gives_identical_results_on_both(ray_instance):
+    """examples/ray_pipeline.py run as a user would, once on shared memory and
+    once with --cluster ray (pointed by RAY_ADDRESS at this module's instance,
+    to spare a second Ray start-up)."""
+    local = _run_example("-n", "100")
+    env = dict(os.environ, RAY_ADDRESS=ray_instance.get_runtime_context().gcs_address)
+    on_ray = _run_example("-n", "100", "--cluster", "ray", env=env)
+    assert "ran on: shared memory" in local and "ran on: ray" in on_ray
+    same = [line for line in local.splitlines() if not line.startswith(("ran on", "time"))]
+    assert same == [line for line in on_ray.splitlines()
+                    if not line.startswith(("ran on", "time", "connected"))]
+    assert any(line.startswith("results digest: ") for line in same)
