@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="hard limit for one measurement; a transport that hangs is killed and reported")
     b.add_argument("--processes", type=int, default=2, metavar="N", help="Pool.map workers (default 2)")
+    b.add_argument("--pin", choices=("same", "split"), default=None,
+                   help="pin the two processes of each measurement to the same CPU (as a busy machine's "
+                        "scheduler may place them) or to two different CPUs (default: the scheduler decides; "
+                        "pools are never pinned)")
     b.add_argument("--json", metavar="FILE", help="write every figure (all rounds) as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="draw throughput against message size (matplotlib)")
     b.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
@@ -126,7 +130,7 @@ def _bench(args: argparse.Namespace) -> int:
     seconds = args.seconds if args.seconds is not None else (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
     try:
         options = Options(repeat=repeat, seconds=seconds, timeout=args.timeout, processes=args.processes,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, pin=args.pin)
         if args.sizes is not None:
             options.sizes = [parse_size(s) for s in args.sizes]
         if args.transports is not None:

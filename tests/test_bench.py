@@ -35,7 +35,7 @@ def test_transport_selection_by_name_and_prefix():
     names = [t.name for t in get_transports(["shmipc"])]
     assert names[:3] == ["shmipc.ring", "shmipc.ring+batch", "shmipc.ring+view"]
     assert all(n.startswith("shmipc") for n in names)
-    assert [t.name for t in get_transports(["os.pipe"])] == ["os.pipe"]
+    assert [t.name for t in get_transports(["os.pipe"])] == ["os.pipe", "os.pipe+batch", "os.pipe+readinto"]
     assert {t.name for t in get_transports(["mp"])} == {"mp.Pipe", "mp.Queue", "mp.SimpleQueue", "mp.Pool"}
     with pytest.raises(ValueError, match="unknown transport 'nope'.*os.pipe"):
         get_transports(["nope"])
@@ -81,7 +81,8 @@ def _opts(**kw) -> Options:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("transport", ["shmipc.ring", "shmipc.ring+batch", "os.pipe", "mp.Pipe"])
+@pytest.mark.parametrize("transport", ["shmipc.ring", "shmipc.ring+batch", "os.pipe", "os.pipe+batch",
+                                       "mp.Pipe", "memcpy"])
 def test_throughput_measurement_counts_every_message(tmp_path, transport, no_leaks):
     t = get_transports([transport])[0]
     record = run_one(Spec("throughput", t, 1024), _opts(), str(tmp_path))
@@ -96,10 +97,10 @@ def test_throughput_measurement_counts_every_message(tmp_path, transport, no_lea
 @pytest.mark.timeout(60)
 def test_zero_copy_view_and_numpy(tmp_path, no_leaks):
     pytest.importorskip("numpy")
-    view = get_transports(["shmipc.ring+view"])[0]
-    record = run_one(Spec("throughput", view, 1 << 20), _opts(), str(tmp_path))
-    assert record["status"] == "ok", record
-    for name in ("shmipc.ring+view", "os.pipe", "mp.Queue"):
+    for name in ("shmipc.ring+view", "os.pipe+readinto"):
+        record = run_one(Spec("throughput", get_transports([name])[0], 1 << 20), _opts(), str(tmp_path))
+        assert record["status"] == "ok", (name, record)
+    for name in ("shmipc.ring+view", "os.pipe", "os.pipe+readinto", "mp.Queue"):
         record = run_one(Spec("numpy", get_transports([name])[0], 1 << 20), _opts(repeat=1), str(tmp_path))
         assert record["status"] == "ok", (name, record)
         assert record["best"]["messages"] > 0
@@ -115,12 +116,114 @@ def test_pingpong_reports_latency(tmp_path, no_leaks):
     assert best == min(record["rounds"], key=lambda r: r["median_us"])
 
 
-@pytest.mark.timeout(90)
-def test_pool_map_workload(tmp_path, no_leaks):
-    t = get_transports(["mp.Pool"])[0]
-    record = run_one(Spec("pool", t, 0, "ints"), _opts(repeat=1), str(tmp_path))
+@pytest.mark.timeout(120)
+def test_pool_workload_keeps_every_round_of_both_sides(tmp_path, no_leaks):
+    from shmipc.bench.runner import _expand
+    from shmipc.bench.transports import PoolSuite
+
+    record = run_one(Spec("pool", PoolSuite(), 0, "suite"), _opts(repeat=2, timeout=100), str(tmp_path))
     assert record["status"] == "ok", record
-    assert record["best"]["items"] % 20_000 == 0 and record["best"]["items"] > 0
+    records = _expand(record)
+    assert {r["transport"] for r in records} == {"shmipc.Pool", "mp.Pool", "shmipc.ProcessPoolExecutor",
+                                                 "cf.ProcessPoolExecutor"}
+    assert len(records) == 6
+    for r in records:
+        assert len(r["rounds"]) == 2 and all(x["items_per_s"] > 0 for x in r["rounds"])
+        assert r["best"] == max(r["rounds"], key=lambda x: x["items_per_s"])
+
+
+def test_pool_results_are_checked_item_by_item():
+    """Order and content: a reordered or mixed-up result list is caught,
+    where a length-and-sum check would pass it."""
+    from shmipc.bench.pools import WrongResults, _check, blobs, fingerprint
+
+    expected = [x + 1 for x in range(1000)]
+    _check(list(expected), expected, "pool")
+    swapped = list(expected)
+    swapped[10], swapped[20] = swapped[20], swapped[10]           # same length, same sum
+    with pytest.raises(WrongResults, match="2 of 1000 results differ, the first at index 10"):
+        _check(swapped, expected, "pool")
+    with pytest.raises(WrongResults, match="999 results, expected 1000"):
+        _check(expected[:-1], expected, "pool")
+    data = blobs()[:300]
+    prints = [fingerprint(b) for b in data]
+    assert len(set(prints)) == len(prints)                        # every blob tells itself apart
+    assert prints[7] == (100 * 1024, 7, 7)
+
+
+def test_pool_inputs_are_the_same_lists_for_both_sides():
+    import inspect
+
+    from shmipc.bench import pools
+
+    source = inspect.getsource(pools.run)
+    assert "ints = list(range(N_INTS))" in source
+    assert "range(N_INTS)" not in source.replace("list(range(N_INTS))", "")
+
+
+def test_pipe_baseline_is_tuned_as_a_careful_user_would():
+    """The pipe gets a kernel buffer as large as the ring (or the system's
+    maximum), not the default 64 KiB."""
+    import fcntl
+
+    from shmipc.bench.transports import pipe_max_size, ring_capacity_for, tuned_pipe
+
+    for size in (64, 1 << 20):
+        r, w, granted = tuned_pipe(size)
+        try:
+            assert granted == fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+            assert granted >= min(ring_capacity_for(size), pipe_max_size()) // 2
+            assert granted > 64 << 10 or pipe_max_size() <= 64 << 10
+        finally:
+            os.close(r)
+            os.close(w)
+
+
+def _receive_batch(channel, result_w):
+    got = channel.side("b").recv_many()
+    os.write(result_w, json.dumps([m.hex() for m in got]).encode())
+
+
+@pytest.mark.timeout(60)
+def test_pipe_batch_writes_once_per_batch(tmp_path, monkeypatch):
+    """os.pipe+batch: a batch of frames is one write() (counted by a spy
+    around os.write), and the receiver gets the same messages back."""
+    from conftest import fork_child, wait_child
+
+    from shmipc.bench.transports import OsPipeBatch
+
+    channel = OsPipeBatch().open(64, str(tmp_path))
+    result_r, result_w = os.pipe()
+    pid = fork_child(_receive_batch, channel, result_w)
+    os.close(result_w)
+    writes = []
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: writes.append(len(data)) or real_write(fd, data))
+    a = channel.side("a")
+    monkeypatch.undo()
+    try:
+        msgs = message_pool(64)[:16] + [b""]
+        a.send_many(msgs)
+        assert writes == [16 * (8 + 64) + 8]
+        assert wait_child(pid) == 0
+        got = json.loads(os.read(result_r, 1 << 20))
+        assert [bytes.fromhex(m) for m in got] == msgs
+    finally:
+        a.close()
+        os.close(result_r)
+
+
+@pytest.mark.timeout(60)
+def test_pinned_measurement(tmp_path, no_leaks):
+    options = _opts(repeat=1, pin="same")
+    assert options.cpus()[0] == options.cpus()[1]
+    record = run_one(Spec("pingpong", ShmipcRing(), 64), options, str(tmp_path))
+    assert record["status"] == "ok", record
+    if len(os.sched_getaffinity(0)) >= 2:
+        split = _opts(pin="split").cpus()
+        assert split[0] != split[1]
+    with pytest.raises(ValueError, match="--pin"):
+        _opts(pin="elsewhere").check()
 
 
 # ---------------------------------------------------------------- cheating transports are caught
@@ -256,6 +359,55 @@ def _fake_report() -> dict:
             "options": {"repeat": 3, "seconds_per_round": 0.2}, "records": records, "elapsed_s": 1.0}
 
 
+def test_load_warning_when_the_load_exceeds_the_cores():
+    from shmipc.bench.report import load_warning
+
+    report = _fake_report()
+    cores = report["machine"]["usable_cores"]
+    report["machine"].update(load_before=[0.1, 0, 0], load_after=[0.2, 0, 0], load_max=cores - 0.5)
+    assert load_warning(report) is None and "WARNING" not in format_report(report)
+    report["machine"]["load_max"] = cores + 1.5
+    assert f"reached {cores + 1.5:.1f}" in load_warning(report)
+    assert format_report(report).count("WARNING: the load average") == 2     # top and summary
+
+
+def test_memcpy_row_is_a_floor_not_a_peer():
+    report = _fake_report()
+    report["records"].insert(2, {"workload": "throughput", "transport": "memcpy", "shmipc": False,
+                                 "reference": True, "size": 64, "pool_kind": None, "note": "",
+                                 "status": "ok", "reason": "",
+                                 "rounds": [], "best": {"messages": 1, "seconds": 1.0, "msgs_per_s": 16e6,
+                                                        "mb_per_s": 16e6 * 64 / 1e6}})
+    text = format_report(report)
+    assert "of memcpy" in text
+    assert "50%" in text                     # shmipc.ring 8 M of memcpy's 16 M
+    assert "vs memcpy" not in text           # never the peer a ratio is taken against
+
+
+@pytest.mark.timeout(120)
+def test_bench_without_numpy_skips_in_one_line(tmp_path):
+    """A plain install (no numpy): the numpy workload is skipped with one
+    reason, zero-copy receivers of bytes still run, and nothing fails."""
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['numpy'] = None\n"      # as if numpy were not installed
+              "from shmipc.cli import main\n"
+              "sys.exit(main(['bench', '--quick', '--no-progress', '--seconds', '0.03', '--sizes', '64k',\n"
+              "               '--transports', 'shmipc.ring,os.pipe', '--workloads', 'throughput,numpy']))\n")
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=110,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout
+    assert "Skipped: the numpy workload: numpy is not installed" in out
+    assert out.count("numpy is not installed") == 2            # the table's line, the summary's
+    view = next(line for line in out.splitlines() if line.strip().startswith("shmipc.ring+view"))
+    assert "M" in view or "k" in view or any(c.isdigit() for c in view.split()[1]), view
+    assert "FAILED" not in out and "Error" not in out
+    assert time.monotonic() - t0 < 100
+
+
 def test_report_tables_ratios_and_failures():
     text = format_report(_fake_report())
     assert "One-way throughput, parent -> forked child, 64 B messages" in text
@@ -288,3 +440,34 @@ def test_json_round_trip(tmp_path):
     data = json.loads(path.read_text())
     assert {r["transport"] for r in data["records"]} >= {"shmipc.ring", "os.pipe"}
     assert data["machine"]["cores"] == os.cpu_count()
+
+
+# ---------------------------------------------------------------- a peer that dies
+class _ReceiverDies(ShmipcRing):
+    """A shmipc ring whose receiving process exits at its first receive: the
+    sender soon blocks on a full ring, and must learn at once."""
+
+    name = "receiver-dies"
+
+    def open(self, size, tmpdir):
+        channel = super().open(size, tmpdir)
+        side = channel.side
+
+        def dying_side(which):
+            ep = side(which)
+            if which == "b":
+                ep.recv = lambda: os._exit(3)
+            return ep
+
+        channel.side = dying_side
+        return channel
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_peer_fails_the_measurement_at_once(tmp_path, no_leaks):
+    t0 = time.monotonic()
+    record = run_one(Spec("throughput", _ReceiverDies(), 64), _opts(repeat=1, seconds=0.5, timeout=40.0),
+                     str(tmp_path))
+    assert record["status"] == "error", record
+    assert "exited with status 3" in record["reason"], record["reason"]
+    assert time.monotonic() - t0 < 10                   # not the 40 s measurement timeout

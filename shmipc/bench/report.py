@@ -157,6 +157,9 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
         head = ["pool", "items/s", "MB/s", "shmipc x", ""]
     else:
         head = ["transport", "msgs/s", "MB/s", "ring x", "best x"]
+    floor = next((_metric(r) for r in rows if r.get("reference")), None)
+    if floor:
+        head.append("of memcpy")         # how close to the machine's floor each row gets
     out = []
     for r in rows:
         b = r.get("best") or {}
@@ -175,8 +178,12 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
             cells = [_human(b["msgs_per_s"]), _mb(b["mb_per_s"])]
         if workload == "pool":
             cells += ["" if mine else _ratio(best, m), ""]
+        elif r.get("reference"):
+            cells += ["", ""]
         else:
             cells += ["" if mine else _ratio(plain, m), "" if mine else _ratio(best, m)]
+        if floor:
+            cells.append(f"{m / floor:.0%}" if m is not None else "")
         out.append([r["transport"]] + cells)
     return head, out
 
@@ -188,7 +195,7 @@ def _title(key: tuple, options: dict, rows: list[dict]) -> str:
     if workload == "throughput":
         title += f", {_size(what)} messages"
     elif workload == "pool" and rows and rows[0].get("title"):
-        title = f"{rows[0]['title']}, {processes} workers (benchmarks/bench_pool.py)"
+        title = f"{rows[0]['title']}, {processes} workers"
     elif workload == "pool":
         title = f"Pool.map with {processes} workers, " + (
             "small ints (x*x)" if what == "ints" else "100 KiB bytes (crc32)")
@@ -222,17 +229,43 @@ def _machine_line(m: dict) -> str:
             f"{m['platform']}; shmipc {v.get('shmipc')}; {peers}")
 
 
+_PIN = {"same": "both processes of each measurement on one CPU (--pin same)",
+        "split": "the two processes of each measurement on two different CPUs (--pin split)"}
+
+
+def load_warning(report: dict) -> str | None:
+    """A warning when the load average during the run exceeded the usable
+    cores (other work competed with the measurements), else None."""
+    m = report["machine"]
+    peak = m.get("load_max")
+    if peak is None:
+        loads = [x[0] for x in (m.get("load_before"), m.get("load_after")) if x]
+        peak = max(loads, default=None)
+    cores = m.get("usable_cores") or m.get("cores") or 1
+    if peak is None or peak <= cores:
+        return None
+    return (f"WARNING: the load average reached {peak:.1f} during the run, on {cores} usable cores: other "
+            "work competed with the measurements, so the figures are lower and noisier than on a quiet "
+            "machine (compare ratios of the same run, or rerun when the machine is quiet)")
+
+
 def format_report(report: dict) -> str:
     """The text tables `shmipc bench` prints."""
     m = report["machine"]
     lines = [f"shmipc bench  {m['date']}", f"machine: {_machine_line(m)}",
              f"load average before/after: {m.get('load_before')} / {m.get('load_after')}"
              "  (figures are the best of the rounds; a busy machine lowers them)",
+             *([busy] if (busy := load_warning(report)) else []),
+             *([f"pinned: {_PIN[pin]}"] if (pin := report["options"].get("pin")) else []),
              "ring x: the plain shmipc.ring (put/get) figure over this transport's; best x: the best "
              "shmipc variant's; for round trips, this transport's median over shmipc's", ""]
     for key, rows in _groups(report["records"]):
-        head, body = _table_rows(key, rows)
         lines.append(_title(key, report["options"], rows))
+        reasons = {r.get("reason", "") for r in rows}
+        if all(r["status"] == "skipped" for r in rows) and len(reasons) == 1:
+            lines += [f"  skipped: {reasons.pop()}", ""]        # one line, not one per transport
+            continue
+        head, body = _table_rows(key, rows)
         lines.extend(_render(head, body))
         lines.append("")
     lines.extend(_summary(report))
@@ -248,7 +281,7 @@ def _summary(report: dict) -> list[str]:
         label = f"{key[0] + ' ' + what:<25}"
         measured = [r for r in rows if _metric(r) is not None]
         mine = [r for r in measured if r["shmipc"]]
-        peers = [r for r in measured if not r["shmipc"]]
+        peers = [r for r in measured if not r["shmipc"] and not r.get("reference")]
         if mine and peers:
             best = max(mine, key=_metric)
             peer = max(peers, key=_metric)
@@ -258,16 +291,28 @@ def _summary(report: dict) -> list[str]:
             one = max(measured, key=_metric)
             out.append(f"  {label} {one['transport']} {_figure(one)}  (no "
                        f"{'peer' if one['shmipc'] else 'shmipc transport'} measured to compare with)")
-        else:
+        elif not all(r["status"] == "skipped" for r in rows):        # skips: one line below
             out.append(f"  {label} nothing measured (see above)")
     bad = [r for r in report["records"] if r["status"] in ("error", "timeout")]
-    skipped = sorted({(r["transport"], r["reason"]) for r in report["records"] if r["status"] == "skipped"})
-    if skipped:
-        out.append("Skipped: " + "; ".join(f"{t} ({why})" for t, why in skipped))
+    # one line per reason: "numpy is not installed" once, not once per transport
+    by_reason: dict[str, list[str]] = {}
+    for r in report["records"]:
+        if r["status"] == "skipped" and r["transport"] not in by_reason.setdefault(r["reason"], []):
+            by_reason[r["reason"]].append(r["transport"])
+    for why, names in by_reason.items():
+        whole = {r["workload"] for r in report["records"] if r["status"] == "skipped" and r["reason"] == why}
+        ran = {r["workload"] for r in report["records"] if r["status"] != "skipped"}
+        if why.startswith("numpy is not installed") and not whole & ran:
+            out.append(f"Skipped: the {', '.join(sorted(whole))} workload: {why}")
+        else:
+            out.append(f"Skipped: {', '.join(names)}: {why}")
     for r in bad:
         out.append(f"FAILED {r['workload']} {r['transport']} size={r['size']}: {r['status']}: {r['reason']}")
         # the end of the measurement's own output: for a hang, where it hung
         out.extend("    | " + line for line in (r.get("log") or "").splitlines()[-12:])
+    busy = load_warning(report)
+    if busy:
+        out.append(busy)
     out.append(f"Total time: {report.get('elapsed_s', 0):.0f} s")
     return out
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from shmipc.bench.transports import PoolSuite, Transport, bench_pool_path, get_transports
+from shmipc.bench.transports import PoolSuite, Transport, get_transports
 
 __all__ = ["Options", "Spec", "plan", "run", "DEFAULT_SIZES", "WORKLOADS", "parse_size"]
 
@@ -27,7 +27,6 @@ DEFAULT_SIZES = [64, 1 << 10, 64 << 10, 1 << 20]
 WORKLOADS = ("throughput", "pingpong", "pool", "numpy")
 PINGPONG_SIZE = 64
 NUMPY_BYTES = 1 << 20
-POOL_KINDS = ("ints", "bytes100k")
 
 
 def parse_size(text: str) -> int:
@@ -63,6 +62,14 @@ class Options:
     processes: int = 2              # Pool.map workers
     progress: bool = True
     verify: str = "full"            # or "stamps" (see workloads._receive_round)
+    pin: str | None = None          # "same": both processes on one CPU; "split": on two
+
+    def cpus(self) -> tuple[int, int] | None:
+        """(CPU of the sender, CPU of the receiver) for `pin`, or None."""
+        if self.pin is None:
+            return None
+        usable = sorted(os.sched_getaffinity(0))
+        return (usable[0], usable[0]) if self.pin == "same" else (usable[0], usable[1])
 
     def check(self) -> None:
         """Raises ValueError naming the bad option."""
@@ -80,6 +87,11 @@ class Options:
             raise ValueError(f"verify must be 'full' or 'stamps', got {self.verify!r}")
         if self.processes < 1:
             raise ValueError(f"--processes must be >= 1, got {self.processes}")
+        if self.pin not in (None, "same", "split"):
+            raise ValueError(f"--pin must be 'same' or 'split', got {self.pin!r}")
+        if self.pin == "split" and len(os.sched_getaffinity(0)) < 2:
+            raise ValueError(f"--pin split needs 2 usable CPUs, this process may use "
+                             f"{len(os.sched_getaffinity(0))}")
 
     def measurement_timeout(self) -> float:
         if self.timeout is not None:
@@ -126,18 +138,19 @@ def plan(options: Options) -> list[Spec]:
             specs.extend(Spec(workload, t, PINGPONG_SIZE) for t in chosen)
         elif workload == "numpy":
             specs.extend(Spec(workload, t, NUMPY_BYTES) for t in chosen)
-        elif workload == "pool":
-            if not chosen:
-                continue
-            suite = PoolSuite()
-            if bench_pool_path() is not None and suite.unavailable(load=False) is None:
-                # the pool's own comparison (benchmarks/bench_pool.py), so
-                # both benches report the same workload
-                specs.append(Spec(workload, suite, 0, "suite"))
-                continue
-            for kind in POOL_KINDS:
-                specs.extend(Spec(workload, t, 0, kind) for t in chosen)
+        elif workload == "pool" and chosen:
+            # one measurement: shmipc's pools and the standard library's, alternating
+            specs.append(Spec(workload, PoolSuite(), 0, "suite"))
     return specs
+
+
+def workload_unavailable(workload: str) -> str | None:
+    """None if `workload` can run here, else why not (one line)."""
+    import importlib.util
+
+    if workload == "numpy" and importlib.util.find_spec("numpy") is None:
+        return "numpy is not installed (pip install numpy)"
+    return None
 
 
 def _best(workload: str, rounds: list[dict]) -> dict:
@@ -186,7 +199,8 @@ def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: 
             payload = {"status": "skipped", "reason": reason}
             raise _Skip
         payload = measure(spec.transport, spec.workload, spec.size, options.repeat, options.seconds,
-                          tmpdir, spec.pool_kind or "ints", options.processes, options.verify)
+                          tmpdir, spec.pool_kind or "ints", options.processes, options.verify,
+                          options.cpus())
         payload["status"] = "ok"
     except _Skip:
         pass
@@ -204,10 +218,11 @@ def run_one(spec: Spec, options: Options, tmpdir: str, index: int = 0) -> dict:
     """Run one measurement in a fresh forked process; returns its record."""
     record: dict[str, Any] = {
         "workload": spec.workload, "transport": spec.transport.name, "shmipc": spec.transport.shmipc,
+        "reference": spec.transport.reference,
         "size": spec.size, "pool_kind": spec.pool_kind or None, "note": spec.transport.note,
         "status": "", "reason": "", "rounds": [], "best": {},
     }
-    reason = spec.transport.unavailable(load=False)
+    reason = workload_unavailable(spec.workload) or spec.transport.unavailable(load=False)
     if reason is not None:
         record.update(status="skipped", reason=reason)
         return record
@@ -254,11 +269,12 @@ def run_one(spec: Spec, options: Options, tmpdir: str, index: int = 0) -> dict:
         if tail:
             record["log"] = tail
     record["best"] = _best(spec.workload, record["rounds"])
+    record["load_after"] = _loadavg()
     return record
 
 
 def _expand(record: dict) -> list[dict]:
-    """A suite measurement (benchmarks/bench_pool.py) brings several records."""
+    """The pool measurement (shmipc/bench/pools.py) brings several records."""
     subs = record.pop("records", None)
     if not subs or record["status"] != "ok":
         return [record]
@@ -266,7 +282,7 @@ def _expand(record: dict) -> list[dict]:
     for sub in subs:
         one = dict(record)
         one.update(sub)
-        one["note"] = "benchmarks/bench_pool.py"
+        one["note"] = "shmipc/bench/pools.py"
         out.append(one)
     return out
 
@@ -312,7 +328,7 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
     report: dict[str, Any] = {
         "machine": machine(),
         "options": {"sizes": options.sizes, "workloads": options.workloads, "repeat": options.repeat,
-                    "seconds_per_round": options.seconds, "processes": options.processes,
+                    "seconds_per_round": options.seconds, "processes": options.processes, "pin": options.pin,
                     "transports": [t.name for t in get_transports(options.transports)]},
         "records": [],
     }
@@ -347,6 +363,9 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     report["machine"]["load_after"] = _loadavg()
+    loads = [r["load_after"][0] for r in report["records"] if r.get("load_after")]
+    loads += [x[0] for x in (report["machine"].get("load_before"), report["machine"]["load_after"]) if x]
+    report["machine"]["load_max"] = max(loads, default=None)
     report["elapsed_s"] = round(time.monotonic() - started, 1)
     return report
 

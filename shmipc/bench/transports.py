@@ -103,6 +103,7 @@ class Transport:
     objects = True
     note = ""
     workloads: tuple[str, ...] = ("throughput", "pingpong", "numpy")
+    reference = False           # a machine floor (memcpy), not a peer to compare with
     min_size = 0                # throughput sizes outside [min_size, max_size] are not measured
     max_size = 1 << 62
 
@@ -268,12 +269,47 @@ class ShmipcPipe(Transport):
 
 
 # ---------------------------------------------------------------- peers
-class _OsPipeChannel(Channel):
-    """Two os.pipe()s carrying 8-byte length-prefixed frames."""
+LARGE = 64 << 10                 # messages this big are read into a preallocated buffer (+readinto)
 
-    def __init__(self) -> None:
-        self.fwd = os.pipe()
-        self.back = os.pipe()
+
+def pipe_max_size() -> int:
+    """The largest pipe buffer an unprivileged process may ask for."""
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def tuned_pipe(size: int) -> tuple[int, int, int]:
+    """An os.pipe() whose kernel buffer is as large as the shmipc ring for
+    messages of `size` bytes, or as large as /proc/sys/fs/pipe-max-size
+    allows (F_SETPIPE_SZ), as a careful user would make it: (read fd, write
+    fd, buffer bytes actually granted)."""
+    import fcntl
+
+    r, w = os.pipe()
+    want = min(ring_capacity_for(size), pipe_max_size())
+    while want >= 1 << 16:
+        try:
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, want)
+            break
+        except OSError:              # over the user's pipe-pages quota: ask for less
+            want >>= 1
+    return r, w, fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+
+
+class _OsPipeChannel(Channel):
+    """Two os.pipe()s carrying 8-byte length-prefixed frames, tuned as a
+    careful user would: kernel buffers as large as the ring (or the system's
+    maximum), a buffered reader as large, one write() per message or per
+    batch, and (``+readinto``) large messages read into a preallocated buffer."""
+
+    def __init__(self, size: int) -> None:
+        fr, fw, self.pipe_bytes = tuned_pipe(size)
+        br, bw, _ = tuned_pipe(size)
+        self.fwd, self.back = (fr, fw), (br, bw)
+        self._open = {fr, fw, br, bw}      # this process's fds not closed yet (never one closed twice)
 
     def side(self, which: str) -> Endpoint:
         (fr, fw), (br, bw) = self.fwd, self.back
@@ -283,7 +319,9 @@ class _OsPipeChannel(Channel):
             rfd, wfd, unused = fr, bw, (br, fw)
         for fd in unused:
             os.close(fd)
-        reader = open(rfd, "rb", buffering=1 << 16)
+        self._open.clear()                 # from here on the endpoint owns rfd and wfd
+        reader = open(rfd, "rb", buffering=max(self.pipe_bytes, 1 << 16))
+        read, readinto = reader.read, reader.readinto
         pack, unpack, write, writev = _FRAME.pack, _FRAME.unpack, os.write, os.writev
 
         def send(msg: Any) -> None:
@@ -303,15 +341,67 @@ class _OsPipeChannel(Channel):
                     done = 8
                 _write_all(wfd, view[done - 8:])
 
+        def send_many(msgs: list) -> None:
+            # one write() per batch: the frames joined in one buffer first
+            parts = []
+            for m in msgs:
+                parts.append(pack(len(m)))
+                parts.append(m)
+            data = b"".join(parts)
+            done = write(wfd, data)
+            if done < len(data):
+                _write_all(wfd, memoryview(data)[done:])
+
         def recv() -> bytes:
-            head = reader.read(8)
+            head = read(8)
             if len(head) != 8:
                 raise EOFError("pipe closed")
             (n,) = unpack(head)
-            data = reader.read(n)
+            data = read(n)
             if len(data) != n:
                 raise EOFError("pipe closed mid-frame")
             return data
+
+        def recv_many() -> list:
+            # up to BATCH frames, stopping after an empty one (the end
+            # marker); the sender writes whole batches, so this never waits
+            # for frames that are not coming
+            out = []
+            for _ in range(BATCH):
+                m = recv()
+                out.append(m)
+                if not m:
+                    break
+            return out
+
+        into = {"buf": memoryview(bytearray(0))}
+
+        class _View:
+            """recv_view(): the next message read into a buffer allocated once
+            and reused (valid until the next receive, like a ring view)."""
+
+            def __init__(self, timeout: float | None = None) -> None:
+                pass
+
+            def __enter__(self) -> memoryview:
+                head = read(8)
+                if len(head) != 8:
+                    raise EOFError("pipe closed")
+                (n,) = unpack(head)
+                buf = into["buf"]
+                if len(buf) < n:
+                    buf = into["buf"] = memoryview(bytearray(n))
+                view = buf[:n]
+                got = 0
+                while got < n:
+                    k = readinto(view[got:])
+                    if not k:
+                        raise EOFError("pipe closed mid-frame")
+                    got += k
+                return view
+
+            def __exit__(self, *exc: object) -> None:
+                pass
 
         def close() -> None:
             reader.close()
@@ -319,14 +409,15 @@ class _OsPipeChannel(Channel):
 
         ep = Endpoint(send, recv, close)
         ep.objects = False
+        ep.send_many = send_many
+        ep.recv_many = recv_many
+        ep.recv_view = _View
         return ep
 
     def close(self) -> None:
-        for fd in (*self.fwd, *self.back):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        for fd in self._open:
+            os.close(fd)
+        self._open.clear()
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -337,10 +428,39 @@ def _write_all(fd: int, view: memoryview) -> None:
 class OsPipe(Transport):
     name = "os.pipe"
     objects = False
-    note = "os.pipe, 8-byte length framing, buffered reads"
+    note = "os.pipe, 8-byte length framing, kernel buffer as large as the ring (F_SETPIPE_SZ), buffered reads"
 
     def open(self, size: int, tmpdir: str) -> Channel:
-        return _OsPipeChannel()
+        return _OsPipeChannel(size)
+
+
+class OsPipeBatch(OsPipe):
+    name = "os.pipe+batch"
+    mode = "batch"
+    note = f"os.pipe with one write() per batch of {BATCH} frames (as shmipc.ring+batch)"
+    workloads = ("throughput",)
+    max_size = ShmipcRingBatch.max_size
+
+
+class OsPipeReadinto(OsPipe):
+    name = "os.pipe+readinto"
+    mode = "view"
+    note = "os.pipe, messages read into one preallocated buffer with readinto (as shmipc.ring+view)"
+    workloads = ("throughput", "numpy")
+    min_size = ShmipcRingView.min_size
+
+
+class Memcpy(Transport):
+    """Not a transport: the floor of the machine. One process copies each
+    message into a buffer from a Python loop (``buf[:n] = msg``, a memcpy):
+    what one copy per message costs with no other process involved. A ring
+    copies twice (in and out, on two cores at once), a view once."""
+
+    name = "memcpy"
+    mode = "memcpy"
+    reference = True
+    note = "one process, buf[:n] = msg per message (a memcpy from a Python loop): no IPC, the floor"
+    workloads = ("throughput",)
 
 
 class MpPipe(Transport):
@@ -430,59 +550,38 @@ class Zmq(Transport):
 
 # ---------------------------------------------------------------- worker pools
 class PoolTransport(Transport):
-    """A process pool (Pool.map workload only)."""
+    """A process pool: selects the pool workload (shmipc/bench/pools.py),
+    which measures shmipc's pools and the standard library's together."""
 
     workloads = ("pool",)
-
-    def make_pool(self, processes: int) -> Any:
-        raise NotImplementedError
 
 
 class ShmipcPool(PoolTransport):
     name = "shmipc.Pool"
     shmipc = True
     requires = ("shmipc.pool",)
-    note = "shmipc.Pool.map"
-
-    def make_pool(self, processes: int) -> Any:
-        import shmipc
-
-        return shmipc.Pool(processes)
+    note = "shmipc.Pool.map and shmipc.ProcessPoolExecutor.map"
 
 
 class MpPool(PoolTransport):
     name = "mp.Pool"
-    note = "multiprocessing.Pool.map (fork context)"
-
-    def make_pool(self, processes: int) -> Any:
-        import multiprocessing
-
-        return multiprocessing.get_context("fork").Pool(processes)
-
-
-def bench_pool_path() -> str | None:
-    """benchmarks/bench_pool.py of the checkout shmipc runs from (the pool's
-    own comparison), or None when shmipc is installed without it."""
-    import shmipc
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(shmipc.__file__))),
-                        "benchmarks", "bench_pool.py")
-    return path if os.path.isfile(path) else None
+    note = "multiprocessing.Pool.map and concurrent.futures.ProcessPoolExecutor.map (fork context)"
 
 
 class PoolSuite(PoolTransport):
-    """Runs benchmarks/bench_pool.py's ``run()`` (shmipc.Pool and
-    ProcessPoolExecutor against the standard library's) in one measurement
-    process; its rows become records of shmipc.Pool, mp.Pool, ..."""
+    """Runs shmipc/bench/pools.py (shmipc.Pool and ProcessPoolExecutor against
+    the standard library's, alternating) in one measurement process; its rows
+    become records of shmipc.Pool, mp.Pool, ..."""
 
-    name = "benchmarks/bench_pool.py"
+    name = "pools"
     requires = ("shmipc.pool",)
-    note = "the pool engineer's comparison, run as is"
+    note = "shmipc/bench/pools.py (also benchmarks/bench_pool.py)"
 
 
 TRANSPORTS: list[Transport] = [
     ShmipcRing(), ShmipcRingBatch(), ShmipcRingView(), ShmipcQueue(), ShmipcPipe(), ShmipcPool(),
-    OsPipe(), MpPipe(), MpQueue(), MpSimpleQueue(), FasterFifo(), Zmq(), MpPool(),
+    OsPipe(), OsPipeBatch(), OsPipeReadinto(), MpPipe(), MpQueue(), MpSimpleQueue(), FasterFifo(), Zmq(),
+    MpPool(), Memcpy(),
 ]
 
 

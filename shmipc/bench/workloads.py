@@ -28,13 +28,13 @@ import json
 import os
 import random
 import select
+import signal
 import struct
 import sys
 import time
-import zlib
 from typing import Any
 
-from shmipc.bench.transports import BATCH, Endpoint, PoolTransport, Transport
+from shmipc.bench.transports import BATCH, Endpoint, Transport
 
 __all__ = ["measure", "message_pool", "VerifyError"]
 
@@ -119,7 +119,7 @@ def _equal_buffer(view: Any, expected: bytes, expected_u64: Any) -> bool:
         return False
     if expected_u64 is None or n % 8:
         return bytes(view) == expected
-    import numpy as np
+    import numpy as np      # expected_u64 is an array: numpy is there
 
     return bool((np.frombuffer(view, np.uint64) == expected_u64).all())
 
@@ -168,14 +168,21 @@ def _receive_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool
                     raise VerifyError(f"message {n}: got {len(m)} bytes that differ from the "
                                       f"{len(exp)} sent")
                 n += 1
-    # views and numpy arrays: compare buffers
-    import numpy as np
-
+    # views and numpy arrays: compare buffers (with numpy when it is there:
+    # bytes messages need no numpy, only a faster comparison from it)
+    try:
+        import numpy as np
+    except ImportError:
+        if kind == "numpy":
+            raise
+        np = None
     if kind == "numpy":
         refs = [a.view(np.uint64) for a in pool]
-    else:
+    elif np is not None:
         refs = [np.frombuffer(p, np.uint64) if len(p) >= 4096 and len(p) % 8 == 0 else None
                 for p in pool]
+    else:
+        refs = [None] * len(pool)
     raw = [memoryview(a).cast("B").tobytes() if kind == "numpy" else a for a in pool]
     n = 0
     while True:
@@ -188,7 +195,9 @@ def _receive_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool
                     nb = v.nbytes if hasattr(v, "nbytes") else len(v)
                     if nb == 0:
                         return n
-                    if kind == "numpy" and not (isinstance(v, np.ndarray) and v.dtype == np.float64):
+                    if kind == "numpy" and not objects:      # raw bytes: the array over them, no copy
+                        v = np.frombuffer(v, np.float64)  # type: ignore[union-attr]
+                    if kind == "numpy" and not (isinstance(v, np.ndarray) and v.dtype == np.float64):  # type: ignore[union-attr]
                         raise VerifyError(f"message {n}: got {type(v).__name__} instead of a float64 array")
                     if verify == "full" or n % FULL_EVERY == 0:
                         ok = _equal_buffer(v, raw[i], refs[i])
@@ -265,6 +274,30 @@ def _nbytes(m: Any) -> int:
     return m.nbytes if hasattr(m, "nbytes") else len(m)
 
 
+# ---------------------------------------------------------------- the floor
+def _memcpy_round(pool: list, seconds: float) -> dict:
+    """Copy the pool's messages, one after another, into one buffer for
+    `seconds`, from a Python loop as the transports are driven: the floor
+    that one copy per message puts under any transport (see bench.Memcpy)."""
+    size = _nbytes(pool[0])
+    buf = memoryview(bytearray(size))
+    stride = max(1, min(len(pool), 16384 // max(size, 1)))
+    chunks = [pool[j:j + stride] for j in range(0, len(pool), stride)]
+    n = 0
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    for chunk in itertools.cycle(chunks):
+        for m in chunk:
+            buf[:] = m
+        n += len(chunk)
+        if time.perf_counter() >= deadline:
+            break
+    dt = time.perf_counter() - t0
+    if bytes(buf[:8]) != bytes(chunk[-1][:8]):
+        raise VerifyError("memcpy left the wrong bytes in the buffer")
+    return {"messages": n, "seconds": dt, "msgs_per_s": n / dt, "mb_per_s": n * size / dt / 1e6}
+
+
 # ---------------------------------------------------------------- ping-pong
 def _echo(ep: Endpoint) -> int:
     """Send back every message until the end marker; returns the count."""
@@ -313,109 +346,52 @@ def _pingpong_round(ep: Endpoint, pool: list, seconds: float) -> dict:
 
 
 # ---------------------------------------------------------------- pool.map
-def _square(x: int) -> int:
-    return x * x
+def _pool_records(processes: int, rounds: int) -> list[dict]:
+    """Run shmipc/bench/pools.py; one record per pool per comparison, with
+    every round's figure."""
+    from shmipc.bench.pools import COMPARISONS, N_BLOBS, N_INTS, run
 
-
-def _crc(b: bytes) -> int:
-    return zlib.crc32(b)
-
-
-def _pool_items(kind: str) -> tuple[Any, list, Any, int]:
-    """(function, items, expected results, payload bytes per item)"""
-    if kind == "ints":
-        items = list(range(20_000))
-        return _square, items, [x * x for x in items], 8
-    size = 100 << 10
-    body = random.Random(7).randbytes(size)
-    items = [_STAMP.pack(k) + body[8:] for k in range(64)]
-    return _crc, items, [zlib.crc32(b) for b in items], size
-
-
-def _pool_measure(transport: PoolTransport, kind: str, rounds: int, seconds: float,
-                  processes: int) -> list[dict]:
-    func, items, expected, item_bytes = _pool_items(kind)
-    out = []
-    pool = transport.make_pool(processes)
-    try:
-        if pool.map(func, items[:64]) != expected[:64]:     # warm-up: workers started
-            raise VerifyError("Pool.map returned wrong results in the warm-up")
-        for _ in range(rounds):
-            calls = 0
-            t0 = time.perf_counter()
-            deadline = t0 + seconds
-            while True:
-                got = pool.map(func, items)
-                if got != expected:
-                    bad = sum(1 for a, b in zip(got, expected) if a != b) + abs(len(got) - len(expected))
-                    raise VerifyError(f"Pool.map returned {bad} wrong results out of {len(items)}")
-                calls += 1
-                if time.perf_counter() >= deadline:
-                    break
-            dt = time.perf_counter() - t0
-            n = calls * len(items)
-            out.append({"items": n, "seconds": dt, "items_per_s": n / dt,
-                        "mb_per_s": n * item_bytes / dt / 1e6})
-    finally:
-        pool.terminate()
-        pool.join()
-    return out
-
-
-def _pool_suite(path: str, processes: int, rounds: int) -> list[dict]:
-    """Run benchmarks/bench_pool.py's run(); one record per pool per row."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("shmipc_bench_pool", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    # registered before it runs: its task functions are pickled by reference
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    rows = module.run(processes=processes, repeat=rounds)
-    items = {"pool_map_int": (module.N_INTS, 8), "pool_map_100k": (module.N_BLOBS, module.BLOB_SIZE),
-             "executor_map": (module.N_INTS, 8)}
-    names = {"executor_map": ("shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor")}
+    counts = {"pool_map_int": N_INTS, "pool_map_100k": N_BLOBS, "executor_map": N_INTS}
     records = []
-    for row in rows:
-        n, item_bytes = items.get(row["name"], (0, 0))
-        mine, theirs = names.get(row["name"], ("shmipc.Pool", "mp.Pool"))
-        for transport, seconds, is_shmipc in ((mine, row["shmipc_s"], True), (theirs, row["stdlib_s"], False)):
-            best = {"items": n, "seconds": seconds, "items_per_s": n / seconds if seconds else 0.0,
-                    "mb_per_s": n * item_bytes / seconds / 1e6 if seconds else 0.0}
+    for row in run(processes=processes, repeat=rounds):
+        label, item_bytes, mine, theirs = COMPARISONS[row["name"]]
+        n = counts[row["name"]]
+        for transport, times, is_shmipc in ((mine, row["shmipc_rounds_s"], True),
+                                            (theirs, row["stdlib_rounds_s"], False)):
+            figures = [{"items": n, "seconds": s, "items_per_s": n / s, "mb_per_s": n * item_bytes / s / 1e6}
+                       for s in times]
             records.append({"transport": transport, "shmipc": is_shmipc, "pool_kind": row["name"],
-                            "title": row["label"], "target": row.get("target"),
-                            "rounds": [best], "best": best, "status": "ok"})
+                            "title": label, "rounds": figures,
+                            "best": max(figures, key=lambda f: f["items_per_s"]), "status": "ok"})
     return records
 
 
 # ---------------------------------------------------------------- entry point
 def measure(transport: Transport, workload: str, size: int, rounds: int, seconds: float,
-            tmpdir: str, pool_kind: str = "ints", processes: int = 2, verify: str = "full") -> dict:
+            tmpdir: str, pool_kind: str = "ints", processes: int = 2, verify: str = "full",
+            cpus: tuple[int, int] | None = None) -> dict:
     """Run one measurement in this (fresh) process and return its figures:
-    ``{"rounds": [...]}``, one dict per round.
+    ``{"rounds": [...]}``, one dict per round. With `cpus` (sender's CPU,
+    receiver's CPU) both processes are pinned (``--pin``; not for pools).
 
     Raises:
         VerifyError: a receiver got wrong data. TimeoutError / EOFError: the
         peer process hung or died.
     """
-    if workload == "pool" and pool_kind == "suite":
-        from shmipc.bench.transports import bench_pool_path
-
-        path = bench_pool_path()
-        if path is None:
-            raise FileNotFoundError("benchmarks/bench_pool.py is not next to this shmipc")
-        return {"rounds": [], "records": _pool_suite(path, processes, rounds)}
     if workload == "pool":
-        assert isinstance(transport, PoolTransport)
-        return {"rounds": _pool_measure(transport, pool_kind, rounds, seconds, processes)}
+        return {"rounds": [], "records": _pool_records(processes, rounds)}
     kind = "numpy" if workload == "numpy" else "bytes"
     pool: list = array_pool(size) if kind == "numpy" else message_pool(size)
+    if transport.mode == "memcpy":
+        return {"rounds": [_memcpy_round(pool, min(seconds, 0.05) if r == 0 else seconds)
+                           for r in range(rounds + 1)][1:]}
     objects = transport.objects
     channel = transport.open(size, tmpdir)
     ready_r, ready_w = os.pipe()
     result_r, result_w = os.pipe()
     parent = os.getpid()
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus[0]})
     pid = os.fork()
     if pid == 0:                                            # the peer: receives / echoes
         code = 0
@@ -423,6 +399,8 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
             from shmipc._proc import die_with_parent
 
             die_with_parent(parent)
+            if cpus is not None:
+                os.sched_setaffinity(0, {cpus[1]})
             os.close(ready_r)
             os.close(result_r)
             ep = channel.side("b")
@@ -451,6 +429,7 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
     ready = _LineReader(ready_r)
     results = _LineReader(result_r)
     out: list[dict] = []
+    previous_handler = _watch_peer(pid)
     ep = channel.side("a")
     warmup = min(seconds, 0.05)
     try:
@@ -492,12 +471,48 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
                 out.append({"messages": sent, "seconds": dt, "msgs_per_s": sent / dt,
                             "mb_per_s": sent * nbytes / dt / 1e6})
         ep.close()
+    except PeerExited as exc:
+        _raise_peer_error(results, exc)      # the peer's own account, when it gave one
+        raise
     finally:
+        signal.signal(signal.SIGCHLD, previous_handler)
         _reap(pid)
         channel.close()
         os.close(ready_r)
         os.close(result_r)
     return {"rounds": out}
+
+
+class PeerExited(EOFError):
+    """The peer process of a measurement exited (or was killed) before its rounds were done."""
+
+
+def _watch_peer(pid: int) -> Any:
+    """Make the death of the peer `pid` interrupt whatever this process waits
+    in (a put on a full ring, a write to a full pipe, a read), at once,
+    rather than after the measurement's timeout. Returns the previous SIGCHLD
+    handler, to restore.
+
+    A peer that exits with status 0 has finished its rounds: not an error
+    (its last result may still be in the pipe)."""
+
+    def on_child_exit(signum: int, frame: Any) -> None:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or (info.si_code == os.CLD_EXITED and info.si_status == 0):
+            return
+        if info.si_code == os.CLD_EXITED:
+            how = f"exited with status {info.si_status}"
+        else:
+            try:
+                how = f"was killed by {signal.Signals(info.si_status).name}"
+            except ValueError:
+                how = f"was killed by signal {info.si_status}"
+        raise PeerExited(f"the peer process {pid} {how} before the measurement was done")
+
+    return signal.signal(signal.SIGCHLD, on_child_exit)
 
 
 def _raise_peer_error(results: _LineReader, exc: BaseException) -> None:
