@@ -60,6 +60,77 @@ def shm_entries() -> set[str]:
         return set()
 
 
+def _descendants(root: int) -> set[int]:
+    """`root` and every process below it (from /proc/*/stat)."""
+    parent_of: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        parent_of[int(entry)] = int(data[data.rfind(b")") + 2:].split()[1])
+    tree = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent_of.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
+def _used_by_others(names: set[str], ours: set[int]) -> set[str]:
+    """Those of the /dev/shm `names` that a process outside `ours` has mapped
+    or open: another program's (a multiprocessing semaphore is mapped by the
+    program that made it), not this test's. Matched by inode: glibc maps a
+    semaphore under a temporary name before linking it to its real one."""
+    inodes: dict[int, str] = {}
+    for n in names:
+        try:
+            inodes[os.stat(f"/dev/shm/{n}").st_ino] = n
+        except FileNotFoundError:
+            pass
+    found: set[str] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) in ours:
+            continue
+        try:
+            with open(f"/proc/{entry}/maps") as f:
+                for line in f:
+                    parts = line.split(None, 5)
+                    if len(parts) == 6 and parts[5].startswith("/dev/shm/") and int(parts[4]) in inodes:
+                        found.add(inodes[int(parts[4])])
+        except (OSError, ValueError):
+            pass
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"/proc/{entry}/fd/{fd}")
+            except OSError:
+                continue
+            if st.st_ino in inodes and os.readlink(f"/proc/{entry}/fd/{fd}").startswith("/dev/shm/"):
+                found.add(inodes[st.st_ino])
+    return found
+
+
+def shm_created_since(before: set[str]) -> set[str]:
+    """/dev/shm entries that appeared after the snapshot `before` and belong
+    to this test: the machine is shared, so an entry that a process outside
+    this test's process tree has mapped or open is another program's and is
+    not counted."""
+    mine = shm_entries() - before
+    if mine:
+        mine -= _used_by_others(mine, _descendants(os.getpid()))
+    return mine
+
+
 def live_children() -> set[int]:
     """Pids of this process's children that have not been reaped."""
     me = os.getpid()
@@ -80,7 +151,8 @@ def live_children() -> set[int]:
 
 @pytest.fixture
 def no_leaks():
-    """Fail the test if it leaves open fds, /dev/shm entries or children behind."""
+    """Fail the test if it leaves open fds, /dev/shm entries (its own, see
+    shm_created_since) or children behind."""
     import gc
 
     fds, shm, kids = open_fds(), shm_entries(), live_children()
@@ -89,7 +161,7 @@ def no_leaks():
     deadline = time.monotonic() + 3
     while True:
         extra_fds = open_fds() - fds
-        extra_shm = shm_entries() - shm
+        extra_shm = shm_created_since(shm)
         extra_kids = live_children() - kids
         if not (extra_fds or extra_shm or extra_kids) or time.monotonic() > deadline:
             break
