@@ -3,36 +3,43 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-EXT_STAMP := build/.ext-$(if $(DEBUG),debug,release)
+# per venv: each Python version builds its own extension (.ci/run tests two)
+EXT_STAMP := $(VENV)/.ext-$(if $(DEBUG),debug,release)
+# what `make` installs besides shmipc (.ci/run's second Python takes only test)
+EXTRAS ?= test,bench,ray
 SOURCES := shmipc/_ring.pyx shmipc/_ring.pxd shmipc/_codec.pxi shmipc/_posix.pxd shmipc/_shm.h setup.py
 PYTEST_ARGS ?=
 
-.PHONY: build test bench bench-quick debug soak clean
+.PHONY: build test bench bench-quick debug soak clean dist
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# quiet: a user needs to see errors, not the build backend's notices
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "Cython>=3.0" "setuptools>=64" wheel
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,ray]"
-	touch $@
+	@echo "installing shmipc and its extras [$(EXTRAS)] into $(VENV) (pip -q)"
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q --upgrade "Cython>=3.0" "setuptools>=77"
+	@PYTHONWARNINGS=ignore $(PY) -m pip install -q --no-build-isolation -e ".[$(EXTRAS)]"
+	@touch $@
 
 $(EXT_STAMP): $(STAMP) $(SOURCES)
-	rm -f build/.ext-*
+	@rm -f $(VENV)/.ext-*
 	@# build aside, then rename over the old extension: running processes keep
 	@# the file they mapped, and a failed build leaves the old one in place
-	SHMIPC_DEBUG=$(if $(DEBUG),1,0) $(PY) setup.py -q build_ext --force --build-lib build/lib
-	for so in build/lib/shmipc/_ring.*.so; do cp "$$so" "shmipc/.$$(basename $$so).tmp" && mv -f "shmipc/.$$(basename $$so).tmp" "shmipc/$$(basename $$so)"; done
-	mkdir -p build && touch $@
+	@echo "building the extension ($(if $(DEBUG),debug,release))"
+	@SHMIPC_DEBUG=$(if $(DEBUG),1,0) $(PY) setup.py -q build_ext --force --build-lib build/lib
+	@for so in build/lib/shmipc/_ring.*.so; do cp "$$so" "shmipc/.$$(basename $$so).tmp" && mv -f "shmipc/.$$(basename $$so).tmp" "shmipc/$$(basename $$so)"; done
+	@mkdir -p build && touch $@
 
 build: $(EXT_STAMP)
 
 test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# the default comparison, and its chart (the path is printed at the end)
 bench: build
-	$(PY) -m shmipc bench
+	$(PY) -m shmipc bench --plot $(CURDIR)/build/bench.png
 
 bench-quick: build
 	$(PY) -m shmipc bench --quick
@@ -46,8 +53,14 @@ SOAK ?= 10
 soak: build
 	SHMIPC_SOAK=$(SOAK) $(PY) -m pytest -s -p no:cacheprovider tests/test_crash.py tests/test_pool_crash.py $(PYTEST_ARGS)
 
+# a wheel and an sdist in dist/ (the `build` package from PyPI, in its own isolated environment)
+dist: | $(PY)
+	@$(PY) -m pip install -q build
+	$(PY) -m build
+	@ls -l dist
+
 clean:
-	rm -rf build dist *.egg-info shmipc/*.so shmipc/_ring.c .pytest_cache .benchmarks
+	rm -rf build dist *.egg-info shmipc/*.so shmipc/_ring.c .pytest_cache .benchmarks $(VENV)/.ext-*
 
 # CPython's own multiprocessing and concurrent.futures tests, run against the
 # standard library and shmipc (tests/cpython/run.py; the table goes to
