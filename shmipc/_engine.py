@@ -26,7 +26,9 @@ from __future__ import annotations
 import atexit
 import collections
 import functools
+import io
 import itertools
+import operator
 import os
 import pickle
 import queue
@@ -36,16 +38,24 @@ import threading
 import time
 import traceback
 import weakref
+from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable
 
 from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive, register_pausable,
                              unmark_thread_long_lived)
 from shmipc._proc import steady_malloc
 from shmipc.arena import MAX_REGIONS, Arena
-from shmipc.errors import MessageTooLarge, WorkerLost
+from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
 
 if TYPE_CHECKING:
-    from shmipc.pool import _Feeder
+    from typing import Protocol
+
+    class _Feeder(Protocol):
+        """An imap job's input reader (shmipc.pool._Feeder): a thread."""
+
+        job: Any
+
+        def start(self) -> None: ...
 
 try:        # the standard library's classes, so `except`/isinstance checks written for it keep working
     from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
@@ -75,7 +85,10 @@ K_BIG = 3           # a stub: the task itself waits in the "bigtasks" ring (see 
 # user's function runs and cleared after the result was committed, so a
 # worker that dies with busy=0 never started a task still owed.
 _SLOT = struct.Struct("<IIQ")
+_READY = 0                            # busy field: waiting for a task
+_BUSY = 1                             # running the task whose seq follows
 _STARTING = 2                         # busy field while the worker starts (runs the initializer)
+_EXITING = 3                          # left its loop on purpose (told to stop, or maxtasks)
 _MAX_STARTUP_DEATHS = 10              # consecutive workers dying before ready: the pool is broken
 _SLOT_SIZE = 64                       # one cache line per worker
 
@@ -128,27 +141,54 @@ def _wrap_blobs(items: Any) -> Any:
     return [_Blob(x) if type(x) is bytes and len(x) >= _BLOB_MIN else x for x in items]
 
 
-# ---------------------------------------------------------------------- worker side
-class _RemoteError:
-    """An exception from a worker, with its formatted traceback; rebuilt in
-    the parent with a RemoteTraceback as __cause__ (as multiprocessing does)."""
-
-    def __init__(self, exc: BaseException, tb: str) -> None:
-        self.exc = exc
-        self.tb = tb
-
-    def __reduce__(self) -> tuple:
-        return _rebuild_exc, (self.exc, self.tb)
-
-
-def _rebuild_exc(exc: BaseException, tb: str) -> BaseException:
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
+# ---------------------------------------------------------------------- the wire
+# Every task and result travels as a small tuple whose payload is pickled on
+# its own (head + out-of-band buffers, each handed to the ring as a
+# PickleBuffer, so large data is still written once, straight into the ring):
+#   task:   (seq, kind, head, buffers)            head encodes (func, payload)
+#   result: (seq, status, offset, last, head, buffers, info)
+# So a payload that fails to unpickle (a class the reader cannot import, an
+# exception whose __init__ takes other arguments, a __setstate__ that raises)
+# fails only its own task: the reader still knows which task it was.
+R_OK = 1            # head encodes the value
+R_RAISED = 0        # head encodes the exception; info = (traceback text, repr)
+R_UNENCODABLE = 2   # the value did not pickle: head encodes why; info = (traceback, repr of the value)
+R_BAD_TASK = 3      # a task record did not decode in worker `offset`: fail its oldest task
+R_BIG = None        # a stub: the record waits in the big-results ring
 
 
-def _wrap_exception(exc: BaseException) -> _RemoteError:
+def _encode(obj: Any) -> tuple[pickle.PickleBuffer, list]:
+    """Pickle `obj` as multiprocessing does, protocol 5; contiguous buffers out of band."""
+    buffers: list = []
+
+    def keep(pb: pickle.PickleBuffer) -> bool:
+        try:
+            raw = pb.raw()
+        except BufferError:
+            return True                 # non-contiguous: copied in band
+        buffers.append(pickle.PickleBuffer(raw))
+        return False
+
+    out = io.BytesIO()
+    ForkingPickler(out, 5, True, keep).dump(obj)
+    return pickle.PickleBuffer(out.getbuffer()), buffers
+
+
+def _decode(head: Any, buffers: list) -> Any:
+    return pickle.loads(head, buffers=buffers)
+
+
+def _format_tb(exc: BaseException) -> str:
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return _RemoteError(exc, f'\n"""\n{tb}"""')
+    return f'\n"""\n{tb}"""'
+
+
+def _safe_repr(value: Any, limit: int = 500) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:        # a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__} object (repr failed: {exc!r})>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _run_task(kind: int, func: Callable, payload: Any) -> Any:
@@ -160,109 +200,180 @@ def _run_task(kind: int, func: Callable, payload: Any) -> Any:
     return list(itertools.starmap(func, payload))
 
 
-def _send_result(results: Any, big_results: Any, seq: int, ok: bool, value: Any, kind: int,
-                 offset: int = 0, last: bool = True) -> None:
-    """Put a result; split a list too large for the ring into pieces (one
-    item too large goes through the big ring, announced by a stub), and turn
-    an unpicklable or far too large value into an error for the parent."""
-    try:
-        if ok:
-            wire = _wrap_blobs(value) if kind != K_CALL else (
-                _Blob(value) if type(value) is bytes and len(value) >= _BLOB_MIN else value)
-        else:
-            wire = value
-        results.put((seq, ok, offset, last, wire))
-        return
-    except MessageTooLarge as exc:
-        if ok and kind != K_CALL and len(value) > 1:
-            half = len(value) // 2
-            _send_result(results, big_results, seq, True, value[:half], kind, offset, False)
-            _send_result(results, big_results, seq, True, value[half:], kind, offset + half, last)
-            return
-        error: BaseException = exc
-        try:
-            # the payload first, then the stub (ok=None) that tells the parent to fetch it
-            big_results.put((seq, ok, offset, last, wire), timeout=_BIG_WAIT)
-            results.put((seq, None, offset, last, None))
-            return
-        except MessageTooLarge as big_exc:
-            error = big_exc
-        except queue.Full as full:
-            error = full
-    except Exception as exc:        # pickling failed; the ring is unchanged
-        error = MaybeEncodingError(exc, value if ok else getattr(value, "exc", value))
-        if not ok:
-            # the exception itself does not pickle: send its text instead
-            error = MaybeEncodingError(exc, repr(getattr(value, "exc", value)))
-    try:
-        results.put((seq, False, offset, True, _wrap_exception(error)))
-    except Exception:
-        results.put((seq, False, offset, True, RuntimeError(repr(error))))
+class _WorkerLoop:
+    """What runs in each worker process: take tasks from its own ring, run
+    them, put results, until told to stop, the pool's parent dies, or
+    `maxtasks` tasks are done."""
 
+    def __init__(self, slot: int, arena: Arena, maxtasks: int | None, parent_pid: int,
+                 catch_base: bool) -> None:
+        self.slot = slot
+        self.tasks = arena.ring(name=f"tasks{slot}")
+        self.results = arena.ring(name="results")
+        self.big_tasks = arena.ring(name="bigtasks")
+        self.big_results = arena.ring(name="bigresults")
+        self.slots = arena.block(name="slots")
+        self.base = slot * _SLOT_SIZE
+        self.pid = os.getpid()
+        self.maxtasks = maxtasks
+        self.parent_pid = parent_pid
+        # the executor delivers SystemExit & co. as the future's exception (as
+        # concurrent.futures); the Pool lets them end the worker (as multiprocessing)
+        self.catch: type = BaseException if catch_base else Exception
 
-def _take_big(big_tasks: Any, seq: int, parent_pid: int) -> tuple | None:
-    """The task announced by a K_BIG stub: the next message of the big-task
-    ring with that sequence number (the parent sends one at a time and puts
-    it right after the stub; leftovers of a dead worker are skipped)."""
-    deadline = time.monotonic() + _BIG_WAIT
-    while time.monotonic() < deadline:
+    def mark(self, state: int, seq: int = 0) -> None:
+        _SLOT.pack_into(self.slots, self.base, self.pid, state, seq)
+
+    def run(self) -> None:
+        done = 0
+        while self.maxtasks is None or done < self.maxtasks:
+            msg = self.next_task()
+            if msg is None:
+                break
+            if msg is _SKIP:
+                continue
+            seq, kind, head, buffers = msg
+            del msg
+            try:
+                func, payload = _decode(head, buffers)
+            except Exception as exc:            # the arguments do not unpickle here
+                del head, buffers
+                self.send_error(seq, exc, "the task's arguments could not be unpickled in the worker")
+                continue
+            del head, buffers
+            self.mark(_BUSY, seq)
+            try:
+                value, ok = _run_task(kind, func, payload), True
+            except self.catch as exc:
+                value, ok = exc, False
+            del func, payload
+            if ok:
+                self.send_value(seq, value, kind)
+            else:
+                self.send_error(seq, value)
+            del value
+            self.mark(_READY)
+            done += 1
+        self.mark(_EXITING)
+
+    def next_task(self) -> Any:
+        """The next task tuple; _SKIP to look again; None to exit."""
         try:
-            msg = big_tasks.get(timeout=0.5)
+            msg = self.tasks.get(timeout=0.5)
         except queue.Empty:
-            if not parent_alive(parent_pid):
-                return None
-            continue
-        if msg[0] == seq:
+            return _SKIP if parent_alive(self.parent_pid) else None
+        except (RingClosed, EOFError):          # closed, shut down, or the parent died
+            return None
+        except Exception as exc:                # a record that does not decode: consumed
+            self.put((0, R_BAD_TASK, self.slot, True, *_encode(None), (_format_tb(exc), _safe_repr(exc))))
+            return _SKIP
+        if msg is None:                         # the pool is closing
+            return None
+        if msg[1] != K_BIG:
             return msg
-    return None
+        big = self.take_big(msg[0])
+        if big is None:
+            self.send_error(msg[0], RuntimeError(
+                f"task {msg[0]}: its data never arrived in the big-message ring"))
+            return _SKIP
+        return big
+
+    def take_big(self, seq: int) -> tuple | None:
+        """The task announced by a K_BIG stub: the next message of the big-task
+        ring with that sequence number (the parent sends one at a time and puts
+        it right after the stub; leftovers of a dead worker are skipped)."""
+        deadline = time.monotonic() + _BIG_WAIT
+        while time.monotonic() < deadline:
+            try:
+                msg = self.big_tasks.get(timeout=0.5)
+            except queue.Empty:
+                if not parent_alive(self.parent_pid):
+                    return None
+                continue
+            except (RingClosed, EOFError):
+                return None
+            except Exception:                   # a corrupt record: consumed, look further
+                continue
+            if msg[0] == seq:
+                return msg
+        return None
+
+    def put(self, record: tuple) -> None:
+        self.results.put(record)
+
+    def send_value(self, seq: int, value: Any, kind: int, offset: int = 0, last: bool = True) -> None:
+        """Put a result; split a list too large for the ring into pieces (one
+        item too large goes through the big ring, announced by a stub); a
+        value that does not pickle becomes an R_UNENCODABLE record."""
+        wire = _wrap_blobs(value) if kind != K_CALL else (
+            _Blob(value) if type(value) is bytes and len(value) >= _BLOB_MIN else value)
+        try:
+            head, buffers = _encode(wire)
+        except Exception as exc:                # pickling failed
+            del wire
+            self.send_unencodable(seq, exc, value, offset)
+            return
+        del wire
+        self.send_record((seq, R_OK, offset, last, head, buffers, None), value, kind)
+
+    def send_record(self, record: tuple, value: Any = None, kind: int = K_CALL) -> None:
+        seq, status, offset, last = record[:4]
+        try:
+            self.results.put(record)
+            return
+        except MessageTooLarge as exc:
+            if status == R_OK and kind != K_CALL and len(value) > 1:
+                half = len(value) // 2
+                self.send_value(seq, value[:half], kind, offset, False)
+                self.send_value(seq, value[half:], kind, offset + half, last)
+                return
+            error: BaseException = exc
+            try:
+                # the payload first, then the stub that tells the parent to fetch it
+                self.big_results.put(record, timeout=_BIG_WAIT)
+                self.results.put((seq, R_BIG, offset, last, None, None, None))
+                return
+            except MessageTooLarge as big_exc:
+                error = big_exc
+            except queue.Full as full:
+                error = full
+        self.send_error(seq, error, offset=offset)
+
+    def send_error(self, seq: int, exc: BaseException, note: str = "", offset: int = 0) -> None:
+        """Put a task's exception (with its traceback text); an exception that
+        does not pickle becomes an R_UNENCODABLE record."""
+        tb = _format_tb(exc)
+        if note:
+            tb = f"\n{note}:{tb}"
+        try:
+            head, buffers = _encode(exc)
+        except Exception as why:
+            self.send_unencodable(seq, why, exc, offset)
+            return
+        self.send_record((seq, R_RAISED, offset, True, head, buffers, (tb, _safe_repr(exc))))
+
+    def send_unencodable(self, seq: int, why: BaseException, value: Any, offset: int) -> None:
+        try:
+            head, buffers = _encode(why)
+        except Exception:
+            head, buffers = _encode(TypeError(_safe_repr(why)))
+        self.results.put((seq, R_UNENCODABLE, offset, True, head, buffers,
+                          (_format_tb(why), _safe_repr(value))))
+
+
+_SKIP = object()
 
 
 def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,
-                 maxtasks: int | None, parent_pid: int) -> None:
-    """A pool worker: run tasks from its own ring until told to stop, the
-    pool's parent dies, or `maxtasks` tasks are done."""
+                 maxtasks: int | None, parent_pid: int, catch_base: bool = False) -> None:
+    """A pool worker (the Supervisor's target): see _WorkerLoop."""
     steady_malloc()                 # large arguments must not cost a page fault storm each
-    tasks = arena.ring(name=f"tasks{slot}")
-    results = arena.ring(name="results")
-    big_tasks = arena.ring(name="bigtasks")
-    big_results = arena.ring(name="bigresults")
-    slots = arena.block(name="slots")
-    base = slot * _SLOT_SIZE
-    pid = os.getpid()
-    _SLOT.pack_into(slots, base, pid, _STARTING, 0)
+    loop = _WorkerLoop(slot, arena, maxtasks, parent_pid, catch_base)
+    loop.mark(_STARTING)
     if initializer is not None:
         initializer(*initargs)
-    _SLOT.pack_into(slots, base, pid, 0, 0)             # ready
-    done = 0
-    while maxtasks is None or done < maxtasks:
-        try:
-            msg = tasks.get(timeout=0.5)
-        except queue.Empty:
-            if not parent_alive(parent_pid):
-                return
-            continue
-        except (EOFError, ValueError):          # shut down, closed, or the parent died
-            return
-        if msg is None:                         # the pool is closing
-            return
-        seq, kind, func, payload = msg
-        if kind == K_BIG:
-            msg = _take_big(big_tasks, seq, parent_pid)
-            if msg is None:
-                _send_result(results, big_results, seq, False, _wrap_exception(RuntimeError(
-                    f"task {seq}: its data never arrived in the big-message ring")), K_CALL)
-                continue
-            seq, kind, func, payload = msg
-        _SLOT.pack_into(slots, base, pid, 1, seq)
-        try:
-            value, ok = _run_task(kind, func, payload), True
-        except Exception as exc:
-            value, ok = _wrap_exception(exc), False
-        del msg, payload
-        _send_result(results, big_results, seq, ok, value, kind)
-        del value
-        _SLOT.pack_into(slots, base, pid, 0, 0)
-        done += 1
+    loop.mark(_READY)
+    loop.run()
 
 
 # ---------------------------------------------------------------------- parent side
@@ -314,6 +425,11 @@ class _Engine:
     _state = INIT
     _resources_released = False
     _broken_error: type = RuntimeError     # what broken-pool failures raise (the executor: BrokenProcessPool)
+    _remote_traceback: type = RemoteTraceback  # the __cause__ of a worker's exception
+    # a value that does not cross: Pool raises MaybeEncodingError (as
+    # multiprocessing), the executor the pickling error itself (as concurrent.futures)
+    _wrap_encoding_errors = True
+    _lost_error: type = WorkerLost         # a task's worker died (the executor: also a BrokenProcessPool)
     _broken = ""                # why the pool cannot run tasks any more (no workers can start)
     _arena: Arena | None = None
     _sup: Supervisor | None = None
@@ -321,7 +437,8 @@ class _Engine:
 
     def __init__(self, processes: int | None, initializer: Callable | None, initargs: Iterable,
                  maxtasks: int | None, context: Any, retries: int, name: str,
-                 task_ring: int = _TASK_RING, result_ring: int = _RESULT_RING) -> None:
+                 task_ring: int = _TASK_RING, result_ring: int = _RESULT_RING, *,
+                 catch_base: bool = False) -> None:
         if processes is None:
             processes = min(os.cpu_count() or 1, _MAX_WORKERS)
         if not isinstance(processes, int) or isinstance(processes, bool):
@@ -358,6 +475,7 @@ class _Engine:
         self._big_slot = -1
         self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
         self._startup_deaths = 0                            # consecutive workers dead before ready
+        self._spawn_failed: set[int] = set()                # slots whose replacement could not start
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
@@ -376,7 +494,7 @@ class _Engine:
             # the zygote posts a None into the result ring after each worker exit,
             # so the bookkeeping thread handles it at once instead of at its next poll
             self._sup = Supervisor(_worker_main, (self._arena, initializer, tuple(initargs), maxtasks,
-                                                  os.getpid()), context=context, name=name,
+                                                  os.getpid(), catch_base), context=context, name=name,
                                    wake=functools.partial(self._results.put_nowait, None))
             self._sup.start(range(processes))
             self._pids = self._sup.pids()        # slot -> pid of the live workers
@@ -471,7 +589,8 @@ class _Engine:
         except Exception:
             pass
 
-    def _send_big(self, slot: int, task: _Task, exc: MessageTooLarge) -> bool | None:
+    def _send_big(self, slot: int, task: _Task, exc: MessageTooLarge, head: Any,
+                  buffers: list) -> bool | None:
         """Send one task too large for a worker's ring: a stub in the worker's
         ring, the task in the big ring. One at a time: a worker that reads a
         stub takes the big ring's only message. Lock held. True if sent, None
@@ -485,23 +604,25 @@ class _Engine:
             self._tasks[slot].put_nowait((task.seq, K_BIG, None, None))
         except queue.Full:
             return None                         # (rare: a stub is tiny) tried again later
-        payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
-        big.put_nowait((task.seq, task.kind, task.func, payload))
+        big.put_nowait((task.seq, task.kind, head, buffers))
         self._big_seq, self._big_slot = task.seq, slot
         return True
 
-    def _fetch_big(self, seq: int, offset: int) -> tuple[bool, Any]:
-        """The big result announced by a stub; those of others read on the way
-        are kept for their own stubs. Lock held."""
+    def _fetch_big(self, seq: int, offset: int) -> tuple | None:
+        """The big result record announced by a stub; those of others read on
+        the way are kept for their own stubs. Lock held. None if it never came."""
         key = (seq, offset)
         deadline = time.monotonic() + _BIG_WAIT
         while key not in self._big_stash:
             try:
-                bseq, ok, boffset, _last, value = self._big_results.get(
-                    timeout=max(deadline - time.monotonic(), 0))
+                record = self._big_results.get(timeout=max(deadline - time.monotonic(), 0))
             except queue.Empty:
-                return False, RuntimeError(f"task {seq}: its large result never arrived")
-            self._big_stash[(bseq, boffset)] = (ok, value)
+                return None
+            except RingClosed:
+                raise
+            except Exception:                   # a corrupt record: consumed; look further
+                continue
+            self._big_stash[(record[0], record[2])] = record
         return self._big_stash.pop(key)
 
     def _free_slot(self, exclude: set[int]) -> int:
@@ -539,15 +660,21 @@ class _Engine:
                     self._queue.popleft()
                     print(f"shmipc.Pool: a task source failed: {exc!r}", file=sys.stderr)
                     continue
+                if operator.length_hint(head, 1) == 0:
+                    # exhausted: drop it now, or the list behind it (and every
+                    # task's arguments) stays referenced until the next dispatch
+                    self._queue.popleft()
             if not task.started:
                 if not task.job._start_task(task):
                     continue                    # cancelled (a future)
                 task.started = True
             task.seq = next(self._seq)
+            head = buffers = None
             try:
                 payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
-                self._tasks[slot].put_nowait((task.seq, task.kind, task.func, payload))
+                head, buffers = _encode((task.func, payload))
                 del payload
+                self._tasks[slot].put_nowait((task.seq, task.kind, head, buffers))
             except queue.Full:
                 self._queue.appendleft(task)
                 blocked.add(slot)
@@ -566,7 +693,7 @@ class _Engine:
                     task.job._split(task, parts)
                     self._queue.extendleft(reversed(parts))
                     continue
-                sent = self._send_big(slot, task, exc)
+                sent = self._send_big(slot, task, exc, head, buffers)
                 if sent is None:                # the big ring is busy: later, others go first
                     self._big_waiting.append(task)
                     continue
@@ -578,6 +705,8 @@ class _Engine:
             except Exception as exc:            # pickling the task failed
                 later += task.job._deliver(task, False, exc)
                 continue
+            finally:
+                del head, buffers
             task.slot = slot
             self._inflight[task.seq] = task
             self._outstanding[slot] += 1
@@ -604,38 +733,55 @@ class _Engine:
     def _loop(self) -> None:
         """Results, worker exits, dispatch, closing."""
         assert self._sup is not None
-        last_poll = 0.0
+        self._last_poll = 0.0
         while not self._pause_requested:
-            later: list = []
             try:
                 msgs = self._results.get_many(256, timeout=_POLL)
             except queue.Empty:
                 msgs = []
-            except (EOFError, ValueError):      # closed under us: terminate() is running
+            except RingClosed:                  # closed under us: terminate() is running
                 return
-            with self._lock:
-                if self._state == TERMINATE:
-                    return
-                for msg in msgs:
-                    if msg is not None:
-                        later += self._on_result(msg)
-                now = time.monotonic()
-                if not msgs or now - last_poll > _POLL or None in msgs:
-                    last_poll = now
-                    exits = self._sup.poll()
-                    if exits:
-                        later += self._drain_results()
-                        for ev in exits:
-                            later += self._on_exit(ev)
-                later += self._dispatch()
-                finished = self._state == CLOSE and self._maybe_finish()
-            for callback in later:
-                _run_callback(callback)
-            if finished:
+            except Exception as exc:            # records that do not decode (corrupt): consumed
+                print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
+                msgs = []
+            # (a step of its own, so that no result stays referenced here while idle)
+            outcome = self._step(msgs)
+            del msgs
+            if outcome is None:
+                return
+            if outcome:
                 # every worker exited: release the arena and the zygote now, so
                 # that close() without join() (or shutdown(wait=False)) leaks nothing
                 self._shutdown_resources()
                 return
+
+    def _step(self, msgs: list) -> bool | None:
+        """Handle a batch of results, worker exits, dispatch. Returns None if
+        the pool was terminated, True once closed and finished."""
+        later: list = []
+        with self._lock:
+            if self._state == TERMINATE:
+                return None
+            for msg in msgs:
+                if msg is not None:
+                    later += self._on_result(msg)
+            now = time.monotonic()
+            if not msgs or now - self._last_poll > _POLL or None in msgs:
+                self._last_poll = now
+                exits = self._sup.poll()
+                if exits:
+                    later += self._drain_results()
+                    for ev in exits:
+                        later += self._on_exit(ev)
+                for slot in sorted(self._spawn_failed):
+                    if not self._broken and slot not in self._pids:
+                        later += self._respawn(slot)
+            later += self._dispatch()
+            finished = self._state == CLOSE and self._maybe_finish()
+        msgs.clear()
+        while later:
+            _run_callback(later.pop(0))
+        return finished
 
     def _drain_results(self) -> list:
         later: list = []
@@ -644,18 +790,29 @@ class _Engine:
                 msgs = self._results.get_many(256, block=False)
             except queue.Empty:
                 return later
+            except RingClosed:
+                return later
+            except Exception:                   # corrupt records: consumed
+                continue
             for msg in msgs:
                 if msg is not None:
                     later += self._on_result(msg)
 
-    def _on_result(self, msg: tuple) -> list:
-        seq, ok, offset, last, value = msg
-        if ok is None:                          # a stub: the result waits in the big ring
-            ok, value = self._fetch_big(seq, offset)
+    def _on_result(self, msg: tuple | None) -> list:
+        seq, status, offset, last = msg[:4]
+        if status == R_BAD_TASK:
+            return self._on_bad_task(offset, msg)
+        if status is R_BIG:                     # a stub: the record waits in the big ring
+            msg = self._fetch_big(seq, offset)
         task = self._inflight.get(seq)
         if task is None:
             return []           # a late piece of a task already settled
-        if not last:
+        if msg is None:
+            ok, value, last = False, RuntimeError(f"task {seq}: its large result never arrived"), True
+        else:
+            ok, value = self._decode_result(task, msg)
+        del msg
+        if not last and ok:
             if task.pieces is None:
                 task.pieces = []
             task.pieces.append((offset, value))
@@ -668,6 +825,53 @@ class _Engine:
             task.pieces = None
         self._settle(task)
         return task.job._deliver(task, ok, value)
+
+    def _decode_result(self, task: _Task, msg: tuple) -> tuple[bool, Any]:
+        """(ok, value) from a result record; whatever fails to unpickle fails
+        this task only, with a clear error."""
+        _seq, status, _offset, _last, head, buffers, info = msg
+        try:
+            value = _decode(head, buffers)
+        except Exception as exc:
+            if status == R_OK:
+                what = f"<result of {task.describe()}>"
+                tb = None
+            else:
+                tb, what = info
+            return False, self._encoding_error(exc, what, tb)
+        if status == R_OK:
+            return True, value
+        tb, what = info
+        if status == R_UNENCODABLE:
+            return False, self._encoding_error(value, what, tb)
+        if isinstance(value, BaseException):
+            value.__cause__ = self._remote_traceback(tb)
+        return False, value
+
+    def _encoding_error(self, exc: BaseException, what: str, tb: str | None) -> BaseException:
+        """A value that could not cross: MaybeEncodingError (Pool) or the error itself (executor)."""
+        if tb is not None:
+            exc.__cause__ = self._remote_traceback(tb)
+        if not self._wrap_encoding_errors:
+            return exc
+        error = MaybeEncodingError(exc, what)
+        error.__cause__ = exc
+        return error
+
+    def _on_bad_task(self, slot: int, msg: tuple) -> list:
+        """A task record did not decode in the worker of `slot`: it was the
+        oldest task sent there and not settled (a worker takes them in order,
+        and its earlier results were read before this record). Lock held."""
+        for seq in self._assigned[slot] if 0 <= slot < self._processes else ():
+            task = self._inflight.get(seq)
+            if task is not None:
+                tb, what = msg[6]
+                self._settle(task)
+                error = RuntimeError(f"the task record of {task.describe()} could not be read "
+                                     f"in the worker: {what}")
+                error.__cause__ = self._remote_traceback(tb)
+                return task.job._deliver(task, False, error)
+        return []
 
     def _settle(self, task: _Task) -> None:
         del self._inflight[task.seq]
@@ -689,7 +893,13 @@ class _Engine:
         later: list = []
         slot = ev.slot
         self._pids.pop(slot, None)
-        _pid, busy, running = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
+        _pid, state, running = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
+        if _pid != ev.pid:
+            _pid, state, running = 0, _STARTING, 0     # it never wrote its slot: died while starting
+        busy = state == _BUSY
+        exitcode = ev.exitcode
+        if exitcode is None and state == _EXITING:
+            exitcode = 0            # an orphan (its zygote died) that left on purpose
         # empty its ring: nothing in it ever started
         ring = self._tasks[slot]
         while ring.qsize():
@@ -720,7 +930,7 @@ class _Engine:
                     self.tasks_retried += 1
                     requeue.append(task)
                 else:
-                    later += task.job._deliver(task, False, WorkerLost(ev.pid, ev.exitcode, task.describe()))
+                    later += task.job._deliver(task, False, self._lost_error(ev.pid, exitcode, task.describe()))
             else:
                 requeue.append(task)
         for task in reversed(requeue):
@@ -733,25 +943,36 @@ class _Engine:
         self._last_done[slot] = 0.0
         self._stopping[slot] = False
         _SLOT.pack_into(self._slots, slot * _SLOT_SIZE, 0, 0, 0)
-        if ev.exitcode != 0 or busy:
+        if exitcode != 0 or busy:
             self.worker_deaths += 1
-        if ev.exitcode != 0 and (_pid == 0 or busy == _STARTING):
+        if state == _STARTING:
+            # every exit before the worker was ready counts, exit code 0 too
+            # (an initializer calling sys.exit(0) must not respawn workers forever)
             self._startup_deaths += 1
             if self._startup_deaths >= _MAX_STARTUP_DEATHS and not self._broken:
                 # mp would respawn forever and leave callers waiting: say why instead
                 self._broken = (f"{self._startup_deaths} workers in a row died while starting "
-                                f"(last: pid {ev.pid}, {WorkerLost(ev.pid, ev.exitcode).how}); "
-                                f"does the initializer fail, or the function not import?")
+                                f"(last: pid {ev.pid}, {WorkerLost(ev.pid, exitcode).how}); "
+                                f"does the initializer fail or exit, or the function not import?")
                 later += self._fail_all_locked(self._broken_error(self._broken))
                 return later
-        elif _pid != 0:
+        else:
             self._startup_deaths = 0
+        later += self._respawn(slot)
+        return later
+
+    def _respawn(self, slot: int) -> list:
+        """Start a worker in an empty slot if work may still come. Lock held."""
+        later: list = []
+        self._spawn_failed.discard(slot)
         if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders
                                                              or self._big_waiting)):
+            assert self._sup is not None
             try:
                 self._pids[slot] = self._sup.spawn(slot)
             except Exception as exc:
                 print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
+                self._spawn_failed.add(slot)        # tried again at the next poll
                 if not self._pids:
                     # no worker left and none can start (e.g. the zygote was killed):
                     # fail everything now rather than let callers wait forever
@@ -787,7 +1008,12 @@ class _Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             thread = self._thread
-            if thread is None or thread is threading.current_thread():
+            if thread is threading.current_thread():
+                # join() in a callback: the bookkeeping thread cannot wait for
+                # itself; it finishes the pending work and releases everything
+                # itself once the workers exited (see _loop)
+                return
+            if thread is None:
                 break
             thread.join(None if deadline is None else max(deadline - time.monotonic(), 0))
             if thread.is_alive():

@@ -30,6 +30,12 @@ zygote also watches getppid(). A target can call :func:`parent_alive` in its
 idle loop as a further line of defence (spawn workers started from a
 short-lived thread rely on it).
 
+No helper is a single point of failure: a worker outlives the zygote or fork
+server that forked it (the death signal it gets from that helper is a
+catchable one: it checks the caller and dies only if the caller is gone),
+and a lost or unresponsive zygote is replaced by the next spawn (see
+:class:`Supervisor`).
+
 Typical use (one thread calls the Supervisor's methods at a time)::
 
     sup = Supervisor(work, (arena,), context="fork", name="mypool")
@@ -129,10 +135,17 @@ def register_pausable(obj: Any) -> None:
     _pausable.add(obj)
 
 
+# One zygote fork at a time: two pools created at once by two threads would
+# otherwise pause (and then restart) the same third pool's thread twice.
+_fork_lock = threading.RLock()
+
+
 @contextmanager
 def threads_paused() -> Iterator[None]:
-    """Stop the threads of every registered pausable object for the block."""
+    """Stop the threads of every registered pausable object for the block
+    (one such block at a time in this process)."""
     paused = []
+    _fork_lock.acquire()
     try:
         for obj in list(_pausable):
             try:
@@ -142,11 +155,14 @@ def threads_paused() -> Iterator[None]:
                 pass
         yield
     finally:
-        for obj in paused:
-            try:
-                obj._resume_after_fork()
-            except Exception:
-                traceback.print_exc()
+        try:
+            for obj in paused:
+                try:
+                    obj._resume_after_fork()
+                except Exception:
+                    traceback.print_exc()
+        finally:
+            _fork_lock.release()
 
 
 def mark_thread_long_lived() -> None:
@@ -200,8 +216,13 @@ def _process_entry(target: Callable[..., Any], slot: int, args: tuple, parent_pi
     # when the caller does). Under spawn it is the caller, and the kernel sends
     # the parent-death signal when the *thread* that started us ends: only ask
     # for it when that thread outlives us (see Supervisor.spawn).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Supervisor.spawn started us with SIGINT blocked, so a Ctrl-C that came
+    # while we imported and unpickled is still pending: ignored it now goes
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if method != "spawn":
-        die_with_parent(os.getppid())
+        _survive_helper_death(parent_pid)       # the fork server's death costs us nothing
         _release_forkserver()
     elif pdeathsig:
         die_with_parent(parent_pid)
@@ -231,17 +252,71 @@ def _release_forkserver() -> None:
         pass            # another Python's layout: the idle-loop check still applies
 
 
+# ---------------------------------------------------------------------- helper deaths
+# A worker is forked by a helper (the zygote, or multiprocessing's fork server),
+# but must live exactly as long as the pool's *parent*: a helper killed by the
+# OOM killer or a stray kill must cost no task. So the kernel's parent-death
+# signal towards the helper is a catchable one; its handler checks the pool's
+# parent: dead -> the worker dies at once; alive -> the worker carries on, and a
+# small watchdog thread (started only then) kills it when the parent dies.
+_HELPER_DIED = signal.SIGRTMIN + 3 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
+_watched_parent = 0                     # the pool's parent, in a worker
+_watchdog_started = False
+
+
+def _survive_helper_death(parent_pid: int) -> None:
+    """In a worker just forked by a helper: outlive the helper, die with `parent_pid`."""
+    global _watched_parent, _watchdog_started
+    _watched_parent = parent_pid
+    _watchdog_started = False
+    signal.signal(_HELPER_DIED, _on_helper_died)
+    helper = os.getppid()
+    die_with_parent(helper, _HELPER_DIED)   # exits at once if the helper is already gone
+    if not pid_alive(parent_pid):
+        os._exit(1)
+
+
+def _on_helper_died(signum: int, frame: Any) -> None:
+    if not pid_alive(_watched_parent):
+        os.kill(os.getpid(), signal.SIGKILL)    # as if the parent-death signal were SIGKILL
+    _start_parent_watchdog()
+
+
+def _start_parent_watchdog() -> None:
+    global _watchdog_started
+    if _watchdog_started:
+        return
+    _watchdog_started = True
+    threading.Thread(target=_watch_parent, args=(_watched_parent,), name="shmipc-parent-watch",
+                     daemon=True).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Kill this worker when `parent_pid` exits (its helper, which the kernel
+    would have told us about, is gone)."""
+    try:
+        fd = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):
+        fd = -1
+    while True:
+        if fd >= 0:
+            try:
+                select.select([fd], [], [])
+            except InterruptedError:
+                continue
+        else:
+            time.sleep(0.2)
+        if not pid_alive(parent_pid):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------- the zygote
 def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int, pdeathsig: bool,
                  target: Callable[..., Any], args: tuple, name: str,
                  wake: Callable[[], Any] | None = None) -> None:
-    """The zygote: forks workers on request, reaps them, reports exit codes.
-
-    Single-threaded by construction (a fresh fork), so its forks are safe.
-    Exits when told to, or when the parent closes the command pipe (the parent
-    died or stopped us), after stopping and reaping every worker.
-    """
+    """Entry of the zygote process (see :class:`_Zygote`)."""
     # the death signal follows the thread that forked us: trust it only if that
-    # thread lives as long as the process; getppid() below covers the rest
+    # thread lives as long as the process; the loop's getppid() check covers the rest
     if pdeathsig:
         die_with_parent(parent_pid)
     elif os.getppid() != parent_pid:
@@ -252,116 +327,212 @@ def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int, pdea
             os.close(fd)
         except OSError:
             pass
-    me = os.getpid()
-    children: dict[int, tuple[int, int]] = {}      # pid -> (slot, pidfd or -1)
-    buf = b""
+    _Zygote(cmd_r, evt_w, parent_pid, target, args, name, wake).run()
 
-    def report(kind: int, slot: int, pid: int, code: int) -> None:
+
+class _Zygote:
+    """The zygote: forks workers on request, reaps them, reports exit codes.
+
+    Single-threaded by construction (a fresh fork), so its forks are safe.
+    Exits when told to, or when the parent closes the command pipe or dies,
+    after stopping and reaping every worker.
+
+    A worker is *gated*: it waits on a pipe until the zygote has reported it
+    to the parent (_EVT_STARTED), and exits at once if the zygote dies before
+    that. So every worker that runs is known to the parent, even if the
+    zygote is killed (or stopped, then killed by the parent) mid-spawn.
+    """
+
+    def __init__(self, cmd_r: int, evt_w: int, parent_pid: int, target: Callable[..., Any],
+                 args: tuple, name: str, wake: Callable[[], Any] | None) -> None:
+        self.cmd_r = cmd_r
+        self.evt_w = evt_w
+        self.parent_pid = parent_pid
+        self.target = target
+        self.args = args
+        self.name = name
+        self.wake = wake
+        self.children: dict[int, tuple[int, int]] = {}      # pid -> (slot, pidfd or -1)
+        self.buf = b""
+        self.grace = 1.0
+
+    def run(self) -> None:
+        while True:
+            fds = [self.cmd_r] + [pidfd for _, pidfd in self.children.values() if pidfd >= 0]
+            polling = any(pidfd < 0 for _, pidfd in self.children.values())
+            try:
+                ready, _, _ = select.select(fds, [], [], 0.05 if polling else 0.25)
+            except InterruptedError:
+                ready = []
+            if os.getppid() != self.parent_pid:            # the parent process died
+                break
+            if self.cmd_r in ready and not self._read_commands():
+                break
+            self._reap(False)
+        self._stop_children(self.grace)
+        os.close(self.evt_w)
+
+    def _read_commands(self) -> bool:
+        """Run the commands waiting in the pipe; False when it is time to quit."""
         try:
-            os.write(evt_w, _EVT.pack(kind, slot, pid, code))
+            data = os.read(self.cmd_r, 4096)
+        except OSError:
+            data = b""
+        if not data:                                    # the parent is gone or closed us
+            return False
+        self.buf += data
+        while len(self.buf) >= _CMD.size:
+            cmd, arg = _CMD.unpack_from(self.buf)
+            self.buf = self.buf[_CMD.size:]
+            if cmd == _CMD_SPAWN:
+                self._fork_worker(arg)
+            elif cmd == _CMD_SIGNAL:
+                self._signal_all(arg)
+            elif cmd == _CMD_QUIT:
+                self.grace = arg / 1000.0
+                return False
+        return True
+
+    def _report(self, kind: int, slot: int, pid: int, code: int) -> None:
+        try:
+            os.write(self.evt_w, _EVT.pack(kind, slot, pid, code))
         except OSError:
             pass            # parent gone: the death signal will follow
 
-    def reap(block: bool) -> None:
-        for pid in list(children):
+    def _signal_all(self, sig: int) -> None:
+        for pid in self.children:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _reap(self, block: bool) -> None:
+        for pid in list(self.children):
             try:
                 done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
             except ChildProcessError:
                 done, status = pid, -1
-            if done == pid:
-                slot, pidfd = children.pop(pid)
-                if pidfd >= 0:
-                    os.close(pidfd)
-                report(_EVT_EXITED, slot, pid, _exit_code_of(status) if status != -1 else -1)
-                if wake is not None:
-                    try:
-                        wake()
-                    except Exception:
-                        pass                # best effort: the parent also polls
+            if done != pid:
+                continue
+            slot, pidfd = self.children.pop(pid)
+            if pidfd >= 0:
+                os.close(pidfd)
+            self._report(_EVT_EXITED, slot, pid, _exit_code_of(status) if status != -1 else -1)
+            if self.wake is not None:
+                try:
+                    self.wake()
+                except Exception:
+                    pass                # best effort: the parent also polls
 
-    def fork_worker(slot: int) -> None:
+    def _fork_worker(self, slot: int) -> None:
+        gate_r, gate_w = os.pipe()
         try:
             pid = os.fork()
         except OSError as exc:
-            report(_EVT_SPAWN_FAILED, slot, 0, exc.errno or -1)
+            os.close(gate_r)
+            os.close(gate_w)
+            self._report(_EVT_SPAWN_FAILED, slot, 0, exc.errno or -1)
             return
         if pid == 0:                                   # the worker
             code = 1
             try:
-                os.close(cmd_r)
-                os.close(evt_w)
-                for _, pidfd in children.values():
-                    if pidfd >= 0:
-                        os.close(pidfd)
-                die_with_parent(me)
+                for fd in [self.cmd_r, self.evt_w, gate_w] + [fd for _, fd in self.children.values()]:
+                    if fd >= 0:
+                        os.close(fd)
+                _survive_helper_death(self.parent_pid)
+                if os.read(gate_r, 1) != b"g":          # the zygote died before reporting us
+                    os._exit(1)
+                os.close(gate_r)
                 try:
-                    multiprocessing.current_process().name = f"{name}-{slot}"
+                    multiprocessing.current_process().name = f"{self.name}-{slot}"
                 except Exception:
                     pass
-                code = _run_target(target, slot, args)
+                code = _run_target(self.target, slot, self.args)
             finally:
                 os._exit(code)
+        os.close(gate_r)
         try:
             pidfd = os.pidfd_open(pid)
         except (AttributeError, OSError):
             pidfd = -1                                  # poll instead
-        children[pid] = (slot, pidfd)
-        report(_EVT_STARTED, slot, pid, 0)
-
-    def stop_children(grace: float) -> None:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while children and time.monotonic() < deadline:
-            reap(False)
-            time.sleep(0.005)
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        reap(True)
-
-    quit_now = False
-    grace = 1.0
-    while not quit_now:
-        fds = [cmd_r] + [pidfd for _, pidfd in children.values() if pidfd >= 0]
-        polling = any(pidfd < 0 for _, pidfd in children.values())
+        self.children[pid] = (slot, pidfd)
+        self._report(_EVT_STARTED, slot, pid, 0)
         try:
-            ready, _, _ = select.select(fds, [], [], 0.05 if polling else 0.25)
+            os.write(gate_w, b"g")
+        except OSError:
+            pass                                        # it died already: reaped below
+        os.close(gate_w)
+
+    def _stop_children(self, grace: float) -> None:
+        self._signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while self.children and time.monotonic() < deadline:
+            self._reap(False)
+            time.sleep(0.005)
+        self._signal_all(signal.SIGKILL)
+        self._reap(True)
+
+
+class _ZygoteLink:
+    """The parent's side of one zygote: its process, command pipe and event pipe."""
+
+    def __init__(self, proc: Any, cmd_w: int, evt_r: int) -> None:
+        self.proc = proc
+        self.pid: int = proc.pid
+        self.cmd_w = cmd_w
+        self.evt_r = evt_r
+        self.buf = b""
+        self.eof = False            # every writer of the event pipe is gone
+
+    def alive(self) -> bool:
+        return not self.eof and self.proc.exitcode is None and pid_alive(self.pid)
+
+    def send(self, cmd: int, arg: int) -> None:
+        """Raises OSError if the zygote is gone."""
+        os.write(self.cmd_w, _CMD.pack(cmd, arg))
+
+    def read(self, timeout: float) -> list[tuple[int, int, int, int]]:
+        """Events the zygote reported, waiting up to `timeout` for the first."""
+        out: list[tuple[int, int, int, int]] = []
+        if self.eof:
+            return out
+        try:
+            ready, _, _ = select.select([self.evt_r], [], [], timeout)
         except InterruptedError:
             ready = []
-        if os.getppid() != parent_pid:                  # the parent process died
-            break
-        if cmd_r in ready:
+        if not ready:
+            return out
+        try:
+            data = os.read(self.evt_r, 4096)
+        except BlockingIOError:
+            data = None
+        if data == b"":
+            self.eof = True
+        elif data:
+            self.buf += data
+        while len(self.buf) >= _EVT.size:
+            out.append(_EVT.unpack_from(self.buf))
+            self.buf = self.buf[_EVT.size:]
+        return out
+
+    def close(self, kill: bool, timeout: float = 1.0) -> None:
+        """Close our pipe ends and reap the zygote (SIGKILLed first if `kill`)."""
+        if kill and self.proc.exitcode is None:
             try:
-                data = os.read(cmd_r, 4096)
-            except OSError:
-                data = b""
-            if not data:                                # the parent is gone or closed us
-                break
-            buf += data
-            while len(buf) >= _CMD.size:
-                cmd, arg = _CMD.unpack_from(buf)
-                buf = buf[_CMD.size:]
-                if cmd == _CMD_SPAWN:
-                    fork_worker(arg)
-                elif cmd == _CMD_SIGNAL:
-                    for pid in children:
-                        try:
-                            os.kill(pid, arg)
-                        except ProcessLookupError:
-                            pass
-                elif cmd == _CMD_QUIT:
-                    grace = arg / 1000.0
-                    quit_now = True
-                    break
-        reap(False)
-    stop_children(grace)
-    os.close(evt_w)
+                self.proc.kill()
+            except Exception:
+                pass
+        for fd in (self.cmd_w, self.evt_r):
+            if fd >= 0:
+                os.close(fd)
+        self.cmd_w = self.evt_r = -1
+        self.eof = True
+        self.proc.join(timeout)
+        if self.proc.exitcode is None:
+            self.proc.kill()
+            self.proc.join(1.0)
+        if self.proc.exitcode is not None:
+            self.proc.close()
 
 
 class Supervisor:
@@ -383,13 +554,22 @@ class Supervisor:
 
     Raises:
         ValueError / TypeError: an invalid context.
+
+    Under fork, the zygote is no single point of failure: if it dies (or
+    does not answer a spawn request within ``zygote_timeout`` seconds, e.g.
+    SIGSTOPped, and is then killed), its workers carry on (they die with this
+    process, not with the zygote), their exits are seen through pidfds
+    (exit code None: only the zygote could reap them), and the next spawn
+    starts a new zygote (``zygotes_replaced`` counts them). That one is forked
+    from this process while its registered threads are paused: the only
+    fork of a possibly multi-threaded process shmipc makes, and only after a
+    helper was lost.
     """
 
     # set before anything can raise, so __del__/stop are safe after a failed __init__
-    _zygote: Any = None
-    _cmd_w: int = -1
-    _evt_r: int = -1
+    _link: _ZygoteLink | None = None
     _stopped: bool = False
+    zygote_timeout = 3.0            # seconds a zygote may take to answer a spawn request
 
     def __init__(self, target: Callable[..., Any], args: tuple = (), *, context: Any = None,
                  name: str = "shmipc-worker", wake: Callable[[], Any] | None = None) -> None:
@@ -404,9 +584,15 @@ class Supervisor:
         self._lock = threading.RLock()
         self._pids: dict[int, int] = {}                 # slot -> pid
         self._procs: dict[int, Any] = {}                # slot -> Process (spawn/forkserver)
+        self._pidfds: dict[int, int] = {}               # slot -> pidfd (fork), -1 if none
+        self._started_by: dict[int, _ZygoteLink] = {}   # slot -> the zygote that forked it
         self._pending: list[WorkerExit] = []            # exits read while waiting for a start
-        self._evt_buf = b""
         self._owner_pid = os.getpid()
+        self._orphaned: set[int] = set()                # forkserver workers whose server died
+        self._dead_since: dict[int, float] = {}         # pidfd -> when first seen exited, unreported
+        self._last_exit_check = 0.0
+        self.zygotes_started = 0
+        self.zygotes_replaced = 0                       # zygotes started after one was lost
 
     # ------------------------------------------------------------ starting
     def start(self, slots: Iterable[int]) -> dict[int, int]:
@@ -420,14 +606,13 @@ class Supervisor:
             OSError: the worker could not be started.
         """
         with self._lock:
-            if self.start_method == "fork" and self._zygote is None:
-                self._start_zygote()
+            if self.start_method == "fork" and self._link is None:
+                self._link = self._start_zygote()
             return {slot: self.spawn(slot) for slot in slots}
 
-    def _start_zygote(self) -> None:
+    def _start_zygote(self) -> _ZygoteLink:
         cmd_r, cmd_w = os.pipe()
         evt_r, evt_w = os.pipe()
-        self._cmd_w, self._evt_r = cmd_w, evt_r
         proc = self._ctx.Process(
             target=_zygote_main, name=f"{self.name}-zygote", daemon=True,
             args=(cmd_r, evt_w, (cmd_w, evt_r), os.getpid(), _outlives_children(),
@@ -438,19 +623,24 @@ class Supervisor:
         except BaseException:
             os.close(cmd_w)
             os.close(evt_r)
-            self._cmd_w = self._evt_r = -1
             raise
         finally:
             os.close(cmd_r)
             os.close(evt_w)
-        self._zygote = proc
+        # The zygote is ours, not multiprocessing's: a plain os.fork() child of
+        # this process must not terminate it from multiprocessing's atexit
+        # handler (which terminates every daemonic child it knows of), and
+        # active_children() must not list it. We stop and reap it ourselves.
+        _forget_mp_child(proc)
+        self.zygotes_started += 1
+        return _ZygoteLink(proc, cmd_w, evt_r)
 
     def spawn(self, slot: int) -> int:
         """Start a worker in `slot` (after its previous one exited); returns its pid.
 
         Raises:
             ValueError: the slot has a live worker, or the supervisor was stopped.
-            OSError: the worker could not be started (or the zygote is gone).
+            OSError: the worker could not be started.
         """
         if not isinstance(slot, int) or slot < 0:
             raise ValueError(f"slot must be a non-negative int, got {slot!r}")
@@ -460,71 +650,107 @@ class Supervisor:
             if slot in self._pids:
                 raise ValueError(f"slot {slot} still has worker pid {self._pids[slot]}")
             if self.start_method == "fork":
-                if self._zygote is None:
-                    self._start_zygote()
                 pid = self._zygote_spawn(slot)
             else:
                 proc = self._ctx.Process(
                     target=_process_entry, name=f"{self.name}-{slot}", daemon=True,
                     args=(self.target, slot, self.args, os.getpid(), self.start_method,
                           _outlives_children()))
-                proc.start()
+                with _sigint_blocked():         # the child inherits the mask (see _process_entry)
+                    proc.start()
                 self._procs[slot] = proc
+                self._track(slot, proc.pid, None)
                 pid = proc.pid
             self._pids[slot] = pid
             return pid
 
     def _zygote_spawn(self, slot: int) -> int:
-        try:
-            os.write(self._cmd_w, _CMD.pack(_CMD_SPAWN, slot))
-        except OSError as exc:
-            raise OSError(exc.errno, f"the worker zygote is gone: {exc.strerror}") from None
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
-            for kind, evslot, pid, code in self._read_events(max(deadline - time.monotonic(), 0)):
-                if kind == _EVT_STARTED and evslot == slot:
-                    return pid
-                if kind == _EVT_SPAWN_FAILED and evslot == slot:
-                    raise OSError(code, f"the zygote could not fork a worker: {os.strerror(code)}")
-            if time.monotonic() >= deadline or not self._zygote.is_alive():
-                raise OSError(errno.ECHILD, f"the worker zygote (pid {self._zygote.pid}) did not start "
-                                            f"a worker for slot {slot} (exit code {self._zygote.exitcode})")
+        """Ask the zygote for a worker; replace a zygote that is gone or does
+        not answer in time (killed, stopped) and ask the new one."""
+        last: BaseException | None = None
+        for _attempt in range(3):
+            link = self._link
+            if link is None or not link.alive():
+                if link is not None:
+                    self._lose_zygote(link, kill=True)
+                link = self._link = self._start_zygote()
+                if self.zygotes_started > 1:
+                    self.zygotes_replaced += 1
+            try:
+                link.send(_CMD_SPAWN, slot)
+            except OSError as exc:
+                last = exc
+                self._lose_zygote(link, kill=True)
+                continue
+            deadline = time.monotonic() + self.zygote_timeout
+            while True:
+                for kind, evslot, pid, code in self._read_link(link, max(deadline - time.monotonic(), 0)):
+                    if kind == _EVT_STARTED and evslot == slot:
+                        self._track(slot, pid, link)
+                        return pid
+                    if kind == _EVT_SPAWN_FAILED and evslot == slot:
+                        raise OSError(code, f"the zygote could not fork a worker: {os.strerror(code)}")
+                if time.monotonic() >= deadline or not link.alive():
+                    break
+            last = OSError(errno.ETIMEDOUT, f"the worker zygote (pid {link.pid}) did not start a "
+                                            f"worker for slot {slot} within {self.zygote_timeout} s")
+            self._lose_zygote(link, kill=True)
+        raise OSError(getattr(last, "errno", None) or errno.ECHILD,
+                      f"could not start a worker for slot {slot}: {last}")
 
-    def _read_events(self, timeout: float) -> list[tuple[int, int, int, int]]:
-        """Read zygote events (waiting up to `timeout`); exits are queued in
-        _pending, everything read is returned."""
-        out: list[tuple[int, int, int, int]] = []
-        if self._evt_r < 0:
-            return out
+    def _track(self, slot: int, pid: int, link: _ZygoteLink) -> None:
+        """Watch a worker the zygote reported: its pidfd tells us it exited
+        even if the zygote (which reaps it) is gone by then."""
         try:
-            ready, _, _ = select.select([self._evt_r], [], [], timeout)
-        except InterruptedError:
-            ready = []
-        if not ready:
-            return out
-        try:
-            data = os.read(self._evt_r, 4096)
-        except BlockingIOError:
-            data = None
-        if data == b"":                 # the zygote exited
-            os.close(self._evt_r)
-            self._evt_r = -1
-        elif data:
-            self._evt_buf += data
-        while len(self._evt_buf) >= _EVT.size:
-            event = _EVT.unpack_from(self._evt_buf)
-            self._evt_buf = self._evt_buf[_EVT.size:]
-            out.append(event)
-            kind, slot, pid, code = event
+            self._pidfds[slot] = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._pidfds[slot] = -1
+        self._started_by[slot] = link
+
+    def _untrack(self, slot: int) -> None:
+        fd = self._pidfds.pop(slot, -1)
+        if fd >= 0:
+            os.close(fd)
+        self._started_by.pop(slot, None)
+
+    def _read_link(self, link: _ZygoteLink, timeout: float) -> list[tuple[int, int, int, int]]:
+        """Events from a zygote; worker exits are queued in _pending."""
+        events = link.read(timeout)
+        for kind, slot, pid, code in events:
             if kind == _EVT_EXITED:
                 self._pending.append(WorkerExit(slot, pid, code))
-        return out
+        return events
+
+    def _lose_zygote(self, link: _ZygoteLink, kill: bool) -> None:
+        """The zygote died, or does not answer (then it is killed): read what
+        it reported, reap it. Its workers live on (see _survive_helper_death)."""
+        if kill and link.proc.exitcode is None:
+            try:
+                link.proc.kill()
+            except Exception:
+                pass
+        deadline = time.monotonic() + 1.0
+        while not link.eof and time.monotonic() < deadline:
+            self._read_link(link, 0.05)
+        link.close(kill=True)
+        if self._link is link:
+            self._link = None
 
     # ------------------------------------------------------------ watching
     def pids(self) -> dict[int, int]:
         """{slot: pid} of the workers not yet reported as exited."""
         with self._lock:
             return dict(self._pids)
+
+    def helper_pids(self) -> list[int]:
+        """Pids of the helper processes (the zygote), for tests and tools."""
+        with self._lock:
+            link = self._link
+            return [link.pid] if link is not None and link.alive() else []
+
+    @property
+    def _zygote(self) -> _ZygoteLink | None:
+        return self._link
 
     def poll(self) -> list[WorkerExit]:
         """Exits since the last call (without waiting); those workers are reaped."""
@@ -535,36 +761,114 @@ class Supervisor:
         exits; return them (possibly none)."""
         with self._lock:
             if self.start_method == "fork":
-                if not self._pending:
-                    self._read_events(timeout)
-                    if self._evt_r < 0 and self._pids:
-                        # the zygote died (killed): its workers got SIGKILL with it
-                        for slot, pid in list(self._pids.items()):
-                            if not pid_alive(pid):
-                                self._pending.append(WorkerExit(slot, pid, -signal.SIGKILL))
-                exits, self._pending = self._pending, []
+                exits = self._wait_fork(timeout)
             else:
-                procs = list(self._procs.values())
-                if timeout != 0 and procs:
-                    multiprocessing.connection.wait([p.sentinel for p in procs], timeout)
-                exits = []
-                for slot, proc in list(self._procs.items()):
-                    if proc.exitcode is not None:
-                        exits.append(WorkerExit(slot, proc.pid, proc.exitcode))
-                        del self._procs[slot]
-                        proc.close()
+                exits = self._wait_processes(timeout)
+            out = []
             for ev in exits:
                 if self._pids.get(ev.slot) == ev.pid:
                     del self._pids[ev.slot]
-            return exits
+                    self._untrack(ev.slot)
+                    out.append(ev)
+            return out
+
+    def _wait_fork(self, timeout: float | None) -> list[WorkerExit]:
+        link = self._link
+        if not self._pending:
+            # orphans: workers whose zygote is gone; only their pidfd tells their exit
+            orphans = {fd: slot for slot, fd in self._pidfds.items()
+                       if fd >= 0 and self._started_by.get(slot) is not link}
+            fds = list(orphans) + ([link.evt_r] if link is not None and not link.eof else [])
+            if timeout != 0 and fds:
+                try:
+                    select.select(fds, [], [], timeout)
+                except InterruptedError:
+                    pass
+            if link is not None:
+                self._read_link(link, 0)
+                if not link.alive():
+                    self._lose_zygote(link, kill=False)
+                elif not self._pending and self._unreported_exit(link):
+                    # a worker of this zygote exited and it has not said so in
+                    # time: it is stopped or stuck; its workers become orphans
+                    self._lose_zygote(link, kill=True)
+                orphans = {fd: slot for slot, fd in self._pidfds.items()
+                           if fd >= 0 and self._started_by.get(slot) is not self._link}
+            if orphans:
+                try:
+                    ready, _, _ = select.select(list(orphans), [], [], 0)
+                except InterruptedError:
+                    ready = []
+                for fd in ready:
+                    slot = orphans[fd]
+                    self._pending.append(WorkerExit(slot, self._pids.get(slot, 0), None))
+            for slot, pid in list(self._pids.items()):      # no pidfd (old kernels)
+                if self._pidfds.get(slot, -1) < 0 and self._started_by.get(slot) is not self._link \
+                        and not pid_alive(pid):
+                    self._pending.append(WorkerExit(slot, pid, None))
+        exits, self._pending = self._pending, []
+        return exits
+
+    def _wait_processes(self, timeout: float | None) -> list[WorkerExit]:
+        """wait() for spawn/forkserver workers. A forkserver worker whose fork
+        server died looks exited to multiprocessing (exit code 255) while it
+        still runs: from then on only its pidfd tells (exit code None)."""
+        handles = []
+        for slot, proc in self._procs.items():
+            fd = self._pidfds.get(slot, -1)
+            handles.append(fd if slot in self._orphaned else proc.sentinel)
+        if timeout != 0 and handles:
+            multiprocessing.connection.wait(handles, timeout)
+        exits = []
+        for slot, proc in list(self._procs.items()):
+            fd = self._pidfds.get(slot, -1)
+            if slot in self._orphaned:
+                if _pidfd_running(fd):
+                    continue
+                code = None
+            elif proc.exitcode is None:
+                continue
+            elif fd >= 0 and _pidfd_running(fd):
+                self._orphaned.add(slot)            # the fork server is gone, the worker is not
+                continue
+            else:
+                code = proc.exitcode
+            exits.append(WorkerExit(slot, proc.pid, code))
+            del self._procs[slot]
+            self._orphaned.discard(slot)
+            try:
+                proc.close()
+            except ValueError:
+                pass
+        return exits
+
+    def _unreported_exit(self, link: _ZygoteLink) -> bool:
+        """True if a worker of `link` exited more than zygote_timeout seconds ago
+        and the zygote has not reported it (checked at most every 0.1 s)."""
+        now = time.monotonic()
+        if now - self._last_exit_check < 0.1:
+            return False
+        self._last_exit_check = now
+        mine = [fd for slot, fd in self._pidfds.items() if fd >= 0 and self._started_by.get(slot) is link]
+        try:
+            dead = set(select.select(mine, [], [], 0)[0]) if mine else set()
+        except InterruptedError:
+            dead = set()
+        self._dead_since = {fd: self._dead_since.get(fd, now) for fd in dead}
+        return any(now - t > self.zygote_timeout for t in self._dead_since.values())
 
     def kill(self, slot: int, sig: int = signal.SIGKILL) -> None:
         """Send `sig` to the worker in `slot` (if it lives)."""
         with self._lock:
             pid = self._pids.get(slot)
-        if pid is not None:
+            fd = self._pidfds.get(slot, -1)
+            if pid is None:
+                return
             try:
-                os.kill(pid, sig)
+                if fd >= 0:
+                    signal.pidfd_send_signal(fd, sig)
+                else:
+                    os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -580,26 +884,22 @@ class Supervisor:
                 return []
             self._stopped = True
             exits: list[WorkerExit] = []
-            if self._zygote is not None:
-                # the zygote sends SIGTERM, waits a second, then SIGKILL, and reaps
-                try:
-                    os.write(self._cmd_w, _CMD.pack(_CMD_QUIT, int(timeout * 1000)))
-                except OSError:
-                    pass
-                os.close(self._cmd_w)
-                self._cmd_w = -1
-                deadline = time.monotonic() + timeout + 2.0
-                while self._evt_r >= 0 and time.monotonic() < deadline:
-                    self._read_events(0.05)
-                self._zygote.join(max(deadline - time.monotonic(), 0.1))
-                if self._zygote.exitcode is None:
-                    self._zygote.kill()
-                    self._zygote.join(1.0)
-                self._zygote.close() if self._zygote.exitcode is not None else None
-                self._zygote = None
-                if self._evt_r >= 0:
-                    os.close(self._evt_r)
-                    self._evt_r = -1
+            if self.start_method == "fork":
+                link = self._link
+                if link is not None:
+                    # the zygote sends SIGTERM, waits `timeout`, then SIGKILL, and reaps
+                    try:
+                        link.send(_CMD_QUIT, int(timeout * 1000))
+                    except OSError:
+                        pass
+                    os.close(link.cmd_w)
+                    link.cmd_w = -1
+                    deadline = time.monotonic() + timeout + 2.0
+                    while not link.eof and time.monotonic() < deadline:
+                        self._read_link(link, 0.05)
+                    link.close(kill=True, timeout=max(deadline - time.monotonic(), 0.1))
+                    self._link = None
+                self._stop_orphans(timeout)
                 exits, self._pending = self._pending, []
             else:
                 for proc in self._procs.values():
@@ -615,8 +915,27 @@ class Supervisor:
                     exits.append(WorkerExit(slot, proc.pid, proc.exitcode))
                     proc.close()
                 self._procs.clear()
+                self._stop_orphans(timeout)         # workers of a dead fork server
+            for slot in list(self._pidfds):
+                self._untrack(slot)
             self._pids.clear()
             return exits
+
+    def _stop_orphans(self, timeout: float) -> None:
+        """Workers whose zygote died are not our children: signal them through
+        their pidfds (never a recycled pid) and wait for them to exit."""
+        live = {slot: fd for slot, fd in self._pidfds.items() if fd >= 0 and _pidfd_running(fd)}
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+            for fd in live.values():
+                try:
+                    signal.pidfd_send_signal(fd, sig)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + wait
+            while live and time.monotonic() < deadline:
+                live = {s: fd for s, fd in live.items() if _pidfd_running(fd)}
+                if live:
+                    time.sleep(0.005)
 
     @property
     def stopped(self) -> bool:
@@ -631,3 +950,37 @@ class Supervisor:
     def __repr__(self) -> str:
         return (f"<shmipc Supervisor {self.name} {self.start_method} "
                 f"{'stopped' if self._stopped else f'{len(self._pids)} workers'}>")
+
+
+@contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread for the block: a child started meanwhile
+    (fork+exec) starts with it blocked, so a Ctrl-C during its start-up
+    cannot print a KeyboardInterrupt traceback from its imports. A Ctrl-C
+    meanwhile reaches this process when the block ends."""
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _pidfd_running(fd: int) -> bool:
+    try:
+        ready, _, _ = select.select([fd], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not ready
+
+
+def _forget_mp_child(proc: Any) -> None:
+    """Remove a process we manage ourselves from multiprocessing's registry of children."""
+    try:
+        from multiprocessing import process as mp_process
+
+        mp_process._children.discard(proc)
+    except Exception:
+        pass

@@ -328,21 +328,129 @@ def test_ctrl_c_during_map(method, call):
     assert "Traceback" not in err, err          # no screen of child tracebacks
 
 
-@pytest.mark.timeout(60)
-def test_zygote_killed_fails_work_instead_of_hanging(no_leaks):
-    p = shmipc.Pool(2, context="fork")
+# ------------------------------------------------------------ helpers die (issue 9)
+def nap_short(x):
+    time.sleep(0.3)
+    return x
+
+
+def _zygote_pid(pool):
+    pids = pool._engine._sup.helper_pids()
+    assert len(pids) == 1
+    return pids[0]
+
+
+def _stopped(pid):
     try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2:].split()[0] == b"T"
+
+
+@pytest.mark.timeout(60)
+def test_zygote_killed_costs_no_task_and_is_replaced(no_leaks):
+    """The zygote is SIGKILLed while workers run tasks: they carry on (they
+    die with the parent, not the zygote), every task completes, and the next
+    replacement worker comes from a new zygote."""
+    with shmipc.Pool(2, context="fork") as p:
         assert p.map(slow_double, range(4)) == [0, 2, 4, 6]
-        r = p.map_async(nap, range(4), chunksize=1)
+        workers = set(pool_pids(p).values())
+        r = p.map_async(nap_short, range(8), chunksize=1)
         busy_worker(p)
-        os.kill(p._engine._sup._zygote.pid, signal.SIGKILL)     # its workers die with it
-        with pytest.raises((RuntimeError, shmipc.WorkerLost)):
+        zygote = _zygote_pid(p)
+        os.kill(zygote, signal.SIGKILL)
+        assert r.get(timeout=30) == list(range(8))
+        assert set(pool_pids(p).values()) == workers            # nobody died with it
+        assert all(pid_alive(w) for w in workers)
+        # a worker dies now: its replacement needs a zygote, so a new one starts
+        slot, victim = sorted(pool_pids(p).items())[0]
+        os.kill(victim, signal.SIGKILL)
+        assert wait_for(lambda: pool_pids(p).get(slot) not in (None, victim))
+        assert p._engine._sup.zygotes_replaced == 1
+        assert _zygote_pid(p) != zygote
+        assert p.map(slow_double, range(20)) == [2 * x for x in range(20)]
+        assert p.statistics()["worker_deaths"] == 1
+
+
+@pytest.mark.timeout(60)
+def test_stopped_zygote_is_detected_and_replaced(no_leaks):
+    """A SIGSTOPped zygote does not hang the pool: a replacement worker is
+    asked of it, it does not answer in time, it is killed and replaced."""
+    with shmipc.Pool(2, context="fork") as p:
+        p._engine._sup.zygote_timeout = 1.0
+        zygote = _zygote_pid(p)
+        os.kill(zygote, signal.SIGSTOP)
+        assert wait_for(lambda: _stopped(zygote))
+        r = p.map_async(slow_double, range(200), chunksize=5)
+        slot, victim = busy_worker(p)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(shmipc.WorkerLost):
             r.get(timeout=30)
-        with pytest.raises(RuntimeError, match="lost all its workers"):
-            p.apply(slow_double, (1,))
-    finally:
-        p.terminate()
+        assert wait_for(lambda: pool_pids(p).get(slot) not in (None, victim), 20)
+        assert p._engine._sup.zygotes_replaced == 1
+        assert not pid_alive(zygote)
+        assert p.map(slow_double, range(20)) == [2 * x for x in range(20)]
+
+
+@pytest.mark.timeout(60)
+def test_worker_outlives_fork_server():
+    """Under forkserver the fork server is the workers' parent: its death
+    costs no task either (multiprocessing starts a new one on next use).
+    (No no_leaks fixture: the fork server restarted at the end is a new child.)"""
+    from multiprocessing import forkserver
+
+    with shmipc.Pool(2, context="forkserver") as p:
+        assert p.map(slow_double, range(4)) == [0, 2, 4, 6]
+        workers = set(pool_pids(p).values())
+        r = p.map_async(nap_short, range(6), chunksize=1)
+        busy_worker(p)
+        server = forkserver._forkserver._forkserver_pid
+        os.kill(server, signal.SIGKILL)
+        assert r.get(timeout=30) == list(range(6))
+        assert set(pool_pids(p).values()) == workers and all(pid_alive(w) for w in workers)
+        os.waitpid(server, 0)               # (multiprocessing reaps it on its next use)
+        forkserver._forkserver._forkserver_pid = None
+    assert wait_for(lambda: not any(pid_alive(w) for w in workers), 5)     # orphans stopped too
+    forkserver.ensure_running()
+
+
+FORK_CHILD_SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {here!r})
+    import shmipc
+    from shmipc._proc import pid_alive
+    from test_pool_crash import slow_double
+    if __name__ == "__main__":
+        p = shmipc.Pool(2, context="fork")
+        zygote = p._engine._sup.helper_pids()[0]
+        pid = os.fork()
+        if pid == 0:
+            sys.exit(0)             # a normal exit: multiprocessing's atexit handler runs
+        os.waitpid(pid, 0)
+        time.sleep(0.2)
+        print("zygote alive:", pid_alive(zygote), flush=True)
+        victim = list(p._engine._pids.values())[0]
+        os.kill(victim, 9)          # its replacement comes from the zygote
+        print("map:", p.map(slow_double, range(10)) == [2 * x for x in range(10)], flush=True)
+        print("replaced:", p._engine._sup.zygotes_replaced, flush=True)
+        p.close()
         p.join()
+""")
+
+
+@pytest.mark.timeout(60)
+def test_plain_fork_child_exit_leaves_the_zygote_alone():
+    """A plain os.fork() child of the pool's parent exits normally: it must
+    not SIGTERM the parent's zygote (multiprocessing's atexit handler
+    terminates every daemonic child it knows of, and the child inherits that list)."""
+    script = FORK_CHILD_SCRIPT.format(root=ROOT, here=HERE)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert "zygote alive: True" in out.stdout, out.stdout + out.stderr
+    assert "map: True" in out.stdout and "replaced: 0" in out.stdout, out.stdout + out.stderr
 
 
 def failing_initializer():
