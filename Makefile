@@ -10,7 +10,7 @@ EXTRAS ?= test,bench,ray
 SOURCES := shmipc/_ring.pyx shmipc/_ring.pxd shmipc/_codec.pxi shmipc/_posix.pxd shmipc/_shm.h setup.py
 PYTEST_ARGS ?=
 
-.PHONY: build test bench bench-quick debug soak clean dist
+.PHONY: build test bench bench-quick readme-bench debug soak clean dist
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: build
 
 bench-quick: build
 	$(PY) -m shmipc bench --quick
+
+# the README's performance section and docs/bench.*, rewritten from one fresh run (~2 min)
+readme-bench: build
+	$(PY) -m shmipc bench --repeat 5 --json docs/bench.json --plot docs/bench.png --markdown docs/bench.md --readme README.md
 
 # a build with C assertions and no optimisation, then the tests
 debug:

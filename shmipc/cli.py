@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="write every figure (all rounds) as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="draw throughput against message size (matplotlib)")
     b.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
+    b.add_argument("--readme", metavar="README.md",
+                   help="rewrite the performance section of this README (between its perf markers) "
+                        "from this run: figures and sentences are generated, never copied")
     b.add_argument("--list", action="store_true", help="list the transports and exit")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -116,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     from shmipc.bench import Options, format_report, get_transports, parse_size, run
     from shmipc.bench import markdown_tables, plot, write_json
     from shmipc.bench.report import markdown_summary
@@ -139,9 +142,17 @@ def _bench(args: argparse.Namespace) -> int:
         if args.workloads is not None:
             options.workloads = args.workloads
         options.check()
-        for option, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        for option, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot),
+                             ("--readme", args.readme)):
             if path:
                 check_output_path(path, option)
+        if args.readme:
+            from shmipc.bench.report import README_END, README_START
+
+            with open(args.readme) as f:
+                text = f.read()
+            if README_START not in text or README_END not in text:
+                raise ValueError(f"--readme {args.readme}: no {README_START} ... {README_END} section")
         if args.plot:
             import importlib.util
 
@@ -165,6 +176,14 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"wrote {args.plot}")
         except (ValueError, ImportError) as exc:     # no throughput figures; a broken matplotlib
             print(f"shmipc bench: no plot: {exc}", file=sys.stderr)
+    if args.readme:
+        from shmipc.bench.report import readme_section, update_readme
+
+        import shlex
+
+        command = ".venv/bin/shmipc " + " ".join(shlex.quote(a) for a in argv)
+        update_readme(args.readme, readme_section(report, command))
+        print(f"wrote the performance section of {args.readme}")
     failed = [r for r in report["records"] if r["status"] in ("error", "timeout")]
     return 1 if failed else 0
 
@@ -174,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "bench":
-            return _bench(args)
+            return _bench(args, list(argv) if argv is not None else sys.argv[1:])
         if args.command == "demo":
             from shmipc.demo import run_demo
 

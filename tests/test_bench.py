@@ -471,3 +471,26 @@ def test_a_dead_peer_fails_the_measurement_at_once(tmp_path, no_leaks):
     assert record["status"] == "error", record
     assert "exited with status 3" in record["reason"], record["reason"]
     assert time.monotonic() - t0 < 10                   # not the 40 s measurement timeout
+
+
+def test_readme_section_is_generated_from_the_run(tmp_path, capsys):
+    """The README's figures and sentences come from the report (8 M vs 1 M
+    msgs/s in the fake run: the sentence says 8.0x), between the markers only."""
+    from shmipc.bench.report import prose, readme_section, update_readme
+    from shmipc.cli import main
+
+    report = _fake_report()
+    sentences = prose(report)
+    assert any("64 B messages, `Ring.put`/`get`: 8 M msgs/s, 8.0x `os.pipe`" in s for s in sentences), sentences
+    assert any("round trip: 1.00 us median against 50.0 us" in s for s in sentences), sentences
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nintro\n<!-- perf:start -->\nold figures\n<!-- perf:end -->\n\n## after\n")
+    update_readme(str(readme), readme_section(report, ".venv/bin/shmipc bench --readme README.md"))
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n<!-- perf:start -->\n## Performance")
+    assert "old figures" not in text and text.endswith("<!-- perf:end -->\n\n## after\n")
+    assert "8.0x `os.pipe`" in text and "--readme README.md" in text
+    bare = tmp_path / "bare.md"
+    bare.write_text("# no markers\n")
+    assert main(["bench", "--readme", str(bare), "--no-progress"]) == 2      # before any measurement
+    assert "no <!-- perf:start -->" in capsys.readouterr().err
