@@ -1,13 +1,18 @@
 """The ring's performance targets, measured between a parent and a forked
 child, with the baselines measured in the same run.
 
-Targets (DESIGN.md, issue 5):
+Targets (issue 11), each a ratio to a baseline measured in the same run,
+with the pipe tuned as a careful user would tune it (shmipc/bench/transports.py:
+a kernel buffer as large as the ring or the system's maximum, buffered reads,
+one ``write()`` per batch, ``readinto`` a preallocated buffer):
 
-* 64 B single ``put``/``get``: >= 5 M msgs/s and >= 5x ``os.pipe`` with
-  length framing;
-* 64 B ``put_many``/``get_many``: >= 10 M msgs/s;
-* 1 MiB ``put`` / zero-copy ``get_view``: >= 15 GB/s and >= 15x ``os.pipe``;
-* ping-pong round trip, 64 B: median <= 3 us;
+* 64 B single ``put``/``get``: >= 5x ``os.pipe`` with length framing;
+* 64 B ``put_many``/``get_many``: >= 5x a pipe writing each batch with one ``write()``;
+* 1 MiB ``put`` / zero-copy ``get_view``: >= 1.6x a pipe read with ``readinto``
+  (a pipe copies twice, a view once: ~2x is the ceiling once memory-bound);
+  the ``memcpy`` floor of the same run is shown beside it;
+* ping-pong round trip, 64 B: median <= 2 us, and with both processes pinned
+  to one CPU no slower than ``os.pipe`` pinned the same way;
 * a consumer blocked 5 s on an empty ring uses < 2% of a core (its CPU time
   from ``getrusage`` in the child), and wakes when a message arrives.
 
@@ -49,17 +54,18 @@ from shmipc.bench.transports import get_transports  # noqa: E402
 __all__ = ["TARGETS", "measure_targets", "blocked_consumer", "main"]
 
 TARGETS = {
-    "put_get_64": "64 B put/get: >= 5 M msgs/s and >= 5x os.pipe",
-    "batch_64": "64 B put_many/get_many: >= 10 M msgs/s",
-    "view_1mib": "1 MiB put/get_view: >= 15 GB/s and >= 15x os.pipe",
-    "pingpong_64": "64 B round trip: median <= 3 us",
+    "put_get_64": "64 B put/get: >= 5x os.pipe (tuned)",
+    "batch_64": "64 B put_many/get_many: >= 5x os.pipe+batch",
+    "view_1mib": "1 MiB put/get_view: >= 1.6x os.pipe+readinto",
+    "pingpong_64": "64 B round trip: median <= 2 us",
+    "pingpong_64_same_cpu": "64 B round trip, one CPU: <= os.pipe's",
     "blocked_consumer": "consumer blocked 5 s on an empty ring: < 2% of a core",
 }
 
 
 def _measure(workload: str, transport: str, size: int, repeat: int, seconds: float,
-             verify: str = "full") -> dict:
-    options = Options(repeat=repeat, seconds=seconds, progress=False, verify=verify)
+             verify: str = "full", pin: str | None = None) -> dict:
+    options = Options(repeat=repeat, seconds=seconds, progress=False, verify=verify, pin=pin)
     with tempfile.TemporaryDirectory(prefix="bench-ring-") as tmpdir:
         record = run_one(Spec(workload, get_transports([transport])[0], size), options, tmpdir)
     if record["status"] != "ok":
@@ -126,24 +132,36 @@ def measure_targets(repeat: int = 3, seconds: float = 0.3, which: list[str] | No
             ratio = ring["msgs_per_s"] / pipe64["msgs_per_s"]
             row.update(figure=f"{ring['msgs_per_s'] / 1e6:.2f} M msgs/s",
                        baseline=f"os.pipe {pipe64['msgs_per_s'] / 1e6:.2f} M msgs/s", ratio=ratio,
-                       ok=ring["msgs_per_s"] >= 5e6 and ratio >= 5, value=ring["msgs_per_s"])
+                       ok=ratio >= 5, value=ring["msgs_per_s"])
         elif name == "batch_64":
             batch = _measure("throughput", "shmipc.ring+batch", 64, repeat, seconds)
-            row.update(figure=f"{batch['msgs_per_s'] / 1e6:.2f} M msgs/s", baseline="", ratio=None,
-                       ok=batch["msgs_per_s"] >= 10e6, value=batch["msgs_per_s"])
+            pipe = _measure("throughput", "os.pipe+batch", 64, repeat, seconds)
+            ratio = batch["msgs_per_s"] / pipe["msgs_per_s"]
+            row.update(figure=f"{batch['msgs_per_s'] / 1e6:.2f} M msgs/s",
+                       baseline=f"os.pipe+batch {pipe['msgs_per_s'] / 1e6:.2f} M msgs/s", ratio=ratio,
+                       ok=ratio >= 5, value=batch["msgs_per_s"])
         elif name == "view_1mib":
             view = _measure("throughput", "shmipc.ring+view", 1 << 20, repeat, seconds, "stamps")
-            pipe = _measure("throughput", "os.pipe", 1 << 20, repeat, seconds, "stamps")
+            pipe = _measure("throughput", "os.pipe+readinto", 1 << 20, repeat, seconds, "stamps")
+            floor = _measure("throughput", "memcpy", 1 << 20, repeat, seconds)
             ratio = view["mb_per_s"] / pipe["mb_per_s"]
-            row.update(figure=f"{view['mb_per_s'] / 1e3:.1f} GB/s",
-                       baseline=f"os.pipe {pipe['mb_per_s'] / 1e3:.2f} GB/s", ratio=ratio,
-                       ok=view["mb_per_s"] >= 15e3 and ratio >= 15, value=view["mb_per_s"])
+            row.update(figure=f"{view['mb_per_s'] / 1e3:.1f} GB/s ({view['mb_per_s'] / floor['mb_per_s']:.0%} "
+                              "of memcpy)",
+                       baseline=f"os.pipe+readinto {pipe['mb_per_s'] / 1e3:.2f} GB/s", ratio=ratio,
+                       ok=ratio >= 1.6, value=view["mb_per_s"])
         elif name == "pingpong_64":
             pp = _measure("pingpong", "shmipc.ring", 64, repeat, seconds)
             pipe = _measure("pingpong", "os.pipe", 64, repeat, seconds)
             row.update(figure=f"median {pp['median_us']:.2f} us (p99 {pp['p99_us']:.2f} us)",
                        baseline=f"os.pipe median {pipe['median_us']:.1f} us",
-                       ratio=pipe["median_us"] / pp["median_us"], ok=pp["median_us"] <= 3.0,
+                       ratio=pipe["median_us"] / pp["median_us"], ok=pp["median_us"] <= 2.0,
+                       value=pp["median_us"])
+        elif name == "pingpong_64_same_cpu":
+            pp = _measure("pingpong", "shmipc.ring", 64, repeat, seconds, pin="same")
+            pipe = _measure("pingpong", "os.pipe", 64, repeat, seconds, pin="same")
+            row.update(figure=f"median {pp['median_us']:.2f} us, one CPU",
+                       baseline=f"os.pipe median {pipe['median_us']:.1f} us",
+                       ratio=pipe["median_us"] / pp["median_us"], ok=pp["median_us"] <= pipe["median_us"],
                        value=pp["median_us"])
         elif name == "blocked_consumer":
             b = blocked_consumer(blocked_seconds)
