@@ -37,6 +37,7 @@ def ray_instance():
     if ray.is_initialized():
         pytest.skip("Ray is already initialised in this process by someone else")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    request_cleanup = ray.cloudpickle.unregister_pickle_by_value
     before = live_children()
     started = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False)
@@ -46,6 +47,7 @@ def ray_instance():
         yield ray
     finally:
         ray.shutdown()
+        request_cleanup(sys.modules[__name__])
         # wait (bounded) for Ray's processes to exit: none may be left behind
         deadline = time.monotonic() + 20
         while True:
@@ -182,6 +184,22 @@ def test_pool_map_imap_results_and_order(cluster):
         assert pool.starmap(add, [(1, 2), (3, 4)]) == [3, 7]
         assert pool.apply_async(add, (2, 3)).get(timeout=30) == 5
         assert pool.map(square, []) == []
+
+
+def set_marker(value):
+    os.environ["SHMIPC_TEST_INIT"] = value
+
+
+def marker_and_pid(_):
+    return os.environ.get("SHMIPC_TEST_INIT"), os.getpid()
+
+
+def test_pool_initializer_and_maxtasksperchild(cluster):
+    with shmipc.Pool(1, initializer=set_marker, initargs=("ready",), maxtasksperchild=2,
+                     cluster=cluster) as pool:
+        got = pool.map(marker_and_pid, range(6), chunksize=1)
+    assert {marker for marker, _ in got} == {"ready"}     # replacements ran it too
+    assert len({pid for _, pid in got}) == 3               # a fresh worker every 2 tasks
 
 
 def test_pool_error_is_the_workers_with_its_traceback(cluster):

@@ -197,7 +197,7 @@ class ActorGroup:
     """
 
     def __init__(self, ray: Any, name: str, size: int, role: str, fn: Any = None,
-                 initializer: Callable | None = None, initargs: Iterable = (), depth: int = 2,
+                 initializer: Callable | None = None, initargs: Iterable = (), depth: int = 4,
                  max_calls: int | None = None, options: dict | None = None) -> None:
         self.slots: list[Slot] = []      # set first: stop() reads it after a failed __init__
         self.ray = ray
@@ -267,7 +267,7 @@ class ActorGroup:
         return out
 
     def _handle(self, s: Slot, events: list) -> None:
-        """s's awaited ref is ready: turn it (and any later ready ones) into events."""
+        """s's awaited ref is ready: turn it into events."""
         ray = self.ray
         if s.state == STARTING:
             try:
@@ -277,25 +277,22 @@ class ActorGroup:
                 return
             s.pid, s.start_ref = pid, None
             if err is not None:
+                s.state = DEAD
                 events.append((E_FATAL, self, s, None, (pid, err)))
                 return
             s.state = READY
             self.start_deaths = 0
             return
-        while s.calls:
-            call = s.calls[0]
-            ready, _ = ray.wait([call.ref], timeout=0)
-            if not ready:
-                break
-            try:
-                value = ray.get(call.ref)
-            except self._died:
-                self._died_running(s, events)
-                return
-            except Exception as exc:     # Ray failed the call (a result that did not serialize, ...)
-                value = exc
-            s.calls.popleft()
-            events.append((E_DONE, self, s, call, value))
+        call = s.calls[0]
+        try:
+            value = ray.get(call.ref)
+        except self._died:
+            self._died_running(s, events)
+            return
+        except Exception as exc:     # Ray failed the call (a result that did not serialize, ...)
+            value = exc
+        s.calls.popleft()
+        events.append((E_DONE, self, s, call, value))
         if s.state == READY and not s.calls and self.max_calls is not None and s.ncalls >= self.max_calls:
             self._retire(s)
 
@@ -311,6 +308,9 @@ class ActorGroup:
     def _retire(self, s: Slot) -> None:
         """maxtasksperchild: end this actor (it has no call left) and start another."""
         self._kill(s)
+        self._restart(s)
+
+    def _restart(self, s: Slot) -> None:
         new = self._new_slot()
         s.actor, s.pid, s.state, s.start_ref, s.ncalls = new.actor, 0, STARTING, new.start_ref, 0
 
@@ -326,8 +326,7 @@ class ActorGroup:
                                        f"{str(start_failed).splitlines()[0] if str(start_failed) else ''})")))
                 return
         self._kill(s)
-        new = self._new_slot()
-        s.actor, s.pid, s.state, s.start_ref, s.ncalls = new.actor, 0, STARTING, new.start_ref, 0
+        self._restart(s)
 
     def _kill(self, s: Slot) -> None:
         try:

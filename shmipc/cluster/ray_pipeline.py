@@ -257,7 +257,7 @@ class RayPipeline(Closeable):
         self._ready: list[Any] = []
         try:
             for s in self._stages:
-                s.group = ActorGroup(ray, s.name, s.workers, STAGE, s.fn, depth=2, options=s.options)
+                s.group = ActorGroup(ray, s.name, s.workers, STAGE, s.fn, options=s.options)
         except BaseException:
             self.close()
             raise

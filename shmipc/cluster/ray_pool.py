@@ -3,7 +3,7 @@
 The workers are `n` Ray actors (one CPU each by default), placed by Ray
 anywhere on the cluster; tasks and results travel through Ray (its object
 store is shared memory on each node, the network between nodes). A
-bookkeeping thread sends each worker at most two chunks at a time and
+bookkeeping thread sends each worker at most four chunks at a time and
 delivers results, as the shared-memory pool's does.
 """
 from __future__ import annotations
@@ -291,7 +291,7 @@ class RayPool:
         self._feeders: set[threading.Thread] = set()
         self._stats = {"worker_deaths": 0, "tasks_lost": 0, "tasks_retried": 0}
         self._group = ActorGroup(ray, "pool", processes, POOL, None, initializer, initargs,
-                                 depth=2, max_calls=maxtasksperchild, options=options)
+                                 max_calls=maxtasksperchild, options=options)
         self._thread = threading.Thread(target=self._run, name="shmipc-ray-pool", daemon=True)
         self._state = RUN
         self._thread.start()
