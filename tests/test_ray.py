@@ -39,6 +39,10 @@ def ray_instance():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     request_cleanup = ray.cloudpickle.unregister_pickle_by_value
     before = live_children()
+    # ray.init installs a SIGTERM handler (sys.exit) that outlives ray.shutdown:
+    # later tests' forked children would inherit it and exit by SystemExit
+    # instead of dying by the signal their test expects
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)}
     started = time.monotonic()
     ray.init(num_cpus=2, include_dashboard=False)
     print(f"\nray.init took {time.monotonic() - started:.1f} s", file=sys.stderr)
@@ -48,6 +52,8 @@ def ray_instance():
     finally:
         ray.shutdown()
         request_cleanup(sys.modules[__name__])
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         # wait (bounded) for Ray's processes to exit: none may be left behind
         deadline = time.monotonic() + 20
         while True:

@@ -12,6 +12,7 @@ import collections
 import itertools
 import threading
 import time
+import weakref
 from multiprocessing import TimeoutError  # get() raises multiprocessing.TimeoutError, as mp
 from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
@@ -292,7 +293,10 @@ class RayPool:
         self._stats = {"worker_deaths": 0, "tasks_lost": 0, "tasks_retried": 0}
         self._group = ActorGroup(ray, "pool", processes, POOL, None, initializer, initargs,
                                  max_calls=maxtasksperchild, options=options)
-        self._thread = threading.Thread(target=self._run, name="shmipc-ray-pool", daemon=True)
+        # the thread holds the pool only weakly: a pool dropped while running
+        # is collected, warns and is terminated, as the shared-memory one
+        self._thread = threading.Thread(target=_bookkeeping, args=(weakref.ref(self),),
+                                        name="shmipc-ray-pool", daemon=True)
         self._state = RUN
         self._thread.start()
 
@@ -328,56 +332,58 @@ class RayPool:
             self._queue.extend(tasks)
         self._wake.set()
 
-    def _run(self) -> None:
+    def _step(self) -> bool:
+        """One round of the bookkeeping thread: send queued tasks to workers
+        with room, wait (briefly) for results, deliver them. False: stop."""
         group = self._group
         assert group is not None
-        while True:
-            with self._lock:
-                if self._state == TERMINATE:
-                    return
-                while self._queue and group.room():
-                    t = self._queue[0]
-                    group.submit(t, "task", t.kind, t.func, t.payload)
-                    self._queue.popleft()
-                idle = not self._queue and not group.busy() and not self._feeders
-                if self._state == CLOSE and idle:
-                    break
-            try:
-                events = poll(self._ray, [group], _POLL_S)
-            except Exception:           # Ray is shutting down under us
-                if self._state == TERMINATE:
-                    return
-                raise
-            if not events:
-                if not group.busy():
-                    self._wake.wait(_POLL_S)
-                    self._wake.clear()
-                continue
-            for kind, _g, _slot, call, value in events:
-                if kind == E_FATAL:
-                    self._fatal(value)
-                    return
-                task: _Task = call.job
-                if kind == E_DONE:
-                    if isinstance(value, tuple):
-                        ok, v = value
-                        task.job._deliver(task, ok, v if ok else _rebuild(v))
-                    else:                # Ray failed the call itself
-                        task.job._deliver(task, False, value)
-                elif kind == E_REQUEUE:
+        with self._lock:
+            if self._state == TERMINATE:
+                return False
+            while self._queue and group.room():
+                t = self._queue[0]
+                group.submit(t, "task", t.kind, t.func, t.payload)
+                self._queue.popleft()
+            idle = not self._queue and not group.busy() and not self._feeders
+            if self._state == CLOSE and idle:
+                group.stop(timeout=1.0)
+                return False
+        try:
+            events = poll(self._ray, [group], _POLL_S)
+        except Exception:           # Ray is shutting down under us
+            if self._state == TERMINATE:
+                return False
+            raise
+        if not events:
+            if not group.busy():
+                self._wake.wait(_POLL_S)
+                self._wake.clear()
+            return True
+        for kind, _g, _slot, call, value in events:
+            if kind == E_FATAL:
+                self._fatal(value)
+                return False
+            task: _Task = call.job
+            if kind == E_DONE:
+                if isinstance(value, tuple):
+                    ok, v = value
+                    task.job._deliver(task, ok, v if ok else _rebuild(v))
+                else:                # Ray failed the call itself
+                    task.job._deliver(task, False, value)
+            elif kind == E_REQUEUE:
+                with self._lock:
+                    self._queue.appendleft(task)
+            elif kind == E_LOST:
+                if task.tries < self._retries:
+                    task.tries += 1
                     with self._lock:
+                        self._stats["tasks_retried"] += 1
                         self._queue.appendleft(task)
-                elif kind == E_LOST:
-                    if task.tries < self._retries:
-                        task.tries += 1
-                        with self._lock:
-                            self._stats["tasks_retried"] += 1
-                            self._queue.appendleft(task)
-                    else:
-                        with self._lock:
-                            self._stats["tasks_lost"] += 1
-                        task.job._deliver(task, False, WorkerLost(value, None, task=task.describe()))
-        group.stop(timeout=1.0)
+                else:
+                    with self._lock:
+                        self._stats["tasks_lost"] += 1
+                    task.job._deliver(task, False, WorkerLost(value, None, task=task.describe()))
+        return True
 
     def _fatal(self, value: tuple) -> None:
         pid, err = value
@@ -579,6 +585,19 @@ class RayPool:
             self.terminate()
         except Exception:
             pass
+
+
+def _bookkeeping(ref: "weakref.ref[RayPool]") -> None:
+    """The pool's bookkeeping thread (see RayPool._step)."""
+    while True:
+        pool = ref()
+        if pool is None:
+            return
+        try:
+            if not pool._step():
+                return
+        finally:
+            del pool
 
 
 def _check_chunksize(chunksize: Any, allow_zero: bool = False) -> None:
