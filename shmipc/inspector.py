@@ -162,6 +162,22 @@ def _candidate_paths(pid: int, m: Mapping) -> list[str]:
     return paths
 
 
+def _open_options() -> dict[str, Any]:
+    """How the inspector opens an arena, where this shmipc's Arena.from_file
+    takes the option: through /proc's links (map_files and fd entries are
+    symbolic links by nature). (It only reads counters: nothing is unpickled.)"""
+    import inspect
+
+    from shmipc.arena import Arena
+
+    wanted = {"follow_symlinks": True}
+    accepted = inspect.signature(Arena.from_file).parameters
+    return {k: v for k, v in wanted.items() if k in accepted}
+
+
+_OPEN_OPTIONS = _open_options()
+
+
 def _open_arena(pid: int, m: Mapping) -> tuple[Any, str]:
     """Map the arena behind `m` into this process: (Arena, path used).
 
@@ -187,7 +203,7 @@ def _open_arena(pid: int, m: Mapping) -> tuple[Any, str]:
         if head != MAGIC:
             raise InspectError("not an shmipc arena (no arena magic at offset 0)")
         try:
-            return Arena.from_file(path), path
+            return Arena.from_file(path, **_OPEN_OPTIONS), path
         except Exception as exc:       # CorruptArena, PermissionError, ...
             errors.append(f"{path}: {type(exc).__name__}: {exc}")
     raise InspectError("cannot open it: " + "; ".join(errors))
@@ -233,7 +249,8 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
             continue
         try:
             entry.update(via=via, size=arena.size, resident=resident.get(m.start), allocated=_allocated(via))
-            used = 0
+            info = getattr(arena, "info", None)         # the header, read-only, where Arena has it
+            used = info()["used"] if info is not None else 0
             for region in arena.regions():
                 used = max(used, region.offset + region.size)
                 info: dict[str, Any] = {"name": region.name, "kind": region.kind,
