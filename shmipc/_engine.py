@@ -32,6 +32,7 @@ import operator
 import os
 import pickle
 import queue
+import signal
 import struct
 import sys
 import threading
@@ -1038,6 +1039,30 @@ class _Engine:
             thread.join(5.0)
         self._fail_everything(ValueError("the pool was terminated before this task finished"))
         self._shutdown_resources()
+
+    @property
+    def broken(self) -> str:
+        """Why the pool cannot run tasks any more ("" while it can)."""
+        return self._broken
+
+    def for_each_queued(self, fn: Callable[[_Task], Any]) -> None:
+        """Call fn(task) for every task not yet sent to a worker (under the
+        lock: fn must be quick and must not call the engine)."""
+        with self._lock:
+            pending: list[_Task] = []
+            for head in self._queue:
+                pending.extend([head] if isinstance(head, _Task) else list(head))
+            # (iterators were consumed: queue the tasks themselves instead)
+            self._queue.clear()
+            self._queue.extend(pending)
+            for task in list(pending) + list(self._big_waiting):
+                fn(task)
+
+    def kill_workers(self) -> None:
+        """SIGKILL every worker now (terminate() then cleans up)."""
+        if self._sup is not None:
+            for slot in list(self._sup.pids()):
+                self._sup.kill(slot, signal.SIGKILL)
 
     def _fail_everything(self, exc: BaseException) -> None:
         with self._lock:

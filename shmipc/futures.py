@@ -9,36 +9,59 @@ from __future__ import annotations
 
 import collections
 import itertools
-import signal
 import threading
 import time
 from concurrent.futures import Executor, Future
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
 
 from shmipc._engine import K_CALL, K_MAP, K_STARMAP, RUN, _Engine, _Task
+from shmipc.errors import WorkerLost
 
-__all__ = ["ProcessPoolExecutor"]
+__all__ = ["ProcessPoolExecutor", "WorkerLostError"]
+
+
+class WorkerLostError(WorkerLost, BrokenProcessPool):
+    """The worker running this call died: a :class:`shmipc.WorkerLost` that is
+    also the standard executor's :class:`BrokenProcessPool`, so ``except``
+    clauses written for concurrent.futures still catch it (only this call
+    failed, though: the executor goes on)."""
 
 
 class _FutureJob:
-    """Connects one task of the engine to a Future."""
+    """Connects one task of the engine to a Future. A chunk (map) too large
+    for one message is cut by the engine into parts; their results are joined
+    back here, in order, before the future is set."""
 
-    __slots__ = ("future", "_job")
+    __slots__ = ("future", "_job", "_parts", "_left")
     _ids = itertools.count()
 
     def __init__(self, future: Future) -> None:
         self.future = future
         self._job = next(self._ids)
+        self._parts: list | None = None     # (start, ok, value) of a split chunk's parts
+        self._left = 1                      # parts not settled
 
     def _start_task(self, task: _Task) -> bool:
         # False when the future was cancelled before a worker got it
         return self.future.set_running_or_notify_cancel()
 
     def _split(self, task: _Task, parts: list) -> None:
-        raise AssertionError("executor tasks are single calls and never split")
+        if self._parts is None:
+            self._parts = []
+        self._left += len(parts) - 1
 
     def _deliver(self, task: _Task, ok: bool, value: Any) -> list:
+        if self._parts is not None:
+            self._parts.append((task.start, ok, value))
+            self._left -= 1
+            if self._left:
+                return []
+            parts, self._parts = sorted(self._parts, key=lambda p: p[0]), None
+            failed = [v for _, part_ok, v in parts if not part_ok]
+            ok = not failed
+            value = failed[0] if failed else [x for _, _, v in parts for x in v]
+            del parts, failed
         future = self.future
 
         def settle() -> None:
@@ -98,9 +121,15 @@ class ProcessPoolExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
         self._engine = _Engine(max_workers, initializer, initargs, max_tasks_per_child, mp_context,
-                               0, name="ShmipcExecutorWorker")
-        # when no worker can start any more (a failing initializer, the zygote killed)
+                               0, name="ShmipcExecutorWorker", catch_base=True)
+        # as concurrent.futures: BrokenProcessPool when no worker can start any
+        # more (a failing initializer), and for a call whose worker died (a
+        # subclass of it and of WorkerLost); the original error for a value
+        # that does not pickle; _RemoteTraceback as an exception's __cause__
         self._engine._broken_error = BrokenProcessPool
+        self._engine._lost_error = WorkerLostError
+        self._engine._wrap_encoding_errors = False
+        self._engine._remote_traceback = _RemoteTraceback
         self._max_workers = self._engine._processes
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
@@ -168,8 +197,8 @@ class ProcessPoolExecutor(Executor):
         return self._results(futures, end_time, more)
 
     def _check_open(self) -> None:
-        if self._engine is not None and self._engine._broken:
-            raise BrokenProcessPool(self._engine._broken)
+        if self._engine is not None and self._engine.broken:
+            raise BrokenProcessPool(self._engine.broken)
         if self._shutdown or self._engine is None or self._engine._state != RUN:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
@@ -193,8 +222,13 @@ class ProcessPoolExecutor(Executor):
                     result = future.result()
                 else:
                     result = future.result(end_time - time.monotonic())
-                yield from result
-                del result, future
+                del future
+                # hand the items over one by one, keeping none: the caller's
+                # last item is not kept alive by this iterator
+                result.reverse()
+                while result:
+                    yield result.pop()
+                del result
         finally:
             for future in futures:
                 future.cancel()
@@ -213,9 +247,8 @@ class ProcessPoolExecutor(Executor):
         with self._shutdown_lock:
             self._shutdown = True
         engine = self._engine
-        if engine is not None and engine._sup is not None:
-            for slot in list(engine._sup.pids()):
-                engine._sup.kill(slot, signal.SIGKILL)
+        if engine is not None:
+            engine.kill_workers()
             engine.terminate()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -227,15 +260,9 @@ class ProcessPoolExecutor(Executor):
             if engine is None:
                 return
             if cancel_futures:
-                with engine._lock:
-                    pending: list[_Task] = []
-                    for head in engine._queue:
-                        pending.extend([head] if isinstance(head, _Task) else list(head))
-                    for task in pending:
-                        task.job.future.cancel()    # False (kept) if it already started once
-                    # the tasks stay queued; the dispatcher drops the cancelled ones
-                    engine._queue.clear()
-                    engine._queue.extend(pending)
+                # False (kept) for a future that already started once; the
+                # dispatcher drops the cancelled ones
+                engine.for_each_queued(lambda task: task.job.future.cancel())
             engine.close()
         if wait:
             engine.join()

@@ -228,3 +228,147 @@ def test_failing_initializer_breaks_the_pool(impl):
             f.result(timeout=30)
         with pytest.raises(cf.process.BrokenProcessPool):
             ex.submit(inc, 1)
+
+
+# ------------------------------------------------------------ issues 9 and 10: boundaries, fidelity
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("I refuse to be pickled")
+
+
+def return_unpicklable(_x=None):
+    return Unpicklable()
+
+
+def _restore_bad_state():
+    raise ValueError("this state cannot be restored")
+
+
+class BadState:
+    def __reduce__(self):
+        return _restore_bad_state, ()
+
+
+def return_bad_state(_x=None):
+    return BadState()
+
+
+class CodedError(Exception):
+    def __init__(self, msg, code):
+        super().__init__(msg)
+        self.code = code
+
+
+def raise_coded(x):
+    raise CodedError(f"bad {x}", 7)
+
+
+def call_exit(code):
+    import sys
+
+    sys.exit(code)
+
+
+def kill_self(_x=None):
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CountedObject:
+    n_instances = 0
+
+    def __new__(cls):
+        cls.n_instances += 1
+        return object.__new__(cls)
+
+    def __del__(self):
+        type(self).n_instances -= 1
+
+
+def make_counted(_x=None):
+    return CountedObject()
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_values_that_do_not_cross_fail_only_their_future(impl):
+    """As concurrent.futures: a result that fails to pickle arrives as the
+    pickling error itself; shmipc also survives what the standard executor
+    does not (a result or exception that fails to unpickle in the parent)."""
+    with make_executor(impl, 2) as ex:
+        exc = ex.submit(return_unpicklable).exception(timeout=30)
+        assert isinstance(exc, TypeError) and "refuse" in str(exc)
+        assert "I refuse to be pickled" in str(exc.__cause__)
+        assert type(exc.__cause__) is cf.process._RemoteTraceback
+        exc = ex.submit(call_exit, 3).exception(timeout=30)
+        assert isinstance(exc, SystemExit) and exc.code == 3
+        assert ex.submit(inc, 1).result(timeout=30) == 2
+    if impl == "shmipc":
+        with shmipc.ProcessPoolExecutor(2) as ex:
+            exc = ex.submit(return_bad_state).exception(timeout=30)
+            assert isinstance(exc, ValueError) and "cannot be restored" in str(exc)
+            exc = ex.submit(raise_coded, 1).exception(timeout=30)
+            assert isinstance(exc, TypeError) and "raise_coded" in str(exc.__cause__)
+            exc = ex.submit(inc, BadState()).exception(timeout=30)
+            assert isinstance(exc, ValueError) and "unpickled in the worker" in str(exc.__cause__)
+            assert list(ex.map(inc, range(10))) == list(range(1, 11))
+
+
+@pytest.mark.timeout(60)
+def test_worker_lost_is_a_broken_process_pool(no_leaks):
+    with shmipc.ProcessPoolExecutor(2) as ex:
+        exc = ex.submit(kill_self).exception(timeout=30)
+        assert isinstance(exc, shmipc.WorkerLost) and isinstance(exc, cf.process.BrokenProcessPool)
+        assert ex.submit(inc, 1).result(timeout=30) == 2       # only that call failed
+
+
+@pytest.mark.timeout(60)
+def test_map_chunk_larger_than_a_message_is_split():
+    with shmipc.ProcessPoolExecutor(2) as ex:
+        assert list(ex.map(len, [bytes(102400)] * 100, chunksize=100)) == [102400] * 100
+
+
+@pytest.mark.timeout(60)
+def test_map_iterator_keeps_no_result_it_yielded():
+    import gc
+    import weakref
+
+    with shmipc.ProcessPoolExecutor(2) as ex:
+        it = ex.map(make_counted, range(4), chunksize=2)
+        first = next(it)
+        ref = weakref.ref(first)
+        del first
+        gc.collect()
+        assert ref() is None
+        assert len(list(it)) == 3
+
+
+def use(ex):
+    f = ex.submit(raise_coded, 1)
+    f.result()
+
+
+@pytest.mark.timeout(60)
+def test_dropped_executor_whose_last_future_raised_is_collected(no_leaks):
+    import gc
+    import weakref
+
+    ex = shmipc.ProcessPoolExecutor(2)
+    pids = list(ex._engine._pids.values())
+    with pytest.raises(Exception):
+        use(ex)         # the exception's traceback holds use()'s frame, which holds ex
+    ref = weakref.ref(ex)
+    del ex
+    assert wait_for(lambda: gc.collect() is not None and ref() is None, 5)
+    from shmipc._proc import pid_alive
+
+    assert wait_for(lambda: not any(pid_alive(p) for p in pids), 5)

@@ -490,3 +490,206 @@ def test_shmipc_context_objects(method):
         assert p.map(square, range(20)) == [x * x for x in range(20)]
     with ctx.Pool(2) as p:                      # the context's own Pool is shmipc's
         assert isinstance(p, shmipc.Pool) and p.apply(square, (3,)) == 9
+
+
+# ------------------------------------------------------------ what crosses a process boundary (issue 9)
+class CodedError(Exception):
+    """An exception whose __init__ takes more than its message: pickling
+    rebuilds it from args (the message only), which fails."""
+
+    def __init__(self, msg, code):
+        super().__init__(msg)
+        self.code = code
+
+
+def raise_coded(x):
+    raise CodedError(f"bad {x}", 7)
+
+
+def _restore_bad_state():
+    raise ValueError("this state cannot be restored")
+
+
+class BadState:
+    """Pickles anywhere; unpickling it raises ValueError, wherever that happens."""
+
+    def __reduce__(self):
+        return _restore_bad_state, ()
+
+
+def return_bad_state(_x=None):
+    return BadState()
+
+
+def identity(x):
+    return x
+
+
+def bad_state_at_two(x):
+    return BadState() if x == 2 else x
+
+
+def raise_shmipc_error(kind):
+    from shmipc.errors import CorruptArena, MessageTooLarge, PeerDied, WorkerLost
+
+    raise {"too_large": MessageTooLarge(5000, 4096, 8192), "peer": PeerDied(1234, "producer"),
+           "lost": WorkerLost(99, -9, "a task"), "corrupt": CorruptArena("garbage at 64")}[kind]
+
+
+def wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_values_that_do_not_cross_fail_only_their_task(no_leaks):
+    """A result or exception that cannot be rebuilt in the parent, or an
+    argument that cannot be rebuilt in the worker, fails that task with a
+    clear error; the bookkeeping thread, the workers and the pool go on."""
+    with shmipc.Pool(2) as p:
+        # a result whose unpickling raises in the parent
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="cannot be restored") as info:
+            p.apply(return_bad_state)
+        assert "return_bad_state" in str(info.value)
+        # an exception that cannot be rebuilt from its args
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="CodedError") as info:
+            p.apply(raise_coded, (1,))
+        assert "bad 1" in str(info.value)
+        assert "raise_coded" in str(info.value.__cause__.__cause__)      # the worker's traceback
+        # an argument whose unpickling raises ValueError in the worker
+        r = p.apply_async(identity, (BadState(),))
+        with pytest.raises(ValueError, match="cannot be restored") as info:
+            r.get(timeout=20)
+        assert "could not be unpickled in the worker" in str(info.value.__cause__)
+        # in a map, only its chunk fails; imap yields the others
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError):
+            p.map(bad_state_at_two, range(6), chunksize=1)
+        got = []
+        for x in [0, 1, BadState(), 3]:
+            try:
+                got.append(p.apply_async(identity, (x,)).get(timeout=20))
+            except ValueError:
+                got.append("bad")
+        assert got == [0, 1, "bad", 3]
+        it = p.imap(bad_state_at_two, range(5))
+        out = []
+        for _ in range(5):
+            try:
+                out.append(it.next(timeout=20))
+            except multiprocessing.pool.MaybeEncodingError:
+                out.append("bad")
+        assert out == [0, 1, "bad", 3, 4]
+        assert p.map(inc, range(10)) == list(range(1, 11))
+        stats = p.statistics()
+        assert stats["worker_deaths"] == 0 and stats["in_flight"] == 0 and stats["queued"] == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["too_large", "peer", "lost", "corrupt"])
+def test_shmipc_exceptions_raised_by_a_task_arrive_intact(pool, kind):
+    from shmipc.errors import CorruptArena, MessageTooLarge, PeerDied, WorkerLost
+
+    with pytest.raises((MessageTooLarge, PeerDied, WorkerLost, CorruptArena)) as info:
+        pool.apply(raise_shmipc_error, (kind,))
+    err = info.value
+    if kind == "too_large":
+        assert type(err) is MessageTooLarge and (err.size, err.limit, err.capacity) == (5000, 4096, 8192)
+    elif kind == "peer":
+        assert type(err) is PeerDied and (err.pid, err.role) == (1234, "producer")
+    elif kind == "lost":
+        assert type(err) is WorkerLost and (err.pid, err.exitcode, err.task) == (99, -9, "a task")
+    else:
+        assert type(err) is CorruptArena and str(err) == "garbage at 64"
+    assert pool.apply(inc, (1,)) == 2
+
+
+@pytest.mark.timeout(60)
+def test_close_and_join_inside_a_callback_finish_pending_results(no_leaks):
+    p = shmipc.Pool(2)
+    try:
+        slow = [p.apply_async(sleep_then, (i, 0.2)) for i in range(4)]
+        done = threading.Event()
+
+        def close_and_join(_value):
+            p.close()
+            p.join()                # inside the bookkeeping thread: returns at once
+            done.set()
+
+        p.apply_async(inc, (1,), callback=close_and_join)
+        assert [r.get(timeout=20) for r in slow] == [0, 1, 2, 3]
+        assert done.wait(10)
+        p.join()
+    finally:
+        p.terminate()
+
+
+@pytest.mark.timeout(120)
+def test_pools_made_by_threads_at_once_have_one_bookkeeper_each(no_leaks):
+    pools, errors = [], []
+    barrier = threading.Barrier(6)
+
+    def make():
+        try:
+            barrier.wait()
+            pools.append(shmipc.Pool(1))
+        except Exception as exc:        # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=make) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    try:
+        assert not errors and len(pools) == 6
+        for p in pools:
+            engine = p._engine
+            keepers = [t for t in threading.enumerate()
+                       if getattr(getattr(t, "_target", None), "__self__", None) is engine]
+            assert len(keepers) == 1, keepers
+            assert p.map(inc, range(50)) == list(range(1, 51))
+    finally:
+        for p in pools:
+            p.terminate()
+
+
+class CountedObject:
+    """As CPython's test_release_task_refs: counts live instances in this process."""
+
+    n_instances = 0
+
+    def __new__(cls):
+        cls.n_instances += 1
+        return object.__new__(cls)
+
+    def __del__(self):
+        type(self).n_instances -= 1
+
+
+def make_counted(_x=None):
+    return CountedObject()
+
+
+@pytest.mark.timeout(60)
+def test_release_task_refs():
+    """(CPython's test) arguments and results are not kept alive once done with."""
+    import gc
+    import weakref
+
+    with shmipc.Pool(2) as p:
+        objs = [CountedObject() for _ in range(10)]
+        refs = [weakref.ref(o) for o in objs]
+        p.map(identity, objs)
+        del objs
+        assert wait_for(lambda: gc.collect() is not None and {wr() for wr in refs} == {None}, 2)
+        assert CountedObject.n_instances == 0
+        # the last result delivered is not held by the (now idle) bookkeeping thread
+        r = p.apply_async(make_counted)
+        value = r.get(timeout=20)
+        assert CountedObject.n_instances == 1
+        del value, r
+        assert wait_for(lambda: gc.collect() is not None and CountedObject.n_instances == 0, 2)
