@@ -226,7 +226,7 @@ def _machine_line(m: dict) -> str:
     v = m.get("versions", {})
     peers = ", ".join(f"{k} {x}" for k, x in v.items() if x and k != "shmipc")
     return (f"{m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['python']}, "
-            f"{m['platform']}; shmipc {v.get('shmipc')}; {peers}")
+            f"{m['platform']}; shmipc {v.get('shmipc')}" + (f"; {peers}" if peers else ""))
 
 
 _PIN = {"same": "both processes of each measurement on one CPU (--pin same)",

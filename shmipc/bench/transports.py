@@ -305,7 +305,8 @@ class _OsPipeChannel(Channel):
     maximum), a buffered reader as large, one write() per message or per
     batch, and (``+readinto``) large messages read into a preallocated buffer."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, mode: str = "single") -> None:
+        self.mode = mode
         fr, fw, self.pipe_bytes = tuned_pipe(size)
         br, bw, _ = tuned_pipe(size)
         self.fwd, self.back = (fr, fw), (br, bw)
@@ -320,8 +321,22 @@ class _OsPipeChannel(Channel):
         for fd in unused:
             os.close(fd)
         self._open.clear()                 # from here on the endpoint owns rfd and wfd
-        reader = open(rfd, "rb", buffering=max(self.pipe_bytes, 1 << 16))
+        if self.mode == "view":
+            # unbuffered: each payload goes from the kernel straight into the
+            # preallocated buffer (a buffered reader would copy it twice)
+            reader = open(rfd, "rb", buffering=0)
+        else:
+            reader = open(rfd, "rb", buffering=max(self.pipe_bytes, 1 << 16))
         read, readinto = reader.read, reader.readinto
+        head_buf = memoryview(bytearray(8))
+
+        def read_exactly(view: memoryview) -> None:
+            got, n = 0, len(view)
+            while got < n:
+                k = readinto(view[got:])
+                if not k:
+                    raise EOFError("pipe closed" if got == 0 else "pipe closed mid-frame")
+                got += k
         pack, unpack, write, writev = _FRAME.pack, _FRAME.unpack, os.write, os.writev
 
         def send(msg: Any) -> None:
@@ -384,20 +399,13 @@ class _OsPipeChannel(Channel):
                 pass
 
             def __enter__(self) -> memoryview:
-                head = read(8)
-                if len(head) != 8:
-                    raise EOFError("pipe closed")
-                (n,) = unpack(head)
+                read_exactly(head_buf)
+                (n,) = unpack(head_buf)
                 buf = into["buf"]
                 if len(buf) < n:
                     buf = into["buf"] = memoryview(bytearray(n))
                 view = buf[:n]
-                got = 0
-                while got < n:
-                    k = readinto(view[got:])
-                    if not k:
-                        raise EOFError("pipe closed mid-frame")
-                    got += k
+                read_exactly(view)
                 return view
 
             def __exit__(self, *exc: object) -> None:
@@ -431,7 +439,7 @@ class OsPipe(Transport):
     note = "os.pipe, 8-byte length framing, kernel buffer as large as the ring (F_SETPIPE_SZ), buffered reads"
 
     def open(self, size: int, tmpdir: str) -> Channel:
-        return _OsPipeChannel(size)
+        return _OsPipeChannel(size, self.mode)
 
 
 class OsPipeBatch(OsPipe):
