@@ -20,9 +20,30 @@ Backings:
 
 Everything read back from the header is validated before use: a corrupt or
 foreign header raises :class:`~shmipc.errors.CorruptArena`.
+
+Trust (see also the README's "Trust model"):
+  * ``attach`` and ``from_file`` refuse a segment or file owned by another
+    user (PermissionError) unless ``allow_other_users=True``; an arena opened
+    that way decodes native types only (``allow_pickle=False``) unless the
+    caller also passes ``allow_pickle=True``, since unpickling runs code
+    chosen by whoever wrote the message.
+  * ``from_file`` never writes to a file that is not already an arena (no
+    growth, no formatting) unless it creates the file itself (O_EXCL) or is
+    given ``overwrite=True``; it does not follow a symbolic link in the last
+    path component unless ``follow_symlinks=True``; FIFOs, sockets and
+    directories are refused.
+  * Nameless (memfd) arenas are sealed (F_SEAL_SHRINK | F_SEAL_GROW |
+    F_SEAL_SEAL): a peer holding the fd cannot truncate them under us.
+  * Named segments and files cannot be sealed. Their size is checked against
+    the header when opened and again by every call that reads the region
+    table (``CorruptArena``, "truncated"), but a process that may write the
+    segment (the same user, or root) and truncates it while another process
+    is touching the memory still kills that process with SIGBUS: what remains
+    of the threat is within the trust boundary (same user).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import mmap
@@ -57,6 +78,9 @@ KIND_RING = 1
 KIND_BLOCK = 2
 KIND_NAMES = {KIND_RING: "ring", KIND_BLOCK: "block"}
 PAGE = mmap.PAGESIZE
+SHM_DIR = "/dev/shm"           # where glibc's shm_open keeps POSIX shared memory on Linux
+NAME_MAX = 255                 # bytes in one file name
+_MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class ArenaFull(ShmipcError, ValueError):
@@ -87,12 +111,51 @@ def _check_size(size: Any, what: str = "size") -> int:
 
 
 def _shm_name(name: Any) -> str:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a named arena needs a non-empty str name, got {name!r}")
-    full = name if name.startswith("/") else "/" + name
-    if "/" in full[1:] or len(full) > 255:
-        raise ValueError(f"invalid shared-memory name {name!r}: no '/' inside, at most 254 characters")
-    return full
+    """'/name' for a valid segment name (a leading '/' optional), or ValueError
+    naming it: one file name under /dev/shm, no NUL, no other '/', not '.' or
+    '..', valid UTF-8, at most 255 bytes."""
+    if not isinstance(name, str):
+        raise ValueError(f"a named arena needs a str name, got {type(name).__name__} {name!r}")
+    bare = name[1:] if name.startswith("/") else name
+    try:
+        size = len(bare.encode())
+    except UnicodeEncodeError:
+        raise ValueError(f"invalid shared-memory name {name!r}: not valid UTF-8") from None
+    if not bare or "\0" in bare or "/" in bare or bare in (".", "..") or size > NAME_MAX:
+        raise ValueError(f"invalid shared-memory name {name!r}: one non-empty file name of at most "
+                         f"{NAME_MAX} bytes (it has {size}), no NUL, no '/' inside, not '.' or '..'")
+    return "/" + bare
+
+
+def _uid_check(st: os.stat_result, what: str, allow_other_users: bool) -> None:
+    """PermissionError if `st` belongs to another user and the caller did not opt in."""
+    me = os.geteuid()
+    if st.st_uid != me and not allow_other_users:
+        raise PermissionError(
+            errno.EACCES, f"{what} is owned by uid {st.st_uid}, not by this process's uid {me}: "
+            "its messages could run that user's code when unpickled; pass allow_other_users=True "
+            "to open it anyway (its rings then decode native types only unless allow_pickle=True)")
+
+
+def _open_nofollow(path: Any, flags: int, follow: bool, mode: int = 0o600) -> int:
+    """os.open with O_NOFOLLOW unless `follow`; a refused link raises an
+    OSError that says so (plain ELOOP reads as 'too many levels')."""
+    try:
+        return os.open(path, flags | (0 if follow else os.O_NOFOLLOW), mode)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise OSError(errno.ELOOP, f"{os.fsdecode(path)!r} is a symbolic link: not followed "
+                          "(pass follow_symlinks=True to follow it)") from None
+        raise
+
+
+def _file_type(st: os.stat_result) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISLNK, "symbolic link"), (stat.S_ISREG, "regular file")):
+        if test(st.st_mode):
+            return name
+    return "special file"
 
 
 class Arena(Closeable):
@@ -104,6 +167,13 @@ class Arena(Closeable):
 
     Raises:
         ValueError / TypeError: an invalid size.
+
+    Attributes:
+        allow_pickle: the default for this arena's rings: False makes them
+            decode native types only (bytes, str, numbers, None, arrays of
+            plain dtypes) and refuse pickled records. True unless the arena
+            was opened with ``allow_other_users=True`` and belongs to another
+            user.
     """
 
     # set before anything can raise, so __del__ is safe after a failed __init__
@@ -112,16 +182,26 @@ class Arena(Closeable):
     _fd: int = -1
     _closed: bool = True
     _owner_pid: int = 0
-    _shm: Any = None
     _unlink_on_close: bool = False
     _writable: bool = True
+    _ident: tuple[int, int] | None = None      # (st_dev, st_ino) of a named segment we created
+    _reaper: "_Reaper | None" = None
+    _lock_depth: int = 0
+    _sized_backing: bool = False               # a named segment or regular file: can be truncated
+    _lock_pid: int = 0
+    _fd_locked: bool = False                   # _TableLock holds the record lock on _fd
+    allow_pickle: bool = True
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
         size = _align(_check_size(size), PAGE)
         self._init_state("anonymous", None, size)
-        fd = os.memfd_create("shmipc", os.MFD_CLOEXEC)
+        fd = os.memfd_create("shmipc", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._fd = fd
         os.ftruncate(fd, size)
+        # a peer that holds the fd (a child, or whoever it was passed to) must
+        # not be able to shrink it under us (SIGBUS for every process mapping
+        # it); growing and later seal changes are not needed either
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _MEMFD_SEALS)
         self._map(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
         self._format()
 
@@ -146,8 +226,13 @@ class Arena(Closeable):
         self.size = size
         self._rings: weakref.WeakSet = weakref.WeakSet()
         self._blocks: list[memoryview] = []
-        self._lock = threading.Lock()
+        # re-entrant: block()/ring() take it too, inside a user's `with arena.lock()`
+        self._lock = threading.RLock()
+        self._lock_depth = 0            # nesting of _TableLock in the thread holding _lock
+        self._lock_pid = os.getpid()    # the process _lock and _lock_depth belong to
         self._owner_pid = os.getpid()
+        self._follow_symlinks = False
+        self._allow_other_users = False
 
     def _map(self, m: mmap.mmap) -> None:
         self._mmap = m
@@ -157,66 +242,117 @@ class Arena(Closeable):
     # ------------------------------------------------------------ other backings
     @classmethod
     def from_file(cls, path: str | os.PathLike, size: int | None = None, private: bool = False,
-                  raw: bool = False) -> "Arena":
+                  raw: bool = False, *, overwrite: bool = False, follow_symlinks: bool = False,
+                  allow_other_users: bool = False, allow_pickle: bool | None = None) -> "Arena":
         """Map a file (or any mmap-able path: a hugetlbfs file, ``/dev/zero``).
 
+        A file that is not already an arena is never written (not grown, not
+        formatted) unless this call creates it or `overwrite` says so.
+
         Args:
-            path: the file; a missing regular file is created (mode 0600).
-            size: bytes to map; None maps the whole file. A shared mapping of a
-                smaller regular file grows the file to `size`.
+            path: the file. A missing file is created (O_EXCL, mode 0600, the
+                given `size`) and formatted as a new arena.
+            size: bytes to map; None maps the whole file (an arena: the size
+                its header gives). Required to create a file or map a device.
             private: MAP_PRIVATE: writes stay in this process (copy-on-write)
                 and never reach the file.
             raw: map the bytes as they are, with no arena header: use ``buf``
-                to read and write them; ``ring()`` is not available.
+                to read and write them; ``ring()`` is not available. A shared
+                raw mapping grows a shorter regular file to `size`.
+            overwrite: format an existing file that is not an arena as a new
+                one (its first 128 KiB are overwritten, it grows to `size`).
+            follow_symlinks: follow a symbolic link as the last path component
+                (by default refused: a link planted by another user could
+                point at a file of yours).
+            allow_other_users: open a file owned by another user (refused by
+                default: its messages could run that user's code).
+            allow_pickle: the default for this arena's rings (see the class
+                docstring); None: True, or False for another user's file.
 
         Raises:
             FileNotFoundError: `private` and the file does not exist.
-            ValueError: no size for an empty file or a device, or `size`
-                beyond the end of a file mapped privately.
+            ValueError: no size for a new file or a device, `size` beyond the
+                end of a file mapped privately, or a path that is a
+                directory, FIFO or socket.
             CorruptArena: the file holds data that is not an arena (pass
-                raw=True to map it as plain memory).
+                raw=True to map it as plain memory, or overwrite=True to
+                format it), or an arena whose header does not match the file.
+            PermissionError: a file of another user (see allow_other_users).
+            OSError: the path is a symbolic link (see follow_symlinks).
         """
-        self = cls.__new__(cls)
         path = os.fspath(path)
-        flags = os.O_RDONLY if private else os.O_RDWR | os.O_CREAT
-        fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+        shown = os.fsdecode(path)
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise ValueError(f"size must be a positive int, got {size!r}")
+        self = cls.__new__(cls)
+        self._init_state("file", None, 0)
+        created = False
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (refused below)
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if private else os.O_RDWR)
         try:
+            self._fd = _open_nofollow(path, flags, follow_symlinks)
+        except FileNotFoundError:
+            if private:
+                raise
+            if size is None:
+                raise ValueError(f"{shown!r} does not exist: give a size to create it") from None
+            # O_EXCL: never through a symlink, never a file someone else made meanwhile
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            created = True
+        try:
+            fd = self._fd
+            os.set_blocking(fd, True)
             st = os.fstat(fd)
             regular = stat.S_ISREG(st.st_mode)
+            if not regular and not stat.S_ISCHR(st.st_mode):
+                raise ValueError(f"{shown!r} is a {_file_type(st)}, not a regular file or a device")
+            if regular:
+                _uid_check(st, f"file {shown!r}", allow_other_users)
+            header_size = None
+            if regular and not created and not raw and not overwrite:
+                header_size = _peek_header(fd, st.st_size, f"{shown!r}")
+                if size is not None and size != header_size:
+                    raise ValueError(f"{shown!r} is an arena of {header_size} bytes, not {size}")
+                size = header_size
             if size is None:
                 if not regular or st.st_size == 0:
-                    raise ValueError(f"{path!r} is empty or not a regular file: give a size")
+                    raise ValueError(f"{shown!r} is empty or not a regular file: give a size")
                 size = st.st_size
-            elif not isinstance(size, int) or isinstance(size, bool) or size <= 0:
-                raise ValueError(f"size must be a positive int, got {size!r}")
-            if regular and size > st.st_size:
-                if private:
-                    raise ValueError(f"size {size} is beyond the end of {path!r} ({st.st_size} bytes); "
-                                     "a private mapping cannot grow the file")
-                os.ftruncate(fd, size)
             if not raw:
                 _check_size(size)
+            if regular and size > st.st_size:
+                if private:
+                    raise ValueError(f"size {size} is beyond the end of {shown!r} ({st.st_size} bytes); "
+                                     "a private mapping cannot grow the file")
+                os.ftruncate(fd, size)      # ours (created), asked for (overwrite), or raw plain memory
             access = mmap.ACCESS_COPY if private else mmap.ACCESS_WRITE
-            m = mmap.mmap(fd, size, access=access)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._init_state("file", None, size)
-        self.path = path
-        self._fd = fd
-        self._writable = not private
-        self._map(m)
-        if not raw:
-            if m[:8] == b"\0" * 8:
+            self.size = size
+            self.path = shown
+            self._writable = not private
+            self._follow_symlinks = follow_symlinks
+            self._allow_other_users = allow_other_users
+            self._sized_backing = regular
+            self.allow_pickle = _pickle_default(st, allow_pickle)
+            self._map(mmap.mmap(fd, size, access=access))
+            if raw:
+                self.kind = "raw"
+            elif created or overwrite:
                 self._format()
+            elif regular:
+                self._validate()
+            elif self._buf[:DATA_START] == bytes(DATA_START):
+                self._format()              # a device's fresh memory (/dev/zero, hugetlbfs)
             else:
-                try:
-                    self._validate()
-                except CorruptArena as exc:
-                    self.close()
-                    raise CorruptArena(f"{path!r}: {exc} (pass raw=True to map it as plain memory)") from None
-        else:
-            self.kind = "raw"
+                self._validate()
+        except CorruptArena as exc:
+            self.close()
+            raise CorruptArena(f"{exc} (pass raw=True to map it as plain memory, or overwrite=True "
+                               "to format it as a new arena)") from None
+        except BaseException:
+            self.close()
+            if created:
+                os.unlink(path)
+            raise
         return self
 
     @classmethod
@@ -225,61 +361,85 @@ class Arena(Closeable):
         with ``Arena.attach(name)``. Created O_EXCL with mode 0600.
 
         The creating process unlinks the name when it closes the arena (or
-        call ``unlink()`` earlier); attached processes keep their mapping.
+        call ``unlink()`` earlier); attached processes keep their mapping. If
+        the creator dies without closing (SIGKILL included), a small helper
+        process (the reaper) unlinks it; it removes only the segment it was
+        made for, never a later one of the same name, and the creator
+        replaces it if it dies.
 
         Raises:
+            ValueError: an invalid name (named in the message) or size.
             FileExistsError: a segment of that name already exists.
-        """
-        import posix_ipc
 
+        A segment cannot be sealed: a process of the same user (or root) can
+        still truncate it, and a process touching the memory then dies of
+        SIGBUS. Calls that read the region table check the size first.
+        """
         full = _shm_name(name)
         size = _align(_check_size(size), PAGE)
         self = cls.__new__(cls)
-        try:
-            shm = posix_ipc.SharedMemory(full, posix_ipc.O_CREX, mode=0o600, size=size)
-        except posix_ipc.ExistentialError:
-            raise FileExistsError(f"a shared-memory segment named {full!r} already exists") from None
         self._init_state("named", full, size)
-        self._shm = shm
-        self._fd = shm.fd
-        self._unlink_on_close = unlink_on_close
+        path = SHM_DIR + full
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, f"a shared-memory segment named {full!r} already exists") from None
+        st = os.fstat(self._fd)
+        self._ident = (st.st_dev, st.st_ino)
+        self._sized_backing = True
+        self._unlink_on_close = True       # until close: a failure below removes what we made
         try:
             if unlink_on_close:
-                self._start_reaper()
-            self._map(mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+                self._reaper = _Reaper(full, self._ident)
+            os.ftruncate(self._fd, size)
+            self._map(mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
             self._format()
         except BaseException:
             self.close()
             raise
+        self._unlink_on_close = unlink_on_close
         return self
 
     @classmethod
-    def attach(cls, name: str) -> "Arena":
+    def attach(cls, name: str, *, allow_other_users: bool = False,
+               allow_pickle: bool | None = None) -> "Arena":
         """Attach to a named arena made by ``Arena.named``.
 
-        Raises:
-            FileNotFoundError: no segment of that name.
-            CorruptArena: the segment is not a valid arena.
-        """
-        import posix_ipc
+        Args:
+            name: the segment's name.
+            allow_other_users: attach to a segment owned by another user
+                (refused by default: its messages could run that user's code).
+            allow_pickle: the default for this arena's rings (see the class
+                docstring); None: True, or False for another user's segment.
 
+        Raises:
+            ValueError: an invalid name.
+            FileNotFoundError: no segment of that name.
+            PermissionError: another user's segment (see allow_other_users),
+                or no permission to open it.
+            CorruptArena: the segment is not a valid arena (or was truncated).
+        """
         full = _shm_name(name)
         self = cls.__new__(cls)
-        try:
-            shm = posix_ipc.SharedMemory(full)
-        except posix_ipc.ExistentialError:
-            raise FileNotFoundError(f"no shared-memory segment named {full!r}") from None
-        except posix_ipc.PermissionsError as exc:
-            raise PermissionError(f"cannot open shared-memory segment {full!r}: {exc}") from None
-        size = os.fstat(shm.fd).st_size
-        self._init_state("named", full, size)
+        self._init_state("named", full, 0)
         self._owner_pid = 0                      # attached: never unlinks
-        self._shm = shm
-        self._fd = shm.fd
         try:
-            if size < MIN_SIZE:
-                raise CorruptArena(f"segment {full!r} is {size} bytes, too small to be an arena")
-            self._map(mmap.mmap(shm.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
+            self._fd = _open_nofollow(SHM_DIR + full, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK, False)
+        except FileNotFoundError:
+            raise FileNotFoundError(errno.ENOENT, f"no shared-memory segment named {full!r}") from None
+        except PermissionError as exc:
+            raise PermissionError(errno.EACCES, f"cannot open shared-memory segment {full!r}: {exc.strerror}") from None
+        try:
+            os.set_blocking(self._fd, True)
+            st = os.fstat(self._fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptArena(f"{full!r} is a {_file_type(st)}, not a shared-memory segment")
+            _uid_check(st, f"shared-memory segment {full!r}", allow_other_users)
+            self.size = _peek_header(self._fd, st.st_size, f"segment {full!r}")
+            self._sized_backing = True
+            self._allow_other_users = allow_other_users
+            self.allow_pickle = _pickle_default(st, allow_pickle)
+            self._map(mmap.mmap(self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
             self._validate()
         except BaseException:
             self.close()
@@ -294,6 +454,9 @@ class Arena(Closeable):
         self._owner_pid = 0
         self._fd = fd
         try:
+            st = os.fstat(fd)
+            if st.st_size < size:
+                raise CorruptArena(f"the arena's memory is {st.st_size} bytes, {size} expected (truncated)")
             self._map(mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
             self._validate()
         except BaseException:
@@ -301,7 +464,6 @@ class Arena(Closeable):
             raise
         return self
 
-    # ------------------------------------------------------------ header
     def _format(self) -> None:
         buf = self._buf
         if self.kind == "file":
@@ -312,12 +474,13 @@ class Arena(Closeable):
     def _header(self) -> tuple[int, int]:
         """(used, nregions) from the header, validated."""
         self._check_open()
+        self._check_backing()
         magic, version, _flags, size, used, nregions, max_regions, _creator = HEADER.unpack_from(self._buf, 0)
         if magic != MAGIC:
             raise CorruptArena(f"not an shmipc arena: magic {magic!r}, expected {MAGIC!r}")
         if version != VERSION:
             raise CorruptArena(f"arena format version {version}, this shmipc reads {VERSION}")
-        if size != self.size and not (self.kind == "named" and size <= self.size):
+        if size != self.size:
             raise CorruptArena(f"arena header says {size} bytes, the mapping has {self.size}")
         if max_regions != MAX_REGIONS or nregions > MAX_REGIONS:
             raise CorruptArena(f"arena region table of {nregions}/{max_regions} entries, expected <= {MAX_REGIONS}")
@@ -325,10 +488,38 @@ class Arena(Closeable):
             raise CorruptArena(f"arena allocation mark {used} is outside [{DATA_START}, {self.size}]")
         return used, nregions
 
+    def _check_backing(self) -> None:
+        """CorruptArena if a named segment or a file was truncated below the
+        mapping (touching the lost pages would kill us with SIGBUS). Memfd
+        arenas are sealed; devices have no size."""
+        if self._sized_backing and self._fd >= 0:
+            actual = os.fstat(self._fd).st_size
+            if actual < self.size:
+                raise CorruptArena(f"the arena's {'segment' if self.kind == 'named' else 'file'} was "
+                                   f"truncated to {actual} bytes by another process; the arena needs "
+                                   f"{self.size}")
+
     def _validate(self) -> None:
         self._header()
         if self.size > 0:
             list(self.regions())
+
+    def info(self) -> dict[str, Any]:
+        """The validated header, read-only, as JSON-ready data::
+
+            {"kind": "named", "name": "/x", "path": None, "size": 67108864,
+             "used": 1180160, "free": 65927104, "regions": 2, "max_regions": 255,
+             "version": 1, "creator_pid": 1234, "allow_pickle": True}
+
+        Raises:
+            ArenaClosed: the arena is closed. CorruptArena: a bad header.
+        """
+        used, nregions = self._header()
+        creator = HEADER.unpack_from(self._buf, 0)[7]
+        return {"kind": self.kind, "name": self.name, "path": self.path, "size": self.size,
+                "used": used, "free": self.size - used, "regions": nregions,
+                "max_regions": MAX_REGIONS, "version": VERSION, "creator_pid": creator,
+                "allow_pickle": self.allow_pickle}
 
     def _entry(self, i: int, used: int) -> Region:
         base = TABLE_OFFSET + i * ENTRY_SIZE
@@ -358,7 +549,7 @@ class Arena(Closeable):
     # ------------------------------------------------------------ rings
     def ring(self, capacity: int | None = None, *, name: str | None = None,
              producers: str = "many", consumers: str = "many", maxsize: int = 0,
-             dtype: Any = None) -> "_ring.Ring":
+             dtype: Any = None, allow_pickle: bool | None = None) -> "_ring.Ring":
         """Make a ring in this arena, or attach to the named one.
 
         ``arena.ring(cap, name="tasks")`` creates; ``arena.ring(name="tasks")``
@@ -373,6 +564,10 @@ class Arena(Closeable):
             maxsize: most messages in the ring at once (0: no limit but bytes).
             dtype: a numpy dtype: the ring carries fixed records of it, and
                 ``get_many`` returns them as one structured array.
+            allow_pickle: False: this process's handle decodes native types
+                only and raises CorruptMessage for a pickled record (which
+                would run code chosen by its writer). None: the arena's
+                ``allow_pickle``.
 
         Raises:
             ValueError / TypeError: an invalid argument (named in the message).
@@ -381,8 +576,10 @@ class Arena(Closeable):
             FileExistsError: creating a ring under a name already taken.
         """
         self._check_open()
+        if allow_pickle is None:
+            allow_pickle = self.allow_pickle
         if capacity is None and isinstance(name, str):
-            return self._attach_ring(name)      # any name, the generated "#N" ones included
+            return self._attach_ring(name, allow_pickle)   # any name, the generated "#N" ones included
         self._check_name(name)
         if capacity is None:
             capacity = DEFAULT_RING_CAPACITY
@@ -411,6 +608,7 @@ class Arena(Closeable):
                 many_consumers=consumers == "many", maxsize=maxsize, dtype=dtype)
 
         ring, region_name = self._allocate(KIND_RING, need, name, meta_bytes, make)
+        _set_allow_pickle(ring, allow_pickle)
         ring.arena = self
         ring.name = region_name
         self._rings.add(ring)
@@ -484,13 +682,16 @@ class Arena(Closeable):
         self._check_open()
         return _TableLock(self)
 
-    def _attach_ring(self, name: str) -> "_ring.Ring":
+    def _attach_ring(self, name: str, allow_pickle: bool | None = None) -> "_ring.Ring":
+        if allow_pickle is None:
+            allow_pickle = self.allow_pickle
         for region in self.regions():
             if region.name == name and region.kind == "ring":
                 dtype = region.meta.get("dtype")
                 if dtype is not None:
                     dtype = _dtype_from_descr(dtype)
                 ring = _ring.Ring._attach(self._mmap, dtype, offset=region.offset, size=region.size)
+                _set_allow_pickle(ring, allow_pickle)
                 ring.arena = self
                 ring.name = name
                 self._rings.add(ring)
@@ -524,12 +725,12 @@ class Arena(Closeable):
     def close(self) -> None:
         """Close every ring of this arena in this process and unmap it.
 
-        The creator of a named arena also unlinks its name. Views still held
-        elsewhere keep the memory mapped until they are released: using the
-        arena or its rings after close raises ValueError, never crashes.
+        The creator of a named arena also unlinks its name (if it is still
+        the segment it created). Views still held elsewhere keep the memory
+        mapped until they are released: using the arena or its rings after
+        close raises ArenaClosed, never crashes. Idempotent, and complete
+        after a failed open (the fd, the name and the reaper are released).
         """
-        if self._closed and self._mmap is None:
-            return
         self._closed = True
         for ring in list(getattr(self, "_rings", ())):
             ring.close()
@@ -551,58 +752,36 @@ class Arena(Closeable):
             except BufferError:
                 pass        # a view is still held: the mapping goes when it does
             self._mmap = None
-        if self._shm is not None:
-            if self._unlink_on_close and self._owner_pid == os.getpid():
-                self.unlink()
-            self._stop_reaper()
-            try:
-                self._shm.close_fd()
-            except Exception:
-                pass
-            self._shm = None
-            self._fd = -1
-        elif self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def _start_reaper(self) -> None:
-        """Start a tiny process that unlinks the name once this one is gone,
-        however it goes (SIGKILL included): it waits for EOF on a pipe whose
-        only write end this process holds. posix_spawn-style start, so it is
-        safe from a threaded process."""
-        assert self.name is not None
-        self._reaper = subprocess.Popen(
-            ["/bin/sh", "-c", 'read _ignored; rm -f -- "/dev/shm/$1"', "shmipc-reaper", self.name[1:]],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=True, start_new_session=True)
-        _REAPED.add(self)
+        if self._unlink_on_close and self._owner_pid == os.getpid():
+            self.unlink()
+        self._stop_reaper()
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
 
     def _stop_reaper(self) -> None:
-        reaper = self.__dict__.pop("_reaper", None)
-        if reaper is None:
-            return
-        _REAPED.discard(self)
-        if self._owner_pid != os.getpid():
-            return          # a forked child's copy: the pipe end was closed at fork
-        if reaper.stdin is not None:
-            reaper.stdin.close()
-        try:
-            reaper.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            reaper.kill()
-            reaper.wait()
+        reaper, self._reaper = self._reaper, None
+        if reaper is not None:
+            reaper.stop()
 
     def unlink(self) -> None:
         """Remove a named arena's name now (attached processes keep their
-        mapping; new attaches fail). Idempotent; only for named arenas."""
+        mapping; new attaches fail). Idempotent; only for named arenas.
+
+        The creator removes the name only while it still names the segment
+        it created (a later segment of the same name is left alone), and
+        its reaper is dismissed: the name is no longer its business."""
         if self.kind != "named" or self.name is None:
             raise ValueError(f"only named arenas can be unlinked, this one is {self.kind}")
-        import posix_ipc
-
-        try:
-            posix_ipc.unlink_shared_memory(self.name)
-        except posix_ipc.ExistentialError:
-            pass
+        self._unlink_on_close = False
+        if self._owner_pid == os.getpid() and self._ident is not None:
+            _unlink_if(SHM_DIR + self.name, self._ident)
+            self._stop_reaper()
+        else:
+            try:
+                os.unlink(SHM_DIR + self.name)
+            except FileNotFoundError:
+                pass
 
     def __repr__(self) -> str:
         where = self.name or self.path or f"fd={self._fd}"
@@ -612,9 +791,10 @@ class Arena(Closeable):
     def __reduce__(self) -> tuple:
         self._check_open()
         if self.kind == "named":
-            return Arena.attach, (self.name,)
+            return _rebuild_named, (self.name, self._allow_other_users, self.allow_pickle)
         if self.kind == "file" and self._writable and self.path is not None:
-            return Arena.from_file, (self.path, self.size)
+            return _rebuild_file, (self.path, self.size, self._follow_symlinks,
+                                   self._allow_other_users, self.allow_pickle)
         if self.kind == "anonymous":
             from multiprocessing import reduction
 
@@ -622,48 +802,217 @@ class Arena(Closeable):
         raise TypeError(f"a {self.kind} arena cannot be sent to another process")
 
 
-_REAPED: "weakref.WeakSet[Arena]" = weakref.WeakSet()
+def _peek_header(fd: int, file_size: int, what: str) -> int:
+    """The size an existing arena's header gives, read with pread before
+    anything is mapped or written, checked against the file's real size (so
+    the mapping never reaches past the end of the file: SIGBUS)."""
+    head = os.pread(fd, HEADER.size, 0)
+    if len(head) < HEADER.size or head[:8] != MAGIC:
+        raise CorruptArena(f"{what} is not an shmipc arena ({file_size} bytes, first bytes {head[:8]!r})")
+    size = HEADER.unpack(head)[3]
+    if size < MIN_SIZE:
+        raise CorruptArena(f"{what}: arena header says {size} bytes, less than the smallest arena ({MIN_SIZE})")
+    if size > file_size:
+        raise CorruptArena(f"{what} is {file_size} bytes but its arena header says {size} (truncated?)")
+    return size
+
+
+def _pickle_default(st: os.stat_result, allow_pickle: bool | None) -> bool:
+    if allow_pickle is None:
+        return st.st_uid == os.geteuid()
+    return bool(allow_pickle)
+
+
+def _set_allow_pickle(ring: "_ring.Ring", allow: bool) -> None:
+    """Make `ring` (this process's handle) refuse pickled records, or not."""
+    if allow and not hasattr(type(ring), "allow_pickle"):
+        return
+    try:
+        ring.allow_pickle = bool(allow)
+    except AttributeError:
+        ring.close()
+        raise ShmipcError("this build's ring cannot refuse pickled messages (no Ring.allow_pickle): "
+                          "opening it with allow_pickle=False is impossible") from None
+
+
+def _unlink_if(path: str, ident: tuple[int, int]) -> bool:
+    """Unlink `path` if it is still the file `ident` (st_dev, st_ino) names.
+    (A check then an unlink: a file swapped in between those two system
+    calls would be removed; nothing narrower exists for names.)"""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if (st.st_dev, st.st_ino) != ident:
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# The reaper: `read` blocks until the owner writes "keep" (it removed or
+# handed over the name itself) or dies (EOF: its pipe end closed, however it
+# died). On EOF it removes the name only if the name is still the segment it
+# was made for (device and inode), never a later segment of the same name.
+_REAPER_SCRIPT = ('read cmd; [ "$cmd" = keep ] && exit 0; '
+                  'id=$(stat -c %d:%i -- "$1" 2>/dev/null) || exit 0; '
+                  '[ "$id" = "$2" ] && rm -f -- "$1"; exit 0')
+
+
+class _Reaper:
+    """A helper process that unlinks a named segment once its creator is
+    gone, however it goes (SIGKILL included), plus a thread in the creator
+    that starts a new helper if the current one dies: a helper's death must
+    not leave the segment behind when the creator dies later.
+
+    Invariants: `proc` is the live helper (or one being replaced); only the
+    creating process (`pid`) writes to or waits for it; `_stopping` is set,
+    under `_guard`, before the last helper is dismissed, and no helper is
+    started after it is set.
+    """
+
+    def __init__(self, name: str, ident: tuple[int, int]) -> None:
+        self.path = SHM_DIR + name
+        self.ident = f"{ident[0]}:{ident[1]}"
+        self.pid = os.getpid()
+        self.restarts = 0
+        self._guard = threading.Lock()
+        self._stopping = False
+        self.proc = self._spawn()
+        _REAPERS.add(self)
+        self._watcher = threading.Thread(target=_watch_reaper, args=(weakref.ref(self),),
+                                         name=f"shmipc-reaper-watch {name}", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self) -> subprocess.Popen:
+        # posix_spawn-style start (safe from a threaded process); its own
+        # session, so a signal to our process group does not reach it
+        return subprocess.Popen(
+            ["/bin/sh", "-c", _REAPER_SCRIPT, "shmipc-reaper", self.path, self.ident],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            close_fds=True, start_new_session=True)
+
+    def respawn(self, dead: subprocess.Popen) -> subprocess.Popen | None:
+        """Replace the helper `dead` (it exited without being dismissed)."""
+        with self._guard:
+            if self._stopping or self.proc is not dead or os.getpid() != self.pid:
+                return None
+            if dead.stdin is not None:
+                try:
+                    dead.stdin.close()
+                except OSError:
+                    pass
+            self.proc = self._spawn()
+            self.restarts += 1
+            return self.proc
+
+    def stop(self, keep: bool = True) -> None:
+        """Dismiss the helper: with `keep` it exits without touching the name
+        (the creator removed or handed over the name itself)."""
+        with self._guard:
+            if self._stopping:
+                return
+            self._stopping = True
+            proc = self.proc
+        _REAPERS.discard(self)
+        if os.getpid() != self.pid:
+            return          # a forked child's copy: its pipe end was closed at fork
+        if proc.stdin is not None:
+            try:
+                if keep:
+                    proc.stdin.write(b"keep\n")
+                proc.stdin.close()
+            except OSError:
+                pass        # it is dead already
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5)
+
+
+def _watch_reaper(ref: "weakref.ref[_Reaper]") -> None:
+    """Wait for the current helper to exit; start a new one if it was not
+    dismissed. Holds the _Reaper only between waits, so it can be collected."""
+    reaper = ref()
+    while reaper is not None:
+        proc = reaper.proc
+        del reaper
+        proc.wait()
+        reaper = ref()
+        if reaper is None or reaper.respawn(proc) is None:
+            return
+
+
+_REAPERS: "weakref.WeakSet[_Reaper]" = weakref.WeakSet()
 
 
 def _close_reaper_pipes_in_child() -> None:
-    # a forked child must not hold the reaper's pipe open, or the name would
+    # a forked child must not hold a reaper's pipe open, or the name would
     # outlive its owner for as long as the child lives
-    for arena in list(_REAPED):
-        reaper = arena.__dict__.get("_reaper")
-        if reaper is not None and reaper.stdin is not None:
+    for reaper in list(_REAPERS):
+        proc = reaper.proc
+        if proc.stdin is not None:
             try:
-                os.close(reaper.stdin.fileno())
+                os.close(proc.stdin.fileno())
             except OSError:
                 pass
-            reaper.stdin = None
+            proc.stdin = None
 
 
 os.register_at_fork(after_in_child=_close_reaper_pipes_in_child)
 
 
 class _TableLock:
-    """Serialise region-table changes: a thread lock within the process and a
-    POSIX record lock on the backing fd across processes (released by the
-    kernel if the holder dies)."""
+    """Serialise region-table changes and users' critical sections: a
+    re-entrant thread lock within the process and a POSIX record lock on the
+    backing fd across processes (released by the kernel if the holder dies).
+
+    Invariant: the record lock is held exactly while the arena's
+    ``_lock_depth`` > 0; only the outermost enter takes it and only the
+    outermost exit drops it (record locks do not nest: one unlock frees
+    them all)."""
 
     def __init__(self, arena: Arena) -> None:
         self.arena = arena
-        self.locked_fd = False
 
     def __enter__(self) -> None:
-        self.arena._lock.acquire()
-        if self.arena._fd >= 0 and self.arena._writable:
-            try:
-                fcntl.lockf(self.arena._fd, fcntl.LOCK_EX, 1, 0)
-                self.locked_fd = True
-            except OSError:
-                pass        # e.g. a device: nobody else can share the table then
+        arena = self.arena
+        if arena._lock_pid != os.getpid():
+            # a forked child: the thread lock, the depth and the record lock
+            # it inherited describe its parent's holder, not itself
+            arena._lock = threading.RLock()
+            arena._lock_depth = 0
+            arena._fd_locked = False
+            arena._lock_pid = os.getpid()
+        arena._lock.acquire()
+        try:
+            if arena._lock_depth == 0 and arena._fd >= 0 and arena._writable:
+                try:
+                    fcntl.lockf(arena._fd, fcntl.LOCK_EX, 1, 0)
+                    arena._fd_locked = True
+                except OSError:
+                    arena._fd_locked = False    # e.g. a device: nobody else can share the table then
+        except BaseException:
+            arena._lock.release()
+            raise
+        arena._lock_depth += 1
         return None
 
     def __exit__(self, *exc: object) -> None:
-        if self.locked_fd:
-            fcntl.lockf(self.arena._fd, fcntl.LOCK_UN, 1, 0)
-        self.arena._lock.release()
+        arena = self.arena
+        arena._lock_depth -= 1
+        try:
+            if arena._lock_depth == 0 and getattr(arena, "_fd_locked", False):
+                arena._fd_locked = False
+                if arena._fd >= 0:
+                    fcntl.lockf(arena._fd, fcntl.LOCK_UN, 1, 0)
+        finally:
+            arena._lock.release()
 
 
 def _as_record_dtype(dtype: Any) -> Any:
@@ -697,6 +1046,16 @@ def _dtype_from_descr(descr: Any) -> Any:
         return np.dtype([_tuplify(field) for field in descr])
     except (TypeError, ValueError) as exc:
         raise CorruptArena(f"ring dtype {descr!r} is invalid: {exc}") from None
+
+
+def _rebuild_named(name: str, allow_other_users: bool, allow_pickle: bool) -> Arena:
+    return Arena.attach(name, allow_other_users=allow_other_users, allow_pickle=allow_pickle)
+
+
+def _rebuild_file(path: str, size: int, follow_symlinks: bool, allow_other_users: bool,
+                  allow_pickle: bool) -> Arena:
+    return Arena.from_file(path, size, follow_symlinks=follow_symlinks,
+                           allow_other_users=allow_other_users, allow_pickle=allow_pickle)
 
 
 def _rebuild_fd_arena(dupfd: Any, size: int) -> Arena:

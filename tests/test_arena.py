@@ -102,6 +102,8 @@ def test_private_file_mapping_never_reaches_the_file(tmp_path, no_leaks):
         assert bytes(arena.buf[:4]) == b"BBBB"
     assert path.read_bytes() == b"A" * 8192
     with pytest.raises(ValueError, match="beyond the end"):
+        shmipc.Arena.from_file(path, size=1 << 20, private=True, raw=True)
+    with pytest.raises(shmipc.CorruptArena, match="not an shmipc arena"):
         shmipc.Arena.from_file(path, size=1 << 20, private=True)
     with pytest.raises(FileNotFoundError):
         shmipc.Arena.from_file(tmp_path / "missing", private=True)
