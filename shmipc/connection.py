@@ -32,9 +32,10 @@ Compared with multiprocessing: messages sent with ``send`` arrive through
 ``recv`` and bytes sent with ``send_bytes`` through ``recv_bytes``, as there;
 mixing the two is not pickle-compatible (``recv`` returns the bytes of a
 ``send_bytes`` message as they are; ``recv_bytes`` of a non-bytes message
-returns its pickle). A send to a peer that died without closing succeeds
-until the ring is full (multiprocessing fails at the first write); then it
-raises BrokenPipeError. A Connection has no file descriptor, so
+returns its pickle). A send to a peer that closed its end raises
+BrokenPipeError at once; to a peer that died without closing, within
+PROBE_EVERY sends (multiprocessing fails at the first write; looking at the
+peer on every send would cost a system call each). A Connection has no file descriptor, so
 ``multiprocessing.connection.wait`` cannot watch it: use :func:`wait` from
 this module, which takes shmipc Connections and anything that function takes.
 As with multiprocessing, two processes must not send on (or receive from) the
@@ -53,17 +54,49 @@ from typing import Any, NoReturn
 
 from shmipc.arena import Arena
 from shmipc._lifetime import Closeable
-from shmipc.errors import PeerDied, RingClosed
+from shmipc import _framing
+from shmipc.errors import MessageTooLarge, PeerDied, RingClosed
 from shmipc.queues import _ring_capacity, _timeout
 
-__all__ = ["Pipe", "Connection", "SLICE", "wait"]
+__all__ = ["Pipe", "Connection", "SLICE", "PROBE_EVERY", "wait"]
 
 #: Seconds a blocked recv/send waits on the ring before it checks whether the
 #: other end still has a live holder.
 SLICE = 0.05
 
+#: A send looks whether the other end still has a live holder once every
+#: this many sends (a poll() system call), so a send to a reader that died
+#: without closing fails within this many sends.
+PROBE_EVERY = 64
+
 _NOTHING = object()     # no message received ahead by poll()
 _EOF_MESSAGE = "the other end of the pipe is closed and nothing is left to read"
+
+
+class _Interrupted(Exception):
+    """Raised inside a frame's reading: a record that is not the next chunk
+    arrived (the writer was interrupted), carried in ``item``."""
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+
+
+def _detached(view: Any) -> Any:
+    """A message taken with get_view, as get would have returned it (views
+    over the ring die with the with-block)."""
+    if type(view) is memoryview:
+        return bytes(view)
+    if type(view).__module__ == "numpy" and hasattr(view, "copy"):
+        return view.copy()
+    return view
+
+
+def _as_bytes(item: Any) -> bytes:
+    """A message as multiprocessing's recv_bytes returns it: bytes as they
+    are, anything else sent with send() as its pickle."""
+    if isinstance(item, (bytes, bytearray)):
+        return bytes(item)
+    return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _hung_up(fd: int) -> bool:
@@ -151,6 +184,7 @@ class Connection(Closeable):
         self._send_ring = arena.ring(name=send) if send is not None else None
         self._recv_ring = arena.ring(name=recv) if recv is not None else None
         self._pending = _NOTHING
+        self._probe_in = 1              # the first send looks at the peer
         self._closed = False
         return self
 
@@ -216,22 +250,47 @@ class Connection(Closeable):
 
     # ------------------------------------------------------------ sending
     def send(self, obj: Any) -> None:
-        """Send an object to the other end (read it with recv).
+        """Send an object to the other end (read it with recv). Any size:
+        one larger than the ring's max_message_size goes in chunks.
 
         Raises:
-            BrokenPipeError: the other end was closed, or died and the ring
-                filled up.
-            MessageTooLarge: the encoded object can never fit the ring.
+            BrokenPipeError: the other end was closed, or died (noticed at
+                once if it closed, within PROBE_EVERY sends if it died).
             OSError: this end is closed or read-only.
             Whatever pickling `obj` raises; nothing is sent then.
         """
         ring = self._send_ring          # None once closed, or on a read-only end
         if ring is None:
             self._check_writable()
+        self._probe_in -= 1
+        if not self._probe_in:
+            self._probe()
         try:
             ring.put(obj, True, SLICE)  # the common case: there is room
         except (queue.Full, PeerDied):
             self._send_slow(obj)        # the reader is slow, or gone: look
+        except MessageTooLarge:
+            self._send_frame("object", _framing.dump_parts(obj))
+        except RingClosed:
+            self._raise_closed()
+
+    def _probe(self) -> None:
+        """Every PROBE_EVERY sends (and at the first): a send to a peer
+        that died without closing fails within that many sends instead of
+        once the ring is full. One poll() system call, amortised."""
+        self._probe_in = PROBE_EVERY
+        if self._send_ring is not None and self._peer_gone():
+            raise BrokenPipeError("the other end of the pipe is closed")
+
+    def _put(self, obj: Any) -> None:
+        """One record, waiting for room as long as the reader lives."""
+        ring = self._send_ring
+        if ring is None:
+            self._check_writable()
+        try:
+            ring.put(obj, True, SLICE)
+        except (queue.Full, PeerDied):
+            self._send_slow(obj)
         except RingClosed:
             self._raise_closed()
 
@@ -252,26 +311,52 @@ class Connection(Closeable):
             except RingClosed:
                 self._raise_closed()
 
+    def _send_frame(self, kind: str, parts: list) -> None:
+        """A message too large for one record: a Frame, then its parts in
+        chunks. Interrupted midway (peer gone, Ctrl-C), it puts ABORT if it
+        can, so the reader drops the partial message (see shmipc._framing)."""
+        ring = self._send_ring
+        chunk = _framing.chunk_size(ring.max_message_size)
+        views = [memoryview(p).cast("B") for p in parts]
+        self._put(_framing.Frame(kind, tuple(v.nbytes for v in views)))
+        try:
+            for view in views:
+                for off in range(0, view.nbytes, chunk):
+                    self._put(view[off:off + chunk])
+        except BaseException:
+            try:
+                self._send_ring.put(_framing.ABORT, True, SLICE)
+            except BaseException:
+                pass    # the reader is gone, or the ring stays full: it drops the frame anyway
+            raise
+
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send the bytes of a bytes-like object, or of buf[offset:offset+size]
-        (counted in bytes), as one message (read it with recv_bytes).
+        (counted in bytes), as one message (read it with recv_bytes, or
+        with recv if it is a pickle). Any size, as send.
 
         Raises:
             ValueError: a negative offset or size, or one past the end of buf.
-            BrokenPipeError, MessageTooLarge, OSError: as send.
+            BrokenPipeError, OSError: as send.
         """
         ring = self._send_ring
-        if ring is not None and type(buf) is bytes and not offset and size is None:
+        if ring is not None and type(buf) is bytes and not offset and size is None \
+                and not (buf and buf[0] == _framing.PICKLE_PROTO):
+            self._probe_in -= 1
+            if not self._probe_in:
+                self._probe()
             try:
                 ring.put(buf, True, SLICE)  # the common case, inlined
                 return
             except (queue.Full, PeerDied):
                 return self._send_slow(buf)
+            except MessageTooLarge:
+                return self._send_frame("bytes", [buf])
             except RingClosed:
                 self._raise_closed()
         self._check_writable()
         m = memoryview(buf)
-        if m.itemsize > 1:
+        if m.itemsize > 1 or m.ndim != 1:
             m = m.cast("B")
         n = m.nbytes
         if offset < 0:
@@ -284,13 +369,23 @@ class Connection(Closeable):
             raise ValueError(f"size is negative ({size})")
         elif offset + size > n:
             raise ValueError(f"buffer length {n} < offset {offset} + size {size}")
+        payload = m[offset:offset + size]
+        self._probe_in -= 1
+        if not self._probe_in:
+            self._probe()
+        if size > self._send_ring.max_message_size:
+            return self._send_frame("bytes", [payload])
+        if size and payload[0] == _framing.PICKLE_PROTO:
+            # marked, so that recv() unpickles it as multiprocessing's does
+            # (a plain bytes record is what send(b"...") puts)
+            self._put(_framing.Frame("bytes"))
         # the ring encodes a memoryview as a bytes message (one copy, into
         # the ring), so the receiver gets bytes whatever buf was
-        self.send(m[offset:offset + size])
+        self._put(payload)
 
     # ------------------------------------------------------------ receiving
     def _take(self, timeout: float | None) -> Any:
-        """The next message, waiting up to `timeout` (None: forever).
+        """The next record, waiting up to `timeout` (None: forever).
 
         Raises:
             queue.Empty: nothing came in time (the peer is still held).
@@ -320,41 +415,110 @@ class Connection(Closeable):
                 try:
                     return ring.get_nowait()        # whatever it sent before going
                 except (queue.Empty, EOFError):
-                    raise EOFError("the other end of the pipe is closed and nothing is "
-                                   "left to read") from None
+                    raise EOFError(_EOF_MESSAGE) from None
             if deadline is not None and time.monotonic() >= deadline:
                 raise queue.Empty
 
+    def _unframe(self, frame: Any, as_bytes: bool) -> Any:
+        """The message a Frame announces: for recv (as_bytes False) the
+        object, for recv_bytes its bytes, as multiprocessing would give them.
+        Reads records until a whole message is there: an ABORT, or a record
+        that is not the expected chunk (the writer was interrupted midway),
+        drops the partial message and the next message is read instead.
+
+        Raises:
+            EOFError: the writer went away before the message was complete
+                (nothing partial is delivered).
+        """
+        while True:
+            if type(frame) is not _framing.Frame:
+                return frame if not as_bytes else _as_bytes(frame)
+            if frame.kind == "abort":
+                frame = self._take(None)        # nothing pending: the next message
+                continue
+            if frame.sizes is None:             # one record: a send_bytes pickle
+                item = self._take(None)
+                if type(item) is not bytes:
+                    frame = item                # interrupted writer: drop the mark
+                    continue
+                return item if as_bytes else pickle.loads(item)
+            try:
+                parts = _framing.read_parts(frame.sizes, self._next_chunk)
+            except _Interrupted as exc:
+                frame = exc.item
+                continue
+            if frame.kind == "bytes":
+                data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+                return data if as_bytes else pickle.loads(data)
+            obj = _framing.load_parts(parts)
+            return obj if not as_bytes else _as_bytes(obj)
+
+    def _next_chunk(self, dest: memoryview) -> int:
+        """Copy the next chunk record into `dest` (straight from the ring)."""
+        if self._pending is not _NOTHING:
+            item, self._pending = self._pending, _NOTHING
+            raise _Interrupted(item)
+        ring = self._recv_ring
+        if ring is None:
+            self._check_readable()
+        while True:
+            try:
+                with ring.get_view(True, SLICE) as view:
+                    if type(view) is not memoryview or view.nbytes > dest.nbytes:
+                        raise _Interrupted(_detached(view))
+                    n = view.nbytes
+                    dest[:n] = view
+                    return n
+            except queue.Empty:
+                pass
+            except PeerDied:
+                pass
+            except EOFError:
+                raise EOFError("the other end of the pipe closed in the middle of a message; "
+                               "the partial message was dropped") from None
+            except RingClosed:
+                self._raise_closed()
+            if self._peer_gone() and ring.empty():
+                raise EOFError("the other end of the pipe went away in the middle of a "
+                               "message; the partial message was dropped")
+
     def recv(self) -> Any:
-        """Receive the next object sent with send, waiting for one.
+        """Receive the next object sent with send (or the unpickled bytes
+        sent with send_bytes), waiting for one.
 
         Raises:
             EOFError: the other end is closed (or its holders died) and
                 nothing is left to read.
             OSError: this end is closed or write-only.
+            Whatever unpickling the message raises (the message is consumed).
         """
         ring = self._recv_ring          # None once closed, or on a write-only end
         if ring is None:
             self._check_readable()
+        item = _NOTHING
         if self._pending is _NOTHING:
             try:
-                return ring.get(True, SLICE)    # the common case: a message is there
+                item = ring.get(True, SLICE)    # the common case: a message is there
             except (queue.Empty, PeerDied):
                 pass
             except EOFError:
                 raise EOFError(_EOF_MESSAGE) from None
             except RingClosed:
                 self._raise_closed()
-        return self._take(None)
+        if item is _NOTHING:
+            item = self._take(None)
+        if type(item) is _framing.Frame:
+            return self._unframe(item, False)
+        return item
 
     def _recv_buffer(self) -> bytes:
-        item = self.recv()
+        """The next message as multiprocessing's recv_bytes gives it."""
+        item = self._take(None)
         if type(item) is bytes:
             return item
-        if isinstance(item, (bytes, bytearray)):
-            return bytes(item)
-        # sent with send(): what multiprocessing's recv_bytes would return
-        return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        if type(item) is _framing.Frame:
+            return self._unframe(item, True)
+        return _as_bytes(item)
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive the next message as bytes (one sent with send_bytes).
@@ -381,6 +545,7 @@ class Connection(Closeable):
                 self._raise_closed()
         if maxlength is not None and maxlength < 0:
             raise ValueError(f"negative maxlength ({maxlength})")
+        self._check_readable()
         data = self._recv_buffer()
         if maxlength is not None and len(data) > maxlength:
             self._bad_message_length()

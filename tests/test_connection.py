@@ -312,14 +312,7 @@ def test_stream_checksum_through_child():
 
 
 @pytest.mark.timeout(30)
-def test_message_too_large_and_capacity_errors():
-    a, b = shmipc.Pipe(capacity=4096)
-    with pytest.raises(shmipc.MessageTooLarge):
-        a.send(b"x" * 5000)
-    with pytest.raises(shmipc.MessageTooLarge):
-        a.send_bytes(b"x" * 5000)
-    a.send("fits")
-    assert b.recv() == "fits"
+def test_capacity_errors():
     with pytest.raises(ValueError, match="3000"):
         shmipc.Pipe(capacity=3000)
     with pytest.raises(TypeError):
@@ -462,3 +455,135 @@ def test_user_value_error_is_not_mistaken_for_closed():
     with pytest.raises(OSError, match="handle is closed"):
         b.recv()
     a.close()
+
+
+def exit_without_closing(conn):
+    os._exit(0)         # no close, no finalizers: as a process that is killed
+
+
+@pytest.mark.timeout(30)
+def test_send_to_a_dead_reader_fails_promptly(impl, ctx):
+    """multiprocessing fails at the first send to a reader that died;
+    shmipc within PROBE_EVERY sends (it was 511, when the ring filled)."""
+    if impl is multiprocessing:
+        a, b = ctx.Pipe()
+    else:
+        a, b = impl.Pipe()
+    proc = ctx.Process(target=exit_without_closing, args=(b,))
+    proc.start()
+    b.close()
+    proc.join(20)
+    assert proc.exitcode == 0
+    sent = 0
+    with pytest.raises(BrokenPipeError):
+        while sent < 10_000:
+            a.send(sent)
+            sent += 1
+    limit = 0 if impl is multiprocessing else getattr(shmipc.connection, "PROBE_EVERY", 64)
+    assert sent <= limit
+    a.close()
+
+
+# ------------------------------------------------------------ issue 10: any size, as multiprocessing
+def recv_all_and_report(conn, n):
+    """Receive n messages; send back a digest of each (bytes, or pickled)."""
+    out = []
+    for _ in range(n):
+        msg = conn.recv_bytes() if len(out) % 2 == 0 else conn.recv()
+        data = msg if isinstance(msg, bytes) else pickle.dumps(
+            (type(msg).__name__, getattr(msg, "shape", None),
+             hashlib.sha256(np.ascontiguousarray(msg).tobytes() if isinstance(msg, np.ndarray)
+                            else pickle.dumps(msg)).hexdigest()))
+        out.append(hashlib.sha256(data).hexdigest())
+    conn.send(out)
+
+
+@pytest.mark.timeout(120)
+def test_messages_larger_than_the_ring_arrive_whole(ctx):
+    """multiprocessing has no size limit: neither have shmipc's pipes. A
+    message larger than max_message_size goes in chunks (here through a
+    64 KiB ring), under every start method."""
+    a, b = shmipc.Pipe(capacity=1 << 16)
+    assert b.writable and a._send_ring.max_message_size < 40_000
+    big = os.urandom(300_000)
+    arr = np.arange(100_000, dtype=np.float64).reshape(1000, 100)
+    msgs = [big, {"k": big, "n": 7}, b"\x80" + big[:50_000], arr, big[:10], [1, 2]]
+    proc = ctx.Process(target=recv_all_and_report, args=(b, len(msgs)))
+    proc.start()
+    b.close()
+    expected = []
+    for i, msg in enumerate(msgs):
+        if i % 2 == 0:
+            a.send_bytes(msg)
+            expected.append(hashlib.sha256(msg).hexdigest())
+        else:
+            a.send(msg)
+            digest = (type(msg).__name__, getattr(msg, "shape", None),
+                      hashlib.sha256(msg.tobytes() if isinstance(msg, np.ndarray)
+                                     else pickle.dumps(msg)).hexdigest())
+            expected.append(hashlib.sha256(pickle.dumps(digest)).hexdigest())
+    assert a.recv() == expected
+    proc.join(30)
+    assert proc.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_large_messages_in_one_process_and_arrays_stay_writable():
+    a, b = shmipc.Pipe(capacity=1 << 16)
+    arr = np.arange(50_000, dtype=np.int64)
+    done = threading.Event()
+
+    def send():
+        a.send(arr)
+        a.send_bytes(memoryview(arr).cast("B"))
+        a.send("after")
+        done.set()
+
+    t = threading.Thread(target=send)
+    t.start()
+    got = b.recv()
+    assert (got == arr).all() and got.flags.writeable
+    assert b.recv_bytes() == arr.tobytes()
+    assert b.recv() == "after"
+    t.join(30)
+    assert done.is_set()
+
+
+def send_big_forever(conn, size):
+    conn.send_bytes(b"y" * size)        # blocks: nobody reads, the ring is small
+    time.sleep(120)
+
+
+@pytest.mark.timeout(60)
+def test_a_writer_killed_mid_message_delivers_no_torn_message():
+    """The frame's first chunks are in the ring when the writer dies: the
+    reader gets EOFError, not a partial message."""
+    ctx = multiprocessing.get_context("fork")
+    a, b = shmipc.Pipe(capacity=1 << 16)
+    proc = ctx.Process(target=send_big_forever, args=(b, 1 << 20))
+    proc.start()
+    b.close()
+    deadline = time.monotonic() + 30
+    while a.stats()["recv"]["bytes_in"] < 40_000:         # the ring holds chunks now
+        assert time.monotonic() < deadline, a.stats()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join(20)
+    with pytest.raises(EOFError, match="middle of a message"):
+        a.recv_bytes()
+    a.close()
+
+
+@pytest.mark.timeout(30)
+def test_recv_unpickles_what_send_bytes_sent(impl):
+    """multiprocessing's recv() unpickles whatever arrives; send(b"...")
+    still comes back as the same bytes."""
+    a, b = impl.Pipe()
+    a.send_bytes(pickle.dumps({"x": 1}))
+    assert b.recv() == {"x": 1}
+    a.send_bytes(pickle.dumps([2]))
+    assert b.recv_bytes() == pickle.dumps([2])
+    a.send(b"\x80 looks like a pickle")
+    assert b.recv() == b"\x80 looks like a pickle"
+    a.send(pickle.dumps(3))
+    assert b.recv() == pickle.dumps(3)

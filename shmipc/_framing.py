@@ -1,0 +1,130 @@
+"""Messages of any size through a ring of bounded size, and the marks that
+let a receiver tell how a message was sent.
+
+A ring takes messages of at most ``ring.max_message_size`` bytes (half its
+capacity). A larger message travels as a *frame*: a small :class:`Frame`
+record announcing the sizes of its parts, then the parts cut into chunks of
+at most :func:`chunk_size` bytes, each a bytes record. An object is one
+pickle stream plus its protocol-5 out-of-band buffers (a numpy array's data
+is never copied into the stream); a ``send_bytes`` payload is one part.
+
+Invariants:
+    * The records of one frame are contiguous in their ring: the writer
+      holds the ring's only producer side (a Connection end is used by one
+      sending thread at a time, a Queue's large writers take a lock), and
+      the reader reads them all before anything else.
+    * A reader delivers a framed message only once every announced byte has
+      arrived: a writer that dies mid-frame, or is interrupted (it then puts
+      an ABORT frame if it can), costs that one message, never a torn one.
+
+Frame records are pickled (a few hundred bytes): they are rare, and only
+shmipc's own code makes Frame objects, so a user's message is never one.
+"""
+from __future__ import annotations
+
+import copyreg
+import io
+import pickle
+from typing import Any, Callable
+
+__all__ = ["Frame", "ABORT", "chunk_size", "dump_parts", "load_parts"]
+
+
+class Frame:
+    """Announces what the next records of a ring hold.
+
+    kind:
+        "bytes": a send_bytes payload (one part); recv() unpickles it, as
+            multiprocessing does, and recv_bytes() returns it.
+        "object": an object: part 0 is its pickle stream, the others its
+            out-of-band buffers.
+        "abort": the frame before this one will never be completed.
+    sizes: the byte size of each part, or None: the next single record is
+        the whole payload (a small send_bytes payload that looks like a
+        pickle, marked so that recv() unpickles it).
+    """
+
+    __slots__ = ("kind", "sizes")
+
+    def __init__(self, kind: str, sizes: tuple[int, ...] | None = None) -> None:
+        self.kind = kind
+        self.sizes = sizes
+
+    def __reduce__(self) -> tuple:
+        return (Frame, (self.kind, self.sizes))
+
+    def __repr__(self) -> str:
+        return f"Frame({self.kind!r}, {self.sizes!r})"
+
+
+ABORT = Frame("abort")
+
+# the first byte of every pickle of protocol 2 or later (multiprocessing
+# pickles with the default protocol, 4 or 5)
+PICKLE_PROTO = 0x80
+
+
+def chunk_size(max_message_size: int) -> int:
+    """Bytes per chunk record: half the largest message, so that the writer
+    fills one chunk while the reader copies another."""
+    return max(max_message_size // 2, 1)
+
+
+_table: dict | None = None
+_table_seen: dict | None = None
+
+
+def _dispatch_table() -> dict:
+    """copyreg's table plus multiprocessing's reducers (sockets, Connections,
+    whatever libraries register with ForkingPickler), as the ring pickles."""
+    global _table, _table_seen
+    from multiprocessing import reduction
+
+    extra = reduction.ForkingPickler._extra_reducers
+    if _table is None or _table_seen != extra:
+        table = copyreg.dispatch_table.copy()
+        table.update(extra)
+        _table, _table_seen = table, dict(extra)
+    return _table
+
+
+def dump_parts(obj: Any) -> list[memoryview]:
+    """An object as [pickle stream, out-of-band buffer, ...] (protocol 5:
+    contiguous buffers such as numpy arrays' data are not copied)."""
+    buffers: list[memoryview] = []
+
+    def keep(pb: pickle.PickleBuffer) -> bool:
+        try:
+            buffers.append(pb.raw())
+        except BufferError:
+            return True         # not contiguous: pickled in band
+        return False
+
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, 5, buffer_callback=keep)
+    pickler.dispatch_table = _dispatch_table()
+    pickler.dump(obj)
+    return [out.getbuffer(), *buffers]
+
+
+def load_parts(parts: list[bytearray]) -> Any:
+    """The object dump_parts cut into `parts` (the buffers become the
+    out-of-band buffers: a numpy array is rebuilt over its bytearray)."""
+    return pickle.loads(parts[0], buffers=parts[1:])
+
+
+def read_parts(sizes: tuple[int, ...], next_chunk: Callable[[memoryview], None]) -> list[bytearray]:
+    """Allocate the parts of a frame and fill each, chunk after chunk, with
+    `next_chunk(view)`, which must fill `view` (at most one chunk's bytes;
+    it returns how many it wrote) or raise."""
+    parts = []
+    for size in sizes:
+        if not isinstance(size, int) or size < 0:
+            raise ValueError(f"bad part size in a frame: {size!r}")
+        part = bytearray(size)
+        view = memoryview(part)
+        done = 0
+        while done < size:
+            done += next_chunk(view[done:])
+        parts.append(part)
+    return parts
