@@ -139,7 +139,10 @@ def _shutdown() -> None:
         pools = list(_idle_pools.values())
         _idle_pools.clear()
     for pool in pools:
-        pool.terminate()
+        try:
+            pool.terminate()
+        except Exception:       # at exit: one pool's failure must not keep the others running
+            pass
 
 
 def register() -> None:
