@@ -105,7 +105,8 @@ class RayPipeline(Closeable):
       * a generator item whose worker dies is retried whole (no output of
         it had left the worker), where one machine does not retry it;
       * ``zero_copy=`` is accepted and ignored: Ray already hands numpy
-        arrays to workers as read-only views of its object store;
+        arrays to workers as read-only views of its object store (results
+        that are arrays are read-only too: copy one before writing to it);
       * each worker holds one CPU of the cluster while the pipeline runs:
         more workers than the cluster has CPUs for raises ValueError at
         results() (Ray would wait forever for the missing CPUs).
