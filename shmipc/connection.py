@@ -28,19 +28,20 @@ Invariants:
       checks the peer's token between them: EOF or BrokenPipeError follows a
       holder's death within about one slice, and a plain close at once.
 
-Compared with multiprocessing: messages sent with ``send`` arrive through
-``recv`` and bytes sent with ``send_bytes`` through ``recv_bytes``, as there;
-mixing the two is not pickle-compatible (``recv`` returns the bytes of a
-``send_bytes`` message as they are; ``recv_bytes`` of a non-bytes message
-returns its pickle). A send to a peer that closed its end raises
-BrokenPipeError at once; to a peer that died without closing, within
-PROBE_EVERY sends (multiprocessing fails at the first write; looking at the
-peer on every send would cost a system call each). A Connection has no file descriptor, so
+Compared with multiprocessing: any message size goes (one larger than the
+ring's max_message_size travels in chunks, see shmipc._framing, and is
+delivered whole or not at all); ``recv`` unpickles what ``send_bytes`` sent
+and ``recv_bytes`` returns the pickle of what ``send`` sent, as there. A
+send to a peer that closed its end raises BrokenPipeError at once; to a
+peer that died without closing, within PROBE_EVERY sends (multiprocessing
+fails at the first write; looking at the peer on every send would cost a
+system call each). A Connection has no file descriptor, so
 ``multiprocessing.connection.wait`` cannot watch it: use :func:`wait` from
 this module, which takes shmipc Connections and anything that function takes.
 As with multiprocessing, two processes must not send on (or receive from) the
 same end at the same time -- each ring has one producer and one consumer
-process; threads of one process may share an end.
+process; threads of one process may share an end, one sending (and one
+receiving) at a time, as multiprocessing requires.
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple["Connecti
             receives and the second only sends.
         capacity: ring bytes per direction, a power of two >= 1024 (default
             32 MiB; pages are committed as first used). A message larger than
-            about capacity/2 raises MessageTooLarge in send.
+            about capacity/2 goes in chunks.
 
     Raises:
         TypeError / ValueError: an invalid capacity.
