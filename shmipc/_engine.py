@@ -477,6 +477,7 @@ class _Engine:
         self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
         self._startup_deaths = 0                            # consecutive workers dead before ready
         self._spawn_failed: set[int] = set()                # slots whose replacement could not start
+        self._spawn_failures = 0                            # consecutive spawns that failed
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
@@ -971,12 +972,15 @@ class _Engine:
             assert self._sup is not None
             try:
                 self._pids[slot] = self._sup.spawn(slot)
+                self._spawn_failures = 0
             except Exception as exc:
                 print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
                 self._spawn_failed.add(slot)        # tried again at the next poll
-                if not self._pids:
-                    # no worker left and none can start (e.g. the zygote was killed):
-                    # fail everything now rather than let callers wait forever
+                self._spawn_failures += 1
+                if not self._pids and self._spawn_failures >= _MAX_STARTUP_DEATHS:
+                    # no worker left and none could start, time after time (each
+                    # time with fresh zygotes): fail everything rather than let
+                    # callers wait forever
                     self._broken = f"the pool lost all its workers and cannot start new ones ({exc})"
                     later += self._fail_all_locked(self._broken_error(self._broken))
         return later
