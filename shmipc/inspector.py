@@ -116,17 +116,17 @@ def guess_owner(regions: list[dict[str, Any]]) -> str:
     """Which shmipc API made an arena, judged from its region names (arenas
     do not record their maker); says so when it cannot tell."""
     names = {r["name"] for r in regions}
-    rings = [r for r in regions if r["kind"] == "ring"]
+    rings = {r["name"] for r in regions if r["kind"] == "ring"}
     if {"results", "bigtasks", "bigresults"} <= names and any(n.startswith("tasks") and n[5:].isdigit()
                                                               for n in names):
         return "a Pool or ProcessPoolExecutor (judged from its region names)"
-    if names & {"a>b", "b>a"} and len(rings) <= 2:
+    if any(n.startswith("pipeline.") for n in names):
+        return "a Pipeline (judged from its region names)"
+    if "a>b" in rings and rings <= {"a>b", "b>a"}:
         return "a Pipe (judged from its region names)"
-    if len(rings) == 1 and rings[0]["name"] == "#0" and names <= {"#0", "tasks_done"}:
+    if "#0" in rings and rings <= {"#0", "bulk"} and names - rings <= {"tasks_done"}:
         what = "a JoinableQueue" if "tasks_done" in names else "a Queue or SimpleQueue"
         return f"{what} (judged from its region names)"
-    if len(rings) >= 2 and all(r["name"].startswith("#") for r in regions):
-        return "a Pipeline, or an arena of your own (unnamed regions)"
     return "not known (an arena of your own, or one whose maker cannot be told from its region names)"
 
 
@@ -162,22 +162,6 @@ def _candidate_paths(pid: int, m: Mapping) -> list[str]:
     return paths
 
 
-def _open_options() -> dict[str, Any]:
-    """How the inspector opens an arena, where this shmipc's Arena.from_file
-    takes the option: through /proc's links (map_files and fd entries are
-    symbolic links by nature). (It only reads counters: nothing is unpickled.)"""
-    import inspect
-
-    from shmipc.arena import Arena
-
-    wanted = {"follow_symlinks": True}
-    accepted = inspect.signature(Arena.from_file).parameters
-    return {k: v for k, v in wanted.items() if k in accepted}
-
-
-_OPEN_OPTIONS = _open_options()
-
-
 def _open_arena(pid: int, m: Mapping) -> tuple[Any, str]:
     """Map the arena behind `m` into this process: (Arena, path used).
 
@@ -203,7 +187,8 @@ def _open_arena(pid: int, m: Mapping) -> tuple[Any, str]:
         if head != MAGIC:
             raise InspectError("not an shmipc arena (no arena magic at offset 0)")
         try:
-            return Arena.from_file(path, **_OPEN_OPTIONS), path
+            # /proc's map_files and fd entries are symbolic links by nature
+            return Arena.from_file(path, follow_symlinks=True), path
         except Exception as exc:       # CorruptArena, PermissionError, ...
             errors.append(f"{path}: {type(exc).__name__}: {exc}")
     raise InspectError("cannot open it: " + "; ".join(errors))
@@ -249,10 +234,8 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
             continue
         try:
             entry.update(via=via, size=arena.size, resident=resident.get(m.start), allocated=_allocated(via))
-            info = getattr(arena, "info", None)         # the header, read-only, where Arena has it
-            used = info()["used"] if info is not None else 0
+            used = arena.info()["used"]                # the header, read-only
             for region in arena.regions():
-                used = max(used, region.offset + region.size)
                 info: dict[str, Any] = {"name": region.name, "kind": region.kind,
                                         "offset": region.offset, "size": region.size}
                 if region.kind == "ring":
