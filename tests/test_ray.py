@@ -82,9 +82,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.fixture(params=[None, "ray"], ids=["shm", "ray"])
+@pytest.fixture(scope="module", params=[None, "ray"], ids=["shm", "ray"])
 def cluster(request):
-    """Each test body runs once on shared memory and once on Ray."""
+    """Each test body runs once on shared memory and once on Ray. Module
+    scope groups the runs: every shared-memory one first, so none forks a
+    process in which Ray's threads are running (3.12+ warns; it can deadlock)."""
     if request.param == "ray":
         request.getfixturevalue("ray_instance")
     return request.param
