@@ -35,7 +35,9 @@ not have been committed when the worker died:
   F_PART    generator output `sent`, not its last (share e+sent+1);
   F_LAST    the generator's last output `sent` (share e+sent: all that is left);
   F_FUNC    a function's one output (share e, same path);
-  F_END     a K_DONE / K_ERROR message to the parent (share e+sent, same path).
+  F_END     a K_DONE / K_ERROR message to the parent (share e+sent, same path);
+  F_COMPLETE  the node's last message (F_LAST, F_FUNC or F_END) was committed:
+            nothing of it remains.
 
 Which it was is decided by evidence: anything that reached the parent below
 that put's node proves it was committed. Without evidence the remaining share
@@ -60,10 +62,10 @@ from shmipc.errors import WorkerLost
 
 __all__ = ["Scheduler", "SlotRecord", "StageFailure", "StageRule", "Raise", "SLOT_WORDS",
            "MAX_PATH", "S_STARTING", "S_READY", "S_BUSY", "S_DONE",
-           "F_NONE", "F_PART", "F_LAST", "F_FUNC", "F_END", "progress_word"]
+           "F_NONE", "F_PART", "F_LAST", "F_FUNC", "F_END", "F_COMPLETE", "progress_word"]
 
 S_STARTING, S_READY, S_BUSY, S_DONE = 0, 1, 2, 3
-F_NONE, F_PART, F_LAST, F_FUNC, F_END = 0, 1, 2, 3, 4
+F_NONE, F_PART, F_LAST, F_FUNC, F_END, F_COMPLETE = 0, 1, 2, 3, 4, 5
 SLOT_WORDS = 32
 MAX_PATH = SLOT_WORDS - 5
 
@@ -91,7 +93,7 @@ class SlotRecord:
         if state not in (S_STARTING, S_READY, S_BUSY, S_DONE) or not 0 <= npath <= MAX_PATH:
             return None
         if state == S_BUSY and (seq < 0 or credit < 0 or progress < 0
-                                or progress % 8 > F_END):
+                                or progress % 8 > F_COMPLETE):
             return None
         path = tuple(int(w) for w in words[5:5 + npath])
         return cls(state, seq, credit, progress // 8, progress % 8, path)
@@ -105,8 +107,6 @@ class StageFailure:
     worker's traceback as ``__cause__`` (a RemoteTraceback), also in
     ``traceback`` as text.
     """
-
-    __module__ = "shmipc.pipeline"
 
     stage: str
     seq: int
@@ -321,7 +321,7 @@ class Scheduler:
             # died between keeping its copy and marking itself busy: not started
             seq, credit, path = stashed[0], stashed[1], tuple(stashed[2])
             state, sent, inflight = S_BUSY, 0, F_NONE
-        if state != S_BUSY or seq not in self._outstanding:
+        if state != S_BUSY or inflight == F_COMPLETE or seq not in self._outstanding:
             return None
         voids = self._voids.get(seq)
         if voids is not None and any(prefix and _covers(v, True, path) for v, prefix in voids):

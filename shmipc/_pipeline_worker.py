@@ -7,7 +7,7 @@ Per item (the order is what makes a death decidable):
   2. with retries, keep a copy in this worker's stash ring;
   3. write seq, credit and path, then state BUSY;
   4. before each put, write progress (sent, inflight) as one word; after it,
-     (sent + 1, F_NONE);
+     (sent + 1, F_NONE), or (sent + 1, F_COMPLETE) after the item's last message;
   5. state DONE, empty the stash, state READY.
 A kill between 1 and 3 loses the item without a trace (the parent notices
 when the pipeline goes quiet); everything else is decided from the slot.
@@ -19,8 +19,8 @@ import queue
 import types
 from typing import Any, Callable
 
-from shmipc._pipeline_sched import (F_END, F_FUNC, F_LAST, F_NONE, F_PART, S_BUSY, S_DONE,
-                                    S_READY, SLOT_WORDS)
+from shmipc._pipeline_sched import (F_COMPLETE, F_END, F_FUNC, F_LAST, F_NONE, F_PART, S_BUSY,
+                                    S_DONE, S_READY, SLOT_WORDS)
 from shmipc._pipeline_wire import K_DONE, K_ERROR, K_FATAL, K_RESULT, error_value, pack, repack, unpack
 from shmipc._workers import parent_alive
 from shmipc.errors import PeerDied, RingClosed
@@ -179,7 +179,7 @@ class StageWorker:
         else:
             self.nxt.put((self.seq, e, path, data, meta))
         self.sent += 1
-        slots[base + 3] = self.sent * 8 + F_NONE
+        slots[base + 3] = self.sent * 8 + (F_NONE if inflight == F_PART else F_COMPLETE)
 
     def _report(self, kind: int, data: Any) -> None:
         """Send the rest of the current item's share to the parent: K_DONE,
@@ -188,7 +188,7 @@ class StageWorker:
         slots[base + 3] = self.sent * 8 + F_END
         self.out.put((kind, self.seq, self.e + self.sent, self.path, data, None))
         self.sent += 1
-        slots[base + 3] = self.sent * 8 + F_NONE
+        slots[base + 3] = self.sent * 8 + F_COMPLETE
 
 
 def _instantiate(fn: Any) -> tuple[Any, Callable[[Any], Any]]:
