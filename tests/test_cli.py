@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -229,12 +230,22 @@ def test_inspect_live_process(holder):
 @pytest.mark.parametrize("holder", ["busy"], indirect=True)
 def test_inspect_watch_refreshes_until_ctrl_c(holder):
     watcher = subprocess.Popen([sys.executable, "-m", "shmipc", "inspect", str(holder.pid), "--watch",
-                                "--interval", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, cwd=ROOT)
+                                "--interval", "0.3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     try:
-        time.sleep(2.0)
+        # Ctrl-C once three refreshes were printed (not after a fixed sleep:
+        # on a loaded machine the interpreter may still be starting)
+        seen = b""
+        deadline = time.monotonic() + 40
+        while seen.count(f"process {holder.pid}".encode()) < 3 and time.monotonic() < deadline:
+            ready, _, _ = select.select([watcher.stdout], [], [], 0.5)
+            if ready:
+                chunk = os.read(watcher.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                seen += chunk
         watcher.send_signal(signal.SIGINT)
-        out, err = watcher.communicate(timeout=20)
+        rest, err_bytes = watcher.communicate(timeout=20)
+        out, err = (seen + rest).decode(), err_bytes.decode()
     finally:
         if watcher.poll() is None:
             watcher.kill()
