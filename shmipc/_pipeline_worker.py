@@ -36,7 +36,7 @@ class StageWorker:
 
     Args:
         p: the Pipeline (inherited by fork: its rings, slots and control block).
-        stage: the stage's parent-side record (shmipc.pipeline._Stage).
+        stage: the stage's record (shmipc._pipeline_crew.Stage).
         j: this worker's index within the stage.
     """
 

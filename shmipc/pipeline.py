@@ -72,11 +72,10 @@ from typing import Any, Iterable, Iterator
 
 from shmipc import _ring
 from shmipc._lifetime import Closeable
-from shmipc._pipeline_sched import (MAX_PATH, S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, Raise,
-                                    Scheduler, SlotRecord, StageFailure, StageRule)
+from shmipc._pipeline_crew import Crew, Stage
+from shmipc._pipeline_sched import MAX_PATH, SLOT_WORDS, Raise, Scheduler, StageFailure, StageRule
 from shmipc._pipeline_wire import (K_DONE, K_ERROR, K_FATAL, K_RESULT, PipelineError,
                                    RemoteTraceback, pack, rebuild_error, repack, unpack)
-from shmipc._proc import steady_malloc
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
 
@@ -91,30 +90,6 @@ POLL_S = 0.05            # parent's longest sleep before it looks at its workers
 FEED_SLICE_S = 0.002     # longest the parent reads the source before it drains results
 REAP_EVERY_S = 0.1       # how often the parent checks for dead workers
 QUIET_S = 1.0            # nothing moving this long after a death: stuck items are lost
-MAX_START_DEATHS = 5     # workers of a stage dying before their setup finished, in a row
-SPAWN_GIVE_UP_S = 15.0   # a worker that cannot be started for this long stops the pipeline
-
-
-class _Stage:
-    """One stage's configuration and its parent-side state."""
-
-    def __init__(self, index: int, fn: Any, workers: int, ordered: bool, on_error: str,
-                 retries: int, ring_capacity: int, name: str, zero_copy: bool) -> None:
-        self.index = index
-        self.fn = fn
-        self.workers = workers
-        self.ordered = ordered
-        self.on_error = on_error
-        self.retries = retries
-        self.ring_capacity = ring_capacity
-        self.name = name
-        self.zero_copy = zero_copy
-        self.ring: Any = None            # input ring
-        self.slot_base = 0               # index of this stage's first worker slot
-        self.stashes: list[Any] = []     # per worker: its current input (retries only)
-        self.pids: list[int] = []        # per worker slot: pid, 0 when none
-        self.deaths = 0
-        self.start_deaths = 0            # deaths in a row of workers that had not finished setup
 
 
 class Pipeline(Closeable):
@@ -180,7 +155,7 @@ class Pipeline(Closeable):
         self._on_error = on_error
         self._retries = retries
         self._stop_timeout = float(stop_timeout)
-        self._stages: list[_Stage] = []
+        self._stages: list[Stage] = []
         self._iterating = False
         #: failures kept by stages with on_error="collect", in arrival order
         self.errors: list[StageFailure] = []
@@ -230,7 +205,7 @@ class Pipeline(Closeable):
                 name = f"{name}#{len(self._stages)}"
         elif any(st.name == name for st in self._stages):
             raise ValueError(f"a stage named {name!r} already exists")
-        self._stages.append(_Stage(len(self._stages), fn, workers, bool(ordered), on_error,
+        self._stages.append(Stage(len(self._stages), fn, workers, bool(ordered), on_error,
                                    retries, capacity, str(name), bool(zero_copy)))
         regions = self._regions_needed()
         if len(self._stages) > MAX_PATH:
@@ -351,141 +326,36 @@ class Pipeline(Closeable):
         self._sched = Scheduler([StageRule(s.name, s.on_error, s.retries) for s in self._stages],
                                 all(s.ordered for s in self._stages), self._max_inflight, self.errors)
         self._unsent: tuple | None = None     # an envelope read from the source, not yet in ring 0
-        self._requeue: list[tuple[_Stage, tuple]] = []   # retried items waiting for room
-        self._respawn: dict[int, tuple[float, str]] = {}  # slot -> (first failure, why)
+        self._requeue: list[tuple[Stage, tuple]] = []   # retried items waiting for room
         self._last_reap = time.monotonic()
         self._last_move = time.monotonic()
         self._moves = -1
         self._maybe_lost = False              # a death may have lost an item without a trace
+        self._crew = Crew(self)
         self._started = True
         try:
-            self._start_workers()
+            self._crew.start()
         except BaseException:
             self.close()
             raise
 
     # ------------------------------------------------------------ workers
-    # Workers run in numbered slots of a shmipc._workers.Supervisor: forked by
-    # its single-threaded zygote (itself forked here, once, when results()
-    # starts, before any thread of ours exists), so replacements started later
-    # are safe even if the caller has threads running by then (a progress bar's).
-    # Slot k is stage s's worker j for k = s.slot_base + j.
-    def _start_workers(self) -> None:
-        from shmipc._workers import Supervisor
-
-        self._sup = Supervisor(_worker_entry, (self,), context="fork", name="shmipc-pipeline")
-        slots = [s.slot_base + j for s in self._stages for j in range(s.workers)]
-        for k in slots:
-            self._slots[k * SLOT_WORDS] = S_STARTING
-        for k, pid in self._sup.start(slots).items():
-            s, j = self._slot_owner(k)
-            s.pids[j] = pid
-
-    def _slot_owner(self, k: int) -> tuple[_Stage, int]:
-        for s in self._stages:
-            if s.slot_base <= k < s.slot_base + s.workers:
-                return s, k - s.slot_base
-        raise AssertionError(f"no stage has worker slot {k}")
-
-    def _spawn(self, s: _Stage, j: int) -> None:
-        """Start a replacement for slot j of stage s; if it cannot be started
-        now (its helper is being replaced, fork failed), try again at the
-        next reap, for up to SPAWN_GIVE_UP_S."""
-        k = s.slot_base + j
-        self._slots[k * SLOT_WORDS] = S_STARTING
-        try:
-            s.pids[j] = self._sup.spawn(k)
-        except (OSError, ValueError) as exc:   # Supervisor.spawn's "cannot now"
-            first = self._respawn.get(k, (time.monotonic(), ""))[0]
-            self._respawn[k] = (first, f"{type(exc).__name__}: {exc}")
-            return
-        self._respawn.pop(k, None)
-
-    def _retry_spawns(self) -> None:
-        for k, (first, why) in list(self._respawn.items()):
-            s, j = self._slot_owner(k)
-            self._spawn(s, j)
-            if k in self._respawn and time.monotonic() - first > SPAWN_GIVE_UP_S:
-                raise PipelineError(f"cannot start a worker for stage {s.name!r} for "
-                                    f"{SPAWN_GIVE_UP_S:.0f} s: {why}")
-
     def _reap(self) -> None:
         """Find dead workers; settle what they held and start replacements."""
-        if self._respawn:
-            self._retry_spawns()
-        dead = []
-        for ev in self._sup.poll():
-            s, j = self._slot_owner(ev.slot)
-            if s.pids[j] == ev.pid:
-                s.pids[j] = 0
-                s.deaths += 1
-                dead.append((s, j, ev.pid, ev.exitcode))
-        for s in self._stages:
-            if s.start_deaths and any(pid and self._slots[(s.slot_base + j) * SLOT_WORDS] != S_STARTING
-                                      for j, pid in enumerate(s.pids)):
-                s.start_deaths = 0               # a worker of it got through setup
+        dead = self._crew.poll()
         if not dead:
             return
         # what a dead worker committed to the output ring is there now: take
         # it all before deciding what it lost (so a delivered result counts)
         self._drain_all()
-        for s, j, pid, exitcode in dead:
-            self._worker_died(s, j, pid, exitcode)
-
-    def _worker_died(self, s: _Stage, j: int, pid: int, exitcode: int | None) -> None:
-        base = (s.slot_base + j) * SLOT_WORDS
-        rec = SlotRecord.from_words(self._slots[base: base + SLOT_WORDS])
-        stashed = None
-        if s.stashes:
-            try:
-                stashed = s.stashes[j].get_nowait()
-            except queue.Empty:
-                pass
-            except Exception:
-                stashed = None            # a copy that does not decode: as if none
-        if rec is None or rec.state == S_STARTING:
-            s.start_deaths += 1
-            if s.start_deaths >= MAX_START_DEATHS:
-                raise PipelineError(
-                    f"workers of stage {s.name!r} keep dying before their setup finished (last: pid "
-                    f"{pid}, {WorkerLost(pid, exitcode).how}); giving up")
-        elif rec.state not in (S_BUSY, S_DONE) and stashed is None:
-            # idle, or between taking an item and writing it down
-            self._maybe_lost = True
-        name = s.name
-
-        def lost(seq: int) -> BaseException:
-            return WorkerLost(pid, exitcode, task=f"item {seq} of stage {name!r}")
-
-        env = self._sched.worker_lost(s.index, rec, stashed, lost)
-        if env is not None:
-            self._requeue.append((s, env))
-        if not self._closed:
-            self._spawn(s, j)
-
-    def _stop_workers(self) -> None:
-        """Stop every worker: flag, shut the rings (waking all waiters), give
-        them stop_timeout seconds to exit (and run teardown), then let the
-        supervisor SIGTERM/SIGKILL and reap the rest."""
-        sup = getattr(self, "_sup", None)
-        if sup is None:
-            return
-        try:
-            self._ctrl[0] = 1
-            for s in self._stages:
-                s.ring.shutdown()
-            self._out.shutdown()
-        except RingClosed:
-            pass
-        deadline = time.monotonic() + self._stop_timeout
-        while sup.pids():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            sup.wait(min(left, 0.05))
-        sup.stop(timeout=0.2)
-        for s in self._stages:
-            s.pids = [0] * len(s.pids)
+        for d in dead:
+            if d.untraced:
+                self._maybe_lost = True   # idle, or between taking an item and writing it
+            env = self._sched.worker_lost(d.stage.index, d.slot, d.stashed, d.lost)
+            if env is not None:
+                self._requeue.append((d.stage, env))
+            if not self._closed:
+                self._crew.replace(d.stage, d.j)
 
     # ------------------------------------------------------------ the parent loop
     def _iterate(self) -> Iterator[Any]:
@@ -651,9 +521,7 @@ class Pipeline(Closeable):
             return
         if any(s.ring.qsize() for s in self._stages) or self._out.qsize():
             return
-        slots = self._slots
-        nworkers = sum(s.workers for s in self._stages)
-        if any(slots[i * SLOT_WORDS] in (S_BUSY, S_DONE) for i in range(nworkers)):
+        if self._crew.busy():
             return
 
         def lost(seq: int) -> BaseException:
@@ -674,7 +542,8 @@ class Pipeline(Closeable):
             return                       # a forked child never stops its parent's workers
         try:
             if self._started:
-                self._stop_workers()
+                self._crew.stop(self._ctrl, [s.ring for s in self._stages] + [self._out],
+                                self._stop_timeout)
         finally:
             # views of our own over arena blocks would keep the mapping (and
             # its fd) alive past arena.close() for as long as this object lives
@@ -692,19 +561,6 @@ class Pipeline(Closeable):
         stages = " -> ".join(f"{s.name}x{s.workers}" for s in self._stages) or "no stages"
         state = "closed" if self._closed else ("running" if self._started else "new")
         return f"<shmipc.Pipeline {stages} {state}>"
-
-
-def _worker_entry(slot: int, p: Pipeline) -> None:
-    """Supervisor target: run worker `slot` of pipeline `p` (inherited by fork).
-    The supervisor has made it ignore SIGINT (the parent stops it) and die
-    with its parent."""
-    from shmipc._pipeline_worker import StageWorker
-
-    s, j = p._slot_owner(slot)
-    steady_malloc()                 # large items must not cost a page fault storm each
-    code = StageWorker(p, s, j).run()
-    if code:
-        raise SystemExit(code)
 
 
 def _check_capacity(capacity: Any) -> int:

@@ -1,0 +1,196 @@
+"""A pipeline's worker processes: each stage's configuration, starting its
+workers in numbered slots of a :class:`shmipc._workers.Supervisor`, noticing
+deaths (with what the dead worker's slot and stash say), replacing them, and
+stopping them all. What a death *means* for the items is the scheduler's
+business (shmipc._pipeline_sched); this module only gathers the facts.
+
+Workers are forked by the Supervisor's single-threaded zygote (itself forked
+once, when results() starts, before any thread of ours exists), so
+replacements started later are safe even if the caller has threads running
+by then (a progress bar's). Slot k is stage s's worker j for k = s.slot_base + j.
+"""
+from __future__ import annotations
+
+import queue
+import time
+from typing import Any, NamedTuple
+
+from shmipc._pipeline_sched import S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, SlotRecord
+from shmipc._pipeline_wire import PipelineError
+from shmipc._proc import steady_malloc
+from shmipc.errors import RingClosed, WorkerLost
+
+__all__ = ["Stage", "Crew", "Death", "MAX_START_DEATHS", "SPAWN_GIVE_UP_S"]
+
+MAX_START_DEATHS = 5     # workers of a stage dying before their setup finished, in a row
+SPAWN_GIVE_UP_S = 15.0   # a worker that cannot be started for this long stops the pipeline
+
+
+class Stage:
+    """One stage's configuration and its parent-side state."""
+
+    def __init__(self, index: int, fn: Any, workers: int, ordered: bool, on_error: str,
+                 retries: int, ring_capacity: int, name: str, zero_copy: bool) -> None:
+        self.index = index
+        self.fn = fn
+        self.workers = workers
+        self.ordered = ordered
+        self.on_error = on_error
+        self.retries = retries
+        self.ring_capacity = ring_capacity
+        self.name = name
+        self.zero_copy = zero_copy
+        self.ring: Any = None            # input ring
+        self.slot_base = 0               # index of this stage's first worker slot
+        self.stashes: list[Any] = []     # per worker: its current input (retries only)
+        self.pids: list[int] = []        # per worker slot: pid, 0 when none
+        self.deaths = 0
+        self.start_deaths = 0            # deaths in a row of workers that had not finished setup
+
+
+class Death(NamedTuple):
+    """A worker that died, and what it left: its slot (None if garbage) and
+    the copy of its input it kept (retries only)."""
+
+    stage: Stage
+    j: int
+    pid: int
+    exitcode: int | None
+    slot: SlotRecord | None
+    stashed: tuple | None
+
+    @property
+    def untraced(self) -> bool:
+        """It may have taken an item it had not written down yet."""
+        return self.stashed is None and (self.slot is None or self.slot.state not in (S_BUSY, S_DONE))
+
+    def lost(self, seq: int) -> BaseException:
+        return WorkerLost(self.pid, self.exitcode, task=f"item {seq} of stage {self.stage.name!r}")
+
+
+class Crew:
+    """The workers of a pipeline `p` (whose stages, slots and rings exist)."""
+
+    def __init__(self, p: Any) -> None:
+        self.p = p
+        self.stages: list[Stage] = p._stages
+        self.slots = p._slots
+        self.sup: Any = None
+        self._respawn: dict[int, tuple[float, str]] = {}  # slot -> (first failure, why)
+
+    def start(self) -> None:
+        from shmipc._workers import Supervisor
+
+        self.sup = Supervisor(_worker_entry, (self.p,), context="fork", name="shmipc-pipeline")
+        slots = [s.slot_base + j for s in self.stages for j in range(s.workers)]
+        for k in slots:
+            self.slots[k * SLOT_WORDS] = S_STARTING
+        for k, pid in self.sup.start(slots).items():
+            s, j = self.slot_owner(k)
+            s.pids[j] = pid
+
+    def slot_owner(self, k: int) -> tuple[Stage, int]:
+        for s in self.stages:
+            if s.slot_base <= k < s.slot_base + s.workers:
+                return s, k - s.slot_base
+        raise AssertionError(f"no stage has worker slot {k}")
+
+    def replace(self, s: Stage, j: int) -> None:
+        """Start a worker for slot j of stage s; if it cannot be started now
+        (its helper is being replaced, fork failed), poll() tries again, for
+        up to SPAWN_GIVE_UP_S."""
+        k = s.slot_base + j
+        self.slots[k * SLOT_WORDS] = S_STARTING
+        try:
+            s.pids[j] = self.sup.spawn(k)
+        except (OSError, ValueError) as exc:   # Supervisor.spawn's "cannot now"
+            first = self._respawn.get(k, (time.monotonic(), ""))[0]
+            self._respawn[k] = (first, f"{type(exc).__name__}: {exc}")
+            return
+        self._respawn.pop(k, None)
+
+    def poll(self) -> list[Death]:
+        """The workers that died since the last call (not yet replaced).
+
+        Raises:
+            PipelineError: a stage's workers keep dying before their setup
+                finished, or a worker could not be started for SPAWN_GIVE_UP_S.
+        """
+        for k, (first, why) in list(self._respawn.items()):
+            s, j = self.slot_owner(k)
+            self.replace(s, j)
+            if k in self._respawn and time.monotonic() - first > SPAWN_GIVE_UP_S:
+                raise PipelineError(f"cannot start a worker for stage {s.name!r} for "
+                                    f"{SPAWN_GIVE_UP_S:.0f} s: {why}")
+        dead = []
+        for ev in self.sup.poll():
+            s, j = self.slot_owner(ev.slot)
+            if s.pids[j] == ev.pid:
+                s.pids[j] = 0
+                s.deaths += 1
+                dead.append(self._death(s, j, ev.pid, ev.exitcode))
+        for s in self.stages:
+            if s.start_deaths and any(pid and self.slots[(s.slot_base + j) * SLOT_WORDS] != S_STARTING
+                                      for j, pid in enumerate(s.pids)):
+                s.start_deaths = 0               # a worker of it got through setup
+        return dead
+
+    def _death(self, s: Stage, j: int, pid: int, exitcode: int | None) -> Death:
+        base = (s.slot_base + j) * SLOT_WORDS
+        rec = SlotRecord.from_words(self.slots[base: base + SLOT_WORDS])
+        stashed = None
+        if s.stashes:
+            try:
+                stashed = s.stashes[j].get_nowait()
+            except queue.Empty:
+                pass
+            except Exception:
+                stashed = None            # a copy that does not decode: as if none
+        if rec is None or rec.state == S_STARTING:
+            s.start_deaths += 1
+            if s.start_deaths >= MAX_START_DEATHS:
+                raise PipelineError(
+                    f"workers of stage {s.name!r} keep dying before their setup finished (last: pid "
+                    f"{pid}, {WorkerLost(pid, exitcode).how}); giving up")
+        return Death(s, j, pid, exitcode, rec, stashed)
+
+    def busy(self) -> bool:
+        """Some worker holds an item (by its slot)."""
+        n = sum(s.workers for s in self.stages)
+        return any(self.slots[i * SLOT_WORDS] in (S_BUSY, S_DONE) for i in range(n))
+
+    def stop(self, ctrl: Any, rings: list[Any], timeout: float) -> None:
+        """Stop every worker: flag, shut the rings (waking all waiters), give
+        them `timeout` seconds to exit (and run teardown), then let the
+        supervisor SIGTERM/SIGKILL and reap the rest."""
+        sup = self.sup
+        if sup is None:
+            return
+        try:
+            ctrl[0] = 1
+            for ring in rings:
+                ring.shutdown()
+        except RingClosed:
+            pass
+        deadline = time.monotonic() + timeout
+        while sup.pids():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            sup.wait(min(left, 0.05))
+        sup.stop(timeout=0.2)
+        for s in self.stages:
+            s.pids = [0] * len(s.pids)
+
+
+def _worker_entry(slot: int, p: Any) -> None:
+    """Supervisor target: run worker `slot` of pipeline `p` (inherited by fork).
+    The supervisor has made it ignore SIGINT (the parent stops it) and die
+    with its parent."""
+    from shmipc._pipeline_worker import StageWorker
+
+    s, j = p._crew.slot_owner(slot)
+    steady_malloc()                 # large items must not cost a page fault storm each
+    code = StageWorker(p, s, j).run()
+    if code:
+        raise SystemExit(code)
