@@ -258,7 +258,10 @@ def format_report(report: dict) -> str:
              *([busy] if (busy := load_warning(report)) else []),
              *([f"pinned: {_PIN[pin]}"] if (pin := report["options"].get("pin")) else []),
              "ring x: the plain shmipc.ring (put/get) figure over this transport's; best x: the best "
-             "shmipc variant's; for round trips, this transport's median over shmipc's", ""]
+             "shmipc variant's; for round trips, this transport's median over shmipc's",
+             *(["of memcpy: this row's rate over one process copying each message once from a Python loop "
+                "(no IPC; a sender and a receiver on two cores, or a zero-copy receive, can exceed it)"]
+               if any(r.get("reference") for r in report["records"]) else []), ""]
     for key, rows in _groups(report["records"]):
         lines.append(_title(key, report["options"], rows))
         reasons = {r.get("reason", "") for r in rows}
