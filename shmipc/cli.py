@@ -65,11 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser(
         "bench", help="compare shmipc with pipes and multiprocessing on this machine",
-        description="Measure shmipc against os.pipe, multiprocessing (Pipe, Queue, SimpleQueue, "
-                    "Pool) and, when installed, faster-fifo and pyzmq, each between a parent and "
-                    "a forked child, in fresh processes, in the same run. Every receiver verifies "
-                    "what it got. Default run ~1 minute; --quick ~15 s.")
-    b.add_argument("--quick", action="store_true", help="one short round per measurement (~15 s)")
+        description="Measure shmipc against os.pipe (tuned as a careful user would: a buffer as large "
+                    "as the ring, one write() per batch, readinto a preallocated buffer), "
+                    "multiprocessing (Pipe, Queue, SimpleQueue, Pool, ProcessPoolExecutor) and, when "
+                    "installed, faster-fifo and pyzmq, each between a parent and a forked child, in "
+                    "fresh processes, in the same run, beside a memcpy floor. Every receiver verifies "
+                    "what it got; optional peers and numpy are skipped with a reason when missing. "
+                    "Default run ~1 minute; --quick ~20 s.")
+    b.add_argument("--quick", action="store_true", help="one short round per measurement (~20 s)")
     b.add_argument("--sizes", type=_csv, default=None, metavar="LIST",
                    help="message sizes for the throughput workload, e.g. 64,1k,64k,1M (default)")
     b.add_argument("--transports", type=_csv, default=None, metavar="LIST",
