@@ -318,19 +318,37 @@ def test_infinite_source_is_read_only_as_fast_as_results_drain(no_leaks):
 
 
 # ---------------------------------------------------------------- closing early
+class _StopHere(Exception):
+    pass
+
+
 @pytest.mark.timeout(60)
 def test_close_stops_busy_workers_promptly(no_leaks):
-    p = Pipeline(range(100), stop_timeout=0.5)
+    holder = {}
+
+    def source():
+        yield from range(10)
+        # both slow workers have each taken an item (and sit in time.sleep(60)):
+        # then the source fails, which closes the pipeline
+        p = holder["p"]
+        deadline = time.monotonic() + 20
+        while p.stats()["stages"][1]["items_taken"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        holder["busy"] = p.stats()["stages"][1]["items_taken"]
+        holder["pids"] = [pid for pids in p.worker_pids().values() for pid in pids]
+        holder["t0"] = time.monotonic()
+        raise _StopHere
+
+    p = holder["p"] = Pipeline(source(), stop_timeout=0.5)
     p.stage(add_one, workers=1)
     p.stage(slow_forever, workers=2, ordered=False)
     it = p.results()
-    pids = [pid for pids in p.worker_pids().values() for pid in pids]
-    assert len(pids) == 3
-    time.sleep(0.3)                    # both slow workers are now inside time.sleep(60)
-    t0 = time.monotonic()
-    p.close()
-    assert time.monotonic() - t0 < 5
-    assert not any(pid_alive(pid) for pid in pids)
+    with pytest.raises(_StopHere):
+        next(it)
+    assert holder["busy"] >= 2
+    assert len(holder["pids"]) == 3
+    assert time.monotonic() - holder["t0"] < 5
+    assert not any(pid_alive(pid) for pid in holder["pids"])
     assert p.closed
     with pytest.raises(StopIteration):
         next(it)
