@@ -494,3 +494,18 @@ def test_readme_section_is_generated_from_the_run(tmp_path, capsys):
     bare.write_text("# no markers\n")
     assert main(["bench", "--readme", str(bare), "--no-progress"]) == 2      # before any measurement
     assert "no <!-- perf:start -->" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)
+def test_c_ring_floor_is_measured_and_verified(tmp_path):
+    """The C ring of the same design builds with Python's compiler, moves and
+    checks (by stamps) every message, in copy and in view mode."""
+    from shmipc.bench.transports import CRing, c_compiler
+
+    if c_compiler() is None:
+        pytest.skip("no C compiler")
+    for size in (64, 1 << 20):
+        record = run_one(Spec("throughput", CRing(), size), _opts(repeat=2), str(tmp_path))
+        assert record["status"] == "ok", record
+        assert len(record["rounds"]) == 2 and record["best"]["messages"] > 0
+        assert record["reference"] is True

@@ -157,9 +157,9 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
         head = ["pool", "items/s", "MB/s", "shmipc x", ""]
     else:
         head = ["transport", "msgs/s", "MB/s", "ring x", "best x"]
-    floor = next((_metric(r) for r in rows if r.get("reference")), None)
-    if floor:
-        head.append("of memcpy")         # how close to the machine's floor each row gets
+    # how close each row gets to the machine's floors (the C ring, memcpy)
+    floors = [(r["transport"], _metric(r)) for r in rows if r.get("reference") and _metric(r)]
+    head += [f"of {name}" for name, _ in floors]
     out = []
     for r in rows:
         b = r.get("best") or {}
@@ -182,8 +182,7 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
             cells += ["", ""]
         else:
             cells += ["" if mine else _ratio(plain, m), "" if mine else _ratio(best, m)]
-        if floor:
-            cells.append(f"{m / floor:.0%}" if m is not None else "")
+        cells += [f"{m / f:.0%}" if m is not None else "" for _, f in floors]
         out.append([r["transport"]] + cells)
     return head, out
 
@@ -259,8 +258,9 @@ def format_report(report: dict) -> str:
              *([f"pinned: {_PIN[pin]}"] if (pin := report["options"].get("pin")) else []),
              "ring x: the plain shmipc.ring (put/get) figure over this transport's; best x: the best "
              "shmipc variant's; for round trips, this transport's median over shmipc's",
-             *(["of memcpy: this row's rate over one process copying each message once from a Python loop "
-                "(no IPC; a sender and a receiver on two cores, or a zero-copy receive, can exceed it)"]
+             *(["of c-ring: this row's rate over a C ring of the same design (sem_t + spin, no Python); "
+                "of memcpy: over one process copying each message once from a Python loop (no IPC; two "
+                "processes on two cores, or a zero-copy receive, can exceed it)"]
                if any(r.get("reference") for r in report["records"]) else []), ""]
     for key, rows in _groups(report["records"]):
         lines.append(_title(key, report["options"], rows))
@@ -424,6 +424,11 @@ def prose(report: dict) -> list[str]:
         floor = tp("memcpy", size)
         best = max((r for r in report["records"] if r["workload"] == "throughput" and r["size"] == size
                     and r["shmipc"] and _metric(r)), key=_metric, default=None)
+        c_ring, plain = tp("c-ring", size), tp("shmipc.ring+view" if size >= 4096 else "shmipc.ring", size)
+        if c_ring and plain:
+            out.append(f"{_size(size)} messages, `{plain['transport']}` reached "
+                       f"{_metric(plain) / _metric(c_ring):.0%} of a C ring of the same design "
+                       "(`shmipc/bench/c_ring.c`: no Python, no encoding).")
         if floor and best and size >= 4096:
             out.append(f"{_size(size)} messages, the best shmipc row ({best['transport']}) reached "
                        f"{_metric(best) / _metric(floor):.0%} of what one process copying each message "

@@ -458,6 +458,61 @@ class OsPipeReadinto(OsPipe):
     min_size = ShmipcRingView.min_size
 
 
+def c_compiler() -> list[str] | None:
+    """The compiler Python's extensions are built with (sysconfig's CC), if it is here."""
+    import shlex
+    import shutil
+    import sysconfig
+
+    cc = shlex.split(sysconfig.get_config_var("CC") or "cc")
+    return cc if cc and shutil.which(cc[0]) else None
+
+
+def build_c_ring(tmpdir: str) -> str:
+    """Compile c_ring.c (next to this module) into `tmpdir` once; its path.
+
+    Raises:
+        RuntimeError: no compiler, or the compilation failed (its output in the message).
+    """
+    import subprocess
+
+    binary = os.path.join(tmpdir, "c_ring")
+    if os.path.exists(binary):
+        return binary
+    cc = c_compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (sysconfig's CC) to build the C ring floor")
+    source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "c_ring.c")
+    done = subprocess.run([*cc, "-O2", "-o", binary + ".tmp", source, "-lpthread"],
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the C ring failed: {done.stderr.strip()[-500:]}")
+    os.replace(binary + ".tmp", binary)
+    return binary
+
+
+class CRing(Transport):
+    """Not a transport: a floor. A C single-producer single-consumer ring of
+    the same design as shmipc's (shared memory made before fork, cached
+    indices, a bounded spin, then a process-shared sem_t), compiled with the
+    compiler Python's extensions use: what the machine gives the design with
+    no Python in the way. The receiver copies messages under 64 KiB out (as
+    Ring.get) and reads larger ones in place (as get_view)."""
+
+    name = "c-ring"
+    mode = "cring"
+    reference = True
+    note = "C SPSC ring, sem_t + spin, same design (shmipc/bench/c_ring.c, built with sysconfig's CC)"
+    workloads = ("throughput",)
+
+    def unavailable(self, load: bool = True) -> str | None:
+        if not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(__file__)), "c_ring.c")):
+            return "not available (c_ring.c is not installed next to shmipc.bench)"
+        if c_compiler() is None:
+            return "not available (no C compiler: sysconfig's CC)"
+        return None
+
+
 class Memcpy(Transport):
     """Not a transport: the floor of the machine. One process copies each
     message into a buffer from a Python loop (``buf[:n] = msg``, a memcpy):
@@ -589,7 +644,7 @@ class PoolSuite(PoolTransport):
 TRANSPORTS: list[Transport] = [
     ShmipcRing(), ShmipcRingBatch(), ShmipcRingView(), ShmipcQueue(), ShmipcPipe(), ShmipcPool(),
     OsPipe(), OsPipeBatch(), OsPipeReadinto(), MpPipe(), MpQueue(), MpSimpleQueue(), FasterFifo(), Zmq(),
-    MpPool(), Memcpy(),
+    MpPool(), CRing(), Memcpy(),
 ]
 
 

@@ -298,6 +298,31 @@ def _memcpy_round(pool: list, seconds: float) -> dict:
     return {"messages": n, "seconds": dt, "msgs_per_s": n / dt, "mb_per_s": n * size / dt / 1e6}
 
 
+def _c_ring_rounds(size: int, rounds: int, seconds: float, tmpdir: str,
+                   cpus: tuple[int, int] | None) -> list[dict]:
+    """Run the C ring floor (transports.CRing): a warm-up, then `rounds`
+    rounds, each a fresh pair of processes."""
+    import subprocess
+
+    from shmipc.bench.transports import LARGE, build_c_ring
+
+    binary = build_c_ring(tmpdir)
+    mode = "view" if size >= LARGE else "copy"
+    out = []
+    for r in range(rounds + 1):
+        args = [binary, str(size), str(min(seconds, 0.05) if r == 0 else seconds), mode]
+        if cpus is not None:
+            args += [str(cpus[0]), str(cpus[1])]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=60 + seconds * 10)
+        if done.returncode != 0:
+            raise VerifyError(f"the C ring failed: {done.stderr.strip()[-300:]}")
+        figures = json.loads(done.stdout)
+        n, dt = figures["messages"], figures["seconds"]
+        if r:
+            out.append({"messages": n, "seconds": dt, "msgs_per_s": n / dt, "mb_per_s": n * size / dt / 1e6})
+    return out
+
+
 # ---------------------------------------------------------------- ping-pong
 def _echo(ep: Endpoint) -> int:
     """Send back every message until the end marker; returns the count."""
@@ -382,6 +407,8 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
         return {"rounds": [], "records": _pool_records(processes, rounds)}
     kind = "numpy" if workload == "numpy" else "bytes"
     pool: list = array_pool(size) if kind == "numpy" else message_pool(size)
+    if transport.mode == "cring":
+        return {"rounds": _c_ring_rounds(size, rounds, seconds, tmpdir, cpus)}
     if transport.mode == "memcpy":
         return {"rounds": [_memcpy_round(pool, min(seconds, 0.05) if r == 0 else seconds)
                            for r in range(rounds + 1)][1:]}

@@ -1,0 +1,193 @@
+/* The C floor of `shmipc bench`: a single-producer single-consumer byte ring
+ * in MAP_SHARED|MAP_ANONYMOUS memory made before fork, with the same design
+ * as shmipc's ring (head and tail on separate cache lines, each side caching
+ * the other's index, a bounded spin before sleeping on a process-shared
+ * sem_t that the other side posts only when someone sleeps). No Python, no
+ * encoding, no checks beyond the stamps: what the machine gives this design.
+ *
+ * usage: c_ring SIZE SECONDS MODE [CPU_SENDER CPU_RECEIVER]
+ *   SIZE     message size in bytes (>= 16)
+ *   MODE     "copy": the receiver copies each message out (as Ring.get)
+ *            "view": the receiver reads the stamps in place (as get_view)
+ * prints one JSON line: {"messages": N, "seconds": S}
+ *
+ * Invariants: head and tail only grow; head - tail <= CAPACITY; a record is
+ * [u64 length][payload padded to 8] and never straddles the end (a length of
+ * ~0 marks "skip to the start"); the receiver checks that message i carries
+ * i in its first and last 8 bytes, so nothing is dropped or reordered.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <sched.h>
+#include <semaphore.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SPINS 4000
+#define WRAP (~(uint64_t)0)
+
+struct shared {
+    _Alignas(64) volatile uint64_t head;          /* bytes ever written */
+    _Alignas(64) volatile uint64_t tail;          /* bytes ever consumed */
+    _Alignas(64) volatile int consumer_waiting;
+    volatile int producer_waiting;
+    sem_t data;                                   /* posted when the consumer sleeps and data came */
+    sem_t space;                                  /* posted when the producer sleeps and room came */
+    _Alignas(64) volatile double t_end;           /* the receiver's clock at the end marker */
+    volatile uint64_t received;
+    volatile int error;
+};
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static inline void relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void pin(int cpu) {
+    if (cpu < 0) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    sched_setaffinity(0, sizeof set, &set);
+}
+
+static void sleep_on(sem_t *sem) {
+    while (sem_wait(sem) != 0 && errno == EINTR) {
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: %s SIZE SECONDS copy|view [CPU_SENDER CPU_RECEIVER]\n", argv[0]);
+        return 2;
+    }
+    uint64_t size = strtoull(argv[1], NULL, 10);
+    double seconds = atof(argv[2]);
+    int view = strcmp(argv[3], "view") == 0;
+    int cpu_a = argc > 5 ? atoi(argv[4]) : -1, cpu_b = argc > 5 ? atoi(argv[5]) : -1;
+    if (size < 16) size = 16;
+    uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
+    uint64_t capacity = 1 << 20;
+    while (capacity < 2 * (size + 4096)) capacity <<= 1;   /* as the bench's rings */
+
+    struct shared *sh = mmap(NULL, sizeof *sh + capacity, PROT_READ | PROT_WRITE,
+                             MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh == MAP_FAILED) { perror("mmap"); return 1; }
+    unsigned char *ring = (unsigned char *)(sh + 1);
+    memset(sh, 0, sizeof *sh);
+    sem_init(&sh->data, 1, 0);
+    sem_init(&sh->space, 1, 0);
+    memset(ring, 0, capacity);                           /* no page faults inside the timing */
+
+    unsigned char *msg = malloc(size), *out = malloc(size);
+    for (uint64_t i = 0; i < size; i++) msg[i] = (unsigned char)(i * 131 + 7);
+
+    fflush(stdout);
+    pid_t pid = fork();
+    if (pid == 0) {                                      /* the receiver */
+        pin(cpu_b);
+        uint64_t tail = 0, head = 0, n = 0;
+        for (;;) {
+            if (head == tail) {
+                int spins = 0;
+                while ((head = __atomic_load_n(&sh->head, __ATOMIC_ACQUIRE)) == tail) {
+                    if (++spins < SPINS) { relax(); continue; }
+                    __atomic_store_n(&sh->consumer_waiting, 1, __ATOMIC_SEQ_CST);
+                    if ((head = __atomic_load_n(&sh->head, __ATOMIC_SEQ_CST)) != tail) break;
+                    sleep_on(&sh->data);
+                    spins = 0;
+                }
+            }
+            uint64_t at = tail & (capacity - 1);
+            uint64_t len;
+            memcpy(&len, ring + at, 8);
+            if (len == WRAP) { tail += capacity - at; goto advance; }
+            if (len == 0) break;                          /* the end marker */
+            unsigned char *p = ring + at + 8;
+            uint64_t first, last;
+            if (view) {
+                memcpy(&first, p, 8);
+                memcpy(&last, p + len - 8, 8);
+            } else {
+                memcpy(out, p, len);
+                memcpy(&first, out, 8);
+                memcpy(&last, out + len - 8, 8);
+            }
+            if (first != n || last != n) { sh->error = 1; break; }
+            n++;
+            tail += record;
+        advance:
+            __atomic_store_n(&sh->tail, tail, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&sh->producer_waiting, __ATOMIC_SEQ_CST)) {
+                __atomic_store_n(&sh->producer_waiting, 0, __ATOMIC_SEQ_CST);
+                sem_post(&sh->space);
+            }
+        }
+        sh->t_end = now();
+        sh->received = n;
+        _exit(0);
+    }
+    pin(cpu_a);                                          /* the sender */
+    uint64_t head = 0, tail = 0, n = 0;
+    double t0 = now(), deadline = t0 + seconds;
+    for (int done = 0; !done;) {
+        uint64_t need = record;
+        uint64_t at = head & (capacity - 1);
+        int wrap = at + record > capacity;
+        if (wrap) need = capacity - at + record;
+        if (head + need - tail > capacity) {
+            int spins = 0;
+            while (head + need - (tail = __atomic_load_n(&sh->tail, __ATOMIC_ACQUIRE)) > capacity) {
+                if (++spins < SPINS) { relax(); continue; }
+                __atomic_store_n(&sh->producer_waiting, 1, __ATOMIC_SEQ_CST);
+                if (head + need - (tail = __atomic_load_n(&sh->tail, __ATOMIC_SEQ_CST)) <= capacity) break;
+                sleep_on(&sh->space);
+                spins = 0;
+            }
+        }
+        if (wrap) {
+            uint64_t mark = WRAP;
+            memcpy(ring + at, &mark, 8);
+            head += capacity - at;
+            at = 0;
+        }
+        uint64_t len = (n & 63) == 0 && now() >= deadline ? 0 : size;
+        memcpy(ring + at, &len, 8);
+        if (len) {
+            memcpy(msg, &n, 8);
+            memcpy(msg + size - 8, &n, 8);
+            memcpy(ring + at + 8, msg, size);
+            n++;
+        } else {
+            done = 1;
+        }
+        head += record;
+        __atomic_store_n(&sh->head, head, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&sh->consumer_waiting, __ATOMIC_SEQ_CST)) {
+            __atomic_store_n(&sh->consumer_waiting, 0, __ATOMIC_SEQ_CST);
+            sem_post(&sh->data);
+        }
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    if (sh->error || sh->received != n || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        fprintf(stderr, "c_ring: the receiver got %llu of %llu messages (error %d)\n",
+                (unsigned long long)sh->received, (unsigned long long)n, sh->error);
+        return 1;
+    }
+    printf("{\"messages\": %llu, \"seconds\": %.9f}\n", (unsigned long long)n, sh->t_end - t0);
+    return 0;
+}
