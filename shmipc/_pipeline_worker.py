@@ -45,6 +45,7 @@ class StageWorker:
         self.slots = p._slots
         self.base = (stage.slot_base + j) * SLOT_WORDS
         self.index = stage.index
+        self.name = stage.name
         self.fn = stage.fn
         self.zero_copy = stage.zero_copy
         self.inring = stage.ring
@@ -123,7 +124,7 @@ class StageWorker:
             try:
                 value = unpack(data, meta)
             except Exception as exc:
-                exc.add_note(f"(the input of item {seq} to stage {self.index} could not be unpickled)")
+                exc.add_note("(this stage's input could not be unpickled)")
                 raise
             del data
             result = self.call(value)
@@ -138,9 +139,9 @@ class StageWorker:
             # its own: this process never closes our rings): an item error
             if self.ctrl[0] or isinstance(exc, PeerDied):
                 raise
-            self._report(K_ERROR, error_value(self.index, exc))
+            self._fail(exc)
         except Exception as exc:
-            self._report(K_ERROR, error_value(self.index, exc))
+            self._fail(exc)
         slots[base] = S_DONE
         if self.stash is not None:
             with self.stash.get_view(timeout=0):
@@ -180,6 +181,11 @@ class StageWorker:
             self.nxt.put((self.seq, e, path, data, meta))
         self.sent += 1
         slots[base + 3] = self.sent * 8 + (F_NONE if inflight == F_PART else F_COMPLETE)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Report the current item's exception (naming the item in a note)."""
+        exc.add_note(f"(item {self.seq} in stage {self.name!r})")
+        self._report(K_ERROR, error_value(self.index, exc))
 
     def _report(self, kind: int, data: Any) -> None:
         """Send the rest of the current item's share to the parent: K_DONE,

@@ -390,6 +390,7 @@ def test_on_error_raise_re_raises_in_order_with_traceback(no_leaks):
             for x in p.results():
                 got.append(x)
     assert got == [1, 2, 3, 4, 5, 6]         # everything before the failing item
+    assert "(item 6 in stage 'fail_on_multiples_of_seven')" in info.value.__notes__
     assert isinstance(info.value.__cause__, RemoteTraceback)
     assert "fail_on_multiples_of_seven" in str(info.value.__cause__)
     assert p.closed
