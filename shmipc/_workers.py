@@ -78,7 +78,7 @@ __all__ = ["Supervisor", "WorkerExit", "resolve_start_method", "parent_alive",
 # with one write() each (smaller than PIPE_BUF, hence atomic)
 _CMD = struct.Struct("<ii")          # command, argument
 _EVT = struct.Struct("<iiii")        # kind, slot, pid, exitcode
-_CMD_SPAWN, _CMD_SIGNAL, _CMD_QUIT = 1, 2, 3
+_CMD_SPAWN, _CMD_SIGNAL, _CMD_QUIT, _CMD_GO = 1, 2, 3, 4
 _EVT_STARTED, _EVT_EXITED, _EVT_SPAWN_FAILED = 1, 2, 3
 _START_TIMEOUT = 10.0
 
@@ -337,10 +337,12 @@ class _Zygote:
     Exits when told to, or when the parent closes the command pipe or dies,
     after stopping and reaping every worker.
 
-    A worker is *gated*: it waits on a pipe until the zygote has reported it
-    to the parent (_EVT_STARTED), and exits at once if the zygote dies before
-    that. So every worker that runs is known to the parent, even if the
-    zygote is killed (or stopped, then killed by the parent) mid-spawn.
+    A worker is *gated*: it waits on a pipe until the parent, told of it
+    (_EVT_STARTED), lets it go (_CMD_GO), and exits at once if the zygote
+    dies before that. So a worker runs only if the parent accepted it: a
+    zygote killed (or stopped, then killed by the parent) mid-spawn never
+    leaves behind a worker the parent does not know of, serving a slot that
+    the parent gave to a replacement.
     """
 
     def __init__(self, cmd_r: int, evt_w: int, parent_pid: int, target: Callable[..., Any],
@@ -353,6 +355,7 @@ class _Zygote:
         self.name = name
         self.wake = wake
         self.children: dict[int, tuple[int, int]] = {}      # pid -> (slot, pidfd or -1)
+        self.gates: dict[int, int] = {}                     # pid -> write end of its gate
         self.buf = b""
         self.grace = 1.0
 
@@ -386,6 +389,8 @@ class _Zygote:
             self.buf = self.buf[_CMD.size:]
             if cmd == _CMD_SPAWN:
                 self._fork_worker(arg)
+            elif cmd == _CMD_GO:
+                self._release(arg)
             elif cmd == _CMD_SIGNAL:
                 self._signal_all(arg)
             elif cmd == _CMD_QUIT:
@@ -417,6 +422,9 @@ class _Zygote:
             slot, pidfd = self.children.pop(pid)
             if pidfd >= 0:
                 os.close(pidfd)
+            gate = self.gates.pop(pid, -1)
+            if gate >= 0:
+                os.close(gate)
             self._report(_EVT_EXITED, slot, pid, _exit_code_of(status) if status != -1 else -1)
             if self.wake is not None:
                 try:
@@ -436,11 +444,12 @@ class _Zygote:
         if pid == 0:                                   # the worker
             code = 1
             try:
-                for fd in [self.cmd_r, self.evt_w, gate_w] + [fd for _, fd in self.children.values()]:
+                for fd in ([self.cmd_r, self.evt_w, gate_w] + [fd for _, fd in self.children.values()]
+                           + list(self.gates.values())):
                     if fd >= 0:
                         os.close(fd)
                 _survive_helper_death(self.parent_pid)
-                if os.read(gate_r, 1) != b"g":          # the zygote died before reporting us
+                if os.read(gate_r, 1) != b"g":          # the zygote died before the parent accepted us
                     os._exit(1)
                 os.close(gate_r)
                 try:
@@ -456,12 +465,19 @@ class _Zygote:
         except (AttributeError, OSError):
             pidfd = -1                                  # poll instead
         self.children[pid] = (slot, pidfd)
+        self.gates[pid] = gate_w
         self._report(_EVT_STARTED, slot, pid, 0)
+
+    def _release(self, pid: int) -> None:
+        """The parent accepted worker `pid`: let it run."""
+        gate = self.gates.pop(pid, -1)
+        if gate < 0:
+            return
         try:
-            os.write(gate_w, b"g")
+            os.write(gate, b"g")
         except OSError:
-            pass                                        # it died already: reaped below
-        os.close(gate_w)
+            pass                                        # it died already: reaped later
+        os.close(gate)
 
     def _stop_children(self, grace: float) -> None:
         self._signal_all(signal.SIGTERM)
@@ -686,6 +702,10 @@ class Supervisor:
             while True:
                 for kind, evslot, pid, code in self._read_link(link, max(deadline - time.monotonic(), 0)):
                     if kind == _EVT_STARTED and evslot == slot:
+                        try:
+                            link.send(_CMD_GO, pid)     # (if this fails, the worker never runs)
+                        except OSError:
+                            break
                         self._track(slot, pid, link)
                         return pid
                     if kind == _EVT_SPAWN_FAILED and evslot == slot:

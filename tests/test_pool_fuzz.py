@@ -20,6 +20,7 @@ import hashlib
 import os
 import random
 import signal
+import sys
 import threading
 import time
 
@@ -54,6 +55,18 @@ def _stat(pid):
     return int(fields[1]), int(fields[19])
 
 
+def _pidfd_target(fd):
+    """The pid a pidfd of this process refers to (from /proc/self/fdinfo)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}") as f:
+            for line in f:
+                if line.startswith("Pid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 class Killer(threading.Thread):
     """Kills or stops random processes of one engine's tree until stopped.
 
@@ -73,19 +86,28 @@ class Killer(threading.Thread):
         self.stopped = {}               # pid -> (pidfd, resume at)
 
     def tree(self):
+        """The live tree as the pool sees it (workers, orphans included, and
+        the zygote); each process is identified once, when first seen."""
         me = os.getpid()
-        sup = self.engine._sup
-        link = sup._link
+        link = self.engine._sup._link
+        workers = list(self.engine._pids.values())
+        current = []
         if link is not None:
-            st = _stat(link.pid)
-            if st is not None and st[0] == me:
-                self.known.setdefault(link.pid, ("zygote", st[1]))
+            if link.pid not in self.known:
+                st = _stat(link.pid)
+                if st is not None and st[0] == me:
+                    self.known[link.pid] = ("zygote", st[1])
+            if link.pid in self.known:
+                current.append(link.pid)
         zygotes = {pid for pid, (role, _) in self.known.items() if role == "zygote"}
-        for pid in list(self.engine._pids.values()):
-            st = _stat(pid)
-            if st is not None and st[0] in zygotes | {me}:
-                self.known.setdefault(pid, ("worker", st[1]))
-        return [pid for pid in self.known if _stat(pid) is not None]
+        for pid in workers:
+            if pid not in self.known:
+                st = _stat(pid)
+                if st is None or st[0] not in zygotes | {me}:
+                    continue
+                self.known[pid] = ("worker", st[1])
+            current.append(pid)
+        return current
 
     def signal(self, pid, sig):
         role, start = self.known[pid]
@@ -95,6 +117,9 @@ class Killer(threading.Thread):
             return None
         st = _stat(pid)
         if st is None or st[1] != start:
+            os.close(fd)
+            return None
+        if _pidfd_target(fd) != pid:
             os.close(fd)
             return None
         try:
@@ -115,11 +140,12 @@ class Killer(threading.Thread):
             if pid in self.stopped:
                 continue
             if self.rng.random() < 0.8:
+                first = pid not in self.killed_workers
                 if role == "worker":
                     self.killed_workers.add(pid)        # before the kill: its loss may be seen at once
                 fd = self.signal(pid, signal.SIGKILL)
                 if fd is None:
-                    if role == "worker":
+                    if role == "worker" and first:
                         self.killed_workers.discard(pid)
                     continue
                 os.close(fd)
@@ -145,7 +171,7 @@ class Killer(threading.Thread):
 
 def _check_lost(exc, killer):
     assert isinstance(exc, shmipc.WorkerLost), repr(exc)
-    assert exc.pid in killer.killed_workers, (exc.pid, sorted(killer.killed_workers))
+    assert exc.pid in killer.killed_workers, (exc.pid, killer.known.get(exc.pid), sorted(killer.killed_workers))
 
 
 def _pool_round(p, rng, killer, counts, base):
@@ -213,6 +239,8 @@ def _fuzz(make, round_, seed):
     counts = {"ok": 0, "lost": 0, "rounds": 0}
     pool = make()
     engine = pool._engine
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)           # the killer thread gets the GIL promptly
     engine._sup.zygote_timeout = 1.0        # a stopped zygote is replaced after 1 s
     killer = Killer(engine, seed)
     try:
@@ -225,6 +253,7 @@ def _fuzz(make, round_, seed):
     finally:
         killer.stop_event.set()
         killer.join(10)
+        sys.setswitchinterval(switch)
     # the pool stays usable: every slot has a worker again, a clean run is right
     n = engine._processes
     deadline = time.monotonic() + 20
