@@ -79,7 +79,7 @@ __all__ = ["Supervisor", "WorkerExit", "resolve_start_method", "parent_alive",
 _CMD = struct.Struct("<ii")          # command, argument
 _EVT = struct.Struct("<iiii")        # kind, slot, pid, exitcode
 _CMD_SPAWN, _CMD_SIGNAL, _CMD_QUIT, _CMD_GO = 1, 2, 3, 4
-_EVT_STARTED, _EVT_EXITED, _EVT_SPAWN_FAILED = 1, 2, 3
+_EVT_STARTED, _EVT_EXITED, _EVT_SPAWN_FAILED, _EVT_RELEASED = 1, 2, 3, 4
 _START_TIMEOUT = 10.0
 
 
@@ -469,7 +469,9 @@ class _Zygote:
         self._report(_EVT_STARTED, slot, pid, 0)
 
     def _release(self, pid: int) -> None:
-        """The parent accepted worker `pid`: let it run."""
+        """The parent accepted worker `pid` (and tracks it from now on): let
+        it run, then say so. (If we die before letting it run, it exits at
+        its gate: the parent sees a worker that died while starting.)"""
         gate = self.gates.pop(pid, -1)
         if gate < 0:
             return
@@ -478,6 +480,7 @@ class _Zygote:
         except OSError:
             pass                                        # it died already: reaped later
         os.close(gate)
+        self._report(_EVT_RELEASED, self.children.get(pid, (-1, -1))[0], pid, 0)
 
     def _stop_children(self, grace: float) -> None:
         self._signal_all(signal.SIGTERM)
@@ -699,18 +702,28 @@ class Supervisor:
                 self._lose_zygote(link, kill=True)
                 continue
             deadline = time.monotonic() + self.zygote_timeout
+            started = 0
             while True:
                 for kind, evslot, pid, code in self._read_link(link, max(deadline - time.monotonic(), 0)):
-                    if kind == _EVT_STARTED and evslot == slot:
+                    if kind == _EVT_STARTED and evslot == slot and not started:
                         try:
                             link.send(_CMD_GO, pid)     # (if this fails, the worker never runs)
                         except OSError:
                             break
+                        # accepted: tracked from now on, whatever happens to the zygote
                         self._track(slot, pid, link)
+                        started = pid
+                    elif kind == _EVT_RELEASED and pid == started:
                         return pid
-                    if kind == _EVT_SPAWN_FAILED and evslot == slot:
+                    elif kind == _EVT_SPAWN_FAILED and evslot == slot:
                         raise OSError(code, f"the zygote could not fork a worker: {os.strerror(code)}")
                 if time.monotonic() >= deadline or not link.alive():
+                    if started:
+                        # not released in time: the zygote is dead or stuck (it
+                        # is killed); the worker exits at its gate, and that
+                        # exit of a tracked worker is reported as usual
+                        self._lose_zygote(link, kill=True)
+                        return started
                     break
             last = OSError(errno.ETIMEDOUT, f"the worker zygote (pid {link.pid}) did not start a "
                                             f"worker for slot {slot} within {self.zygote_timeout} s")
