@@ -30,7 +30,6 @@ import random
 import select
 import signal
 import struct
-import sys
 import time
 from typing import Any
 
