@@ -23,7 +23,7 @@ from shmipc.pipeline import PipelineError, RemoteTraceback, StageFailure
 
 from conftest import live_children
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(180)     # a loaded 2-core machine starts an actor in seconds
 
 
 # ---------------------------------------------------------------- Ray, once per module

@@ -596,6 +596,12 @@ def _bookkeeping(ref: "weakref.ref[RayPool]") -> None:
         try:
             if not pool._step():
                 return
+        except BaseException as exc:
+            # nothing may wait forever on a thread that is gone: fail what is pending
+            err = RuntimeError(f"the pool's bookkeeping thread failed: {type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            pool._fail_pending(err)
+            raise
         finally:
             del pool
 
