@@ -247,6 +247,22 @@ def test_pool_killed_worker_without_retries_costs_its_task(cluster, tmp_path):
         assert pool.map(square, range(4)) == [0, 1, 4, 9]
 
 
+def sleep_long(x):
+    time.sleep(30)
+    return x
+
+
+def test_pool_terminate_fails_pending_results(cluster):
+    pool = shmipc.Pool(1, cluster=cluster)
+    running = pool.apply_async(sleep_long, (1,))
+    queued = pool.apply_async(square, (2,))
+    pool.terminate()
+    for r in (running, queued):
+        with pytest.raises(ValueError):
+            r.get(timeout=20)
+    pool.join()
+
+
 # ---------------------------------------------------------------- Pipeline
 def test_pipeline_generator_then_class_stage(cluster):
     want = []

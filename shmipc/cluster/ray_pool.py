@@ -50,7 +50,7 @@ def _run_callback(fn: Callable[[], Any]) -> None:
 
 
 class _Task:
-    __slots__ = ("job", "index", "start", "kind", "func", "payload", "tries")
+    __slots__ = ("job", "index", "start", "kind", "func", "payload", "tries", "settled")
 
     def __init__(self, job: Any, index: int, start: int, kind: int, func: Callable, payload: Any) -> None:
         self.job = job
@@ -60,6 +60,7 @@ class _Task:
         self.func = func
         self.payload = payload
         self.tries = 0
+        self.settled = False        # delivered (set under the pool's lock: exactly once)
 
     def describe(self) -> str:
         name = getattr(self.func, "__qualname__", None) or repr(self.func)
@@ -367,9 +368,9 @@ class RayPool:
             if kind == E_DONE:
                 if isinstance(value, tuple):
                     ok, v = value
-                    task.job._deliver(task, ok, v if ok else _rebuild(v))
+                    self._settle(task, ok, v if ok else _rebuild(v))
                 else:                # Ray failed the call itself
-                    task.job._deliver(task, False, value)
+                    self._settle(task, False, value)
             elif kind == E_REQUEUE:
                 with self._lock:
                     self._queue.appendleft(task)
@@ -382,8 +383,16 @@ class RayPool:
                 else:
                     with self._lock:
                         self._stats["tasks_lost"] += 1
-                    task.job._deliver(task, False, WorkerLost(value, None, task=task.describe()))
+                    self._settle(task, False, WorkerLost(value, None, task=task.describe()))
         return True
+
+    def _settle(self, task: _Task, ok: bool, value: Any) -> None:
+        """Deliver a task's outcome, unless terminate() already failed it."""
+        with self._lock:
+            if task.settled:
+                return
+            task.settled = True
+        task.job._deliver(task, ok, value)
 
     def _fatal(self, value: tuple) -> None:
         pid, err = value
@@ -403,7 +412,10 @@ class RayPool:
             group = self._group
             if group is not None:
                 for s in group.slots:
-                    tasks += [c.job for c in s.calls]
+                    tasks += [c.job for c in list(s.calls)]     # list(): one step under the GIL
+            tasks = [t for t in tasks if not t.settled]
+            for t in tasks:
+                t.settled = True
         if group is not None:
             group.stop(0, graceful=False)
         for t in tasks:
