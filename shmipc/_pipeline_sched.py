@@ -58,8 +58,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from shmipc.errors import WorkerLost
-
 __all__ = ["Scheduler", "SlotRecord", "StageFailure", "StageRule", "Raise", "SLOT_WORDS",
            "MAX_PATH", "S_STARTING", "S_READY", "S_BUSY", "S_DONE",
            "F_NONE", "F_PART", "F_LAST", "F_FUNC", "F_END", "F_COMPLETE", "progress_word"]

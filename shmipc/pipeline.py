@@ -74,7 +74,7 @@ from shmipc import _ring
 from shmipc._lifetime import Closeable
 from shmipc._pipeline_crew import Crew, Stage
 from shmipc._pipeline_sched import MAX_PATH, SLOT_WORDS, Raise, Scheduler, StageFailure, StageRule
-from shmipc._pipeline_wire import (K_DONE, K_ERROR, K_FATAL, K_RESULT, PipelineError,
+from shmipc._pipeline_wire import (K_DONE, K_FATAL, K_RESULT, PipelineError,
                                    RemoteTraceback, pack, rebuild_error, repack, unpack)
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
@@ -465,42 +465,39 @@ class Pipeline(Closeable):
             self._handle_batch(msgs)
 
     def _handle_batch(self, msgs: list) -> None:
-        """Hand output messages to the scheduler; the common one (a whole
-        item's only result, a native value) on a fast path."""
+        """Hand output messages to the scheduler (results on a fast path)."""
         sched = self._sched
-        for msg in msgs:
-            kind, seq, credit, path, data, meta = msg
-            if kind == K_RESULT and meta is None:
+        for kind, seq, credit, path, data, meta in msgs:
+            if kind == K_RESULT:
+                if meta is not None:
+                    try:
+                        data = unpack(data, meta)
+                    except Exception as exc:
+                        last = self._stages[-1].name
+                        err = PipelineError(f"the result of item {seq} from stage {last!r} "
+                                            f"could not be unpickled: {type(exc).__name__}: {exc}")
+                        err.__cause__ = exc
+                        sched.error(len(self._stages) - 1, seq, credit, path, err)
+                        continue
                 sched.result(seq, credit, path, data)
+            elif kind == K_DONE:
+                sched.done(seq, credit, path)
             else:
-                self._handle(kind, seq, credit, path, data, meta)
+                self._handle_error(kind, seq, credit, path, data)
 
-    def _handle(self, kind: int, seq: int, credit: int, path: tuple, data: Any, meta: Any) -> None:
-        sched = self._sched
+    def _handle_error(self, kind: int, seq: int, credit: int, path: tuple, data: Any) -> None:
+        """K_ERROR: a stage raised for an item; K_FATAL: a stage's setup failed."""
+        stage_index, blob, text, tb = data
         last = len(self._stages) - 1
-        if kind == K_RESULT:
-            try:
-                value = unpack(data, meta)
-            except Exception as exc:
-                err = PipelineError(f"the result of item {seq} from stage {self._stages[last].name!r} "
-                                    f"could not be unpickled: {type(exc).__name__}: {exc}")
-                err.__cause__ = exc
-                sched.error(last, seq, credit, path, err)
-                return
-            sched.result(seq, credit, path, value)
-        elif kind == K_DONE:
-            sched.done(seq, credit, path)
-        elif kind in (K_ERROR, K_FATAL):
-            stage_index, blob, text, tb = data
-            if not (isinstance(stage_index, int) and 0 <= stage_index <= last):
-                stage_index = 0
-            name = self._stages[stage_index].name
-            if kind == K_FATAL:
-                err = PipelineError(f"setup of stage {name!r} failed: {text}")
-                err.__cause__ = RemoteTraceback(tb)
-                raise err
-            exc = rebuild_error(blob, text, tb, f"item {seq} in stage {name!r}")
-            sched.error(stage_index, seq, credit, path, exc, tb)
+        if not (isinstance(stage_index, int) and 0 <= stage_index <= last):
+            stage_index = 0
+        name = self._stages[stage_index].name
+        if kind == K_FATAL:
+            err = PipelineError(f"setup of stage {name!r} failed: {text}")
+            err.__cause__ = RemoteTraceback(tb)
+            raise err
+        exc = rebuild_error(blob, text, tb, f"item {seq} in stage {name!r}")
+        self._sched.error(stage_index, seq, credit, path, exc, tb)
 
     def _settle_stuck(self, now: float) -> None:
         """After a worker died idle, an item it had just taken (before it
