@@ -439,7 +439,9 @@ class _Engine:
     def __init__(self, processes: int | None, initializer: Callable | None, initargs: Iterable,
                  maxtasks: int | None, context: Any, retries: int, name: str,
                  task_ring: int = _TASK_RING, result_ring: int = _RESULT_RING, *,
-                 catch_base: bool = False) -> None:
+                 catch_base: bool = False, broken_error: type = RuntimeError,
+                 lost_error: type = WorkerLost, remote_traceback: type = RemoteTraceback,
+                 wrap_encoding_errors: bool = True) -> None:
         if processes is None:
             processes = min(os.cpu_count() or 1, _MAX_WORKERS)
         if not isinstance(processes, int) or isinstance(processes, bool):
@@ -456,6 +458,11 @@ class _Engine:
         if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
             raise ValueError(f"retries must be a non-negative int, got {retries!r}")
         self._owner_pid = os.getpid()
+        # how failures look: Pool as multiprocessing, the executor as concurrent.futures
+        self._broken_error = broken_error
+        self._lost_error = lost_error
+        self._remote_traceback = remote_traceback
+        self._wrap_encoding_errors = wrap_encoding_errors
         self._processes = processes
         self._maxtasks = maxtasks
         self._retries = retries
@@ -1043,6 +1050,20 @@ class _Engine:
             thread.join(5.0)
         self._fail_everything(ValueError("the pool was terminated before this task finished"))
         self._shutdown_resources()
+
+    def worker_pids(self) -> dict[int, int]:
+        """{slot: pid} of the live workers."""
+        with self._lock:
+            return dict(self._pids)
+
+    @property
+    def state(self) -> str:
+        """INIT, RUN, CLOSE or TERMINATE."""
+        return self._state
+
+    @property
+    def processes(self) -> int:
+        return self._processes
 
     @property
     def broken(self) -> str:

@@ -120,17 +120,16 @@ class ProcessPoolExecutor(Executor):
                 raise TypeError("max_tasks_per_child must be an integer")
             if max_tasks_per_child <= 0:
                 raise ValueError("max_tasks_per_child must be >= 1")
+        # as concurrent.futures: SystemExit & co. delivered as the call's
+        # exception; BrokenProcessPool when no worker can start any more (a
+        # failing initializer), and for a call whose worker died (a subclass
+        # of it and of WorkerLost); the original error for a value that does
+        # not pickle; _RemoteTraceback as an exception's __cause__
         self._engine = _Engine(max_workers, initializer, initargs, max_tasks_per_child, mp_context,
-                               0, name="ShmipcExecutorWorker", catch_base=True)
-        # as concurrent.futures: BrokenProcessPool when no worker can start any
-        # more (a failing initializer), and for a call whose worker died (a
-        # subclass of it and of WorkerLost); the original error for a value
-        # that does not pickle; _RemoteTraceback as an exception's __cause__
-        self._engine._broken_error = BrokenProcessPool
-        self._engine._lost_error = WorkerLostError
-        self._engine._wrap_encoding_errors = False
-        self._engine._remote_traceback = _RemoteTraceback
-        self._max_workers = self._engine._processes
+                               0, name="ShmipcExecutorWorker", catch_base=True,
+                               broken_error=BrokenProcessPool, lost_error=WorkerLostError,
+                               remote_traceback=_RemoteTraceback, wrap_encoding_errors=False)
+        self._max_workers = self._engine.processes
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:
         """Schedule fn(*args, **kwargs); returns a Future.
@@ -199,7 +198,7 @@ class ProcessPoolExecutor(Executor):
     def _check_open(self) -> None:
         if self._engine is not None and self._engine.broken:
             raise BrokenProcessPool(self._engine.broken)
-        if self._shutdown or self._engine is None or self._engine._state != RUN:
+        if self._shutdown or self._engine is None or self._engine.state != RUN:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _results(self, futures: "collections.deque[Future]", end_time: float | None,
@@ -270,12 +269,12 @@ class ProcessPoolExecutor(Executor):
     def __del__(self) -> None:
         # as the standard executor: once collected, finish what was submitted and stop
         engine = self._engine
-        if engine is not None and engine._state == RUN:
+        if engine is not None and engine.state == RUN:
             try:
                 engine.close()
             except Exception:
                 pass
 
     def __repr__(self) -> str:
-        state = "running" if self._engine is not None and self._engine._state == RUN else "shut down"
+        state = "running" if self._engine is not None and self._engine.state == RUN else "shut down"
         return f"<shmipc.ProcessPoolExecutor {state} max_workers={getattr(self, '_max_workers', '?')}>"

@@ -19,6 +19,7 @@ from typing import Any, Callable, Deque, Iterable, Iterator
 from shmipc._engine import (CLOSE, INIT, K_CALL, K_MAP, K_STARMAP, RUN, TERMINATE, _IMAP_AHEAD,
                             MaybeEncodingError, RemoteTraceback, _Engine, _job_counter, _run_callback,
                             _Task)
+from shmipc._proc import pid_alive
 from shmipc.errors import WorkerLost
 
 __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
@@ -380,6 +381,21 @@ class Pool:
     def _state(self) -> str:
         return self._engine._state if self._engine is not None else INIT
 
+    @_state.setter
+    def _state(self, value: str) -> None:
+        # (CPython's own tests set it, e.g. to check the ResourceWarning below)
+        if self._engine is not None:
+            self._engine._state = value
+
+    @property
+    def _pool(self) -> list["_WorkerHandle"]:
+        """The live workers, as multiprocessing.Pool._pool lists them (objects
+        with ``pid``, ``exitcode``, ``is_alive()``, ``join()``), for code and
+        tests that look there."""
+        if self._engine is None:
+            return []
+        return [_WorkerHandle(pid) for pid in self._engine.worker_pids().values()]
+
     # -------------------------------------------------------- state
     def _check_running(self) -> None:
         if self._state != RUN:
@@ -555,11 +571,35 @@ class Pool:
         if engine._state == RUN:
             import warnings
 
-            warnings.warn(f"unclosed running pool {self!r}", ResourceWarning, source=self)
+            warnings.warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                          source=self)
         try:
             engine.terminate()
         except Exception:
             pass
+
+
+class _WorkerHandle:
+    """A worker process as multiprocessing.Pool._pool shows it (read-only)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def is_alive(self) -> bool:
+        return pid_alive(self.pid)
+
+    @property
+    def exitcode(self) -> int | None:
+        # only the zygote (or multiprocessing) reaps workers and knows the code
+        return None if self.is_alive() else 0
+
+    def join(self, timeout: float | None = None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.is_alive() and (deadline is None or time.monotonic() < deadline):
+            time.sleep(0.005)
+
+    def __repr__(self) -> str:
+        return f"<shmipc pool worker pid={self.pid} {'alive' if self.is_alive() else 'exited'}>"
 
 
 def _check_chunksize(chunksize: Any, allow_zero: bool = False) -> None:

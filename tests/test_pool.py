@@ -695,3 +695,42 @@ def test_release_task_refs():
         assert CountedObject.n_instances == 1
         del value, r
         assert wait_for(lambda: gc.collect() is not None and CountedObject.n_instances == 0, 2)
+
+
+# ------------------------------------------------------------ as multiprocessing (issue 10)
+@pytest.mark.timeout(60)
+def test_unclosed_running_pool_warns(impl):
+    """(As CPython's test_resource_warning.)"""
+    import gc
+    import warnings
+
+    p = make_pool(impl, 1)
+    p.terminate()
+    p.join()
+    p._state = multiprocessing.pool.RUN         # as CPython's test: pretend it still runs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        p = None
+        gc.collect()
+    assert any(issubclass(w.category, ResourceWarning)
+               and "unclosed running multiprocessing pool" in str(w.message) for w in caught), caught
+
+
+@pytest.mark.timeout(60)
+def test_pool_lists_its_workers(impl):
+    p = make_pool(impl, 3)
+    try:
+        assert p._processes == 3 and len(p._pool) == 3
+        pids = [w.pid for w in p._pool]
+        assert all(w.is_alive() and w.exitcode is None for w in p._pool)
+        assert len(set(pids)) == 3 and os.getpid() not in pids
+    finally:
+        p.terminate()
+        p.join()
+    assert wait_for(lambda: not any(pid_alive_(x) for x in pids), 10)
+
+
+def pid_alive_(pid):
+    from shmipc._proc import pid_alive
+
+    return pid_alive(pid)
