@@ -290,6 +290,26 @@ def test_failing_setup_raises_pipeline_error(no_leaks):
     assert "BadSetup" in str(info.value.__cause__) or "setup" in str(info.value.__cause__)
 
 
+class ExitInSetup:
+    def setup(self):
+        os._exit(7)          # no exception to send back: the worker just dies
+
+    def process(self, x):
+        return x
+
+
+@pytest.mark.timeout(60)
+def test_workers_dying_in_setup_stop_the_pipeline(no_leaks):
+    from shmipc._pipeline_crew import MAX_START_DEATHS
+
+    with Pipeline(range(10)) as p:
+        p.stage(ExitInSetup, workers=1)
+        with pytest.raises(PipelineError, match="keep dying before their setup finished"):
+            list(p.results())
+        deaths = p.stats()["stages"][0]["deaths"]
+    assert deaths == MAX_START_DEATHS
+
+
 # ---------------------------------------------------------------- backpressure
 @pytest.mark.timeout(60)
 def test_infinite_source_is_read_only_as_fast_as_results_drain(no_leaks):

@@ -101,9 +101,10 @@ class Killer(threading.Thread):
     to stop. A pidfd is opened and the process checked to be ours before
     each signal, so a recycled pid is never hit."""
 
-    def __init__(self, rng, max_kills):
+    def __init__(self, rng, max_kills, zygote_first=False):
         super().__init__(daemon=True)
         self.rng = rng
+        self.zygote_first = zygote_first      # the first kill (at a random instant) is the zygote
         self.max_kills = max_kills
         self.halt = threading.Event()
         self.kills = self.stops = self.zygote_kills = 0
@@ -131,6 +132,8 @@ class Killer(threading.Thread):
             if not alive:
                 continue
             pid = rng.choice(alive)
+            if self.zygote_first and not self.zygote_kills:
+                pid = next((z for z in alive if z in self.zygotes), pid)
             fd = self.pidfds[pid]
             try:
                 if rng.random() < 0.8:
@@ -164,7 +167,7 @@ def _run_round(r, totals):
     kinds = rng.choice([["func", "func"], ["func", "gen", "func"], ["func", "func", "func"]])
     retries = 2 if r % 2 == 0 else 0
     ordered = rng.random() < 0.6
-    killer = Killer(rng, max_kills=rng.randint(6, 14))
+    killer = Killer(rng, max_kills=rng.randint(6, 14), zygote_first=r % 3 == 0)
     t0 = time.monotonic()
     with Pipeline(range(ITEMS), on_error="collect", retries=retries, max_inflight=32,
                   ring_capacity=1 << 16, stop_timeout=0.5) as p:
@@ -235,4 +238,5 @@ def test_killing_any_process_of_a_pipeline_settles_every_item_once(no_leaks):
     # the fuzz did its job: processes were killed, deaths noticed, replaced,
     # and (with retries) items were run again
     assert totals["kills"] > 0 and totals["deaths"] > 0
+    assert totals["zygote_kills"] > 0
     assert totals["retried"] > 0
