@@ -235,14 +235,18 @@ class _WorkerLoop:
                 continue
             seq, kind, head, buffers = msg
             del msg
+            # busy before unpickling: a crash in there (a C extension's
+            # __setstate__) is this task's, not a reason to re-run it elsewhere
+            self.mark(_BUSY, seq)
             try:
                 func, payload = _decode(head, buffers)
             except Exception as exc:            # the arguments do not unpickle here
                 del head, buffers
                 self.send_error(seq, exc, "the task's arguments could not be unpickled in the worker")
+                self.mark(_READY)
+                done += 1
                 continue
             del head, buffers
-            self.mark(_BUSY, seq)
             try:
                 value, ok = _run_task(kind, func, payload), True
             except self.catch as exc:
@@ -266,7 +270,8 @@ class _WorkerLoop:
         except (RingClosed, EOFError):          # closed, shut down, or the parent died
             return None
         except Exception as exc:                # a record that does not decode: consumed
-            self.put((0, R_BAD_TASK, self.slot, True, *_encode(None), (_format_tb(exc), _safe_repr(exc))))
+            self.results.put((0, R_BAD_TASK, self.slot, True, *_encode(None),
+                              (_format_tb(exc), _safe_repr(exc))))
             return _SKIP
         if msg is None:                         # the pool is closing
             return None
@@ -298,9 +303,6 @@ class _WorkerLoop:
             if msg[0] == seq:
                 return msg
         return None
-
-    def put(self, record: tuple) -> None:
-        self.results.put(record)
 
     def send_value(self, seq: int, value: Any, kind: int, offset: int = 0, last: bool = True) -> None:
         """Put a result; split a list too large for the ring into pieces (one
