@@ -531,6 +531,8 @@ class Arena(Closeable):
                                f"allocated {DATA_START}..{used}")
         if meta_len > META_MAX:
             raise CorruptArena(f"region {i} metadata of {meta_len} bytes (at most {META_MAX})")
+        if name[0] == 0 or name[-1] != 0:       # names are 1..63 bytes, NUL-padded
+            raise CorruptArena(f"region {i} has an empty or unterminated name {name[:16]!r}...")
         try:
             text = name.rstrip(b"\0").decode()
             meta = json.loads(bytes(self._buf[base + ENTRY.size: base + ENTRY.size + meta_len]))
