@@ -12,39 +12,37 @@
   their input from a feeder thread of their own (shmipc.pool._Feeder);
 * workers are started by :class:`shmipc._workers.Supervisor`: under fork, by
   a single-threaded helper (the zygote) forked when the pool is made, with
-  the threads of other pools paused for that moment, so no fork ever
-  happens while shmipc threads run;
+  the threads of other pools paused for that moment, so no fork happens
+  while shmipc threads run; no helper is a single point of failure (a lost
+  zygote is replaced, its workers live on);
 * chunks too large for a message are cut into pieces that fit; ``range``
   inputs travel as range slices; bytes of 16 KiB or more travel out of band
-  (written once, straight into the ring).
-
-The worker side (what runs in each worker process) comes first, then the
-parent side (:class:`_Engine`).
+  (written once, straight into the ring);
+* each task and result is pickled on its own inside its record, so one that
+  does not pickle or unpickle fails only its own task (see the wire format
+  in :mod:`shmipc._poolworker`, which also holds the worker side).
 """
 from __future__ import annotations
 
 import atexit
 import collections
 import functools
-import io
 import itertools
 import operator
 import os
-import pickle
 import queue
 import signal
-import struct
 import sys
 import threading
 import time
 import traceback
 import weakref
-from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable
 
-from shmipc._workers import (Supervisor, mark_thread_long_lived, parent_alive, register_pausable,
-                             unmark_thread_long_lived)
-from shmipc._proc import steady_malloc
+from shmipc._poolworker import (_BIG_WAIT, _BUSY, _EXITING, _SLOT, _SLOT_SIZE, _STARTING, K_BIG,
+                                K_CALL, K_MAP, R_BAD_TASK, R_BIG, R_OK, R_UNENCODABLE, _decode,
+                                _encode, _worker_main, _wrap_blobs)
+from shmipc._workers import Supervisor, mark_thread_long_lived, register_pausable, unmark_thread_long_lived
 from shmipc.arena import MAX_REGIONS, Arena
 from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
 
@@ -75,23 +73,7 @@ RUN = "RUN"
 CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
 
-# task kinds: what a worker does with the payload
-K_CALL = 0          # payload (args, kwargs): func(*args, **kwargs)
-K_MAP = 1           # payload [x, ...]: [func(x), ...]
-K_STARMAP = 2       # payload [args, ...]: [func(*args), ...]
-K_BIG = 3           # a stub: the task itself waits in the "bigtasks" ring (see _Engine)
-
-# One slot per worker, written by the worker: pid, busy flag, and the task
-# sequence number it is running. Invariant: busy=1 is written before the
-# user's function runs and cleared after the result was committed, so a
-# worker that dies with busy=0 never started a task still owed.
-_SLOT = struct.Struct("<IIQ")
-_READY = 0                            # busy field: waiting for a task
-_BUSY = 1                             # running the task whose seq follows
-_STARTING = 2                         # busy field while the worker starts (runs the initializer)
-_EXITING = 3                          # left its loop on purpose (told to stop, or maxtasks)
 _MAX_STARTUP_DEATHS = 10              # consecutive workers dying before ready: the pool is broken
-_SLOT_SIZE = 64                       # one cache line per worker
 
 # How many tasks may wait in a worker's ring behind the one it runs: enough
 # to cover the parent's reaction time (a thread wake-up, ~0.1 ms) for short
@@ -107,276 +89,11 @@ _RESULT_RING = 32 << 20               # shared: messages up to 16 MiB
 # (up to half its capacity each). Its pages are touched only by large
 # messages, so small traffic never commits this memory.
 _BIG_RING = 256 << 20
-_BIG_WAIT = 30.0                      # seconds a reader waits for a big message announced by a stub
 _IMAP_AHEAD = 256                     # chunks of one imap job queued or running at once
 _POLL = 0.05                          # bookkeeping wakes at least this often (worker exits)
 _job_counter = itertools.count()
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
 _shutdown_lock = threading.Lock()
-
-
-_BLOB_MIN = 16 << 10                  # bytes at least this long travel out of band
-
-
-class _Blob:
-    """Wraps a large bytes object so that pickle protocol 5 hands its buffer
-    to the ring out of band (one copy, straight into shared memory) instead
-    of copying it into the pickle stream; it unpickles as plain bytes."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: Any) -> tuple:
-        if isinstance(protocol, int) and protocol >= 5:
-            return bytes, (pickle.PickleBuffer(self.data),)
-        return bytes, (self.data,)
-
-
-def _wrap_blobs(items: Any) -> Any:
-    """`items` (a chunk) with large bytes wrapped in _Blob; checks only the
-    first item's type, so chunks of anything else cost nothing."""
-    if not isinstance(items, list) or not items or type(items[0]) is not bytes:
-        return items
-    return [_Blob(x) if type(x) is bytes and len(x) >= _BLOB_MIN else x for x in items]
-
-
-# ---------------------------------------------------------------------- the wire
-# Every task and result travels as a small tuple whose payload is pickled on
-# its own (head + out-of-band buffers, each handed to the ring as a
-# PickleBuffer, so large data is still written once, straight into the ring):
-#   task:   (seq, kind, head, buffers)            head encodes (func, payload)
-#   result: (seq, status, offset, last, head, buffers, info)
-# So a payload that fails to unpickle (a class the reader cannot import, an
-# exception whose __init__ takes other arguments, a __setstate__ that raises)
-# fails only its own task: the reader still knows which task it was.
-R_OK = 1            # head encodes the value
-R_RAISED = 0        # head encodes the exception; info = (traceback text, repr)
-R_UNENCODABLE = 2   # the value did not pickle: head encodes why; info = (traceback, repr of the value)
-R_BAD_TASK = 3      # a task record did not decode in worker `offset`: fail its oldest task
-R_BIG = None        # a stub: the record waits in the big-results ring
-
-
-def _encode(obj: Any) -> tuple[pickle.PickleBuffer, list]:
-    """Pickle `obj` as multiprocessing does, protocol 5; contiguous buffers out of band."""
-    buffers: list = []
-
-    def keep(pb: pickle.PickleBuffer) -> bool:
-        try:
-            raw = pb.raw()
-        except BufferError:
-            return True                 # non-contiguous: copied in band
-        buffers.append(pickle.PickleBuffer(raw))
-        return False
-
-    out = io.BytesIO()
-    ForkingPickler(out, 5, True, keep).dump(obj)
-    return pickle.PickleBuffer(out.getbuffer()), buffers
-
-
-def _decode(head: Any, buffers: list) -> Any:
-    return pickle.loads(head, buffers=buffers)
-
-
-def _format_tb(exc: BaseException) -> str:
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return f'\n"""\n{tb}"""'
-
-
-def _safe_repr(value: Any, limit: int = 500) -> str:
-    try:
-        text = repr(value)
-    except Exception as exc:        # a broken __repr__ must not hide the real error
-        text = f"<{type(value).__name__} object (repr failed: {exc!r})>"
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _run_task(kind: int, func: Callable, payload: Any) -> Any:
-    if kind == K_CALL:
-        args, kwargs = payload
-        return func(*args, **kwargs)
-    if kind == K_MAP:
-        return list(map(func, payload))
-    return list(itertools.starmap(func, payload))
-
-
-class _WorkerLoop:
-    """What runs in each worker process: take tasks from its own ring, run
-    them, put results, until told to stop, the pool's parent dies, or
-    `maxtasks` tasks are done."""
-
-    def __init__(self, slot: int, arena: Arena, maxtasks: int | None, parent_pid: int,
-                 catch_base: bool) -> None:
-        self.slot = slot
-        self.tasks = arena.ring(name=f"tasks{slot}")
-        self.results = arena.ring(name="results")
-        self.big_tasks = arena.ring(name="bigtasks")
-        self.big_results = arena.ring(name="bigresults")
-        self.slots = arena.block(name="slots")
-        self.base = slot * _SLOT_SIZE
-        self.pid = os.getpid()
-        self.maxtasks = maxtasks
-        self.parent_pid = parent_pid
-        # the executor delivers SystemExit & co. as the future's exception (as
-        # concurrent.futures); the Pool lets them end the worker (as multiprocessing)
-        self.catch: type = BaseException if catch_base else Exception
-
-    def mark(self, state: int, seq: int = 0) -> None:
-        _SLOT.pack_into(self.slots, self.base, self.pid, state, seq)
-
-    def run(self) -> None:
-        done = 0
-        while self.maxtasks is None or done < self.maxtasks:
-            msg = self.next_task()
-            if msg is None:
-                break
-            if msg is _SKIP:
-                continue
-            seq, kind, head, buffers = msg
-            del msg
-            # busy before unpickling: a crash in there (a C extension's
-            # __setstate__) is this task's, not a reason to re-run it elsewhere
-            self.mark(_BUSY, seq)
-            try:
-                func, payload = _decode(head, buffers)
-            except Exception as exc:            # the arguments do not unpickle here
-                del head, buffers
-                self.send_error(seq, exc, "the task's arguments could not be unpickled in the worker")
-                self.mark(_READY)
-                done += 1
-                continue
-            del head, buffers
-            try:
-                value, ok = _run_task(kind, func, payload), True
-            except self.catch as exc:
-                value, ok = exc, False
-            del func, payload
-            if ok:
-                self.send_value(seq, value, kind)
-            else:
-                self.send_error(seq, value)
-            del value
-            self.mark(_READY)
-            done += 1
-        self.mark(_EXITING)
-
-    def next_task(self) -> Any:
-        """The next task tuple; _SKIP to look again; None to exit."""
-        try:
-            msg = self.tasks.get(timeout=0.5)
-        except queue.Empty:
-            return _SKIP if parent_alive(self.parent_pid) else None
-        except (RingClosed, EOFError):          # closed, shut down, or the parent died
-            return None
-        except Exception as exc:                # a record that does not decode: consumed
-            self.results.put((0, R_BAD_TASK, self.slot, True, *_encode(None),
-                              (_format_tb(exc), _safe_repr(exc))))
-            return _SKIP
-        if msg is None:                         # the pool is closing
-            return None
-        if msg[1] != K_BIG:
-            return msg
-        big = self.take_big(msg[0])
-        if big is None:
-            self.send_error(msg[0], RuntimeError(
-                f"task {msg[0]}: its data never arrived in the big-message ring"))
-            return _SKIP
-        return big
-
-    def take_big(self, seq: int) -> tuple | None:
-        """The task announced by a K_BIG stub: the next message of the big-task
-        ring with that sequence number (the parent sends one at a time and puts
-        it right after the stub; leftovers of a dead worker are skipped)."""
-        deadline = time.monotonic() + _BIG_WAIT
-        while time.monotonic() < deadline:
-            try:
-                msg = self.big_tasks.get(timeout=0.5)
-            except queue.Empty:
-                if not parent_alive(self.parent_pid):
-                    return None
-                continue
-            except (RingClosed, EOFError):
-                return None
-            except Exception:                   # a corrupt record: consumed, look further
-                continue
-            if msg[0] == seq:
-                return msg
-        return None
-
-    def send_value(self, seq: int, value: Any, kind: int, offset: int = 0, last: bool = True) -> None:
-        """Put a result; split a list too large for the ring into pieces (one
-        item too large goes through the big ring, announced by a stub); a
-        value that does not pickle becomes an R_UNENCODABLE record."""
-        wire = _wrap_blobs(value) if kind != K_CALL else (
-            _Blob(value) if type(value) is bytes and len(value) >= _BLOB_MIN else value)
-        try:
-            head, buffers = _encode(wire)
-        except Exception as exc:                # pickling failed
-            del wire
-            self.send_unencodable(seq, exc, value, offset)
-            return
-        del wire
-        self.send_record((seq, R_OK, offset, last, head, buffers, None), value, kind)
-
-    def send_record(self, record: tuple, value: Any = None, kind: int = K_CALL) -> None:
-        seq, status, offset, last = record[:4]
-        try:
-            self.results.put(record)
-            return
-        except MessageTooLarge as exc:
-            if status == R_OK and kind != K_CALL and len(value) > 1:
-                half = len(value) // 2
-                self.send_value(seq, value[:half], kind, offset, False)
-                self.send_value(seq, value[half:], kind, offset + half, last)
-                return
-            error: BaseException = exc
-            try:
-                # the payload first, then the stub that tells the parent to fetch it
-                self.big_results.put(record, timeout=_BIG_WAIT)
-                self.results.put((seq, R_BIG, offset, last, None, None, None))
-                return
-            except MessageTooLarge as big_exc:
-                error = big_exc
-            except queue.Full as full:
-                error = full
-        self.send_error(seq, error, offset=offset)
-
-    def send_error(self, seq: int, exc: BaseException, note: str = "", offset: int = 0) -> None:
-        """Put a task's exception (with its traceback text); an exception that
-        does not pickle becomes an R_UNENCODABLE record."""
-        tb = _format_tb(exc)
-        if note:
-            tb = f"\n{note}:{tb}"
-        try:
-            head, buffers = _encode(exc)
-        except Exception as why:
-            self.send_unencodable(seq, why, exc, offset)
-            return
-        self.send_record((seq, R_RAISED, offset, True, head, buffers, (tb, _safe_repr(exc))))
-
-    def send_unencodable(self, seq: int, why: BaseException, value: Any, offset: int) -> None:
-        try:
-            head, buffers = _encode(why)
-        except Exception:
-            head, buffers = _encode(TypeError(_safe_repr(why)))
-        self.results.put((seq, R_UNENCODABLE, offset, True, head, buffers,
-                          (_format_tb(why), _safe_repr(value))))
-
-
-_SKIP = object()
-
-
-def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,
-                 maxtasks: int | None, parent_pid: int, catch_base: bool = False) -> None:
-    """A pool worker (the Supervisor's target): see _WorkerLoop."""
-    steady_malloc()                 # large arguments must not cost a page fault storm each
-    loop = _WorkerLoop(slot, arena, maxtasks, parent_pid, catch_base)
-    loop.mark(_STARTING)
-    if initializer is not None:
-        initializer(*initargs)
-    loop.mark(_READY)
-    loop.run()
 
 
 # ---------------------------------------------------------------------- parent side

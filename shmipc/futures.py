@@ -15,7 +15,8 @@ from concurrent.futures import Executor, Future
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
 
-from shmipc._engine import K_CALL, K_MAP, K_STARMAP, RUN, _Engine, _Task
+from shmipc._engine import RUN, _Engine, _Task
+from shmipc._poolworker import K_CALL, K_MAP, K_STARMAP
 from shmipc.errors import WorkerLost
 
 __all__ = ["ProcessPoolExecutor", "WorkerLostError"]

@@ -16,9 +16,9 @@ import time
 from multiprocessing import TimeoutError  # AsyncResult.get raises multiprocessing.TimeoutError, as mp
 from typing import Any, Callable, Deque, Iterable, Iterator
 
-from shmipc._engine import (CLOSE, INIT, K_CALL, K_MAP, K_STARMAP, RUN, TERMINATE, _IMAP_AHEAD,
-                            MaybeEncodingError, RemoteTraceback, _Engine, _job_counter, _run_callback,
-                            _Task)
+from shmipc._engine import (CLOSE, INIT, RUN, TERMINATE, _IMAP_AHEAD, MaybeEncodingError, RemoteTraceback,
+                            _Engine, _job_counter, _run_callback, _Task)
+from shmipc._poolworker import K_CALL, K_MAP, K_STARMAP
 from shmipc._proc import pid_alive
 from shmipc.errors import WorkerLost
 

@@ -71,7 +71,7 @@ def pool_pids(pool):
 
 def busy_worker(pool, timeout=20.0):
     """(slot, pid) of a worker that is running a task now (its slot says so)."""
-    from shmipc._engine import _SLOT, _SLOT_SIZE
+    from shmipc._poolworker import _SLOT, _SLOT_SIZE
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
