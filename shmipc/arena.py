@@ -913,14 +913,17 @@ class _Reaper:
     def stop(self, keep: bool = True) -> None:
         """Dismiss the helper: with `keep` it exits without touching the name
         (the creator removed or handed over the name itself)."""
+        if os.getpid() != self.pid:
+            # a forked child's copy: its pipe end was replaced at fork, and
+            # _guard may have been copied locked by the watcher thread
+            self._stopping = True
+            return
         with self._guard:
             if self._stopping:
                 return
             self._stopping = True
             proc = self.proc
         _REAPERS.discard(self)
-        if os.getpid() != self.pid:
-            return          # a forked child's copy: its pipe end was closed at fork
         if proc.stdin is not None:
             try:
                 if keep:
@@ -954,16 +957,23 @@ _REAPERS: "weakref.WeakSet[_Reaper]" = weakref.WeakSet()
 
 
 def _close_reaper_pipes_in_child() -> None:
-    # a forked child must not hold a reaper's pipe open, or the name would
-    # outlive its owner for as long as the child lives
+    # A forked child must not hold a reaper's pipe open, or the name would
+    # outlive its owner for as long as the child lives. The write end is
+    # replaced by /dev/null under the same fd number rather than closed: the
+    # file object still owns that number and closes it when collected, which
+    # must not close an unrelated file that reused the number meanwhile.
     for reaper in list(_REAPERS):
-        proc = reaper.proc
-        if proc.stdin is not None:
+        stdin = reaper.proc.stdin
+        if stdin is None:
+            continue
+        try:
+            nul = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                os.close(proc.stdin.fileno())
-            except OSError:
-                pass
-            proc.stdin = None
+                os.dup2(nul, stdin.fileno(), inheritable=False)
+            finally:
+                os.close(nul)
+        except (OSError, ValueError):
+            pass
 
 
 os.register_at_fork(after_in_child=_close_reaper_pipes_in_child)
