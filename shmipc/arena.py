@@ -288,7 +288,7 @@ class Arena(Closeable):
         self._init_state("file", None, 0)
         created = False
         # O_NONBLOCK: opening a FIFO must not wait for a writer (refused below)
-        flags = os.O_CLOEXEC | os.O_NONBLOCK | (os.O_RDONLY if private else os.O_RDWR)
+        flags = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | (os.O_RDONLY if private else os.O_RDWR)
         try:
             self._fd = _open_nofollow(path, flags, follow_symlinks)
         except FileNotFoundError:
