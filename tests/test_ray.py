@@ -387,7 +387,7 @@ def _run_example(*args, env=None):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run([sys.executable, os.path.join(root, "examples", "ray_pipeline.py"), *args],
                           capture_output=True, text=True, timeout=100, cwd=root, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr[-8000:]}"
     return done.stdout
 
 
