@@ -338,6 +338,50 @@ def test_old_owners_reaper_never_removes_a_new_owners_segment(no_leaks):
         assert name not in shm_entries()
 
 
+def _hand_over_owner(name, rounds, to_parent, from_parent):
+    for _ in range(rounds):
+        os.read(from_parent, 1)
+        arena = shmipc.Arena.named(name, SMALL)
+        os.write(to_parent, b"c")                           # created
+        os.read(from_parent, 1)
+        arena.close()                                       # a normal close
+        os.write(to_parent, b"d")                           # closed (its reaper is done)
+
+
+@pytest.mark.timeout(60)
+def test_a_name_taken_over_right_after_a_normal_close_survives(no_leaks):
+    # the old owner's reaper removed the name after close() had unlinked it,
+    # deleting the next owner's segment in most hand-overs
+    name = unique_name()
+    rounds, lost = 10, 0
+    to_parent_r, to_parent_w = os.pipe()
+    from_parent_r, from_parent_w = os.pipe()
+    owner = fork_child(_hand_over_owner, name, rounds, to_parent_w, from_parent_r)
+    try:
+        for _ in range(rounds):
+            os.write(from_parent_w, b"g")
+            assert os.read(to_parent_r, 1) == b"c"
+            os.write(from_parent_w, b"g")
+            deadline = time.monotonic() + 10
+            while True:                                     # take the name the moment it is free
+                try:
+                    mine = shmipc.Arena.named(name, SMALL)
+                    break
+                except FileExistsError:
+                    assert time.monotonic() < deadline, "the old owner never released the name"
+            assert os.read(to_parent_r, 1) == b"d"
+            if name not in shm_entries():
+                lost += 1
+            mine.close()
+        assert wait_child(owner) == 0
+        assert lost == 0, f"the old owner's reaper removed the new owner's segment in {lost} of {rounds} hand-overs"
+    finally:
+        stop_child(owner)
+        for fd in (to_parent_r, to_parent_w, from_parent_r, from_parent_w):
+            os.close(fd)
+        remove_shm(name)
+
+
 def _own_and_wait(name, ready_w, go_r):
     arena = shmipc.Arena.named(name, MIN_SIZE)
     os.write(ready_w, b"1")
