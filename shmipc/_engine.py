@@ -160,7 +160,7 @@ class _Engine:
                  task_ring: int = _TASK_RING, result_ring: int = _RESULT_RING, *,
                  catch_base: bool = False, broken_error: type = RuntimeError,
                  lost_error: type = WorkerLost, remote_traceback: type = RemoteTraceback,
-                 wrap_encoding_errors: bool = True) -> None:
+                 wrap_encoding_errors: bool = True, finish_at_exit: bool = False) -> None:
         if processes is None:
             processes = min(os.cpu_count() or 1, _MAX_WORKERS)
         if not isinstance(processes, int) or isinstance(processes, bool):
@@ -182,6 +182,9 @@ class _Engine:
         self._lost_error = lost_error
         self._remote_traceback = remote_traceback
         self._wrap_encoding_errors = wrap_encoding_errors
+        # at interpreter exit: finish what was submitted (concurrent.futures)
+        # or stop at once (multiprocessing.Pool's finalizer terminates)
+        self._finish_at_exit = finish_at_exit
         self._processes = processes
         self._maxtasks = maxtasks
         self._retries = retries
@@ -873,6 +876,10 @@ def _run_callback(callback: Callable[[], Any]) -> None:
 def _terminate_live_pools() -> None:
     for engine in list(_live_pools):
         try:
+            if engine._finish_at_exit and engine._state in (RUN, CLOSE) \
+                    and os.getpid() == engine._owner_pid and not engine._broken:
+                engine.close()
+                engine.join()
             engine.terminate()
         except Exception:
             pass

@@ -98,6 +98,9 @@ class ProcessPoolExecutor(Executor):
         ValueError: max_workers <= 0 (or above 251), or max_tasks_per_child <= 0.
         TypeError: an initializer that is not callable.
 
+    As with the standard executor, calls submitted and not finished when the
+    interpreter exits are completed first.
+
     Where this deliberately differs from the standard library: a worker that
     dies while running a call (SIGKILL, OOM killer, os._exit, a segfault)
     fails only that call's future with :class:`shmipc.WorkerLost`, and a
@@ -129,7 +132,8 @@ class ProcessPoolExecutor(Executor):
         self._engine = _Engine(max_workers, initializer, initargs, max_tasks_per_child, mp_context,
                                0, name="ShmipcExecutorWorker", catch_base=True,
                                broken_error=BrokenProcessPool, lost_error=WorkerLostError,
-                               remote_traceback=_RemoteTraceback, wrap_encoding_errors=False)
+                               remote_traceback=_RemoteTraceback, wrap_encoding_errors=False,
+                               finish_at_exit=True)
         self._max_workers = self._engine.processes
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:

@@ -372,3 +372,29 @@ def test_dropped_executor_whose_last_future_raised_is_collected(no_leaks):
     from shmipc._proc import pid_alive
 
     assert wait_for(lambda: not any(pid_alive(p) for p in pids), 5)
+
+
+def sleep_and_print(seconds, text):
+    time.sleep(seconds)
+    print(text, flush=True)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("impl_name", ["concurrent.futures", "shmipc"])
+def test_work_submitted_before_interpreter_exit_completes(impl_name):
+    """(As CPython's test_interpreter_shutdown.)"""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    make = ("shmipc.ProcessPoolExecutor(5)" if impl_name == "shmipc"
+            else "concurrent.futures.ProcessPoolExecutor(5)")
+    script = (f"import sys; sys.path.insert(0, {here!r}); sys.path.insert(0, {os.path.dirname(here)!r})\n"
+              "import concurrent.futures, shmipc\n"
+              "from test_futures import sleep_and_print\n"
+              "if __name__ == '__main__':\n"
+              f"    t = {make}\n"
+              "    t.submit(sleep_and_print, 1.0, 'apple')\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0 and not out.stderr, out.stderr
+    assert out.stdout.strip() == "apple"
