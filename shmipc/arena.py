@@ -364,8 +364,10 @@ class Arena(Closeable):
         call ``unlink()`` earlier); attached processes keep their mapping. If
         the creator dies without closing (SIGKILL included), a small helper
         process (the reaper) unlinks it; it removes only the segment it was
-        made for, never a later one of the same name, and the creator
-        replaces it if it dies.
+        made for, never a later one of the same name, and a daemon thread
+        of the creator starts a new one if it dies (so on Python 3.12+ a
+        later ``os.fork()`` of the creator warns that the process is
+        multi-threaded, as it does with a pool).
 
         Raises:
             ValueError: an invalid name (named in the message) or size.
