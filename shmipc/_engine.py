@@ -788,6 +788,11 @@ class _Engine:
         return self._processes
 
     @property
+    def start_method(self) -> str:
+        assert self._sup is not None
+        return self._sup.start_method
+
+    @property
     def broken(self) -> str:
         """Why the pool cannot run tasks any more ("" while it can)."""
         return self._broken

@@ -1,7 +1,7 @@
 """``shmipc.ProcessPoolExecutor``: a concurrent.futures executor on shmipc's pool engine.
 
 Calls and results travel through shared-memory rings (see shmipc._engine); the
-executor is a :class:`concurrent.futures.Executor`, so ``submit``, ``map``
+executor is a :class:`concurrent.futures.ProcessPoolExecutor` (for isinstance checks; it shares none of its machinery), so ``submit``, ``map``
 (with ``chunksize`` and ``timeout``), ``shutdown(wait, cancel_futures)``,
 ``as_completed`` and ``wait`` behave as with the standard one.
 """
@@ -11,7 +11,8 @@ import collections
 import itertools
 import threading
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import Future
+from concurrent.futures import ProcessPoolExecutor as _StdProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool, _RemoteTraceback
 from typing import Any, Callable, Iterable, Iterator
 
@@ -82,7 +83,7 @@ def _process_chunk(fn: Callable, chunk: list) -> list:
     return [fn(*args) for args in chunk]
 
 
-class ProcessPoolExecutor(Executor):
+class ProcessPoolExecutor(_StdProcessPoolExecutor):
     """A concurrent.futures.ProcessPoolExecutor whose calls and results go
     through shared memory.
 
@@ -108,7 +109,9 @@ class ProcessPoolExecutor(Executor):
     broken (BrokenProcessPool) and fails every pending future.
     """
 
-    def __init__(self, max_workers: int | None = None, mp_context: Any = None,
+    # (a subclass of the standard executor for isinstance() checks only: it
+    # shares none of its machinery, so __init__ does not call the base's)
+    def __init__(self, max_workers: int | None = None, mp_context: Any = None,  # noqa: PLW0231
                  initializer: Callable | None = None, initargs: tuple = (), *,
                  max_tasks_per_child: int | None = None) -> None:
         self._engine: _Engine | None = None
@@ -279,6 +282,27 @@ class ProcessPoolExecutor(Executor):
                 engine.close()
             except Exception:
                 pass
+
+    # what code and tests written for the standard executor look at
+    @property
+    def _processes(self) -> dict[int, Any]:
+        """{pid: worker} of the live workers (as the standard executor's)."""
+        from shmipc.pool import _WorkerHandle
+
+        engine = self._engine
+        return {} if engine is None else {pid: _WorkerHandle(pid) for pid in engine.worker_pids().values()}
+
+    @property
+    def _broken(self) -> str | bool:
+        engine = self._engine
+        return (engine.broken if engine is not None else "") or False
+
+    @property
+    def _mp_context(self) -> Any:
+        import multiprocessing
+
+        engine = self._engine
+        return None if engine is None else multiprocessing.get_context(engine.start_method)
 
     def __repr__(self) -> str:
         state = "running" if self._engine is not None and self._engine.state == RUN else "shut down"

@@ -398,3 +398,12 @@ def test_work_submitted_before_interpreter_exit_completes(impl_name):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
     assert out.returncode == 0 and not out.stderr, out.stderr
     assert out.stdout.strip() == "apple"
+
+
+@pytest.mark.timeout(60)
+def test_is_a_standard_process_pool_executor(no_leaks):
+    with shmipc.ProcessPoolExecutor(2, mp_context="fork") as ex:
+        assert isinstance(ex, cf.ProcessPoolExecutor)
+        assert len(ex._processes) == 2 and all(w.is_alive() for w in ex._processes.values())
+        assert ex._broken is False and ex._mp_context.get_start_method() == "fork"
+        assert ex.submit(inc, 1).result(timeout=30) == 2
