@@ -1,8 +1,9 @@
 """``shmipc.ProcessPoolExecutor``: a concurrent.futures executor on shmipc's pool engine.
 
 Calls and results travel through shared-memory rings (see shmipc._engine); the
-executor is a :class:`concurrent.futures.ProcessPoolExecutor` (for isinstance checks; it shares none of its machinery), so ``submit``, ``map``
-(with ``chunksize`` and ``timeout``), ``shutdown(wait, cancel_futures)``,
+executor is a :class:`concurrent.futures.ProcessPoolExecutor` (for isinstance
+checks: it shares none of its machinery), so ``submit``, ``map`` (with
+``chunksize`` and ``timeout``), ``shutdown(wait, cancel_futures)``,
 ``as_completed`` and ``wait`` behave as with the standard one.
 """
 from __future__ import annotations
