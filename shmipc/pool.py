@@ -355,8 +355,15 @@ class Pool:
       * imap/imap_unordered read their input (in a thread, as
         multiprocessing) only as workers need more work: at most 256 chunks
         of a job are queued or running at once.
-      * A pool whose workers can no longer be started (its zygote was
-        killed) fails its pending work with RuntimeError instead of hanging.
+      * No helper process is a single point of failure: if the zygote is
+        killed (or stopped), the workers carry on, and the next replacement
+        comes from a new zygote; a pool whose workers really can no longer
+        be started fails its pending work with RuntimeError instead of
+        hanging (multiprocessing respawns forever).
+      * A value that does not cross a process boundary (a result, an
+        exception or an argument that fails to pickle or unpickle) fails only
+        its own task: MaybeEncodingError for a result or an exception, the
+        unpickling error itself for an argument.
       * At most 251 workers per pool (one shared-memory ring each); one
         argument or result may be up to 128 MiB once pickled.
     """
