@@ -56,6 +56,21 @@ if TYPE_CHECKING:
 
         def start(self) -> None: ...
 
+    class _Job(Protocol):
+        """What the engine calls on the job a task belongs to (the Pool's
+        result objects, the executor's futures), always with its lock held;
+        the engine never imports those modules."""
+
+        _job: int                                   # a number, for messages
+
+        def _start_task(self, task: "_Task") -> bool: ...       # False: cancelled, drop it
+
+        def _split(self, task: "_Task", parts: list) -> None: ...   # cut into `parts` to fit
+
+        def _deliver(self, task: "_Task", ok: bool, value: Any) -> list: ...    # callbacks to run
+
+        def fail(self, exc: BaseException) -> list: ...        # (imap) its input failed
+
 try:        # the standard library's classes, so `except`/isinstance checks written for it keep working
     from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
 except ImportError:         # pragma: no cover
@@ -103,7 +118,7 @@ class _Task:
     __slots__ = ("seq", "job", "index", "start", "kind", "func", "payload", "tries_left",
                  "slot", "pieces", "started")
 
-    def __init__(self, job: Any, index: int, start: int, kind: int, func: Callable, payload: Any,
+    def __init__(self, job: "_Job", index: int, start: int, kind: int, func: Callable, payload: Any,
                  retries: int) -> None:
         self.seq = 0
         self.job = job
