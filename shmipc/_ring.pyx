@@ -98,6 +98,44 @@ def debug_counters():
     return {"rings_open": g_rings_open, "views_open": g_views_open}
 
 
+def _layout():
+    """Byte offsets of the ring header's fields (and "rec.*": of a record
+    header's), with the data start, for tests that write hostile values."""
+    cdef shm_ring_t h
+    cdef shm_rec_t r
+    cdef size_t b = <size_t>&h, rb = <size_t>&r
+    return {
+        "magic": <size_t>&h.magic - b, "version": <size_t>&h.version - b,
+        "flags": <size_t>&h.flags - b, "capacity": <size_t>&h.capacity - b,
+        "data_offset": <size_t>&h.data_offset - b, "region_size": <size_t>&h.region_size - b,
+        "record_size": <size_t>&h.record_size - b, "maxsize": <size_t>&h.maxsize - b,
+        "prod.pos": <size_t>&h.prod.pos - b, "prod.msgs": <size_t>&h.prod.msgs - b,
+        "prod.lock": <size_t>&h.prod.lock - b, "prod.pid": <size_t>&h.prod.pid - b,
+        "prod.lock_pos": <size_t>&h.prod.lock_pos - b, "prod.lock_msgs": <size_t>&h.prod.lock_msgs - b,
+        "cons.pos": <size_t>&h.cons.pos - b, "cons.cursor": <size_t>&h.cons.cursor - b,
+        "cons.msgs": <size_t>&h.cons.msgs - b, "cons.lock": <size_t>&h.cons.lock - b,
+        "cons.pid": <size_t>&h.cons.pid - b, "cons.lock_pos": <size_t>&h.cons.lock_pos - b,
+        "cons.lock_msgs": <size_t>&h.cons.lock_msgs - b,
+        "wait.data_waiters": <size_t>&h.wait.data_waiters - b,
+        "wait.space_waiters": <size_t>&h.wait.space_waiters - b,
+        "wait.plock_waiters": <size_t>&h.wait.plock_waiters - b,
+        "wait.clock_waiters": <size_t>&h.wait.clock_waiters - b,
+        "wait.shutdown": <size_t>&h.wait.shutdown - b,
+        "counters": <size_t>&h.counters - b,
+        "data_sem": <size_t>&h.data_sem - b, "space_sem": <size_t>&h.space_sem - b,
+        "plock_sem": <size_t>&h.plock_sem - b, "clock_sem": <size_t>&h.clock_sem - b,
+        "data": SHM_RING_HEADER_SIZE,
+        "rec.size": <size_t>&r.size - rb, "rec.tag": <size_t>&r.tag - rb,
+        "rec.state": <size_t>&r.state - rb, "rec.check": <size_t>&r.check - rb,
+        "rec.owner": <size_t>&r.owner - rb, "rec.header": SHM_REC_HDR,
+    }
+
+
+def _rec_check(uint32_t size, uint8_t tag):
+    """The check word a record header of `size` and `tag` carries."""
+    return shm_rec_check(size, tag)
+
+
 def _after_fork_in_child():
     shm_self_reset()        # the child's identity is computed on its first use
 
