@@ -33,7 +33,7 @@ since another process may have scribbled over the memory):
     reads the counter (Dekker): a wake-up can be late by one slice at worst
     if a waiter died, never lost.
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, INT64_MAX
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from shmipc._posix cimport sem_t, sem_init, errno, EINTR, ETIMEDOUT, getpid
@@ -364,7 +364,7 @@ cdef class Ring:
     def close(self):
         """Detach this process from the ring (other processes are unaffected).
 
-        Calls blocked in other threads wake up and raise ValueError. Idempotent.
+        Calls blocked in other threads wake up and raise RingClosed. Idempotent.
         """
         if self.closed:
             return
@@ -826,6 +826,10 @@ cdef class Ring:
                     shm_wake(&h.data_sem, &h.wait.data_waiters)
             if i == n:
                 return n
+            # (the deadline is checked here too: _wait returns at once while
+            # the ring looks ready, and garbage may keep _reserve disagreeing)
+            if deadline != FOREVER and shm_now_ns() >= deadline:
+                return i
             if self._wait(W_SPACE, rec_len(encs[i].size), deadline):
                 return i
 
@@ -996,6 +1000,8 @@ cdef class Ring:
                 self._unlock(W_CLOCK)
             if shm_load_rlx32(&h.wait.shutdown):
                 raise EOFError(f"ring {self.name!r} was shut down and is empty")
+            if deadline != FOREVER and shm_now_ns() >= deadline:
+                return NULL     # (as in _produce)
             if self._wait(W_DATA, 0, deadline):
                 return NULL
 

@@ -13,7 +13,6 @@ cdef extern from "_shm.h" nogil:
     const uint8_t SHM_REC_READY
     const uint8_t SHM_REC_CLAIMED
     const uint8_t SHM_REC_DONE
-    const uint32_t SHM_PID_MAX
     const size_t SHM_RING_HEADER_SIZE
     const int SHMIPC_DEBUG
 
