@@ -41,6 +41,7 @@ cdef class Ring:
     cdef public object arena        # the Arena holding the ring, or None
     cdef public object name         # the region name in the arena
     cdef public object dtype        # fixed-record rings: the numpy dtype
+    cdef bint allow_pickle          # decode pickled messages (else: native types only)
     cdef object pending             # deque of (tag, payload or error) taken but not yet
                                     # delivered: the rest of a batch whose decoding failed
     cdef object __weakref__

@@ -181,6 +181,7 @@ cdef class Ring:
         self.active = 0
         self.spin_ns = 20_000
         self.pending = deque()
+        self.allow_pickle = True
 
     def __init__(self, *args, **kwargs):
         raise TypeError("make rings with Arena.ring(); Ring cannot be instantiated directly")
@@ -401,6 +402,20 @@ cdef class Ring:
         return (f"<shmipc.Ring {self.name!r} capacity={self.capacity} "
                 f"producers={'many' if self.many_producers else 'one'} "
                 f"consumers={'many' if self.many_consumers else 'one'} qsize={self.qsize()}>")
+
+    @property
+    def allow_pickle(self):
+        """Whether this process unpickles what it takes from the ring (True
+        unless set False). Unpickling runs code of the writer's choosing:
+        set it False on a ring that peers you do not trust can write, and
+        only native types decode (bytes, bytearray, str, int, float, bool,
+        None, numpy arrays of plain dtypes, fixed records); a pickled
+        message then raises CorruptMessage (it is consumed and counted)."""
+        return self.allow_pickle
+
+    @allow_pickle.setter
+    def allow_pickle(self, value):
+        self.allow_pickle = bool(value)
 
     @property
     def capacity(self):
@@ -1189,7 +1204,7 @@ cdef class Ring:
         counted, and raised as CorruptMessage (UndecodableMessage when its
         pickle, intact, fails to load here), chained from the cause."""
         try:
-            return decode_buffer(tag, buf, self.dtype)
+            return decode_buffer(tag, buf, self.dtype, self.allow_pickle)
         except Exception as exc:
             if not self.closed and self.hdr != NULL:
                 shm_add64(&self.hdr.counters.bad_messages, 1)

@@ -788,3 +788,41 @@ def test_dropping_a_view_never_waits_unbounded_for_the_consumer_lock(arena, unre
     ring.put(b"x", timeout=1)
     assert ring.get(timeout=1) == b"x"
     assert ring.stats()["bytes_used"] == 0 and ring.stats()["lost"] == 0
+
+
+CALLS = []
+
+
+def _record_call(what):
+    CALLS.append(what)
+    return what
+
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return _record_call, ("unpickled",)
+
+
+@pytest.mark.timeout(20)
+def test_a_ring_can_refuse_to_unpickle(arena):
+    """Unpickling runs code the writer chooses: with allow_pickle False only
+    native types decode, and a pickled message (or an array whose dtype
+    travels pickled) raises CorruptMessage without running anything."""
+    ring = arena.ring(1 << 16, name="untrusted")
+    reader = arena.ring(name="untrusted")
+    assert reader.allow_pickle
+    reader.allow_pickle = False
+    only_here = np.dtype([("only_in_this_test", "<i4")])
+    ring.put_many([b"a", RunsCodeWhenUnpickled(), np.arange(3), np.zeros(2, dtype=only_here), "s"])
+    assert reader.get_many(10) == [b"a"]
+    with pytest.raises(shmipc.CorruptMessage, match="native types only"):
+        reader.get_many(10)
+    assert np.array_equal(reader.get(), np.arange(3))
+    with pytest.raises(shmipc.CorruptMessage, match="native types only"):
+        with reader.get_view():
+            pass
+    assert reader.get() == "s" and CALLS == []
+    assert reader.stats()["bad_messages"] == 2
+    reader.allow_pickle = True
+    ring.put(RunsCodeWhenUnpickled())
+    assert reader.get() == "unpickled" and CALLS == ["unpickled"]
