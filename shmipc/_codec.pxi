@@ -87,10 +87,13 @@ cdef bytes dtype_descr(object dt):
     return d
 
 
-cdef object descr_dtype(bytes d):
+cdef object descr_dtype(bytes d, bint allow_pickle):
     dt = _descr_dtype_cache.get(d)
     if dt is None:
         np = numpy_module()
+        if d[:1] == b"P" and not allow_pickle:
+            raise CorruptMessage("ndarray message with a pickled dtype refused: this ring "
+                                 "decodes native types only")
         try:
             if d[:1] == b"S":
                 dt = np.dtype(d[1:].decode("ascii"))
@@ -258,17 +261,21 @@ cdef object decode_scalar(uint8_t tag, const char *p, Py_ssize_t n):
     return None
 
 
-cdef object decode_buffer(uint8_t tag, object buf, object dtype):
+cdef object decode_buffer(uint8_t tag, object buf, object dtype, bint allow_pickle):
     """Decode an NDARRAY, PICKLE or RECORD payload held in `buf` (a bytearray
-    copy, or a read-only memoryview over the ring for zero-copy views)."""
+    copy, or a read-only memoryview over the ring for zero-copy views).
+    Every length in it is checked against the payload before use (nothing is
+    allocated for a forged one): a bad payload raises CorruptMessage, a
+    pickle that fails to load UndecodableMessage (from its error). Without
+    `allow_pickle`, nothing is unpickled: pickled messages (and arrays of
+    dtypes that travel pickled) raise CorruptMessage."""
     mv = memoryview(buf)
     cdef Py_ssize_t n = mv.nbytes
-    cdef Py_ssize_t off, count, itemsize, ndim, dlen, nseg, i, length
+    cdef Py_ssize_t off, ndim, dlen, nseg, i, length
     if tag == TAG_RECORD:
-        np = numpy_module()
         if dtype is None or n != dtype.itemsize:
             raise CorruptMessage(f"record of {n} bytes in a ring of {dtype}")
-        return np.frombuffer(mv, dtype=dtype, count=1)[0]
+        return numpy_module().frombuffer(mv, dtype=dtype, count=1)[0]
     if tag == TAG_NDARRAY:
         if n < 8:
             raise CorruptMessage(f"ndarray message of {n} bytes is shorter than its header")
@@ -277,23 +284,29 @@ cdef object decode_buffer(uint8_t tag, object buf, object dtype):
         if off > n:
             raise CorruptMessage(f"ndarray header of {off} bytes overruns the {n}-byte message")
         shape = struct.unpack_from(f"<{ndim}Q", mv, 8)
-        dt = descr_dtype(bytes(mv[8 + 8 * ndim: off]))
+        dt = descr_dtype(bytes(mv[8 + 8 * ndim: off]), allow_pickle)
+        off = align16(off)
+        # in Python ints: a forged shape may overflow any fixed width
         count = 1
         for d in shape:
             count *= d
-            if count > n:
-                break
-        off = align16(off)
-        itemsize = dt.itemsize
-        if count * itemsize > n - off:
+        nbytes = count * dt.itemsize
+        if nbytes > n - off or max(shape, default=0) >= 2**63:
             raise CorruptMessage(
-                f"ndarray of shape {shape} and dtype {dt} needs {count * itemsize} bytes, "
+                f"ndarray of shape {shape} and dtype {dt} needs {nbytes} bytes, "
                 f"the message holds {max(n - off, 0)}")
         np = numpy_module()
-        if count == 0 or itemsize == 0:
-            return np.empty(shape, dtype=dt)
-        return np.frombuffer(mv, dtype=dt, count=count, offset=off).reshape(shape)
+        try:
+            if nbytes == 0:
+                return np.empty(shape, dtype=dt)
+            return np.frombuffer(mv, dtype=dt, count=count, offset=off).reshape(shape)
+        except (ValueError, TypeError, OverflowError, MemoryError) as exc:
+            raise CorruptMessage(f"ndarray of shape {shape} and dtype {dt} does not decode: {exc}") from exc
     if tag == TAG_PICKLE:
+        if not allow_pickle:
+            raise CorruptMessage(f"pickled message of {n} bytes refused: this ring decodes "
+                                 f"native types only (bytes, str, int, float, bool, None, "
+                                 f"numpy arrays of plain dtypes)")
         if n < 8:
             raise CorruptMessage(f"pickle message of {n} bytes is shorter than its header")
         nseg, _ = _pickle_head.unpack_from(mv, 0)
@@ -309,5 +322,10 @@ cdef object decode_buffer(uint8_t tag, object buf, object dtype):
                     f"pickle segment {i} of {length} bytes at offset {off} overruns the {n}-byte message")
             segs.append(mv[off: off + length])
             off = align16(off + length)
-        return pickle.loads(segs[0], buffers=segs[1:])
+        try:
+            return pickle.loads(segs[0], buffers=segs[1:])
+        except Exception as exc:
+            raise UndecodableMessage(
+                f"pickled message of {n} bytes does not load in this process: "
+                f"{type(exc).__name__}: {exc}") from exc
     raise CorruptMessage(f"unknown message tag {tag}")

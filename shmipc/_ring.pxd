@@ -1,5 +1,6 @@
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
-from shmipc._posix cimport shm_ring_t, shm_rec_t, shm_side_t, sem_t
+from shmipc._posix cimport sem_t
+from shmipc._shm cimport shm_ring_t, shm_rec_t, shm_side_t
 
 
 cdef struct enc_t:
@@ -7,6 +8,15 @@ cdef struct enc_t:
     const char *ptr         # single-segment payload (borrowed), or NULL when segmented
     Py_ssize_t size         # payload bytes
     char small[8]           # payload of int/float messages
+
+
+cdef struct take_t:
+    Py_ssize_t count        # messages taken (0: the deadline passed first)
+    uint8_t tag             # the (last) message's tag
+    bint claimed            # a zero-copy view holds the record at pos:
+    uint64_t pos            #   its position,
+    shm_rec_t *rec          #   header
+    uint32_t size           #   and payload size
 
 
 cdef class Ring:
@@ -31,13 +41,18 @@ cdef class Ring:
     cdef public object arena        # the Arena holding the ring, or None
     cdef public object name         # the region name in the arena
     cdef public object dtype        # fixed-record rings: the numpy dtype
+    cdef bint allow_pickle          # decode pickled messages (else: native types only)
+    cdef object pending             # deque of (tag, payload or error) taken but not yet
+                                    # delivered: the rest of a batch whose decoding failed
     cdef object __weakref__
 
     cdef int _map(self, object buffer, Py_ssize_t offset, uint64_t need) except -1
     cdef int _validate_header(self, Py_ssize_t size) except -1
+    cdef int _validate_dtype(self, object dtype) except -1
     cdef int _setup(self, object dtype) except -1
     cdef void _release(self) noexcept
     cdef int _enter(self) except -1
+    cdef int _check_open(self) except -1
     cdef void _leave(self) noexcept
     cdef shm_rec_t *_rec_at(self, uint64_t pos) noexcept nogil
     cdef int _corrupt(self, str what) except -1
@@ -55,15 +70,19 @@ cdef class Ring:
     cdef uint64_t _reserve(self, uint64_t head, uint64_t length, uint64_t pending) except? 1
     cdef int _write_record(self, uint64_t pos, enc_t *e, object segs) except -1
     cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
-    cdef void _after_commit(self) noexcept
+    cdef Py_ssize_t _produce(self, enc_t *encs, Py_ssize_t n, object keep, bint batch,
+                             int64_t deadline) except -1
     cdef int _check_size(self, enc_t *e) except -1
     cdef int _debug_check(self) except -1
     cdef int _shut(self) except -1
     cdef object _encode(self, object obj, enc_t *e)
-    cdef bint _put_encoded(self, enc_t *e, object segs, int64_t deadline) except -1
     cdef shm_rec_t *_take(self, int64_t deadline, uint64_t *pos_out, uint64_t *len_out) except? NULL
+    cdef object _consume(self, int64_t deadline, Py_ssize_t max_items, Py_ssize_t max_bytes,
+                         bint claim, list out, list tags, take_t *t)
     cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, uint32_t size, bint claim) noexcept
     cdef int _advance_tail(self) except -1
     cdef int _payload(self, shm_rec_t *r, uint64_t length, uint8_t *tag, uint32_t *size) except -1
     cdef object _copy_out(self, const char *p, uint8_t tag, uint32_t size, bint *raw)
-    cdef int _release_claim(self, uint64_t pos) except -1
+    cdef object _decode(self, uint8_t tag, object buf)
+    cdef list _from_pending(self, Py_ssize_t max_items)
+    cdef int _release_claim(self, uint64_t pos, int64_t deadline) except -1

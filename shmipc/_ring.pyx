@@ -18,24 +18,33 @@ since another process may have scribbled over the memory):
   * Every record in [tail, cursor) is CLAIMED (a zero-copy view is open on
     it) or DONE; tail moves over DONE and PAD records only, so a producer
     never overwrites memory a view still shows.
-  * "many" sides take a lock word holding the owner's pid; it is released
-    before sleeping, so no lock is held across an unbounded wait, and a lock
-    whose owner died is taken over (after a wait slice) by the next waiter.
+  * "many" sides take a lock word holding the owner's identity (pid and
+    start time, see _shm.h: a recycled or garbage pid is not mistaken for
+    the owner); it is released before sleeping, so no lock is held across an
+    unbounded wait, and a lock whose owner died is taken over (after a wait
+    slice) by the next waiter. Claimed records carry the same identity.
+  * One producer path (_produce) serves put and put_many; one consumer path
+    (_consume) serves get, get_many and get_view. A record that cannot be
+    delivered is consumed (and counted in `bad_messages`) only when it is the
+    first of a call, which then raises; later in a batch, the call stops
+    before it and returns what it took, so nothing good is lost with it.
   * A waiter registers in `wait.*_waiters` and re-checks its condition
     before sleeping; the other side publishes, issues a full fence, and then
     reads the counter (Dekker): a wake-up can be late by one slice at worst
     if a waiter died, never lost.
 """
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, INT64_MAX
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
-from shmipc._posix cimport *
+from shmipc._posix cimport sem_t, sem_init, errno, EINTR, ETIMEDOUT, getpid
+from shmipc._shm cimport *
 
 import os
-import math
 import queue
+from collections import deque
 
-from shmipc.errors import MessageTooLarge, CorruptArena, CorruptMessage, PeerDied, RingClosed
+from shmipc.errors import (MessageTooLarge, CorruptArena, CorruptMessage, UndecodableMessage,
+                           PeerDied, RingClosed)
 
 include "_codec.pxi"
 
@@ -54,6 +63,13 @@ cdef int64_t SPIN_MIN_NS = 1_000
 cdef int64_t SPIN_MAX_NS = 50_000
 cdef int64_t FOREVER = INT64_MAX
 cdef int BATCH = 64            # put_many encodes this many items before writing them
+# how long leaving a zero-copy view may wait for the consumer lock to move
+# the tail (the record itself is released at once, without the lock)
+cdef int64_t CLAIM_RELEASE_NS = 1_000_000_000
+
+# not a record tag: marks a failure kept in Ring.pending (see get_many)
+cdef enum:
+    TAG_FAILED = 255
 
 # what a waiter waits for
 cdef enum:
@@ -62,7 +78,6 @@ cdef enum:
     W_PLOCK = 2     # the producer lock
     W_CLOCK = 3     # the consumer lock
 
-cdef uint32_t g_pid = getpid()
 shm_sem_template_init()
 
 # leak counters (uvloop-style): the test suite asserts they return to zero
@@ -83,9 +98,46 @@ def debug_counters():
     return {"rings_open": g_rings_open, "views_open": g_views_open}
 
 
+def _layout():
+    """Byte offsets of the ring header's fields (and "rec.*": of a record
+    header's), with the data start, for tests that write hostile values."""
+    cdef shm_ring_t h
+    cdef shm_rec_t r
+    cdef size_t b = <size_t>&h, rb = <size_t>&r
+    return {
+        "magic": <size_t>&h.magic - b, "version": <size_t>&h.version - b,
+        "flags": <size_t>&h.flags - b, "capacity": <size_t>&h.capacity - b,
+        "data_offset": <size_t>&h.data_offset - b, "region_size": <size_t>&h.region_size - b,
+        "record_size": <size_t>&h.record_size - b, "maxsize": <size_t>&h.maxsize - b,
+        "prod.pos": <size_t>&h.prod.pos - b, "prod.msgs": <size_t>&h.prod.msgs - b,
+        "prod.lock": <size_t>&h.prod.lock - b, "prod.pid": <size_t>&h.prod.pid - b,
+        "prod.lock_pos": <size_t>&h.prod.lock_pos - b, "prod.lock_msgs": <size_t>&h.prod.lock_msgs - b,
+        "cons.pos": <size_t>&h.cons.pos - b, "cons.cursor": <size_t>&h.cons.cursor - b,
+        "cons.msgs": <size_t>&h.cons.msgs - b, "cons.lock": <size_t>&h.cons.lock - b,
+        "cons.pid": <size_t>&h.cons.pid - b, "cons.lock_pos": <size_t>&h.cons.lock_pos - b,
+        "cons.lock_msgs": <size_t>&h.cons.lock_msgs - b,
+        "wait.data_waiters": <size_t>&h.wait.data_waiters - b,
+        "wait.space_waiters": <size_t>&h.wait.space_waiters - b,
+        "wait.plock_waiters": <size_t>&h.wait.plock_waiters - b,
+        "wait.clock_waiters": <size_t>&h.wait.clock_waiters - b,
+        "wait.shutdown": <size_t>&h.wait.shutdown - b,
+        "counters": <size_t>&h.counters - b,
+        "data_sem": <size_t>&h.data_sem - b, "space_sem": <size_t>&h.space_sem - b,
+        "plock_sem": <size_t>&h.plock_sem - b, "clock_sem": <size_t>&h.clock_sem - b,
+        "data": SHM_RING_HEADER_SIZE,
+        "rec.size": <size_t>&r.size - rb, "rec.tag": <size_t>&r.tag - rb,
+        "rec.state": <size_t>&r.state - rb, "rec.check": <size_t>&r.check - rb,
+        "rec.owner": <size_t>&r.owner - rb, "rec.header": SHM_REC_HDR,
+    }
+
+
+def _rec_check(uint32_t size, uint8_t tag):
+    """The check word a record header of `size` and `tag` carries."""
+    return shm_rec_check(size, tag)
+
+
 def _after_fork_in_child():
-    global g_pid
-    g_pid = getpid()
+    shm_self_reset()        # the child's identity is computed on its first use
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -128,6 +180,8 @@ cdef class Ring:
         self.closed = True
         self.active = 0
         self.spin_ns = 20_000
+        self.pending = deque()
+        self.allow_pickle = True
 
     def __init__(self, *args, **kwargs):
         raise TypeError("make rings with Arena.ring(); Ring cannot be instantiated directly")
@@ -145,6 +199,10 @@ cdef class Ring:
                              f"{MAX_CAPACITY} bytes, got {capacity}")
         cdef uint32_t record_size = 0
         if dtype is not None:
+            if dtype.hasobject:
+                raise TypeError(f"dtype {dtype} holds Python objects; fixed-record rings need plain data")
+            if dtype.itemsize > 0xFFFFFFFF:
+                raise ValueError(f"records of {dtype.itemsize} bytes are too large")
             record_size = dtype.itemsize
             if record_size == 0 or rec_len(record_size) > capacity // 2:
                 raise ValueError(f"records of {record_size} bytes do not fit a ring of {capacity} bytes")
@@ -159,7 +217,7 @@ cdef class Ring:
         h.region_size = SHM_RING_HEADER_SIZE + capacity
         h.record_size = record_size
         h.maxsize = maxsize
-        h.creator = g_pid
+        h.creator = getpid()
         if (sem_init(&h.data_sem, 1, 0) or sem_init(&h.space_sem, 1, 0)
                 or sem_init(&h.plock_sem, 1, 0) or sem_init(&h.clock_sem, 1, 0)):
             r._release()
@@ -178,6 +236,7 @@ cdef class Ring:
         r._map(buffer, offset, SHM_RING_HEADER_SIZE)
         try:
             r._validate_header(size)
+            r._validate_dtype(dtype)
         except BaseException:
             r._release()
             raise
@@ -218,6 +277,28 @@ cdef class Ring:
             raise CorruptArena(f"ring flags {h.flags:#x} hold unknown bits")
         if h.record_size and rec_len(h.record_size) > cap // 2:
             raise CorruptArena(f"record size {h.record_size} does not fit capacity {cap}")
+        return 0
+
+    cdef int _validate_dtype(self, object dtype) except -1:
+        """The dtype (from the arena's region table, written by any peer) must
+        describe the records the header says the ring holds: puts copy
+        dtype.itemsize bytes into records of the header's size."""
+        cdef uint32_t size = self.hdr.record_size
+        if dtype is None:
+            if size:
+                raise CorruptArena(f"ring header says fixed records of {size} bytes, "
+                                   f"the region table gives no dtype")
+            return 0
+        try:
+            itemsize = dtype.itemsize
+            hasobject = dtype.hasobject
+        except AttributeError:
+            raise CorruptArena(f"ring dtype {dtype!r} is not a numpy dtype") from None
+        if hasobject:
+            raise CorruptArena(f"ring dtype {dtype} holds Python objects")
+        if itemsize != size:
+            raise CorruptArena(f"ring dtype {dtype} has {itemsize}-byte items, the ring header "
+                               f"says records of {size} bytes")
         return 0
 
     cdef int _setup(self, object dtype) except -1:
@@ -271,6 +352,11 @@ cdef class Ring:
         self.active += 1
         return 0
 
+    cdef int _check_open(self) except -1:
+        if self.closed:
+            raise RingClosed(f"ring {self.name!r} is closed")
+        return 0
+
     cdef void _leave(self) noexcept:
         self.active -= 1
         if self.closed and self.active == 0 and self.has_view:
@@ -279,7 +365,7 @@ cdef class Ring:
     def close(self):
         """Detach this process from the ring (other processes are unaffected).
 
-        Calls blocked in other threads wake up and raise ValueError. Idempotent.
+        Calls blocked in other threads wake up and raise RingClosed. Idempotent.
         """
         if self.closed:
             return
@@ -316,6 +402,20 @@ cdef class Ring:
         return (f"<shmipc.Ring {self.name!r} capacity={self.capacity} "
                 f"producers={'many' if self.many_producers else 'one'} "
                 f"consumers={'many' if self.many_consumers else 'one'} qsize={self.qsize()}>")
+
+    @property
+    def allow_pickle(self):
+        """Whether this process unpickles what it takes from the ring (True
+        unless set False). Unpickling runs code of the writer's choosing:
+        set it False on a ring that peers you do not trust can write, and
+        only native types decode (bytes, bytearray, str, int, float, bool,
+        None, numpy arrays of plain dtypes, fixed records); a pickled
+        message then raises CorruptMessage (it is consumed and counted)."""
+        return self.allow_pickle
+
+    @allow_pickle.setter
+    def allow_pickle(self, value):
+        self.allow_pickle = bool(value)
 
     @property
     def capacity(self):
@@ -407,8 +507,8 @@ cdef class Ring:
             total = need if need <= self.capacity - off else self.capacity - off + need
             return head - tail <= self.capacity - total
         if kind == W_PLOCK:
-            return shm_cas32(&h.prod.lock, 0, g_pid)
-        return shm_cas32(&h.cons.lock, 0, g_pid)
+            return shm_cas64(&h.prod.lock, 0, shm_self_ident())
+        return shm_cas64(&h.cons.lock, 0, shm_self_ident())
 
     cdef bint _wait(self, int kind, uint64_t need, int64_t deadline) except -1:
         """Wait until `kind` is ready. Returns False when ready, True when the
@@ -416,9 +516,9 @@ cdef class Ring:
         kind's semaphore in slices, between which it checks Ctrl-C, close,
         the deadline, and whether the process it waits for died."""
         cdef shm_ring_t *h = self.hdr
-        cdef int64_t now, spin_end, slice_end, t0, start
+        cdef int64_t now, spin_end, start
         cdef bint ok = False
-        cdef int i, rc
+        cdef int i
         cdef sem_t *sem
         cdef uint32_t *waiters
         if self._ready(kind, need):
@@ -504,12 +604,13 @@ cdef class Ring:
         """After a quiet slice: raise if the peer we wait for is dead, recover
         what dead processes hold. Returns True if that made `kind` ready."""
         cdef shm_ring_t *h = self.hdr
-        cdef uint32_t owner, pid
+        cdef uint64_t owner, pid, me = shm_self_ident()
+        cdef uint64_t *lock
         if kind == W_PLOCK or kind == W_CLOCK:
             lock = &h.prod.lock if kind == W_PLOCK else &h.cons.lock
-            owner = shm_load_acq32(lock)
-            if owner != 0 and owner != g_pid and not shm_pid_alive(owner):
-                if shm_cas32(lock, owner, g_pid):
+            owner = shm_load_acq64(lock)
+            if owner != 0 and owner != me and not shm_ident_alive(owner):
+                if shm_cas64(lock, owner, me):
                     try:
                         self._recover_lock(kind)
                     except BaseException:
@@ -518,29 +619,29 @@ cdef class Ring:
                     return True
             return False
         if kind == W_DATA:
-            pid = shm_load_rlx32(&h.prod.pid)
-            if not self.many_producers and pid != 0 and pid != g_pid and not shm_pid_alive(pid):
+            pid = shm_load_rlx64(&h.prod.pid)
+            if not self.many_producers and pid != 0 and pid != me and not shm_ident_alive(pid):
                 if not self._ready(W_DATA, 0):
-                    raise PeerDied(pid, "producer")
+                    raise PeerDied(<uint32_t>pid, "producer")
             return False
         # W_SPACE
-        pid = shm_load_rlx32(&h.cons.pid)
+        pid = shm_load_rlx64(&h.cons.pid)
         if not self.many_consumers:
-            if pid != 0 and pid != g_pid and not shm_pid_alive(pid):
-                raise PeerDied(pid, "consumer")
+            if pid != 0 and pid != me and not shm_ident_alive(pid):
+                raise PeerDied(<uint32_t>pid, "consumer")
             return False
         # many consumers: a dead one may sit on a claimed record at the tail,
         # or on the consumer lock; take the lock if it is free or dead, and repair
-        owner = shm_load_acq32(&h.cons.lock)
+        owner = shm_load_acq64(&h.cons.lock)
         if owner == 0:
-            if not shm_cas32(&h.cons.lock, 0, g_pid):
+            if not shm_cas64(&h.cons.lock, 0, me):
                 return False
             self._locked(&h.cons)
             try:
                 self._reclaim_dead_claims()
             finally:
                 self._unlock(W_CLOCK)
-        elif owner != g_pid and not shm_pid_alive(owner) and shm_cas32(&h.cons.lock, owner, g_pid):
+        elif owner != me and not shm_ident_alive(owner) and shm_cas64(&h.cons.lock, owner, me):
             try:
                 self._recover_lock(W_CLOCK)
             finally:
@@ -550,7 +651,7 @@ cdef class Ring:
     cdef int _reclaim_dead_claims(self) except -1:
         """With the consumer lock held: release records claimed by dead
         processes (their messages are lost and counted), then move the tail."""
-        cdef uint64_t head, cursor, tail, pos, length
+        cdef uint64_t head, cursor, tail, pos, length, me = shm_self_ident()
         cdef shm_rec_t *r
         self._positions(&head, &cursor, &tail)
         pos = tail
@@ -558,7 +659,7 @@ cdef class Ring:
             length = self._check_record(pos, head)
             r = self._rec_at(pos)
             if r.tag != TAG_PAD and r.state != SHM_REC_DONE:
-                if r.state != SHM_REC_CLAIMED or (r.owner != g_pid and not shm_pid_alive(r.owner)):
+                if r.state != SHM_REC_CLAIMED or (r.owner != me and not shm_ident_alive(r.owner)):
                     shm_store_rel8(&r.state, SHM_REC_DONE)
                     shm_add64(&self.hdr.counters.lost, 1)
                     shm_add64(&self.hdr.counters.recoveries, 1)
@@ -569,7 +670,7 @@ cdef class Ring:
     cdef bint _lock(self, int kind, int64_t deadline) except -1:
         """Take a side's lock; True if the deadline passed first."""
         cdef shm_side_t *side = &self.hdr.prod if kind == W_PLOCK else &self.hdr.cons
-        if not shm_cas32(&side.lock, 0, g_pid) and self._wait(kind, 0, deadline):
+        if not shm_cas64(&side.lock, 0, shm_self_ident()) and self._wait(kind, 0, deadline):
             return True
         self._locked(side)
         return False
@@ -614,11 +715,11 @@ cdef class Ring:
     cdef void _unlock(self, int kind) noexcept:
         cdef shm_ring_t *h = self.hdr
         if kind == W_PLOCK:
-            shm_store_rel32(&h.prod.lock, 0)
+            shm_store_rel64(&h.prod.lock, 0)
             shm_fence()
             shm_wake(&h.plock_sem, &h.wait.plock_waiters)
         else:
-            shm_store_rel32(&h.cons.lock, 0)
+            shm_store_rel64(&h.cons.lock, 0)
             shm_fence()
             shm_wake(&h.clock_sem, &h.wait.clock_waiters)
 
@@ -661,6 +762,9 @@ cdef class Ring:
         return head
 
     cdef int _write_record(self, uint64_t pos, enc_t *e, object segs) except -1:
+        """Write one record at `pos` (reserved for rec_len(e.size) bytes). Its
+        payload is e.ptr[:e.size], or when `segs` is a list its segments at
+        16-byte boundaries; never more than e.size bytes, whatever they hold."""
         cdef shm_rec_t *r = self._rec_at(pos)
         cdef char *dst = <char *>r + SHM_REC_HDR
         cdef Py_buffer b
@@ -670,31 +774,79 @@ cdef class Ring:
         r.state = SHM_REC_READY
         r.check = shm_rec_check(r.size, e.tag)
         r.owner = 0
-        if segs is None:
+        if type(segs) is not list:      # None, or the object e.ptr borrows from
             memcpy(dst, e.ptr, e.size)
             return 0
-        for seg in segs:
+        for seg in <list>segs:
             off = align16(off)
             PyObject_GetBuffer(seg, &b, PyBUF_SIMPLE)
-            memcpy(dst + off, b.buf, b.len)
-            off += b.len
-            PyBuffer_Release(&b)
+            try:
+                if b.len > e.size - off:
+                    raise RuntimeError(f"a message's buffers grew from {e.size} bytes while it was put")
+                memcpy(dst + off, b.buf, b.len)
+                off += b.len
+            finally:
+                PyBuffer_Release(&b)
         return 0
 
     cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
-        """Publish records up to `head` and wake a sleeping consumer."""
+        """Publish records up to `head`."""
         cdef shm_ring_t *h = self.hdr
-        if h.prod.pid != g_pid:
-            h.prod.pid = g_pid
+        cdef uint64_t me = shm_self_ident()
+        if h.prod.pid != me:
+            h.prod.pid = me
         h.prod.msgs += nmsgs
         h.prod.bytes += nbytes
         shm_store_rel64(&h.prod.pos, head)     # the commit point
         h.prod.lock_pos = head                 # consistent again (see _recover_lock)
         h.prod.lock_msgs = h.prod.msgs
 
-    cdef void _after_commit(self) noexcept:
-        shm_fence()
-        shm_wake(&self.hdr.data_sem, &self.hdr.wait.data_waiters)
+    cdef Py_ssize_t _produce(self, enc_t *encs, Py_ssize_t n, object keep, bint batch,
+                             int64_t deadline) except -1:
+        """The producer protocol, for put and put_many: write the encoded
+        messages encs[0:n] in order, as many at a time as there is room for
+        (one lock round trip and one commit each time), waiting for room
+        between. `keep` holds what the payloads live in: for a batch, a list
+        with each message's segments or the object its e.ptr borrows from
+        (held here so a generator's items live until copied); else the one
+        message's segments or None. Returns how many were written: n, or fewer
+        if the deadline passed first."""
+        cdef shm_ring_t *h = self.hdr
+        cdef Py_ssize_t i = 0, start
+        cdef uint64_t head, pos, length, nbytes
+        while True:
+            self._shut()
+            if self.many_producers and self._lock(W_PLOCK, deadline):
+                return i
+            start = i
+            head = shm_load_rlx64(&h.prod.pos)
+            nbytes = 0
+            try:
+                while i < n:
+                    length = rec_len(encs[i].size)
+                    pos = self._reserve(head, length, i - start)
+                    if pos == 1:
+                        break
+                    self._write_record(pos, &encs[i], keep[i] if batch else keep)
+                    head = pos + length
+                    nbytes += encs[i].size
+                    i += 1
+            finally:
+                if i > start:           # also on an error: what was written is put
+                    self._commit(head, i - start, nbytes)
+                if self.many_producers:
+                    self._unlock(W_PLOCK)
+                if i > start:
+                    shm_fence()
+                    shm_wake(&h.data_sem, &h.wait.data_waiters)
+            if i == n:
+                return n
+            # (the deadline is checked here too: _wait returns at once while
+            # the ring looks ready, and garbage may keep _reserve disagreeing)
+            if deadline != FOREVER and shm_now_ns() >= deadline:
+                return i
+            if self._wait(W_SPACE, rec_len(encs[i].size), deadline):
+                return i
 
     cdef int _check_size(self, enc_t *e) except -1:
         if self.record_size and e.tag != TAG_RECORD:
@@ -744,7 +896,7 @@ cdef class Ring:
         cdef int64_t deadline = deadline_of(block, timeout)
         self._enter()
         try:
-            if self._put_encoded(&e, segs, deadline):
+            if self._produce(&e, 1, segs, False, deadline) == 0:
                 raise queue.Full
             self._debug_check()
         finally:
@@ -769,30 +921,6 @@ cdef class Ring:
         """put(obj, block=False)."""
         return self.put(obj, False)
 
-    cdef bint _put_encoded(self, enc_t *e, object segs, int64_t deadline) except -1:
-        """Write one encoded message; True if the deadline passed first."""
-        cdef uint64_t length = rec_len(e.size)
-        cdef uint64_t pos
-        cdef shm_ring_t *h = self.hdr
-        while True:
-            self._shut()
-            if self.many_producers:
-                if self._lock(W_PLOCK, deadline):
-                    return True
-            try:
-                pos = self._reserve(shm_load_rlx64(&h.prod.pos), length, 0)
-                if pos != 1:
-                    self._write_record(pos, e, segs)
-                    self._commit(pos + length, 1, e.size)
-            finally:
-                if self.many_producers:
-                    self._unlock(W_PLOCK)
-            if pos != 1:
-                self._after_commit()
-                return False
-            if self._wait(W_SPACE, length, deadline):
-                return True
-
     def put_many(self, items, bint block=True, timeout=None):
         """Put every item of an iterable (a 1-d array of records, for
         fixed-record rings), publishing them in batches. Returns how many
@@ -802,22 +930,18 @@ cdef class Ring:
         are in the ring; ``exc.args[0]`` of queue.Full holds that count.
         """
         cdef enc_t encs[64]
-        cdef int n, i, start
-        cdef uint64_t pos, head, nbytes, length
-        cdef Py_ssize_t done = 0
+        cdef Py_ssize_t n, written, done = 0
         cdef int64_t deadline = deadline_of(block, timeout)
-        cdef shm_ring_t *h
-        if self.dtype is not None:
-            np = numpy_module()
+        cdef bint records = self.dtype is not None
+        cdef list keep
+        if records:
             arr = self._as_records(items)
             if arr.ndim != 1:
                 raise ValueError(f"put_many takes a 1-d array of records, got shape {arr.shape}")
-            raw = arr.view(np.uint8).reshape(len(arr), self.record_size) if len(arr) else ()
-            items = raw
+            items = arr.view(numpy_module().uint8).reshape(len(arr), self.record_size) if len(arr) else ()
         it = iter(items)
         self._enter()
         try:
-            h = self.hdr
             while True:
                 # encode a batch before taking any lock: pickling may run user code
                 keep = []
@@ -825,14 +949,16 @@ cdef class Ring:
                 error = None
                 try:
                     for obj in it:
-                        if self.dtype is not None:
+                        if records:
                             encs[n].tag = TAG_RECORD
                             encs[n].size = self.record_size
                             encs[n].ptr = NULL
                             keep.append([obj])
                         else:
-                            keep.append(encode(obj, &encs[n]))
+                            segs = encode(obj, &encs[n])
                             self._check_size(&encs[n])
+                            # a borrowed e.ptr points into obj: hold obj until it is copied
+                            keep.append(obj if segs is None else segs)
                         n += 1
                         if n == BATCH:
                             break
@@ -842,34 +968,10 @@ cdef class Ring:
                     if error is not None:
                         raise error
                     return done
-                i = 0
-                while i < n:
-                    self._shut()
-                    if self.many_producers:
-                        if self._lock(W_PLOCK, deadline):
-                            raise queue.Full(done + i)
-                    try:
-                        head = shm_load_rlx64(&h.prod.pos)
-                        start = i
-                        nbytes = 0
-                        while i < n:
-                            length = rec_len(encs[i].size)
-                            pos = self._reserve(head, length, i - start)
-                            if pos == 1:
-                                break
-                            self._write_record(pos, &encs[i], keep[i])
-                            head = pos + length
-                            nbytes += encs[i].size
-                            i += 1
-                        if i > start:
-                            self._commit(head, i - start, nbytes)
-                    finally:
-                        if self.many_producers:
-                            self._unlock(W_PLOCK)
-                    self._after_commit()
-                    if i < n and self._wait(W_SPACE, rec_len(encs[i].size), deadline):
-                        raise queue.Full(done + i)
-                done += n
+                written = self._produce(encs, n, keep, True, deadline)
+                done += written
+                if written < n:
+                    raise queue.Full(done)
                 if error is not None:
                     raise error
         finally:
@@ -913,20 +1015,135 @@ cdef class Ring:
                 self._unlock(W_CLOCK)
             if shm_load_rlx32(&h.wait.shutdown):
                 raise EOFError(f"ring {self.name!r} was shut down and is empty")
+            if deadline != FOREVER and shm_now_ns() >= deadline:
+                return NULL     # (as in _produce)
             if self._wait(W_DATA, 0, deadline):
                 return NULL
+
+    cdef object _consume(self, int64_t deadline, Py_ssize_t max_items, Py_ssize_t max_bytes,
+                         bint claim, list out, list tags, take_t *t):
+        """The consumer protocol, for get, get_many and get_view: wait (up to
+        `deadline`) for a message, then take it and whatever else is already
+        there, up to `max_items` messages or `max_bytes` payload bytes, in
+        one lock round trip.
+
+        Each message is copied out (_copy_out), or for a fixed-record ring
+        into one buffer; with `claim` (a zero-copy view, max_items 1) a
+        buffer payload is left in place, CLAIMED. Returns, and sets t.count
+        (0 if the deadline passed first):
+          - `out` is None (one message): the object copied out, its tag in
+            t.tag (t.tag >= TAG_NDARRAY: a bytearray still to decode), or
+            None if claimed (t.claimed; t.pos, t.rec, t.size, t.tag say where);
+          - else, a fixed-record ring: a bytearray of t.count records;
+          - else: None, the objects appended to `out` and their tags to `tags`.
+
+        A record that cannot be delivered (a garbage header or payload,
+        invalid UTF-8, a non-record in a fixed-record ring) is consumed and
+        raised (CorruptArena / CorruptMessage) only if it is the first;
+        later, the batch ends before it, so the good ones are delivered and
+        the next call raises for it."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t pos, length, head
+        cdef shm_rec_t *r
+        cdef uint8_t tag = 0
+        cdef uint32_t size = 0
+        cdef Py_ssize_t k = 0, nbytes = 0, off = 0
+        cdef bint raw = False, hold = False
+        cdef char *dst = NULL
+        one = records = None
+        t.count = 0
+        t.claimed = False
+        r = self._take(deadline, &pos, &length)
+        if r == NULL:
+            return None
+        try:
+            head = pos + length
+            if max_items > 1:
+                # one fresh look at the head per batch: take all there is
+                head = self.cached_head = shm_load_acq64(&h.prod.pos)
+                if head < pos + length or head - pos > self.capacity:
+                    self._corrupt(f"head {head} moved out of range of the cursor {pos}")
+            if self.record_size and out is not None:
+                k = (head - pos) // rec_len(self.record_size) + 1
+                if k > max_items:
+                    k = max_items
+                records = PyByteArray_FromStringAndSize(NULL, k * self.record_size)
+                dst = records
+                k = 0
+            while True:
+                # r: a message record at pos, of `length` bytes in the ring
+                try:
+                    self._payload(r, length, &tag, &size)
+                    if self.record_size and (tag != TAG_RECORD or size != self.record_size):
+                        self._corrupt(f"record of tag {tag} and {size} bytes in a ring of "
+                                      f"{self.record_size}-byte records")
+                    if records is not None:
+                        memcpy(dst + off, (<char *>r) + SHM_REC_HDR, size)
+                        off += size
+                    else:
+                        hold = claim and (tag < TAG_STR or tag > TAG_NONE)
+                        if not hold:
+                            one = self._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw)
+                except Exception:
+                    if k:
+                        break       # deliver what was taken; the next call raises for this one
+                    self._consumed(pos, length, r, size, False)     # else it would block the ring
+                    shm_add64(&h.counters.bad_messages, 1)
+                    try:
+                        self._advance_tail()
+                    except CorruptArena:
+                        pass        # the error raised is about this record
+                    raise
+                self._consumed(pos, length, r, size, hold)
+                k += 1
+                nbytes += size
+                if out is not None and records is None:
+                    out.append(one)
+                    tags.append(tag)
+                pos += length
+                if k == max_items or (max_bytes > 0 and nbytes >= max_bytes):
+                    break
+                # the next message record, past any padding
+                try:
+                    while pos != head:
+                        length = self._check_record(pos, head)
+                        r = self._rec_at(pos)
+                        if r.tag != TAG_PAD:
+                            break
+                        pos += length
+                        shm_store_rel64(&h.cons.cursor, pos)
+                except CorruptArena:
+                    break           # the next call meets it first, and raises
+                if pos == head:
+                    break
+            try:
+                self._advance_tail()
+            except CorruptArena:
+                pass                # consumed: deliver them; the next call raises
+        finally:
+            if self.many_consumers:
+                self._unlock(W_CLOCK)
+        t.count = k
+        t.tag = tag
+        if hold:
+            t.claimed = True
+            t.pos = pos - length
+            t.rec = r
+            t.size = size
+        return one if out is None else records
 
     cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, uint32_t size, bint claim) noexcept:
         """Mark the record at `pos` taken: DONE after a copy, CLAIMED while a
         view is open on it; then move the cursor past it."""
         cdef shm_ring_t *h = self.hdr
+        cdef uint64_t me = shm_self_ident()
         if claim:
-            r.owner = g_pid
+            r.owner = me
             shm_store_rel8(&r.state, SHM_REC_CLAIMED)
         else:
             shm_store_rel8(&r.state, SHM_REC_DONE)
-        if h.cons.pid != g_pid:
-            h.cons.pid = g_pid
+        if h.cons.pid != me:
+            h.cons.pid = me
         h.cons.msgs += 1
         h.cons.bytes += size
         shm_store_rel64(&h.cons.cursor, pos + length)
@@ -981,6 +1198,46 @@ cdef class Ring:
         raw[0] = True
         return PyByteArray_FromStringAndSize(p, size)
 
+    cdef object _decode(self, uint8_t tag, object buf):
+        """Decode a buffer payload (after the record was released or while it
+        is claimed). A payload that does not decode costs that one message:
+        counted, and raised as CorruptMessage (UndecodableMessage when its
+        pickle, intact, fails to load here), chained from the cause."""
+        try:
+            return decode_buffer(tag, buf, self.dtype, self.allow_pickle)
+        except Exception as exc:
+            if not self.closed and self.hdr != NULL:
+                shm_add64(&self.hdr.counters.bad_messages, 1)
+            if isinstance(exc, CorruptMessage):
+                raise
+            raise CorruptMessage(f"{TAG_NAMES[tag]} message does not decode: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+
+    cdef list _from_pending(self, Py_ssize_t max_items):
+        """Deliver up to `max_items` messages left over from a batch whose
+        decoding failed part way (see get_many), in order; the failure
+        itself is raised when it comes first."""
+        cdef list result = []
+        cdef uint8_t tag
+        pending = self.pending
+        while pending and len(result) < max_items:
+            tag, value = pending[0]
+            if tag == TAG_FAILED and result:
+                break
+            pending.popleft()
+            if tag == TAG_FAILED:
+                raise value
+            if tag >= TAG_NDARRAY:
+                try:
+                    value = self._decode(tag, value)
+                except CorruptMessage as exc:
+                    if not result:
+                        raise
+                    pending.appendleft((TAG_FAILED, exc))
+                    break
+            result.append(value)
+        return result
+
     def get(self, bint block=True, timeout=None):
         """Take the next message, blocking while the ring is empty (up to
         `timeout` seconds; None: forever) unless block is False.
@@ -989,34 +1246,28 @@ cdef class Ring:
             queue.Empty: nothing arrived in time.
             EOFError: the ring was shut down and is empty.
             PeerDied: the sole producer died and everything it sent was read.
+            CorruptMessage: the message does not decode (it is consumed and
+                counted in ``stats()["bad_messages"]``; the ring goes on);
+                UndecodableMessage, a subclass, when its pickle fails to load
+                here (a class this process cannot import, an exception class
+                whose ``__init__`` takes other arguments), chained from that.
             CorruptArena: the shared memory holds garbage.
         """
-        cdef uint64_t pos, length
-        cdef shm_rec_t *r
-        cdef bint raw
-        cdef uint8_t tag = 0
-        cdef uint32_t size = 0
+        cdef take_t t
+        if self.pending:
+            self._check_open()
+            return self._from_pending(1)[0]
         cdef int64_t deadline = deadline_of(block, timeout)
         self._enter()
         try:
-            r = self._take(deadline, &pos, &length)
-            if r == NULL:
-                raise queue.Empty
-            try:
-                try:
-                    self._payload(r, length, &tag, &size)
-                    out = self._copy_out((<const char *>r) + SHM_REC_HDR, tag, size, &raw)
-                finally:
-                    self._consumed(pos, length, r, size, False)     # a bad payload is consumed too
-                    self._advance_tail()
-            finally:
-                if self.many_consumers:
-                    self._unlock(W_CLOCK)
+            out = self._consume(deadline, 1, 0, False, None, None, &t)
             self._debug_check()
         finally:
             self._leave()
-        if raw:
-            return decode_buffer(tag, out, self.dtype)
+        if t.count == 0:
+            raise queue.Empty
+        if t.tag >= TAG_NDARRAY:
+            return self._decode(t.tag, out)
         return out
 
     def get_nowait(self):
@@ -1031,74 +1282,44 @@ cdef class Ring:
         max_bytes: if > 0, stop once the messages taken hold that many payload
         bytes (at least one message is always taken). Keeps batches of large
         messages from costing a burst of allocations.
+
+        A message that cannot be delivered costs only itself: the call returns
+        the messages before it, and the next call (get, get_many or get_view)
+        raises its error (as get does), then the ones after it follow, in
+        order; none is lost or delivered twice. If it is the first, this call
+        raises.
         """
-        cdef uint64_t pos, length, head, cursor, tail
-        cdef shm_rec_t *r
-        cdef bint raw
-        cdef Py_ssize_t k = 0, off = 0, taken_bytes = 0
-        cdef int64_t deadline = deadline_of(block, timeout)
-        cdef uint8_t tag = 0
-        cdef uint32_t size = 0
-        cdef char *dst = NULL
+        cdef take_t t
+        cdef Py_ssize_t i = 0, k
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
-        out = []
-        tags = []
-        records = None
+        if self.pending:
+            self._check_open()
+            return self._from_pending(max_items)
+        cdef int64_t deadline = deadline_of(block, timeout)
+        cdef list out = []
+        cdef list tags = []
         self._enter()
         try:
-            r = self._take(deadline, &pos, &length)
-            if r == NULL:
-                raise queue.Empty
-            try:
-                # one fresh look at the head per batch: take all there is
-                head = self.cached_head = shm_load_acq64(&self.hdr.prod.pos)
-                if head < pos or head - pos > self.capacity:
-                    self._corrupt(f"head {head} moved out of range of the cursor {pos}")
-                if self.record_size:
-                    k = (head - pos) // rec_len(self.record_size) + 1
-                    if k > max_items:
-                        k = max_items
-                    records = PyByteArray_FromStringAndSize(NULL, k * self.record_size)
-                    dst = records
-                    k = 0
-                while True:
-                    if r.tag != TAG_PAD:
-                        self._payload(r, length, &tag, &size)
-                        if records is not None:
-                            if tag != TAG_RECORD or size != self.record_size:
-                                self._consumed(pos, length, r, size, False)
-                                self._corrupt(f"record of tag {tag} and {size} bytes in a fixed-record ring")
-                            memcpy(dst + off, (<char *>r) + SHM_REC_HDR, size)
-                            off += size
-                        else:
-                            tags.append(tag)
-                            try:
-                                out.append(self._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw))
-                            except CorruptMessage:
-                                self._consumed(pos, length, r, size, False)
-                                raise
-                        self._consumed(pos, length, r, size, False)
-                        k += 1
-                        taken_bytes += size
-                    else:
-                        shm_store_rel64(&self.hdr.cons.cursor, pos + length)
-                    pos += length
-                    if k == max_items or pos == head or (max_bytes > 0 and taken_bytes >= max_bytes):
-                        break
-                    length = self._check_record(pos, head)
-                    r = self._rec_at(pos)
-            finally:
-                self._advance_tail()
-                if self.many_consumers:
-                    self._unlock(W_CLOCK)
+            records = self._consume(deadline, max_items, max_bytes, False, out, tags, &t)
         finally:
             self._leave()
+        if t.count == 0:
+            raise queue.Empty
         if records is not None:
-            return numpy_module().frombuffer(records, dtype=self.dtype, count=k)
-        for i in range(k):
-            if tags[i] >= TAG_NDARRAY:
-                out[i] = decode_buffer(tags[i], out[i], self.dtype)
+            return numpy_module().frombuffer(records, dtype=self.dtype, count=t.count)
+        k = t.count
+        try:
+            for i in range(k):
+                if <uint8_t>tags[i] >= TAG_NDARRAY:
+                    out[i] = self._decode(tags[i], out[i])
+        except CorruptMessage as exc:
+            # keep the rest, undecoded and in order, for the next calls
+            self.pending.extend(zip(tags[i + 1:], out[i + 1:]))
+            if i == 0:
+                raise
+            self.pending.appendleft((TAG_FAILED, exc))
+            del out[i:]
         return out
 
     def get_view(self, bint block=True, timeout=None):
@@ -1108,15 +1329,22 @@ cdef class Ring:
         types come decoded as usual. The ring space is freed on leaving."""
         return MessageView(self, deadline_of(block, timeout))
 
-    cdef int _release_claim(self, uint64_t pos) except -1:
-        cdef shm_rec_t *r
+    cdef int _release_claim(self, uint64_t pos, int64_t deadline) except -1:
+        """Mark a record this process claimed DONE, then move the tail if the
+        consumer side can be had by `deadline`; if not, its holder or the next
+        consumer (or a producer short of room, after a wait slice) moves it."""
+        cdef shm_rec_t *r = self._rec_at(pos)
+        # an atomic store: a claim is ours alone, and the tail only moves
+        # over DONE records; a claim taken back by recovery (we looked dead)
+        # is no longer ours
+        if r.state == SHM_REC_CLAIMED and r.owner == shm_self_ident():
+            shm_store_rel8(&r.state, SHM_REC_DONE)
         if self.many_consumers:
-            self._lock(W_CLOCK, FOREVER)
+            if self.closed:
+                deadline = 0
+            if self._lock(W_CLOCK, deadline):
+                return 0
         try:
-            r = self._rec_at(pos)
-            # a claim taken back by recovery (we looked dead) is no longer ours
-            if r.state == SHM_REC_CLAIMED and r.owner == g_pid:
-                shm_store_rel8(&r.state, SHM_REC_DONE)
             self._advance_tail()
         finally:
             if self.many_consumers:
@@ -1125,12 +1353,12 @@ cdef class Ring:
 
     # ------------------------------------------------------------ state
     def qsize(self):
-        """Messages in the ring now (approximate while others put and get)."""
-        if self.closed:
-            raise RingClosed(f"ring {self.name!r} is closed")
+        """Messages in the ring now (approximate while others put and get),
+        plus any this process took but has yet to deliver (see get_many)."""
+        self._check_open()
         cdef uint64_t i = shm_load_rlx64(&self.hdr.prod.msgs)
         cdef uint64_t o = shm_load_rlx64(&self.hdr.cons.msgs)
-        return i - o if i > o else 0
+        return (i - o if i > o else 0) + len(self.pending)
 
     def empty(self):
         """True if the ring holds no message now (approximate)."""
@@ -1151,7 +1379,6 @@ cdef class Ring:
         BrokenPipeError; gets drain what is left, then raise EOFError."""
         self._enter()
         try:
-            h = self.hdr
             shm_store_rel32(&self.hdr.wait.shutdown, 1)
             shm_fence()
             # (bounded: the counts themselves may be garbage)
@@ -1170,7 +1397,11 @@ cdef class Ring:
         return shm_load_rlx32(&self.hdr.wait.shutdown) != 0
 
     def stats(self):
-        """Live counters kept in the shared memory, as a dict."""
+        """Live counters kept in the shared memory, as a dict.
+
+        ``lost``: messages lost with a dead process; ``bad_messages``: messages
+        taken that could not be delivered (garbage records, payloads that
+        failed to decode), each raised to the call that took it."""
         if self.closed:
             raise RingClosed(f"ring {self.name!r} is closed")
         cdef shm_ring_t *h = self.hdr
@@ -1195,9 +1426,10 @@ cdef class Ring:
             "consumer_blocked_s": shm_load_rlx64(&h.counters.consumer_blocked_ns) / 1e9,
             "recoveries": shm_load_rlx64(&h.counters.recoveries),
             "lost": shm_load_rlx64(&h.counters.lost),
+            "bad_messages": shm_load_rlx64(&h.counters.bad_messages),
             "shutdown": shm_load_rlx32(&h.wait.shutdown) != 0,
-            "producer_pid": shm_load_rlx32(&h.prod.pid),
-            "consumer_pid": shm_load_rlx32(&h.cons.pid),
+            "producer_pid": <uint32_t>shm_load_rlx64(&h.prod.pid),
+            "consumer_pid": <uint32_t>shm_load_rlx64(&h.cons.pid),
         }
 
 
@@ -1216,52 +1448,43 @@ cdef class MessageView:
 
     def __enter__(self):
         cdef Ring ring = self.ring
-        cdef uint64_t pos, length
-        cdef shm_rec_t *r
-        cdef uint8_t tag = 0
-        cdef uint32_t size = 0
-        cdef bint raw
+        cdef take_t t
         if self.held:
             raise RuntimeError("this view is already open")
+        if ring.pending:
+            ring._check_open()
+            return ring._from_pending(1)[0]
         ring._enter()
         try:
-            r = ring._take(self.deadline, &pos, &length)
-            if r == NULL:
-                raise queue.Empty
-            try:
-                try:
-                    ring._payload(r, length, &tag, &size)
-                except BaseException:
-                    ring._consumed(pos, length, r, size, False)     # a bad record is consumed
-                    ring._advance_tail()
-                    raise
-                ring._consumed(pos, length, r, size, True)
-            finally:
-                if ring.many_consumers:
-                    ring._unlock(W_CLOCK)
+            out = ring._consume(self.deadline, 1, 0, True, None, None, &t)
         except BaseException:
             ring._leave()
             raise
-        self.pos = pos
+        if not t.claimed:
+            ring._leave()
+            if t.count == 0:
+                raise queue.Empty
+            if t.tag >= TAG_NDARRAY:        # cannot happen: such payloads are claimed
+                return ring._decode(t.tag, out)
+            return out                      # str and scalars come copied: nothing is held
+        self.pos = t.pos
         self.held = True
         global g_views_open
         g_views_open += 1
         try:
-            if TAG_STR <= tag <= TAG_NONE:
-                return ring._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw)
-            start = (<char *>r) + SHM_REC_HDR - <char *>ring.view.buf
-            self.mv = memoryview(ring.buffer)[start: start + size].toreadonly()
-            if tag == TAG_BYTES or tag == TAG_BYTEARRAY:
+            start = (<char *>t.rec) + SHM_REC_HDR - <char *>ring.view.buf
+            self.mv = memoryview(ring.buffer)[start: start + t.size].toreadonly()
+            if t.tag == TAG_BYTES or t.tag == TAG_BYTEARRAY:
                 return self.mv
-            return decode_buffer(tag, self.mv, ring.dtype)
+            return ring._decode(t.tag, self.mv)
         except BaseException:
-            self._close()
+            self._close(shm_now_ns() + CLAIM_RELEASE_NS)
             raise
 
-    cdef void _close(self):
+    cdef int _close(self, int64_t deadline) except -1:
         global g_views_open
         if not self.held:
-            return
+            return 0
         self.held = False
         g_views_open -= 1
         if self.mv is not None:
@@ -1271,17 +1494,21 @@ cdef class MessageView:
                 pass        # the caller kept an array over it: its contents may change
             self.mv = None
         try:
-            self.ring._release_claim(self.pos)
+            self.ring._release_claim(self.pos, deadline)
         finally:
             self.ring._leave()
+        return 0
 
     def __exit__(self, *exc):
-        self._close()
+        # bounded: the record is released at once; only moving the tail
+        # waits for the consumer lock, and that can be left to others
+        self._close(shm_now_ns() + CLAIM_RELEASE_NS)
         return False
 
     def __dealloc__(self):
-        if self.held and self.ring is not None and not self.ring.closed:
+        # a finalizer must not wait: try the consumer lock once
+        if self.held and self.ring is not None:
             try:
-                self._close()
+                self._close(0)
             except BaseException:
                 pass

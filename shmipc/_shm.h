@@ -11,6 +11,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -25,7 +26,7 @@
 #endif
 
 #define SHM_RING_MAGIC   0x474e495243504953ULL   /* "SIPCRING" little-endian */
-#define SHM_RING_VERSION 1u
+#define SHM_RING_VERSION 2u   /* 2: owners are 64-bit process identities */
 #define SHM_CACHE_LINE   64
 
 /* header->flags */
@@ -47,8 +48,8 @@ typedef struct {
     uint8_t  tag;       /* message type, see _codec.pxi; 0 = padding to the end */
     uint8_t  state;     /* SHM_REC_READY / CLAIMED / DONE */
     uint16_t check;     /* shm_rec_check(size, tag): catches garbage headers */
-    uint32_t owner;     /* pid of the consumer holding a CLAIMED record */
-    uint32_t reserved;
+    uint64_t owner;     /* identity (shm_self_ident) of the consumer holding a
+                           CLAIMED record */
 } shm_rec_t;
 
 /* One side of the ring (producers or consumers), alone on its cache line so
@@ -59,8 +60,9 @@ typedef struct {
     uint64_t cursor;    /* consumers: bytes ever claimed (>= tail); producers: unused */
     uint64_t msgs;      /* messages committed / taken */
     uint64_t bytes;     /* payload bytes committed / taken */
-    uint32_t lock;      /* pid holding this side's lock ("many" side), 0 = free */
-    uint32_t pid;       /* pid of the last process that used this side */
+    uint64_t lock;      /* identity of the process holding this side's lock
+                           ("many" side), 0 = free; see shm_self_ident */
+    uint64_t pid;       /* identity of the last process that used this side */
     uint64_t lock_pos;  /* while the lock is held: the position (head, or cursor)
                            at the holder's last consistent point ... */
     uint64_t lock_msgs; /* ... and `msgs` then: recovery from a dead holder
@@ -87,6 +89,8 @@ typedef struct {
     uint64_t lost;           /* messages lost with a dead process */
     uint64_t high_water;     /* most bytes seen in the ring (sampled by the producer
                                 whenever it re-reads the tail: see _reserve) */
+    uint64_t bad_messages;   /* messages taken that could not be delivered: garbage
+                                records, payloads that failed to decode */
 } __attribute__((aligned(SHM_CACHE_LINE))) shm_counters_t;
 
 typedef struct {
@@ -118,6 +122,7 @@ typedef struct {
 _Static_assert(sizeof(shm_rec_t) == SHM_REC_HDR, "record header must be 16 bytes");
 _Static_assert(sizeof(shm_side_t) == SHM_CACHE_LINE, "a side must fill one cache line");
 _Static_assert(offsetof(shm_ring_t, prod) % SHM_CACHE_LINE == 0, "prod line aligned");
+_Static_assert(sizeof(shm_counters_t) == SHM_CACHE_LINE, "counters fill one cache line");
 
 static inline uint16_t shm_rec_check(uint32_t size, uint8_t tag) {
     uint32_t h = size * 2654435761u + (uint32_t)tag * 40503u + 0x5A17u;
@@ -128,16 +133,12 @@ static inline uint16_t shm_rec_check(uint32_t size, uint8_t tag) {
 static inline uint64_t shm_load_acq64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint64_t shm_load_rlx64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void shm_store_rel64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-static inline void shm_store_rlx64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
-static inline uint32_t shm_load_acq32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint32_t shm_load_rlx32(const uint32_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }
 static inline void shm_store_rel32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
-static inline void shm_store_rlx32(uint32_t *p, uint32_t v) { __atomic_store_n(p, v, __ATOMIC_RELAXED); }
-static inline uint8_t shm_load_acq8(const uint8_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline void shm_store_rel8(uint8_t *p, uint8_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
 static inline void shm_add32(uint32_t *p, int32_t d) { __atomic_fetch_add(p, (uint32_t)d, __ATOMIC_SEQ_CST); }
 static inline void shm_add64(uint64_t *p, uint64_t d) { __atomic_fetch_add(p, d, __ATOMIC_RELAXED); }
-static inline int shm_cas32(uint32_t *p, uint32_t expected, uint32_t desired) {
+static inline int shm_cas64(uint64_t *p, uint64_t expected, uint64_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
 }
 static inline void shm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
@@ -209,14 +210,26 @@ static inline void shm_wake(sem_t *sem, const uint32_t *waiters) {
     if ((uint32_t)value < w) sem_post(sem);
 }
 
-/* ---- liveness ---- */
-/* 1 if `pid` names a live process, 0 if it is gone or a zombie (a killed child
- * its parent has not reaped yet must count as dead, or nobody would recover
- * what it held until the parent called wait()). */
-static inline int shm_pid_alive(uint32_t pid) {
-    if (pid == 0) return 0;
+/* ---- liveness and identity ----
+ * A pid alone does not name a process: pids are recycled, and a garbage word
+ * in shared memory may happen to be a live pid. So owners (lock holders,
+ * claimers, the last user of a side) are recorded as an identity: the pid in
+ * the low 32 bits, a token of the process's start time (clock ticks since
+ * boot, /proc/<pid>/stat field 22) in the high 32. A word whose pid is alive
+ * but whose token differs names a recycled pid, or garbage: not the owner.
+ * Without a readable /proc the token is 0 and the pid alone is checked. */
+#define SHM_PID_MAX 4194304u    /* PID_MAX_LIMIT: larger "pids" are garbage, and
+                                   kill() would read them as process groups */
+
+/* Read /proc/<pid>/stat: returns 0 if the process is gone or a zombie (a
+ * killed child its parent has not reaped yet must count as dead, or nobody
+ * would recover what it held until the parent called wait()), 1 if it lives.
+ * *token gets its start-time token, or 0 if unknown. */
+static inline int shm_proc_stat(uint32_t pid, uint32_t *token) {
+    *token = 0;
+    if (pid == 0 || pid > SHM_PID_MAX) return 0;
     if (kill((pid_t)pid, 0) != 0 && errno == ESRCH) return 0;
-    char path[64], buf[512];
+    char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%u/stat", pid);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) return errno == ENOENT ? 0 : 1;
@@ -226,7 +239,46 @@ static inline int shm_pid_alive(uint32_t pid) {
     buf[n] = 0;
     char *p = strrchr(buf, ')');   /* the command name may itself hold ')' */
     if (p == NULL || p[1] != ' ') return 1;
-    return !(p[2] == 'Z' || p[2] == 'X' || p[2] == 'x');
+    if (p[2] == 'Z' || p[2] == 'X' || p[2] == 'x') return 0;
+    /* p[2] is field 3 (state); skip to field 22 (starttime) */
+    char *q = p + 2;
+    for (int field = 3; field < 22; field++) {
+        q = strchr(q, ' ');
+        if (q == NULL) return 1;
+        q++;
+    }
+    unsigned long long ticks = strtoull(q, NULL, 10);
+    *token = (uint32_t)(ticks % 0xFFFFFFFFull) + 1;    /* never 0 */
+    return 1;
+}
+
+static inline int shm_pid_alive(uint32_t pid) {
+    uint32_t token;
+    return shm_proc_stat(pid, &token);
+}
+
+/* This process's identity, computed on first use (shm_self_reset() after a
+ * fork): one read of /proc/self/stat per process. */
+static uint64_t shm_self = 0;
+
+static inline uint64_t shm_self_ident(void) {
+    uint64_t id = __atomic_load_n(&shm_self, __ATOMIC_RELAXED);
+    if (__builtin_expect(id == 0, 0)) {
+        uint32_t pid = (uint32_t)getpid(), token = 0;
+        shm_proc_stat(pid, &token);
+        id = ((uint64_t)token << 32) | pid;
+        __atomic_store_n(&shm_self, id, __ATOMIC_RELAXED);
+    }
+    return id;
+}
+
+static inline void shm_self_reset(void) { __atomic_store_n(&shm_self, 0, __ATOMIC_RELAXED); }
+
+/* 1 if `ident` names a live process that is the one which wrote it. */
+static inline int shm_ident_alive(uint64_t ident) {
+    uint32_t token;
+    if (!shm_proc_stat((uint32_t)ident, &token)) return 0;
+    return token == 0 || token == (uint32_t)(ident >> 32);
 }
 
 #endif /* SHMIPC_SHM_H */

@@ -12,6 +12,7 @@ __all__ = [
     "MessageTooLarge",
     "CorruptArena",
     "CorruptMessage",
+    "UndecodableMessage",
     "RingClosed",
     "ArenaClosed",
     "PeerDied",
@@ -59,6 +60,17 @@ class CorruptArena(ShmipcError):
 
 class CorruptMessage(CorruptArena):
     """A record's payload does not decode (bad lengths, offsets or dtype)."""
+
+
+class UndecodableMessage(CorruptMessage):
+    """A pickled message arrived but does not load in this process.
+
+    Unpickling it raised (the original exception is ``__cause__``): a class
+    this process cannot import, an exception class whose ``__init__`` takes
+    other arguments than its ``args``, or bytes a peer forged. Only that one
+    message is lost (and counted in the ring's ``stats()["bad_messages"]``);
+    the ring, queue or connection goes on.
+    """
 
 
 class RingClosed(ShmipcError, ValueError):

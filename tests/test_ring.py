@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 import shmipc
+import shmipc.errors
+from shmipc import _ring
 from conftest import fork_child, wait_child
 
 
@@ -520,3 +522,307 @@ def test_high_water_mark_catches_a_full_ring(arena):
     ring.get_many(1000)
     ring.put(b"small")
     assert ring.stats()["high_water"] == full and ring.stats()["bytes_used"] == 32
+
+
+# ---------------------------------------------------------------- hardening (issue 9)
+# Hostile values are written at the ring's own field offsets (_ring._layout()).
+
+def region_of(ring):
+    """The ring's region in its arena: (buffer, offset of the ring header)."""
+    region = next(r for r in ring.arena.regions() if r.name == ring.name)
+    return ring.arena.buf, region.offset
+
+
+def poke(ring, field, fmt, value):
+    buf, base = region_of(ring)
+    struct.pack_into(fmt, buf, base + _ring._layout()[field], value)
+
+
+def _generator_producer(ring, big):
+    # every item is a fresh object that only the generator refers to
+    ring.put_many(bytes([i % 251]) * 3000 for i in range(200))
+    ring.put_many(("\u00e9%d" % i) * 500 for i in range(50))
+    ring.put_many(bytes([i]) * (1 << 20) for i in range(big))
+
+
+@pytest.mark.timeout(60)
+def test_put_many_holds_generator_items_until_copied():
+    """put_many used to keep only a pointer into each bytes/str of a batch: a
+    generator's items were freed before being copied (corrupt messages, or a
+    segfault for 1 MiB items). The producer runs in a child so that a crash
+    shows as its exit status."""
+    arena = shmipc.Arena(24 << 20)
+    ring = arena.ring(8 << 20, producers="one", consumers="one")
+    big = 8
+    pid = fork_child(_generator_producer, ring, big)
+    got = []
+    while len(got) < 200 + 50 + big:
+        got += ring.get_many(64, timeout=20)
+    assert wait_child(pid, 30) == 0
+    assert got[:200] == [bytes([i % 251]) * 3000 for i in range(200)]
+    assert got[200:250] == [("\u00e9%d" % i) * 500 for i in range(50)]
+    for i, msg in enumerate(got[250:]):
+        assert msg == bytes([i]) * (1 << 20), f"1 MiB item {i} arrived corrupt"
+    arena.close()
+
+
+class NeedsCode(Exception):
+    """An exception whose __init__ takes more than its args: pickles, but its
+    unpickling calls NeedsCode(msg) and fails."""
+
+    def __init__(self, msg, code):
+        super().__init__(msg)
+        self.code = code
+
+
+def _put_a_class_the_parent_cannot_import(ring):
+    import sys
+    import types
+    mod = types.ModuleType("shmipc_test_only_in_child")
+    cls = type("OnlyHere", (), {"__module__": mod.__name__})
+    mod.OnlyHere = cls
+    sys.modules[mod.__name__] = mod
+    ring.put_many(["before", cls(), "after"])
+
+
+@pytest.mark.timeout(30)
+def test_get_many_delivers_every_good_message_around_an_undecodable_one(arena, sides):
+    """One message that fails to decode used to cost its whole batch. Now the
+    batch stops before it, the next call raises it (counted), and the ones
+    after it follow: nothing lost, nothing twice."""
+    ring = arena.ring(1 << 16, producers=sides, consumers=sides)
+    ring.put_many([1, "two", NeedsCode("x", 3), [4], b"5", np.arange(3)])
+    assert ring.qsize() == 6
+    assert ring.get_many(10) == [1, "two"]
+    assert ring.qsize() == 4            # taken from the ring but not yet delivered: still counted
+    with pytest.raises(shmipc.CorruptMessage) as info:
+        ring.get_many(10)
+    assert isinstance(info.value, shmipc.errors.UndecodableMessage)
+    assert isinstance(info.value.__cause__, TypeError)
+    rest = ring.get_many(10)
+    assert rest[:2] == [[4], b"5"] and np.array_equal(rest[2], np.arange(3))
+    assert ring.empty() and ring.stats()["bad_messages"] == 1
+    # the bad one first in its batch: raised at once, the rest follows
+    ring.put_many([NeedsCode("y", 1), 6, 7])
+    with pytest.raises(shmipc.CorruptMessage):
+        ring.get_many(10)
+    assert ring.get() == 6                  # pending messages reach get and get_view too
+    with ring.get_view() as v:
+        assert v == 7
+    # get alone: the bad message raises, the next is fine
+    ring.put(NeedsCode("z", 2))
+    ring.put(8)
+    with pytest.raises(shmipc.CorruptMessage):
+        ring.get()
+    assert ring.get() == 8 and ring.stats()["bad_messages"] == 3
+    # a class only the producer can import
+    assert wait_child(fork_child(_put_a_class_the_parent_cannot_import, ring)) == 0
+    assert ring.get_many(10) == ["before"]
+    with pytest.raises(shmipc.CorruptMessage) as info:
+        ring.get_many(10)
+    assert isinstance(info.value.__cause__, ImportError)
+    assert ring.get_many(10) == ["after"]
+    assert ring.stats()["bad_messages"] == 4 and ring.empty()
+
+
+@pytest.mark.timeout(20)
+def test_get_many_stops_before_a_garbage_record_and_keeps_the_good_ones(arena):
+    ring = arena.ring(1 << 16)
+    ring.put_many([b"a", "\u00e9t\u00e9", b"c"])
+    # the second message's UTF-8 made invalid under the lock: it cannot even be copied out
+    buf, base = region_of(ring)
+    data = base + _ring._layout()["data"]
+    second = data + 32                       # after the 16-byte header and 16-aligned b"a"
+    assert bytes(buf[second + 16: second + 18]) == "\u00e9".encode()
+    buf[second + 16] = 0xFF
+    assert ring.get_many(10) == [b"a"]
+    with pytest.raises(shmipc.CorruptMessage, match="UTF-8"):
+        ring.get_many(10)
+    assert ring.get_many(10) == [b"c"] and ring.stats()["bad_messages"] == 1
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("forged", ['"<u8"', '"|O8"'])
+def test_fixed_record_dtype_must_match_the_ring_header(forged):
+    """A peer that rewrites the region table's dtype used to make a later put
+    write past its record (8-byte items into 4-byte records)."""
+    arena = shmipc.Arena(1 << 20)
+    ring = arena.ring(4096, name="recs", dtype="<u4")
+    ring.put(7)
+    buf = arena.buf
+    at = bytes(buf).find(b'"dtype":"<u4"')
+    assert at > 0
+    buf[at + 8: at + 8 + len(forged)] = forged.encode()
+    with pytest.raises(shmipc.CorruptArena, match="dtype"):
+        arena.ring(name="recs")
+    assert ring.get() == 7
+    arena.close()
+
+
+@pytest.mark.timeout(30)
+def test_forged_payloads_raise_corrupt_message(arena, sides):
+    """Lengths, shapes and pickles forged in a record raise CorruptMessage
+    (not OverflowError, UnpicklingError, ...), from get, get_many and
+    get_view alike, and cost only that message."""
+    ring = arena.ring(1 << 16, producers=sides, consumers=sides)
+    buf, base = region_of(ring)
+    data = base + _ring._layout()["data"]
+    forgeries = [
+        (np.arange(4, dtype=np.int64), 16 + 8, "<Q", 2**63 + 5),        # shape overflows
+        (np.arange(4, dtype=np.int64), 16 + 8, "<Q", 2**40),            # shape far too large
+        (np.arange(4, dtype=np.int64), 16, "<B", 200),                  # ndim beyond the payload
+        ({"a": 1}, 16 + 32, "<Q", 0x4141414141414141),                  # pickle bytes garbage
+        ({"a": 1}, 16, "<I", 0xFFFFFFFF),                               # pickle segment count
+        ({"a": 1}, 16 + 8, "<Q", 2**63),                                # pickle segment length
+    ]
+    for how in ("get", "get_many", "get_view"):
+        for obj, off, fmt, value in forgeries:
+            assert ring.empty()
+            pos = _ring_head(ring)
+            ring.put(obj)
+            ring.put("next")
+            struct.pack_into(fmt, buf, data + (pos & (ring.capacity - 1)) + off, value)
+            with pytest.raises(shmipc.CorruptMessage):
+                if how == "get":
+                    ring.get(timeout=1)
+                elif how == "get_many":
+                    ring.get_many(1, timeout=1)
+                else:
+                    with ring.get_view(timeout=1):
+                        pass
+            assert ring.get(timeout=1) == "next"
+    assert ring.stats()["bad_messages"] == 3 * len(forgeries)
+
+
+def _ring_head(ring):
+    buf, base = region_of(ring)
+    return struct.unpack_from("<Q", buf, base + _ring._layout()["prod.pos"])[0]
+
+
+def _sleep_until_killed(ready):
+    ready.put(os.getpid())
+    time.sleep(120)
+
+
+@pytest.fixture
+def unrelated_live_pid(arena):
+    """The pid of a live process that has nothing to do with any ring."""
+    ready = arena.ring(4096)
+    pid = fork_child(_sleep_until_killed, ready)
+    assert ready.get(timeout=10) == pid
+    yield pid
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("side", ["prod", "cons"])
+def test_lock_word_naming_a_live_unrelated_pid_is_taken_over(arena, unrelated_live_pid, side):
+    """A lock word holding a live pid that is not the lock's owner (garbage, or
+    a recycled pid) used to block every call for as long as that process
+    lived. Owners are identified by pid and start time: it is taken over."""
+    ring = arena.ring(4096, producers="many", consumers="many")
+    ring.put(b"queued")
+    poke(ring, f"{side}.lock", "<Q", unrelated_live_pid)
+    t = time.monotonic()
+    if side == "prod":
+        ring.put(b"more", timeout=5)
+    else:
+        assert ring.get(timeout=5) == b"queued"
+    assert time.monotonic() - t < 2
+    assert ring.stats()["recoveries"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_claim_owned_by_a_live_unrelated_pid_is_reclaimed(arena, unrelated_live_pid):
+    """A claimed record whose owner word names a live process that is not its
+    claimer is released when producers run short of room."""
+    ring = arena.ring(4096, producers="many", consumers="many")
+    ring.put(b"claimed")
+    view = ring.get_view(timeout=1)
+    assert view.__enter__() == b"claimed"
+    buf, base = region_of(ring)
+    L = _ring._layout()
+    struct.pack_into("<Q", buf, base + L["data"] + L["rec.owner"], unrelated_live_pid)
+    for i in range(10):             # the claimed record pins the tail: producers need it back
+        ring.put(bytes([i]) * 1000, timeout=5)
+        assert ring.get(timeout=1) == bytes([i]) * 1000
+    stats = ring.stats()
+    assert stats["recoveries"] >= 1 and stats["lost"] == 1
+    view.__exit__(None, None, None)             # no longer ours: nothing to release
+    assert ring.empty() and ring.stats()["bytes_used"] == 0
+
+
+def _drop_a_view_while_the_lock_is_held(ring, owner_ident):
+    view = ring.get_view(timeout=1)
+    assert view.__enter__() == b"held"
+    poke(ring, "cons.lock", "<Q", owner_ident)      # a live process holds the consumer lock
+    t = time.monotonic()
+    del view                                        # __dealloc__: must not wait for it
+    assert time.monotonic() - t < 0.5
+    view = ring.get_view(timeout=1)
+    poke(ring, "cons.lock", "<Q", 0)
+    assert view.__enter__() == b"second"
+    poke(ring, "cons.lock", "<Q", owner_ident)
+    t = time.monotonic()
+    view.__exit__(None, None, None)                 # bounded too
+    assert time.monotonic() - t < 3
+
+
+def _ident(pid):
+    """A live process's ring identity: its pid and start-time token."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[19]) % 0xFFFFFFFF + 1) << 32 | pid
+
+
+@pytest.mark.timeout(30)
+def test_dropping_a_view_never_waits_unbounded_for_the_consumer_lock(arena, unrelated_live_pid):
+    """MessageView.__dealloc__ used to wait for the consumer lock with no
+    timeout: a live holder hung the finalizer (and the thread running it)."""
+    ring = arena.ring(4096, producers="many", consumers="many")
+    ring.put(b"held")
+    ring.put(b"second")
+    assert wait_child(fork_child(_drop_a_view_while_the_lock_is_held, ring, _ident(unrelated_live_pid)), 20) == 0
+    poke(ring, "cons.lock", "<Q", 0)
+    ring.put(b"x", timeout=1)
+    assert ring.get(timeout=1) == b"x"
+    assert ring.stats()["bytes_used"] == 0 and ring.stats()["lost"] == 0
+
+
+CALLS = []
+
+
+def _record_call(what):
+    CALLS.append(what)
+    return what
+
+
+class RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return _record_call, ("unpickled",)
+
+
+@pytest.mark.timeout(20)
+def test_a_ring_can_refuse_to_unpickle(arena):
+    """Unpickling runs code the writer chooses: with allow_pickle False only
+    native types decode, and a pickled message (or an array whose dtype
+    travels pickled) raises CorruptMessage without running anything."""
+    ring = arena.ring(1 << 16, name="untrusted")
+    reader = arena.ring(name="untrusted")
+    assert reader.allow_pickle
+    reader.allow_pickle = False
+    only_here = np.dtype([("only_in_this_test", "<i4")])
+    ring.put_many([b"a", RunsCodeWhenUnpickled(), np.arange(3), np.zeros(2, dtype=only_here), "s"])
+    assert reader.get_many(10) == [b"a"]
+    with pytest.raises(shmipc.CorruptMessage, match="native types only"):
+        reader.get_many(10)
+    assert np.array_equal(reader.get(), np.arange(3))
+    with pytest.raises(shmipc.CorruptMessage, match="native types only"):
+        with reader.get_view():
+            pass
+    assert reader.get() == "s" and CALLS == []
+    assert reader.stats()["bad_messages"] == 2
+    reader.allow_pickle = True
+    ring.put(RunsCodeWhenUnpickled())
+    assert reader.get() == "unpickled" and CALLS == ["unpickled"]

@@ -5,9 +5,14 @@ The model keeps the messages in a deque and mirrors head/tail arithmetic
 would cross the end), so it predicts exactly when a non-blocking put must
 succeed and when it must raise queue.Full — wrap-around, mixed sizes,
 batches and the full/empty edges all fall out of random programs.
+
+Some messages do not decode on the way out (an exception whose ``__init__``
+takes other arguments): the model also predicts which call raises for each,
+and that every other message is still delivered once, in order.
 """
 from __future__ import annotations
 
+import pickle
 import queue
 from collections import deque
 
@@ -25,13 +30,33 @@ def rec_len(payload: int) -> int:
     return (16 + payload + 15) & ~15
 
 
+class Undecodable(Exception):
+    """Pickles, but unpickling calls Undecodable(msg) and fails."""
+
+    def __init__(self, msg, code):
+        super().__init__(msg)
+        self.code = code
+
+
+BAD = object()      # marks an undecodable message in the model
+FAILED = object()   # an undecodable message already met (and counted), raised by the next call
+
+
+def pickled_size(obj) -> int:
+    """The payload size of a pickled message: a 16-byte segment table, then
+    the stream, 16-aligned."""
+    return 16 + ((len(pickle.dumps(obj, protocol=5)) + 15) & ~15)
+
+
 class RingModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.arena = shmipc.Arena(1 << 20)
-        self.messages: deque[tuple[bytes, int]] = deque()    # (message, end position)
+        self.messages: deque[tuple[object, int]] = deque()   # (message or BAD, end position)
+        self.pending: deque[object] = deque()   # taken from the ring, not yet delivered
         self.head = self.tail = 0
         self.counter = 0
+        self.bad = 0            # undecodable messages met so far (stats()["bad_messages"])
 
     @initialize(sides=st.sampled_from(["one", "many"]))
     def make_ring(self, sides: str) -> None:
@@ -82,42 +107,88 @@ class RingModel(RuleBasedStateMachine):
         self.head = head
         self.messages.extend(accepted)
 
+    @rule(n=st.integers(0, 200))
+    def put_undecodable(self, n: int) -> None:
+        obj = Undecodable("x" * n, n)
+        ok, end = self.fits(pickled_size(obj), self.head)
+        if ok:
+            self.ring.put_nowait(obj)
+            self.head = end
+            self.messages.append((BAD, end))
+        else:
+            with pytest.raises(queue.Full):
+                self.ring.put_nowait(obj)
+
+    def deliver(self, batch: list) -> list:
+        """What one call delivers from `batch` (taken in order): the messages
+        before the first undecodable one; it raises if that comes first. The
+        rest waits in self.pending."""
+        for i, msg in enumerate(batch):
+            if msg is BAD:
+                self.bad += 1
+                if i == 0:
+                    self.pending.extend(batch[1:])
+                    return None                     # the call raises
+                self.pending.append(FAILED)
+                self.pending.extend(batch[i + 1:])
+                return batch[:i]
+        return batch
+
+    def take(self, k: int) -> list | None:
+        """The model of get_many(k): None if it raises."""
+        if self.pending:
+            out = []
+            while self.pending and len(out) < k:
+                if self.pending[0] is BAD:          # decoded now: fails, counted
+                    self.bad += 1
+                    self.pending[0] = FAILED
+                if self.pending[0] is FAILED:
+                    if out:
+                        break
+                    self.pending.popleft()
+                    return None
+                out.append(self.pending.popleft())
+            return out
+        batch = [self.messages.popleft() for _ in range(min(k, len(self.messages)))]
+        self.tail = batch[-1][1]
+        return self.deliver([m for m, _ in batch])
+
+    def check(self, k: int, call) -> None:
+        if not self.messages and not self.pending:
+            with pytest.raises(queue.Empty):
+                call()
+            return
+        expected = self.take(k)
+        if expected is None:
+            with pytest.raises(shmipc.CorruptMessage):
+                call()
+        else:
+            assert call() == expected
+
     @rule()
     def get(self) -> None:
-        if not self.messages:
-            with pytest.raises(queue.Empty):
-                self.ring.get_nowait()
-            return
-        msg, end = self.messages.popleft()
-        assert self.ring.get_nowait() == msg
-        self.tail = end
+        self.check(1, lambda: [self.ring.get_nowait()])
 
     @rule(k=st.integers(1, 10))
     def get_many(self, k: int) -> None:
-        if not self.messages:
-            with pytest.raises(queue.Empty):
-                self.ring.get_many(k, block=False)
-            return
-        expected = [self.messages.popleft() for _ in range(min(k, len(self.messages)))]
-        assert self.ring.get_many(k, block=False) == [m for m, _ in expected]
-        self.tail = expected[-1][1]
+        self.check(k, lambda: self.ring.get_many(k, block=False))
 
-    @precondition(lambda self: bool(self.messages))
     @rule()
     def get_view(self) -> None:
-        msg, end = self.messages.popleft()
-        with self.ring.get_view(block=False) as view:
-            assert view == msg
-        self.tail = end
+        def view():
+            with self.ring.get_view(block=False) as v:
+                return [bytes(v)]
+        self.check(1, view)
 
     @invariant()
     def counts_agree(self) -> None:
         if hasattr(self, "ring"):
-            assert self.ring.qsize() == len(self.messages)
-            assert self.ring.empty() == (not self.messages)
+            assert self.ring.qsize() == len(self.messages) + len(self.pending)
+            assert self.ring.empty() == (not self.messages and not self.pending)
             stats = self.ring.stats()
             assert stats["bytes_used"] == self.head - self.tail
             assert stats["lost"] == 0
+            assert stats["bad_messages"] == self.bad
 
 
 RingModel.TestCase.settings = settings(max_examples=200, stateful_step_count=80, deadline=None)
