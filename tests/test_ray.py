@@ -82,6 +82,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@pytest.fixture(autouse=True)
+def ray_cpus_given_back(request):
+    """After a Ray test, every CPU comes back (bounded wait: killing an actor
+    is asynchronous): no worker of a closed pool or pipeline is left alive."""
+    yield
+    if "cluster" not in request.fixturenames or request.getfixturevalue("cluster") is None:
+        return
+    import ray
+
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < 2:
+        if time.monotonic() > deadline:
+            pytest.fail(f"Ray CPUs still held 30 s after the test: {ray.available_resources()}")
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module", params=[None, "ray"], ids=["shm", "ray"])
 def cluster(request):
     """Each test body runs once on shared memory and once on Ray. Module

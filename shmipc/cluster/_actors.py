@@ -277,7 +277,7 @@ class ActorGroup:
                 return
             s.pid, s.start_ref = pid, None
             if err is not None:
-                s.state = DEAD
+                self._kill(s)           # its setup failed: it holds a CPU for nothing
                 events.append((E_FATAL, self, s, None, (pid, err)))
                 return
             s.state = READY
@@ -354,8 +354,7 @@ class ActorGroup:
                 except Exception:
                     pass
         for s in self.slots:
-            if s.state != DEAD:
-                self._kill(s)
+            self._kill(s)       # also DEAD ones: killing an actor twice is harmless
             s.calls.clear()
 
 
