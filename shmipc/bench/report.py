@@ -533,12 +533,15 @@ def plot(report: dict, path: str) -> None:
         raise ImportError("--plot needs matplotlib: pip install matplotlib (or shmipc[bench])") from None
     series: dict[str, list[tuple[int, float, float]]] = {}
     mine: dict[str, bool] = {}
+    floors: set[str] = set()           # the machine's floors (c-ring, memcpy): drawn apart
     for r in report["records"]:
         if r["workload"] != "throughput" or r["status"] != "ok":
             continue
         b = r["best"]
         series.setdefault(r["transport"], []).append((r["size"], b["mb_per_s"], b["msgs_per_s"]))
         mine[r["transport"]] = r["shmipc"]
+        if r.get("reference"):
+            floors.add(r["transport"])
     if not series:
         raise ValueError("no throughput figures to plot (was the throughput workload run?)")
     from shmipc.bench.transports import TRANSPORTS
@@ -550,10 +553,15 @@ def plot(report: dict, path: str) -> None:
         points = sorted(series[name])
         xs = [p[0] for p in points]
         color = palette[(order.index(name) if name in order else len(order)) % len(palette)]
-        style = dict(linewidth=2.4, marker="o", color=color) if mine[name] else \
-            dict(linewidth=1.3, marker="s", linestyle="--", color=color)
-        axes[0].plot(xs, [p[1] for p in points], label=name, **style)
-        axes[1].plot(xs, [p[2] for p in points], label=name, **style)
+        if name in floors:
+            style = dict(linewidth=1.6, marker="^", linestyle=":", color="black" if name == "c-ring" else "gray")
+        elif mine[name]:
+            style = dict(linewidth=2.4, marker="o", color=color)
+        else:
+            style = dict(linewidth=1.3, marker="s", linestyle="--", color=color)
+        label = f"{name} (machine limit)" if name in floors else name
+        axes[0].plot(xs, [p[1] for p in points], label=label, **style)
+        axes[1].plot(xs, [p[2] for p in points], label=label, **style)
     for ax, ylabel in zip(axes, ("MB/s (higher is better)", "messages/s (higher is better)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
