@@ -150,7 +150,7 @@ def actor_class(ray: Any) -> Any:
 
 
 # ---------------------------------------------------------------- driver side
-STARTING, READY, RETIRING, DEAD = "starting", "ready", "retiring", "dead"
+STARTING, READY, DEAD = "starting", "ready", "dead"
 
 
 class Call:
@@ -251,7 +251,7 @@ class ActorGroup:
         return sum(len(s.calls) for s in self.slots)
 
     def pids(self) -> list[int]:
-        return [s.pid for s in self.slots if s.state in (READY, RETIRING) and s.pid]
+        return [s.pid for s in self.slots if s.state == READY and s.pid]
 
     # ---------------------------------------------------------- receiving
     def waitables(self) -> dict[Any, tuple["ActorGroup", Slot]]:
