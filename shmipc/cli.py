@@ -1,8 +1,8 @@
 """The `shmipc` command (also ``python -m shmipc``).
 
     shmipc bench [--quick] [--sizes 64,1k,64k,1M] [--transports shmipc,os.pipe,...]
-                 [--workloads throughput,pingpong,pool,numpy] [--repeat N]
-                 [--json FILE] [--plot FILE.png] [--markdown FILE]
+                 [--workloads throughput,pingpong,pool,numpy] [--repeat N] [--pin same|split]
+                 [--json FILE] [--plot FILE.png] [--markdown FILE] [--readme README.md]
     shmipc demo [--children N] [--messages M]
     shmipc inspect PID [--watch] [--interval S]
     shmipc --version
