@@ -509,3 +509,17 @@ def test_c_ring_floor_is_measured_and_verified(tmp_path):
         assert record["status"] == "ok", record
         assert len(record["rounds"]) == 2 and record["best"]["messages"] > 0
         assert record["reference"] is True
+
+
+@pytest.mark.timeout(30)
+def test_pin_split_needs_two_cpus():
+    """--pin split in a process allowed one CPU: a clear error before measuring."""
+    import subprocess
+    import sys
+
+    code = ("import os; os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})\n"
+            "from shmipc.cli import main\n"
+            "raise SystemExit(main(['bench', '--pin', 'split', '--no-progress']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=25)
+    assert done.returncode == 2, done.stderr
+    assert "--pin split needs 2 usable CPUs, this process may use 1" in done.stderr
