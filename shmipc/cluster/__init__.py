@@ -55,7 +55,7 @@ def connect(cluster: Any) -> Any:
         import ray
     except ImportError as exc:
         raise ImportError(f"cluster={cluster!r} needs Ray, which is not installed: "
-                          f"pip install 'shmipc[ray]' (or 'ray>=2.9')") from exc
+                          f"pip install 'shmipc[ray]' (or 'ray[client]>=2.9')") from exc
     if ray.is_initialized():
         return ray
     if address is None and not os.environ.get("RAY_ADDRESS"):
