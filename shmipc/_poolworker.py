@@ -8,6 +8,8 @@ parent side (scheduling, bookkeeping, crash handling) is
 """
 from __future__ import annotations
 
+import copyreg
+import functools
 import io
 import itertools
 import os
@@ -87,20 +89,43 @@ R_BAD_TASK = 3      # a task record did not decode in worker `offset`: fail its 
 R_BIG = None        # a stub: the record waits in the big-results ring
 
 
-def _encode(obj: Any) -> tuple[pickle.PickleBuffer, list]:
-    """Pickle `obj` as multiprocessing does, protocol 5; contiguous buffers out of band."""
+_IN_BAND_HEAD = 16 << 10              # a pickle stream shorter than this is copied in band
+
+_table: dict | None = None            # copyreg's reducers plus multiprocessing's (ForkingPickler's)
+_table_extra: dict | None = None      # ForkingPickler._extra_reducers when _table was built
+
+
+def _dispatch_table() -> dict:
+    """As ForkingPickler's, built once (ForkingPickler copies it per instance)."""
+    global _table, _table_extra
+    extra = ForkingPickler._extra_reducers
+    if _table is None or _table_extra != extra:
+        table = copyreg.dispatch_table.copy()
+        table.update(extra)
+        _table, _table_extra = table, dict(extra)
+    return _table
+
+
+def _keep_out_of_band(buffers: list, pb: pickle.PickleBuffer) -> bool:
+    try:
+        raw = pb.raw()
+    except BufferError:
+        return True                     # non-contiguous: copied in band
+    buffers.append(pickle.PickleBuffer(raw))
+    return False
+
+
+def _encode(obj: Any) -> tuple[Any, list]:
+    """Pickle `obj` as multiprocessing does, protocol 5: contiguous buffers
+    out of band, and the stream too when it is large (then the ring writes
+    each once, straight into shared memory)."""
     buffers: list = []
-
-    def keep(pb: pickle.PickleBuffer) -> bool:
-        try:
-            raw = pb.raw()
-        except BufferError:
-            return True                 # non-contiguous: copied in band
-        buffers.append(pickle.PickleBuffer(raw))
-        return False
-
     out = io.BytesIO()
-    ForkingPickler(out, 5, True, keep).dump(obj)
+    pickler = pickle.Pickler(out, 5, buffer_callback=functools.partial(_keep_out_of_band, buffers))
+    pickler.dispatch_table = _dispatch_table()
+    pickler.dump(obj)
+    if out.tell() < _IN_BAND_HEAD:
+        return out.getvalue(), buffers
     return pickle.PickleBuffer(out.getbuffer()), buffers
 
 
