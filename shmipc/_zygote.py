@@ -68,8 +68,9 @@ def _process_entry(target: Callable[..., Any], slot: int, args: tuple, parent_pi
     # the parent-death signal when the *thread* that started us ends: only ask
     # for it when that thread outlives us (see Supervisor.spawn).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # Supervisor.spawn started us with SIGINT blocked, so a Ctrl-C that came
-    # while we imported and unpickled is still pending: ignored it now goes
+    # Under spawn, Supervisor.spawn started us with SIGINT blocked, so a
+    # Ctrl-C that came while we imported and unpickled is still pending:
+    # ignoring it first, then unblocking it, discards it (no traceback)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     if method != "spawn":
