@@ -417,6 +417,51 @@ def test_worker_outlives_fork_server():
     forkserver.ensure_running()
 
 
+ORPHAN_PARENT_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, time
+    sys.path.insert(0, {root!r})
+    sys.path.insert(0, {here!r})
+    import shmipc
+    from shmipc._proc import pid_alive
+    from test_pool_crash import slow_double, nap
+    if __name__ == "__main__":
+        p = shmipc.Pool(2, context="fork")
+        p.map(slow_double, range(4))
+        r = p.map_async(nap, range(1))          # one worker busy, one idle
+        time.sleep(0.2)
+        zygote = p._engine._sup.helper_pids()[0]
+        os.kill(zygote, signal.SIGKILL)         # the workers are orphans now
+        while pid_alive(zygote):
+            time.sleep(0.01)
+        time.sleep(0.2)
+        pids = list(p._engine._pids.values())
+        print(" ".join(map(str, pids)), flush=True)
+        time.sleep(60)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_orphaned_workers_still_die_with_the_parent():
+    """The zygote dies, then the parent: the workers (no longer the zygote's
+    children, one of them busy) still exit within a second."""
+    script = ORPHAN_PARENT_SCRIPT.format(root=ROOT, here=HERE)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 2 and all(pid_alive(x) for x in pids)
+        os.kill(proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        proc.wait(10)
+        assert wait_for(lambda: not any(pid_alive(x) for x in pids), 5)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    assert elapsed < 1.0, f"orphaned workers outlived their parent by {elapsed:.2f} s"
+
+
 FORK_CHILD_SCRIPT = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
