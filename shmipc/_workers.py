@@ -265,7 +265,12 @@ class Supervisor:
     starts a new zygote (``zygotes_replaced`` counts them). That one is forked
     from this process while its registered threads are paused: the only
     fork of a possibly multi-threaded process shmipc makes, and only after a
-    helper was lost.
+    helper was lost (multiprocessing's fork pools fork every replacement
+    worker that way; Python 3.12+ emits a DeprecationWarning for it, shown
+    only where DeprecationWarnings are).
+
+    A zygote that is stopped or stuck is also noticed when a worker of its
+    exits and it does not report the exit within ``zygote_timeout``.
     """
 
     # set before anything can raise, so __del__/stop are safe after a failed __init__
