@@ -96,7 +96,8 @@ class Sim:
         self.kills = 0
 
     def new_worker(self, stage):
-        w = {"stage": stage, "slot": [S_READY, 0, 0, 0, ()], "stash": None, "holding": None}
+        w = {"stage": stage, "slot": [S_READY, 0, 0, 0, ()], "stash": None, "holding": None,
+             "final_to_parent": False}
         w["steps"] = self.steps(w)
         return w
 
@@ -111,6 +112,7 @@ class Sim:
                 yield "idle"
                 continue
             w["last"] = "took"
+            w["final_to_parent"] = False
             env = ring.popleft()
             w["holding"] = env
             yield "took"                               # window: lost without a trace
@@ -131,6 +133,7 @@ class Sim:
                     nxt.append((seq, credit, p, p))
                 else:
                     self.out.append((kind, seq, credit, p, (s, p)))
+                    w["final_to_parent"] = inflight != F_PART
                 w["last"] = "put"
                 yield "put"
                 w["last"] = ""
@@ -225,10 +228,16 @@ class Sim:
         self.workers.remove(w)
         self.kills += 1
         env = w["holding"]
-        if env is not None:
+        state, progress = w["slot"][0], w["slot"][3]
+        finished = (state == S_DONE or (state == S_BUSY and progress % 8 == F_COMPLETE)
+                    or w["final_to_parent"])
+        if env is not None and not finished:
+            # a node the scheduler may have to fail as lost; a finished one
+            # (or one whose last message went to the parent: the parent drains
+            # before judging) must lose nothing
             seq, _, path, _ = env
             self.touched.add((seq, path))
-            if w["slot"][0] != S_BUSY and w["stash"] is None:
+            if state != S_BUSY and w["stash"] is None:
                 self.untraced.add(seq)
         self.dead.append(w)
 
@@ -237,7 +246,8 @@ class Sim:
                 and all(w["holding"] is None for w in self.workers))
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.timeout(120)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_scheduler_counts_every_share_exactly_once(data):
     kinds = data.draw(st.lists(st.sampled_from(["func", "gen"]), min_size=1, max_size=3), label="kinds")
@@ -246,29 +256,32 @@ def test_scheduler_counts_every_share_exactly_once(data):
     ordered = data.draw(st.booleans(), label="ordered")
     n_items = data.draw(st.integers(0, 10), label="items")
     sim = Sim(kinds, workers, retries, ordered, n_items, data.draw(st.integers(1, 6)))
-    for _ in range(300):
+    # one draw for the whole program (a draw per step costs ~1 ms)
+    program = data.draw(st.lists(st.tuples(st.integers(0, 9), st.integers(0, 11)), min_size=150,
+                                 max_size=400),
+                         label="program")
+    for action, arg in program:
         if sim.sched.finished:
             break
-        action = data.draw(st.integers(0, 9))
         if action == 0:
             sim.feed()
         elif action == 1:
-            sim.drain(data.draw(st.integers(1, 3)))
+            sim.drain(arg % 3 + 1)
         elif action == 2:
             sim.reap()
         elif action == 3 and sim.workers and sim.kills < 6:
-            sim.kill(data.draw(st.sampled_from(sim.workers)))
+            sim.kill(sim.workers[arg % len(sim.workers)])
         elif action == 4 and sim.kills < 6:
             # the instant that matters most: just after a put, before it is noted
             putting = [w for w in sim.workers if w.get("last") == "put"]
             if putting:
-                sim.kill(data.draw(st.sampled_from(putting)))
-                if data.draw(st.booleans()):
+                sim.kill(putting[arg % len(putting)])
+                if arg % 2:
                     sim.reap()            # noticed before the next stage took its output
         elif sim.workers:
-            next(data.draw(st.sampled_from(sim.workers))["steps"])
+            next(sim.workers[arg % len(sim.workers)]["steps"])
     # run to quiet: no more kills
-    for _ in range(5000):
+    for _ in range(2000):
         if sim.sched.finished:
             break
         sim.feed()
