@@ -29,6 +29,8 @@ Where things are:
   * :mod:`shmipc._pipeline_sched`: the scheduler, pure code: credits (how
     the parent knows a fanned-out item is finished), reordering, and what a
     dead worker's slot says was lost;
+  * :mod:`shmipc._pipeline_crew`: the worker processes (start, notice a
+    death and what its slot says, replace, stop);
   * :mod:`shmipc._pipeline_worker`: the worker loop;
   * :mod:`shmipc._pipeline_wire`: the messages (a value that fails to pickle
     or unpickle fails its item, naming it; numpy arrays travel as raw data).
