@@ -27,6 +27,8 @@ import io
 import pickle
 from typing import Any, Callable
 
+from shmipc.errors import UndecodableMessage
+
 __all__ = ["Frame", "ABORT", "chunk_size", "dump_parts", "load_parts"]
 
 
@@ -109,8 +111,19 @@ def dump_parts(obj: Any) -> list[memoryview]:
 
 def load_parts(parts: list[bytearray]) -> Any:
     """The object dump_parts cut into `parts` (the buffers become the
-    out-of-band buffers: a numpy array is rebuilt over its bytearray)."""
-    return pickle.loads(parts[0], buffers=parts[1:])
+    out-of-band buffers: a numpy array is rebuilt over its bytearray).
+
+    Raises:
+        UndecodableMessage: unpickling raised (its exception is the cause),
+            as the ring reports a message that does not load; the message
+            was read whole, so the channel goes on.
+    """
+    try:
+        return pickle.loads(parts[0], buffers=parts[1:])
+    except Exception as exc:
+        raise UndecodableMessage(
+            f"pickled message of {sum(len(p) for p in parts)} bytes does not load in this "
+            f"process: {type(exc).__name__}: {exc}") from exc
 
 
 def read_parts(sizes: tuple[int, ...], next_chunk: Callable[[memoryview], None]) -> list[bytearray]:

@@ -7,12 +7,15 @@ import. What differs, and why:
 * There is no feeder thread: ``put`` writes the message straight into the
   ring in shared memory. So a pickling error is raised by the ``put`` that
   caused it (multiprocessing prints it from its thread and loses the item),
-  and a message that can never fit raises :class:`~shmipc.MessageTooLarge`
-  at once. ``close()`` / ``join_thread()`` have nothing to flush.
+  and a put waits while the ring is full (multiprocessing's returns at once
+  and its feeder thread waits). ``close()`` / ``join_thread()`` have nothing
+  to flush.
 * Each queue owns one :class:`~shmipc.Arena` (a memfd) holding its ring. The
   ring has a fixed byte ``capacity`` (default :data:`DEFAULT_CAPACITY`; pages
-  are only committed as they are touched); one message may use at most half
-  of it. ``maxsize`` bounds the number of messages, as in multiprocessing.
+  are only committed as they are touched). ``maxsize`` bounds the number of
+  messages, as in multiprocessing. Messages of any size go: one larger than
+  half the ring travels in chunks through a second ring of the arena
+  (:class:`_Bulk`), delivered whole or not at all.
 * ``put_many`` / ``get_many`` move batches with one lock round trip, and
   ``stats()`` returns the ring's live counters.
 
@@ -29,10 +32,14 @@ import struct
 import threading
 import time
 import types
-from typing import Any, Iterable, NoReturn, overload
+from typing import Any, Iterable, Iterator, NoReturn, overload
 
+import fcntl
+import queue
+
+from shmipc import _framing
 from shmipc.arena import Arena
-from shmipc.errors import RingClosed
+from shmipc.errors import MessageTooLarge, RingClosed
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
 
@@ -40,6 +47,8 @@ __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
 #: committed as the ring's pages are first written, so a queue that only ever
 #: holds small messages costs little until the ring has cycled once.
 DEFAULT_CAPACITY = 32 << 20
+
+_NOTHING = object()
 
 # a waitable SimpleQueue's get looks for a stranded message this often (ms)
 _BELL_SLICE_MS = 50
@@ -89,6 +98,188 @@ def _check_spawning(obj: object) -> None:
             "before fork")
 
 
+# Byte offsets of the record locks (on the arena's file) that serialise the
+# writers and the readers of large messages; far past any arena's end and
+# apart from the arena's own table lock (offset 0).
+_WRITER_LOCK = 1 << 60
+_READER_LOCK = (1 << 60) + 1
+
+
+class _NoFrame(Exception):
+    """A reader holds a token whose frame will never come (see _Bulk)."""
+
+
+class _Bulk:
+    """Messages larger than the main ring's max_message_size, through a
+    second ring of the queue's arena (the "bulk" ring).
+
+    A writer, holding the writer lock: puts a token (``Frame("token")``) in
+    the main ring -- so the message takes its place in the queue, counts
+    against maxsize and as a JoinableQueue task -- then a header
+    (``Frame("object", sizes)``) and the parts in chunks in the bulk ring.
+    A consumer that gets a token takes the reader lock and reads the next
+    complete frame of the bulk ring, streaming as the writer writes.
+
+    Invariants:
+        * Frames enter the bulk ring one at a time (writer lock), each after
+          its token; readers read one at a time (reader lock).
+        * Every token stands for one frame, but frames are interchangeable:
+          a reader delivers the next *complete* frame, whichever token it
+          holds, and skips torn ones (ABORT, a header where a chunk should
+          be, leftover chunks of a reader that died). A token whose reader
+          finds the bulk ring empty while no writer holds the writer lock
+          has lost its frame (its writer died, or another reader took it);
+          it is dropped (JoinableQueue marks it done). So #delivered +
+          #dropped = #tokens, nothing torn is delivered, and nobody waits
+          for a frame that cannot come.
+        * Locks are POSIX record locks on the arena's file, released by
+          the kernel when their holder dies, plus a thread lock for the
+          threads of one process.
+    """
+
+    def __init__(self, arena: Arena, ring: Any) -> None:
+        self.arena = arena
+        self.ring = ring
+        self.chunk = _framing.chunk_size(ring.max_message_size)
+        self.locks = {_WRITER_LOCK: threading.Lock(), _READER_LOCK: threading.Lock()}
+
+    def __getstate__(self) -> dict:
+        return {"arena": self.arena, "ring": self.ring}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["arena"], state["ring"])
+
+    # ------------------------------------------------------------ locks
+    def _acquire(self, which: int, deadline: float | None) -> bool:
+        """Take a lock; False if the deadline passed first."""
+        tlock = self.locks[which]
+        if not tlock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
+            return False
+        pause = 0.0005
+        while True:
+            try:
+                fcntl.lockf(self.arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, which)
+                return True
+            except (BlockingIOError, PermissionError):
+                pass            # another process holds it
+            except BaseException:
+                tlock.release()
+                raise
+            if deadline is not None and time.monotonic() >= deadline:
+                tlock.release()
+                return False
+            time.sleep(pause)       # bounded: the holder finishes or dies (the kernel frees it)
+            pause = min(pause * 2, 0.01)
+
+    def _release(self, which: int) -> None:
+        try:
+            fcntl.lockf(self.arena.fd, fcntl.LOCK_UN, 1, which)
+        finally:
+            self.locks[which].release()
+
+    def _writer_active(self) -> bool:
+        """True if some thread or process is writing a large message."""
+        tlock = self.locks[_WRITER_LOCK]
+        if not tlock.acquire(blocking=False):
+            return True             # a thread of this process
+        try:
+            try:
+                fcntl.lockf(self.arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _WRITER_LOCK)
+            except (BlockingIOError, PermissionError):
+                return True         # another process
+            fcntl.lockf(self.arena.fd, fcntl.LOCK_UN, 1, _WRITER_LOCK)
+            return False
+        finally:
+            tlock.release()
+
+    # ------------------------------------------------------------ writing
+    def put(self, main: Any, obj: Any, block: bool, timeout: float | None) -> None:
+        """Put `obj` (too large for the main ring) as a token and a frame.
+
+        Raises:
+            queue.Full: the writer lock or room for the token did not come in
+                time (nothing was put).
+            Whatever pickling `obj` raises (nothing was put).
+        """
+        parts = [memoryview(p).cast("B") for p in _framing.dump_parts(obj)]
+        deadline = None if not block or timeout is None else time.monotonic() + timeout
+        if not self._acquire(_WRITER_LOCK, deadline if block else time.monotonic()):
+            raise queue.Full
+        try:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            main.put(_framing.Frame("token"), block, remaining)     # queue.Full: nothing put
+            try:
+                # past the token the message is in the queue: wait for room
+                # as long as it takes (a consumer is reading it meanwhile)
+                self.ring.put(_framing.Frame("object", tuple(p.nbytes for p in parts)))
+                for part in parts:
+                    for off in range(0, part.nbytes, self.chunk):
+                        self.ring.put(part[off:off + self.chunk])
+            except BaseException:
+                try:
+                    self.ring.put(_framing.ABORT, True, 0.05)
+                except BaseException:
+                    pass        # the reader drops the frame when we let go of the lock
+                raise
+        finally:
+            self._release(_WRITER_LOCK)
+
+    # ------------------------------------------------------------ reading
+    def read(self) -> Any:
+        """The message of a token just taken from the main ring.
+
+        Raises:
+            _NoFrame: its frame will never come (see the class docstring).
+        """
+        self._acquire(_READER_LOCK, None)
+        try:
+            item = self._next()
+            while True:
+                if type(item) is not _framing.Frame or item.kind != "object" or not item.sizes:
+                    item = self._next()         # leftovers of a torn frame
+                    continue
+                try:
+                    return _framing.load_parts(_framing.read_parts(item.sizes, self._chunk_into))
+                except _Torn as exc:
+                    item = exc.item             # a new header (or junk): go on from it
+        finally:
+            self._release(_READER_LOCK)
+
+    def _next(self) -> Any:
+        """The next bulk record, waiting while a writer is at work."""
+        while True:
+            try:
+                return self.ring.get(True, 0.05)
+            except queue.Empty:
+                pass
+            if not self._writer_active() and self.ring.empty():
+                raise _NoFrame
+
+    def _chunk_into(self, dest: memoryview) -> int:
+        """Copy the next chunk of the frame being read into `dest`, straight
+        from the ring."""
+        while True:
+            try:
+                with self.ring.get_view(True, 0.05) as view:
+                    if type(view) is not memoryview or view.nbytes > dest.nbytes:
+                        raise _Torn(view if type(view) is not memoryview else None)
+                    n = view.nbytes
+                    dest[:n] = view
+                    return n
+            except queue.Empty:
+                pass
+            if not self._writer_active() and self.ring.empty():
+                raise _Torn(None)   # the writer died midway: skip, read on
+
+
+class _Torn(Exception):
+    """The frame being read was cut short; ``item`` is the record found
+    instead of its next chunk (None: nothing)."""
+
+    def __init__(self, item: Any) -> None:
+        self.item = item
+
+
 class _Base:
     """State and methods common to the three queues (one ring in one arena)."""
 
@@ -105,9 +296,12 @@ class _Base:
         maxsize = _ring_maxsize(maxsize)
         cap = _ring_capacity(capacity)
         self._maxsize = maxsize
-        # the arena holds the ring and, for JoinableQueue, a small state block
-        self._arena = Arena(Arena.size_for(rings=[cap], blocks=[64]))
+        # the arena holds the ring, the bulk ring for messages too large for
+        # it (memory is only committed where written) and, for
+        # JoinableQueue, a small state block
+        self._arena = Arena(Arena.size_for(rings=[cap, cap], blocks=[64]))
         self._ring = self._arena.ring(cap, maxsize=maxsize)
+        self._bulk = _Bulk(self._arena, self._arena.ring(cap, name="bulk"))
         self._closed = False
 
     # ------------------------------------------------------------ pickling
@@ -132,6 +326,77 @@ class _Base:
         ValueError (from pickling, unpickling, user code) is never caught as
         "closed"."""
         raise RingClosed(f"{type(self).__name__} {self!r} is closed") from None
+
+    def _dropped(self) -> None:
+        """A large message's token whose frame was lost (its writer died
+        midway): nothing to deliver. JoinableQueue counts it done."""
+
+    def _unframe(self, item: Any) -> Any:
+        """The message a token stands for, or _NOTHING if its frame was lost."""
+        if item.kind != "token":
+            return _NOTHING         # a Frame only shmipc's own code makes: not a message
+        try:
+            return self._bulk.read()
+        except _NoFrame:
+            self._dropped()
+            return _NOTHING
+        except RingClosed:
+            self._raise_closed()
+
+    def _get(self, block: bool, timeout: float | None) -> Any:
+        """get(), past tokens whose frame was lost."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                item = self._ring.get(block, timeout)
+            except RingClosed:
+                self._raise_closed()
+            if type(item) is not _framing.Frame:
+                return item
+            item = self._unframe(item)
+            if item is not _NOTHING:
+                return item
+            if deadline is not None:
+                timeout = max(deadline - time.monotonic(), 0.0)
+
+    def _put_many(self, items: Iterable[Any], put_many: Any, put_large: Any) -> int:
+        """put_many through `put_many`, sending an item too large for the
+        ring with `put_large` and going on with the rest. (The ring puts the
+        items before the failing one, then raises: so at MessageTooLarge,
+        every item yielded but the last is in.)"""
+        last: list = [None]
+        yielded = [0]
+
+        def watched() -> Iterator[Any]:
+            for item in items:
+                yielded[0] += 1
+                last[0] = item
+                yield item
+
+        it = watched()
+        base = 0
+        while True:
+            try:
+                return base + put_many(it)
+            except MessageTooLarge:
+                put_large(last[0])
+                base = yielded[0]
+            except queue.Full as exc:
+                raise queue.Full(base + (exc.args[0] if exc.args else 0)) from None
+            except RingClosed:
+                self._raise_closed()
+
+    def _unframe_all(self, items: list) -> list:
+        if not any(type(item) is _framing.Frame for item in items):
+            return items
+        out = []
+        for item in items:
+            if type(item) is _framing.Frame:
+                item = self._unframe(item)
+                if item is _NOTHING:
+                    continue
+            out.append(item)
+        return out
 
     def empty(self) -> bool:
         """True if the queue holds no message now (approximate, as in
@@ -185,7 +450,8 @@ class Queue(_Base):
         ctx: accepted for signature compatibility (the context's start method
             does not matter to a shared-memory queue).
         capacity: ring bytes, a power of two >= 1024 (default 32 MiB). A
-            message larger than about capacity/2 raises MessageTooLarge.
+            message larger than about capacity/2 goes through a second ring
+            of that size, in chunks (see _Bulk).
 
     Raises:
         TypeError / ValueError: an invalid maxsize or capacity.
@@ -197,12 +463,15 @@ class Queue(_Base):
 
         Raises:
             queue.Full: no room in time (at once when block is False).
-            MessageTooLarge: the encoded message can never fit the ring.
             ValueError: the queue was closed in this process.
             Whatever pickling `obj` raises; the queue is then unchanged.
         """
+        if timeout is not None:
+            timeout = _timeout(timeout)
         try:
-            self._ring.put(obj, block, _timeout(timeout) if timeout is not None else None)
+            self._ring.put(obj, block, timeout)
+        except MessageTooLarge:
+            self._bulk.put(self._ring, obj, block, timeout)
         except RingClosed:
             self._raise_closed()
 
@@ -214,10 +483,18 @@ class Queue(_Base):
             queue.Empty: nothing arrived in time (at once when block is False).
             ValueError: the queue was closed in this process.
         """
+        if timeout is not None:
+            timeout = _timeout(timeout)
         try:
-            return self._ring.get(block, _timeout(timeout) if timeout is not None else None)
+            item = self._ring.get(block, timeout)
         except RingClosed:
             self._raise_closed()
+        if type(item) is not _framing.Frame:
+            return item                 # the common case
+        item = self._unframe(item)
+        if item is not _NOTHING:
+            return item
+        return self._get(block, timeout)
 
     def put_nowait(self, obj: Any) -> None:
         """put(obj, False)."""
@@ -236,10 +513,10 @@ class Queue(_Base):
                 the failing one were put (their count is ``exc.args[0]``).
             MessageTooLarge, pickling errors: as put, for the failing item.
         """
-        try:
-            return self._ring.put_many(items, block, _timeout(timeout) if timeout is not None else None)
-        except RingClosed:
-            self._raise_closed()
+        if timeout is not None:
+            timeout = _timeout(timeout)
+        return self._put_many(items, lambda it: self._ring.put_many(it, block, timeout),
+                              lambda obj: self._bulk.put(self._ring, obj, block, timeout))
 
     def get_many(self, max_items: int, block: bool = True, timeout: float | None = None) -> list:
         """Wait (as get) for one message, then take up to `max_items` of those
@@ -249,10 +526,14 @@ class Queue(_Base):
             queue.Empty: nothing arrived in time.
             ValueError: max_items < 1, or the queue is closed.
         """
+        if timeout is not None:
+            timeout = _timeout(timeout)
         try:
-            return self._ring.get_many(max_items, block, _timeout(timeout) if timeout is not None else None)
+            items = self._ring.get_many(max_items, block, timeout)
         except RingClosed:
             self._raise_closed()
+        items = self._unframe_all(items)
+        return items if items else [self._get(block, timeout)]
 
     def qsize(self) -> int:
         """Messages in the queue now (approximate while others put and get)."""
@@ -302,6 +583,11 @@ class JoinableQueue(Queue):
         super().__setstate__(state)
         assert self._arena is not None
         self._done = self._arena.block(name="tasks_done")
+
+    def _dropped(self) -> None:
+        """A token whose frame was lost (its writer died midway): the task
+        it counted will never be taken, so it is done."""
+        self.task_done()
 
     def _counts(self) -> tuple[int, int]:
         """(tasks put, tasks done). A task is counted as put before any
@@ -437,14 +723,16 @@ class SimpleQueue(_Base):
 
     def put(self, obj: Any) -> None:
         """Put `obj` on the queue (waits only if the ring's bytes are full).
+        Any size: one too large for the ring goes in chunks.
 
         Raises:
-            MessageTooLarge: the encoded message can never fit the ring.
             ValueError: the queue was closed in this process.
             Whatever pickling `obj` raises; the queue is then unchanged.
         """
         try:
             self._ring.put(obj)
+        except MessageTooLarge:
+            self._bulk.put(self._ring, obj, True, None)
         except RingClosed:
             self._raise_closed()
         if self._bell >= 0:
@@ -456,27 +744,31 @@ class SimpleQueue(_Base):
         Raises:
             ValueError: the queue was closed in this process.
         """
-        if self._bell >= 0:
-            self._take_bell()
-        try:
-            return self._ring.get()
-        except RingClosed:
-            self._raise_closed()
+        while True:
+            if self._bell >= 0:
+                self._take_bell()
+            try:
+                item = self._ring.get()
+            except RingClosed:
+                self._raise_closed()
+            if type(item) is not _framing.Frame:
+                return item
+            item = self._unframe(item)
+            if item is not _NOTHING:
+                return item
 
     def put_many(self, items: Iterable[Any]) -> int:
         """Put every item of `items` in order, publishing them in batches;
         returns how many were put.
 
         Raises:
-            MessageTooLarge, pickling errors: as put, for the failing item
-                (the items before it were put).
+            Pickling errors: as put, for the failing item (the items before
+                it were put).
             ValueError: the queue was closed in this process.
         """
         if self._bell < 0:
-            try:
-                return self._ring.put_many(items)
-            except RingClosed:
-                self._raise_closed()
+            return self._put_many(items, self._ring.put_many,
+                                  lambda obj: self._bulk.put(self._ring, obj, True, None))
         count = 0
         for item in items:          # one by one: each message is counted on the event fd
             self.put(item)
@@ -492,9 +784,11 @@ class SimpleQueue(_Base):
         """
         if self._bell < 0:
             try:
-                return self._ring.get_many(max_items)
+                items = self._ring.get_many(max_items)
             except RingClosed:
                 self._raise_closed()
+            items = self._unframe_all(items)
+            return items if items else [self.get()]
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
         out = [self.get()]
@@ -504,9 +798,14 @@ class SimpleQueue(_Base):
             except BlockingIOError:
                 break
             try:
-                out.append(self._ring.get())
+                item = self._ring.get()
             except RingClosed:
                 self._raise_closed()
+            if type(item) is _framing.Frame:
+                item = self._unframe(item)
+                if item is _NOTHING:
+                    continue
+            out.append(item)
         return out
 
     def _take_bell(self) -> None:
@@ -584,6 +883,12 @@ class _Reader:
                           "shmipc.get_context().SimpleQueue()")
         return self._q._bell
 
+    @property
+    def closed(self) -> bool:
+        """True once the queue was closed in this process (as the pipe end of
+        multiprocessing's SimpleQueue)."""
+        return self._q._closed
+
     def recv(self) -> Any:
         return self._q.get()
 
@@ -601,6 +906,11 @@ class _Writer:
 
     def __init__(self, q: SimpleQueue) -> None:
         self._q = q
+
+    @property
+    def closed(self) -> bool:
+        """True once the queue was closed in this process."""
+        return self._q._closed
 
     def send(self, obj: Any) -> None:
         self._q.put(obj)
