@@ -56,6 +56,7 @@ from typing import Any, NoReturn
 from shmipc.arena import Arena
 from shmipc._lifetime import Closeable
 from shmipc import _framing
+from shmipc._framing import Frame as _Frame     # looked up on every get/recv
 from shmipc.errors import MessageTooLarge, PeerDied, RingClosed
 from shmipc.queues import _ring_capacity, _timeout
 
@@ -432,7 +433,7 @@ class Connection(Closeable):
                 (nothing partial is delivered).
         """
         while True:
-            if type(frame) is not _framing.Frame:
+            if type(frame) is not _Frame:
                 return frame if not as_bytes else _as_bytes(frame)
             if frame.kind == "abort":
                 frame = self._take(None)        # nothing pending: the next message
@@ -508,7 +509,7 @@ class Connection(Closeable):
                 self._raise_closed()
         if item is _NOTHING:
             item = self._take(None)
-        if type(item) is _framing.Frame:
+        if type(item) is _Frame:
             return self._unframe(item, False)
         return item
 
@@ -517,7 +518,7 @@ class Connection(Closeable):
         item = self._take(None)
         if type(item) is bytes:
             return item
-        if type(item) is _framing.Frame:
+        if type(item) is _Frame:
             return self._unframe(item, True)
         return _as_bytes(item)
 

@@ -38,6 +38,7 @@ import fcntl
 import queue
 
 from shmipc import _framing
+from shmipc._framing import Frame as _Frame     # looked up on every get/recv
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed
 
@@ -235,7 +236,7 @@ class _Bulk:
         try:
             item = self._next()
             while True:
-                if type(item) is not _framing.Frame or item.kind != "object" or not item.sizes:
+                if type(item) is not _Frame or item.kind != "object" or not item.sizes:
                     item = self._next()         # leftovers of a torn frame
                     continue
                 try:
@@ -351,7 +352,7 @@ class _Base:
                 item = self._ring.get(block, timeout)
             except RingClosed:
                 self._raise_closed()
-            if type(item) is not _framing.Frame:
+            if type(item) is not _Frame:
                 return item
             item = self._unframe(item)
             if item is not _NOTHING:
@@ -387,11 +388,11 @@ class _Base:
                 self._raise_closed()
 
     def _unframe_all(self, items: list) -> list:
-        if not any(type(item) is _framing.Frame for item in items):
+        if not any(type(item) is _Frame for item in items):
             return items
         out = []
         for item in items:
-            if type(item) is _framing.Frame:
+            if type(item) is _Frame:
                 item = self._unframe(item)
                 if item is _NOTHING:
                     continue
@@ -489,7 +490,7 @@ class Queue(_Base):
             item = self._ring.get(block, timeout)
         except RingClosed:
             self._raise_closed()
-        if type(item) is not _framing.Frame:
+        if type(item) is not _Frame:
             return item                 # the common case
         item = self._unframe(item)
         if item is not _NOTHING:
@@ -751,7 +752,7 @@ class SimpleQueue(_Base):
                 item = self._ring.get()
             except RingClosed:
                 self._raise_closed()
-            if type(item) is not _framing.Frame:
+            if type(item) is not _Frame:
                 return item
             item = self._unframe(item)
             if item is not _NOTHING:
@@ -801,7 +802,7 @@ class SimpleQueue(_Base):
                 item = self._ring.get()
             except RingClosed:
                 self._raise_closed()
-            if type(item) is _framing.Frame:
+            if type(item) is _Frame:
                 item = self._unframe(item)
                 if item is _NOTHING:
                     continue

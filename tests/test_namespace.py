@@ -22,14 +22,20 @@ OWN = {"Queue", "SimpleQueue", "JoinableQueue", "Pipe", "Pool", "get_context"}
 def _compatible(ours, theirs) -> None:
     """Every parameter of multiprocessing's callable is accepted by ours, by
     the same name, kind and default, and positional ones in the same place."""
-    mine = inspect.signature(ours).parameters
+    if isinstance(ours, type):
+        # what the constructor accepts: __init__'s parameters (a __new__ that
+        # forwards *args/**kwargs, as Pool's does, would hide them from
+        # inspect.signature(ours))
+        mine = dict(list(inspect.signature(ours.__init__).parameters.items())[1:])
+    else:
+        mine = inspect.signature(ours).parameters
     for i, (name, param) in enumerate(inspect.signature(theirs).parameters.items()):
         assert name in mine, f"{ours} lacks parameter {name!r} of {theirs}"
         assert mine[name].kind == param.kind, (ours, name)
         assert mine[name].default == param.default, (ours, name)
         if param.kind is param.POSITIONAL_OR_KEYWORD:
             assert list(mine).index(name) == i, (ours, name)
-    extra = [p for n, p in mine.items() if n not in inspect.signature(theirs).parameters]
+    extra = [p for n, p in mine.items() if n not in inspect.signature(theirs).parameters]  # noqa
     for param in extra:     # shmipc's additions are optional
         assert param.default is not param.empty or param.kind in (param.VAR_KEYWORD,
                                                                    param.VAR_POSITIONAL), (ours, param)
