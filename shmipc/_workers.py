@@ -26,16 +26,16 @@ parent dies: workers get the kernel's parent-death signal from the zygote
 0.25 s of the caller. That signal follows the *thread* that started a
 process, so it is used towards the caller only for processes started from the
 main thread or from a thread marked with :func:`mark_thread_long_lived`; the
-zygote also watches getppid(). A target can call :func:`parent_alive` in its
-idle loop as a further line of defence (spawn workers started from a
-short-lived thread rely on it).
+zygote also watches the caller through a pidfd. A target can call
+:func:`parent_alive` in its idle loop as a further line of defence (spawn
+workers started from a short-lived thread rely on it).
 
 What runs inside the processes started here (the zygote, a worker's start)
-lives in :mod:`shmipc._zygote`. No helper is a single point of failure: a worker outlives the zygote or fork
-server that forked it (the death signal it gets from that helper is a
-catchable one: it checks the caller and dies only if the caller is gone),
-and a lost or unresponsive zygote is replaced by the next spawn (see
-:class:`Supervisor`).
+lives in :mod:`shmipc._zygote`. No helper is a single point of failure: a
+worker outlives the zygote or fork server that forked it (the death signal
+it gets from that helper is a catchable one: it checks the caller and dies
+only if the caller is gone), and a lost or unresponsive zygote is replaced
+by its spare at the next spawn (see :class:`Supervisor`).
 
 Typical use (one thread calls the Supervisor's methods at a time)::
 
@@ -60,6 +60,7 @@ import multiprocessing.connection
 import os
 import select
 import signal
+import socket
 import threading
 import time
 import traceback
@@ -68,8 +69,9 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from shmipc._proc import pid_alive
-from shmipc._zygote import (_CMD, _CMD_GO, _CMD_QUIT, _CMD_SPAWN, _EVT, _EVT_EXITED, _EVT_RELEASED,
-                            _EVT_SPAWN_FAILED, _EVT_STARTED, _process_entry, _zygote_main)
+from shmipc._zygote import (_CMD, _CMD_GO, _CMD_QUIT, _CMD_SPARE, _CMD_SPAWN, _EVT, _EVT_EXITED,
+                            _EVT_RELEASED, _EVT_SPAWN_FAILED, _EVT_STARTED, _SPARE_MSG, _process_entry,
+                            _zygote_main)
 
 __all__ = ["Supervisor", "WorkerExit", "resolve_start_method", "parent_alive",
            "mark_thread_long_lived", "unmark_thread_long_lived", "register_pausable",
@@ -176,18 +178,45 @@ def _outlives_children() -> bool:
 
 
 class _ZygoteLink:
-    """The parent's side of one zygote: its process, command pipe and event pipe."""
+    """The parent's side of one zygote: its process, command pipe, event pipe
+    and the socket it hands a spare's pipe ends over. The first zygote is our
+    child (a multiprocessing Process: `proc`); a spare is a child of the
+    zygote that forked it, so it is watched and signalled through a pidfd."""
 
-    def __init__(self, proc: Any, cmd_w: int, evt_r: int) -> None:
+    def __init__(self, proc: Any, pid: int, cmd_w: int, evt_r: int, sock: Any) -> None:
         self.proc = proc
-        self.pid: int = proc.pid
+        self.pid = pid
         self.cmd_w = cmd_w
         self.evt_r = evt_r
+        self.sock = sock
+        self.pidfd = -1
+        if proc is None:
+            try:
+                self.pidfd = os.pidfd_open(pid)
+            except (AttributeError, OSError):
+                self.pidfd = -1
         self.buf = b""
         self.eof = False            # every writer of the event pipe is gone
 
+    def exited(self) -> bool:
+        if self.proc is not None:
+            return self.proc.exitcode is not None
+        if self.pidfd >= 0:
+            return not _pidfd_running(self.pidfd)
+        return not pid_alive(self.pid)
+
     def alive(self) -> bool:
-        return not self.eof and self.proc.exitcode is None and pid_alive(self.pid)
+        return not self.eof and not self.exited() and pid_alive(self.pid)
+
+    def kill(self) -> None:
+        try:
+            if self.proc is not None:
+                if self.proc.exitcode is None:
+                    self.proc.kill()
+            elif self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except Exception:
+            pass
 
     def send(self, cmd: int, arg: int) -> None:
         """Raises OSError if the zygote is gone."""
@@ -217,24 +246,54 @@ class _ZygoteLink:
             self.buf = self.buf[_EVT.size:]
         return out
 
+    def receive_spare(self, timeout: float) -> "_ZygoteLink | None":
+        """The spare this zygote forked on _CMD_SPARE: its pid and pipe ends."""
+        try:
+            ready, _, _ = select.select([self.sock], [], [], timeout)
+            if not ready:
+                return None
+            msg, fds, _flags, _addr = socket.recv_fds(self.sock, _SPARE_MSG.size, 3)
+        except (OSError, ValueError):
+            return None
+        if len(msg) != _SPARE_MSG.size or len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            return None
+        (pid,) = _SPARE_MSG.unpack(msg)
+        return _ZygoteLink(None, pid, fds[0], fds[1], socket.socket(fileno=fds[2]))
+
     def close(self, kill: bool, timeout: float = 1.0) -> None:
-        """Close our pipe ends and reap the zygote (SIGKILLed first if `kill`)."""
-        if kill and self.proc.exitcode is None:
-            try:
-                self.proc.kill()
-            except Exception:
-                pass
+        """Close our ends and wait for the zygote to exit (SIGKILLed first if
+        `kill`); our child is reaped."""
+        if kill:
+            self.kill()
         for fd in (self.cmd_w, self.evt_r):
             if fd >= 0:
                 os.close(fd)
         self.cmd_w = self.evt_r = -1
         self.eof = True
-        self.proc.join(timeout)
-        if self.proc.exitcode is None:
-            self.proc.kill()
-            self.proc.join(1.0)
-        if self.proc.exitcode is not None:
-            self.proc.close()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if self.proc is not None:
+            self.proc.join(timeout)
+            if self.proc.exitcode is None:
+                self.proc.kill()
+                self.proc.join(1.0)
+            if self.proc.exitcode is not None:
+                self.proc.close()
+            return
+        deadline = time.monotonic() + timeout
+        while not self.exited() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        if not self.exited():
+            self.kill()
+            deadline = time.monotonic() + 1.0
+            while not self.exited() and time.monotonic() < deadline:
+                time.sleep(0.005)
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 class Supervisor:
@@ -262,12 +321,13 @@ class Supervisor:
     SIGSTOPped, and is then killed), its workers carry on (they die with this
     process, not with the zygote), their exits are seen through pidfds
     (exit code None: only the zygote could reap them), and the next spawn
-    starts a new zygote (``zygotes_replaced`` counts them). That one is forked
-    from this process while its registered threads are paused: the only
-    fork of a possibly multi-threaded process shmipc makes, and only after a
-    helper was lost (multiprocessing's fork pools fork every replacement
-    worker that way; Python 3.12+ emits a DeprecationWarning for it, shown
-    only where DeprecationWarnings are).
+    is served by its *spare*: an idle zygote it forked (so as pristine as
+    itself), promoted, which at once forks a spare of its own
+    (``zygotes_replaced`` counts take-overs). Only when both are lost at
+    once is a new zygote forked from this process, with its registered
+    threads paused (``zygotes_forked_late``): the one fork of a possibly
+    multi-threaded process shmipc makes (multiprocessing's fork pools fork
+    every replacement worker that way; Python 3.12+ warns about it).
 
     A zygote that is stopped or stuck is also noticed when a worker of its
     exits and it does not report the exit within ``zygote_timeout``.
@@ -275,6 +335,7 @@ class Supervisor:
 
     # set before anything can raise, so __del__/stop are safe after a failed __init__
     _link: _ZygoteLink | None = None
+    _spare: _ZygoteLink | None = None
     _stopped: bool = False
     zygote_timeout = 3.0            # seconds a zygote may take to answer a spawn request
 
@@ -298,8 +359,10 @@ class Supervisor:
         self._orphaned: set[int] = set()                # forkserver workers whose server died
         self._dead_since: dict[int, float] = {}         # pidfd -> when first seen exited, unreported
         self._last_exit_check = 0.0
-        self.zygotes_started = 0
-        self.zygotes_replaced = 0                       # zygotes started after one was lost
+        self._spare_retry_at = 0.0
+        self.zygotes_started = 0                        # forked from this process
+        self.zygotes_replaced = 0                       # zygotes that took over from a lost one
+        self.zygotes_forked_late = 0                    # ... forked from this process (no live spare)
 
     # ------------------------------------------------------------ starting
     def start(self, slots: Iterable[int]) -> dict[int, int]:
@@ -315,32 +378,68 @@ class Supervisor:
         with self._lock:
             if self.start_method == "fork" and self._link is None:
                 self._link = self._start_zygote()
+                self._keep_spare(now=True)
             return {slot: self.spawn(slot) for slot in slots}
 
     def _start_zygote(self) -> _ZygoteLink:
         cmd_r, cmd_w = os.pipe()
         evt_r, evt_w = os.pipe()
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         proc = self._ctx.Process(
             target=_zygote_main, name=f"{self.name}-zygote", daemon=True,
-            args=(cmd_r, evt_w, (cmd_w, evt_r), os.getpid(), _outlives_children(),
-                  self.target, self.args, self.name, self._wake))
+            args=(cmd_r, evt_w, theirs.fileno(), (cmd_w, evt_r, mine.fileno()), os.getpid(),
+                  _outlives_children(), self.target, self.args, self.name, self._wake))
         try:
             with threads_paused():          # no shmipc thread runs while we fork
                 proc.start()
         except BaseException:
             os.close(cmd_w)
             os.close(evt_r)
+            mine.close()
             raise
         finally:
             os.close(cmd_r)
             os.close(evt_w)
+            theirs.close()
         # The zygote is ours, not multiprocessing's: a plain os.fork() child of
         # this process must not terminate it from multiprocessing's atexit
         # handler (which terminates every daemonic child it knows of), and
         # active_children() must not list it. We stop and reap it ourselves.
         _forget_mp_child(proc)
         self.zygotes_started += 1
-        return _ZygoteLink(proc, cmd_w, evt_r)
+        return _ZygoteLink(proc, proc.pid, cmd_w, evt_r, mine)
+
+    def _new_zygote(self) -> _ZygoteLink:
+        """A zygote to serve from now on: the spare if it lives (promoted),
+        else one forked from this process (the first, or when both died)."""
+        spare, self._spare = self._spare, None
+        if spare is not None and spare.alive():
+            return spare
+        if spare is not None:
+            self._lose_zygote(spare, kill=True)
+        link = self._start_zygote()
+        if self.zygotes_started > 1:
+            self.zygotes_forked_late += 1
+        return link
+
+    def _keep_spare(self, now: bool = False) -> None:
+        """Have a live spare zygote, forked by the serving one (one attempt
+        per call, at most every 0.1 s unless `now`; a failure is retried at
+        a later wait())."""
+        spare, link = self._spare, self._link
+        if spare is not None and spare.alive():
+            return
+        if spare is not None:
+            self._spare = None
+            self._lose_zygote(spare, kill=True)
+        if link is None or not link.alive() or (not now and time.monotonic() < self._spare_retry_at):
+            return
+        self._spare_retry_at = time.monotonic() + 0.1
+        try:
+            link.send(_CMD_SPARE, 0)
+        except OSError:
+            return
+        self._spare = link.receive_spare(self.zygote_timeout)
 
     def spawn(self, slot: int) -> int:
         """Start a worker in `slot` (after its previous one exited); returns its pid.
@@ -380,9 +479,11 @@ class Supervisor:
             if link is None or not link.alive():
                 if link is not None:
                     self._lose_zygote(link, kill=True)
-                link = self._link = self._start_zygote()
-                if self.zygotes_started > 1:
+                first = self.zygotes_started == 0
+                link = self._link = self._new_zygote()
+                if not first:
                     self.zygotes_replaced += 1
+                self._keep_spare(now=True)
             try:
                 link.send(_CMD_SPAWN, slot)
             except OSError as exc:
@@ -445,17 +546,16 @@ class Supervisor:
     def _lose_zygote(self, link: _ZygoteLink, kill: bool) -> None:
         """The zygote died, or does not answer (then it is killed): read what
         it reported, reap it. Its workers live on (see _survive_helper_death)."""
-        if kill and link.proc.exitcode is None:
-            try:
-                link.proc.kill()
-            except Exception:
-                pass
+        if kill:
+            link.kill()
         deadline = time.monotonic() + 1.0
         while not link.eof and time.monotonic() < deadline:
             self._read_link(link, 0.05)
         link.close(kill=True)
         if self._link is link:
             self._link = None
+        if self._spare is link:
+            self._spare = None
 
     # ------------------------------------------------------------ watching
     def pids(self) -> dict[int, int]:
@@ -464,10 +564,10 @@ class Supervisor:
             return dict(self._pids)
 
     def helper_pids(self) -> list[int]:
-        """Pids of the helper processes (the zygote), for tests and tools."""
+        """Pids of the live helper processes: the serving zygote first, then
+        its spare (for tests and tools)."""
         with self._lock:
-            link = self._link
-            return [link.pid] if link is not None and link.alive() else []
+            return [link.pid for link in (self._link, self._spare) if link is not None and link.alive()]
 
     @property
     def _zygote(self) -> _ZygoteLink | None:
@@ -513,6 +613,8 @@ class Supervisor:
                     # a worker of this zygote exited and it has not said so in
                     # time: it is stopped or stuck; its workers become orphans
                     self._lose_zygote(link, kill=True)
+                else:
+                    self._keep_spare()
                 orphans = {fd: slot for slot, fd in self._pidfds.items()
                            if fd >= 0 and self._started_by.get(slot) is not self._link}
             if orphans:
@@ -620,6 +722,13 @@ class Supervisor:
                         self._read_link(link, 0.05)
                     link.close(kill=True, timeout=max(deadline - time.monotonic(), 0.1))
                     self._link = None
+                if self._spare is not None:
+                    try:
+                        self._spare.send(_CMD_QUIT, 0)
+                    except OSError:
+                        pass
+                    self._spare.close(kill=False, timeout=2.0)
+                    self._spare = None
                 self._stop_orphans(timeout)
                 exits, self._pending = self._pending, []
             else:

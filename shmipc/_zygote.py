@@ -29,7 +29,8 @@ from shmipc._proc import die_with_parent, pid_alive
 # with one write() each (smaller than PIPE_BUF, hence atomic)
 _CMD = struct.Struct("<ii")          # command, argument
 _EVT = struct.Struct("<iiii")        # kind, slot, pid, exitcode
-_CMD_SPAWN, _CMD_SIGNAL, _CMD_QUIT, _CMD_GO = 1, 2, 3, 4
+_CMD_SPAWN, _CMD_SIGNAL, _CMD_QUIT, _CMD_GO, _CMD_SPARE = 1, 2, 3, 4, 5
+_SPARE_MSG = struct.Struct("<i")     # a spare zygote's pid, sent with its pipe ends (SCM_RIGHTS)
 _EVT_STARTED, _EVT_EXITED, _EVT_SPAWN_FAILED, _EVT_RELEASED = 1, 2, 3, 4
 
 
@@ -163,10 +164,10 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 # ---------------------------------------------------------------------- the zygote
-def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int, pdeathsig: bool,
-                 target: Callable[..., Any], args: tuple, name: str,
+def _zygote_main(cmd_r: int, evt_w: int, sock: int, close_fds: tuple, parent_pid: int,
+                 pdeathsig: bool, target: Callable[..., Any], args: tuple, name: str,
                  wake: Callable[[], Any] | None = None) -> None:
-    """Entry of the zygote process (see :class:`_Zygote`)."""
+    """Entry of the first zygote process (see :class:`_Zygote`)."""
     # the death signal follows the thread that forked us: trust it only if that
     # thread lives as long as the process; the loop's getppid() check covers the rest
     if pdeathsig:
@@ -179,7 +180,14 @@ def _zygote_main(cmd_r: int, evt_w: int, close_fds: tuple, parent_pid: int, pdea
             os.close(fd)
         except OSError:
             pass
-    _Zygote(cmd_r, evt_w, parent_pid, target, args, name, wake).run()
+    _Zygote(cmd_r, evt_w, sock, _open_pidfd(parent_pid), parent_pid, target, args, name, wake).run()
+
+
+def _open_pidfd(pid: int) -> int:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return -1
 
 
 class _Zygote:
@@ -195,13 +203,24 @@ class _Zygote:
     zygote killed (or stopped, then killed by the parent) mid-spawn never
     leaves behind a worker the parent does not know of, serving a slot that
     the parent gave to a replacement.
+
+    On request (_CMD_SPARE) it forks a *spare*: another zygote, as pristine
+    as itself, with pipes of its own whose far ends it hands to the parent
+    over `sock` (SCM_RIGHTS). The parent keeps it idle and promotes it when
+    this one is lost, so a new zygote never has to be forked from the
+    (multi-threaded) parent. A spare watches the parent through a pidfd, not
+    getppid() (its parent is this zygote, which it outlives).
     """
 
-    def __init__(self, cmd_r: int, evt_w: int, parent_pid: int, target: Callable[..., Any],
-                 args: tuple, name: str, wake: Callable[[], Any] | None) -> None:
+    def __init__(self, cmd_r: int, evt_w: int, sock: int, parent_fd: int, parent_pid: int,
+                 target: Callable[..., Any], args: tuple, name: str,
+                 wake: Callable[[], Any] | None) -> None:
         self.cmd_r = cmd_r
         self.evt_w = evt_w
+        self.sock = sock                                    # to hand the parent a spare's fds
+        self.parent_fd = parent_fd                          # pidfd of the parent, or -1
         self.parent_pid = parent_pid
+        self.spares: set[int] = set()                       # spares forked here (reaped, not reported)
         self.target = target
         self.args = args
         self.name = name
@@ -214,12 +233,14 @@ class _Zygote:
     def run(self) -> None:
         while True:
             fds = [self.cmd_r] + [pidfd for _, pidfd in self.children.values() if pidfd >= 0]
+            if self.parent_fd >= 0:
+                fds.append(self.parent_fd)
             polling = any(pidfd < 0 for _, pidfd in self.children.values())
             try:
                 ready, _, _ = select.select(fds, [], [], 0.05 if polling else 0.25)
             except InterruptedError:
                 ready = []
-            if os.getppid() != self.parent_pid:            # the parent process died
+            if self.parent_fd in ready or not pid_alive(self.parent_pid):     # the parent died
                 break
             if self.cmd_r in ready and not self._read_commands():
                 break
@@ -243,6 +264,8 @@ class _Zygote:
                 self._fork_worker(arg)
             elif cmd == _CMD_GO:
                 self._release(arg)
+            elif cmd == _CMD_SPARE:
+                self._fork_spare()
             elif cmd == _CMD_SIGNAL:
                 self._signal_all(arg)
             elif cmd == _CMD_QUIT:
@@ -264,6 +287,13 @@ class _Zygote:
                 pass
 
     def _reap(self, block: bool) -> None:
+        for pid in list(self.spares):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done == pid:
+                self.spares.discard(pid)
         for pid in list(self.children):
             try:
                 done, status = os.waitpid(pid, 0 if block else os.WNOHANG)
@@ -319,6 +349,49 @@ class _Zygote:
         self.children[pid] = (slot, pidfd)
         self.gates[pid] = gate_w
         self._report(_EVT_STARTED, slot, pid, 0)
+
+    def _fork_spare(self) -> None:
+        """Fork a spare zygote and hand the parent its pid and pipe ends."""
+        import socket
+
+        try:
+            cmd_r, cmd_w = os.pipe()
+            evt_r, evt_w = os.pipe()
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return                                      # the parent times out: no spare
+        try:
+            pid = os.fork()
+        except OSError:
+            pid = -1
+        if pid == 0:                                    # the spare
+            code = 0
+            try:
+                for fd in ([self.cmd_r, self.evt_w, self.sock, cmd_w, evt_r]
+                           + [fd for _, fd in self.children.values()] + list(self.gates.values())):
+                    if fd >= 0:
+                        os.close(fd)
+                mine.close()
+                _Zygote(cmd_r, evt_w, theirs.detach(), self.parent_fd, self.parent_pid, self.target,
+                        self.args, self.name, self.wake).run()
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            finally:
+                os._exit(code)
+        theirs.close()
+        os.close(cmd_r)
+        os.close(evt_w)
+        if pid > 0:
+            self.spares.add(pid)
+            try:
+                with socket.socket(fileno=os.dup(self.sock)) as out:
+                    socket.send_fds(out, [_SPARE_MSG.pack(pid)], [cmd_w, evt_r, mine.fileno()])
+            except OSError:
+                pass                                    # the parent is gone or times out
+        os.close(cmd_w)
+        os.close(evt_r)
+        mine.close()
 
     def _release(self, pid: int) -> None:
         """The parent accepted worker `pid` (and tracks it from now on): let

@@ -10,7 +10,9 @@ it, or SIGSTOPs it and SIGCONTs it a little later. Then:
 * the pool stays usable afterwards (all its slots filled, a clean map right);
 * nothing leaks: no fd, no /dev/shm entry, no child process, and no process
   of the tree (orphans included) outlives the pool;
-* kills and recoveries actually happened (zygotes replaced, workers replaced).
+* kills and recoveries actually happened (zygotes replaced, workers replaced);
+  the zygote and its spare are both killed at random (zygote_kills counts
+  both), so a replacement forked from the parent (both lost) happens too.
 
 CI budget: well under 90 s; SHMIPC_SOAK=N runs each phase N times longer.
 """
@@ -89,17 +91,21 @@ class Killer(threading.Thread):
         """The live tree as the pool sees it (workers, orphans included, and
         the zygote); each process is identified once, when first seen."""
         me = os.getpid()
-        link = self.engine._sup._link
+        sup = self.engine._sup
         workers = list(self.engine._pids.values())
         current = []
-        if link is not None:
+        zygotes = {pid for pid, (role, _) in self.known.items() if role == "zygote"}
+        for link in (sup._link, sup._spare):     # the serving zygote and its spare
+            if link is None:
+                continue
             if link.pid not in self.known:
+                # ours: a child of this process, of a zygote, or orphaned (its zygote died)
                 st = _stat(link.pid)
-                if st is not None and st[0] == me:
+                if st is not None and st[0] in zygotes | {me, 1}:
                     self.known[link.pid] = ("zygote", st[1])
+                    zygotes.add(link.pid)
             if link.pid in self.known:
                 current.append(link.pid)
-        zygotes = {pid for pid, (role, _) in self.known.items() if role == "zygote"}
         for pid in workers:
             if pid not in self.known:
                 st = _stat(pid)
@@ -282,8 +288,8 @@ def _fuzz(make, round_, seed):
     assert not alive, alive
     report = dict(counts, worker_kills=killer.kills["worker"], zygote_kills=killer.kills["zygote"],
                   worker_stops=killer.stops["worker"], zygote_stops=killer.stops["zygote"],
-                  zygotes_replaced=sup.zygotes_replaced, worker_deaths=stats["worker_deaths"],
-                  processes_seen=len(tree))
+                  zygotes_replaced=sup.zygotes_replaced, forked_from_parent=sup.zygotes_forked_late,
+                  worker_deaths=stats["worker_deaths"], processes_seen=len(tree))
     print(f"\nkill fuzz ({type(pool).__name__}): {report}")
     # kills and recoveries really happened
     assert killer.kills["worker"] > 0 and killer.kills["zygote"] > 0, report

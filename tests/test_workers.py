@@ -86,15 +86,18 @@ def test_zygote_killed_workers_live_on_and_a_new_zygote_serves(no_leaks):
     sup = Supervisor(idle, (), context="fork")
     try:
         pids = sup.start(range(2))
-        zygote = sup.helper_pids()[0]
+        zygote, spare = sup.helper_pids()
         os.kill(zygote, signal.SIGKILL)
-        assert wait_for(lambda: not sup.wait(0.01) and sup.helper_pids() == [])
+        assert wait_for(lambda: not sup.wait(0.01) and sup.helper_pids() == [spare])
         assert all(pid_alive(p) for p in pids.values())          # not killed with it
         # an orphan's exit is still seen (through its pidfd; only the zygote knew the code)
         os.kill(pids[0], signal.SIGKILL)
         assert wait_exits(sup, 1) == [WorkerExit(0, pids[0], None)]
         new = sup.spawn(0)
-        assert sup.zygotes_replaced == 1 and sup.helper_pids() not in ([], [zygote])
+        # the spare took over (and forked a spare of its own): nothing was
+        # forked from this (possibly multi-threaded) process
+        assert sup.zygotes_replaced == 1 and sup.zygotes_forked_late == 0
+        assert sup.helper_pids()[0] == spare and len(sup.helper_pids()) == 2
         os.kill(new, signal.SIGKILL)
         assert wait_exits(sup, 1) == [WorkerExit(0, new, -signal.SIGKILL)]    # from the new zygote
     finally:
@@ -113,9 +116,42 @@ def test_stopped_zygote_is_replaced_on_spawn(no_leaks):
         t0 = time.monotonic()
         new = sup.spawn(1)                      # the stopped zygote does not answer: replaced
         assert time.monotonic() - t0 < 5
-        assert pid_alive(new) and sup.zygotes_replaced == 1
+        assert pid_alive(new) and sup.zygotes_replaced == 1 and sup.zygotes_forked_late == 0
         assert not pid_alive(zygote)
         assert pid_alive(pids[0])               # its worker lives on
+    finally:
+        sup.stop(0.5)
+
+
+@pytest.mark.timeout(60)
+def test_zygote_and_spare_both_killed(no_leaks):
+    """Both helpers lost at once: the next one is forked from this process."""
+    sup = Supervisor(idle, (), context="fork")
+    try:
+        pids = sup.start([0])
+        helpers = sup.helper_pids()
+        assert len(helpers) == 2
+        for pid in helpers:
+            os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: not any(pid_alive(h) for h in helpers))
+        new = sup.spawn(1)
+        assert pid_alive(new) and pid_alive(pids[0])
+        assert sup.zygotes_replaced == 1 and sup.zygotes_forked_late == 1
+        assert wait_for(lambda: len(sup.helper_pids()) == 2)        # and it has a spare again
+    finally:
+        sup.stop(0.5)
+
+
+@pytest.mark.timeout(60)
+def test_spare_killed_is_replaced(no_leaks):
+    sup = Supervisor(idle, (), context="fork")
+    try:
+        sup.start([0])
+        zygote, spare = sup.helper_pids()
+        os.kill(spare, signal.SIGKILL)
+        assert wait_for(lambda: not sup.wait(0.01) and len(sup.helper_pids()) == 2
+                        and spare not in sup.helper_pids())
+        assert sup.helper_pids()[0] == zygote and sup.zygotes_forked_late == 0
     finally:
         sup.stop(0.5)
 
