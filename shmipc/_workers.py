@@ -276,10 +276,15 @@ class _ZygoteLink:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
-            self.proc.join(timeout)
-            if self.proc.exitcode is None:
+            # (not proc.join(): its sentinel pipe is inherited by our workers
+            # and spare, so it reads EOF only once they are gone too)
+            for wait, last in ((timeout, False), (1.0, True)):
+                deadline = time.monotonic() + wait
+                while self.proc.exitcode is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                if self.proc.exitcode is not None or last:
+                    break
                 self.proc.kill()
-                self.proc.join(1.0)
             if self.proc.exitcode is not None:
                 self.proc.close()
             return
@@ -360,6 +365,8 @@ class Supervisor:
         self._dead_since: dict[int, float] = {}         # pidfd -> when first seen exited, unreported
         self._last_exit_check = 0.0
         self._spare_retry_at = 0.0
+        self._spare_asked: _ZygoteLink | None = None    # the zygote asked for a spare, not answered yet
+        self._spare_asked_at = 0.0
         self.zygotes_started = 0                        # forked from this process
         self.zygotes_replaced = 0                       # zygotes that took over from a lost one
         self.zygotes_forked_late = 0                    # ... forked from this process (no live spare)
@@ -423,23 +430,33 @@ class Supervisor:
         return link
 
     def _keep_spare(self, now: bool = False) -> None:
-        """Have a live spare zygote, forked by the serving one (one attempt
-        per call, at most every 0.1 s unless `now`; a failure is retried at
-        a later wait())."""
+        """Have a live spare zygote, forked by the serving one. The request is
+        answered later (read at a later call, so the bookkeeping thread never
+        waits on it) unless `now`; a zygote that does not answer within
+        zygote_timeout is stopped or stuck, and is replaced."""
         spare, link = self._spare, self._link
         if spare is not None and spare.alive():
             return
         if spare is not None:
             self._spare = None
             self._lose_zygote(spare, kill=True)
-        if link is None or not link.alive() or (not now and time.monotonic() < self._spare_retry_at):
+        if link is None or not link.alive():
             return
-        self._spare_retry_at = time.monotonic() + 0.1
-        try:
-            link.send(_CMD_SPARE, 0)
-        except OSError:
-            return
-        self._spare = link.receive_spare(self.zygote_timeout)
+        if self._spare_asked is not link:
+            if not now and time.monotonic() < self._spare_retry_at:
+                return
+            self._spare_retry_at = time.monotonic() + 0.1
+            try:
+                link.send(_CMD_SPARE, 0)
+            except OSError:
+                return
+            self._spare_asked, self._spare_asked_at = link, time.monotonic()
+        self._spare = link.receive_spare(self.zygote_timeout if now else 0)
+        if self._spare is not None:
+            self._spare_asked = None
+        elif time.monotonic() - self._spare_asked_at > self.zygote_timeout:
+            self._spare_asked = None
+            self._lose_zygote(link, kill=True)      # its workers live on; the next spawn replaces it
 
     def spawn(self, slot: int) -> int:
         """Start a worker in `slot` (after its previous one exited); returns its pid.

@@ -184,3 +184,30 @@ def test_forked_copy_never_stops_the_parents_workers(no_leaks):
         assert pid_alive(pid) and sup.helper_pids()
     finally:
         sup.stop(0.5)
+
+
+@pytest.mark.timeout(60)
+def test_spare_request_to_a_stopped_zygote_never_stalls_wait(no_leaks):
+    """The spare is lost and the zygote is stopped: asking it for a new spare
+    must not block wait() (the pool's bookkeeping thread); after
+    zygote_timeout without an answer the zygote is replaced."""
+    sup = Supervisor(idle, (), context="fork")
+    sup.zygote_timeout = 0.5
+    try:
+        pids = sup.start([0])
+        zygote, spare = sup.helper_pids()
+        os.kill(zygote, signal.SIGSTOP)
+        os.kill(spare, signal.SIGKILL)
+        slowest = 0.0
+        deadline = time.monotonic() + 10
+        while pid_alive(zygote) and time.monotonic() < deadline:
+            t0 = time.monotonic()
+            sup.wait(0)
+            slowest = max(slowest, time.monotonic() - t0)
+            time.sleep(0.01)
+        assert not pid_alive(zygote)            # replaced: it never answered
+        assert slowest < 0.4, slowest
+        assert pid_alive(pids[0])
+        assert pid_alive(sup.spawn(1)) and sup.zygotes_forked_late == 1
+    finally:
+        sup.stop(0.5)
