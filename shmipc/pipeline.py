@@ -92,6 +92,7 @@ POLL_S = 0.05            # parent's longest sleep before it looks at its workers
 FEED_SLICE_S = 0.002     # longest the parent reads the source before it drains results
 REAP_EVERY_S = 0.1       # how often the parent checks for dead workers
 QUIET_S = 1.0            # nothing moving this long after a death: stuck items are lost
+JAM_WAIT_S = 0.08        # a wait on a full, empty first ring (longer than the ring's quiet slice)
 
 
 class Pipeline(Closeable):
@@ -333,6 +334,7 @@ class Pipeline(Closeable):
         self._last_move = time.monotonic()
         self._moves = -1
         self._maybe_lost = False              # a death may have lost an item without a trace
+        self._last_unjam = 0.0                # see _unjam
         self._crew = Crew(self)
         self._started = True
         try:
@@ -410,7 +412,8 @@ class Pipeline(Closeable):
                 try:
                     s.ring.put_nowait(repack(env))
                 except queue.Full:
-                    keep.append((s, env))
+                    if not self._unjam(s.ring, repack(env)):
+                        keep.append((s, env))
             self._requeue[:] = keep
         # One item at a time: a source that blocks (a socket, a queue) must not
         # hold back items it already produced, waiting to fill a batch; and
@@ -438,7 +441,7 @@ class Pipeline(Closeable):
             try:
                 put(env)
             except queue.Full:
-                self._unsent = env
+                self._unsent = None if self._unjam(self._stages[0].ring, env) else env
                 return False
             except (MessageTooLarge, pickle.PicklingError, TypeError, AttributeError) as exc:
                 self._unsent = None
@@ -447,6 +450,22 @@ class Pipeline(Closeable):
             self._unsent = None
             if time.monotonic() - t0 >= FEED_SLICE_S:
                 return True
+
+    def _unjam(self, ring: Any, env: tuple) -> bool:
+        """`ring` is full with nothing queued: its room is held by records a
+        killed worker had claimed (zero_copy). The ring gives such room back
+        only to a producer that waits (after one of its quiet slices), and
+        this parent never waits on its puts; so, at most every JAM_WAIT_S,
+        put `env` with a brief wait. True if it went in."""
+        now = time.monotonic()
+        if ring.qsize() or now - self._last_unjam < JAM_WAIT_S:
+            return False
+        self._last_unjam = now
+        try:
+            ring.put(env, timeout=JAM_WAIT_S)
+        except queue.Full:
+            return False
+        return True
 
     def _source_item_failed(self, seq: int, exc: BaseException) -> None:
         """A source item that cannot be sent to the first stage fails alone."""

@@ -1056,3 +1056,23 @@ def test_anything_that_fails_to_pickle_or_unpickle_fails_only_its_item(no_leaks)
         assert f"item {seq}" in str(f.exception) + "".join(getattr(f.exception, "__notes__", [])), f
     assert "CodedError" in str(failures[6].exception)
     assert "cannot rebuild object 5" in str(failures[5].exception)
+
+
+def kill_self_on_array_seven(a):
+    """SIGKILL our worker on the array of 7s, while it holds the array in the
+    ring (zero_copy: the record stays claimed until the call returns)."""
+    if a[0] == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return int(a[0])
+
+
+@pytest.mark.timeout(60)
+def test_room_held_by_a_killed_zero_copy_worker_is_given_back(no_leaks):
+    # 4 KiB items in a 16 KiB ring: the dead worker's claimed record sits at the
+    # tail, and only a producer that waits makes the ring give its room back
+    arrays = [np.full(512, i, dtype=np.int64) for i in range(40)]
+    with Pipeline(arrays, on_error="collect", ring_capacity=1 << 14) as p:
+        p.stage(kill_self_on_array_seven, workers=2, zero_copy=True)
+        out = list(p.results())
+    assert out == [i for i in range(40) if i != 7]
+    assert [f.seq for f in p.errors] == [7]

@@ -35,6 +35,8 @@ ITEMS = 400
 
 def jitter_double(x):
     time.sleep(random.random() * 0.008)
+    if not isinstance(x, int):          # a numpy array item: its first element
+        x = int(x[0])
     return 2 * x
 
 
@@ -162,14 +164,23 @@ class Killer(threading.Thread):
         self.pidfds.clear()
 
 
+def _arrays(n):
+    import numpy as np
+
+    return [np.full(256, i, dtype=np.int64) for i in range(n)]
+
+
 def _run_round(r, totals):
     rng = random.Random(f"pipeline-fuzz-{r}")
     kinds = rng.choice([["func", "func"], ["func", "gen", "func"], ["func", "func", "func"]])
     retries = 2 if r % 2 == 0 else 0
     ordered = rng.random() < 0.6
+    # half the rounds: arrays (raw buffers through the rings, read in place with zero_copy)
+    arrays = r % 4 in (1, 2)
+    source = _arrays(ITEMS) if arrays else range(ITEMS)
     killer = Killer(rng, max_kills=rng.randint(6, 14), zygote_first=r % 3 == 0)
     t0 = time.monotonic()
-    with Pipeline(range(ITEMS), on_error="collect", retries=retries, max_inflight=32,
+    with Pipeline(source, on_error="collect", retries=retries, max_inflight=32,
                   ring_capacity=1 << 16, stop_timeout=0.5) as p:
         for i, kind in enumerate(kinds):
             fn = fan_out if kind == "gen" else (jitter_double if i == 0 else tag)
@@ -222,7 +233,7 @@ def _run_round(r, totals):
     totals["retried"] += stats["retried"]
     totals["items_failed"] += len(failed)
     totals["late_dropped"] += stats["late_dropped"]
-    print(f"round {r}: {'-'.join(kinds)} retries={retries} ordered={ordered} "
+    print(f"round {r}: {'-'.join(kinds)} {'arrays' if arrays else 'ints'} retries={retries} ordered={ordered} "
           f"kills={killer.kills} (zygote {killer.zygote_kills}) stops={killer.stops} deaths={deaths} "
           f"retried={stats['retried']} failed={len(failed)} dropped={stats['late_dropped']} "
           f"{took:.1f}s")
