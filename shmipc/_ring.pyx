@@ -394,7 +394,12 @@ cdef class Ring:
         if self.arena is None:
             raise TypeError("only rings that live in an Arena can be pickled")
         from shmipc.arena import _rebuild_ring
-        return _rebuild_ring, (self.arena, self.name)
+        if self.allow_pickle:
+            return _rebuild_ring, (self.arena, self.name)
+        return _rebuild_ring, (self.arena, self.name), {"allow_pickle": False}   # stays refused
+
+    def __setstate__(self, state):
+        self.allow_pickle = bool(state.get("allow_pickle", True))
 
     def __repr__(self):
         if self.closed:
@@ -1368,7 +1373,9 @@ cdef class Ring:
         """True if not even an empty message would fit now (approximate)."""
         if self.closed:
             raise RingClosed(f"ring {self.name!r} is closed")
-        if self.maxsize and self.qsize() >= self.maxsize:
+        cdef uint64_t i = shm_load_rlx64(&self.hdr.prod.msgs)
+        cdef uint64_t o = shm_load_rlx64(&self.hdr.cons.msgs)
+        if self.maxsize and i > o and i - o >= self.maxsize:
             return True
         cdef uint64_t used = shm_load_rlx64(&self.hdr.prod.pos) - shm_load_rlx64(&self.hdr.cons.pos)
         cdef uint64_t least = rec_len(self.record_size)

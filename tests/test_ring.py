@@ -823,6 +823,8 @@ def test_a_ring_can_refuse_to_unpickle(arena):
             pass
     assert reader.get() == "s" and CALLS == []
     assert reader.stats()["bad_messages"] == 2
+    assert pickle.loads(pickle.dumps(reader)).allow_pickle is False     # a child's copy refuses too
+    assert pickle.loads(pickle.dumps(ring)).allow_pickle is True
     reader.allow_pickle = True
     ring.put(RunsCodeWhenUnpickled())
     assert reader.get() == "unpickled" and CALLS == ["unpickled"]
