@@ -1,3 +1,4 @@
+cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from shmipc._posix cimport sem_t
 from shmipc._shm cimport shm_ring_t, shm_rec_t, shm_side_t
@@ -19,6 +20,7 @@ cdef struct take_t:
     uint32_t size           #   and payload size
 
 
+@cython.final       # no subclasses: its C methods are called directly (and inlined)
 cdef class Ring:
     cdef shm_ring_t *hdr            # the ring header in shared memory
     cdef char *data                 # first data byte
