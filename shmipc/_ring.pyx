@@ -28,6 +28,10 @@ since another process may have scribbled over the memory):
     delivered is consumed (and counted in `bad_messages`) only when it is the
     first of a call, which then raises; later in a batch, the call stops
     before it and returns what it took, so nothing good is lost with it.
+    A payload that fails to decode after the lock is released (unpickling)
+    costs only itself: get_many returns the messages before it, keeps the
+    rest in `pending` (this process), and the next call raises its error,
+    then delivers the rest in order.
   * A waiter registers in `wait.*_waiters` and re-checks its condition
     before sleeping; the other side publishes, issues a full fence, and then
     reads the counter (Dekker): a wake-up can be late by one slice at worst
