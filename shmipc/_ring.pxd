@@ -1,3 +1,4 @@
+cimport cython
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t
 from shmipc._posix cimport sem_t
 from shmipc._shm cimport shm_ring_t, shm_rec_t, shm_side_t
@@ -19,6 +20,7 @@ cdef struct take_t:
     uint32_t size           #   and payload size
 
 
+@cython.final       # no subclasses: its C methods are called directly (and inlined)
 cdef class Ring:
     cdef shm_ring_t *hdr            # the ring header in shared memory
     cdef char *data                 # first data byte
@@ -42,8 +44,8 @@ cdef class Ring:
     cdef public object name         # the region name in the arena
     cdef public object dtype        # fixed-record rings: the numpy dtype
     cdef bint allow_pickle          # decode pickled messages (else: native types only)
-    cdef object pending             # deque of (tag, payload or error) taken but not yet
-                                    # delivered: the rest of a batch whose decoding failed
+    cdef object pending             # None, or a deque of (tag, payload or error) taken but
+                                    # not yet delivered: the rest of a batch whose decoding failed
     cdef object __weakref__
 
     cdef int _map(self, object buffer, Py_ssize_t offset, uint64_t need) except -1
@@ -56,6 +58,7 @@ cdef class Ring:
     cdef void _leave(self) noexcept
     cdef shm_rec_t *_rec_at(self, uint64_t pos) noexcept nogil
     cdef int _corrupt(self, str what) except -1
+    cdef uint64_t _rec_length(self, uint64_t pos, uint64_t head) noexcept nogil
     cdef uint64_t _check_record(self, uint64_t pos, uint64_t head) except 0
     cdef int _positions(self, uint64_t *head, uint64_t *cursor, uint64_t *tail) except -1
     cdef bint _ready(self, int kind, uint64_t need) noexcept nogil
@@ -80,8 +83,10 @@ cdef class Ring:
     cdef object _consume(self, int64_t deadline, Py_ssize_t max_items, Py_ssize_t max_bytes,
                          bint claim, list out, list tags, take_t *t)
     cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, uint32_t size, bint claim) noexcept
+    cdef bint _move_tail(self) noexcept
     cdef int _advance_tail(self) except -1
-    cdef int _payload(self, shm_rec_t *r, uint64_t length, uint8_t *tag, uint32_t *size) except -1
+    cdef bint _payload(self, shm_rec_t *r, uint64_t length, uint8_t *tag, uint32_t *size) noexcept
+    cdef int _bad_payload(self, uint8_t tag, uint32_t size, uint64_t length) except -1
     cdef object _copy_out(self, const char *p, uint8_t tag, uint32_t size, bint *raw)
     cdef object _decode(self, uint8_t tag, object buf)
     cdef list _from_pending(self, Py_ssize_t max_items)

@@ -28,6 +28,10 @@ since another process may have scribbled over the memory):
     delivered is consumed (and counted in `bad_messages`) only when it is the
     first of a call, which then raises; later in a batch, the call stops
     before it and returns what it took, so nothing good is lost with it.
+    A payload that fails to decode after the lock is released (unpickling)
+    costs only itself: get_many returns the messages before it, keeps the
+    rest in `pending` (this process), and the next call raises its error,
+    then delivers the rest in order.
   * A waiter registers in `wait.*_waiters` and re-checks its condition
     before sleeping; the other side publishes, issues a full fence, and then
     reads the counter (Dekker): a wake-up can be late by one slice at worst
@@ -180,7 +184,7 @@ cdef class Ring:
         self.closed = True
         self.active = 0
         self.spin_ns = 20_000
-        self.pending = deque()
+        self.pending = None
         self.allow_pickle = True
 
     def __init__(self, *args, **kwargs):
@@ -394,7 +398,12 @@ cdef class Ring:
         if self.arena is None:
             raise TypeError("only rings that live in an Arena can be pickled")
         from shmipc.arena import _rebuild_ring
-        return _rebuild_ring, (self.arena, self.name)
+        if self.allow_pickle:
+            return _rebuild_ring, (self.arena, self.name)
+        return _rebuild_ring, (self.arena, self.name), {"allow_pickle": False}   # stays refused
+
+    def __setstate__(self, state):
+        self.allow_pickle = bool(state.get("allow_pickle", True))
 
     def __repr__(self):
         if self.closed:
@@ -447,14 +456,35 @@ cdef class Ring:
     cdef int _corrupt(self, str what) except -1:
         raise CorruptArena(f"ring {self.name!r}: {what}")
 
-    cdef uint64_t _check_record(self, uint64_t pos, uint64_t head) except 0:
-        """Validate the record header at `pos` (which must be < head) and return
-        its length in the ring. Raises CorruptArena on anything out of range."""
+    cdef uint64_t _rec_length(self, uint64_t pos, uint64_t head) noexcept nogil:
+        """The length in the ring of the valid record header at `pos` (which
+        must be < head), or 0 if anything in it is out of range."""
         cdef uint64_t off = pos & self.mask
         cdef shm_rec_t *r = <shm_rec_t *>(self.data + off)
         cdef uint32_t size = r.size
         cdef uint8_t tag = r.tag
-        cdef uint64_t length
+        cdef uint64_t length = rec_len(size)
+        if (pos & (SHM_REC_ALIGN - 1)) or tag > TAG_MAX or r.check != shm_rec_check(size, tag):
+            return 0
+        if tag == TAG_PAD:
+            if length != self.capacity - off:
+                return 0
+        elif size > self.max_payload or length > self.capacity - off:
+            return 0
+        if length > head - pos or r.state > SHM_REC_DONE:
+            return 0
+        return length
+
+    cdef uint64_t _check_record(self, uint64_t pos, uint64_t head) except 0:
+        """Validate the record header at `pos` (which must be < head) and return
+        its length in the ring. Raises CorruptArena on anything out of range."""
+        cdef uint64_t length = self._rec_length(pos, head)
+        if length:
+            return length
+        cdef uint64_t off = pos & self.mask
+        cdef shm_rec_t *r = <shm_rec_t *>(self.data + off)
+        cdef uint32_t size = r.size
+        cdef uint8_t tag = r.tag
         if pos & (SHM_REC_ALIGN - 1):
             self._corrupt(f"position {pos} is not 16-aligned")
         if tag > TAG_MAX or r.check != shm_rec_check(size, tag):
@@ -469,7 +499,7 @@ cdef class Ring:
             self._corrupt(f"record of {length} bytes at position {pos} runs past the head {head}")
         if r.state > SHM_REC_DONE:
             self._corrupt(f"record at position {pos} has state {r.state}")
-        return length
+        self._corrupt(f"record header at position {pos} changed while it was read")
 
     cdef int _positions(self, uint64_t *head, uint64_t *cursor, uint64_t *tail) except -1:
         """Read and check the three positions; for the consumer side held
@@ -1048,7 +1078,7 @@ cdef class Ring:
         cdef uint8_t tag = 0
         cdef uint32_t size = 0
         cdef Py_ssize_t k = 0, nbytes = 0, off = 0
-        cdef bint raw = False, hold = False
+        cdef bint raw = False, hold = False, first = True
         cdef char *dst = NULL
         one = records = None
         t.count = 0
@@ -1056,12 +1086,17 @@ cdef class Ring:
         r = self._take(deadline, &pos, &length)
         if r == NULL:
             return None
+        # The first record is taken with no try/except (the fast path of get):
+        # while `first` is set, the finally below consumes and counts it if
+        # anything raised about it. Later records of a batch end the batch
+        # instead (the next call meets them first).
         try:
             head = pos + length
             if max_items > 1:
                 # one fresh look at the head per batch: take all there is
                 head = self.cached_head = shm_load_acq64(&h.prod.pos)
                 if head < pos + length or head - pos > self.capacity:
+                    first = False
                     self._corrupt(f"head {head} moved out of range of the cursor {pos}")
             if self.record_size and out is not None:
                 k = (head - pos) // rec_len(self.record_size) + 1
@@ -1072,28 +1107,25 @@ cdef class Ring:
                 k = 0
             while True:
                 # r: a message record at pos, of `length` bytes in the ring
-                try:
-                    self._payload(r, length, &tag, &size)
-                    if self.record_size and (tag != TAG_RECORD or size != self.record_size):
-                        self._corrupt(f"record of tag {tag} and {size} bytes in a ring of "
-                                      f"{self.record_size}-byte records")
-                    if records is not None:
-                        memcpy(dst + off, (<char *>r) + SHM_REC_HDR, size)
-                        off += size
+                if not self._payload(r, length, &tag, &size):
+                    if not first:
+                        break
+                    self._bad_payload(tag, size, length)
+                if records is not None:
+                    memcpy(dst + off, (<char *>r) + SHM_REC_HDR, size)
+                    off += size
+                else:
+                    hold = claim and (tag < TAG_STR or tag > TAG_NONE)
+                    if hold:
+                        pass
+                    elif first:
+                        one = self._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw)
                     else:
-                        hold = claim and (tag < TAG_STR or tag > TAG_NONE)
-                        if not hold:
+                        try:
                             one = self._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw)
-                except Exception:
-                    if k:
-                        break       # deliver what was taken; the next call raises for this one
-                    self._consumed(pos, length, r, size, False)     # else it would block the ring
-                    shm_add64(&h.counters.bad_messages, 1)
-                    try:
-                        self._advance_tail()
-                    except CorruptArena:
-                        pass        # the error raised is about this record
-                    raise
+                        except Exception:
+                            break
+                first = False
                 self._consumed(pos, length, r, size, hold)
                 k += 1
                 nbytes += size
@@ -1104,23 +1136,22 @@ cdef class Ring:
                 if k == max_items or (max_bytes > 0 and nbytes >= max_bytes):
                     break
                 # the next message record, past any padding
-                try:
-                    while pos != head:
-                        length = self._check_record(pos, head)
-                        r = self._rec_at(pos)
-                        if r.tag != TAG_PAD:
-                            break
-                        pos += length
-                        shm_store_rel64(&h.cons.cursor, pos)
-                except CorruptArena:
-                    break           # the next call meets it first, and raises
-                if pos == head:
+                while pos != head:
+                    length = self._rec_length(pos, head)
+                    if length == 0:
+                        break
+                    r = self._rec_at(pos)
+                    if r.tag != TAG_PAD:
+                        break
+                    pos += length
+                    shm_store_rel64(&h.cons.cursor, pos)
+                if pos == head or length == 0:
                     break
-            try:
-                self._advance_tail()
-            except CorruptArena:
-                pass                # consumed: deliver them; the next call raises
         finally:
+            if first:       # raised about the first record: consume it, or it blocks the ring
+                self._consumed(pos, length, r, size, False)
+                shm_add64(&h.counters.bad_messages, 1)
+            self._move_tail()       # garbage past what was taken: the next call raises
             if self.many_consumers:
                 self._unlock(W_CLOCK)
         t.count = k
@@ -1148,35 +1179,59 @@ cdef class Ring:
         h.cons.bytes += size
         shm_store_rel64(&h.cons.cursor, pos + length)
 
-    cdef int _advance_tail(self) except -1:
+    cdef bint _move_tail(self) noexcept:
         """Move the tail over DONE and PAD records (consumer side held) and
-        wake a producer waiting for room."""
+        wake a producer waiting for room. False if garbage stopped it (it
+        moves as far as the records are valid)."""
         cdef shm_ring_t *h = self.hdr
         cdef uint64_t tail = shm_load_rlx64(&h.cons.pos)
         cdef uint64_t cursor = shm_load_rlx64(&h.cons.cursor)
-        cdef uint64_t start = tail
+        cdef uint64_t start = tail, length
         cdef shm_rec_t *r
+        cdef bint ok = True
         if cursor < tail or cursor - tail > self.capacity:
-            self._corrupt(f"cursor {cursor} and tail {tail} are out of order")
+            return False
         while tail < cursor:
             r = self._rec_at(tail)
             if r.tag != TAG_PAD and r.state != SHM_REC_DONE:
                 break
-            tail += self._check_record(tail, cursor)
+            length = self._rec_length(tail, cursor)
+            if length == 0:
+                ok = False
+                break
+            tail += length
         if tail != start:
             shm_store_rel64(&h.cons.pos, tail)
             shm_fence()
             shm_wake(&h.space_sem, &h.wait.space_waiters)
+        return ok
+
+    cdef int _advance_tail(self) except -1:
+        """_move_tail, raising CorruptArena if garbage stopped it."""
+        cdef uint64_t tail, cursor
+        if not self._move_tail():
+            tail = shm_load_rlx64(&self.hdr.cons.pos)
+            cursor = shm_load_rlx64(&self.hdr.cons.cursor)
+            if cursor < tail or cursor - tail > self.capacity:
+                self._corrupt(f"cursor {cursor} and tail {tail} are out of order")
+            self._corrupt(f"garbage record between the tail {tail} and the cursor {cursor}")
         return 0
 
-    cdef int _payload(self, shm_rec_t *r, uint64_t length, uint8_t *tag, uint32_t *size) except -1:
+    cdef bint _payload(self, shm_rec_t *r, uint64_t length, uint8_t *tag, uint32_t *size) noexcept:
         """Read a message record's tag and size once (another process could
-        change them under us) and check them against the validated length."""
+        change them under us) and check them against the validated length,
+        and in a fixed-record ring, against the record size."""
         tag[0] = r.tag
         size[0] = r.size
         if tag[0] == TAG_PAD or tag[0] > TAG_MAX or SHM_REC_HDR + <uint64_t>size[0] > length:
-            self._corrupt(f"record changed under the reader (tag {tag[0]}, size {size[0]}, length {length})")
-        return 0
+            return False
+        return not self.record_size or (tag[0] == TAG_RECORD and size[0] == self.record_size)
+
+    cdef int _bad_payload(self, uint8_t tag, uint32_t size, uint64_t length) except -1:
+        if self.record_size:
+            self._corrupt(f"record of tag {tag} and {size} bytes in a ring of "
+                          f"{self.record_size}-byte records")
+        self._corrupt(f"record changed under the reader (tag {tag}, size {size}, length {length})")
 
     cdef object _copy_out(self, const char *p, uint8_t tag, uint32_t size, bint *raw):
         """Copy a payload into a new object (bytes, str and scalars final;
@@ -1220,22 +1275,26 @@ cdef class Ring:
         cdef list result = []
         cdef uint8_t tag
         pending = self.pending
-        while pending and len(result) < max_items:
-            tag, value = pending[0]
-            if tag == TAG_FAILED and result:
-                break
-            pending.popleft()
-            if tag == TAG_FAILED:
-                raise value
-            if tag >= TAG_NDARRAY:
-                try:
-                    value = self._decode(tag, value)
-                except CorruptMessage as exc:
-                    if not result:
-                        raise
-                    pending.appendleft((TAG_FAILED, exc))
+        try:
+            while pending and len(result) < max_items:
+                tag, value = pending[0]
+                if tag == TAG_FAILED and result:
                     break
-            result.append(value)
+                pending.popleft()
+                if tag == TAG_FAILED:
+                    raise value
+                if tag >= TAG_NDARRAY:
+                    try:
+                        value = self._decode(tag, value)
+                    except CorruptMessage as exc:
+                        if not result:
+                            raise
+                        pending.appendleft((TAG_FAILED, exc))
+                        break
+                result.append(value)
+        finally:
+            if not pending and self.pending is pending:
+                self.pending = None     # (None when empty: the fast paths test one pointer)
         return result
 
     def get(self, bint block=True, timeout=None):
@@ -1254,7 +1313,7 @@ cdef class Ring:
             CorruptArena: the shared memory holds garbage.
         """
         cdef take_t t
-        if self.pending:
+        if self.pending is not None:
             self._check_open()
             return self._from_pending(1)[0]
         cdef int64_t deadline = deadline_of(block, timeout)
@@ -1293,7 +1352,7 @@ cdef class Ring:
         cdef Py_ssize_t i = 0, k
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
-        if self.pending:
+        if self.pending is not None:
             self._check_open()
             return self._from_pending(max_items)
         cdef int64_t deadline = deadline_of(block, timeout)
@@ -1315,11 +1374,14 @@ cdef class Ring:
                     out[i] = self._decode(tags[i], out[i])
         except CorruptMessage as exc:
             # keep the rest, undecoded and in order, for the next calls
-            self.pending.extend(zip(tags[i + 1:], out[i + 1:]))
+            pending = deque(zip(tags[i + 1:], out[i + 1:]))
+            if i:
+                pending.appendleft((TAG_FAILED, exc))
+                del out[i:]
+            if pending:
+                self.pending = pending
             if i == 0:
                 raise
-            self.pending.appendleft((TAG_FAILED, exc))
-            del out[i:]
         return out
 
     def get_view(self, bint block=True, timeout=None):
@@ -1358,7 +1420,7 @@ cdef class Ring:
         self._check_open()
         cdef uint64_t i = shm_load_rlx64(&self.hdr.prod.msgs)
         cdef uint64_t o = shm_load_rlx64(&self.hdr.cons.msgs)
-        return (i - o if i > o else 0) + len(self.pending)
+        return (i - o if i > o else 0) + (len(self.pending) if self.pending is not None else 0)
 
     def empty(self):
         """True if the ring holds no message now (approximate)."""
@@ -1368,7 +1430,9 @@ cdef class Ring:
         """True if not even an empty message would fit now (approximate)."""
         if self.closed:
             raise RingClosed(f"ring {self.name!r} is closed")
-        if self.maxsize and self.qsize() >= self.maxsize:
+        cdef uint64_t i = shm_load_rlx64(&self.hdr.prod.msgs)
+        cdef uint64_t o = shm_load_rlx64(&self.hdr.cons.msgs)
+        if self.maxsize and i > o and i - o >= self.maxsize:
             return True
         cdef uint64_t used = shm_load_rlx64(&self.hdr.prod.pos) - shm_load_rlx64(&self.hdr.cons.pos)
         cdef uint64_t least = rec_len(self.record_size)
@@ -1451,7 +1515,7 @@ cdef class MessageView:
         cdef take_t t
         if self.held:
             raise RuntimeError("this view is already open")
-        if ring.pending:
+        if ring.pending is not None:
             ring._check_open()
             return ring._from_pending(1)[0]
         ring._enter()

@@ -803,6 +803,11 @@ class RunsCodeWhenUnpickled:
         return _record_call, ("unpickled",)
 
 
+def _pickled_copies_keep_allow_pickle(refusing, trusting):
+    assert pickle.loads(pickle.dumps(refusing)).allow_pickle is False
+    assert pickle.loads(pickle.dumps(trusting)).allow_pickle is True
+
+
 @pytest.mark.timeout(20)
 def test_a_ring_can_refuse_to_unpickle(arena):
     """Unpickling runs code the writer chooses: with allow_pickle False only
@@ -823,6 +828,10 @@ def test_a_ring_can_refuse_to_unpickle(arena):
             pass
     assert reader.get() == "s" and CALLS == []
     assert reader.stats()["bad_messages"] == 2
+    # a copy pickled to another process refuses too (in a helper: pickling an
+    # arena starts multiprocessing's resource sharer, which later raw forks
+    # of the test process would inherit half-alive)
+    assert wait_child(fork_child(_pickled_copies_keep_allow_pickle, reader, ring), 20) == 0
     reader.allow_pickle = True
     ring.put(RunsCodeWhenUnpickled())
     assert reader.get() == "unpickled" and CALLS == ["unpickled"]
