@@ -66,6 +66,7 @@ Failure model
 """
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import queue
@@ -136,7 +137,7 @@ class Pipeline(Closeable):
 
     def __init__(self, source: Iterable[Any], *, ring_capacity: int = DEFAULT_RING_CAPACITY,
                  max_inflight: int = DEFAULT_MAX_INFLIGHT, on_error: str = "raise",
-                 retries: int = 0, stop_timeout: float = 1.0, cluster: None = None) -> None:
+                 retries: int = 0, stop_timeout: float = 1.0, cluster: str | None = None) -> None:
         self._owner_pid = os.getpid()
         try:
             self._source = iter(source)
@@ -579,6 +580,13 @@ class Pipeline(Closeable):
         stages = " -> ".join(f"{s.name}x{s.workers}" for s in self._stages) or "no stages"
         state = "closed" if self._closed else ("running" if self._started else "new")
         return f"<shmipc.Pipeline {stages} {state}>"
+
+
+# __new__ takes (*args, cluster=, **kwargs) to hand a cluster= call to Ray; show
+# help() and IDEs the real parameters, which are __init__'s.
+Pipeline.__signature__ = inspect.signature(Pipeline.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(Pipeline.__init__).parameters.values())[1:],
+    return_annotation=inspect.Signature.empty)
 
 
 def _check_capacity(capacity: Any) -> int:

@@ -10,6 +10,7 @@ itself, its result objects and the imap input feeder.
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import threading
 import time
@@ -377,7 +378,7 @@ class Pool:
 
     def __init__(self, processes: int | None = None, initializer: Callable | None = None,
                  initargs: Iterable = (), maxtasksperchild: int | None = None,
-                 context: Any = None, retries: int = 0, *, cluster: None = None) -> None:
+                 context: Any = None, retries: int = 0, *, cluster: str | None = None) -> None:
         self._engine: _Engine | None = None
         self._engine = _Engine(processes, initializer, initargs, maxtasksperchild, context,
                                retries, name="ShmipcPoolWorker")
@@ -584,6 +585,13 @@ class Pool:
             engine.terminate()
         except Exception:
             pass
+
+
+# __new__ takes (*args, cluster=, **kwargs) to hand a cluster= call to Ray; show
+# help() and IDEs the real parameters, which are __init__'s.
+Pool.__signature__ = inspect.signature(Pool.__init__).replace(  # type: ignore[attr-defined]
+    parameters=list(inspect.signature(Pool.__init__).parameters.values())[1:],
+    return_annotation=inspect.Signature.empty)
 
 
 class _WorkerHandle:

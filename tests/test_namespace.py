@@ -22,13 +22,9 @@ OWN = {"Queue", "SimpleQueue", "JoinableQueue", "Pipe", "Pool", "get_context"}
 def _compatible(ours, theirs) -> None:
     """Every parameter of multiprocessing's callable is accepted by ours, by
     the same name, kind and default, and positional ones in the same place."""
-    if isinstance(ours, type):
-        # what the constructor accepts: __init__'s parameters (a __new__ that
-        # forwards *args/**kwargs, as Pool's does, would hide them from
-        # inspect.signature(ours))
-        mine = dict(list(inspect.signature(ours.__init__).parameters.items())[1:])
-    else:
-        mine = inspect.signature(ours).parameters
+    # what help() and IDEs show: Pool's __new__ forwards *args/**kwargs (to
+    # dispatch cluster=), so Pool sets __signature__ to its __init__'s
+    mine = inspect.signature(ours).parameters
     for i, (name, param) in enumerate(inspect.signature(theirs).parameters.items()):
         assert name in mine, f"{ours} lacks parameter {name!r} of {theirs}"
         assert mine[name].kind == param.kind, (ours, name)
