@@ -65,6 +65,29 @@ DEBUG = bool(SHMIPC_DEBUG)
 cdef int64_t SLICE_NS = 50_000_000
 cdef int64_t SPIN_MIN_NS = 1_000
 cdef int64_t SPIN_MAX_NS = 50_000
+
+# Whether a spin can win is measured, not guessed (issue 11): a waiter that
+# spins on the CPU its peer needs only delays the peer. Each side publishes
+# its CPU in the ring (shm_wait_t.prod_cpu / cons_cpu); `cpus_allowed` is this
+# process's affinity count (1: pinned, or one online CPU), the fallback when
+# the peer's CPU is not known (and for lock waits), read when a ring is set
+# up and again on every sleep (a sleep costs tens of microseconds; the
+# syscall well under one). Per-process tallies of how waits went, for tests
+# and diagnosis (see _wait_stats).
+cdef int cpus_allowed = shm_cpus_allowed()
+cdef uint64_t n_pause_spins = 0    # waits that spun with PAUSE (peer elsewhere)
+cdef uint64_t n_yield_spins = 0    # waits that spun with sched_yield (co-located)
+cdef uint64_t n_spin_wins = 0      # spins (either kind) that ended ready
+
+
+def _wait_stats():
+    """This process's tallies of how ring waits spun (for tests and diagnosis):
+    ``cpus_allowed`` (affinity count as last read), ``pause_spins`` (waits
+    that busy-spun, the peer running elsewhere), ``yield_spins`` (waits that
+    spun by yielding the CPU, the peer sharing ours), ``spin_wins`` (spins
+    that ended with the wait satisfied, without sleeping)."""
+    return {"cpus_allowed": cpus_allowed, "pause_spins": n_pause_spins,
+            "yield_spins": n_yield_spins, "spin_wins": n_spin_wins}
 cdef int64_t FOREVER = INT64_MAX
 cdef int BATCH = 64            # put_many encodes this many items before writing them
 # how long leaving a zero-copy view may wait for the consumer lock to move
@@ -306,7 +329,9 @@ cdef class Ring:
         return 0
 
     cdef int _setup(self, object dtype) except -1:
+        global cpus_allowed
         cdef shm_ring_t *h = self.hdr
+        cpus_allowed = shm_cpus_allowed()   # see _wait: may this process use one CPU only?
         self.data = (<char *>self.hdr) + SHM_RING_HEADER_SIZE
         self.capacity = h.capacity
         self.mask = self.capacity - 1
@@ -544,31 +569,73 @@ cdef class Ring:
         """Wait until `kind` is ready. Returns False when ready, True when the
         deadline passed. Spins briefly (GIL released), then sleeps on the
         kind's semaphore in slices, between which it checks Ctrl-C, close,
-        the deadline, and whether the process it waits for died."""
+        the deadline, and whether the process it waits for died.
+
+        The spin only helps while the peer runs on another CPU. When the
+        peer last put, took or waited on the CPU we run on now (or, its CPU
+        unknown, this process may use one CPU only), a busy spin would hold the very CPU the peer needs
+        to make us ready (issue 11: 50 us round trips against 6 us for a
+        pipe); there the spin yields the CPU at every step instead, so the
+        peer runs at once and no semaphore post or sleep is paid."""
+        global n_pause_spins, n_yield_spins, n_spin_wins, cpus_allowed
         cdef shm_ring_t *h = self.hdr
         cdef int64_t now, spin_end, start
         cdef bint ok = False
+        cdef bint shared
         cdef int i
+        cdef uint32_t cpu, peer_cpu
+        cdef uint32_t *my_slot
+        cdef uint32_t *peer_slot
         cdef sem_t *sem
         cdef uint32_t *waiters
         if self._ready(kind, need):
             return False
         if deadline == 0:
             return True
+        # Where do we run, and where did the peer last put, take or wait?
+        # Each side publishes its CPU after every put / take (shm_publish_cpu)
+        # and here, and writes the shared line only when the CPU changed. Lock waits (W_PLOCK / W_CLOCK) wait
+        # for a process of our own side: only the affinity rule applies there.
+        # Pinned to one CPU alone proves nothing (the peer may be pinned to
+        # another): it decides only when the peer's CPU is not known.
+        shared = cpus_allowed <= 1
+        if kind == W_DATA or kind == W_SPACE:
+            cpu = shm_cpu_now()
+            if kind == W_DATA:
+                my_slot, peer_slot = &h.wait.cons_cpu, &h.wait.prod_cpu
+            else:
+                my_slot, peer_slot = &h.wait.prod_cpu, &h.wait.cons_cpu
+            if shm_load_rlx32(my_slot) != cpu:
+                shm_store_rel32(my_slot, cpu)
+            peer_cpu = shm_load_rlx32(peer_slot)
+            if cpu != 0 and peer_cpu != 0:
+                shared = peer_cpu == cpu
+            else:                       # rare (the first waits): read it afresh
+                cpus_allowed = shm_cpus_allowed()
+                shared = cpus_allowed <= 1
+        if shared:
+            n_yield_spins += 1
+        else:
+            n_pause_spins += 1
         with nogil:
             now = start = shm_now_ns()
             spin_end = now + self.spin_ns
             if spin_end > deadline:
                 spin_end = deadline
             while not ok:
-                for i in range(64):
-                    if self._ready(kind, need):
-                        ok = True
-                        break
-                    shm_cpu_relax()
+                if shared:
+                    shm_yield()
+                    ok = self._ready(kind, need)
+                else:
+                    for i in range(64):
+                        if self._ready(kind, need):
+                            ok = True
+                            break
+                        shm_cpu_relax()
                 if ok or shm_now_ns() >= spin_end:
                     break
         if ok:
+            n_spin_wins += 1
             if self.spin_ns < SPIN_MAX_NS:
                 self.spin_ns *= 2
             return False
@@ -595,9 +662,11 @@ cdef class Ring:
 
     cdef bint _sleep(self, int kind, uint64_t need, int64_t deadline, sem_t *sem, uint32_t *waiters) except -1:
         """The sleeping half of _wait."""
+        global cpus_allowed
         cdef shm_ring_t *h = self.hdr
         cdef int64_t now, slice_end, t0
         cdef int rc
+        cpus_allowed = shm_cpus_allowed()   # affinity may have changed (taskset -p)
         while True:
             shm_add32(waiters, 1)           # seq_cst: orders against the ready check
             if self._ready(kind, need):
@@ -869,6 +938,7 @@ cdef class Ring:
                 if i > start:
                     shm_fence()
                     shm_wake(&h.data_sem, &h.wait.data_waiters)
+                    shm_publish_cpu(&h.wait.prod_cpu)   # see _wait
             if i == n:
                 return n
             # (the deadline is checked here too: _wait returns at once while
@@ -1204,6 +1274,7 @@ cdef class Ring:
             shm_store_rel64(&h.cons.pos, tail)
             shm_fence()
             shm_wake(&h.space_sem, &h.wait.space_waiters)
+            shm_publish_cpu(&h.wait.cons_cpu)   # see _wait
         return ok
 
     cdef int _advance_tail(self) except -1:

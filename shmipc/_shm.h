@@ -8,6 +8,10 @@
 #ifndef SHMIPC_SHM_H
 #define SHMIPC_SHM_H
 
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE          /* sched_getcpu, CPU_COUNT (Python.h defines it already) */
+#endif
+#include <sched.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -77,6 +81,13 @@ typedef struct {
     uint32_t plock_waiters;  /* producers asleep on the producer lock */
     uint32_t clock_waiters;  /* consumers asleep on the consumer lock */
     uint32_t shutdown;       /* 1 once ring.shutdown() was called: no more puts */
+    /* The CPU (+1; 0 = not known) each side's last waiter ran on when it
+     * began to wait. Written only when it changes, on the slow path. These
+     * were padding (zeroed at creation) before, so the layout version holds:
+     * a ring made by older code reads 0 here, "not known". Untrusted: only
+     * ever compared with our own CPU, to decide whether spinning can win. */
+    uint32_t prod_cpu;
+    uint32_t cons_cpu;
 } __attribute__((aligned(SHM_CACHE_LINE))) shm_wait_t;
 
 /* Counters written off the fast path (sleeping, recovery). */
@@ -123,6 +134,7 @@ _Static_assert(sizeof(shm_rec_t) == SHM_REC_HDR, "record header must be 16 bytes
 _Static_assert(sizeof(shm_side_t) == SHM_CACHE_LINE, "a side must fill one cache line");
 _Static_assert(offsetof(shm_ring_t, prod) % SHM_CACHE_LINE == 0, "prod line aligned");
 _Static_assert(sizeof(shm_counters_t) == SHM_CACHE_LINE, "counters fill one cache line");
+_Static_assert(sizeof(shm_wait_t) == SHM_CACHE_LINE, "waiters fill one cache line (the CPU fields used padding)");
 
 static inline uint16_t shm_rec_check(uint32_t size, uint8_t tag) {
     uint32_t h = size * 2654435761u + (uint32_t)tag * 40503u + 0x5A17u;
@@ -149,6 +161,36 @@ static inline void shm_cpu_relax(void) {
 #elif defined(__aarch64__)
     __asm__ __volatile__("yield");
 #endif
+}
+
+/* ---- where we run (decides whether spinning can win) ---- */
+
+/* How many CPUs this process may run on now: 1 means a spinning waiter
+ * holds the only CPU its peer could use to make it ready. */
+static inline int shm_cpus_allowed(void) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof set, &set) != 0)
+        return 2;            /* unknown (more than CPU_SETSIZE CPUs): assume several */
+    return CPU_COUNT(&set);
+}
+
+/* The CPU we run on now, plus one (0: not known). vDSO/rseq: no syscall. */
+static inline uint32_t shm_cpu_now(void) {
+    int c = sched_getcpu();
+    return c < 0 ? 0u : (uint32_t)c + 1u;
+}
+
+static inline void shm_yield(void) { sched_yield(); }
+
+/* Publish our CPU in a side's slot (shm_wait_t.prod_cpu / cons_cpu) after a
+ * put or a take, so the other side's waiter can tell whether we share its
+ * CPU. A few nanoseconds (rseq or vDSO, no syscall; the line was just read
+ * for the waiter count); the shared line is written only when it changed. */
+static inline void shm_publish_cpu(uint32_t *slot) {
+    uint32_t cpu = shm_cpu_now();
+    if (__atomic_load_n(slot, __ATOMIC_RELAXED) != cpu)
+        __atomic_store_n(slot, cpu, __ATOMIC_RELAXED);
 }
 
 /* ---- clocks ---- */

@@ -39,6 +39,8 @@ cdef extern from "_shm.h" nogil:
         uint32_t plock_waiters
         uint32_t clock_waiters
         uint32_t shutdown
+        uint32_t prod_cpu
+        uint32_t cons_cpu
 
     ctypedef struct shm_counters_t:
         uint64_t producer_sleeps
@@ -81,6 +83,10 @@ cdef extern from "_shm.h" nogil:
     bint shm_cas64(uint64_t *p, uint64_t expected, uint64_t desired)
     void shm_fence()
     void shm_cpu_relax()
+    int shm_cpus_allowed()
+    uint32_t shm_cpu_now()
+    void shm_yield()
+    void shm_publish_cpu(uint32_t *slot)
     int64_t shm_now_ns()
     int shm_sem_wait_until(sem_t *sem, int64_t deadline_ns)
     void shm_wake(sem_t *sem, const uint32_t *waiters)
