@@ -578,8 +578,8 @@ class _Engine:
         _seq, status, _offset, _last, head, buffers, info = msg
         try:
             value = _decode(head, buffers)
-        except Exception as exc:
-            if status == R_OK:
+        except BaseException as exc:    # SystemExit, KeyboardInterrupt from a __reduce__ too:
+            if status == R_OK:          # this thread must outlive any value a task returns
                 what = f"<result of {task.describe()}>"
                 tb = None
             else:
@@ -886,8 +886,11 @@ class _Engine:
 def _run_callback(callback: Callable[[], Any]) -> None:
     try:
         callback()
-    except Exception:
-        # as multiprocessing's result handler would, but without dying
+    except BaseException:
+        # as multiprocessing's result handler would, but without dying: the
+        # bookkeeping thread serves every later result, so even a SystemExit
+        # from a user's callback (or a done-callback a future runs) is
+        # reported and survived
         print("Exception in a shmipc.Pool callback:", file=sys.stderr)
         traceback.print_exc()
 

@@ -734,3 +734,43 @@ def pid_alive_(pid):
     from shmipc._proc import pid_alive
 
     return pid_alive(pid)
+
+
+class ExitsWhenLoaded:
+    """A value whose unpickling calls sys.exit (a BaseException, not an Exception)."""
+
+    def __reduce__(self):
+        import sys
+        return (sys.exit, (7,))
+
+
+def return_exits_when_loaded():
+    return ExitsWhenLoaded()
+
+
+def _exit_callback(_value):
+    import sys
+    sys.exit(4)
+
+
+@pytest.mark.timeout(120)
+def test_base_exceptions_from_results_and_callbacks_do_not_kill_the_bookkeeping_thread(no_leaks):
+    """A SystemExit raised while a result is rebuilt in the parent, by a
+    Pool callback, or by an executor's done-callback used to end the
+    bookkeeping thread silently: that get() and every later one waited
+    forever. Each now costs only its own task (or is reported, for a
+    callback), and the next task completes."""
+    with shmipc.Pool(1) as p:
+        with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="SystemExit"):
+            p.apply_async(return_exits_when_loaded).get(timeout=20)
+        assert p.apply_async(abs, (-5,)).get(timeout=20) == 5
+        assert p.apply_async(square, (3,), callback=_exit_callback).get(timeout=20) == 9
+        assert p.apply_async(abs, (-6,)).get(timeout=20) == 6
+    with shmipc.ProcessPoolExecutor(1) as ex:
+        with pytest.raises(SystemExit):
+            ex.submit(return_exits_when_loaded).result(timeout=20)
+        assert ex.submit(abs, -7).result(timeout=20) == 7
+        f = ex.submit(abs, -1)
+        f.add_done_callback(_exit_callback)
+        assert f.result(timeout=20) == 1
+        assert ex.submit(abs, -2).result(timeout=20) == 2
