@@ -25,7 +25,9 @@ Tests listed in tests/cpython/excluded.txt (only tests that read private
 attributes of the standard library's implementation) are skipped for shmipc
 and counted apart. Writes <out>.json (every test's outcome, failures with
 their tracebacks) and <out>.md (the table), and prints the table.
-Exit status 0 whatever the outcomes (a report, not a gate), 2 on a usage error.
+Exit status 0 whatever the outcomes (a report), 2 on a usage error; with
+``--gate``, 1 when a test fails for shmipc that tests/cpython/known_failures.txt
+does not list (the known gaps, each with its reason), so CI catches regressions.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ONE = os.path.join(HERE, "_one.py")
 EXCLUDED = os.path.join(HERE, "excluded.txt")
+KNOWN_FAILURES = os.path.join(HERE, "known_failures.txt")
 METHODS = ("fork", "forkserver", "spawn")
 
 # the classes of test._test_multiprocessing whose subject shmipc provides
@@ -149,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", default="", help="only these classes (comma-separated)")
     parser.add_argument("--class-timeout", type=float, default=1200)
     parser.add_argument("--out", default=os.path.join("build", "cpython-tests"))
+    parser.add_argument("--gate", action="store_true",
+                        help="exit 1 if a test fails for shmipc that known_failures.txt does not list")
     args = parser.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     only = set(filter(None, args.classes.split(",")))
@@ -184,7 +189,43 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out + ".md", "w") as f:
         f.write(table)
     print(table)
+    if args.gate:
+        unexpected = unexpected_failures(report, load_patterns(KNOWN_FAILURES))
+        if unexpected:
+            print("FAILED: tests failing for shmipc that known_failures.txt does not list:")
+            for impl, method, test in unexpected:
+                print(f"  {impl} / {method}: {test}")
+            return 1
+        print("gate: every shmipc failure is a known gap listed in known_failures.txt")
     return 0
+
+
+def load_patterns(path: str) -> list[tuple[str, str]]:
+    """(implementation, fnmatch pattern) pairs of a list file like
+    excluded.txt: '#' comments, one 'impl  Class.test  reason' a line."""
+    pairs = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                impl, pattern = line.split(None, 2)[:2]
+                pairs.append((impl, pattern))
+    return pairs
+
+
+def unexpected_failures(report: dict, known: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
+    """The shmipc failures of a report that no known pattern covers."""
+    from fnmatch import fnmatchcase
+
+    out = []
+    for run in report["runs"]:
+        if run["impl"] == "stdlib":
+            continue
+        for r in run["results"]:
+            if r["outcome"] == "failed" and not any(
+                    impl == run["impl"] and fnmatchcase(r["test"], pattern) for impl, pattern in known):
+                out.append((run["impl"], run["method"], r["test"]))
+    return sorted(out)
 
 
 def render(report: dict) -> str:
