@@ -12,8 +12,10 @@ from __future__ import annotations
 import collections
 import inspect
 import itertools
+import os
 import threading
 import time
+import warnings
 from multiprocessing import TimeoutError  # AsyncResult.get raises multiprocessing.TimeoutError, as mp
 from typing import Any, Callable, Deque, Iterable, Iterator
 
@@ -574,11 +576,9 @@ class Pool:
         # as multiprocessing: a pool collected while running warns, and is terminated
         # (results still pending hold a reference to it, so it is not collected early)
         engine = self._engine
-        if engine is None or engine._state == TERMINATE:
-            return
+        if engine is None or engine._state == TERMINATE or os.getpid() != engine._owner_pid:
+            return      # a forked child's copy is the parent's pool: neither warn nor stop it
         if engine._state == RUN:
-            import warnings
-
             warnings.warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
                           source=self)
         try:

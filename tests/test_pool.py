@@ -774,3 +774,23 @@ def test_base_exceptions_from_results_and_callbacks_do_not_kill_the_bookkeeping_
         f.add_done_callback(_exit_callback)
         assert f.result(timeout=20) == 1
         assert ex.submit(abs, -2).result(timeout=20) == 2
+
+
+@pytest.mark.timeout(60)
+def test_forked_child_exiting_normally_prints_nothing_about_the_parents_pool():
+    """A plain os.fork() child that exits normally holds a copy of the
+    parent's Pool; its __del__ at the child's shutdown used to print
+    'Exception ignored in Pool.__del__' (an import during shutdown)."""
+    import subprocess
+    import sys
+    code = ("import os, shmipc\n"
+            "p = shmipc.Pool(2)\n"
+            "assert p.map(abs, [-1]) == [1]\n"
+            "pid = os.fork()\n"
+            "if pid == 0:\n"
+            "    raise SystemExit(0)\n"
+            "assert os.waitpid(pid, 0)[1] == 0\n"
+            "p.terminate()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 0, r.stderr
+    assert "Exception ignored" not in r.stderr, r.stderr
