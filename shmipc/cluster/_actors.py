@@ -14,10 +14,14 @@ because they cannot tell "was running" from "was queued", nor count.
 Invariants (kept by ActorGroup, read by both drivers):
   * an actor runs its calls one at a time, in the order submitted (a
     synchronous Ray actor with one submitter), so of the calls queued on an
-    actor only the oldest can have been running when it died; the others
-    never started and are handed back to be sent again, free of charge;
-  * at most `depth` calls are queued on an actor, so a death costs at most
-    one running call and delays depth - 1 others;
+    actor only the oldest is charged when it dies; the others are handed
+    back to be sent again, free of charge;
+  * at most `depth` calls are queued on an actor, and `depth` is 1 by
+    default: with more, the actor starts its next call while Ray may still
+    be sending the previous call's reply, so a kill can lose a finished
+    call's result as well as the running call (seen under load: two tasks
+    lost for one death). With one call at a time, a death costs exactly the
+    call it was sent;
   * work is only sent to an actor once its start() returned (its setup or
     initializer ran), so a failing setup is reported once, not as task errors.
 """
@@ -197,7 +201,7 @@ class ActorGroup:
     """
 
     def __init__(self, ray: Any, name: str, size: int, role: str, fn: Any = None,
-                 initializer: Callable | None = None, initargs: Iterable = (), depth: int = 4,
+                 initializer: Callable | None = None, initargs: Iterable = (), depth: int = 1,
                  max_calls: int | None = None, options: dict | None = None) -> None:
         self.slots: list[Slot] = []      # set first: stop() reads it after a failed __init__
         self.ray = ray
