@@ -1,179 +1,20 @@
 """The price of the cluster path on one machine: the same Pipeline and Pool
 code on shmipc's shared memory and on a local Ray instance.
 
-What it measures, per row: the start (construction to the first result:
-workers started, for a pool a first map of 4 tasks) and then the steady
-rate in items per second (after the first result, to the last). Ray's own
-start-up is not in either: it is reported on its own line, once.
-
-  * pipeline: ``Pipeline(source).stage(touch).stage(passthrough)``, one
-    worker per stage, numpy uint8 items of SIZE bytes, results in source
-    order, count and checksum checked (the workload of bench_pipeline.py);
-  * pool.map: ``Pool(2).map(inc, range(N))`` with multiprocessing's default
-    chunksize (tiny tasks: the per-task cost dominates);
-  * pool.apply_async: N ``apply_async(inc, (i,))`` calls, then every get():
-    one round trip per task.
-
-The shared-memory runs come first, in this process, before Ray is started
-(forking a process that runs Ray's threads is not safe); then
-``ray.init(num_cpus=2, include_dashboard=False)``, timed, and the Ray runs.
-The best of `repeat` runs is kept. Run::
+A command line over shmipc/bench/ray.py (which ``shmipc bench --workloads
+ray`` also runs; see there for what is measured). Run::
 
     .venv/bin/python benchmarks/bench_ray.py            # the table
     .venv/bin/python benchmarks/bench_ray.py --quick    # fewer, smaller runs
     .venv/bin/python benchmarks/bench_ray.py --json
-
-From code (``shmipc bench`` can call it)::
-
-    from benchmarks.bench_ray import measure
-    report = measure(quick=True)   # {'ray_init_s': ..., 'rows': [{'workload': ..., 'shmipc': ..., 'ray': ...}]}
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
-from typing import Any, Callable
 
-DEFAULT_SIZES = (1 << 10, 64 << 10)
-
-
-def touch(a):
-    a[0]            # read the item, as any stage would
-    return a
-
-
-def passthrough(a):
-    return a
-
-
-def inc(x: int) -> int:
-    return x + 1
-
-
-def _source(size: int, n: int):
-    import numpy as np
-
-    arrays = [np.full(size, i, dtype=np.uint8) for i in range(4)]
-    for i in range(n):
-        yield arrays[i % 4]
-
-
-def run_pipeline(cluster: str | None, size: int, n: int) -> tuple[float, float]:
-    """(seconds to the first result, items/s after it) for n items of `size`
-    bytes through the two-stage pipeline."""
-    import shmipc
-
-    started = time.perf_counter()
-    p = shmipc.Pipeline(_source(size, n), cluster=cluster)
-    p.stage(touch).stage(passthrough)
-    count = total = 0
-    first = 0.0
-    for a in p.results():
-        if not count:
-            first = time.perf_counter()
-        count += 1
-        total += int(a[0])
-    end = time.perf_counter()
-    want = sum(i % 4 for i in range(n))
-    if count != n or total != want:
-        raise AssertionError(f"pipeline on {cluster or 'shm'}: {count} results (want {n}), checksum {total} (want {want})")
-    return first - started, (n - 1) / (end - first)
-
-
-def run_pool(cluster: str | None, n: int, one_by_one: bool) -> tuple[float, float]:
-    """(seconds to start the pool and get a first result, items/s of
-    map(inc, range(n)) -- or of n apply_async calls -- after that)."""
-    import shmipc
-
-    started = time.perf_counter()
-    with shmipc.Pool(2, cluster=cluster) as pool:
-        pool.map(inc, range(4), chunksize=1)     # both workers up
-        ready = time.perf_counter()
-        if one_by_one:
-            got = [r.get(timeout=300) for r in [pool.apply_async(inc, (i,)) for i in range(n)]]
-        else:
-            got = pool.map(inc, range(n))
-        end = time.perf_counter()
-    if got != list(range(1, n + 1)):
-        raise AssertionError(f"pool on {cluster or 'shm'}: wrong results")
-    return ready - started, n / (end - ready)
-
-
-def _workloads(quick: bool, sizes: tuple[int, ...]) -> list[tuple[str, int, Callable[[str | None], tuple[float, float]]]]:
-    n_pipe = 1000 if quick else 5000
-    n_map = 20_000 if quick else 200_000
-    n_apply = 500 if quick else 3000
-    out: list[tuple[str, int, Callable[[str | None], tuple[float, float]]]] = []
-    for size in sizes:
-        out.append((f"pipeline, 2 stages, {_size(size)} items", n_pipe,
-                    lambda c, size=size: run_pipeline(c, size, n_pipe)))
-    out.append(("pool.map, 2 workers, tiny tasks", n_map, lambda c: run_pool(c, n_map, False)))
-    out.append(("pool.apply_async, 2 workers, one by one", n_apply, lambda c: run_pool(c, n_apply, True)))
-    return out
-
-
-def _best(runs: list[tuple[float, float]]) -> tuple[float, float]:
-    return min(r[0] for r in runs), max(r[1] for r in runs)
-
-
-def _size(n: int) -> str:
-    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB" if n >= 1 << 10 else f"{n} B"
-
-
-def measure(quick: bool = False, repeat: int | None = None, sizes: tuple[int, ...] = DEFAULT_SIZES) -> dict[str, Any]:
-    """Run every workload on shared memory, then start Ray and run them on
-    it. Returns {'ray_init_s', 'ray_version', 'rows': [{'workload', 'items',
-    'shmipc' (items/s), 'ray' (items/s), 'ratio' (shmipc / ray)}]}.
-
-    Raises:
-        ImportError: Ray is not installed.
-        RuntimeError: Ray is already initialised in this process (the
-            shared-memory runs must fork before Ray's threads exist).
-    """
-    import ray
-
-    if ray.is_initialized():
-        raise RuntimeError("measure() starts its own Ray, after the shared-memory runs: "
-                           "call it from a process where Ray is not initialised")
-    repeat = repeat or (1 if quick else 3)
-    work = _workloads(quick, sizes)
-    shm = [_best([fn(None) for _ in range(repeat)]) for _, _, fn in work]
-    started = time.perf_counter()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    init_s = time.perf_counter() - started
-    if __name__ != "__main__":
-        # imported (by shmipc bench): Ray's workers cannot import this file, so
-        # its functions travel by value, as a script's would
-        import ray.cloudpickle
-
-        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        on_ray = [_best([fn("ray") for _ in range(repeat)]) for _, _, fn in work]
-    finally:
-        ray.shutdown()
-    rows = []
-    for (name, n, _), (a_start, a_rate), (b_start, b_rate) in zip(work, shm, on_ray):
-        rows.append({"workload": name, "items": n, "shmipc_start_s": a_start, "ray_start_s": b_start,
-                     "shmipc": a_rate, "ray": b_rate, "ratio": a_rate / b_rate})
-    return {"ray_init_s": init_s, "ray_version": ray.__version__, "rows": rows}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    head = ("workload", "items", "start: shmipc", "start: Ray", "shmipc items/s", "local Ray items/s",
-            "shmipc / Ray")
-    body = [(r["workload"], f"{r['items']:,}", f"{r['shmipc_start_s']:.2f} s", f"{r['ray_start_s']:.2f} s",
-             f"{r['shmipc']:,.0f}", f"{r['ray']:,.0f}", f"{r['ratio']:.1f}x") for r in report["rows"]]
-    widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(head)]
-    lines = [f"Ray {report['ray_version']}: ray.init(num_cpus=2, include_dashboard=False) took "
-             f"{report['ray_init_s']:.1f} s (not counted below)",
-             "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |",
-             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-    for row in body:
-        lines.append("| " + row[0].ljust(widths[0]) + " | "
-                     + " | ".join(c.rjust(w) for c, w in zip(row[1:], widths[1:])) + " |")
-    return "\n".join(lines)
+from shmipc.bench.ray import UNAVAILABLE, format_table, measure
 
 
 def main() -> None:
@@ -185,7 +26,7 @@ def main() -> None:
     try:
         report = measure(quick=args.quick, repeat=args.repeat)
     except ImportError:
-        sys.exit("bench_ray needs Ray: pip install 'shmipc[ray]'")
+        sys.exit(f"bench_ray {UNAVAILABLE}")
     print(json.dumps(report, indent=2) if args.json else format_table(report))
 
 

@@ -523,3 +523,68 @@ def test_pin_split_needs_two_cpus():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=25)
     assert done.returncode == 2, done.stderr
     assert "--pin split needs 2 usable CPUs, this process may use 1" in done.stderr
+
+
+# ---------------------------------------------------------------- the ray workload (no Ray started here:
+# tests/test_ray.py covers Ray itself)
+def _ray_measure_report() -> dict:
+    """What shmipc.bench.ray.measure() returns, with made-up figures."""
+    return {"ray_init_s": 7.25, "ray_version": "2.x", "rows": [
+        {"workload": "pipeline, 2 stages, 1 KiB items", "items": 1000, "shmipc_start_s": 0.05,
+         "ray_start_s": 1.5, "shmipc": 40_000.0, "ray": 800.0, "ratio": 50.0},
+        {"workload": "pool.map, 2 workers, tiny tasks", "items": 20_000, "shmipc_start_s": 0.02,
+         "ray_start_s": 2.0, "shmipc": 300_000.0, "ray": 20_000.0, "ratio": 15.0}]}
+
+
+def test_ray_rows_become_records_that_the_report_prints(tmp_path):
+    from shmipc.bench import write_json
+    from shmipc.bench.ray import RaySuite, records
+    from shmipc.bench.runner import _expand
+
+    # as run_one builds it around the measurement process's payload
+    spec = Spec("ray", RaySuite(), 0, "suite")
+    record = {"workload": "ray", "transport": spec.transport.name, "shmipc": False, "reference": False,
+              "size": 0, "pool_kind": "suite", "note": spec.transport.note, "status": "ok", "reason": "",
+              "rounds": [], "best": {}, "records": records(_ray_measure_report())}
+    got = _expand(record)
+    assert [(r["transport"], r["shmipc"], r["pool_kind"]) for r in got] == [
+        ("shmipc", True, "pipeline, 2 stages, 1 KiB items"), ("ray", False, "pipeline, 2 stages, 1 KiB items"),
+        ("shmipc", True, "pool.map, 2 workers, tiny tasks"), ("ray", False, "pool.map, 2 workers, tiny tasks")]
+    assert got[1]["best"] == {"items": 1000, "items_per_s": 800.0, "start_s": 1.5}
+    assert all(r["note"] == "shmipc/bench/ray.py" and r["ray_init_s"] == 7.25 for r in got)
+    report = _fake_report()
+    report["records"] = got
+    text = format_report(report)
+    lines = text.splitlines()
+    assert sum(line.startswith("ray_init_s: 7.2 s") for line in lines) == 1      # once, on its own line
+    assert "pipeline, 2 stages, 1 KiB items: shmipc vs local Ray" in text
+    ray_row = next(line for line in lines if line.strip().startswith("ray ") and "800" in line)
+    assert "1.50" in ray_row and "50.0x" in ray_row, ray_row          # start s, shmipc / ray
+    assert "15.0x vs ray" in text                                    # the summary line
+    md = markdown_tables(report)
+    assert "ray_init_s: 7.2 s" in md and "| transport | items/s | start s | shmipc x |" in md
+    path = tmp_path / "r.json"
+    write_json(report, str(path))
+    assert json.loads(path.read_text())["records"][3]["best"]["items_per_s"] == 20_000.0
+
+
+def test_ray_workload_is_opt_in_and_skipped_in_one_line_without_ray(tmp_path, monkeypatch):
+    import sys
+
+    from shmipc.bench.ray import RaySuite
+    from shmipc.bench.runner import _loadavg, workload_unavailable
+
+    assert "ray" not in Options().workloads                     # ~20 s of Ray start-up: opt-in
+    specs = plan(_opts(workloads=["ray"]))
+    assert [(s.workload, type(s.transport)) for s in specs] == [("ray", RaySuite)]
+    assert _opts(timeout=None).measurement_timeout("ray") >= 300
+    monkeypatch.setitem(sys.modules, "ray", None)               # as if Ray were not installed
+    assert workload_unavailable("ray") == "needs Ray: pip install 'shmipc[ray]'"
+    record = run_one(specs[0], _opts(workloads=["ray"]), str(tmp_path))     # skipped before any fork
+    assert record["status"] == "skipped" and record["reason"] == "needs Ray: pip install 'shmipc[ray]'"
+    report = _fake_report()
+    report["records"] = [record]
+    report["machine"]["load_after"] = _loadavg()
+    text = format_report(report)
+    assert "  skipped: needs Ray: pip install 'shmipc[ray]'" in text
+    assert "FAILED" not in text and "ray_init_s" not in text

@@ -22,7 +22,9 @@ WORKLOAD_TITLES = {
     "pingpong": "Ping-pong round trip, 64 B",
     "numpy": "numpy float64 arrays of 1 MiB, parent -> forked child",
     "pool": "Pool.map",
+    "ray": "The same pipeline and pool on shmipc and on a local Ray",
 }
+_BY_KIND = ("pool", "ray")      # workloads whose records are grouped by pool_kind, not size
 
 
 def _version(dist: str) -> str | None:
@@ -98,7 +100,7 @@ def _groups(records: list[dict]) -> list[tuple[tuple, list[dict]]]:
     """Records grouped by (workload, size/pool kind), in run order."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        key = (r["workload"], r["pool_kind"] if r["workload"] == "pool" else r["size"])
+        key = (r["workload"], r["pool_kind"] if r["workload"] in _BY_KIND else r["size"])
         groups.setdefault(key, []).append(r)
     return list(groups.items())
 
@@ -110,7 +112,7 @@ def _metric(r: dict) -> float | None:
         return None
     if r["workload"] == "pingpong":
         return 1.0 / b["median_us"] if b.get("median_us") else None
-    return b.get("items_per_s") if r["workload"] == "pool" else b.get("msgs_per_s")
+    return b.get("items_per_s") if r["workload"] in _BY_KIND else b.get("msgs_per_s")
 
 
 def _refs(rows: list[dict]) -> tuple[float | None, float | None]:
@@ -139,7 +141,7 @@ def _figure(r: dict) -> str:
     b = r.get("best") or {}
     if r["workload"] == "pingpong":
         return f"median {b['median_us']:.2f} us"
-    if r["workload"] == "pool":
+    if r["workload"] in _BY_KIND:
         return f"{_human(b['items_per_s'])} items/s"
     if r.get("size", 0) >= 4096:
         return f"{_mb(b['mb_per_s'])} MB/s"
@@ -155,6 +157,8 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
         head = ["transport", "median us", "mean us", "p99 us", "ring x", "best x"]
     elif workload == "pool":
         head = ["pool", "items/s", "MB/s", "shmipc x", ""]
+    elif workload == "ray":
+        head = ["transport", "items/s", "start s", "shmipc x"]
     else:
         head = ["transport", "msgs/s", "MB/s", "ring x", "best x"]
     # how close each row gets to the machine's floors (the C ring, memcpy)
@@ -174,10 +178,14 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
             cells = [f"{b['median_us']:.2f}", f"{_mean_us(b):.2f}", f"{b['p99_us']:.2f}"]
         elif workload == "pool":
             cells = [_human(b["items_per_s"]), _mb(b["mb_per_s"])]
+        elif workload == "ray":
+            cells = [_human(b["items_per_s"]), f"{b['start_s']:.2f}"]
         else:
             cells = [_human(b["msgs_per_s"]), _mb(b["mb_per_s"])]
         if workload == "pool":
             cells += ["" if mine else _ratio(best, m), ""]
+        elif workload == "ray":
+            cells += ["" if mine else _ratio(best, m)]
         elif r.get("reference"):
             cells += ["", ""]
         else:
@@ -195,12 +203,14 @@ def _title(key: tuple, options: dict, rows: list[dict]) -> str:
         title += f", {_size(what)} messages"
     elif workload == "pool" and rows and rows[0].get("title"):
         title = f"{rows[0]['title']}, {processes} workers"
+    elif workload == "ray" and rows and rows[0].get("title"):
+        title = f"{rows[0]['title']}: shmipc vs local Ray"
     elif workload == "pool":
         title = f"Pool.map with {processes} workers, " + (
             "small ints (x*x)" if what == "ints" else "100 KiB bytes (crc32)")
     rounds = options.get("repeat", 1)
     secs = options.get("seconds_per_round", 0)
-    if workload == "pool" and rows and rows[0].get("title"):
+    if workload in _BY_KIND and rows and rows[0].get("title"):
         return f"{title}   [best of {rounds} run{'s' if rounds != 1 else ''}]"
     return f"{title}   [best of {rounds} round{'s' if rounds != 1 else ''} of {secs:g} s]"
 
@@ -262,7 +272,11 @@ def format_report(report: dict) -> str:
                 "of memcpy: over one process copying each message once from a Python loop (no IPC; two "
                 "processes on two cores, or a zero-copy receive, can exceed it)"]
                if any(r.get("reference") for r in report["records"]) else []), ""]
+    ray_line = ray_init_line(report)
     for key, rows in _groups(report["records"]):
+        if key[0] == "ray" and ray_line:
+            lines.append(ray_line)          # once, before the first Ray table
+            ray_line = None
         lines.append(_title(key, report["options"], rows))
         reasons = {r.get("reason", "") for r in rows}
         if all(r["status"] == "skipped" for r in rows) and len(reasons) == 1:
@@ -275,12 +289,22 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def ray_init_line(report: dict) -> str | None:
+    """Ray's start-up (not counted in any row), or None when Ray did not run."""
+    r = next((r for r in report["records"] if r["workload"] == "ray" and r.get("ray_init_s") is not None),
+             None)
+    if r is None:
+        return None
+    return (f"ray_init_s: {r['ray_init_s']:.1f} s  (Ray {r.get('ray_version')}: ray.init(num_cpus=2, "
+            "include_dashboard=False), not counted in the rows below)")
+
+
 def _summary(report: dict) -> list[str]:
     """One line per workload: best shmipc against best peer (or, when only one
     side was measured, that side's best figure)."""
     out = ["Summary (best shmipc figure / best peer figure, same run):"]
     for key, rows in _groups(report["records"]):
-        what = _size(key[1]) if key[0] == "throughput" else (key[1] if key[0] == "pool" else "")
+        what = _size(key[1]) if key[0] == "throughput" else (key[1] if key[0] in _BY_KIND else "")
         label = f"{key[0] + ' ' + what:<25}"
         measured = [r for r in rows if _metric(r) is not None]
         mine = [r for r in measured if r["shmipc"]]
@@ -323,7 +347,11 @@ def _summary(report: dict) -> list[str]:
 def markdown_tables(report: dict) -> str:
     """The same tables in Markdown (for the README)."""
     out = []
+    ray_line = ray_init_line(report)
     for key, rows in _groups(report["records"]):
+        if key[0] == "ray" and ray_line:
+            out.append(f"{ray_line}\n")
+            ray_line = None
         head, body = _table_rows(key, rows)
         head = [h for h in head if h] or head
         out.append(f"**{_title(key, report['options'], rows)}**\n")
@@ -347,6 +375,8 @@ def markdown_summary(report: dict) -> str:
         workload, what = key
         if workload == "pool":
             pools.append((key, rows))
+            continue
+        if workload == "ray":           # its own tables (markdown_tables), not a column of this matrix
             continue
         if workload == "throughput":
             label = f"{_size(what)} msgs/s" if what < 4096 else f"{_size(what)} MB/s"

@@ -21,10 +21,13 @@ from typing import Any, Callable
 
 from shmipc.bench.transports import PoolSuite, Transport, get_transports
 
-__all__ = ["Options", "Spec", "plan", "run", "DEFAULT_SIZES", "WORKLOADS", "parse_size"]
+__all__ = ["Options", "Spec", "plan", "run", "DEFAULT_SIZES", "WORKLOADS", "DEFAULT_WORKLOADS", "parse_size"]
 
 DEFAULT_SIZES = [64, 1 << 10, 64 << 10, 1 << 20]
-WORKLOADS = ("throughput", "pingpong", "pool", "numpy")
+WORKLOADS = ("throughput", "pingpong", "pool", "numpy", "ray")
+# "ray" only when asked for: Ray's start-up alone costs ~20 s
+DEFAULT_WORKLOADS = ("throughput", "pingpong", "pool", "numpy")
+RAY_TIMEOUT = 300.0
 PINGPONG_SIZE = 64
 NUMPY_BYTES = 1 << 20
 
@@ -55,7 +58,7 @@ class Options:
 
     sizes: list[int] = field(default_factory=lambda: list(DEFAULT_SIZES))
     transports: list[str] | None = None
-    workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
+    workloads: list[str] = field(default_factory=lambda: list(DEFAULT_WORKLOADS))
     repeat: int = 3
     seconds: float = 0.2            # per round
     timeout: float | None = None    # per measurement; None: derived from repeat and seconds
@@ -93,9 +96,16 @@ class Options:
             raise ValueError(f"--pin split needs 2 usable CPUs, this process may use "
                              f"{len(os.sched_getaffinity(0))}")
 
-    def measurement_timeout(self) -> float:
+    @property
+    def quick(self) -> bool:
+        """A quick run: one round (what ``shmipc bench --quick`` asks for)."""
+        return self.repeat == 1
+
+    def measurement_timeout(self, workload: str = "") -> float:
         if self.timeout is not None:
             return self.timeout
+        if workload == "ray":           # Ray's start-up, then every run on both sides
+            return RAY_TIMEOUT
         return 20.0 + self.repeat * (self.seconds * 3 + 2.0)
 
 
@@ -110,7 +120,7 @@ class Spec:
 
     @property
     def label(self) -> str:
-        what = self.pool_kind if self.workload == "pool" else _fmt_size(self.size)
+        what = self.pool_kind if self.workload in ("pool", "ray") else _fmt_size(self.size)
         return f"{self.workload} {what} {self.transport.name}"
 
 
@@ -141,6 +151,10 @@ def plan(options: Options) -> list[Spec]:
         elif workload == "pool" and chosen:
             # one measurement: shmipc's pools and the standard library's, alternating
             specs.append(Spec(workload, PoolSuite(), 0, "suite"))
+        elif workload == "ray":
+            from shmipc.bench.ray import RaySuite      # does not import Ray
+
+            specs.append(Spec(workload, RaySuite(), 0, "suite"))
     return specs
 
 
@@ -150,6 +164,10 @@ def workload_unavailable(workload: str) -> str | None:
 
     if workload == "numpy" and importlib.util.find_spec("numpy") is None:
         return "numpy is not installed (pip install numpy)"
+    if workload == "ray":
+        from shmipc.bench.ray import unavailable
+
+        return unavailable()
     return None
 
 
@@ -184,7 +202,7 @@ def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: 
         # if this measurement hangs, its log says where (shown with the timeout)
         import faulthandler
 
-        faulthandler.dump_traceback_later(max(options.measurement_timeout() - 1.0, 0.5), exit=False, file=2)
+        faulthandler.dump_traceback_later(max(options.measurement_timeout(spec.workload) - 1.0, 0.5), exit=False, file=2)
         from shmipc._proc import die_with_parent
 
         die_with_parent(parent)
@@ -198,9 +216,17 @@ def _child(spec: Spec, options: Options, tmpdir: str, log_path: str, result_fd: 
         if reason is not None:
             payload = {"status": "skipped", "reason": reason}
             raise _Skip
-        payload = measure(spec.transport, spec.workload, spec.size, options.repeat, options.seconds,
-                          tmpdir, spec.pool_kind or "ints", options.processes, options.verify,
-                          options.cpus())
+        if spec.workload == "ray":
+            # shared-memory runs first, then Ray's start (in this process
+            # only: the runner never imports Ray); refuses a running Ray
+            from shmipc.bench import ray
+
+            payload = {"rounds": [], "records": ray.records(ray.measure(quick=options.quick,
+                                                                         repeat=options.repeat))}
+        else:
+            payload = measure(spec.transport, spec.workload, spec.size, options.repeat, options.seconds,
+                              tmpdir, spec.pool_kind or "ints", options.processes, options.verify,
+                              options.cpus())
         payload["status"] = "ok"
     except _Skip:
         pass
@@ -227,7 +253,7 @@ def run_one(spec: Spec, options: Options, tmpdir: str, index: int = 0) -> dict:
         record.update(status="skipped", reason=reason)
         return record
     log_path = os.path.join(tmpdir, f"measurement-{index}.log")
-    timeout = options.measurement_timeout()
+    timeout = options.measurement_timeout(spec.workload)
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -281,8 +307,8 @@ def _expand(record: dict) -> list[dict]:
     out = []
     for sub in subs:
         one = dict(record)
-        one.update(sub)
         one["note"] = "shmipc/bench/pools.py"
+        one.update(sub)
         out.append(one)
     return out
 
