@@ -1,7 +1,7 @@
 """The `shmipc` command (also ``python -m shmipc``).
 
     shmipc bench [--quick] [--sizes 64,1k,64k,1M] [--transports shmipc,os.pipe,...]
-                 [--workloads throughput,pingpong,pool,numpy] [--repeat N] [--pin same|split]
+                 [--workloads throughput,pingpong,pool,numpy,ray] [--repeat N] [--pin same|split]
                  [--json FILE] [--plot FILE.png] [--markdown FILE] [--readme README.md]
     shmipc demo [--children N] [--messages M]
     shmipc inspect PID [--watch] [--interval S]
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--transports", type=_csv, default=None, metavar="LIST",
                    help="transport names or prefixes, e.g. shmipc,os.pipe,mp (default: all)")
     b.add_argument("--workloads", type=_csv, default=None, metavar="LIST",
-                   help="throughput,pingpong,pool,numpy (default: all)")
+                   help="throughput,pingpong,pool,numpy,ray (default: all but ray, which starts a local Ray: ~5-20 s)")
     b.add_argument("--repeat", type=int, default=None, metavar="N",
                    help=f"timed rounds per measurement; the best is reported (default {DEFAULT_REPEAT}, "
                         "1 with --quick)")
