@@ -32,6 +32,7 @@ import struct
 import threading
 import time
 import types
+import weakref
 from typing import Any, Iterable, Iterator, NoReturn, overload
 
 import fcntl
@@ -106,8 +107,29 @@ _WRITER_LOCK = 1 << 60
 _READER_LOCK = (1 << 60) + 1
 
 
+# a large put waits for room in the bulk ring this long at a time, then
+# checks its deadline and that its reader is still there
+_WRITE_SLICE_S = 0.05
+
+# name of the arena block counting large messages lost mid-read
+_LOST_BLOCK = "bulk_lost"
+
+
+class _ReaderLeft(Exception):
+    """The reader of the frame being written left it midway."""
+
+
 class _NoFrame(Exception):
     """A reader holds a token whose frame will never come (see _Bulk)."""
+
+
+# every _Bulk of this process, to re-make their thread locks after fork
+_all_bulks: "weakref.WeakSet[_Bulk]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for bulk in list(_all_bulks):
+        bulk._new_locks()
 
 
 class _Bulk:
@@ -142,6 +164,14 @@ class _Bulk:
         self.arena = arena
         self.ring = ring
         self.chunk = _framing.chunk_size(ring.max_message_size)
+        self._lost_view: memoryview | None = None
+        self._new_locks()
+        _all_bulks.add(self)
+
+    def _new_locks(self) -> None:
+        """Fresh thread locks: at creation, and in a forked child (a lock
+        held by a thread of the parent would stay held there forever; the
+        record locks are not inherited by a child anyway)."""
         self.locks = {_WRITER_LOCK: threading.Lock(), _READER_LOCK: threading.Lock()}
 
     def __getstate__(self) -> dict:
@@ -180,26 +210,24 @@ class _Bulk:
 
     def _writer_active(self) -> bool:
         """True if some thread or process is writing a large message."""
-        tlock = self.locks[_WRITER_LOCK]
-        if not tlock.acquire(blocking=False):
-            return True             # a thread of this process
-        try:
-            try:
-                fcntl.lockf(self.arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, _WRITER_LOCK)
-            except (BlockingIOError, PermissionError):
-                return True         # another process
-            fcntl.lockf(self.arena.fd, fcntl.LOCK_UN, 1, _WRITER_LOCK)
-            return False
-        finally:
-            tlock.release()
+        return self._lock_held(_WRITER_LOCK)
 
     # ------------------------------------------------------------ writing
     def put(self, main: Any, obj: Any, block: bool, timeout: float | None) -> None:
         """Put `obj` (too large for the main ring) as a token and a frame.
 
+        The frame is written in slices, each waiting at most 50 ms for room,
+        so that the writer keeps its deadline and notices a reader that left
+        mid-frame (killed, or interrupted by an exception): it then discards
+        the rest of the frame from the bulk ring and counts the message lost
+        (the reader took its token, so it is gone), and returns.
+
         Raises:
-            queue.Full: the writer lock or room for the token did not come in
-                time (nothing was put).
+            queue.Full: the writer lock, room for the token, or room for the
+                frame did not come in time (at once when block is False). If
+                the token was in already, the frame is left incomplete: the
+                reader that takes the token skips it (see the class
+                docstring), nothing torn is delivered.
             Whatever pickling `obj` raises (nothing was put).
         """
         parts = [memoryview(p).cast("B") for p in _framing.dump_parts(obj)]
@@ -209,21 +237,112 @@ class _Bulk:
         try:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             main.put(_framing.Frame("token"), block, remaining)     # queue.Full: nothing put
+            # records of the bulk ring put before ours: once more than these
+            # were taken, a reader has started on our frame
+            start = self.ring.stats()["messages_in"]
             try:
-                # past the token the message is in the queue: wait for room
-                # as long as it takes (a consumer is reading it meanwhile)
-                self.ring.put(_framing.Frame("object", tuple(p.nbytes for p in parts)))
+                self._put_record(_framing.Frame("object", tuple(p.nbytes for p in parts)),
+                                 block, deadline, start)
                 for part in parts:
                     for off in range(0, part.nbytes, self.chunk):
-                        self.ring.put(part[off:off + self.chunk])
+                        self._put_record(part[off:off + self.chunk], block, deadline, start)
+            except _ReaderLeft:
+                self._discard_frame()
             except BaseException:
                 try:
-                    self.ring.put(_framing.ABORT, True, 0.05)
+                    self.ring.put(_framing.ABORT, False)
                 except BaseException:
                     pass        # the reader drops the frame when we let go of the lock
                 raise
         finally:
             self._release(_WRITER_LOCK)
+
+    def _put_record(self, rec: Any, block: bool, deadline: float | None, start: int) -> None:
+        """Put one record of the frame being written, waiting for room in
+        slices.
+
+        Raises:
+            queue.Full: no room by the deadline (at once when not block).
+            _ReaderLeft: the reader of this frame left it midway.
+        """
+        if not block:
+            self.ring.put(rec, False)
+            return
+        while True:
+            wait = _WRITE_SLICE_S
+            if deadline is not None:
+                wait = min(wait, max(deadline - time.monotonic(), 0.0))
+            try:
+                self.ring.put(rec, True, wait)
+                return
+            except queue.Full:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+            if self._reader_left(start):
+                raise _ReaderLeft
+
+    def _reader_left(self, start: int) -> bool:
+        """True if a reader started on the frame whose first record was
+        record number `start` of the bulk ring and has let go of the reader
+        lock (it died -- the kernel freed its record lock -- or left by an
+        exception) while the frame is not complete: nobody will read the rest."""
+        if self.ring.stats()["messages_out"] <= start:
+            return False            # nobody has taken our header yet: keep waiting
+        return not self._lock_held(_READER_LOCK)
+
+    def _lock_held(self, which: int) -> bool:
+        """True if some thread or process holds lock `which`."""
+        tlock = self.locks[which]
+        if not tlock.acquire(blocking=False):
+            return True             # a thread of this process
+        try:
+            try:
+                fcntl.lockf(self.arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, which)
+            except (BlockingIOError, PermissionError):
+                return True         # another process
+            fcntl.lockf(self.arena.fd, fcntl.LOCK_UN, 1, which)
+            return False
+        finally:
+            tlock.release()
+
+    def _discard_frame(self) -> None:
+        """The reader of our frame left: take the reader lock (if a new
+        reader has it, it skips our records itself), throw away what is in
+        the bulk ring (only our frame's records: everything before them was
+        taken) and count the message lost."""
+        if self._acquire(_READER_LOCK, time.monotonic()):
+            try:
+                while True:
+                    try:
+                        with self.ring.get_view(False):
+                            pass
+                    except queue.Empty:
+                        break
+            finally:
+                self._release(_READER_LOCK)
+        self.count_lost()
+
+    def _lost_block(self) -> memoryview | None:
+        if self._lost_view is None:
+            try:
+                self._lost_view = self.arena.block(name=_LOST_BLOCK)
+            except KeyError:
+                return None         # a queue made without the counter
+        return self._lost_view
+
+    def count_lost(self) -> None:
+        """One more large message lost by a reader that left it midway
+        (shown in the queue's stats()["lost"])."""
+        block = self._lost_block()
+        if block is None:
+            return
+        with self.arena.lock():
+            struct.pack_into("<Q", block, 0, struct.unpack_from("<Q", block, 0)[0] + 1)
+
+    def lost(self) -> int:
+        """Large messages lost by readers that left them midway."""
+        block = self._lost_block()
+        return 0 if block is None else struct.unpack_from("<Q", block, 0)[0]
 
     # ------------------------------------------------------------ reading
     def read(self) -> Any:
@@ -240,9 +359,18 @@ class _Bulk:
                     item = self._next()         # leftovers of a torn frame
                     continue
                 try:
-                    return _framing.load_parts(_framing.read_parts(item.sizes, self._chunk_into))
+                    parts = _framing.read_parts(item.sizes, self._chunk_into)
                 except _Torn as exc:
                     item = exc.item             # a new header (or junk): go on from it
+                    continue
+                except BaseException:
+                    # left midway (Ctrl-C, a signal handler raising): the next
+                    # reader skips the rest as leftovers; a writer still
+                    # writing it notices, discards it and counts the loss
+                    if not self._lock_held(_WRITER_LOCK):
+                        self.count_lost()
+                    raise
+                return _framing.load_parts(parts)
         finally:
             self._release(_READER_LOCK)
 
@@ -300,8 +428,9 @@ class _Base:
         # the arena holds the ring, the bulk ring for messages too large for
         # it (memory is only committed where written) and, for
         # JoinableQueue, a small state block
-        self._arena = Arena(Arena.size_for(rings=[cap, cap], blocks=[64]))
+        self._arena = Arena(Arena.size_for(rings=[cap, cap], blocks=[64, 64]))
         self._ring = self._arena.ring(cap, maxsize=maxsize)
+        self._arena.block(64, name=_LOST_BLOCK)
         self._bulk = _Bulk(self._arena, self._arena.ring(cap, name="bulk"))
         self._closed = False
 
@@ -429,7 +558,9 @@ class _Base:
         """The ring's live counters (messages and bytes in and out, waits,
         recoveries of dead processes' locks, lost messages), as a dict."""
         self._check_open()
-        return self._ring.stats()
+        stats = self._ring.stats()
+        stats["lost"] += self._bulk.lost()      # large messages lost mid-read
+        return stats
 
     def __repr__(self) -> str:
         state = "closed" if self._closed or self._ring is None else f"capacity={self._ring.capacity}"
@@ -918,3 +1049,7 @@ class _Writer:
 
     def close(self) -> None:
         """A no-op: see _Reader.close."""
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -665,3 +665,150 @@ def test_a_writer_killed_mid_message_delivers_no_torn_message(kind):
     writer.start()
     assert q.get(timeout=30) == big
     writer.join(30)
+
+
+# ------------------------------------------------------------ large messages: deadlines, readers that leave, fork
+def _wait_for(cond, timeout=30.0):
+    """Poll `cond` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "state not reached in time"
+        time.sleep(0.002)
+
+
+def _call_in_thread(fn, *args, **kwargs):
+    """Run fn in a daemon thread; return (thread, result dict)."""
+    res = {}
+
+    def run():
+        t0 = time.monotonic()
+        try:
+            res["value"] = fn(*args, **kwargs)
+        except BaseException as exc:
+            res["exc"] = exc
+        res["seconds"] = time.monotonic() - t0
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, res
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["Queue", "JoinableQueue"])
+def test_large_put_keeps_its_timeout_and_block_false(kind):
+    """F6: a message larger than the ring, nobody reading: put(timeout=)
+    raises queue.Full by its deadline, put(block=False) / put_nowait at once;
+    a reader that later takes their tokens gets nothing torn and does not
+    wait for them, and the queue goes on."""
+    q = getattr(shmipc, kind)(capacity=1 << 16)
+    big = os.urandom(1 << 18)
+    for call in (lambda: q.put(big, timeout=0.5), lambda: q.put(big, block=False),
+                 lambda: q.put_nowait(big)):
+        t, res = _call_in_thread(call)
+        t.join(10)
+        assert not t.is_alive(), "large put ignored its timeout / block=False"
+        assert isinstance(res.get("exc"), queue.Full), res
+        assert res["seconds"] < 5
+    q.put("after")
+    assert q.get(timeout=10) == "after"     # the aborted messages are skipped
+    if kind == "JoinableQueue":
+        q.task_done()
+        assert q.join(5) is True
+    writer, res = _call_in_thread(q.put, big, timeout=30)
+    assert q.get(timeout=30) == big
+    writer.join(30)
+    assert "exc" not in res
+
+
+def _get_one(q):
+    q.get(timeout=60)
+
+
+@pytest.mark.timeout(90)
+def test_reader_killed_mid_large_message_does_not_stall_the_writer():
+    """F5: the reader of a large message is SIGKILLed midway: the writer's
+    put returns (it notices the reader is gone), the loss is counted, and
+    later large messages go through."""
+    q = shmipc.Queue(capacity=1 << 16)
+    bulk = q._bulk.ring
+    reader = multiprocessing.get_context("fork").Process(target=_get_one, args=(q,))
+    reader.start()
+    writer, res = _call_in_thread(q.put, b"z" * (4 << 20), timeout=30)
+    _wait_for(lambda: bulk.stats()["messages_out"] >= 3)
+    os.kill(reader.pid, signal.SIGKILL)
+    reader.join(20)
+    writer.join(30)
+    assert not writer.is_alive() and "exc" not in res, res
+    assert res["seconds"] < 25
+    assert q.stats()["lost"] == 1
+    big = os.urandom(1 << 20)
+    writer, res = _call_in_thread(q.put, big, timeout=30)
+    assert q.get(timeout=30) == big
+    writer.join(30)
+    assert "exc" not in res, res
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _put_big_then_small(q, big):
+    q.put(big, timeout=60)
+    q.put(b"after", timeout=60)
+
+
+@pytest.mark.timeout(90)
+def test_reader_interrupted_mid_large_message_leaves_the_queue_usable():
+    """F5: a get interrupted mid-message by a raising signal handler (as
+    Ctrl-C): the writer is not stuck, the next get returns the next message,
+    the loss is counted."""
+    q = shmipc.Queue(capacity=1 << 16)
+    bulk = q._bulk.ring
+    big = bytes(range(256)) * (64 << 10)        # 16 MiB
+    writer = multiprocessing.get_context("fork").Process(target=_put_big_then_small, args=(q, big))
+
+    def handler(signum, frame):
+        if bulk.stats()["messages_out"] >= 3:   # only once the read is under way
+            raise _Interrupt
+
+    old = signal.signal(signal.SIGALRM, handler)
+    try:
+        writer.start()
+        signal.setitimer(signal.ITIMER_REAL, 0.01, 0.01)
+        try:
+            with pytest.raises(_Interrupt):
+                q.get(timeout=30)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert q.get(timeout=30) == b"after"
+    writer.join(30)
+    assert writer.exitcode == 0
+    assert q.stats()["lost"] == 1
+
+
+def _child_large_put(q, out):
+    try:
+        q.put(b"c" * (1 << 18), timeout=20)
+        out.put("ok")
+    except BaseException as exc:
+        out.put(repr(exc))
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_fork_while_a_thread_is_in_a_large_put():
+    """F9: a child forked while a parent thread holds the large-message
+    writer lock can put large messages itself."""
+    q, out = shmipc.Queue(capacity=1 << 16), shmipc.Queue()
+    big = b"b" * (1 << 20)
+    writer, res = _call_in_thread(q.put, big)
+    _wait_for(lambda: q._bulk.ring.stats()["producers_waiting"] > 0)
+    child = multiprocessing.get_context("fork").Process(target=_child_large_put, args=(q, out))
+    child.start()
+    assert q.get(timeout=30) == big
+    writer.join(30)
+    assert q.get(timeout=30) == b"c" * (1 << 18)
+    assert out.get(timeout=30) == "ok"
+    child.join(30)
