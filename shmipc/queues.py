@@ -4,12 +4,21 @@
 exceptions of :mod:`multiprocessing`'s, so a program switches by changing one
 import. What differs, and why:
 
-* There is no feeder thread: ``put`` writes the message straight into the
-  ring in shared memory. So a pickling error is raised by the ``put`` that
-  caused it (multiprocessing prints it from its thread and loses the item),
-  and a put waits while the ring is full (multiprocessing's returns at once
-  and its feeder thread waits). ``close()`` / ``join_thread()`` have nothing
-  to flush.
+* ``put`` writes the message straight into the ring in shared memory. So a
+  pickling error is raised by the ``put`` that caused it (multiprocessing
+  prints it from its thread and loses the item), and a put waits while the
+  ring is full (multiprocessing's returns at once and its feeder thread
+  waits). One exception: a message larger than half the ring put with
+  ``block=True, timeout=None`` is pickled by ``put``, which then hands its
+  chunks to a daemon "feeder" thread started for that message only and
+  returns (so one thread can put such a message, then get it, as with
+  multiprocessing). The thread ends once the message is written;
+  ``join_thread()`` (after ``close()``) and the process's exit wait for it,
+  unless ``cancel_join_thread()`` was called. Forking while it runs makes
+  Python 3.12+ warn about forking a threaded process; the child does not
+  inherit the thread or its locks. A put with a timeout or ``block=False``
+  never starts one: it writes the chunks itself and raises queue.Full by its
+  deadline.
 * Each queue owns one :class:`~shmipc.Arena` (a memfd) holding its ring. The
   ring has a fixed byte ``capacity`` (default :data:`DEFAULT_CAPACITY`; pages
   are only committed as they are touched). ``maxsize`` bounds the number of
@@ -165,6 +174,9 @@ class _Bulk:
         self.ring = ring
         self.chunk = _framing.chunk_size(ring.max_message_size)
         self._lost_view: memoryview | None = None
+        self.feeders: list[threading.Thread] = []
+        self._exit_join = False
+        self.cancel_join = False
         self._new_locks()
         _all_bulks.add(self)
 
@@ -173,6 +185,8 @@ class _Bulk:
         held by a thread of the parent would stay held there forever; the
         record locks are not inherited by a child anyway)."""
         self.locks = {_WRITER_LOCK: threading.Lock(), _READER_LOCK: threading.Lock()}
+        self.feeders = []           # a parent's feeder threads do not exist in a child
+        self._exit_join = False     # multiprocessing clears its finalizers in a child
 
     def __getstate__(self) -> dict:
         return {"arena": self.arena, "ring": self.ring}
@@ -234,12 +248,20 @@ class _Bulk:
         deadline = None if not block or timeout is None else time.monotonic() + timeout
         if not self._acquire(_WRITER_LOCK, deadline if block else time.monotonic()):
             raise queue.Full
+        handed_off = False
         try:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             main.put(_framing.Frame("token"), block, remaining)     # queue.Full: nothing put
             # records of the bulk ring put before ours: once more than these
             # were taken, a reader has started on our frame
             start = self.ring.stats()["messages_in"]
+            if block and deadline is None:
+                # the frame may not fit before a reader comes, and the only
+                # reader may be our caller (put then get in one thread): a
+                # feeder thread writes it, as multiprocessing's does
+                self._start_feeder(parts, start)
+                handed_off = True
+                return
             try:
                 self._put_record(_framing.Frame("object", tuple(p.nbytes for p in parts)),
                                  block, deadline, start)
@@ -255,7 +277,56 @@ class _Bulk:
                     pass        # the reader drops the frame when we let go of the lock
                 raise
         finally:
-            self._release(_WRITER_LOCK)
+            if not handed_off:
+                self._release(_WRITER_LOCK)
+
+    def _start_feeder(self, parts: list[memoryview], start: int) -> None:
+        """Write the frame of `parts` from a daemon thread, which then
+        releases the writer lock (held for it by the caller). The parts that
+        are the caller's buffers are copied first: put has returned by the
+        time they are written."""
+        owned = [parts[0]] + [memoryview(bytes(p)) for p in parts[1:]]
+
+        def feed() -> None:
+            try:
+                self._put_record(_framing.Frame("object", tuple(p.nbytes for p in owned)),
+                                 True, None, start)
+                for part in owned:
+                    for off in range(0, part.nbytes, self.chunk):
+                        self._put_record(part[off:off + self.chunk], True, None, start)
+            except _ReaderLeft:
+                self._discard_frame()
+            except BaseException:
+                try:
+                    self.ring.put(_framing.ABORT, False)
+                except BaseException:
+                    pass        # the reader drops the frame when we let go of the lock
+            finally:
+                try:
+                    self._release(_WRITER_LOCK)
+                except OSError:
+                    pass        # the queue's arena was closed: its record lock went with it
+
+        thread = threading.Thread(target=feed, name="shmipc-queue-feeder", daemon=True)
+        self.feeders = [t for t in self.feeders if t.is_alive()] + [thread]
+        if not self._exit_join:
+            # as multiprocessing: a process exits once its queued messages are
+            # written (cancel_join_thread() skips this)
+            self._exit_join = True
+            from multiprocessing import util
+            util.Finalize(self, _Bulk._join_at_exit, args=(weakref.ref(self),), exitpriority=10)
+        thread.start()
+
+    @staticmethod
+    def _join_at_exit(ref: Any) -> None:
+        bulk = ref()
+        if bulk is not None and not bulk.cancel_join:
+            bulk.join_feeders()
+
+    def join_feeders(self, timeout: float | None = None) -> None:
+        """Wait until the frames handed to feeder threads are written."""
+        for thread in list(self.feeders):
+            thread.join(timeout)
 
     def _put_record(self, rec: Any, block: bool, deadline: float | None, start: int) -> None:
         """Put one record of the frame being written, waiting for room in
@@ -678,16 +749,22 @@ class Queue(_Base):
         return self._ring.full()
 
     def join_thread(self) -> None:
-        """multiprocessing waits here for its feeder thread; shmipc has none.
+        """Wait until the large messages handed to feeder threads are written
+        (as multiprocessing waits for its feeder thread).
 
         Raises:
             AssertionError: the queue is not closed (as multiprocessing).
         """
         if not self._closed:
             raise AssertionError(f"Queue {self!r} not closed")
+        if not self._bulk.cancel_join:
+            self._bulk.join_feeders()
 
     def cancel_join_thread(self) -> None:
-        """multiprocessing's way to exit without flushing; nothing to cancel here."""
+        """multiprocessing's way to exit without flushing: neither
+        join_thread() nor the process's exit waits for the feeder threads
+        (a large message they have not written is then lost)."""
+        self._bulk.cancel_join = True
 
 
 class JoinableQueue(Queue):

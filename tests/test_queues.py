@@ -733,10 +733,11 @@ def test_reader_killed_mid_large_message_does_not_stall_the_writer():
     bulk = q._bulk.ring
     reader = multiprocessing.get_context("fork").Process(target=_get_one, args=(q,))
     reader.start()
-    writer, res = _call_in_thread(q.put, b"z" * (4 << 20), timeout=30)
+    writer, res = _call_in_thread(q.put, b"z" * (64 << 20), timeout=30)   # ~4000 chunks
     _wait_for(lambda: bulk.stats()["messages_out"] >= 3)
     os.kill(reader.pid, signal.SIGKILL)
     reader.join(20)
+    assert reader.exitcode == -signal.SIGKILL      # killed mid-message, not done
     writer.join(30)
     assert not writer.is_alive() and "exc" not in res, res
     assert res["seconds"] < 25
@@ -764,11 +765,15 @@ def test_reader_interrupted_mid_large_message_leaves_the_queue_usable():
     the loss is counted."""
     q = shmipc.Queue(capacity=1 << 16)
     bulk = q._bulk.ring
-    big = bytes(range(256)) * (64 << 10)        # 16 MiB
+    big = bytes(range(256)) * (256 << 10)       # 64 MiB: ~4000 chunks
     writer = multiprocessing.get_context("fork").Process(target=_put_big_then_small, args=(q, big))
 
+    fired = []
+
     def handler(signum, frame):
-        if bulk.stats()["messages_out"] >= 3:   # only once the read is under way
+        # once, while the read is under way (not in the unpickling after it)
+        if not fired and 3 <= bulk.stats()["messages_out"] < 3000:
+            fired.append(True)
             raise _Interrupt
 
     old = signal.signal(signal.SIGALRM, handler)
@@ -812,3 +817,22 @@ def test_fork_while_a_thread_is_in_a_large_put():
     assert q.get(timeout=30) == b"c" * (1 << 18)
     assert out.get(timeout=30) == "ok"
     child.join(30)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["Queue", "JoinableQueue"])
+def test_put_then_get_of_a_message_larger_than_the_ring_in_one_thread(kind):
+    """F10: as with multiprocessing, put of a message larger than the ring
+    returns before anyone reads it (a feeder thread writes it), so one thread
+    can put then get it; join_thread() after close waits for the feeder."""
+    q = getattr(shmipc, kind)(capacity=1 << 16)
+    big = np.arange(1 << 19, dtype=np.int64)           # 4 MiB, an out-of-band buffer
+    t, res = _call_in_thread(lambda: (q.put(big), q.put("small"), q.get(timeout=30), q.get(timeout=30)))
+    t.join(40)
+    assert not t.is_alive(), "put then get of a large message in one thread hangs"
+    assert "exc" not in res, res
+    got, small = res["value"][2:]
+    assert np.array_equal(got, big) and small == "small"
+    q.close()
+    q.join_thread()
+    assert not any(f.is_alive() for f in q._bulk.feeders)
