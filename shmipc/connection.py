@@ -72,6 +72,10 @@ SLICE = 0.05
 PROBE_EVERY = 64
 
 _NOTHING = object()     # no message received ahead by poll()
+# in _pending: a receive was interrupted (an exception from a signal handler,
+# Ctrl-C) in the middle of a frame; _frame_left bytes of its chunks are still
+# to come, and the next receive drops them before it takes a message
+_ABANDONED = object()
 _EOF_MESSAGE = "the other end of the pipe is closed and nothing is left to read"
 
 
@@ -186,6 +190,7 @@ class Connection(Closeable):
         self._send_ring = arena.ring(name=send) if send is not None else None
         self._recv_ring = arena.ring(name=recv) if recv is not None else None
         self._pending = _NOTHING
+        self._frame_left = 0            # bytes of the frame being read not yet taken
         self._probe_in = 1              # the first send looks at the peer
         self._closed = False
         return self
@@ -396,7 +401,11 @@ class Connection(Closeable):
         item = self._pending
         if item is not _NOTHING:
             self._pending = _NOTHING
-            return item
+            if item is not _ABANDONED:
+                return item
+            item = self._drop_abandoned(timeout)
+            if item is not _NOTHING:
+                return item
         ring = self._recv_ring
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -421,6 +430,29 @@ class Connection(Closeable):
             if deadline is not None and time.monotonic() >= deadline:
                 raise queue.Empty
 
+    def _drop_abandoned(self, timeout: float | None) -> Any:
+        """Take and drop the rest of a frame whose reading was interrupted
+        (never deliver its chunks as messages). Returns the first record
+        after it if one had to be taken to see that the writer gave up on
+        the frame (not a chunk), else _NOTHING.
+
+        Raises:
+            queue.Empty: the rest did not come in time (dropped later).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._frame_left > 0:
+            try:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                item = self._take(left)
+            except BaseException:
+                self._pending = _ABANDONED      # the next receive goes on dropping
+                raise
+            if type(item) is not bytes or len(item) > self._frame_left:
+                self._frame_left = 0            # the writer gave up on that frame
+                return item
+            self._frame_left -= len(item)
+        return _NOTHING
+
     def _unframe(self, frame: Any, as_bytes: bool) -> Any:
         """The message a Frame announces: for recv (as_bytes False) the
         object, for recv_bytes its bytes, as multiprocessing would give them.
@@ -444,11 +476,20 @@ class Connection(Closeable):
                     frame = item                # interrupted writer: drop the mark
                     continue
                 return item if as_bytes else pickle.loads(item)
+            self._frame_left = sum(frame.sizes)
             try:
                 parts = _framing.read_parts(frame.sizes, self._next_chunk)
             except _Interrupted as exc:
+                self._frame_left = 0
                 frame = exc.item
                 continue
+            except BaseException:
+                # interrupted (Ctrl-C, a signal handler) or the writer went
+                # away: what remains of this frame must never be taken for
+                # messages, so the next receive drops it first
+                if self._frame_left > 0 and self._pending is _NOTHING:
+                    self._pending = _ABANDONED
+                raise
             if frame.kind == "bytes":
                 data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
                 return data if as_bytes else pickle.loads(data)
@@ -469,6 +510,9 @@ class Connection(Closeable):
                     if type(view) is not memoryview or view.nbytes > dest.nbytes:
                         raise _Interrupted(_detached(view))
                     n = view.nbytes
+                    # counted first: from here the with-block's exit takes
+                    # the record, even if an exception interrupts the copy
+                    self._frame_left -= n
                     dest[:n] = view
                     return n
             except queue.Empty:
@@ -597,7 +641,7 @@ class Connection(Closeable):
         self._check_readable()
         if timeout is not None:
             timeout = _timeout(timeout)     # negative: 0; NaN: ValueError
-        if self._pending is not _NOTHING:
+        if self._pending is not _NOTHING and self._pending is not _ABANDONED:
             return True
         try:
             self._pending = self._take(timeout)

@@ -588,3 +588,63 @@ def test_recv_unpickles_what_send_bytes_sent(impl):
     assert b.recv() == b"\x80 looks like a pickle"
     a.send(pickle.dumps(3))
     assert b.recv() == pickle.dumps(3)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _raise_interrupt(signum, frame):
+    raise _Interrupt()
+
+
+@pytest.mark.timeout(120)
+def test_receive_interrupted_mid_message_never_delivers_its_chunks():
+    """An exception from a signal handler (as Ctrl-C raises) in the middle
+    of receiving a chunked message used to leave the rest of its chunks in
+    the ring, and the next receives returned them as messages (fragments),
+    then never the next message. The rest is now dropped: the next receive
+    gets the next whole message. Repeated until an interruption really
+    lands mid-message (asserted)."""
+    big = bytes(range(256)) * (32 * 1024)          # 8 MiB, recognisable
+    old = signal.signal(signal.SIGALRM, _raise_interrupt)
+    mid_frame = 0
+    try:
+        for attempt in range(20):
+            a, b = shmipc.Pipe(duplex=False, capacity=1 << 16)
+            ready_r, ready_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+                    os.write(ready_w, b"x")
+                    b.send_bytes(big)
+                    b.send_bytes(b"after")
+                finally:
+                    os._exit(0)
+            b.close()
+            assert os.read(ready_r, 1) == b"x"
+            os.close(ready_r)
+            os.close(ready_w)
+            signal.setitimer(signal.ITIMER_REAL, 0.002 + 0.001 * attempt)
+            got = []
+            try:
+                got.append(a.recv_bytes())
+            except _Interrupt:
+                if a._frame_left > 0:
+                    mid_frame += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            while not got or got[-1] != b"after":
+                assert a.poll(30), f"nothing more after {len(got)} messages"
+                got.append(a.recv_bytes())
+                assert len(got) <= 2, [len(m) for m in got]
+            for message in got:
+                assert message in (big, b"after"), f"a fragment of {len(message)} bytes was delivered"
+            a.close()
+            assert os.waitpid(pid, 0)[1] == 0
+            if mid_frame >= 2:
+                break
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    assert mid_frame >= 1, "no receive was interrupted in the middle of a message"
