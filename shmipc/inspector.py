@@ -124,7 +124,7 @@ def guess_owner(regions: list[dict[str, Any]]) -> str:
         return "a Pipeline (judged from its region names)"
     if "a>b" in rings and rings <= {"a>b", "b>a"}:
         return "a Pipe (judged from its region names)"
-    if "#0" in rings and rings <= {"#0", "bulk"} and names - rings <= {"tasks_done"}:
+    if "#0" in rings and rings <= {"#0", "bulk"} and names - rings <= {"tasks_done", "bulk_lost"}:
         what = "a JoinableQueue" if "tasks_done" in names else "a Queue or SimpleQueue"
         return f"{what} (judged from its region names)"
     return "not known (an arena of your own, or one whose maker cannot be told from its region names)"
