@@ -262,23 +262,31 @@ class _Bulk:
                 self._start_feeder(parts, start)
                 handed_off = True
                 return
-            try:
-                self._put_record(_framing.Frame("object", tuple(p.nbytes for p in parts)),
-                                 block, deadline, start)
-                for part in parts:
-                    for off in range(0, part.nbytes, self.chunk):
-                        self._put_record(part[off:off + self.chunk], block, deadline, start)
-            except _ReaderLeft:
-                self._discard_frame()
-            except BaseException:
-                try:
-                    self.ring.put(_framing.ABORT, False)
-                except BaseException:
-                    pass        # the reader drops the frame when we let go of the lock
-                raise
+            self._write_frame(parts, block, deadline, start)
         finally:
             if not handed_off:
                 self._release(_WRITER_LOCK)
+
+    def _write_frame(self, parts: list[memoryview], block: bool, deadline: float | None,
+                     start: int) -> None:
+        """Write the frame of `parts` (writer lock held): its Frame record,
+        then the chunks. A reader that left mid-frame makes the rest be
+        discarded; anything else that stops the write puts an ABORT (if it
+        can) and is raised."""
+        try:
+            self._put_record(_framing.Frame("object", tuple(p.nbytes for p in parts)),
+                             block, deadline, start)
+            for part in parts:
+                for off in range(0, part.nbytes, self.chunk):
+                    self._put_record(part[off:off + self.chunk], block, deadline, start)
+        except _ReaderLeft:
+            self._discard_frame()
+        except BaseException:
+            try:
+                self.ring.put(_framing.ABORT, False)
+            except BaseException:
+                pass        # the reader drops the frame when we let go of the lock
+            raise
 
     def _start_feeder(self, parts: list[memoryview], start: int) -> None:
         """Write the frame of `parts` from a daemon thread, which then
@@ -289,18 +297,9 @@ class _Bulk:
 
         def feed() -> None:
             try:
-                self._put_record(_framing.Frame("object", tuple(p.nbytes for p in owned)),
-                                 True, None, start)
-                for part in owned:
-                    for off in range(0, part.nbytes, self.chunk):
-                        self._put_record(part[off:off + self.chunk], True, None, start)
-            except _ReaderLeft:
-                self._discard_frame()
+                self._write_frame(owned, True, None, start)
             except BaseException:
-                try:
-                    self.ring.put(_framing.ABORT, False)
-                except BaseException:
-                    pass        # the reader drops the frame when we let go of the lock
+                pass        # put has returned: the frame was aborted, readers skip it
             finally:
                 try:
                     self._release(_WRITER_LOCK)
