@@ -90,6 +90,14 @@ def _wait_stats():
             "yield_spins": n_yield_spins, "spin_wins": n_spin_wins}
 cdef int64_t FOREVER = INT64_MAX
 cdef int BATCH = 64            # put_many encodes this many items before writing them
+# A batch (put_many, get_many) publishes what it wrote, or releases what it
+# took, every PUBLISH_BYTES of ring space, not only at its end: with large
+# messages a whole batch fills the ring, and a side that waited for the other
+# to finish its batch would leave both CPUs idle in turn (issue 11: batched
+# 64 KiB messages ran at a quarter of single puts). For small messages a
+# batch of 64 stays below it: one commit per batch, as before.
+cdef uint64_t PUBLISH_BYTES = 32 << 10
+cdef Py_ssize_t BATCH_BYTES = 64 << 10   # get_many's default max_bytes (see there)
 # how long leaving a zero-copy view may wait for the consumer lock to move
 # the tail (the record itself is released at once, without the lock)
 cdef int64_t CLAIM_RELEASE_NS = 1_000_000_000
@@ -912,13 +920,13 @@ cdef class Ring:
         if the deadline passed first."""
         cdef shm_ring_t *h = self.hdr
         cdef Py_ssize_t i = 0, start
-        cdef uint64_t head, pos, length, nbytes
+        cdef uint64_t head, pos, length, nbytes, published
         while True:
             self._shut()
             if self.many_producers and self._lock(W_PLOCK, deadline):
                 return i
             start = i
-            head = shm_load_rlx64(&h.prod.pos)
+            head = published = shm_load_rlx64(&h.prod.pos)
             nbytes = 0
             try:
                 while i < n:
@@ -930,6 +938,14 @@ cdef class Ring:
                     head = pos + length
                     nbytes += encs[i].size
                     i += 1
+                    if head - published >= PUBLISH_BYTES and i < n:
+                        # let the consumer start on what is written (see PUBLISH_BYTES)
+                        self._commit(head, i - start, nbytes)
+                        shm_fence()
+                        shm_wake(&h.data_sem, &h.wait.data_waiters)
+                        start = i
+                        nbytes = 0
+                        published = head
             finally:
                 if i > start:           # also on an error: what was written is put
                     self._commit(head, i - start, nbytes)
@@ -1143,7 +1159,7 @@ cdef class Ring:
         later, the batch ends before it, so the good ones are delivered and
         the next call raises for it."""
         cdef shm_ring_t *h = self.hdr
-        cdef uint64_t pos, length, head
+        cdef uint64_t pos, length, head, released
         cdef shm_rec_t *r
         cdef uint8_t tag = 0
         cdef uint32_t size = 0
@@ -1156,6 +1172,7 @@ cdef class Ring:
         r = self._take(deadline, &pos, &length)
         if r == NULL:
             return None
+        released = pos
         # The first record is taken with no try/except (the fast path of get):
         # while `first` is set, the finally below consumes and counts it if
         # anything raised about it. Later records of a batch end the batch
@@ -1205,6 +1222,9 @@ cdef class Ring:
                 pos += length
                 if k == max_items or (max_bytes > 0 and nbytes >= max_bytes):
                     break
+                if pos - released >= PUBLISH_BYTES:
+                    self._move_tail()       # give the producer room now (see PUBLISH_BYTES)
+                    released = pos
                 # the next message record, past any padding
                 while pos != head:
                     length = self._rec_length(pos, head)
@@ -1404,14 +1424,19 @@ cdef class Ring:
         """get(block=False)."""
         return self.get(False)
 
-    def get_many(self, Py_ssize_t max_items, bint block=True, timeout=None, *, Py_ssize_t max_bytes=0):
+    def get_many(self, Py_ssize_t max_items, bint block=True, timeout=None, *, max_bytes=None):
         """Take up to `max_items` messages: waits (as get does) for the first,
         then takes whatever else is already there. Returns a list, or for
         fixed-record rings one structured array.
 
-        max_bytes: if > 0, stop once the messages taken hold that many payload
-        bytes (at least one message is always taken). Keeps batches of large
-        messages from costing a burst of allocations.
+        max_bytes: stop once the messages taken hold that many payload bytes
+        (at least one message is always taken); 0: no limit. By default 64 KiB
+        (fixed-record rings: no limit, their batch is one buffer). A batch of
+        large messages gains nothing from batching but costs a burst of
+        allocations: freed together, they cross malloc's trim threshold
+        (128 KiB in glibc), and every batch then pays brk() calls and page
+        faults anew (issue 11: batched 64 KiB messages ran at a quarter of
+        single gets).
 
         A message that cannot be delivered costs only itself: the call returns
         the messages before it, and the next call (get, get_many or get_view)
@@ -1420,9 +1445,13 @@ cdef class Ring:
         raises.
         """
         cdef take_t t
-        cdef Py_ssize_t i = 0, k
+        cdef Py_ssize_t i = 0, k, limit
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
+        if max_bytes is None:
+            limit = 0 if self.record_size else BATCH_BYTES
+        else:
+            limit = max_bytes
         if self.pending is not None:
             self._check_open()
             return self._from_pending(max_items)
@@ -1431,7 +1460,7 @@ cdef class Ring:
         cdef list tags = []
         self._enter()
         try:
-            records = self._consume(deadline, max_items, max_bytes, False, out, tags, &t)
+            records = self._consume(deadline, max_items, limit, False, out, tags, &t)
         finally:
             self._leave()
         if t.count == 0:

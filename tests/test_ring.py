@@ -164,6 +164,20 @@ def test_batches(arena, sides):
 
 
 @pytest.mark.timeout(20)
+def test_get_many_takes_about_64_kib_by_default(arena, sides):
+    """A batch of large messages is cut at 64 KiB of payload unless asked
+    otherwise: freed together, a larger burst crosses malloc's trim
+    threshold and every batch pays brk() and page faults anew (issue 11)."""
+    ring = arena.ring(1 << 20, producers=sides, consumers=sides)
+    ring.put_many([bytes([i]) * (20 << 10) for i in range(10)])
+    first = ring.get_many(10)
+    assert [m[0] for m in first] == [0, 1, 2, 3]         # 80 KiB: stops once past 64 KiB
+    assert len(ring.get_many(10, max_bytes=0)) == 6      # 0: no limit
+    ring.put_many([b"s" * 64] * 300)
+    assert len(ring.get_many(300)) == 300                # small messages: the whole batch
+
+
+@pytest.mark.timeout(20)
 def test_fixed_record_ring(arena):
     dt = np.dtype([("id", "<u4"), ("x", "<f8"), ("tag", "S4")])
     ring = arena.ring(1 << 16, dtype=dt, name="recs")
