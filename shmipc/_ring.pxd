@@ -76,6 +76,8 @@ cdef class Ring:
     cdef Py_ssize_t _produce(self, enc_t *encs, Py_ssize_t n, object keep, bint batch,
                              int64_t deadline) except -1
     cdef int _check_size(self, enc_t *e) except -1
+    cdef bint _put_now(self, enc_t *e) noexcept
+    cdef object _get_now(self, bint *done)
     cdef int _debug_check(self) except -1
     cdef int _shut(self) except -1
     cdef object _encode(self, object obj, enc_t *e)

@@ -141,6 +141,17 @@ static inline uint16_t shm_rec_check(uint32_t size, uint8_t tag) {
     return (uint16_t)(h ^ (h >> 16));
 }
 
+/* A record header's first word (size, tag, state, check), read once: the
+ * fields are then checked and used from this copy, so a writer changing
+ * them meanwhile cannot make a checked value differ from the one used. */
+static inline shm_rec_t shm_rec_snapshot(const shm_rec_t *r) {
+    shm_rec_t copy;
+    uint64_t word = __atomic_load_n((const uint64_t *)r, __ATOMIC_RELAXED);
+    memcpy(&copy, &word, sizeof word);
+    copy.owner = 0;
+    return copy;
+}
+
 /* ---- atomics (GCC builtins; the orderings are the point, see _ring.pyx) ---- */
 static inline uint64_t shm_load_acq64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
 static inline uint64_t shm_load_rlx64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_RELAXED); }

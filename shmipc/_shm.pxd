@@ -72,6 +72,7 @@ cdef extern from "_shm.h" nogil:
         sem_t clock_sem
 
     uint16_t shm_rec_check(uint32_t size, uint8_t tag)
+    shm_rec_t shm_rec_snapshot(const shm_rec_t *r)
     uint64_t shm_load_acq64(const uint64_t *p)
     uint64_t shm_load_rlx64(const uint64_t *p)
     void shm_store_rel64(uint64_t *p, uint64_t v)

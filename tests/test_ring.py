@@ -916,3 +916,60 @@ def test_ping_pong_on_two_cpus_keeps_the_busy_spin(arena):
     assert ours["pause_spins"] > 0 and child["pause_spins"] > 0, (ours, child)
     # only the first waits, before the peer's CPU is known, may yield
     assert ours["yield_spins"] <= 2 and child["yield_spins"] <= 2, (ours, child)
+
+
+@pytest.mark.timeout(20)
+def test_one_to_one_fast_paths_leave_anything_unusual_to_the_general_path(arena):
+    """put and get on a one-producer one-consumer ring take a fast path for
+    plain messages (issue 11); whatever it does not handle (a view open,
+    padding at the end, a str that is not UTF-8, a scalar of the wrong
+    size, a garbage header) must behave exactly as the general path says."""
+    ring = arena.ring(4096, producers="one", consumers="one")
+    buf, base = region_of(ring)
+    data = base + _ring._layout()["data"]
+    size_at = _ring._layout()["rec.size"]
+    check_at = _ring._layout()["rec.check"]
+
+    def forge(pos, size, tag):        # an honest-looking header of another size
+        at = data + (pos & (ring.capacity - 1))
+        struct.pack_into("<I", buf, at + size_at, size)
+        struct.pack_into("<H", buf, at + check_at, _ring._rec_check(size, tag))
+
+    sent = 0
+    for lap in range(6):                 # several wrap-arounds: padding on every lap
+        for i in range(20):
+            msg = bytes([lap, i]) * 50
+            ring.put(msg)
+            sent += 1
+            assert ring.get() == msg
+    ring.put(b"held")
+    ring.put(7)
+    with ring.get_view() as view:        # the tail stays behind while the view is open
+        assert view == b"held"
+        assert ring.get() == 7
+        assert ring.stats()["bytes_used"] > 0
+    assert ring.stats()["bytes_used"] == 0
+    # a str that is not UTF-8: consumed, counted, raised; the next one is fine
+    pos = _ring_head(ring)
+    ring.put("\u00e9t\u00e9")
+    ring.put(1.5)
+    buf[data + (pos & (ring.capacity - 1)) + 16] = 0xFF
+    with pytest.raises(shmipc.CorruptMessage, match="UTF-8"):
+        ring.get()
+    assert ring.get() == 1.5
+    # an int of 4 bytes instead of 8 (the header otherwise valid)
+    pos = _ring_head(ring)
+    ring.put(12345)
+    ring.put(None)
+    forge(pos, 4, 4)                     # TAG_INT
+    with pytest.raises(shmipc.CorruptMessage, match="int message of 4 bytes"):
+        ring.get()
+    assert ring.get() is None
+    # a garbage header: CorruptArena, and nothing delivered
+    pos = _ring_head(ring)
+    ring.put(b"x" * 40)
+    struct.pack_into("<H", buf, data + (pos & (ring.capacity - 1)) + check_at, 0xBEEF)
+    with pytest.raises(shmipc.CorruptArena):
+        ring.get(timeout=0.1)
+    stats = ring.stats()
+    assert stats["bad_messages"] == 2 and stats["messages_in"] == sent + 7
