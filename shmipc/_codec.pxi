@@ -261,6 +261,31 @@ cdef object decode_scalar(uint8_t tag, const char *p, Py_ssize_t n):
     return None
 
 
+cdef inline object plain_payload(const char *p, uint8_t tag, uint32_t size, bint *ok):
+    """The object for a payload that needs no decoding after its record is
+    released: bytes, bytearray, str (valid UTF-8) and scalars of the right
+    size. Anything else, or a str that is not UTF-8, sets ok False and
+    returns None: the ring's general path consumes, counts or raises it."""
+    ok[0] = True
+    if tag == TAG_BYTES:
+        return PyBytes_FromStringAndSize(p, size)
+    if tag == TAG_STR:
+        try:
+            return PyUnicode_DecodeUTF8(p, size, NULL)
+        except UnicodeDecodeError:
+            pass
+    elif tag == TAG_BYTEARRAY:
+        return PyByteArray_FromStringAndSize(p, size)
+    elif tag == TAG_INT or tag == TAG_FLOAT:
+        if size == 8:
+            return decode_scalar(tag, p, 8)
+    elif TAG_TRUE <= tag <= TAG_NONE:
+        if size == 0:
+            return None if tag == TAG_NONE else tag == TAG_TRUE
+    ok[0] = False
+    return None
+
+
 cdef object decode_buffer(uint8_t tag, object buf, object dtype, bint allow_pickle):
     """Decode an NDARRAY, PICKLE or RECORD payload held in `buf` (a bytearray
     copy, or a read-only memoryview over the ring for zero-copy views).

@@ -77,7 +77,11 @@ cdef class Ring:
                              int64_t deadline) except -1
     cdef int _check_size(self, enc_t *e) except -1
     cdef bint _put_now(self, enc_t *e) noexcept
+    cdef Py_ssize_t _put_many_now(self, enc_t *encs, Py_ssize_t n) noexcept
+    cdef void _publish_one(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
     cdef object _get_now(self, bint *done)
+    cdef list _get_many_now(self, Py_ssize_t max_items, Py_ssize_t max_bytes, list tags)
+    cdef void _release_taken(self, uint64_t start, uint64_t end, Py_ssize_t nmsgs, uint64_t nbytes) noexcept
     cdef int _debug_check(self) except -1
     cdef int _shut(self) except -1
     cdef object _encode(self, object obj, enc_t *e)

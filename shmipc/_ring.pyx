@@ -183,6 +183,24 @@ cdef inline uint64_t rec_len(uint64_t payload) noexcept nogil:
     return (SHM_REC_HDR + payload + SHM_REC_ALIGN - 1) & ~<uint64_t>(SHM_REC_ALIGN - 1)
 
 
+cdef inline uint64_t snap_length(const shm_rec_t *hd, uint64_t off, uint64_t avail,
+                                 uint64_t capacity, uint64_t max_payload) noexcept nogil:
+    """Ring._rec_length's checks on a record header read once
+    (shm_rec_snapshot) at ring offset `off`, with `avail` committed bytes
+    from there: its length in the ring, or 0 if anything is out of range."""
+    cdef uint64_t length = rec_len(hd.size)
+    if hd.tag > TAG_MAX or hd.check != shm_rec_check(hd.size, hd.tag) or hd.state > SHM_REC_DONE:
+        return 0
+    if hd.tag == TAG_PAD:
+        if length != capacity - off:
+            return 0
+    elif hd.size > max_payload or length > capacity - off:
+        return 0
+    if length > avail:
+        return 0
+    return length
+
+
 cdef int64_t deadline_of(bint block, object timeout) except -2:
     """Absolute CLOCK_MONOTONIC deadline; 0 means "do not wait"."""
     if not block:
@@ -1041,7 +1059,7 @@ cdef class Ring:
         cdef uint64_t head = shm_load_rlx64(&h.prod.pos)     # ours alone: one producer
         cdef uint64_t length = rec_len(e.size)
         cdef uint64_t off = head & self.mask
-        cdef uint64_t tail, me
+        cdef uint64_t tail
         cdef shm_rec_t *r
         if (<uint64_t>e.size > self.max_payload or (head & (SHM_REC_ALIGN - 1))
                 or length > self.capacity - off or self.maxsize
@@ -1062,19 +1080,71 @@ cdef class Ring:
         r.check = shm_rec_check(<uint32_t>e.size, e.tag)
         r.owner = 0
         memcpy((<char *>r) + SHM_REC_HDR, e.ptr, e.size)
-        me = shm_self_ident()
-        if h.prod.pid != me:
-            h.prod.pid = me
-        h.prod.msgs += 1
-        h.prod.bytes += <uint64_t>e.size
-        shm_store_rel64(&h.prod.pos, head + length)     # the commit point
-        # (prod.lock_pos / lock_msgs serve the producer lock's recovery only)
-        shm_fence()
-        shm_wake(&h.data_sem, &h.wait.data_waiters)
+        self._publish_one(head + length, 1, <uint64_t>e.size)
         shm_publish_cpu(&h.wait.prod_cpu)               # see _wait
         if SHMIPC_DEBUG:
             self._debug_check()
         return True
+
+    cdef Py_ssize_t _put_many_now(self, enc_t *encs, Py_ssize_t n) noexcept:
+        """put_many's fast path, for a one-producer ring and one-segment
+        payloads: _put_now for each of encs[0:n] in turn with one commit
+        (and one every PUBLISH_BYTES), stopping at the first that does not
+        fit without padding or at anything unusual. Returns how many it
+        wrote; _produce does the rest."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t head = shm_load_rlx64(&h.prod.pos)     # ours alone: one producer
+        cdef uint64_t published = head, nbytes = 0, length, off, tail
+        cdef Py_ssize_t i = 0, start = 0
+        cdef shm_rec_t *r
+        if (head & (SHM_REC_ALIGN - 1)) or self.maxsize or shm_load_rlx32(&h.wait.shutdown):
+            return 0
+        while i < n:
+            length = rec_len(encs[i].size)
+            off = head & self.mask
+            if <uint64_t>encs[i].size > self.max_payload or length > self.capacity - off:
+                break
+            if head < self.cached_tail or head - self.cached_tail > self.capacity - length:
+                tail = shm_load_acq64(&h.cons.pos)
+                if head < tail or head - tail > self.capacity - length:
+                    break
+                self.cached_tail = tail
+                if head - tail > h.counters.high_water:
+                    h.counters.high_water = head - tail
+            r = <shm_rec_t *>(self.data + off)
+            r.size = <uint32_t>encs[i].size
+            r.tag = encs[i].tag
+            r.state = SHM_REC_READY
+            r.check = shm_rec_check(<uint32_t>encs[i].size, encs[i].tag)
+            r.owner = 0
+            memcpy((<char *>r) + SHM_REC_HDR, encs[i].ptr, encs[i].size)
+            head += length
+            nbytes += <uint64_t>encs[i].size
+            i += 1
+            if head - published >= PUBLISH_BYTES or i == n:
+                self._publish_one(head, i - start, nbytes)
+                published = head
+                start = i
+                nbytes = 0
+        if i > start:
+            self._publish_one(head, i - start, nbytes)
+        if i:
+            shm_publish_cpu(&h.wait.prod_cpu)               # see _wait
+        return i
+
+    cdef void _publish_one(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
+        """One producer: commit records up to `head` and wake a consumer
+        waiting for data (_commit and what follows it in _produce; the
+        producer lock's recovery fields are not needed without the lock)."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t me = shm_self_ident()
+        if h.prod.pid != me:
+            h.prod.pid = me
+        h.prod.msgs += nmsgs
+        h.prod.bytes += nbytes
+        shm_store_rel64(&h.prod.pos, head)     # the commit point
+        shm_fence()
+        shm_wake(&h.data_sem, &h.wait.data_waiters)
 
     cdef int _debug_check(self) except -1:
         """Debug builds: the positions are in order after every call."""
@@ -1107,6 +1177,7 @@ cdef class Ring:
         cdef Py_ssize_t n, written, done = 0
         cdef int64_t deadline = deadline_of(block, timeout)
         cdef bint records = self.dtype is not None
+        cdef bint plain
         cdef list keep
         if records:
             arr = self._as_records(items)
@@ -1121,6 +1192,7 @@ cdef class Ring:
                 keep = []
                 n = 0
                 error = None
+                plain = not records and not self.many_producers
                 try:
                     for obj in it:
                         if records:
@@ -1130,9 +1202,14 @@ cdef class Ring:
                             keep.append([obj])
                         else:
                             segs = encode(obj, &encs[n])
-                            self._check_size(&encs[n])
+                            if <uint64_t>encs[n].size > self.max_payload:
+                                self._check_size(&encs[n])
                             # a borrowed e.ptr points into obj: hold obj until it is copied
-                            keep.append(obj if segs is None else segs)
+                            if segs is None:
+                                keep.append(obj)
+                            else:
+                                keep.append(segs)
+                                plain = False
                         n += 1
                         if n == BATCH:
                             break
@@ -1142,7 +1219,11 @@ cdef class Ring:
                     if error is not None:
                         raise error
                     return done
-                written = self._produce(encs, n, keep, True, deadline)
+                written = self._put_many_now(encs, n) if plain else 0
+                if written < n:
+                    if written:
+                        del keep[:written]
+                    written += self._produce(encs + written, n - written, keep, True, deadline)
                 done += written
                 if written < n:
                     raise queue.Full(done)
@@ -1501,6 +1582,7 @@ cdef class Ring:
         cdef uint64_t off, length, me
         cdef shm_rec_t hd
         cdef const char *p
+        cdef bint ok
         done[0] = False
         if cursor != tail or (cursor & (SHM_REC_ALIGN - 1)):
             return None
@@ -1513,32 +1595,18 @@ cdef class Ring:
             return None
         off = cursor & self.mask
         hd = shm_rec_snapshot(<shm_rec_t *>(self.data + off))
-        length = rec_len(hd.size)
-        # the checks of _rec_length, on one reading of the header
-        if (hd.tag == TAG_PAD or hd.tag > TAG_MAX or hd.check != shm_rec_check(hd.size, hd.tag)
-                or hd.size > self.max_payload or length > self.capacity - off
-                or length > head - cursor or hd.state > SHM_REC_DONE):
-            return None
+        length = snap_length(&hd, off, head - cursor, self.capacity, self.max_payload)
+        if length == 0 or hd.tag == TAG_PAD or hd.tag == TAG_RECORD:
+            return None             # (a record in a ring without a dtype: the general path raises)
         p = self.data + off + SHM_REC_HDR
         if hd.tag == TAG_BYTES:
             out = PyBytes_FromStringAndSize(p, hd.size)
-        elif hd.tag == TAG_STR:
-            try:
-                out = PyUnicode_DecodeUTF8(p, hd.size, NULL)
-            except UnicodeDecodeError:
+        elif hd.tag == TAG_NDARRAY or hd.tag == TAG_PICKLE:
+            out = PyByteArray_FromStringAndSize(p, hd.size)     # decoded below, once released
+        else:
+            out = plain_payload(p, hd.tag, hd.size, &ok)
+            if not ok:
                 return None         # the general path consumes, counts and raises it
-        elif hd.tag == TAG_INT or hd.tag == TAG_FLOAT:
-            if hd.size != 8:
-                return None
-            out = decode_scalar(hd.tag, p, 8)
-        elif TAG_TRUE <= hd.tag <= TAG_NONE:
-            if hd.size != 0:
-                return None
-            out = None if hd.tag == TAG_NONE else hd.tag == TAG_TRUE
-        elif hd.tag == TAG_RECORD:
-            return None             # not in a ring without a dtype: the general path raises
-        else:                       # bytearray; ndarray and pickle, decoded below
-            out = PyByteArray_FromStringAndSize(p, hd.size)
         me = shm_self_ident()
         if h.cons.pid != me:
             h.cons.pid = me
@@ -1555,6 +1623,94 @@ cdef class Ring:
         if hd.tag >= TAG_NDARRAY:
             return self._decode(hd.tag, out)
         return out
+
+    cdef list _get_many_now(self, Py_ssize_t max_items, Py_ssize_t max_bytes, list tags):
+        """get_many's fast path, for a one-consumer ring with no view open:
+        take the messages from the cursor on, up to `max_items` or
+        `max_bytes`, stopping before any that cannot be delivered (a
+        garbage header, a str that is not UTF-8, a scalar of the wrong
+        size: the next call meets it first, as in _consume), releasing their
+        space as it goes (every PUBLISH_BYTES) and at the end. Plain
+        payloads (see plain_payload) come final; ndarray and pickle ones
+        as bytearrays, with every message's tag then in `tags` (else
+        `tags` stays empty), for get_many to decode. None, having changed
+        nothing, if it took none (empty ring, a first message that cannot
+        be delivered): the general path then decides."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t tail = shm_load_rlx64(&h.cons.pos)     # ours alone: one consumer
+        cdef uint64_t cursor = shm_load_rlx64(&h.cons.cursor)
+        cdef uint64_t head, pos, off, length, released, released_bytes = 0
+        cdef Py_ssize_t k = 0, released_k = 0, nbytes = 0
+        cdef shm_rec_t hd
+        cdef bint ok, raw = False
+        cdef list out
+        if cursor != tail or (cursor & (SHM_REC_ALIGN - 1)):
+            return None
+        head = shm_load_acq64(&h.prod.pos)      # one fresh look per batch: take all there is
+        if head <= cursor or head - cursor > self.capacity:
+            return None             # empty (or garbage: the general path says so)
+        self.cached_head = head
+        out = []
+        pos = released = cursor
+        try:
+            while pos != head:
+                off = pos & self.mask
+                hd = shm_rec_snapshot(<shm_rec_t *>(self.data + off))
+                length = snap_length(&hd, off, head - pos, self.capacity, self.max_payload)
+                if length == 0:
+                    break
+                if hd.tag == TAG_BYTES:
+                    obj = PyBytes_FromStringAndSize(self.data + off + SHM_REC_HDR, hd.size)
+                elif hd.tag == TAG_NDARRAY or hd.tag == TAG_PICKLE:
+                    # copied out now, decoded by get_many once released
+                    obj = PyByteArray_FromStringAndSize(self.data + off + SHM_REC_HDR, hd.size)
+                    if not raw:
+                        tags.extend([TAG_BYTES] * k)    # (plain: any tag below TAG_NDARRAY)
+                        raw = True
+                elif hd.tag != TAG_PAD:
+                    obj = plain_payload(self.data + off + SHM_REC_HDR, hd.tag, hd.size, &ok)
+                    if not ok:
+                        break
+                if hd.tag != TAG_PAD:
+                    if raw:
+                        tags.append(hd.tag)
+                    out.append(obj)
+                    k += 1
+                    nbytes += hd.size
+                pos += length
+                if k == max_items or (max_bytes > 0 and nbytes >= max_bytes):
+                    break
+                if pos - released >= PUBLISH_BYTES:
+                    self._release_taken(released, pos, k - released_k, nbytes - released_bytes)
+                    released, released_k, released_bytes = pos, k, nbytes
+        except MemoryError:
+            if k == 0:
+                raise
+            # deliver what was taken; `pos` is the record that failed,
+            # which the next call meets first
+            del tags[k:]
+        if k == 0:
+            return None
+        if pos != released:
+            self._release_taken(released, pos, k - released_k, nbytes - released_bytes)
+        if SHMIPC_DEBUG:
+            self._debug_check()
+        return out
+
+    cdef void _release_taken(self, uint64_t start, uint64_t end, Py_ssize_t nmsgs, uint64_t nbytes) noexcept:
+        """One consumer, no view open: messages taken from `start` (the tail
+        and cursor) to `end`; move both there and wake a producer waiting for room."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t me = shm_self_ident()
+        if h.cons.pid != me:
+            h.cons.pid = me
+        h.cons.msgs += nmsgs
+        h.cons.bytes += nbytes
+        shm_store_rel64(&h.cons.cursor, end)
+        shm_store_rel64(&h.cons.pos, end)
+        shm_fence()
+        shm_wake(&h.space_sem, &h.wait.space_waiters)
+        shm_publish_cpu(&h.wait.cons_cpu)                   # see _wait
 
     def get_nowait(self):
         """get(block=False)."""
@@ -1591,19 +1747,26 @@ cdef class Ring:
         if self.pending is not None:
             self._check_open()
             return self._from_pending(max_items)
-        cdef int64_t deadline = deadline_of(block, timeout)
-        cdef list out = []
+        cdef list out = None
         cdef list tags = []
-        self._enter()
-        try:
-            records = self._consume(deadline, max_items, limit, False, out, tags, &t)
-        finally:
-            self._leave()
-        if t.count == 0:
-            raise queue.Empty
-        if records is not None:
-            return numpy_module().frombuffer(records, dtype=self.dtype, count=t.count)
-        k = t.count
+        cdef int64_t deadline
+        if not self.many_consumers and not self.closed and self.record_size == 0:
+            out = self._get_many_now(max_items, limit, tags)
+            if out is not None and not tags:
+                return out
+        if out is None:
+            deadline = deadline_of(block, timeout)
+            out = []
+            self._enter()
+            try:
+                records = self._consume(deadline, max_items, limit, False, out, tags, &t)
+            finally:
+                self._leave()
+            if t.count == 0:
+                raise queue.Empty
+            if records is not None:
+                return numpy_module().frombuffer(records, dtype=self.dtype, count=t.count)
+        k = len(out)
         try:
             for i in range(k):
                 if <uint8_t>tags[i] >= TAG_NDARRAY:
