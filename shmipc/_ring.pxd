@@ -80,6 +80,7 @@ cdef class Ring:
     cdef Py_ssize_t _put_many_now(self, enc_t *encs, Py_ssize_t n) noexcept
     cdef void _publish_one(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
     cdef object _get_now(self, bint *done)
+    cdef bint _empty_now(self) noexcept
     cdef list _get_many_now(self, Py_ssize_t max_items, Py_ssize_t max_bytes, list tags)
     cdef void _release_taken(self, uint64_t start, uint64_t end, Py_ssize_t nmsgs, uint64_t nbytes) noexcept
     cdef int _debug_check(self) except -1
