@@ -266,7 +266,7 @@ class _WorkerLoop:
             _Blob(value) if type(value) is bytes and len(value) >= _BLOB_MIN else value)
         try:
             head, buffers = _encode(wire)
-        except Exception as exc:                # pickling failed
+        except self.catch as exc:               # pickling failed (executor: SystemExit too, as concurrent.futures)
             del wire
             self.send_unencodable(seq, exc, value, offset)
             return
@@ -304,7 +304,7 @@ class _WorkerLoop:
             tb = f"\n{note}:{tb}"
         try:
             head, buffers = _encode(exc)
-        except Exception as why:
+        except self.catch as why:
             self.send_unencodable(seq, why, exc, offset)
             return
         self.send_record((seq, R_RAISED, offset, True, head, buffers, (tb, _safe_repr(exc))))
