@@ -300,7 +300,13 @@ def test_blocked_get_wakes_on_put_from_thread(impl):
     got = []
     t = threading.Thread(target=lambda: got.append(q.get(timeout=10)))
     t.start()
-    time.sleep(0.1)
+    if impl is shmipc:
+        # asleep in get, so the put must wake it (a get that started after the
+        # put would find the item and pass without any wake-up)
+        from conftest import wait_until_asleep
+        wait_until_asleep(q.stats, "consumers")
+    else:
+        time.sleep(0.1)                    # multiprocessing exposes no such state
     q.put("wake")
     t.join(10)
     assert got == ["wake"]
@@ -422,7 +428,9 @@ def test_close_wakes_a_getter_blocked_in_another_thread():
 
     t = threading.Thread(target=getter)
     t.start()
-    time.sleep(0.1)
+    # asleep in get (a getter starting after close gets ValueError at once)
+    from conftest import wait_until_asleep
+    wait_until_asleep(q.stats, "consumers")
     q.close()
     t.join(5)
     assert not t.is_alive()
@@ -497,7 +505,8 @@ def test_killed_consumer_does_not_stall_the_queue():
     q, out = shmipc.Queue(maxsize=8), shmipc.Queue()
     victim = ctx.Process(target=get_forever, args=(q,))
     victim.start()
-    time.sleep(0.2)                        # the victim now waits inside get
+    from conftest import wait_until_asleep
+    wait_until_asleep(q.stats, "consumers")    # the victim now sleeps inside get
     os.kill(victim.pid, signal.SIGKILL)
     victim.join(10)
     survivor = ctx.Process(target=consume_and_report, args=(q, out, 200))
