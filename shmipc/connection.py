@@ -35,9 +35,35 @@ and ``recv_bytes`` returns the pickle of what ``send`` sent, as there. A
 send to a peer that closed its end raises BrokenPipeError at once; to a
 peer that died without closing, within PROBE_EVERY sends (multiprocessing
 fails at the first write; looking at the peer on every send would cost a
-system call each). A Connection has no file descriptor, so
-``multiprocessing.connection.wait`` cannot watch it: use :func:`wait` from
-this module, which takes shmipc Connections and anything that function takes.
+system call each).
+
+Readiness descriptor (``fileno()``):
+    Each Pipe also owns a ``socket.socketpair()``; an end's ``fileno()`` is
+    its socket, held exactly by the holders of that end (so it travels and
+    dies with the end, like the tokens). It serves two things, as a
+    multiprocessing Connection's descriptor does: it is readable while a
+    message is waiting or the other end is gone (so
+    ``multiprocessing.connection.wait``, ``select``, ``selectors`` and
+    asyncio's ``loop.add_reader`` watch shmipc connections mixed with
+    sockets and pipes), and ``multiprocessing.reduction.send_handle`` /
+    ``recv_handle`` pass file descriptors over it (SCM_RIGHTS).
+
+    The sender's ring sends one readiness byte on the sender's socket after
+    a commit that finds none out (``wait.ready_signalled`` in the ring
+    header: see ``Ring._ready_rearm``): so while nobody polls, a put pays one
+    relaxed load in C, the byte of the first message staying out. The
+    reader takes the byte out ("re-arms") only when it finds the ring
+    empty: in ``fileno()`` (which ``wait``, ``recv_handle`` and ``register``
+    call), and after each receive once ``fileno()`` was called in this
+    process. Invariants: a message in the ring implies a readiness byte out
+    (sent, or being sent by a producer between its exchange and its send);
+    a readiness byte is taken out only when it is at the front of the
+    socket (a peeked byte of anything else -- an fd message, a user's
+    bytes -- is left alone: the socket is readable anyway) and the ring was
+    seen empty. So a message is never unannounced, and a stale byte never
+    sits in front of an fd message for ``recv_handle`` as long as the
+    messages sent before the fd were received first (the order
+    multiprocessing requires anyway, its data and fds sharing one stream).
 As with multiprocessing, two processes must not send on (or receive from) the
 same end at the same time -- each ring has one producer and one consumer
 process; threads of one process may share an end, one sending (and one
@@ -49,6 +75,7 @@ import os
 import pickle
 import queue
 import select
+import socket
 import time
 from multiprocessing import BufferTooShort, reduction
 from typing import Any, NoReturn
@@ -77,6 +104,11 @@ _NOTHING = object()     # no message received ahead by poll()
 # to come, and the next receive drops them before it takes a message
 _ABANDONED = object()
 _EOF_MESSAGE = "the other end of the pipe is closed and nothing is left to read"
+# the readiness byte the ring sends (SHM_READY_BYTE in _shm.h)
+_READY = b"R"
+# how long taking out a readiness byte still in flight may wait (its
+# producer is between two instructions, or died there)
+_DRAIN_WAIT = 1.0
 
 
 class _Interrupted(Exception):
@@ -143,18 +175,23 @@ def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple["Connecti
         fds += [r_b, w_b]
         r_a2, r_b2 = os.dup(r_a), os.dup(r_b)
         fds += [r_a2, r_b2]
+        s_a, s_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds += [s_a.detach(), s_b.detach()]
     except BaseException:
         for fd in fds:
             os.close(fd)
         arena.close()
         raise
+    sock_a, sock_b = fds[-2:]
     if duplex:
-        a = Connection._make(arena, send="a>b", recv="b>a", token=w_a, mine=r_a, peer=r_b)
-        b = Connection._make(arena, send="b>a", recv="a>b", token=w_b, mine=r_b2, peer=r_a2)
+        a = Connection._make(arena, send="a>b", recv="b>a", token=w_a, mine=r_a, peer=r_b, sock=sock_a)
+        b = Connection._make(arena, send="b>a", recv="a>b", token=w_b, mine=r_b2, peer=r_a2,
+                             sock=sock_b)
     else:
         # multiprocessing's order: (receiving end, sending end)
-        a = Connection._make(arena, send=None, recv="a>b", token=w_a, mine=r_a, peer=r_b)
-        b = Connection._make(arena, send="a>b", recv=None, token=w_b, mine=r_b2, peer=r_a2)
+        a = Connection._make(arena, send=None, recv="a>b", token=w_a, mine=r_a, peer=r_b, sock=sock_a)
+        b = Connection._make(arena, send="a>b", recv=None, token=w_b, mine=r_b2, peer=r_a2,
+                             sock=sock_b)
     return a, b
 
 
@@ -172,6 +209,7 @@ class Connection(Closeable):
     _token: int = -1
     _mine: int = -1
     _peer: int = -1
+    _sock: socket.socket | None = None
     _send_ring: Any = None
     _recv_ring: Any = None
 
@@ -180,15 +218,20 @@ class Connection(Closeable):
 
     @classmethod
     def _make(cls, arena: Arena, *, send: str | None, recv: str | None,
-              token: int, mine: int, peer: int) -> "Connection":
+              token: int, mine: int, peer: int, sock: int) -> "Connection":
         self = cls.__new__(cls)
         self._token, self._mine, self._peer = token, mine, peer
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=sock)
         self._arena = arena
         self._send_name, self._recv_name = send, recv
         # each end attaches its own Ring objects, so closing one end in a
         # process never closes the other end's rings there
         self._send_ring = arena.ring(name=send) if send is not None else None
         self._recv_ring = arena.ring(name=recv) if recv is not None else None
+        if self._send_ring is not None:
+            # our puts announce themselves on our socket, readable at the peer's
+            self._send_ring._set_notify(sock, True)
+        self._polled = False            # fileno() was called here: receives re-arm
         self._pending = _NOTHING
         self._frame_left = 0            # bytes of the frame being read not yet taken
         self._probe_in = 1              # the first send looks at the peer
@@ -554,17 +597,21 @@ class Connection(Closeable):
         if item is _NOTHING:
             item = self._take(None)
         if type(item) is _Frame:
-            return self._unframe(item, False)
+            item = self._unframe(item, False)
+        if self._polled:
+            self._rearm()
         return item
 
     def _recv_buffer(self) -> bytes:
         """The next message as multiprocessing's recv_bytes gives it."""
         item = self._take(None)
-        if type(item) is bytes:
-            return item
         if type(item) is _Frame:
-            return self._unframe(item, True)
-        return _as_bytes(item)
+            item = self._unframe(item, True)
+        elif type(item) is not bytes:
+            item = _as_bytes(item)
+        if self._polled:
+            self._rearm()
+        return item
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive the next message as bytes (one sent with send_bytes).
@@ -581,6 +628,8 @@ class Connection(Closeable):
             try:
                 data = ring.get(True, SLICE)        # the common case, inlined
                 if type(data) is bytes:
+                    if self._polled:
+                        self._rearm()
                     return data
                 self._pending = data
             except (queue.Empty, PeerDied):
@@ -652,13 +701,66 @@ class Connection(Closeable):
         return True
 
     def fileno(self) -> int:
-        """Always raises: the data moves through shared memory, not a file.
+        """This end's descriptor, as multiprocessing's: readable while a
+        message is waiting (or the other end is gone, so that recv raises
+        EOFError), for ``multiprocessing.connection.wait``, ``select``,
+        ``selectors`` and ``loop.add_reader``; and a Unix socket connected
+        to the other end, for ``multiprocessing.reduction.send_handle`` /
+        ``recv_handle``. Never read from it yourself (but through
+        recv_handle): it also carries readiness bytes.
+
+        From the first call on, receives in this process keep its
+        readiness exact (a few system calls when they empty the ring);
+        before, receiving costs nothing extra. See the module docstring.
 
         Raises:
-            OSError: always; wait on connections with shmipc.connection.wait.
+            OSError: this end is closed.
         """
-        raise OSError("a shmipc Connection has no file descriptor to wait on; use "
-                      "shmipc.connection.wait([...]) instead of multiprocessing.connection.wait")
+        self._check_closed()
+        if self._recv_ring is not None:
+            self._polled = True
+            self._rearm()
+        return self._sock.fileno()
+
+    def _rearm(self) -> None:
+        """Take the readiness byte out if it stands for nothing any more (the
+        ring is empty and no message was received ahead by poll)."""
+        ring = self._recv_ring
+        if ring is None or (self._pending is not _NOTHING and self._pending is not _ABANDONED):
+            return
+        try:
+            front = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            front = None            # nothing (or our byte still in flight)
+        except OSError:
+            return
+        if front is not None and front != _READY:
+            return                  # EOF, an fd message, a user's bytes: readable anyway
+        try:
+            take = ring._ready_rearm()
+        except RingClosed:
+            self._raise_closed()
+        if take:
+            self._drain_ready()
+
+    def _drain_ready(self) -> None:
+        """Take one readiness byte out of the socket, waiting a little for
+        it if its producer is between announcing and sending it."""
+        sock = self._sock
+        deadline = time.monotonic() + _DRAIN_WAIT
+        while True:
+            try:
+                front = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                if front == _READY:
+                    sock.recv(1, socket.MSG_DONTWAIT)
+                return              # taken; or EOF / something else in front: leave it
+            except BlockingIOError:
+                pass
+            except OSError:
+                return
+            if time.monotonic() >= deadline or _hung_up(self._peer):
+                return              # its producer died midway: a late byte is one spare wake-up
+            select.select([sock], [], [], 0.005)
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -681,6 +783,8 @@ class Connection(Closeable):
                     ring.close()
             self._send_ring = self._recv_ring = None
             self._pending = _NOTHING
+            if self._sock is not None:
+                self._sock.close()
             for name in ("_mine", "_peer"):
                 fd = getattr(self, name)
                 if fd >= 0:
@@ -702,16 +806,18 @@ class Connection(Closeable):
         return _rebuild_connection, (
             self._arena, self._send_name if self.writable else None,
             self._recv_name if self.readable else None,
-            reduction.DupFd(self._token), reduction.DupFd(self._mine), reduction.DupFd(self._peer))
+            reduction.DupFd(self._token), reduction.DupFd(self._mine), reduction.DupFd(self._peer),
+            reduction.DupFd(self._sock.fileno()))
 
 
 def _rebuild_connection(arena: Arena, send: str | None, recv: str | None,
-                        token: Any, mine: Any, peer: Any) -> Connection:
+                        token: Any, mine: Any, peer: Any, sock: Any) -> Connection:
     fds = []
     try:
-        for dup in (token, mine, peer):
+        for dup in (token, mine, peer, sock):
             fds.append(dup.detach())
-        return Connection._make(arena, send=send, recv=recv, token=fds[0], mine=fds[1], peer=fds[2])
+        return Connection._make(arena, send=send, recv=recv, token=fds[0], mine=fds[1], peer=fds[2],
+                                sock=fds[3])
     except BaseException:
         for fd in fds:
             os.close(fd)

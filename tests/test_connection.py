@@ -374,8 +374,6 @@ def test_wait_mixes_shmipc_connections_and_descriptors():
     a, b = shmipc.Pipe()
     c, d = shmipc.Pipe()
     mp_r, mp_w = multiprocessing.Pipe(duplex=False)
-    with pytest.raises(OSError, match="shmipc.connection.wait"):
-        b.fileno()
     t = time.monotonic()
     assert wait([b, d, mp_r], timeout=0.2) == []
     assert time.monotonic() - t >= 0.15
