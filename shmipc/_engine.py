@@ -40,8 +40,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable
 
 from shmipc._poolworker import (_BIG_WAIT, _BUSY, _EXITING, _SLOT, _SLOT_SIZE, _STARTING, K_BIG,
-                                K_CALL, K_MAP, R_BAD_TASK, R_BIG, R_OK, R_UNENCODABLE, _decode,
-                                _encode, _worker_main, _wrap_blobs)
+                                K_CALL, R_BAD_TASK, R_BIG, R_OK, R_UNENCODABLE, _worker_main)
+from shmipc._wire import pack_task, unpack
 from shmipc._workers import Supervisor, mark_thread_long_lived, register_pausable, unmark_thread_long_lived
 from shmipc.arena import MAX_REGIONS, Arena
 from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
@@ -335,8 +335,8 @@ class _Engine:
         except Exception:
             pass
 
-    def _send_big(self, slot: int, task: _Task, exc: MessageTooLarge, head: Any,
-                  buffers: list) -> bool | None:
+    def _send_big(self, slot: int, task: _Task, exc: MessageTooLarge, data: Any,
+                  meta: Any) -> bool | None:
         """Send one task too large for a worker's ring: a stub in the worker's
         ring, the task in the big ring. One at a time: a worker that reads a
         stub takes the big ring's only message. Lock held. True if sent, None
@@ -350,7 +350,7 @@ class _Engine:
             self._tasks[slot].put_nowait((task.seq, K_BIG, None, None))
         except queue.Full:
             return None                         # (rare: a stub is tiny) tried again later
-        big.put_nowait((task.seq, task.kind, head, buffers))
+        big.put_nowait((task.seq, task.kind, data, meta))
         self._big_seq, self._big_slot = task.seq, slot
         return True
 
@@ -415,12 +415,10 @@ class _Engine:
                     continue                    # cancelled (a future)
                 task.started = True
             task.seq = next(self._seq)
-            head = buffers = None
+            data = meta = None
             try:
-                payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
-                head, buffers = _encode((task.func, payload))
-                del payload
-                self._tasks[slot].put_nowait((task.seq, task.kind, head, buffers))
+                data, meta = pack_task(task.func, task.payload, task.kind != K_CALL)
+                self._tasks[slot].put_nowait((task.seq, task.kind, data, meta))
             except queue.Full:
                 self._queue.appendleft(task)
                 blocked.add(slot)
@@ -439,7 +437,7 @@ class _Engine:
                     task.job._split(task, parts)
                     self._queue.extendleft(reversed(parts))
                     continue
-                sent = self._send_big(slot, task, exc, head, buffers)
+                sent = self._send_big(slot, task, exc, data, meta)
                 if sent is None:                # the big ring is busy: later, others go first
                     self._big_waiting.append(task)
                     continue
@@ -452,7 +450,7 @@ class _Engine:
                 later += task.job._deliver(task, False, exc)
                 continue
             finally:
-                del head, buffers
+                del data, meta
             task.slot = slot
             self._inflight[task.seq] = task
             self._outstanding[slot] += 1
@@ -575,9 +573,9 @@ class _Engine:
     def _decode_result(self, task: _Task, msg: tuple) -> tuple[bool, Any]:
         """(ok, value) from a result record; whatever fails to unpickle fails
         this task only, with a clear error."""
-        _seq, status, _offset, _last, head, buffers, info = msg
+        _seq, status, _offset, _last, data, meta, info = msg
         try:
-            value = _decode(head, buffers)
+            value = unpack(data, meta)
         except BaseException as exc:    # SystemExit, KeyboardInterrupt from a __reduce__ too:
             if status == R_OK:          # this thread must outlive any value a task returns
                 what = f"<result of {task.describe()}>"
