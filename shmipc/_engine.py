@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable
 
 from shmipc._poolworker import (_BIG_WAIT, _BUSY, _EXITING, _SLOT, _SLOT_SIZE, _STARTING, K_BIG,
                                 K_CALL, R_BAD_TASK, R_BIG, R_OK, R_UNENCODABLE, _worker_main)
+from shmipc._runtime import StartupGuard, check_retries
 from shmipc._wire import pack_task, unpack
 from shmipc._workers import Supervisor, mark_thread_long_lived, register_pausable, unmark_thread_long_lived
 from shmipc.arena import MAX_REGIONS, Arena
@@ -87,8 +88,6 @@ INIT = "INIT"
 RUN = "RUN"
 CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
-
-_MAX_STARTUP_DEATHS = 10              # consecutive workers dying before ready: the pool is broken
 
 # How many tasks may wait in a worker's ring behind the one it runs: enough
 # to cover the parent's reaction time (a thread wake-up, ~0.1 ms) for short
@@ -189,8 +188,7 @@ class _Engine:
         if maxtasks is not None and (not isinstance(maxtasks, int) or isinstance(maxtasks, bool)
                                      or maxtasks < 1):
             raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasks!r}")
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        check_retries(retries)
         self._owner_pid = os.getpid()
         # how failures look: Pool as multiprocessing, the executor as concurrent.futures
         self._broken_error = broken_error
@@ -219,8 +217,9 @@ class _Engine:
         self._big_seq = 0                                   # the task last sent through the big ring
         self._big_slot = -1
         self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
-        self._startup_deaths = 0                            # consecutive workers dead before ready
-        self._spawn_failed: set[int] = set()                # slots whose replacement could not start
+        self._startup = StartupGuard()                      # workers dying before they are ready
+        self._retry_at = 0.0                                # broken: when a submit may try again
+        self._respawn_at: dict[int, float] = {}             # empty slot -> when to start its worker
         self._spawn_failures = 0                            # consecutive spawns that failed
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
@@ -285,7 +284,16 @@ class _Engine:
         if self._state != RUN:
             raise ValueError("Pool not running")
         if self._broken:
-            raise self._broken_error(self._broken)
+            if time.monotonic() < self._retry_at:
+                raise self._broken_error(self._broken)
+            # workers kept dying at start a while ago: try again (the
+            # executor checks `broken` before it submits, so it stays
+            # broken for good, as concurrent.futures)
+            self._broken = ""
+            for slot in range(self._processes):
+                if slot not in self._pids:
+                    self._respawn_at[slot] = 0.0
+            self._wake()
         if os.getpid() != self._owner_pid:
             raise ValueError("this pool belongs to the process that created it "
                              f"(pid {self._owner_pid}), not to this forked copy")
@@ -517,8 +525,10 @@ class _Engine:
                     later += self._drain_results()
                     for ev in exits:
                         later += self._on_exit(ev)
-                for slot in sorted(self._spawn_failed):
-                    if not self._broken and slot not in self._pids:
+                if self._startup.deaths or self._startup.killed:
+                    self._note_ready_workers()
+                for slot, at in sorted(self._respawn_at.items()):
+                    if at <= now and not self._broken and slot not in self._pids:
                         later += self._respawn(slot)
             later += self._dispatch()
             finished = self._state == CLOSE and self._maybe_finish()
@@ -690,25 +700,45 @@ class _Engine:
         if exitcode != 0 or busy:
             self.worker_deaths += 1
         if state == _STARTING:
-            # every exit before the worker was ready counts, exit code 0 too
-            # (an initializer calling sys.exit(0) must not respawn workers forever)
-            self._startup_deaths += 1
-            if self._startup_deaths >= _MAX_STARTUP_DEATHS and not self._broken:
+            # an exit before the worker was ready by its own hand counts, exit
+            # code 0 too (an initializer calling sys.exit(0) must not respawn
+            # workers forever); a kill from outside does not (see StartupGuard)
+            guard = self._startup
+            if guard.died_starting(ev.pid, exitcode) and not self._broken:
                 # mp would respawn forever and leave callers waiting: say why instead
-                self._broken = (f"{self._startup_deaths} workers in a row died while starting "
-                                f"(last: pid {ev.pid}, {WorkerLost(ev.pid, exitcode).how}); "
-                                f"does the initializer fail or exit, or the function not import?")
-                later += self._fail_all_locked(self._broken_error(self._broken))
-                return later
+                return later + self._trip(
+                    f"{guard.deaths} workers in a row died while starting (last: {guard.last}); "
+                    f"does the initializer fail or exit, or the function not import?")
         else:
-            self._startup_deaths = 0
-        later += self._respawn(slot)
+            self._startup.ready()
+        if not self._broken:                # (broken: a later submit starts workers again)
+            later += self._respawn(slot, self._startup.respawn_delay())
         return later
 
-    def _respawn(self, slot: int) -> list:
-        """Start a worker in an empty slot if work may still come. Lock held."""
+    def _note_ready_workers(self) -> None:
+        """A live worker past its start-up resets the start-up guard. Lock held."""
+        for slot, pid in self._pids.items():
+            _pid, state, _running = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
+            if _pid == pid and state != _STARTING:
+                self._startup.ready()
+                return
+
+    def _trip(self, why: str) -> list:
+        """Workers cannot start: fail every pending task with `why`, start no
+        worker until a submit after the guard's back-off. Lock held."""
+        self._broken = why
+        self._retry_at = time.monotonic() + self._startup.trip()
+        self._respawn_at.clear()
+        return self._fail_all_locked(self._broken_error(why))
+
+    def _respawn(self, slot: int, delay: float = 0.0) -> list:
+        """Start a worker in an empty slot (after `delay` seconds: at a later
+        poll) if work may still come. Lock held."""
         later: list = []
-        self._spawn_failed.discard(slot)
+        self._respawn_at.pop(slot, None)
+        if delay > 0:
+            self._respawn_at[slot] = time.monotonic() + delay
+            return later
         if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders
                                                              or self._big_waiting)):
             assert self._sup is not None
@@ -717,14 +747,14 @@ class _Engine:
                 self._spawn_failures = 0
             except Exception as exc:
                 print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
-                self._spawn_failed.add(slot)        # tried again at the next poll
+                self._respawn_at[slot] = 0.0        # tried again at the next poll
                 self._spawn_failures += 1
-                if not self._pids and self._spawn_failures >= _MAX_STARTUP_DEATHS:
+                if not self._pids and self._spawn_failures >= self._startup.limit:
                     # no worker left and none could start, time after time (each
                     # time with fresh zygotes): fail everything rather than let
                     # callers wait forever
-                    self._broken = f"the pool lost all its workers and cannot start new ones ({exc})"
-                    later += self._fail_all_locked(self._broken_error(self._broken))
+                    self._spawn_failures = 0
+                    later += self._trip(f"the pool lost all its workers and cannot start new ones ({exc})")
         return later
 
     def _maybe_finish(self) -> bool:

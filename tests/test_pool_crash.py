@@ -526,7 +526,73 @@ def test_initializer_exiting_with_status_0_fails_work_instead_of_respawning_fore
     with shmipc.Pool(2, initializer=exiting_initializer) as p:
         with pytest.raises(RuntimeError, match="died while starting"):
             p.map(slow_double, range(10))
-        assert p._engine._startup_deaths >= 10
+        assert p._engine._startup.trips == 1      # tripped once, no respawning meanwhile
+
+
+def wait_for_flag(path):
+    """An initializer that blocks until `path` exists (a worker held in start-up)."""
+    while not os.path.exists(path):
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_outside_kills_during_start_up_do_not_break_the_pool(no_leaks, tmp_path, method):
+    """F7: SIGKILLs from outside (the OOM killer, an operator) landing on
+    workers while they start say nothing about the initializer: the pool
+    replaces them and works once they stop, however many there were."""
+    flag = str(tmp_path / "go")
+    with shmipc.Pool(2, initializer=wait_for_flag, initargs=(flag,), context=method) as p:
+        r = p.map_async(slow_double, range(10))
+        killed: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(killed) < 14 and time.monotonic() < deadline:
+            for pid in list(p._engine.worker_pids().values()):
+                os.kill(pid, signal.SIGKILL)                # held in its initializer: not ready
+                killed.add(pid)
+
+            def replaced():
+                pids = p._engine.worker_pids().values()
+                return len(pids) == 2 and not killed & set(pids) and all(map(pid_alive, pids))
+
+            # a replacement for every victim before the next round
+            assert wait_for(replaced, 20), (p._engine.broken, p._engine.worker_pids())
+        kills = len(killed)
+        assert kills >= 14                                   # past the old limit of 10
+        open(flag, "w").close()
+        assert r.get(30) == [2 * x for x in range(10)]
+        assert p.map(slow_double, range(4)) == [0, 2, 4, 6]
+
+
+def fail_while_flag(path):
+    if os.path.exists(path):
+        raise OSError("no database today")
+
+
+@pytest.mark.timeout(90)
+def test_pool_broken_by_its_initializer_tries_again_later(no_leaks, tmp_path, capfd):
+    """F7: when workers keep dying at start by their own hand, pending work
+    fails (no respawning forever), but the pool is not broken for good: a
+    later submit, after a back-off, starts workers again."""
+    flag = tmp_path / "fail"
+    flag.write_text("")
+    with shmipc.Pool(2, initializer=fail_while_flag, initargs=(str(flag),)) as p:
+        with pytest.raises(RuntimeError, match="died while starting"):
+            p.map(slow_double, range(10))
+        with pytest.raises(RuntimeError, match="initializer"):   # at once: within the back-off
+            p.apply_async(slow_double, (1,))
+        flag.unlink()                                  # the database is back
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert p.map(slow_double, range(10)) == [2 * x for x in range(10)]
+                break
+            except RuntimeError as exc:
+                assert "died while starting" in str(exc)
+                assert time.monotonic() < deadline, "the pool never tried again"
+                time.sleep(0.05)
+        assert p.apply(slow_double, (21,)) == 42
+    assert "no database today" in capfd.readouterr().err
 
 
 SPAWN_CTRL_C_SCRIPT = textwrap.dedent("""
