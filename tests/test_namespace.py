@@ -5,10 +5,12 @@ import, under fork, forkserver and spawn."""
 from __future__ import annotations
 
 import inspect
+import pickle
 import multiprocessing
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -227,3 +229,52 @@ def test_documentation_program_runs_unchanged(program, method, tmp_path):
     out, got = _run(path, tmp_path)
     assert out.returncode == 0, out.stderr
     assert got == expected, out.stderr
+
+
+# ------------------------------------------------------------ errors as multiprocessing raises them
+def _refuse_to_load(kind):
+    raise {"unpickling": pickle.UnpicklingError, "attribute": AttributeError}[kind](
+        f"this {kind} message does not load here")
+
+
+class LoadsBadly:
+    """Pickles fine; unpickling raises the error named `kind`."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+    def __reduce__(self):
+        return _refuse_to_load, (self.kind,)
+
+
+def _channels(impl):
+    """(name, put, get) for a Queue, a SimpleQueue and a Pipe of `impl`."""
+    mod = multiprocessing if impl == "multiprocessing" else shmipc
+    q, sq = mod.Queue(), mod.SimpleQueue()
+    a, b = mod.Pipe()
+    return [("Queue", q.put, lambda: q.get(timeout=10)), ("SimpleQueue", sq.put, sq.get),
+            ("Pipe", a.send, b.recv)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("impl", ["multiprocessing", "shmipc"])
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_a_message_that_does_not_unpickle_raises_the_original_error(impl, size):
+    """multiprocessing's Queue.get/Connection.recv raise the error unpickling
+    raised; shmipc raises UndecodableMessage, which is also that error's type
+    (so `except pickle.UnpicklingError` holds), and the channel goes on. A
+    large message (over half of shmipc's ring, sent in chunks) the same."""
+    padding = bytes(40 << 20) if size == "large" else b""        # > half of the 32 MiB default ring
+    for name, put, get in _channels(impl):
+        for kind, error in (("unpickling", pickle.UnpicklingError), ("attribute", AttributeError)):
+            # from a thread: a large message does not fit in a pipe's buffer
+            sender = threading.Thread(target=put, args=((LoadsBadly(kind), padding),))
+            sender.start()
+            with pytest.raises(error, match=f"this {kind} message does not load") as info:
+                get()
+            sender.join()
+            if impl == "shmipc":
+                assert isinstance(info.value, shmipc.errors.UndecodableMessage), (name, info.value)
+                assert isinstance(info.value.__cause__, error), name
+            put(("next", 1))
+            assert get() == ("next", 1), name
