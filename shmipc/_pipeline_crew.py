@@ -16,7 +16,7 @@ import time
 from typing import Any, NamedTuple
 
 from shmipc._pipeline_sched import S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, SlotRecord
-from shmipc._pipeline_wire import PipelineError
+from shmipc._wire import PipelineError
 from shmipc._proc import steady_malloc
 from shmipc.errors import RingClosed, WorkerLost
 

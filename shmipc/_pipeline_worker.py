@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from shmipc._pipeline_sched import (F_COMPLETE, F_END, F_FUNC, F_LAST, F_NONE, F_PART, S_BUSY,
                                     S_DONE, S_READY, SLOT_WORDS)
-from shmipc._pipeline_wire import K_DONE, K_ERROR, K_FATAL, K_RESULT, error_value, pack, repack, unpack
+from shmipc._wire import K_DONE, K_ERROR, K_FATAL, K_RESULT, error_value, pack, repack, unpack
 from shmipc._workers import parent_alive
 from shmipc.errors import PeerDied, RingClosed
 

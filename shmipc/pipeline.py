@@ -32,8 +32,9 @@ Where things are:
   * :mod:`shmipc._pipeline_crew`: the worker processes (start, notice a
     death and what its slot says, replace, stop);
   * :mod:`shmipc._pipeline_worker`: the worker loop;
-  * :mod:`shmipc._pipeline_wire`: the messages (a value that fails to pickle
-    or unpickle fails its item, naming it; numpy arrays travel as raw data).
+  * :mod:`shmipc._wire`: the messages (the wire format shared with the
+    pools: a value that fails to pickle or unpickle fails its item, naming
+    it; numpy arrays and large bytes travel as raw data, out of band).
 
 Failure model
 -------------
@@ -77,8 +78,8 @@ from shmipc import _ring
 from shmipc._lifetime import Closeable
 from shmipc._pipeline_crew import Crew, Stage
 from shmipc._pipeline_sched import MAX_PATH, SLOT_WORDS, Raise, Scheduler, StageFailure, StageRule
-from shmipc._pipeline_wire import (K_DONE, K_FATAL, K_RESULT, PipelineError,
-                                   RemoteTraceback, pack, rebuild_error, repack, unpack)
+from shmipc._wire import (K_DONE, K_FATAL, K_RESULT, PipelineError, RemoteTraceback, pack,
+                          rebuild_error, repack, unpack)
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
 
