@@ -74,6 +74,16 @@ def _install_mp() -> None:
         mixin.Pipe = staticmethod(shmipc.Pipe)
         mixin.Pool = staticmethod(shmipc.Pool)
         mixin.connection = connection
+        # TestIgnoreEINTR sends "CONN_MAX_SIZE bytes [that] must block" (the
+        # OS pipe or socket buffer's size plus one), to signal the sender in
+        # the middle of a blocked send. A shmipc Pipe buffers its whole ring
+        # (32 MiB by default), so that send returns at once and the sender
+        # exits before the signal: the same premise for shmipc is a message
+        # larger than the ring
+        from shmipc.queues import DEFAULT_CAPACITY
+
+        tm.TestIgnoreEINTR.CONN_MAX_SIZE = max(tm.TestIgnoreEINTR.CONN_MAX_SIZE,
+                                               2 * DEFAULT_CAPACITY + 1)
     tm.install_tests_in_module_dict(globals(), METHOD)
 
 
