@@ -78,6 +78,9 @@ from shmipc import _ring
 from shmipc._lifetime import Closeable
 from shmipc._pipeline_crew import Crew, Stage
 from shmipc._pipeline_sched import MAX_PATH, SLOT_WORDS, Raise, Scheduler, StageFailure, StageRule
+from shmipc._runtime import check_retries
+from shmipc._waiting import FEED_SLICE_S, JAM_WAIT_S, QUIET_S, REAP_EVERY_S
+from shmipc._waiting import PIPELINE_POLL_S as POLL_S
 from shmipc._wire import (K_DONE, K_FATAL, K_RESULT, PipelineError, RemoteTraceback, pack,
                           rebuild_error, repack, unpack)
 from shmipc.arena import Arena
@@ -90,11 +93,6 @@ DEFAULT_RING_CAPACITY = 4 << 20
 DEFAULT_MAX_INFLIGHT = 256
 
 BATCH_BYTES = 128 << 10  # results taken at once, in bytes (malloc's trim threshold)
-POLL_S = 0.05            # parent's longest sleep before it looks at its workers
-FEED_SLICE_S = 0.002     # longest the parent reads the source before it drains results
-REAP_EVERY_S = 0.1       # how often the parent checks for dead workers
-QUIET_S = 1.0            # nothing moving this long after a death: stuck items are lost
-JAM_WAIT_S = 0.08        # a wait on a full, empty first ring (longer than the ring's quiet slice)
 
 
 class Pipeline(Closeable):
@@ -152,7 +150,7 @@ class Pipeline(Closeable):
         if not isinstance(max_inflight, int) or isinstance(max_inflight, bool) or max_inflight < 1:
             raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
         _check_policy(on_error)
-        _check_retries(retries)
+        check_retries(retries)
         if not isinstance(stop_timeout, (int, float)) or not stop_timeout >= 0:
             raise ValueError(f"stop_timeout must be a number >= 0, got {stop_timeout!r}")
         self._ring_capacity = ring_capacity
@@ -202,7 +200,7 @@ class Pipeline(Closeable):
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
         on_error = self._on_error if on_error is None else _check_policy(on_error)
-        retries = self._retries if retries is None else _check_retries(retries)
+        retries = self._retries if retries is None else check_retries(retries)
         capacity = self._ring_capacity if ring_capacity is None else _check_capacity(ring_capacity)
         if name is None:
             name = getattr(fn, "__name__", None) or type(fn).__name__
@@ -365,44 +363,68 @@ class Pipeline(Closeable):
 
     # ------------------------------------------------------------ the parent loop
     def _iterate(self) -> Iterator[Any]:
-        out = self._out
         sched = self._sched
         try:
-            while not self._closed:
-                more = self._feed()
-                if sched.finished:
-                    return
+            while True:
                 try:
-                    # batches of about BATCH_BYTES: every result taken is a fresh
-                    # allocation, and when a large batch of big results is freed
-                    # at once malloc hands the memory back to the kernel, then
-                    # faults it in again for the next batch (measured: 5 page
-                    # faults per 64 KiB item, a third of the parent's time)
-                    if more or sched.ready:
-                        msgs = out.get_many(1024, False, max_bytes=BATCH_BYTES)
-                    else:
-                        msgs = out.get_many(1024, True, POLL_S, max_bytes=BATCH_BYTES)
-                except queue.Empty:
-                    msgs = ()
-                if msgs:
-                    self._handle_batch(msgs)
-                now = time.monotonic()
-                if now - self._last_reap >= REAP_EVERY_S:
-                    self._last_reap = now
-                    self._reap()
-                    if self._maybe_lost:
-                        # also with the source not done: at max_inflight, a lost
-                        # head item would otherwise stall an ordered pipeline
-                        self._settle_stuck(now)
+                    if self._closed:
+                        raise self._closed_error()
+                    if self._turn():
+                        return
+                except PipelineError:
+                    raise
+                except Exception:
+                    # close() from another thread shuts the rings under us: whatever
+                    # that made fail here (a ring shut down, an arena closed) is the
+                    # close, said once, never a silent end nor a raw ring error
+                    if not self._closed:
+                        raise
+                    raise self._closed_error() from None
                 if sched.ready:
                     for item in sched.take_ready():
                         if type(item) is Raise:
                             raise item.exc
                         yield item
                         if self._closed:
-                            return
+                            raise self._closed_error()
         finally:
             self.close()
+
+    def _closed_error(self) -> PipelineError:
+        sched = self._sched
+        return PipelineError(f"{self!r} was closed while results() was running ({sched.ncomplete} "
+                             f"items completed, {sched.next_seq} read from the source"
+                             f"{'' if sched.exhausted else ', which was not exhausted'})")
+
+    def _turn(self) -> bool:
+        """Feed, take results, reap dead workers. True when every item is done."""
+        sched = self._sched
+        more = self._feed()
+        if sched.finished:
+            return True
+        try:
+            # batches of about BATCH_BYTES: every result taken is a fresh
+            # allocation, and when a large batch of big results is freed
+            # at once malloc hands the memory back to the kernel, then
+            # faults it in again for the next batch (measured: 5 page
+            # faults per 64 KiB item, a third of the parent's time)
+            if more or sched.ready:
+                msgs = self._out.get_many(1024, False, max_bytes=BATCH_BYTES)
+            else:
+                msgs = self._out.get_many(1024, True, POLL_S, max_bytes=BATCH_BYTES)
+        except queue.Empty:
+            msgs = ()
+        if msgs:
+            self._handle_batch(msgs)
+        now = time.monotonic()
+        if now - self._last_reap >= REAP_EVERY_S:
+            self._last_reap = now
+            self._reap()
+            if self._maybe_lost:
+                # also with the source not done: at max_inflight, a lost
+                # head item would otherwise stall an ordered pipeline
+                self._settle_stuck(now)
+        return False
 
     def _feed(self) -> bool:
         """Move retried items and source items into the rings, without
@@ -554,7 +576,11 @@ class Pipeline(Closeable):
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Stop every worker (see stop_timeout) and release the arena.
-        Idempotent; results() stops yielding."""
+        Idempotent. If results() is running (in this thread or another),
+        asking it for more then raises PipelineError ("... was closed while
+        results() was running"): a close is never mistaken for an exhausted
+        source. (Leaving the loop, or closing the results() iterator, ends it
+        without an error.)"""
         if self._closed:
             return
         self._closed = True
@@ -601,9 +627,3 @@ def _check_policy(on_error: Any) -> str:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     return on_error
-
-
-def _check_retries(retries: Any) -> int:
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    return retries

@@ -310,6 +310,118 @@ def test_workers_dying_in_setup_stop_the_pipeline(no_leaks):
     assert deaths == MAX_START_DEATHS
 
 
+def held_in_setup(flag):
+    """A stage class whose setup waits until `flag` exists (a model loading)."""
+    class Held:
+        def setup(self):
+            while not os.path.exists(flag):
+                time.sleep(0.005)
+
+        def process(self, x):
+            return x * 2
+
+    return Held
+
+
+@pytest.mark.timeout(90)
+def test_outside_kills_during_setup_do_not_stop_the_pipeline(no_leaks, tmp_path):
+    """F7 (Pipeline): SIGKILLs from outside landing on workers in setup are
+    not the stage's fault: they are replaced, however many there are, and
+    the run completes once the kills stop."""
+    import threading
+
+    from shmipc._pipeline_crew import MAX_START_DEATHS
+
+    flag = str(tmp_path / "go")
+    killed: set[int] = set()
+    want = MAX_START_DEATHS + 4
+    with Pipeline(range(20)) as p:
+        p.stage(held_in_setup(flag), workers=2, name="held")
+        it = p.results()                # the workers start (and wait in setup)
+
+        def killer():
+            deadline = time.monotonic() + 60
+            try:
+                while len(killed) < want and time.monotonic() < deadline:
+                    for pid in p.worker_pids()["held"]:
+                        if pid not in killed and len(killed) < want:
+                            os.kill(pid, signal.SIGKILL)
+                            killed.add(pid)
+                    time.sleep(0.005)       # replacements come from the parent's loop
+            finally:
+                open(flag, "w").close()
+
+        t = threading.Thread(target=killer)
+        t.start()
+        try:
+            out = list(it)
+        finally:
+            t.join(70)
+        assert len(killed) == want
+        assert out == [2 * x for x in range(20)]
+        assert p.stats()["stages"][0]["deaths"] >= want
+
+
+def identity(x):
+    return x
+
+
+@pytest.mark.timeout(120)
+def test_close_from_another_thread_during_results_raises_one_clear_error(no_leaks):
+    """F3: close() from another thread while results() runs: the loop raises
+    PipelineError naming the pipeline (never a raw error about an internal
+    ring, never a silent end that looks like an exhausted source)."""
+    import threading
+
+    outcomes = []
+    for i in range(12):
+        p = Pipeline(range(10 ** 7)).stage(identity, 2, name="ident")
+        first = threading.Event()
+        box = {}
+
+        def consume():
+            n = 0
+            try:
+                for _ in p.results():
+                    n += 1
+                    if n == 1 + 50 * (i % 4):
+                        first.set()
+                box["r"] = f"ended silently after {n}"
+            except Exception as exc:
+                box["r"] = exc
+            finally:
+                first.set()
+
+        t = threading.Thread(target=consume)
+        t.start()
+        assert first.wait(30)
+        p.close()
+        t.join(30)
+        assert not t.is_alive()
+        outcomes.append(box["r"])
+    for r in outcomes:
+        assert isinstance(r, PipelineError), outcomes
+        assert "closed while results() was running" in str(r) and "ident" in str(r), str(r)
+        assert r.__cause__ is None and (r.__context__ is None or r.__suppress_context__)  # no ring error shown
+
+
+@pytest.mark.timeout(60)
+def test_close_in_the_loop_body_then_next_raises(no_leaks):
+    """The same rule in one thread: close() inside the loop, then asking for
+    more, raises; breaking out after close() is a normal end."""
+    with Pipeline(range(1000)).stage(identity) as p:
+        it = p.results()
+        assert next(it) == 0
+        p.close()
+        with pytest.raises(PipelineError, match="closed while results"):
+            next(it)
+    with Pipeline(range(1000)).stage(identity) as p:
+        for x in p.results():
+            p.close()
+            break
+    assert p.closed
+
+
 # ---------------------------------------------------------------- backpressure
 @pytest.mark.timeout(60)
 def test_infinite_source_is_read_only_as_fast_as_results_drain(no_leaks):
