@@ -175,7 +175,9 @@ def pack(value: Any) -> tuple[Any, Any]:
         if not (dt.hasobject or dt.fields is not None or dt.subdtype is not None):
             if not value.flags.c_contiguous:
                 value = value.copy()
-            return pickle.PickleBuffer(value), (M_NDARRAY, dt.str, value.shape)
+            # as bytes: the buffer protocol refuses some dtypes (datetime64)
+            raw = value.reshape(-1).view("u1") if value.size else b""
+            return pickle.PickleBuffer(raw), (M_NDARRAY, dt.str, value.shape)
     return pack_pickled(value)
 
 
@@ -187,13 +189,14 @@ def pack_items(items: Any) -> tuple[Any, Any]:
     Raises:
         Whatever pickling an item raises.
     """
-    if type(items) is not list or not items or type(items[0]) is not bytes:
-        return pack_pickled(items)
+    if type(items) is not list or not items or type(items[0]) in _NATIVE:
+        return pack_pickled(items)          # (chunks of numbers and strings: no scan)
+    if type(items[0]) is not bytes:
+        return pack_pickled(_blobs_once(items))
     large = False
     for x in items:
         if type(x) is not bytes:
-            return pack_pickled([_Blob(x) if type(x) is bytes and len(x) >= OUT_OF_BAND_MIN else x
-                                 for x in _blobs_once(items)])
+            return pack_pickled(_blobs_once(items))
         if len(x) >= OUT_OF_BAND_MIN:
             large = True
     if not large:
@@ -212,18 +215,21 @@ def pack_items(items: Any) -> tuple[Any, Any]:
 
 def _blobs_once(items: list) -> list:
     """`items` with each large bytes object replaced by one _Blob per object
-    (so pickle's memo sends a repeated object once)."""
+    (so pickle's memo sends a repeated object once); `items` itself if it
+    holds none."""
     wrapped: dict[int, _Blob] = {}
-    out = []
-    for x in items:
+    out = None
+    for i, x in enumerate(items):
         if type(x) is bytes and len(x) >= OUT_OF_BAND_MIN:
+            if out is None:
+                out = list(items[:i])
             blob = wrapped.get(id(x))
             if blob is None:
                 blob = wrapped[id(x)] = _Blob(x)
             out.append(blob)
-        else:
+        elif out is not None:
             out.append(x)
-    return out
+    return items if out is None else out
 
 
 def pack_pickled(value: Any) -> tuple[Any, int]:
@@ -301,6 +307,8 @@ def _unpack_blobs(data: Any, meta: tuple) -> list:
         raise CorruptMessage(f"a list of bytes has an index of type {type(index).__name__}")
     n = len(distinct)
     try:
+        if index and (min(index) < 0 or max(index) >= n):
+            raise IndexError
         return [distinct[k] for k in index]
     except (IndexError, TypeError):
         bad = next((k for k in index if type(k) is not int or not 0 <= k < n), None)
