@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Callable
 
 from shmipc._proc import steady_malloc
-from shmipc._wire import pack, pack_items, pack_pickled, unpack_task
+from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
 from shmipc._workers import parent_alive
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed
@@ -146,7 +146,11 @@ class _WorkerLoop:
     def next_task(self) -> Any:
         """The next task tuple; _SKIP to look again; None to exit."""
         try:
-            msg = self.tasks.get(timeout=0.5)
+            # taken as a view and copied out once, into the values' own
+            # buffers (a plain get copies the whole record first)
+            with self.tasks.get_view(timeout=0.5) as view:
+                msg = detach(view)
+                del view
         except queue.Empty:
             return _SKIP if parent_alive(self.parent_pid) else None
         except (RingClosed, EOFError):          # closed, shut down, or the parent died

@@ -68,7 +68,7 @@ from shmipc.errors import CorruptMessage, ShmipcError
 
 __all__ = ["OUT_OF_BAND_MIN", "IN_BAND_STREAM_MAX", "M_PICKLE", "M_BYTES", "M_BYTEARRAY",
            "M_NDARRAY", "M_BLOBS", "pack", "pack_items", "pack_pickled", "unpack", "rewrap",
-           "dumps", "pack_error", "unpack_error", "pack_task", "unpack_task", "format_traceback",
+           "dumps", "pack_error", "unpack_error", "pack_task", "unpack_task", "format_traceback", "detach",
            # pipeline records
            "K_RESULT", "K_DONE", "K_ERROR", "K_FATAL", "PipelineError", "RemoteTraceback",
            "repack", "error_value", "rebuild_error"]
@@ -89,6 +89,7 @@ M_BYTES = 1
 M_BYTEARRAY = 2
 M_NDARRAY = 3
 M_BLOBS = 4
+M_CALL_ITEMS = 5      # a pool task: data (pickled function, items' data), meta (M_CALL_ITEMS, items' meta)
 
 _NATIVE = frozenset((int, float, complex, str, bool, type(None)))
 _ndarray: Any = None              # numpy.ndarray, once numpy is imported
@@ -269,6 +270,8 @@ def unpack(data: Any, meta: Any, copy: bool = False) -> Any:
             buffers = tuple(bytearray(b) for b in buffers)
         return pickle.loads(stream, buffers=buffers)
     if meta == M_BYTES or meta == M_BYTEARRAY:
+        if type(data) is (bytes if meta == M_BYTES else bytearray):
+            return data                 # (detached: already its own copy)
         buf = _buffer(data, "a bytes value")
         return bytes(buf) if meta == M_BYTES else bytearray(buf)
     if type(meta) is tuple and meta and meta[0] == M_BLOBS:
@@ -361,6 +364,48 @@ def _array_type() -> Any:
     return _ndarray
 
 
+def detach(record: Any) -> Any:
+    """A record taken as a zero-copy view of a ring (``ring.get_view()``),
+    with every buffer in it copied out, into the form its value needs (a
+    bytes item becomes its final bytes object, a pickle's buffers
+    bytearrays that arrays may keep): one copy from the ring, where taking
+    the record copied (``get``) costs two. Call it inside the view's block.
+    A ``(..., data, meta)`` record of a task or a result is handled by its
+    meta; anything else by copying each buffer found (nothing is decoded)."""
+    if type(record) is not tuple or len(record) < 2:
+        return _owned(record, 0)
+    if len(record) == 4:                # a task: (seq, kind, data, meta)
+        return (*record[:2], *_detach_value(record[2], record[3]))
+    return _owned(record, 0)
+
+
+def _detach_value(data: Any, meta: Any) -> tuple[Any, Any]:
+    if type(meta) is tuple and len(meta) == 2 and meta[0] == M_CALL_ITEMS \
+            and type(data) is tuple and len(data) == 2:
+        return (_owned(data[0], 0), _detach_value(data[1], meta[1])[0]), meta
+    if isinstance(data, memoryview):
+        if meta == M_BYTES:
+            return bytes(data), meta
+        return bytearray(data), meta
+    if type(meta) is tuple and meta and meta[0] == M_BLOBS and type(data) is tuple:
+        return tuple(bytes(x) if isinstance(x, memoryview) else _owned(x, 0) for x in data), meta
+    if meta == M_PICKLE and type(data) is tuple and len(data) == 2 and type(data[1]) is tuple:
+        stream, buffers = data
+        return (bytes(stream) if isinstance(stream, memoryview) else _owned(stream, 0),
+                tuple(bytearray(b) if isinstance(b, memoryview) else _owned(b, 0) for b in buffers)), meta
+    return _owned(data, 0), meta
+
+
+def _owned(obj: Any, depth: int) -> Any:
+    """`obj` with any memoryview in it (tuples, 8 levels at most: records
+    are shallow) replaced by a bytearray copy."""
+    if isinstance(obj, memoryview):
+        return bytearray(obj)
+    if type(obj) is tuple and depth < 8:
+        return tuple(_owned(x, depth + 1) for x in obj)
+    return obj
+
+
 def rewrap(data: Any, meta: Any) -> tuple[Any, Any]:
     """A received ``(data, meta)``, ready to be put again unchanged: buffers
     arrive as memoryviews, which the ring sends out of band only wrapped in
@@ -380,7 +425,6 @@ def rewrap(data: Any, meta: Any) -> tuple[Any, Any]:
 
 
 # ---------------------------------------------------------------------- pool tasks
-M_CALL_ITEMS = 5      # a task: data (pickled function, items' data), meta (M_CALL_ITEMS, items' meta)
 
 
 def pack_task(func: Any, payload: Any, items: bool) -> tuple[Any, Any]:
