@@ -16,7 +16,8 @@ keep only their own scheduling; what they have in common is answered here:
 * **how an exception raised in a worker comes back**
   (:func:`with_remote_traceback`): the worker's traceback text as the
   ``__cause__`` of the exception re-raised in the parent;
-* the ``retries`` argument (:func:`check_retries`).
+* the ``retries`` argument (:func:`check_retries`), and what a pipeline
+  stage is in its worker (:func:`instantiate`; the Ray workers use both too).
 
 The processes themselves are started and watched by
 :class:`shmipc._workers.Supervisor` (parent side) and :mod:`shmipc._zygote`
@@ -24,6 +25,7 @@ The processes themselves are started and watched by
 """
 from __future__ import annotations
 
+import inspect
 import queue
 import signal
 from typing import Any, Callable
@@ -43,7 +45,7 @@ except ImportError:         # pragma: no cover
             return self.tb
 
 __all__ = ["MAX_STARTUP_DEATHS", "StartupGuard", "killed_from_outside", "next_message", "GONE",
-           "RemoteTraceback", "with_remote_traceback", "check_retries"]
+           "RemoteTraceback", "with_remote_traceback", "check_retries", "instantiate"]
 
 # Workers dying by their own hand before they are ready, in a row, that stop
 # the work (a pool fails its pending tasks, a pipeline its run).
@@ -116,14 +118,14 @@ class StartupGuard:
 GONE = object()     # next_message(): the worker should exit (its parent died, or stop was set)
 
 
-def next_message(get: Callable[[float], Any], parent_pid: int,
+def next_message(get: Callable[..., Any], parent_pid: int,
                  stop: Callable[[], bool] | None = None) -> Any:
-    """The next message `get(timeout)` returns, waiting in slices of
+    """The next message `get(timeout=...)` returns, waiting in slices of
     WORKER_IDLE_S; between slices, GONE if `parent_pid` died or `stop()`
     is true. Other exceptions of `get` propagate."""
     while True:
         try:
-            return get(WORKER_IDLE_S)
+            return get(timeout=WORKER_IDLE_S)
         except queue.Empty:
             if (stop is not None and stop()) or not pid_alive(parent_pid):
                 return GONE
@@ -147,3 +149,20 @@ def check_retries(retries: Any) -> int:
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ValueError(f"retries must be an int >= 0, got {retries!r}")
     return retries
+
+
+def instantiate(fn: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """A pipeline stage in its worker: (the object with setup/teardown, or
+    None; the per-item callable). A class is instantiated once per worker.
+
+    Raises:
+        TypeError: a class without a process(item) method.
+    """
+    if inspect.isclass(fn):
+        obj = fn()
+        if not callable(getattr(obj, "process", None)):
+            raise TypeError(f"stage class {fn.__name__} has no process(item) method")
+        return obj, obj.process
+    if callable(getattr(fn, "process", None)):
+        return fn, fn.process
+    return None, fn
