@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 from shmipc._engine_exits import _WorkerExits
 from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
+from shmipc._footprint import BigRings, Footprint
 from shmipc._poolworker import _SLOT_SIZE, R_BAD_TASK, R_BIG, _worker_main
 from shmipc._runtime import StartupGuard, check_retries
 from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_counter,  # noqa: F401 (re-exported)
@@ -60,11 +61,13 @@ CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
 
 _MAX_WORKERS = MAX_REGIONS - 4        # a task ring each, plus the result ring, big rings, slot table
-_TASK_RING = 8 << 20                  # per worker: messages up to 4 MiB
-_RESULT_RING = 32 << 20               # shared: messages up to 16 MiB
-# Messages too large for those rings go through one "big" ring per direction
-# (up to half its capacity each). Its pages are touched only by large
-# messages, so small traffic never commits this memory.
+# Small rings: a pool's memory follows its traffic (see shmipc._footprint).
+# A map chunk larger than a message is cut into pieces that fit, a result
+# list too; a single value too large goes through one "big" ring per
+# direction (up to half its capacity), in memory of its own that is mapped
+# only while used.
+_TASK_RING = 2 << 20                  # per worker: messages up to 1 MiB
+_RESULT_RING = 4 << 20                # shared: messages up to 2 MiB
 _BIG_RING = 256 << 20
 _IMAP_AHEAD = 256                     # chunks of one imap job queued or running at once
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
@@ -95,6 +98,7 @@ class _Engine(_Dispatch, _WorkerExits):
     _lost_error: type = WorkerLost         # a task's worker died (the executor: also a BrokenProcessPool)
     _broken = ""                # why the pool cannot run tasks any more (no workers can start)
     _arena: Arena | None = None
+    _big: BigRings | None = None
     _sup: Supervisor | None = None
     _thread: threading.Thread | None = None
 
@@ -154,22 +158,21 @@ class _Engine(_Dispatch, _WorkerExits):
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
-        self._arena = Arena(Arena.size_for(rings=[result_ring, _BIG_RING, _BIG_RING] + [task_ring] * processes,
+        self._arena = Arena(Arena.size_for(rings=[result_ring] + [task_ring] * processes,
                                            blocks=[processes * _SLOT_SIZE]))
         try:
             self._results = self._arena.ring(result_ring, name="results", producers="many",
                                              consumers="one")
             self._tasks = [self._arena.ring(task_ring, name=f"tasks{i}", producers="one",
                                             consumers="many") for i in range(processes)]
-            self._big_tasks = self._arena.ring(_BIG_RING, name="bigtasks", producers="one",
-                                               consumers="many")
-            self._big_results = self._arena.ring(_BIG_RING, name="bigresults", producers="many",
-                                                 consumers="one")
+            self._big = BigRings(_BIG_RING)
+            self._big_tasks, self._big_results = self._big.tasks, self._big.results
+            self._footprint = Footprint(self._arena, self._tasks, self._big)
             self._slots = self._arena.block(processes * _SLOT_SIZE, name="slots")
             # the zygote posts a None into the result ring after each worker exit,
             # so the bookkeeping thread handles it at once instead of at its next poll
             self._sup = Supervisor(_worker_main, (self._arena, initializer, tuple(initargs), maxtasks,
-                                                  os.getpid(), catch_base), context=context, name=name,
+                                                  os.getpid(), catch_base, self._big), context=context, name=name,
                                    wake=functools.partial(self._results.put_nowait, None))
             self._sup.start(range(processes))
             self._pids = self._sup.pids()        # slot -> pid of the live workers
@@ -338,6 +341,7 @@ class _Engine(_Dispatch, _WorkerExits):
                     if at <= now and not self._broken and slot not in self._pids:
                         later += self._respawn(slot)
             later += self._dispatch()
+            self._footprint.tick(now, not (self._inflight or self._queue or self._big_waiting))
             finished = self._state == CLOSE and self._maybe_finish()
         msgs.clear()
         while later:
@@ -535,6 +539,8 @@ class _Engine(_Dispatch, _WorkerExits):
             self._sup.stop(0.5)
         if self._arena is not None:
             self._arena.close()
+        if self._big is not None:
+            self._big.close()
         _live_pools.discard(self)
 
     def statistics(self) -> dict[str, int]:

@@ -16,6 +16,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from shmipc._footprint import BigRings
 from shmipc._proc import steady_malloc
 from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
 from shmipc._workers import parent_alive
@@ -89,12 +90,13 @@ class _WorkerLoop:
     `maxtasks` tasks are done."""
 
     def __init__(self, slot: int, arena: Arena, maxtasks: int | None, parent_pid: int,
-                 catch_base: bool) -> None:
+                 catch_base: bool, big: BigRings) -> None:
         self.slot = slot
         self.tasks = arena.ring(name=f"tasks{slot}")
         self.results = arena.ring(name="results")
-        self.big_tasks = arena.ring(name="bigtasks")
-        self.big_results = arena.ring(name="bigresults")
+        # mapped only while a big message moves (see shmipc._footprint)
+        self.big = big
+        self.big_tasks, self.big_results = big.tasks, big.results
         self.slots = arena.block(name="slots")
         self.base = slot * _SLOT_SIZE
         self.pid = os.getpid()
@@ -164,6 +166,7 @@ class _WorkerLoop:
         if msg[1] != K_BIG:
             return msg
         big = self.take_big(msg[0])
+        self.big.release()
         if big is None:
             self.send_error(msg[0], RuntimeError(
                 f"task {msg[0]}: its data never arrived in the big-message ring"))
@@ -215,7 +218,10 @@ class _WorkerLoop:
             error: BaseException = exc
             try:
                 # the payload first, then the stub that tells the parent to fetch it
-                self.big_results.put(record, timeout=_BIG_WAIT)
+                try:
+                    self.big_results.put(record, timeout=_BIG_WAIT)
+                finally:
+                    self.big.release()
                 self.results.put((seq, R_BIG, offset, last, None, None, None))
                 return
             except MessageTooLarge as big_exc:
@@ -250,10 +256,10 @@ _SKIP = object()
 
 
 def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,
-                 maxtasks: int | None, parent_pid: int, catch_base: bool = False) -> None:
+                 maxtasks: int | None, parent_pid: int, catch_base: bool, big: BigRings) -> None:
     """A pool worker (the Supervisor's target): see _WorkerLoop."""
     steady_malloc()                 # large arguments must not cost a page fault storm each
-    loop = _WorkerLoop(slot, arena, maxtasks, parent_pid, catch_base)
+    loop = _WorkerLoop(slot, arena, maxtasks, parent_pid, catch_base, big)
     loop.mark(_STARTING)
     if initializer is not None:
         initializer(*initargs)
