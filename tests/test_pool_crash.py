@@ -239,12 +239,16 @@ PARENT_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {here!r})
     import shmipc
-    from test_pool_crash import slow_double, nap
+    from test_pool_crash import slow_double
+    from conftest import touch_then_sleep
     if __name__ == "__main__":
         p = shmipc.Pool(2, context={method!r})
         p.map(slow_double, range(4))
-        r = p.map_async(nap, range(1))          # one worker busy, one idle
-        time.sleep(0.2)
+        r = p.apply_async(touch_then_sleep, ({flag!r}, 30))     # one worker busy, one idle
+        deadline = time.monotonic() + 30
+        while not os.path.exists({flag!r}):     # the task has started: a worker is busy
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.005)
         pids = list(p._engine._pids.values())
         if p._engine._sup._zygote is not None:
             pids.append(p._engine._sup._zygote.pid)
@@ -255,10 +259,10 @@ PARENT_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_workers_exit_when_parent_dies(method):
+def test_workers_exit_when_parent_dies(method, tmp_path):
     """The pool's parent is SIGKILLed: its workers (busy or idle) and the
     zygote are gone within a second."""
-    script = PARENT_SCRIPT.format(root=ROOT, here=HERE, method=method)
+    script = PARENT_SCRIPT.format(root=ROOT, here=HERE, method=method, flag=str(tmp_path / "busy"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(x) for x in proc.stdout.readline().split()]
@@ -423,28 +427,36 @@ ORPHAN_PARENT_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     import shmipc
     from shmipc._proc import pid_alive
-    from test_pool_crash import slow_double, nap
+    from test_pool_crash import slow_double
+    from conftest import touch_then_sleep
     if __name__ == "__main__":
         p = shmipc.Pool(2, context="fork")
         p.map(slow_double, range(4))
-        r = p.map_async(nap, range(1))          # one worker busy, one idle
-        time.sleep(0.2)
+        r = p.apply_async(touch_then_sleep, ({flag!r}, 30))     # one worker busy, one idle
+        deadline = time.monotonic() + 30
+        while not os.path.exists({flag!r}):     # the task has started: a worker is busy
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.005)
         zygote = p._engine._sup.helper_pids()[0]
+        pids = list(p._engine._pids.values())
         os.kill(zygote, signal.SIGKILL)         # the workers are orphans now
         while pid_alive(zygote):
+            assert time.monotonic() < deadline, "the zygote outlived SIGKILL"
             time.sleep(0.01)
-        time.sleep(0.2)
-        pids = list(p._engine._pids.values())
+        for w in pids:                          # (reparented before the zygote became a zombie)
+            with open(f"/proc/{{w}}/stat", "rb") as f:
+                stat = f.read()
+            assert int(stat[stat.rfind(b")") + 2:].split()[1]) != zygote, "not an orphan"
         print(" ".join(map(str, pids)), flush=True)
         time.sleep(60)
 """)
 
 
 @pytest.mark.timeout(60)
-def test_orphaned_workers_still_die_with_the_parent():
+def test_orphaned_workers_still_die_with_the_parent(tmp_path):
     """The zygote dies, then the parent: the workers (no longer the zygote's
     children, one of them busy) still exit within a second."""
-    script = ORPHAN_PARENT_SCRIPT.format(root=ROOT, here=HERE)
+    script = ORPHAN_PARENT_SCRIPT.format(root=ROOT, here=HERE, flag=str(tmp_path / "busy"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(x) for x in proc.stdout.readline().split()]
