@@ -5,8 +5,8 @@ import, under fork, forkserver and spawn."""
 from __future__ import annotations
 
 import inspect
-import pickle
 import multiprocessing
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -68,6 +68,56 @@ def test_context_offers_every_member(method):
             _compatible(getattr(ours, name), getattr(theirs, name))
     assert ours.get_start_method() == method
     assert ours.Process is theirs.Process
+
+
+NAMESPACE_SCRIPT = """
+import inspect, multiprocessing, sys
+sys.path.insert(0, {tests!r})
+import shmipc as mp
+from test_namespace import OWN, _compatible, _event_and_value
+
+if __name__ == "__main__":
+    mp.set_start_method({method!r})
+    for name in multiprocessing.__all__:
+        ours, theirs = getattr(mp, name), getattr(multiprocessing, name)
+        if name in OWN:
+            _compatible(ours, theirs)
+        elif callable(theirs) and not isinstance(theirs, type):
+            assert inspect.signature(ours) == inspect.signature(theirs), name
+    assert mp.get_start_method() == {method!r} == mp.get_context().get_start_method()
+    # multiprocessing's primitives with shmipc's queue, in a child of this method
+    q, ev, val = mp.Queue(), mp.Event(), mp.Value("i", 0)
+    p = mp.Process(target=_event_and_value, args=(q, ev, val))
+    p.start()
+    assert q.get(timeout=60) == "started"
+    ev.set()
+    p.join(60)
+    assert p.exitcode == 0 and val.value == 42, (p.exitcode, val.value)
+    print("ok")
+"""
+
+
+def _event_and_value(q, ev, val):
+    q.put("started")
+    assert ev.wait(60)
+    with val.get_lock():
+        val.value = 42
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_namespace_under_each_start_method(method, tmp_path):
+    """With the start method set through shmipc, every multiprocessing name
+    is there with the same signature, and multiprocessing's Event and Value
+    work with shmipc's Queue in a child started by that method."""
+    import os
+
+    path = tmp_path / "namespace.py"
+    path.write_text(NAMESPACE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                            method=method))
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                         timeout=100, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 @pytest.mark.timeout(60)
@@ -278,3 +328,32 @@ def test_a_message_that_does_not_unpickle_raises_the_original_error(impl, size):
                 assert isinstance(info.value.__cause__, error), name
             put(("next", 1))
             assert get() == ("next", 1), name
+
+
+# ------------------------------------------------------------ types
+@pytest.mark.timeout(300)
+def test_lazy_names_are_typed_for_mypy(tmp_path):
+    """Every lazily loaded name (shmipc's own and multiprocessing's) has a real
+    type for a type checker, not Any; so do the context's factories.
+    (mypy is not a dependency: skipped where it is not installed.)"""
+    api = pytest.importorskip("mypy.api")
+    names = sorted(set(shmipc._LAZY) | set(shmipc._FROM_MULTIPROCESSING))
+    lines = ["import shmipc", "ctx = shmipc.get_context('spawn')"]
+    lines += [f"reveal_type(shmipc.{name})" for name in names]
+    calls = {"shmipc.Queue()": "shmipc.queues.Queue", "shmipc.Pipe()": "Connection",
+             "shmipc.Pool()": "shmipc.pool.Pool", "ctx.Queue()": "shmipc.queues.Queue",
+             "ctx.SimpleQueue()": "shmipc.queues.SimpleQueue", "ctx.Pipe()": "Connection",
+             "ctx.Pool()": "shmipc.pool.Pool", "ctx.Lock()": "multiprocessing.synchronize.Lock",
+             "shmipc.ProcessPoolExecutor()": "shmipc.futures.ProcessPoolExecutor"}
+    lines += [f"reveal_type({call})" for call in calls]
+    path = tmp_path / "uses_shmipc.py"
+    path.write_text("\n".join(lines) + "\n")
+    out, err, _status = api.run([str(path), "--follow-imports=silent", "--cache-dir",
+                                 str(tmp_path / "cache"), "--python-executable", sys.executable])
+    revealed = [line.split("Revealed type is ", 1)[1].strip('"') for line in out.splitlines()
+                if "Revealed type is" in line]
+    assert len(revealed) == len(names) + len(calls), (out, err)
+    for name, typ in zip(names, revealed):
+        assert typ != "Any", f"shmipc.{name} is Any to mypy"
+    for (call, expected), typ in zip(calls.items(), revealed[len(names):]):
+        assert expected in typ, (call, typ)
