@@ -287,11 +287,20 @@ CTRL_C_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     import shmipc
     from shmipc._proc import pid_alive
-    from test_pool_crash import nap
+    import functools, threading
+    from conftest import touch_then_sleep
     if __name__ == "__main__":
         p = shmipc.Pool(2, context={method!r})
         pids = list(p._engine._pids.values())
-        print("ready", flush=True)
+        flag = {flag!r}
+        nap = functools.partial(touch_then_sleep, flag, 30)
+
+        def say_ready():                        # once a task runs: the map is under way
+            deadline = time.monotonic() + 30
+            while not os.path.exists(flag) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            print("ready" if os.path.exists(flag) else "no task started", flush=True)
+        threading.Thread(target=say_ready, daemon=True).start()
         t0 = None
         try:
             if {call!r} == "map":
@@ -311,13 +320,12 @@ CTRL_C_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method,call", [("fork", "map"), ("forkserver", "map"), ("fork", "imap")])
-def test_ctrl_c_during_map(method, call):
-    script = CTRL_C_SCRIPT.format(root=ROOT, here=HERE, method=method, call=call)
+def test_ctrl_c_during_map(method, call, tmp_path):
+    script = CTRL_C_SCRIPT.format(root=ROOT, here=HERE, method=method, call=call, flag=str(tmp_path / "busy"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3)                         # the map is under way
+        assert proc.stdout.readline().strip() == "ready"      # a task runs: the map is under way
         t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)      # as a terminal's Ctrl-C: the whole group
         out, err = proc.communicate(timeout=20)
@@ -479,22 +487,31 @@ FORK_CHILD_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {here!r})
     import shmipc
+    import signal
     from shmipc._proc import pid_alive
     from test_pool_crash import slow_double
+    from conftest import pending_signals
     if __name__ == "__main__":
         p = shmipc.Pool(2, context="fork")
         sup = p._engine._sup
-        zygote = sup.helper_pids()[0] if hasattr(sup, "helper_pids") else sup._zygote.pid
+        helpers = sup.helper_pids()             # the serving zygote and its spare
+        zygote = helpers[0]
         pid = os.fork()
         if pid == 0:
             sys.exit(0)             # a normal exit: multiprocessing's atexit handler runs
         os.waitpid(pid, 0)
-        time.sleep(0.2)
-        print("zygote alive:", pid_alive(zygote), flush=True)
-        victim = list(p._engine._pids.values())[0]
+        # a signal the child sent has been sent by now: it is either pending
+        # (a helper not yet scheduled) or has killed the helper
+        print("zygote alive:", all(pid_alive(h) and not pending_signals(h) & {{signal.SIGTERM, signal.SIGKILL}}
+                                   for h in helpers), flush=True)
+        slot, victim = sorted(p._engine._pids.items())[0]
         os.kill(victim, 9)          # its replacement comes from the zygote
+        deadline = time.monotonic() + 20
+        while p._engine._pids.get(slot) in (None, victim) and time.monotonic() < deadline:
+            time.sleep(0.005)
         print("map:", p.map(slow_double, range(10)) == [2 * x for x in range(10)], flush=True)
-        print("replaced:", getattr(sup, "zygotes_replaced", 0), flush=True)
+        print("replaced:", sup.zygotes_replaced, "victim replaced:", p._engine._pids.get(slot) not in (None, victim),
+              "same zygote:", sup.helper_pids()[0] == zygote, flush=True)
         p.close()
         p.join()
 """)
@@ -509,7 +526,8 @@ def test_plain_fork_child_exit_leaves_the_zygote_alone():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
     assert "zygote alive: True" in out.stdout, out.stdout + out.stderr
-    assert "map: True" in out.stdout and "replaced: 0" in out.stdout, out.stdout + out.stderr
+    assert "map: True" in out.stdout, out.stdout + out.stderr
+    assert "replaced: 0 victim replaced: True same zygote: True" in out.stdout, out.stdout + out.stderr
 
 
 def failing_initializer():
