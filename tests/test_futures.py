@@ -205,11 +205,14 @@ def test_map_buffersize_reads_lazily():
 
 
 @pytest.mark.timeout(60)
-def test_terminate_and_kill_workers(no_leaks):
+def test_terminate_and_kill_workers(no_leaks, tmp_path):
+    from conftest import touch_then_sleep, wait_until
+
     for stop in ("terminate_workers", "kill_workers"):
         ex = shmipc.ProcessPoolExecutor(2)
-        f = ex.submit(nap, 1, 30)
-        time.sleep(0.2)
+        flag = str(tmp_path / stop)
+        f = ex.submit(touch_then_sleep, flag, 30, 1)
+        wait_until(lambda: os.path.exists(flag), 30, "the task started")     # it runs in a worker now
         getattr(ex, stop)()
         assert f.done() and f.exception() is not None
         with pytest.raises(RuntimeError):
