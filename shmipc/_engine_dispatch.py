@@ -114,9 +114,10 @@ class _Dispatch:
             task.seq = next(self._seq)
             data = meta = None
             try:
-                data, meta = pack_task(task.func, task.payload, task.kind != K_CALL)
+                data, meta = task.wire or pack_task(task.func, task.payload, task.kind != K_CALL)
                 self._tasks[slot].put_nowait((task.seq, task.kind, data, meta))
             except queue.Full:
+                task.wire = (data, meta)        # tried again as it is: encoded once
                 self._queue.appendleft(task)
                 blocked.add(slot)
                 continue
@@ -148,6 +149,7 @@ class _Dispatch:
                 continue
             finally:
                 del data, meta
+            task.wire = None
             task.slot = slot
             self._inflight[task.seq] = task
             self._outstanding[slot] += 1

@@ -63,7 +63,7 @@ class _Task:
     """A unit of work: one call, or one chunk of a map."""
 
     __slots__ = ("seq", "job", "index", "start", "kind", "func", "payload", "tries_left",
-                 "slot", "pieces", "started")
+                 "slot", "pieces", "started", "wire")
 
     def __init__(self, job: "_Job", index: int, start: int, kind: int, func: Callable, payload: Any,
                  retries: int) -> None:
@@ -78,6 +78,7 @@ class _Task:
         self.slot = -1
         self.pieces: list | None = None     # result pieces of a split result list
         self.started = False                # the job was told (_start_task) it is under way
+        self.wire: tuple | None = None      # (data, meta) once encoded, while its ring was full
 
     def describe(self) -> str:
         name = getattr(self.func, "__qualname__", None) or repr(self.func)

@@ -92,6 +92,7 @@ M_BLOBS = 4
 M_CALL_ITEMS = 5      # a pool task: data (pickled function, items' data), meta (M_CALL_ITEMS, items' meta)
 
 _NATIVE = frozenset((int, float, complex, str, bool, type(None)))
+_BYTES_ONLY = {bytes}
 _ndarray: Any = None              # numpy.ndarray, once numpy is imported
 _dtypes: dict[str, Any] = {}      # descr -> dtype, for unpack (bounded: see _dtype)
 
@@ -194,14 +195,14 @@ def pack_items(items: Any) -> tuple[Any, Any]:
         return pack_pickled(items)          # (chunks of numbers and strings: no scan)
     if type(items[0]) is not bytes:
         return pack_pickled(_blobs_once(items))
-    large = False
-    for x in items:
-        if type(x) is not bytes:
-            return pack_pickled(_blobs_once(items))
-        if len(x) >= OUT_OF_BAND_MIN:
-            large = True
-    if not large:
+    # (map, set and max run in C: a chunk of 1,000 blobs costs ~0.1 ms here)
+    if set(map(type, items)) != _BYTES_ONLY:
+        return pack_pickled(_blobs_once(items))
+    if max(map(len, items)) < OUT_OF_BAND_MIN:
         return pack_pickled(items)
+    ids = list(map(id, items))
+    if len(set(ids)) == len(ids):
+        return tuple([pickle.PickleBuffer(x) if len(x) >= OUT_OF_BAND_MIN else x for x in items]), (M_BLOBS, None)
     seen: dict[int, int] = {}
     distinct: list = []
     index: list[int] = []
