@@ -69,7 +69,6 @@ _MAX_WORKERS = MAX_REGIONS - 4        # a task ring each, plus the result ring, 
 _TASK_RING = 2 << 20                  # per worker: messages up to 1 MiB
 _RESULT_RING = 4 << 20                # shared: messages up to 2 MiB
 _BIG_RING = 256 << 20
-_IMAP_AHEAD = 256                     # chunks of one imap job queued or running at once
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
 _shutdown_lock = threading.Lock()
 

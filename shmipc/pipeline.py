@@ -75,10 +75,9 @@ import time
 from typing import Any, Iterable, Iterator
 
 from shmipc import _ring
-from shmipc._lifetime import Closeable
+from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, ON_ERROR, PipelineAPI  # noqa: F401
 from shmipc._pipeline_crew import Crew, Stage
 from shmipc._pipeline_sched import MAX_PATH, SLOT_WORDS, Raise, Scheduler, StageFailure, StageRule
-from shmipc._runtime import check_retries
 from shmipc._waiting import FEED_SLICE_S, JAM_WAIT_S, QUIET_S, REAP_EVERY_S
 from shmipc._waiting import PIPELINE_POLL_S as POLL_S
 from shmipc._wire import (K_DONE, K_FATAL, K_RESULT, PipelineError, RemoteTraceback, pack,
@@ -88,14 +87,12 @@ from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
 
 __all__ = ["Pipeline", "PipelineError", "RemoteTraceback", "StageFailure"]
 
-ON_ERROR = ("raise", "skip", "collect")
 DEFAULT_RING_CAPACITY = 4 << 20
-DEFAULT_MAX_INFLIGHT = 256
 
 BATCH_BYTES = 128 << 10  # results taken at once, in bytes (malloc's trim threshold)
 
 
-class Pipeline(Closeable):
+class Pipeline(PipelineAPI):
     """Stages of forked workers connected by shared-memory rings.
 
     Args:
@@ -138,30 +135,9 @@ class Pipeline(Closeable):
                  max_inflight: int = DEFAULT_MAX_INFLIGHT, on_error: str = "raise",
                  retries: int = 0, stop_timeout: float = 1.0, cluster: str | None = None) -> None:
         self._owner_pid = os.getpid()
-        try:
-            self._source = iter(source)
-        except TypeError:
-            raise TypeError(f"source must be iterable, got {type(source).__name__}") from None
-        try:
-            self._total: int | None = len(source)  # type: ignore[arg-type]
-        except TypeError:
-            self._total = None
         _check_capacity(ring_capacity)
-        if not isinstance(max_inflight, int) or isinstance(max_inflight, bool) or max_inflight < 1:
-            raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
-        _check_policy(on_error)
-        check_retries(retries)
-        if not isinstance(stop_timeout, (int, float)) or not stop_timeout >= 0:
-            raise ValueError(f"stop_timeout must be a number >= 0, got {stop_timeout!r}")
+        self._take_options(source, max_inflight, on_error, retries, stop_timeout)
         self._ring_capacity = ring_capacity
-        self._max_inflight = max_inflight
-        self._on_error = on_error
-        self._retries = retries
-        self._stop_timeout = float(stop_timeout)
-        self._stages: list[Stage] = []
-        self._iterating = False
-        #: failures kept by stages with on_error="collect", in arrival order
-        self.errors: list[StageFailure] = []
 
     # ------------------------------------------------------------ building
     def stage(self, fn: Any, workers: int = 1, *, ordered: bool = True, on_error: str | None = None,
@@ -193,21 +169,8 @@ class Pipeline(Closeable):
             TypeError: fn is not callable and has no process().
             ValueError: an invalid option; or the pipeline already started.
         """
-        if self._started or self._closed:
-            raise ValueError("stages must be added before results() starts the pipeline")
-        if not (callable(fn) or callable(getattr(fn, "process", None))):
-            raise TypeError(f"a stage must be callable or have a process() method, got {fn!r}")
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        on_error = self._on_error if on_error is None else _check_policy(on_error)
-        retries = self._retries if retries is None else check_retries(retries)
+        on_error, retries, name = self._stage_options(fn, workers, on_error, retries, name)
         capacity = self._ring_capacity if ring_capacity is None else _check_capacity(ring_capacity)
-        if name is None:
-            name = getattr(fn, "__name__", None) or type(fn).__name__
-            if any(st.name == name for st in self._stages):
-                name = f"{name}#{len(self._stages)}"
-        elif any(st.name == name for st in self._stages):
-            raise ValueError(f"a stage named {name!r} already exists")
         self._stages.append(Stage(len(self._stages), fn, workers, bool(ordered), on_error,
                                    retries, capacity, str(name), bool(zero_copy)))
         regions = self._regions_needed()
@@ -225,40 +188,6 @@ class Pipeline(Closeable):
                 + sum(s.workers for s in self._stages if s.retries))
 
     # ------------------------------------------------------------ results
-    def results(self, progress: bool = False, desc: str | None = None) -> Iterator[Any]:
-        """Start the workers and yield the results (in source order unless a
-        stage is unordered). Can be called once. Leaving the loop early, or
-        an exception, closes the pipeline.
-
-        Args:
-            progress: show a progress bar (shmipc.progress.track) with items/s
-                and each stage's ring fill level, so the bottleneck shows.
-            desc: the bar's label.
-
-        Raises:
-            ValueError: no stages, or results() already called, or closed.
-            Whatever a stage raised (on_error="raise"), with the worker's
-            traceback as __cause__; WorkerLost for an item whose worker died;
-            PipelineError when a stage cannot start.
-        """
-        if not self._stages:
-            raise ValueError("add at least one stage with stage() before results()")
-        if self._closed:
-            raise ValueError("pipeline is closed")
-        if self._iterating:
-            raise ValueError("results() can be called only once per pipeline")
-        self._iterating = True
-        self._start()
-        it = self._iterate()
-        if not progress:
-            return it
-        from shmipc.progress import track
-
-        return track(it, total=self._total, desc=desc or "pipeline", status=self._fill_levels)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.results()
-
     def _fill_levels(self) -> dict[str, str]:
         """Each ring's fill level: a full ring sits before the bottleneck stage."""
         if self._closed or self._arena is None:
@@ -599,10 +528,6 @@ class Pipeline(Closeable):
             if self._arena is not None:
                 self._arena.close()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __repr__(self) -> str:
         stages = " -> ".join(f"{s.name}x{s.workers}" for s in self._stages) or "no stages"
         state = "closed" if self._closed else ("running" if self._started else "new")
@@ -622,8 +547,3 @@ def _check_capacity(capacity: Any) -> int:
         raise ValueError(f"ring_capacity must be a power of two >= {_ring.MIN_CAPACITY}, got {capacity!r}")
     return capacity
 
-
-def _check_policy(on_error: Any) -> str:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    return on_error
