@@ -158,6 +158,7 @@ _NEEDS_OWN_TESTDIR = {
 def main() -> int:
     import faulthandler
     import fnmatch
+    import gc
     import json
     import unittest
 
@@ -182,6 +183,13 @@ def main() -> int:
         def stopTest(self, test):
             faulthandler.cancel_dump_traceback_later()
             super().stopTest(test)
+            # a failed test leaves its executor or pool unreferenced only in
+            # reference cycles (its traceback's frames): collect them now, so
+            # that their workers exit (as the standard executor's do once it
+            # is collected) instead of outliving the class, where they keep
+            # the resource tracker (and forkserver) that tearDownModule waits
+            # for alive until the class timeout
+            gc.collect()
 
         def addSuccess(self, test):
             super().addSuccess(test)
