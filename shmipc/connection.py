@@ -212,6 +212,7 @@ class Connection(Closeable):
     _sock: socket.socket | None = None
     _send_ring: Any = None
     _recv_ring: Any = None
+    _nothing = _NOTHING             # for shmipc.aio
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("make connections with shmipc.Pipe()")
@@ -232,6 +233,8 @@ class Connection(Closeable):
             # our puts announce themselves on our socket, readable at the peer's
             self._send_ring._set_notify(sock, True)
         self._polled = False            # fileno() was called here: receives re-arm
+        self._frame_read = None         # recv_async: a chunked message being read in a thread
+        self._async_send_lock = None    # send_async: one chunked message at a time
         self._pending = _NOTHING
         self._frame_left = 0            # bytes of the frame being read not yet taken
         self._probe_in = 1              # the first send looks at the peer
@@ -365,14 +368,11 @@ class Connection(Closeable):
         """A message too large for one record: a Frame, then its parts in
         chunks. Interrupted midway (peer gone, Ctrl-C), it puts ABORT if it
         can, so the reader drops the partial message (see shmipc._framing)."""
-        ring = self._send_ring
-        chunk = _framing.chunk_size(ring.max_message_size)
-        views = [memoryview(p).cast("B") for p in parts]
-        self._put(_framing.Frame(kind, tuple(v.nbytes for v in views)))
+        records = self._frame_records(kind, parts)
+        self._put(records[0])
         try:
-            for view in views:
-                for off in range(0, view.nbytes, chunk):
-                    self._put(view[off:off + chunk])
+            for rec in records[1:]:
+                self._put(rec)
         except BaseException:
             try:
                 self._send_ring.put(_framing.ABORT, True, SLICE)
@@ -404,6 +404,22 @@ class Connection(Closeable):
                 return self._send_frame("bytes", [buf])
             except RingClosed:
                 self._raise_closed()
+        payload = self._payload(buf, offset, size)
+        self._probe_in -= 1
+        if not self._probe_in:
+            self._probe()
+        if payload.nbytes > self._send_ring.max_message_size:
+            return self._send_frame("bytes", [payload])
+        if payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
+            # marked, so that recv() unpickles it as multiprocessing's does
+            # (a plain bytes record is what send(b"...") puts)
+            self._put(_framing.Frame("bytes"))
+        # the ring encodes a memoryview as a bytes message (one copy, into
+        # the ring), so the receiver gets bytes whatever buf was
+        self._put(payload)
+
+    def _payload(self, buf: Any, offset: int, size: int | None) -> memoryview:
+        """buf[offset:offset+size] in bytes, checked as multiprocessing does."""
         self._check_writable()
         m = memoryview(buf)
         if m.itemsize > 1 or m.ndim != 1:
@@ -419,19 +435,83 @@ class Connection(Closeable):
             raise ValueError(f"size is negative ({size})")
         elif offset + size > n:
             raise ValueError(f"buffer length {n} < offset {offset} + size {size}")
-        payload = m[offset:offset + size]
-        self._probe_in -= 1
-        if not self._probe_in:
-            self._probe()
-        if size > self._send_ring.max_message_size:
-            return self._send_frame("bytes", [payload])
-        if size and payload[0] == _framing.PICKLE_PROTO:
-            # marked, so that recv() unpickles it as multiprocessing's does
-            # (a plain bytes record is what send(b"...") puts)
-            self._put(_framing.Frame("bytes"))
-        # the ring encodes a memoryview as a bytes message (one copy, into
-        # the ring), so the receiver gets bytes whatever buf was
-        self._put(payload)
+        return m[offset:offset + size]
+
+    def _frame_records(self, kind: str, parts: list) -> list:
+        """A message too large for one record, as the records _send_frame puts."""
+        chunk = _framing.chunk_size(self._send_ring.max_message_size)
+        views = [memoryview(p).cast("B") for p in parts]
+        records: list = [_framing.Frame(kind, tuple(v.nbytes for v in views))]
+        for view in views:
+            records += [view[off:off + chunk] for off in range(0, view.nbytes, chunk)]
+        return records
+
+    # ------------------------------------------------------------ asyncio
+    async def send_async(self, obj: Any) -> None:
+        """Like send, awaiting room without blocking the event loop (a
+        non-blocking put retried on asyncio timers, 50 us growing to 5 ms,
+        while the ring is full). Cancelled midway, nothing is sent (a chunked
+        message is aborted, the reader drops it). See shmipc.aio.
+
+        Raises:
+            BrokenPipeError, OSError, pickling errors: as send.
+        """
+        from shmipc import aio
+
+        self._check_writable()
+        records = [obj]
+        try:
+            self._send_ring.put(obj, False)
+            return                      # the common case: there was room
+        except (queue.Full, PeerDied):
+            pass
+        except MessageTooLarge:
+            records = self._frame_records("object", _framing.dump_parts(obj))
+        except RingClosed:
+            self._raise_closed()
+        await aio.send_when_room(self, records)
+
+    async def send_bytes_async(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
+        """Like send_bytes, awaiting room as send_async does.
+
+        Raises:
+            ValueError, BrokenPipeError, OSError: as send_bytes.
+        """
+        from shmipc import aio
+
+        payload = self._payload(buf, offset, size)
+        if payload.nbytes > self._send_ring.max_message_size:
+            records = self._frame_records("bytes", [payload])
+        elif payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
+            records = [_framing.Frame("bytes", None), payload]
+        else:
+            records = [payload]
+        await aio.send_when_room(self, records)
+
+    async def recv_async(self) -> Any:
+        """Like recv, awaiting a message without blocking the event loop and
+        without a thread: waits on fileno() with ``loop.add_reader``. A
+        cancelled await loses no message (one is taken only once it is
+        there, and returned in the same step). A message larger than half
+        the ring is read as it streams in, blocking the loop meanwhile.
+
+        Raises:
+            EOFError: the other end is gone and nothing is left to read.
+            OSError, unpickling errors: as recv.
+        """
+        from shmipc import aio
+
+        return await aio.recv_when_ready(self, False, None)
+
+    async def recv_bytes_async(self, maxlength: int | None = None) -> bytes:
+        """Like recv_bytes, awaiting as recv_async does.
+
+        Raises:
+            EOFError, OSError: as recv_bytes.
+        """
+        from shmipc import aio
+
+        return await aio.recv_when_ready(self, True, maxlength)
 
     # ------------------------------------------------------------ receiving
     def _take(self, timeout: float | None) -> Any:
@@ -829,39 +909,36 @@ def wait(object_list: Any, timeout: float | None = None) -> list:
     `object_list` that are ready, waiting up to `timeout` seconds (None:
     forever) for at least one.
 
-    `object_list` may mix shmipc Connections (ready when a recv would not
-    wait: a message, or EOF) with whatever multiprocessing's wait takes
-    (its Connections, sockets, ``Process.sentinel`` ints, objects with
-    ``fileno()``).
-
-    Rings have no file descriptor, so this polls: it checks the shmipc
-    connections, then waits on the descriptors for a short pause that grows
-    from 50 us to 5 ms while nothing happens.
+    `object_list` may mix shmipc Connections and queues with whatever
+    multiprocessing's wait takes (its Connections, sockets,
+    ``Process.sentinel`` ints, objects with ``fileno()``). It waits on their
+    descriptors (multiprocessing's own wait works on shmipc objects too);
+    this one also counts a message that poll() received ahead as ready, and
+    never reports a shmipc Connection whose descriptor holds nothing to
+    receive (a readiness byte another holder's message left behind).
 
     Raises:
-        OSError: a shmipc Connection in the list is closed or write-only.
+        OSError: a shmipc Connection in the list is closed.
         ValueError: a NaN timeout (as multiprocessing).
     """
     from multiprocessing.connection import wait as wait_fds
 
     objects = list(object_list)
     ours = [obj for obj in objects if isinstance(obj, Connection)]
-    others = [obj for obj in objects if not isinstance(obj, Connection)]
     if not ours:
-        return wait_fds(others, timeout)
+        return wait_fds(objects, timeout)
     deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
-    pause = 50e-6
     while True:
-        ready = [conn for conn in ours if conn.poll(0)]
-        if others:
-            ready += wait_fds(others, 0 if ready else pause)
-        elif not ready:
-            time.sleep(pause)
+        ahead = [c for c in ours if c._pending is not _NOTHING and c._pending is not _ABANDONED]
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        ready = wait_fds(objects, 0 if ahead else left)
+        ready = [obj for obj in objects if obj in ready or obj in ahead]
+        ready = [obj for obj in ready if not isinstance(obj, Connection) or obj in ahead
+                 or obj.poll(0)]
         if ready:
-            return [obj for obj in objects if obj in ready]
+            return ready
         if deadline is not None and time.monotonic() >= deadline:
             return []
-        pause = min(pause * 2, 0.005)
 
 
 def __getattr__(name: str) -> Any:
