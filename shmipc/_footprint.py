@@ -209,7 +209,7 @@ class Footprint:
 
     def __init__(self, arena: Arena, task_rings: list, big: BigRings) -> None:
         areas = ring_data(arena, [ring.name for ring in task_rings])
-        self._fd = arena.fd
+        self._arena = arena         # (its fd is read at each give-back: never a closed, reused one)
         self._areas = [(ring, areas[ring.name]) for ring in task_rings]
         self._big = big
         self._idle_since: float | None = None
@@ -228,4 +228,6 @@ class Footprint:
             self._idle_since = now
         elif now - self._idle_since >= IDLE_RELEASE_S:
             self._used = False
-            self.bytes_freed += give_back(self._fd, self._areas) + self._big.give_back(results_idle=True)
+            if self._arena.closed:
+                return
+            self.bytes_freed += give_back(self._arena.fd, self._areas) + self._big.give_back(results_idle=True)
