@@ -9,10 +9,24 @@ from typing import Any, Iterable, Iterator
 from shmipc._lifetime import Closeable
 from shmipc._runtime import check_retries
 
-__all__ = ["PipelineAPI", "ON_ERROR", "DEFAULT_MAX_INFLIGHT", "check_policy"]
+__all__ = ["PipelineAPI", "StageConfig", "ON_ERROR", "DEFAULT_MAX_INFLIGHT", "check_policy"]
 
 ON_ERROR = ("raise", "skip", "collect")
 DEFAULT_MAX_INFLIGHT = 256
+
+
+class StageConfig:
+    """What a stage was declared with (each engine adds its own state)."""
+
+    def __init__(self, index: int, fn: Any, workers: int, ordered: bool, on_error: str,
+                 retries: int, name: str) -> None:
+        self.index = index
+        self.fn = fn
+        self.workers = workers
+        self.ordered = ordered
+        self.on_error = on_error
+        self.retries = retries
+        self.name = name
 
 
 class PipelineAPI(Closeable):

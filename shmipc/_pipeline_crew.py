@@ -15,6 +15,7 @@ import queue
 import time
 from typing import Any, NamedTuple
 
+from shmipc._pipeline_api import StageConfig
 from shmipc._pipeline_sched import S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, SlotRecord
 from shmipc._wire import PipelineError
 from shmipc._proc import steady_malloc
@@ -27,19 +28,13 @@ __all__ = ["Stage", "Crew", "Death", "MAX_START_DEATHS", "SPAWN_GIVE_UP_S"]
 MAX_START_DEATHS = MAX_STARTUP_DEATHS   # (the runtime's: see shmipc._runtime.StartupGuard)
 
 
-class Stage:
+class Stage(StageConfig):
     """One stage's configuration and its parent-side state."""
 
     def __init__(self, index: int, fn: Any, workers: int, ordered: bool, on_error: str,
                  retries: int, ring_capacity: int, name: str, zero_copy: bool) -> None:
-        self.index = index
-        self.fn = fn
-        self.workers = workers
-        self.ordered = ordered
-        self.on_error = on_error
-        self.retries = retries
+        super().__init__(index, fn, workers, ordered, on_error, retries, name)
         self.ring_capacity = ring_capacity
-        self.name = name
         self.zero_copy = zero_copy
         self.ring: Any = None            # input ring
         self.slot_base = 0               # index of this stage's first worker slot

@@ -2,7 +2,7 @@
 the Ray pool (:class:`shmipc.cluster.RayPool`).
 
 A pool class using :class:`PoolAPI` supplies the few primitives that differ:
-``_check_running()``, ``_processes``, ``terminate()``, ``_owner`` (what
+``_state`` (multiprocessing's "RUN", "CLOSE", ...), ``_processes``, ``terminate()``, ``_owner`` (what
 delivers results into the result objects of :mod:`shmipc._pool_results`),
 ``_task(job, index, start, kind, func, payload)``, ``_submit(tasks)`` (a
 list, queued at once) and ``_start_imap(job, func, iterable, chunksize,
@@ -26,9 +26,11 @@ class PoolAPI:
 
     _processes: int
     _owner: Any
+    _state: str
 
     def _check_running(self) -> None:
-        raise NotImplementedError
+        if self._state != "RUN":
+            raise ValueError("Pool not running")
 
     def terminate(self) -> None:
         raise NotImplementedError

@@ -19,7 +19,8 @@ from typing import Any, Callable
 from shmipc._footprint import BigRings
 from shmipc._proc import steady_malloc
 from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
-from shmipc._workers import parent_alive
+from shmipc._runtime import GONE, next_message
+from shmipc._waiting import BIG_MESSAGE_WAIT_S
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed
 
@@ -42,7 +43,7 @@ _STARTING = 2                         # busy field while the worker starts (runs
 _EXITING = 3                          # left its loop on purpose (told to stop, or maxtasks)
 _SLOT_SIZE = 64                       # one cache line per worker
 
-_BIG_WAIT = 30.0                      # seconds a reader waits for a big message announced by a stub
+_BIG_WAIT = BIG_MESSAGE_WAIT_S        # a reader waits this long for a big message announced by a stub
 
 
 # ---------------------------------------------------------------------- the records
@@ -148,13 +149,9 @@ class _WorkerLoop:
     def next_task(self) -> Any:
         """The next task tuple; _SKIP to look again; None to exit."""
         try:
-            # taken as a view and copied out once, into the values' own
-            # buffers (a plain get copies the whole record first)
-            with self.tasks.get_view(timeout=0.5) as view:
-                msg = detach(view)
-                del view
-        except queue.Empty:
-            return _SKIP if parent_alive(self.parent_pid) else None
+            msg = next_message(self.take, self.parent_pid)
+            if msg is GONE:                     # the parent died
+                return None
         except (RingClosed, EOFError):          # closed, shut down, or the parent died
             return None
         except Exception as exc:                # a record that does not decode: consumed
@@ -173,6 +170,13 @@ class _WorkerLoop:
             return _SKIP
         return big
 
+    def take(self, timeout: float) -> Any:
+        """One task record, waiting up to `timeout`: taken as a view and copied
+        out once, into the values' own buffers (a plain get copies the whole
+        record first)."""
+        with self.tasks.get_view(timeout=timeout) as view:
+            return detach(view)
+
     def take_big(self, seq: int) -> tuple | None:
         """The task announced by a K_BIG stub: the next message of the big-task
         ring with that sequence number (the parent sends one at a time and puts
@@ -180,11 +184,10 @@ class _WorkerLoop:
         deadline = time.monotonic() + _BIG_WAIT
         while time.monotonic() < deadline:
             try:
-                msg = self.big_tasks.get(timeout=0.5)
-            except queue.Empty:
-                if not parent_alive(self.parent_pid):
+                msg = next_message(self.big_tasks.get, self.parent_pid,
+                                   stop=lambda: time.monotonic() >= deadline)
+                if msg is GONE:
                     return None
-                continue
             except (RingClosed, EOFError):
                 return None
             except Exception:                   # a corrupt record: consumed, look further

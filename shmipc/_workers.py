@@ -26,9 +26,10 @@ parent dies: workers get the kernel's parent-death signal from the zygote
 0.25 s of the caller. That signal follows the *thread* that started a
 process, so it is used towards the caller only for processes started from the
 main thread or from a thread marked with :func:`mark_thread_long_lived`; the
-zygote also watches the caller through a pidfd. A target can call
-:func:`parent_alive` in its idle loop as a further line of defence (spawn
-workers started from a short-lived thread rely on it).
+zygote also watches the caller through a pidfd. A target can wait with
+:func:`shmipc._runtime.next_message` for its work, which looks at the
+parent between waits, as a further line of defence (spawn workers started
+from a short-lived thread rely on it).
 
 What runs inside the processes started here (the zygote, a worker's start)
 lives in :mod:`shmipc._zygote`. No helper is a single point of failure: a
@@ -75,7 +76,7 @@ from shmipc._zygote import (_CMD_GO, _CMD_QUIT, _CMD_SPARE, _CMD_SPAWN, _EVT_EXI
                             _EVT_RELEASED, _EVT_SPAWN_FAILED, _EVT_STARTED, _process_entry,
                             _zygote_main)
 
-__all__ = ["Supervisor", "WorkerExit", "resolve_start_method", "parent_alive",
+__all__ = ["Supervisor", "WorkerExit", "resolve_start_method",
            "mark_thread_long_lived", "unmark_thread_long_lived", "register_pausable",
            "threads_paused"]
 
@@ -87,12 +88,6 @@ class WorkerExit(NamedTuple):
     slot: int
     pid: int
     exitcode: int | None
-
-
-def parent_alive(parent_pid: int) -> bool:
-    """True while `parent_pid` lives: for a worker's idle loop (the kernel's
-    parent-death signal is the first line of defence, this the second)."""
-    return pid_alive(parent_pid)
 
 
 class Supervisor:

@@ -187,10 +187,6 @@ class Pool(PoolAPI):
         return [_WorkerHandle(pid) for pid in self._engine.worker_pids().values()]
 
     # -------------------------------------------------------- state
-    def _check_running(self) -> None:
-        if self._state != RUN:
-            raise ValueError("Pool not running")
-
     def __repr__(self) -> str:
         return f"<{type(self).__module__}.{type(self).__qualname__} state={self._state} pool_size={self._processes}>"
 

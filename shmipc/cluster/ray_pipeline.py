@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Iterable, Iterator
 
-from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, PipelineAPI
+from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, PipelineAPI, StageConfig
 from shmipc.cluster import connect
 from shmipc.cluster._actors import E_DONE, E_FATAL, E_LOST, E_REQUEUE, STAGE, ActorGroup, poll
 from shmipc.errors import WorkerLost
@@ -52,16 +52,10 @@ class _Unit:
         self.tries = 0
 
 
-class _Stage:
+class _Stage(StageConfig):
     def __init__(self, index: int, fn: Any, workers: int, ordered: bool, on_error: str,
                  retries: int, name: str, options: dict) -> None:
-        self.index = index
-        self.fn = fn
-        self.workers = workers
-        self.ordered = ordered
-        self.on_error = on_error
-        self.retries = retries
-        self.name = name
+        super().__init__(index, fn, workers, ordered, on_error, retries, name)
         self.options = options
         self.group: ActorGroup | None = None
         self.pending: collections.deque[_Unit] = collections.deque()

@@ -148,10 +148,6 @@ class RayPool(PoolAPI):
         self._thread.start()
 
     # -------------------------------------------------------- state
-    def _check_running(self) -> None:
-        if self._state != RUN:
-            raise ValueError("Pool not running")
-
     def __repr__(self) -> str:
         return f"<shmipc.cluster.RayPool state={self._state} pool_size={getattr(self, '_processes', 0)}>"
 
