@@ -173,6 +173,9 @@ def shm_created_since(before: set[str]) -> set[str]:
     this test's process tree has mapped or open is another program's and is
     not counted."""
     mine = shm_entries() - before
+    # shmipc and multiprocessing make files there, never directories: a
+    # directory (joblib's memmapping folders, say) is another program's
+    mine = {n for n in mine if not os.path.isdir(f"/dev/shm/{n}")}
     if mine:
         mine -= _used_by_others(mine, _descendants(os.getpid()))
     return mine
