@@ -61,6 +61,7 @@ import io
 import pickle
 import sys
 import traceback
+from multiprocessing.pool import RemoteTraceback  # one class for pools and pipelines (see shmipc._runtime)
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -521,20 +522,6 @@ class PipelineError(ShmipcError):
     process boundary as is (the message names the item)."""
 
     __module__ = "shmipc.pipeline"
-
-
-class RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker, attached as the
-    ``__cause__`` of the exception re-raised in the parent."""
-
-    __module__ = "shmipc.pipeline"
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
 
 
 def repack(env: tuple) -> tuple:
