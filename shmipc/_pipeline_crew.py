@@ -20,7 +20,7 @@ from shmipc._pipeline_sched import S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, SlotR
 from shmipc._wire import PipelineError
 from shmipc._proc import steady_malloc
 from shmipc._runtime import MAX_STARTUP_DEATHS, StartupGuard
-from shmipc._waiting import SPAWN_GIVE_UP_S
+from shmipc._waiting import SPAWN_GIVE_UP_S, STOP_POLL_S
 from shmipc.errors import RingClosed, WorkerLost
 
 __all__ = ["Stage", "Crew", "Death", "MAX_START_DEATHS", "SPAWN_GIVE_UP_S"]
@@ -182,7 +182,7 @@ class Crew:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            sup.wait(min(left, 0.05))
+            sup.wait(min(left, STOP_POLL_S))
         sup.stop(timeout=0.2)
         for s in self.stages:
             s.pids = [0] * len(s.pids)

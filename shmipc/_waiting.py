@@ -37,8 +37,13 @@ QUIET_S = 1.0                # nothing moving this long after a death: stuck ite
 JAM_WAIT_S = 0.08            # a wait on a full, empty first ring (longer than the ring's quiet slice)
 SPAWN_GIVE_UP_S = 15.0       # a worker that cannot be started for this long stops the pipeline
 
+# ---------------------------------------------------------------- parent: the Ray path (shmipc.cluster)
+RAY_POOL_POLL_S = 0.02       # the Ray pool's bookkeeping thread looks for new tasks this often
+RAY_PIPELINE_POLL_S = 0.05   # the Ray pipeline's driver waits this long for a worker's answer
+
 # ---------------------------------------------------------------- processes (supervisor, zygote)
 EXIT_POLL_S = 0.005          # waiting for a process to exit when there is no fd to wait on
+STOP_POLL_S = 0.05           # a stopping pipeline looks at its workers' exits this often
 ZYGOTE_IDLE_S = 0.25         # the zygote's longest sleep (commands and pidfds wake it earlier)
 ZYGOTE_POLL_S = 0.05         # ... while a worker of it has no pidfd (old kernels: polled)
 PARENT_WATCH_S = 0.2         # a worker's parent watchdog without a pidfd

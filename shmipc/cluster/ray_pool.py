@@ -20,6 +20,7 @@ from shmipc._pool_api import PoolAPI
 from shmipc._pool_results import ApplyResult, AsyncResult, IMapIterator, MapResult  # noqa: F401
 from shmipc._runtime import with_remote_traceback
 from shmipc._waiting import FEEDER_ROOM_S
+from shmipc._waiting import RAY_POOL_POLL_S as _POLL_S
 from shmipc.cluster import connect
 from shmipc.cluster._actors import (E_DONE, E_FATAL, E_LOST, E_REQUEUE, K_CALL, POOL,
                                     ActorGroup, poll)
@@ -28,7 +29,6 @@ from shmipc.errors import WorkerLost
 __all__ = ["RayPool"]
 
 INIT, RUN, CLOSE, TERMINATE = "INIT", "RUN", "CLOSE", "TERMINATE"
-_POLL_S = 0.02           # the bookkeeping thread's longest wait before it looks for new tasks
 _jobs = itertools.count()
 
 
