@@ -140,8 +140,11 @@ class BigRings:
             if self._fd < 0:
                 raise ValueError("the big rings were closed")
             if self._arena is None:
-                # (a new open of the same memfd: its own mapping, released alone)
-                self._arena = Arena.from_file(f"/proc/self/fd/{self._fd}", follow_symlinks=True)
+                # (a new open of the same memfd: its own mapping and descriptor, released alone)
+                try:
+                    self._arena = Arena.from_file(f"/proc/self/fd/{self._fd}", follow_symlinks=True)
+                except OSError:         # no /proc here: adopt a duplicate of ours
+                    self._arena = Arena._from_fd(os.dup(self._fd), os.fstat(self._fd).st_size)
             ring = self._rings[name] = self._arena.ring(name=name)
         return ring
 
