@@ -2,8 +2,9 @@
 
 The workload is defined once, in ``shmipc/bench/pools.py`` (so that
 ``shmipc bench`` reports the same thing): ``Pool.map`` of a list of 200,000
-ints and of 2,000 distinct 100 KiB bytes objects, and
-``ProcessPoolExecutor.map`` of the ints in chunks of 1,000; both sides get
+ints and of 2,000 distinct 100 KiB bytes objects, ``ProcessPoolExecutor.map``
+of the ints in chunks of 1,000, and of 100 x the same 100 KiB bytes in one
+chunk (larger than a ring message; 20 maps a round); both sides get
 the same list objects, every result list is checked item by item (order and
 content), shmipc's and the standard library's runs alternate so both see the
 same load, and every round's time is printed with ``--json``.
