@@ -244,6 +244,74 @@ DOC_PROGRAMS = {
 }
 
 
+# the documentation's "Using a pool of workers" program: its output has pids
+# and an unordered part, so it is checked line by line
+POOL_OF_WORKERS = """
+    from multiprocessing import Pool, TimeoutError
+    import time
+    import os
+
+    def f(x):
+        return x*x
+
+    if __name__ == '__main__':
+        # start 4 worker processes
+        with Pool(processes=4) as pool:
+
+            # print "[0, 1, 4,..., 81]"
+            print(pool.map(f, range(10)))
+
+            # print same numbers in arbitrary order
+            for i in pool.imap_unordered(f, range(10)):
+                print(i)
+
+            # evaluate "f(20)" asynchronously
+            res = pool.apply_async(f, (20,))      # runs in *only* one process
+            print(res.get(timeout=1))             # prints "400"
+
+            # evaluate "os.getpid()" asynchronously
+            res = pool.apply_async(os.getpid, ()) # runs in *only* one process
+            print(res.get(timeout=1))             # prints the PID of that process
+
+            # launching multiple evaluations asynchronously *may* use more processes
+            multiple_results = [pool.apply_async(os.getpid, ()) for i in range(4)]
+            print([res.get(timeout=1) for res in multiple_results])
+
+            # make a single worker sleep for 10 seconds
+            res = pool.apply_async(time.sleep, (10,))
+            try:
+                print(res.get(timeout=1))
+            except TimeoutError:
+                print("We lacked patience and got a multiprocessing.TimeoutError")
+
+            print("For the moment, the pool remains available for more work")
+
+        # exiting the 'with'-block has stopped the pool
+        print("Now the pool is closed and no longer available")
+    """
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", START_METHODS)
+def test_documentation_pool_of_workers_runs_unchanged(method, tmp_path):
+    path = tmp_path / "pool_of_workers.py"
+    path.write_text(_as_shmipc(POOL_OF_WORKERS, method))
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True,
+                         timeout=100, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    squares = [i * i for i in range(10)]
+    assert lines[0] == str(squares), out.stdout
+    assert sorted(int(x) for x in lines[1:11]) == squares, out.stdout
+    assert lines[11] == "400", out.stdout
+    pid = int(lines[12])
+    pids = eval(lines[13])                       # a list of 4 ints
+    assert pid > 0 and len(pids) == 4 and all(isinstance(p, int) for p in pids), out.stdout
+    assert lines[14:] == ["We lacked patience and got a multiprocessing.TimeoutError",
+                          "For the moment, the pool remains available for more work",
+                          "Now the pool is closed and no longer available"], out.stdout
+
+
 def _as_shmipc(source: str, method: str) -> str:
     """The program with its multiprocessing import swapped for shmipc's and
     the start method set first thing in __main__."""

@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from", dest="merge", default="",
                         help="merge these JSON reports (comma-separated) instead of running")
     args = parser.parse_args(argv)
+    if os.sep in args.python:       # the classes run with cwd=tests/cpython
+        args.python = os.path.abspath(args.python)
     if args.merge:
         report = merge_reports([load_report(path) for path in args.merge.split(",") if path])
     else:
