@@ -251,7 +251,7 @@ class _Engine(_Dispatch, _WorkerExits):
             self._feeders.add(feeder)
         feeder.start()
 
-    def _enqueue(self, task: _Task) -> bool:
+    def enqueue(self, task: _Task) -> bool:
         """Queue a task from a feeder (allowed after close(), as the job was
         accepted before). False if the pool was terminated."""
         with self._lock:
@@ -263,7 +263,7 @@ class _Engine(_Dispatch, _WorkerExits):
             _run_callback(callback)
         return True
 
-    def _feeder_done(self, feeder: "_Feeder") -> None:
+    def feeder_done(self, feeder: "_Feeder") -> None:
         with self._lock:
             self._feeders.discard(feeder)
         self._wake()
@@ -469,6 +469,11 @@ class _Engine(_Dispatch, _WorkerExits):
     def state(self) -> str:
         """INIT, RUN, CLOSE or TERMINATE."""
         return self._state
+
+    @property
+    def owner_pid(self) -> int:
+        """The process that made the pool (a forked copy owns nothing)."""
+        return self._owner_pid
 
     @property
     def processes(self) -> int:

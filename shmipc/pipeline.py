@@ -55,8 +55,13 @@ Failure model
     slot, nothing records the item: once nothing has moved for QUIET_S with
     every ring empty and no worker busy, unfinished items fail with
     WorkerLost (so nothing hangs), and a late result is dropped (counted).
-  * Only workers that keep dying before their setup finished stop the
-    pipeline (PipelineError, after MAX_START_DEATHS in a row).
+  * Only workers that keep dying by their own hand before their setup
+    finished stop the pipeline (PipelineError, after MAX_START_DEATHS in a
+    row); workers killed from outside meanwhile are replaced (see
+    shmipc._runtime.StartupGuard).
+  * ``close()`` while ``results()`` runs (from another thread, or in the
+    loop body) makes results() raise PipelineError ("... was closed while
+    results() was running"), never a silent end.
   * ``close()`` (also on leaving the ``with`` block, breaking out of
     ``results()``, or an exception) tells the workers to stop, shuts the rings
     down (waking every waiter), gives them ``stop_timeout`` seconds to run

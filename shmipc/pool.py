@@ -59,9 +59,9 @@ class _Feeder(threading.Thread):
             it = iter(self.iterable)
             while True:
                 while not job._room.acquire(timeout=FEEDER_ROOM_S):
-                    if engine._state == TERMINATE:
+                    if engine.state == TERMINATE:
                         return
-                if engine._state == TERMINATE:
+                if engine.state == TERMINATE:
                     return
                 try:
                     items = list(itertools.islice(it, self.chunksize))
@@ -80,12 +80,12 @@ class _Feeder(threading.Thread):
                 index += 1
                 start += len(items)
                 job._next_chunk = index
-                if not engine._enqueue(task):
+                if not engine.enqueue(task):
                     return                      # terminated meanwhile: the job was failed
         except Exception as exc:                # iter() itself failed
             job.fail(exc)
         finally:
-            engine._feeder_done(self)
+            engine.feeder_done(self)
 
 
 # ---------------------------------------------------------------------- the Pool
@@ -141,8 +141,12 @@ class Pool(PoolAPI):
       * No helper process is a single point of failure: if the zygote is
         killed (or stopped), the workers carry on, and the next replacement
         comes from a new zygote; a pool whose workers really can no longer
-        be started fails its pending work with RuntimeError instead of
-        hanging (multiprocessing respawns forever).
+        be started (they keep exiting or raising before they are ready: a
+        failing initializer) fails its pending work with RuntimeError
+        instead of hanging (multiprocessing respawns forever), and tries
+        again at a submit after a back-off (1 s, doubling up to 30 s).
+        Workers killed from outside while they start (the OOM killer) are
+        simply replaced: they say nothing about the initializer.
       * A value that does not cross a process boundary (a result, an
         exception or an argument that fails to pickle or unpickle) fails only
         its own task: MaybeEncodingError for a result or an exception, the
@@ -164,12 +168,12 @@ class Pool(PoolAPI):
         self._engine: _Engine | None = None
         self._engine = _Engine(processes, initializer, initargs, maxtasksperchild, context,
                                retries, name="ShmipcPoolWorker")
-        self._processes = self._engine._processes
+        self._processes = self._engine.processes
         self._retries = retries
 
     @property
     def _state(self) -> str:
-        return self._engine._state if self._engine is not None else INIT
+        return self._engine.state if self._engine is not None else INIT
 
     @_state.setter
     def _state(self, value: str) -> None:
@@ -240,9 +244,9 @@ class Pool(PoolAPI):
         # as multiprocessing: a pool collected while running warns, and is terminated
         # (results still pending hold a reference to it, so it is not collected early)
         engine = self._engine
-        if engine is None or engine._state == TERMINATE or os.getpid() != engine._owner_pid:
+        if engine is None or engine.state == TERMINATE or os.getpid() != engine.owner_pid:
             return      # a forked child's copy is the parent's pool: neither warn nor stop it
-        if engine._state == RUN:
+        if engine.state == RUN:
             warnings.warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
                           source=self)
         try:
