@@ -358,3 +358,44 @@ def test_a_record_that_is_not_a_task_at_all_is_reported():
             ring.get_nowait()
     finally:
         arena.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("payload", [[b"d" * BIG, b"e" * (BIG * 2), b"d" * BIG], [1, 2, 3],
+                                     [np.arange(9000.0), "x", b"f" * BIG * 2], [b"small", b"also"]],
+                         ids=["blobs", "ints", "mixed", "small bytes"])
+def test_detach_copies_a_viewed_task_out_once_into_its_final_form(payload):
+    """A worker takes its task as a view of the ring and copies it out with
+    detach() before the ring space is reused: the values must not refer to
+    the ring any more, and large bytes items come out as their final bytes."""
+    arena = Arena(Arena.size_for(rings=[1 << 20]))
+    try:
+        ring = arena.ring(1 << 20, name="t", producers="one", consumers="many")
+        ring.put((5, 1, *pack_task(divmod, payload, True)))
+        with ring.get_view(timeout=5) as view:
+            record = _wire.detach(view)
+        for _ in range(4):          # round the ring: its space, the viewed record's too, is written over
+            ring.put((6, 1, b"\xff" * (300 << 10), None))
+            ring.get(timeout=5)
+        seq, kind, data, meta = record
+        assert (seq, kind) == (5, 1)
+        func, items = unpack_task(data, meta)
+        assert func is divmod and _same(payload, items)
+        if isinstance(meta[1], tuple) and meta[1][0] == M_BLOBS:
+            assert all(type(x) is bytes for x in data[1])           # already the final objects
+    finally:
+        arena.close()
+
+
+@pytest.mark.timeout(30)
+def test_detach_copies_any_buffer_of_a_record_it_does_not_know():
+    mv = memoryview(b"abc")
+    out = _wire.detach((1, (mv, (2, mv)), "x"))
+    assert out == (1, (bytearray(b"abc"), (2, bytearray(b"abc"))), "x")
+    assert type(out[1][0]) is bytearray and type(out[1][1][1]) is bytearray     # copies, not views
+    assert _wire.detach(None) is None and _wire.detach(mv) == bytearray(b"abc")
+    # a task record whose meta does not match its data: copied, left for unpack to refuse
+    seq, kind, data, meta = _wire.detach((1, 1, (mv,), (_wire.M_CALL_ITEMS, None)))
+    assert data == (bytearray(b"abc"),)
+    with pytest.raises(CorruptMessage):
+        unpack_task(data, meta)
