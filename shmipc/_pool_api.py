@@ -11,12 +11,14 @@ checks, chunking, ordering, Ctrl-C handling, progress bars) is here.
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable, Iterator
 
 from shmipc._pool_results import ApplyResult, IMapIterator, MapResult
 from shmipc._poolworker import K_CALL, K_MAP, K_STARMAP
+from shmipc._waiting import FEEDER_ROOM_S
 
-__all__ = ["PoolAPI", "check_chunksize"]
+__all__ = ["PoolAPI", "check_chunksize", "feed_imap"]
 
 IMAP_AHEAD = 256                     # chunks of one imap job queued or running at once (at least)
 
@@ -169,3 +171,45 @@ def check_chunksize(chunksize: Any, allow_zero: bool = False) -> None:
         raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
     if chunksize < 1 and not (allow_zero and chunksize == 0):
         raise ValueError(f"Chunksize must be 1+, not {chunksize}")
+
+
+def feed_imap(job: IMapIterator, func: Callable, iterable: Iterable, chunksize: int, kind: int,
+              make_task: Callable[..., Any], queue_task: Callable[[Any], bool],
+              terminated: Callable[[], bool]) -> None:
+    """An imap job's input, read in the feeder's own thread (as
+    multiprocessing's task handler does, so a slow or blocking input never
+    stalls result handling, nor the caller of imap) only as the job has room:
+    at most its look-ahead of chunks queued or running, so an endless input
+    is fine. Each chunk becomes ``make_task(job, index, start, kind, func,
+    payload)``, handed to ``queue_task`` (False: the pool was terminated and
+    the job failed). The input raising fails the job in its place."""
+    index = start = 0
+    try:
+        it = iter(iterable)
+        while True:
+            while not job._room.acquire(timeout=FEEDER_ROOM_S):
+                if terminated():
+                    return
+            if terminated():
+                return
+            try:
+                items = list(itertools.islice(it, chunksize))
+            except Exception as exc:        # the input raised: the job reports it in place
+                job.fail(exc)
+                return
+            if not items:
+                job._set_length(index)
+                return
+            if kind == K_CALL:
+                payload: Any = ((items[0],), {})
+            else:
+                payload = items
+                job._chunk_len[index] = len(items)
+            task = make_task(job, index, start, kind, func, payload)
+            index += 1
+            start += len(items)
+            job._next_chunk = index
+            if not queue_task(task):
+                return
+    except Exception as exc:                # iter() itself failed
+        job.fail(exc)

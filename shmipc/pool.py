@@ -10,7 +10,6 @@ itself, its result objects and the imap input feeder.
 from __future__ import annotations
 
 import inspect
-import itertools
 import os
 import threading
 import time
@@ -19,12 +18,11 @@ from multiprocessing import TimeoutError  # noqa: F401 (AsyncResult.get raises i
 from typing import Any, Callable, Iterable, Iterator
 
 from shmipc._engine import CLOSE, INIT, RUN, TERMINATE, _Engine
-from shmipc._pool_api import PoolAPI
+from shmipc._pool_api import PoolAPI, feed_imap
 from shmipc._pool_results import (ApplyResult, AsyncResult, IMapIterator, IMapUnorderedIterator,  # noqa: F401
                                   MapResult)
-from shmipc._waiting import EXIT_POLL_S, FEEDER_ROOM_S
+from shmipc._waiting import EXIT_POLL_S
 from shmipc._tasks import MaybeEncodingError, RemoteTraceback, _Task  # noqa: F401 (re-exported)
-from shmipc._poolworker import K_CALL
 from shmipc._proc import pid_alive
 from shmipc.errors import WorkerLost
 
@@ -33,10 +31,7 @@ __all__ = ["Pool", "AsyncResult", "ApplyResult", "MapResult", "IMapIterator",
 
 class _Feeder(threading.Thread):
     """Reads an imap job's input and queues it as tasks, from its own thread
-    (as multiprocessing's task handler does, so a slow or blocking input never
-    stalls result handling, nor the caller of imap). At most `ahead` chunks of
-    the job are queued or running at a time: the input is read as workers
-    need it, and an endless input is fine.
+    (see shmipc._pool_api.feed_imap).
 
     Runs no user code but the input iterator; never forks (threads are safe here:
     every fork of the pool happens in the zygote)."""
@@ -53,37 +48,11 @@ class _Feeder(threading.Thread):
         self.retries = retries
 
     def run(self) -> None:
-        engine, job = self.engine, self.job
-        index = start = 0
+        engine = self.engine
         try:
-            it = iter(self.iterable)
-            while True:
-                while not job._room.acquire(timeout=FEEDER_ROOM_S):
-                    if engine.state == TERMINATE:
-                        return
-                if engine.state == TERMINATE:
-                    return
-                try:
-                    items = list(itertools.islice(it, self.chunksize))
-                except Exception as exc:        # the input raised: the job reports it in place
-                    job.fail(exc)
-                    return
-                if not items:
-                    job._set_length(index)
-                    return
-                if self.kind == K_CALL:
-                    payload: Any = ((items[0],), {})
-                else:
-                    payload = items
-                    job._chunk_len[index] = len(items)
-                task = _Task(job, index, start, self.kind, self.func, payload, self.retries)
-                index += 1
-                start += len(items)
-                job._next_chunk = index
-                if not engine.enqueue(task):
-                    return                      # terminated meanwhile: the job was failed
-        except Exception as exc:                # iter() itself failed
-            job.fail(exc)
+            feed_imap(self.job, self.func, self.iterable, self.chunksize, self.kind,
+                      lambda *a: _Task(*a, self.retries), engine.enqueue,
+                      lambda: engine.state == TERMINATE)
         finally:
             engine.feeder_done(self)
 

@@ -9,17 +9,15 @@ delivers results, as the shared-memory pool's does.
 from __future__ import annotations
 
 import collections
-import itertools
 import threading
 import time
 import weakref
 from multiprocessing.pool import MaybeEncodingError
 from typing import Any, Callable, Iterable, Iterator
 
-from shmipc._pool_api import PoolAPI
+from shmipc._pool_api import PoolAPI, feed_imap
 from shmipc._pool_results import ApplyResult, AsyncResult, IMapIterator, MapResult  # noqa: F401
 from shmipc._runtime import with_remote_traceback
-from shmipc._waiting import FEEDER_ROOM_S
 from shmipc._waiting import RAY_POOL_POLL_S as _POLL_S
 from shmipc.cluster import connect
 from shmipc.cluster._actors import (E_DONE, E_FATAL, E_LOST, E_REQUEUE, K_CALL, POOL,
@@ -29,7 +27,6 @@ from shmipc.errors import WorkerLost
 __all__ = ["RayPool"]
 
 INIT, RUN, CLOSE, TERMINATE = "INIT", "RUN", "CLOSE", "TERMINATE"
-_jobs = itertools.count()
 
 
 def _rebuild(err: tuple) -> BaseException:
@@ -278,35 +275,19 @@ class RayPool(PoolAPI):
         feeder.start()
 
     def _feed(self, job: IMapIterator, func: Callable, iterable: Iterable, chunksize: int, kind: int) -> None:
-        """An imap job's input, read in its own thread (it may block) only as
-        chunks come back: at most `ahead` chunks queued or running."""
-        index = start = 0
+        """An imap job's input (see shmipc._pool_api.feed_imap), in its own thread."""
+        def queue_task(task: _Task) -> bool:
+            try:
+                self._submit([task])
+            except ValueError as exc:           # terminated meanwhile
+                job._next_chunk = task.index
+                job.fail(exc)
+                return False
+            return True
+
         try:
-            it = iter(iterable)
-            while True:
-                while not job._room.acquire(timeout=FEEDER_ROOM_S):
-                    if self._state == TERMINATE:
-                        return
-                if self._state == TERMINATE:
-                    return
-                try:
-                    items = list(itertools.islice(it, chunksize))
-                except Exception as exc:
-                    _fail(job, index, exc)
-                    return
-                if not items:
-                    job._set_length(index)
-                    return
-                payload: Any = ((items[0],), {}) if kind == K_CALL else items
-                try:
-                    self._submit([_Task(job, index, start, kind, func, payload)])
-                except ValueError as exc:        # terminated meanwhile
-                    _fail(job, index, exc)
-                    return
-                index += 1
-                start += len(items)
-        except Exception as exc:
-            _fail(job, index, exc)
+            feed_imap(job, func, iterable, chunksize, kind, _Task, queue_task,
+                      lambda: self._state == TERMINATE)
         finally:
             with self._lock:
                 self._feeders.discard(threading.current_thread())
@@ -374,9 +355,3 @@ def _deliver(task: _Task, ok: bool, value: Any) -> None:
     """Hand a task's outcome to its job (outside any lock) and run what it asks."""
     for callback in task.job._deliver(task, ok, value):
         callback()
-
-
-def _fail(job: IMapIterator, chunks: int, exc: BaseException) -> None:
-    """An imap job's input raised after `chunks` chunks: report it in its place."""
-    job._next_chunk = chunks
-    job.fail(exc)
