@@ -22,6 +22,27 @@ keep only their own scheduling; what they have in common is answered here:
 The processes themselves are started and watched by
 :class:`shmipc._workers.Supervisor` (parent side) and :mod:`shmipc._zygote`
 (what runs inside them). Layers: this module imports only the ones below it.
+
+Where to look (for a newcomer), bottom up:
+
+* a record in shared memory: ``_ring.pyx`` (the only code touching raw
+  shared memory; its own invariants at the top), ``arena.py``;
+* a waiter sleeps: in the ring, on its semaphores; above it, in slices
+  named in ``_waiting.py`` (every poll interval and back-off);
+* a message is encoded: ``_wire.py`` (task data for pools and pipelines:
+  a value that does not cross fails its own task or item);
+* a process starts, is watched, is replaced: ``_workers.py`` (Supervisor),
+  ``_zygote.py`` / ``_zygote_link.py`` (the fork helper, both sides of its
+  protocol), ``_fork_safety.py`` (forking from a threaded parent);
+* a worker died: the rules here (StartupGuard); for Pool/Executor,
+  ``_engine_exits.py``; for Pipeline, ``_pipeline_crew.py`` (the facts a
+  dead worker left) and ``_pipeline_sched.py`` (what they mean for items);
+* scheduling: ``_engine.py`` + ``_engine_dispatch.py`` (Pool/Executor),
+  ``pipeline.py`` + ``_pipeline_sched.py`` (Pipeline, pure code);
+* the public APIs: ``pool.py`` / ``_pool_api.py`` / ``_pool_results.py``,
+  ``futures.py``, ``pipeline.py`` / ``_pipeline_api.py``; the same APIs on
+  Ray in ``cluster/`` (sharing ``_pool_api``, ``_pool_results`` and
+  ``_pipeline_api``).
 """
 from __future__ import annotations
 
