@@ -90,29 +90,41 @@ def _install_mp() -> None:
 def _install_futures() -> None:
     """test.test_concurrent_futures' process-pool classes for METHOD, with
     mp_context=shmipc.get_context(METHOD), or shmipc.ProcessPoolExecutor."""
+    import importlib
+
     import test.test_concurrent_futures as tcf
 
+    if hasattr(tcf, "ExecutorMixin"):       # 3.11: one module
+        util, modules = tcf, [tcf]
+    else:                                   # 3.12+: a package, the mixins in its util
+        util = importlib.import_module("test.test_concurrent_futures.util")
+        modules = [importlib.import_module(f"test.test_concurrent_futures.{name}")
+                   for name in ("test_as_completed", "test_deadlock", "test_init",
+                                "test_process_pool", "test_shutdown", "test_wait")]
     if IMPL in ("shmipc", "shmipc-executor"):
         import shmipc
 
         def get_context(self):      # what the tests pass as mp_context
             return shmipc.get_context(self.ctx)
 
-        tcf.ExecutorMixin.get_context = get_context
+        util.ExecutorMixin.get_context = get_context
         if IMPL == "shmipc-executor":
-            for mixin in (tcf.ProcessPoolForkMixin, tcf.ProcessPoolSpawnMixin,
-                          tcf.ProcessPoolForkserverMixin):
+            for mixin in (util.ProcessPoolForkMixin, util.ProcessPoolSpawnMixin,
+                          util.ProcessPoolForkserverMixin):
                 mixin.executor_type = shmipc.ProcessPoolExecutor
-            tcf.futures = _shim(tcf.futures, "concurrent.futures",
-                                ProcessPoolExecutor=shmipc.ProcessPoolExecutor)
+            for module in modules:
+                if hasattr(module, "futures"):
+                    module.futures = _shim(module.futures, "concurrent.futures",
+                                           ProcessPoolExecutor=shmipc.ProcessPoolExecutor)
     prefix = {"fork": "ProcessPoolFork", "spawn": "ProcessPoolSpawn",
               "forkserver": "ProcessPoolForkserver"}[METHOD]
-    for name, value in vars(tcf).items():
-        if not (isinstance(value, type) and name.startswith(prefix) and name.endswith("Test")):
-            continue
-        if METHOD == "fork" and name.startswith("ProcessPoolForkserver"):
-            continue
-        globals()[name] = value     # its module's setUpModule runs around it
+    for module in modules:
+        for name, value in vars(module).items():
+            if not (isinstance(value, type) and name.startswith(prefix) and name.endswith("Test")):
+                continue
+            if METHOD == "fork" and name.startswith("ProcessPoolForkserver"):
+                continue
+            globals()[name] = value     # its module's setUpModule runs around it
 
 
 if SUITE == "mp":
