@@ -66,8 +66,8 @@ _MAX_WORKERS = MAX_REGIONS - 4        # a task ring each, plus the result ring, 
 # list too; a single value too large goes through one "big" ring per
 # direction (up to half its capacity), in memory of its own that is mapped
 # only while used.
-_TASK_RING = 2 << 20                  # per worker: messages up to 1 MiB
-_RESULT_RING = 4 << 20                # shared: messages up to 2 MiB
+_TASK_RING = 4 << 20                  # per worker: messages up to 2 MiB
+_RESULT_RING = 4 << 20                # shared: messages up to 2 MiB (it is never punched: see _footprint)
 _BIG_RING = 256 << 20
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
 _shutdown_lock = threading.Lock()

@@ -163,7 +163,6 @@ class _WorkerLoop:
         if msg[1] != K_BIG:
             return msg
         big = self.take_big(msg[0])
-        self.big.release()
         if big is None:
             self.send_error(msg[0], RuntimeError(
                 f"task {msg[0]}: its data never arrived in the big-message ring"))
@@ -174,8 +173,14 @@ class _WorkerLoop:
         """One task record, waiting up to `timeout`: taken as a view and copied
         out once, into the values' own buffers (a plain get copies the whole
         record first)."""
-        with self.tasks.get_view(timeout=timeout) as view:
-            return detach(view)
+        try:
+            with self.tasks.get_view(timeout=timeout) as view:
+                return detach(view)
+        except queue.Empty:
+            # idle: the big rings' address space goes back (mapped again at
+            # the next large message; see shmipc._footprint)
+            self.big.release()
+            raise
 
     def take_big(self, seq: int) -> tuple | None:
         """The task announced by a K_BIG stub: the next message of the big-task
@@ -221,10 +226,7 @@ class _WorkerLoop:
             error: BaseException = exc
             try:
                 # the payload first, then the stub that tells the parent to fetch it
-                try:
-                    self.big_results.put(record, timeout=_BIG_WAIT)
-                finally:
-                    self.big.release()
+                self.big_results.put(record, timeout=_BIG_WAIT)
                 self.results.put((seq, R_BIG, offset, last, None, None, None))
                 return
             except MessageTooLarge as big_exc:
