@@ -8,8 +8,9 @@ message had touched for its whole life).
   rings (parent -> workers, workers -> parent) that live in shared memory of
   their own (:class:`BigRings`): made before the workers start, so they
   inherit it (or receive it as a file descriptor under spawn and
-  forkserver), but *mapped* by a process only while it moves a big message;
-  a worker unmaps it after each one, the parent when the pool goes idle.
+  forkserver), but *mapped* by a process only while it moves big messages:
+  a worker unmaps it at its first idle wait, the parent when the pool has
+  been idle for IDLE_RELEASE_S.
 * When a pool has been idle for :data:`IDLE_RELEASE_S`, the parent gives
   the pages back (:func:`give_back`): ``fallocate(PUNCH_HOLE)`` on the data
   of every empty ring that only the parent writes (each worker's task ring,
