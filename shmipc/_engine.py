@@ -1,11 +1,12 @@
 """The engine behind Pool and ProcessPoolExecutor: workers, rings, bookkeeping.
 
 * one arena per pool holds a task ring per worker (parent -> worker), one
-  result ring (workers -> parent), a big-message ring each way (for the rare
-  message too large for the others, announced by a small stub) and a *slot
-  table*: each worker writes the task it is about to run into its slot, so
+  result ring (workers -> parent) and a *slot table*: each worker writes the task it is about to run into its slot, so
   when it dies the parent knows exactly which task it held (and that the
-  ones queued behind it in its own ring never ran);
+  ones queued behind it in its own ring never ran); a big-message ring each
+  way, for the rare value too large for the others (announced by a small
+  stub), lives in memory of its own, mapped only while used, and an idle
+  pool gives its rings' pages back (see :mod:`shmipc._footprint`);
 * one bookkeeping thread in the parent reads results, hands out tasks (a
   few queued per worker, more for short tasks: see _CREDIT_*), runs
   callbacks, notices worker exits and starts replacements; imap jobs read
@@ -16,11 +17,12 @@
   while shmipc threads run; no helper is a single point of failure (a lost
   zygote is replaced, its workers live on);
 * chunks too large for a message are cut into pieces that fit; ``range``
-  inputs travel as range slices; bytes of 16 KiB or more travel out of band
-  (written once, straight into the ring);
-* each task and result is pickled on its own inside its record, so one that
-  does not pickle or unpickle fails only its own task (see the wire format
-  in :mod:`shmipc._poolworker`, which also holds the worker side).
+  inputs travel as range slices;
+* each task and result is encoded on its own inside its record by
+  :mod:`shmipc._wire` (the wire format shared with the Pipeline: large
+  bytes and arrays out of band, written once straight into the ring), so
+  one that does not pickle or unpickle fails only its own task; the
+  records are described in :mod:`shmipc._poolworker`, the worker side.
 """
 from __future__ import annotations
 

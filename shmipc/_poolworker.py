@@ -1,4 +1,5 @@
-"""The worker side of the pool engine, and the wire format both sides share.
+"""The worker side of the pool engine, and the records both sides exchange
+(their values are encoded by :mod:`shmipc._wire`).
 
 What runs in each pool worker process (:class:`_WorkerLoop`): take tasks from
 its own ring, run them, put results; mark in the shared slot table what it is
