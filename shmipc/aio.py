@@ -99,6 +99,36 @@ async def readable(fd: int, timeout: float | None = None) -> bool:
                 loop.remove_reader(fd)
 
 
+def _forget(fd: int) -> None:
+    """`fd` is about to be closed (its queue or connection is being closed):
+    wake every await waiting on it, in every loop, so they find it closed
+    and raise instead of waiting on a descriptor that no longer exists.
+    Safe from any thread."""
+    for loop, table in list(_waiting.items()):
+        if fd in table and not loop.is_closed():
+            def wake(loop: asyncio.AbstractEventLoop = loop, table: dict = table) -> None:
+                waiters = table.pop(fd, None)
+                if waiters is not None:
+                    loop.remove_reader(fd)
+                    for f in waiters:
+                        if not f.done():
+                            f.set_result(True)
+            try:
+                if _running_loop() is loop:
+                    wake()
+                else:
+                    loop.call_soon_threadsafe(wake)
+            except RuntimeError:
+                pass        # the loop closed meanwhile
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class _Backoff:
     """Asyncio-timer back-off: 50 us doubling to 5 ms."""
 

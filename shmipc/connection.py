@@ -76,6 +76,7 @@ import pickle
 import queue
 import select
 import socket
+import sys
 import time
 from multiprocessing import BufferTooShort, reduction
 from typing import Any, NoReturn
@@ -864,6 +865,9 @@ class Connection(Closeable):
             self._send_ring = self._recv_ring = None
             self._pending = _NOTHING
             if self._sock is not None:
+                aio = sys.modules.get("shmipc.aio")
+                if aio is not None and self._sock.fileno() >= 0:
+                    aio._forget(self._sock.fileno())    # wake recv_async awaits
                 self._sock.close()
             for name in ("_mine", "_peer"):
                 fd = getattr(self, name)

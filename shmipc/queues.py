@@ -38,6 +38,7 @@ from __future__ import annotations
 import os
 import select
 import struct
+import sys
 import threading
 import time
 import types
@@ -429,6 +430,9 @@ class _Base:
         self._close_fds()
 
     def _close_fds(self) -> None:
+        aio = sys.modules.get("shmipc.aio")
+        if aio is not None and self._ready_r >= 0:
+            aio._forget(self._ready_r)      # wake get_async awaits
         for name in ("_ready_r", "_ready_w"):
             fd = getattr(self, name)
             if fd >= 0:
