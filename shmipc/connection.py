@@ -35,35 +35,10 @@ and ``recv_bytes`` returns the pickle of what ``send`` sent, as there. A
 send to a peer that closed its end raises BrokenPipeError at once; to a
 peer that died without closing, within PROBE_EVERY sends (multiprocessing
 fails at the first write; looking at the peer on every send would cost a
-system call each).
-
-Readiness descriptor (``fileno()``):
-    Each Pipe also owns a ``socket.socketpair()``; an end's ``fileno()`` is
-    its socket, held exactly by the holders of that end (so it travels and
-    dies with the end, like the tokens). It serves two things, as a
-    multiprocessing Connection's descriptor does: it is readable while a
-    message is waiting or the other end is gone (so
-    ``multiprocessing.connection.wait``, ``select``, ``selectors`` and
-    asyncio's ``loop.add_reader`` watch shmipc connections mixed with
-    sockets and pipes), and ``multiprocessing.reduction.send_handle`` /
-    ``recv_handle`` pass file descriptors over it (SCM_RIGHTS).
-
-    The sender's ring sends one readiness byte on the sender's socket after
-    a commit that finds none out (``wait.ready_signalled`` in the ring
-    header: see ``Ring._ready_rearm``): so while nobody polls, a put pays one
-    relaxed load in C, the byte of the first message staying out. The
-    reader takes the byte out ("re-arms") only when it finds the ring
-    empty: in ``fileno()`` (which ``wait``, ``recv_handle`` and ``register``
-    call), and after each receive once ``fileno()`` was called in this
-    process. Invariants: a message in the ring implies a readiness byte out
-    (sent, or being sent by a producer between its exchange and its send);
-    a readiness byte is taken out only when it is at the front of the
-    socket (a peeked byte of anything else -- an fd message, a user's
-    bytes -- is left alone: the socket is readable anyway) and the ring was
-    seen empty. So a message is never unannounced, and a stale byte never
-    sits in front of an fd message for ``recv_handle`` as long as the
-    messages sent before the fd were received first (the order
-    multiprocessing requires anyway, its data and fds sharing one stream).
+system call each). ``fileno()`` is a readiness descriptor and a socket for
+fd passing, as multiprocessing's (see shmipc._pipe_ready); awaiting
+versions of recv and send are there too (see shmipc.aio). Receiving a
+chunked message is shmipc._pipe_frames'.
 As with multiprocessing, two processes must not send on (or receive from) the
 same end at the same time -- each ring has one producer and one consumer
 process; threads of one process may share an end, one sending (and one
@@ -72,7 +47,6 @@ receiving) at a time, as multiprocessing requires.
 from __future__ import annotations
 
 import os
-import pickle
 import queue
 import select
 import socket
@@ -87,56 +61,16 @@ from shmipc import _framing
 from shmipc._framing import Frame as _Frame     # looked up on every get/recv
 from shmipc.errors import MessageTooLarge, PeerDied, RingClosed
 from shmipc.queues import _ring_capacity, _timeout
+from shmipc._pipe_frames import (SLICE, _ABANDONED, _EOF_MESSAGE, _NOTHING, _FrameReading,
+                                 _as_bytes)
+from shmipc._pipe_ready import _Readiness
 
 __all__ = ["Pipe", "Connection", "SLICE", "PROBE_EVERY", "wait"]
-
-#: Seconds a blocked recv/send waits on the ring before it checks whether the
-#: other end still has a live holder.
-SLICE = 0.05
 
 #: A send looks whether the other end still has a live holder once every
 #: this many sends (a poll() system call), so a send to a reader that died
 #: without closing fails within this many sends.
 PROBE_EVERY = 64
-
-_NOTHING = object()     # no message received ahead by poll()
-# in _pending: a receive was interrupted (an exception from a signal handler,
-# Ctrl-C) in the middle of a frame; _frame_left bytes of its chunks are still
-# to come, and the next receive drops them before it takes a message
-_ABANDONED = object()
-_EOF_MESSAGE = "the other end of the pipe is closed and nothing is left to read"
-# the readiness byte the ring sends (SHM_READY_BYTE in _shm.h)
-_READY = b"R"
-# how long taking out a readiness byte still in flight may wait (its
-# producer is between two instructions, or died there)
-_DRAIN_WAIT = 1.0
-
-
-class _Interrupted(Exception):
-    """Raised inside a frame's reading: a record that is not the next chunk
-    arrived (the writer was interrupted), carried in ``item``."""
-
-    def __init__(self, item: Any) -> None:
-        self.item = item
-
-
-def _detached(view: Any) -> Any:
-    """A message taken with get_view, as get would have returned it (views
-    over the ring die with the with-block)."""
-    if type(view) is memoryview:
-        return bytes(view)
-    if type(view).__module__ == "numpy" and hasattr(view, "copy"):
-        return view.copy()
-    return view
-
-
-def _as_bytes(item: Any) -> bytes:
-    """A message as multiprocessing's recv_bytes returns it: bytes as they
-    are, anything else sent with send() as its pickle."""
-    if isinstance(item, (bytes, bytearray)):
-        return bytes(item)
-    return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-
 
 def _hung_up(fd: int) -> bool:
     """True if every copy of the write end of the pipe `fd` reads is closed."""
@@ -196,7 +130,7 @@ def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple["Connecti
     return a, b
 
 
-class Connection(Closeable):
+class Connection(Closeable, _FrameReading, _Readiness):
     """One end of a Pipe: send/recv objects, send_bytes/recv_bytes(_into)
     raw bytes, poll, close. Make them with :func:`Pipe`.
 
@@ -213,7 +147,6 @@ class Connection(Closeable):
     _sock: socket.socket | None = None
     _send_ring: Any = None
     _recv_ring: Any = None
-    _nothing = _NOTHING             # for shmipc.aio
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("make connections with shmipc.Pipe()")
@@ -447,211 +380,7 @@ class Connection(Closeable):
             records += [view[off:off + chunk] for off in range(0, view.nbytes, chunk)]
         return records
 
-    # ------------------------------------------------------------ asyncio
-    async def send_async(self, obj: Any) -> None:
-        """Like send, awaiting room without blocking the event loop (a
-        non-blocking put retried on asyncio timers, 50 us growing to 5 ms,
-        while the ring is full). Cancelled midway, nothing is sent (a chunked
-        message is aborted, the reader drops it). See shmipc.aio.
-
-        Raises:
-            BrokenPipeError, OSError, pickling errors: as send.
-        """
-        from shmipc import aio
-
-        self._check_writable()
-        records = [obj]
-        try:
-            self._send_ring.put(obj, False)
-            return                      # the common case: there was room
-        except (queue.Full, PeerDied):
-            pass
-        except MessageTooLarge:
-            records = self._frame_records("object", _framing.dump_parts(obj))
-        except RingClosed:
-            self._raise_closed()
-        await aio.send_when_room(self, records)
-
-    async def send_bytes_async(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
-        """Like send_bytes, awaiting room as send_async does.
-
-        Raises:
-            ValueError, BrokenPipeError, OSError: as send_bytes.
-        """
-        from shmipc import aio
-
-        payload = self._payload(buf, offset, size)
-        if payload.nbytes > self._send_ring.max_message_size:
-            records = self._frame_records("bytes", [payload])
-        elif payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
-            records = [_framing.Frame("bytes", None), payload]
-        else:
-            records = [payload]
-        await aio.send_when_room(self, records)
-
-    async def recv_async(self) -> Any:
-        """Like recv, awaiting a message without blocking the event loop and
-        without a thread: waits on fileno() with ``loop.add_reader``. A
-        cancelled await loses no message (one is taken only once it is
-        there, and returned in the same step). A message larger than half
-        the ring is read as it streams in, blocking the loop meanwhile.
-
-        Raises:
-            EOFError: the other end is gone and nothing is left to read.
-            OSError, unpickling errors: as recv.
-        """
-        from shmipc import aio
-
-        return await aio.recv_when_ready(self, False, None)
-
-    async def recv_bytes_async(self, maxlength: int | None = None) -> bytes:
-        """Like recv_bytes, awaiting as recv_async does.
-
-        Raises:
-            EOFError, OSError: as recv_bytes.
-        """
-        from shmipc import aio
-
-        return await aio.recv_when_ready(self, True, maxlength)
-
     # ------------------------------------------------------------ receiving
-    def _take(self, timeout: float | None) -> Any:
-        """The next record, waiting up to `timeout` (None: forever).
-
-        Raises:
-            queue.Empty: nothing came in time (the peer is still held).
-            EOFError: the peer is gone and everything it sent was read.
-        """
-        item = self._pending
-        if item is not _NOTHING:
-            self._pending = _NOTHING
-            if item is not _ABANDONED:
-                return item
-            item = self._drop_abandoned(timeout)
-            if item is not _NOTHING:
-                return item
-        ring = self._recv_ring
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = SLICE
-            if deadline is not None:
-                wait = min(SLICE, max(deadline - time.monotonic(), 0.0))
-            try:
-                return ring.get(True, wait)
-            except queue.Empty:
-                pass
-            except PeerDied:
-                pass            # the last sender died; another holder may remain
-            except EOFError:
-                raise EOFError(_EOF_MESSAGE) from None
-            except RingClosed:
-                self._raise_closed()
-            if self._peer_gone():
-                try:
-                    return ring.get_nowait()        # whatever it sent before going
-                except (queue.Empty, EOFError):
-                    raise EOFError(_EOF_MESSAGE) from None
-            if deadline is not None and time.monotonic() >= deadline:
-                raise queue.Empty
-
-    def _drop_abandoned(self, timeout: float | None) -> Any:
-        """Take and drop the rest of a frame whose reading was interrupted
-        (never deliver its chunks as messages). Returns the first record
-        after it if one had to be taken to see that the writer gave up on
-        the frame (not a chunk), else _NOTHING.
-
-        Raises:
-            queue.Empty: the rest did not come in time (dropped later).
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._frame_left > 0:
-            try:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                item = self._take(left)
-            except BaseException:
-                self._pending = _ABANDONED      # the next receive goes on dropping
-                raise
-            if type(item) is not bytes or len(item) > self._frame_left:
-                self._frame_left = 0            # the writer gave up on that frame
-                return item
-            self._frame_left -= len(item)
-        return _NOTHING
-
-    def _unframe(self, frame: Any, as_bytes: bool) -> Any:
-        """The message a Frame announces: for recv (as_bytes False) the
-        object, for recv_bytes its bytes, as multiprocessing would give them.
-        Reads records until a whole message is there: an ABORT, or a record
-        that is not the expected chunk (the writer was interrupted midway),
-        drops the partial message and the next message is read instead.
-
-        Raises:
-            EOFError: the writer went away before the message was complete
-                (nothing partial is delivered).
-        """
-        while True:
-            if type(frame) is not _Frame:
-                return frame if not as_bytes else _as_bytes(frame)
-            if frame.kind == "abort":
-                frame = self._take(None)        # nothing pending: the next message
-                continue
-            if frame.sizes is None:             # one record: a send_bytes pickle
-                item = self._take(None)
-                if type(item) is not bytes:
-                    frame = item                # interrupted writer: drop the mark
-                    continue
-                return item if as_bytes else pickle.loads(item)
-            self._frame_left = sum(frame.sizes)
-            try:
-                parts = _framing.read_parts(frame.sizes, self._next_chunk)
-            except _Interrupted as exc:
-                self._frame_left = 0
-                frame = exc.item
-                continue
-            except BaseException:
-                # interrupted (Ctrl-C, a signal handler) or the writer went
-                # away: what remains of this frame must never be taken for
-                # messages, so the next receive drops it first
-                if self._frame_left > 0 and self._pending is _NOTHING:
-                    self._pending = _ABANDONED
-                raise
-            if frame.kind == "bytes":
-                data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-                return data if as_bytes else pickle.loads(data)
-            obj = _framing.load_parts(parts)
-            return obj if not as_bytes else _as_bytes(obj)
-
-    def _next_chunk(self, dest: memoryview) -> int:
-        """Copy the next chunk record into `dest` (straight from the ring)."""
-        if self._pending is not _NOTHING:
-            item, self._pending = self._pending, _NOTHING
-            raise _Interrupted(item)
-        ring = self._recv_ring
-        if ring is None:
-            self._check_readable()
-        while True:
-            try:
-                with ring.get_view(True, SLICE) as view:
-                    if type(view) is not memoryview or view.nbytes > dest.nbytes:
-                        raise _Interrupted(_detached(view))
-                    n = view.nbytes
-                    # counted first: from here the with-block's exit takes
-                    # the record, even if an exception interrupts the copy
-                    self._frame_left -= n
-                    dest[:n] = view
-                    return n
-            except queue.Empty:
-                pass
-            except PeerDied:
-                pass
-            except EOFError:
-                raise EOFError("the other end of the pipe closed in the middle of a message; "
-                               "the partial message was dropped") from None
-            except RingClosed:
-                self._raise_closed()
-            if self._peer_gone() and ring.empty():
-                raise EOFError("the other end of the pipe went away in the middle of a "
-                               "message; the partial message was dropped")
-
     def recv(self) -> Any:
         """Receive the next object sent with send (or the unpickled bytes
         sent with send_bytes), waiting for one.
@@ -780,68 +509,6 @@ class Connection(Closeable):
         except EOFError:
             return True
         return True
-
-    def fileno(self) -> int:
-        """This end's descriptor, as multiprocessing's: readable while a
-        message is waiting (or the other end is gone, so that recv raises
-        EOFError), for ``multiprocessing.connection.wait``, ``select``,
-        ``selectors`` and ``loop.add_reader``; and a Unix socket connected
-        to the other end, for ``multiprocessing.reduction.send_handle`` /
-        ``recv_handle``. Never read from it yourself (but through
-        recv_handle): it also carries readiness bytes.
-
-        From the first call on, receives in this process keep its
-        readiness exact (a few system calls when they empty the ring);
-        before, receiving costs nothing extra. See the module docstring.
-
-        Raises:
-            OSError: this end is closed.
-        """
-        self._check_closed()
-        if self._recv_ring is not None:
-            self._polled = True
-            self._rearm()
-        return self._sock.fileno()
-
-    def _rearm(self) -> None:
-        """Take the readiness byte out if it stands for nothing any more (the
-        ring is empty and no message was received ahead by poll)."""
-        ring = self._recv_ring
-        if ring is None or (self._pending is not _NOTHING and self._pending is not _ABANDONED):
-            return
-        try:
-            front = self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            front = None            # nothing (or our byte still in flight)
-        except OSError:
-            return
-        if front is not None and front != _READY:
-            return                  # EOF, an fd message, a user's bytes: readable anyway
-        try:
-            take = ring._ready_rearm()
-        except RingClosed:
-            self._raise_closed()
-        if take:
-            self._drain_ready()
-
-    def _drain_ready(self) -> None:
-        """Take one readiness byte out of the socket, waiting a little for
-        it if its producer is between announcing and sending it."""
-        sock = self._sock
-        deadline = time.monotonic() + _DRAIN_WAIT
-        while True:
-            try:
-                front = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-                if front == _READY:
-                    sock.recv(1, socket.MSG_DONTWAIT)
-                return              # taken; or EOF / something else in front: leave it
-            except BlockingIOError:
-                pass
-            except OSError:
-                return
-            if time.monotonic() >= deadline or _hung_up(self._peer):
-                return              # its producer died midway: a late byte is one spare wake-up
-            select.select([sock], [], [], 0.005)
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:

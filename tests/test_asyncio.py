@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import threading
 import time
 
 import pytest
