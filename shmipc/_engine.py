@@ -45,7 +45,7 @@ if TYPE_CHECKING:
 from shmipc._engine_exits import _WorkerExits
 from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
 from shmipc._footprint import BigRings, Footprint
-from shmipc._poolworker import _SLOT_SIZE, R_BAD_TASK, R_BIG, _worker_main
+from shmipc._poolworker import _BUSY, _SLOT, _SLOT_SIZE, R_BAD_TASK, R_BIG, _worker_main
 from shmipc._runtime import StartupGuard, check_retries
 from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_counter,  # noqa: F401 (re-exported)
                            _run_callback, _Task)
@@ -471,6 +471,17 @@ class _Engine(_Dispatch, _WorkerExits):
     def state(self) -> str:
         """INIT, RUN, CLOSE or TERMINATE."""
         return self._state
+
+    def busy_workers(self) -> dict[int, int]:
+        """{slot: pid} of the live workers running a task right now (as
+        their slots in shared memory say; for tests, examples and tools)."""
+        with self._lock:
+            busy = {}
+            for slot, pid in self._pids.items():
+                wpid, state, _seq = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
+                if wpid == pid and state == _BUSY:
+                    busy[slot] = pid
+            return busy
 
     @property
     def owner_pid(self) -> int:

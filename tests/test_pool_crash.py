@@ -70,14 +70,12 @@ def pool_pids(pool):
 
 
 def busy_worker(pool, timeout=20.0):
-    """(slot, pid) of a worker that is running a task now (its slot says so)."""
-    from shmipc._poolworker import _SLOT, _SLOT_SIZE
-
+    """(slot, pid) of a worker that is running a task now (its slot says so:
+    busy, not starting or leaving)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for slot, pid in sorted(pool_pids(pool).items()):
-            wpid, busy, _seq = _SLOT.unpack_from(pool._engine._slots, slot * _SLOT_SIZE)
-            if busy and wpid == pid and pid_alive(pid):
+        for slot, pid in sorted(pool._engine.busy_workers().items()):
+            if pid_alive(pid):
                 return slot, pid
         time.sleep(0.002)
     raise AssertionError("no worker became busy")
