@@ -183,7 +183,8 @@ class _Base:
         state = self.__dict__.copy()
         state["_closed"] = False
         state["_polled"] = False
-        state.pop("_rlock_here", None)
+        for name in [k for k in state if k.startswith("_rlock_here")]:
+            del state[name]
         state["_ready_r"] = reduction.DupFd(self._ready_r)
         state["_ready_w"] = reduction.DupFd(self._ready_w)
         return state
@@ -717,10 +718,10 @@ class SimpleQueue(_Base):
         # multiprocessing.Pool's terminate takes this to stop its workers from
         # reading while it drains the queue, then kills them; shmipc's get
         # takes no such lock, so a lock of this process suffices.
-        lock = self.__dict__.get("_rlock_here")
-        if lock is None:
-            lock = self.__dict__.setdefault("_rlock_here", threading.Lock())
-        return lock
+        # One per process (setdefault: one per process even when threads
+        # race): a forked child, perhaps forked while another thread held
+        # its parent's, makes its own.
+        return self.__dict__.setdefault(f"_rlock_here_{os.getpid()}", threading.Lock())
 
     @property
     def waitable(self) -> bool:

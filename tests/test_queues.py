@@ -844,3 +844,30 @@ def test_put_then_get_of_a_message_larger_than_the_ring_in_one_thread(kind):
     q.close()
     q.join_thread()
     assert not any(f.is_alive() for f in q._bulk.feeders)
+
+
+@pytest.mark.timeout(60)
+def test_simple_queue_rlock_is_fresh_in_a_forked_child():
+    """multiprocessing.Pool's terminate takes q._rlock; a fork while another
+    thread held it left the child's copy held forever (known-issues: the
+    locks not re-created after fork)."""
+    q = shmipc.SimpleQueue()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with q._rlock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    assert held.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if q._rlock.acquire(timeout=2) else 1)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        release.set()
+        t.join()
+    assert os.waitstatus_to_exitcode(status) == 0, "the child's reader lock stayed held"
