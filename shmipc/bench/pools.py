@@ -106,14 +106,14 @@ def _maps(one: Callable[[], Any]) -> list:
     return out
 
 
-def _tune(pool: Any, fn: Callable, items: list, expected: list, processes: int) -> int:
+def _tune(pool: Any, fn: Callable, items: list, expected: list, processes: int, passes: int = 2) -> int:
     """The chunksize that suits multiprocessing.Pool best for this map, from
     two runs of each candidate around its default (whose results are
     checked too): a fair baseline is a tuned one."""
     default = -(-len(items) // (processes * 4))
     candidates = sorted({max(1, default // 16), max(1, default // 4), default, default * 2})
     best, best_t = default, float("inf")
-    for _ in range(2):                  # (twice each: one run on a busy machine says little)
+    for _ in range(passes):             # (twice each: one run on a busy machine says little)
         for chunksize in candidates:
             t0 = time.perf_counter()
             out = pool.map(fn, items, chunksize)
@@ -146,7 +146,7 @@ def run(processes: int = 2, repeat: int = 3, context: str = "fork") -> list[dict
         _check(theirs.map(inc, ints[:1000]), want_ints[:1000], "mp.Pool")
         for name, fn, items, want in (("pool_map_int", inc, ints, want_ints),
                                       ("pool_map_100k", fingerprint, data, want_blobs)):
-            k = tuned[name] = _tune(theirs, fn, items, want, processes)
+            k = tuned[name] = _tune(theirs, fn, items, want, processes, passes=1 if repeat == 1 else 2)
             timings[name] = _rounds(
                 (lambda: mine.map(fn, items), lambda: theirs.map(fn, items),
                  lambda: theirs.map(fn, items, k)), want, ("shmipc.Pool", "mp.Pool", TUNED), repeat)
