@@ -77,6 +77,10 @@ class _Bulk:
           threads of one process.
     """
 
+    #: called as on_error(exception, obj) when a feeder thread fails to write
+    #: a message (the queue's _on_queue_feeder_error, as multiprocessing's)
+    on_error: Any = None
+
     def __init__(self, arena: Arena, ring: Any) -> None:
         self.arena = arena
         self.ring = ring
@@ -167,7 +171,7 @@ class _Bulk:
                 # the frame may not fit before a reader comes, and the only
                 # reader may be our caller (put then get in one thread): a
                 # feeder thread writes it, as multiprocessing's does
-                self._start_feeder(parts, start)
+                self._start_feeder(parts, start, obj)
                 handed_off = True
                 return
             self._write_frame(parts, block, deadline, start)
@@ -193,7 +197,7 @@ class _Bulk:
                 main.put(_framing.Frame("token"), False)
             except queue.Full:
                 return False
-            self._start_feeder(parts, self.ring.stats()["messages_in"])
+            self._start_feeder(parts, self.ring.stats()["messages_in"], obj)
             handed_off = True
             return True
         finally:
@@ -221,7 +225,7 @@ class _Bulk:
                 pass        # the reader drops the frame when we let go of the lock
             raise
 
-    def _start_feeder(self, parts: list[memoryview], start: int) -> None:
+    def _start_feeder(self, parts: list[memoryview], start: int, obj: Any) -> None:
         """Write the frame of `parts` from a daemon thread, which then
         releases the writer lock (held for it by the caller). The parts that
         are the caller's buffers are copied first: put has returned by the
@@ -231,12 +235,23 @@ class _Bulk:
         def feed() -> None:
             try:
                 self._write_frame(owned, True, None, start)
-            except BaseException:
-                pass        # put has returned: the frame was aborted, readers skip it
+            except BaseException as exc:
+                # put has returned: the frame was aborted (readers skip it),
+                # the message is lost; say so as multiprocessing's feeder does
+                try:
+                    self.count_lost()
+                except BaseException:
+                    pass            # the arena itself is gone
+                on_error = self.on_error
+                if on_error is not None:
+                    try:
+                        on_error(exc, obj)
+                    except BaseException:
+                        pass
             finally:
                 try:
                     self._release(_WRITER_LOCK)
-                except OSError:
+                except (OSError, ValueError):
                     pass        # the queue's arena was closed: its record lock went with it
 
         thread = threading.Thread(target=feed, name="shmipc-queue-feeder", daemon=True)

@@ -171,6 +171,7 @@ class _Base:
         self._ring = self._arena.ring(cap, maxsize=maxsize)
         self._arena.block(64, name=_LOST_BLOCK)
         self._bulk = _Bulk(self._arena, self._arena.ring(cap, name="bulk"))
+        self._bulk.on_error = type(self)._on_queue_feeder_error
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ring._set_notify(self._ready_w, False)
         self._closed = False
@@ -194,6 +195,17 @@ class _Base:
             state[name] = state[name].detach()
         self.__dict__.update(state)
         self._ring._set_notify(self._ready_w, False)
+        self._bulk.on_error = type(self)._on_queue_feeder_error
+
+    @staticmethod
+    def _on_queue_feeder_error(e: BaseException, obj: Any) -> None:
+        """Called (as multiprocessing's hook of the same name, which
+        subclasses override) when the feeder thread writing a large message
+        after put returned fails: the message is lost (counted in
+        stats()["lost"]). Prints the traceback to stderr."""
+        import traceback
+
+        traceback.print_exception(e)
 
     # ------------------------------------------------------------ readiness
     def fileno(self) -> int:

@@ -871,3 +871,33 @@ def test_simple_queue_rlock_is_fresh_in_a_forked_child():
         release.set()
         t.join()
     assert os.waitstatus_to_exitcode(status) == 0, "the child's reader lock stayed held"
+
+
+class _ReportingQueue(shmipc.Queue):
+    errors: list = []
+
+    @staticmethod
+    def _on_queue_feeder_error(e, obj):
+        _ReportingQueue.errors.append((type(e).__name__, len(obj)))
+
+
+@pytest.mark.timeout(60)
+def test_background_large_write_error_is_reported_not_swallowed():
+    """A large message handed to the feeder thread whose write then fails
+    (here: the queue's memory is released under it, as when a queue is
+    garbage-collected mid-write) goes through multiprocessing's
+    _on_queue_feeder_error hook (which prints the traceback) and counts as
+    lost, instead of vanishing silently (known-issues, Queue large
+    messages 2)."""
+    _ReportingQueue.errors.clear()
+    q = _ReportingQueue(capacity=1 << 12)
+    q.put(b"x" * 100_000)                  # no reader: the feeder waits for room
+    bulk = q._bulk
+    deadline = time.monotonic() + 10
+    while bulk.ring.stats()["high_water"] < bulk.ring.capacity // 2:
+        assert time.monotonic() < deadline, "the feeder never filled the bulk ring"
+        time.sleep(0.001)
+    q._arena.close()
+    bulk.join_feeders(10)
+    assert not any(t.is_alive() for t in bulk.feeders)
+    assert _ReportingQueue.errors == [("RingClosed", 100_000)]
