@@ -399,3 +399,34 @@ def test_detach_copies_any_buffer_of_a_record_it_does_not_know():
     assert data == (bytearray(b"abc"),)
     with pytest.raises(CorruptMessage):
         unpack_task(data, meta)
+
+
+_leaf = st.one_of(st.none(), st.integers(-3, 2**70), st.binary(max_size=40), st.text(max_size=8),
+                  st.floats(allow_nan=False), st.builds(memoryview, st.binary(max_size=40)))
+_records = st.recursive(_leaf, lambda inner: st.tuples(inner) | st.tuples(inner, inner)
+                        | st.tuples(inner, inner, inner) | st.lists(inner, max_size=3), max_leaves=8)
+_metas = st.one_of(_records, st.sampled_from([None, M_BYTES, M_BYTEARRAY, _wire.M_CALL_ITEMS]),
+                   st.tuples(st.just(M_NDARRAY), st.sampled_from(["<f8", "|u1", "<i4", "|O", "x", 3]), _records),
+                   st.tuples(st.just(M_BLOBS), st.one_of(st.none(), st.tuples(st.integers(-2, 4)),
+                                                         st.tuples(st.integers(-2, 4), st.integers(-2, 4)))),
+                   st.tuples(st.just(_wire.M_CALL_ITEMS), _records))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=400, deadline=None)
+@given(data=_records, meta=_metas)
+def test_forged_records_raise_only_corrupt_message(data, meta):
+    """Whatever a forged record holds, unpack and unpack_task raise
+    CorruptMessage (never an IndexError, TypeError, ... of their own), except
+    for a pickle, which raises whatever unpickling it raises; detach never
+    raises."""
+    for fn in (unpack, unpack_task):
+        try:
+            fn(data, meta)
+        except CorruptMessage:
+            pass
+        except Exception:
+            # only a pickle stream's own errors may pass through: then meta said pickle
+            assert meta == M_PICKLE or (type(meta) is tuple and len(meta) == 2 and meta[0] == _wire.M_CALL_ITEMS)
+    _wire.detach((1, 2, data, meta))
+    _wire.detach(data)
