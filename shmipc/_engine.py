@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 from shmipc._engine_exits import _WorkerExits
 from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
 from shmipc._footprint import BigRings, Footprint
-from shmipc._poolworker import _BUSY, _SLOT, _SLOT_SIZE, R_BAD_TASK, R_BIG, _worker_main
+from shmipc._poolworker import SLOT_WORDS, W_PID, R_BAD_TASK, R_BIG, _worker_main
+from shmipc._slots import BUSY, W_SEQ, W_STATE, SlotTable
 from shmipc._runtime import StartupGuard, check_retries
 from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_counter,  # noqa: F401 (re-exported)
                            _run_callback, _Task)
@@ -99,6 +100,7 @@ class _Engine(_Dispatch, _WorkerExits):
     _lost_error: type = WorkerLost         # a task's worker died (the executor: also a BrokenProcessPool)
     _broken = ""                # why the pool cannot run tasks any more (no workers can start)
     _arena: Arena | None = None
+    _slots: SlotTable | None = None
     _big: BigRings | None = None
     _sup: Supervisor | None = None
     _thread: threading.Thread | None = None
@@ -160,7 +162,7 @@ class _Engine(_Dispatch, _WorkerExits):
         self.tasks_retried = 0
         self.tasks_lost = 0
         self._arena = Arena(Arena.size_for(rings=[result_ring] + [task_ring] * processes,
-                                           blocks=[processes * _SLOT_SIZE]))
+                                           blocks=[SlotTable.nbytes(processes, SLOT_WORDS)]))
         try:
             self._results = self._arena.ring(result_ring, name="results", producers="many",
                                              consumers="one")
@@ -169,7 +171,8 @@ class _Engine(_Dispatch, _WorkerExits):
             self._big = BigRings(_BIG_RING)
             self._big_tasks, self._big_results = self._big.tasks, self._big.results
             self._footprint = Footprint(self._arena, self._tasks, self._big)
-            self._slots = self._arena.block(processes * _SLOT_SIZE, name="slots")
+            self._slots = SlotTable(self._arena.block(SlotTable.nbytes(processes, SLOT_WORDS), name="slots"),
+                                    SLOT_WORDS)
             # the zygote posts a None into the result ring after each worker exit,
             # so the bookkeeping thread handles it at once instead of at its next poll
             self._sup = Supervisor(_worker_main, (self._arena, initializer, tuple(initargs), maxtasks,
@@ -472,14 +475,22 @@ class _Engine(_Dispatch, _WorkerExits):
         """INIT, RUN, CLOSE or TERMINATE."""
         return self._state
 
+    def _slot(self, slot: int) -> tuple[int, int, int]:
+        """(pid, state, seq) of a worker's slot record (see shmipc._slots). Lock held."""
+        assert self._slots is not None
+        words, base = self._slots.words, slot * SLOT_WORDS
+        return words[base + W_PID], words[base + W_STATE], words[base + W_SEQ]
+
     def busy_workers(self) -> dict[int, int]:
         """{slot: pid} of the live workers running a task right now (as
         their slots in shared memory say; for tests, examples and tools)."""
         with self._lock:
+            if self._resources_released:
+                return {}
             busy = {}
             for slot, pid in self._pids.items():
-                wpid, state, _seq = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
-                if wpid == pid and state == _BUSY:
+                wpid, state, _seq = self._slot(slot)
+                if wpid == pid and state == BUSY:
                     busy[slot] = pid
             return busy
 
@@ -554,6 +565,9 @@ class _Engine(_Dispatch, _WorkerExits):
             self._resources_released = True
         if self._sup is not None:
             self._sup.stop(0.5)
+        if self._slots is not None:
+            with self._lock:
+                self._slots.release()       # our view of the arena: then it can be unmapped
         if self._arena is not None:
             self._arena.close()
         if self._big is not None:

@@ -24,7 +24,7 @@ import sys
 import time
 from typing import Any
 
-from shmipc._poolworker import _BUSY, _EXITING, _SLOT, _SLOT_SIZE, _STARTING
+from shmipc._slots import BUSY, EXITING, STARTING
 from shmipc._tasks import _Task
 from shmipc._waiting import DEAD_RING_SLICE_S
 
@@ -56,12 +56,12 @@ class _WorkerExits:
         later: list = []
         slot = ev.slot
         self._pids.pop(slot, None)
-        _pid, state, running = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
+        _pid, state, running = self._slot(slot)
         if _pid != ev.pid:
-            _pid, state, running = 0, _STARTING, 0     # it never wrote its slot: died while starting
-        busy = state == _BUSY
+            _pid, state, running = 0, STARTING, 0      # it never wrote its slot: died while starting
+        busy = state == BUSY
         exitcode = ev.exitcode
-        if exitcode is None and state == _EXITING:
+        if exitcode is None and state == EXITING:
             exitcode = 0            # an orphan (its zygote died) that left on purpose
         # empty its ring: nothing in it ever started
         _discard_all(self._tasks[slot])
@@ -94,10 +94,10 @@ class _WorkerExits:
         self._sent_to[slot] = 0
         self._last_done[slot] = 0.0
         self._stopping[slot] = False
-        _SLOT.pack_into(self._slots, slot * _SLOT_SIZE, 0, 0, 0)
+        self._slots.reset(slot)
         if exitcode != 0 or busy:
             self.worker_deaths += 1
-        if state == _STARTING:
+        if state == STARTING:
             # an exit before the worker was ready by its own hand counts, exit
             # code 0 too (an initializer calling sys.exit(0) must not respawn
             # workers forever); a kill from outside does not (see StartupGuard)
@@ -116,8 +116,8 @@ class _WorkerExits:
     def _note_ready_workers(self) -> None:
         """A live worker past its start-up resets the start-up guard. Lock held."""
         for slot, pid in self._pids.items():
-            _pid, state, _running = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
-            if _pid == pid and state != _STARTING:
+            _pid, state, _running = self._slot(slot)
+            if _pid == pid and state != STARTING:
                 self._startup.ready()
                 return
 

@@ -70,7 +70,7 @@ class Crew:
     def __init__(self, p: Any) -> None:
         self.p = p
         self.stages: list[Stage] = p._stages
-        self.slots = p._slots
+        self.slots = p._slots.words          # the slot table's words (see shmipc._slots)
         self.sup: Any = None
         self._respawn: dict[int, tuple[float, str, float]] = {}  # slot -> (first failure, why, not before)
 

@@ -40,7 +40,7 @@ class StageWorker:
 
     def __init__(self, p: Any, stage: Any, j: int) -> None:
         self.ctrl = p._ctrl
-        self.slots = p._slots
+        self.slots = p._slots.words
         self.base = (stage.slot_base + j) * SLOT_WORDS
         self.index = stage.index
         self.name = stage.name

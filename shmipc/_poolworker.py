@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import os
 import queue
-import struct
 import time
 import traceback
 from typing import Any, Callable
@@ -21,6 +20,7 @@ from shmipc._footprint import BigRings
 from shmipc._proc import steady_malloc
 from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
 from shmipc._runtime import GONE, next_message
+from shmipc._slots import BUSY, EXITING, READY, STARTING, W_SEQ, W_STATE, SlotTable
 from shmipc._waiting import BIG_MESSAGE_WAIT_S
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed
@@ -31,18 +31,15 @@ K_MAP = 1           # payload [x, ...]: [func(x), ...]
 K_STARMAP = 2       # payload [args, ...]: [func(*args), ...]
 K_BIG = 3           # a stub: the task itself waits in the "bigtasks" ring (see _Engine)
 
-# One slot per worker, written by the worker: pid, state, and the task
-# sequence number it is running. Invariant: _BUSY is written before the
-# task's arguments are unpickled and cleared after its result was committed,
-# so a worker that dies in another state never started a task still owed;
-# _STARTING until its initializer returned (every exit then is a start-up
-# death); _EXITING when it leaves on purpose (an orphan's exit code is unknown).
-_SLOT = struct.Struct("<IIQ")
-_READY = 0                            # busy field: waiting for a task
-_BUSY = 1                             # running the task whose seq follows
-_STARTING = 2                         # busy field while the worker starts (runs the initializer)
-_EXITING = 3                          # left its loop on purpose (told to stop, or maxtasks)
-_SLOT_SIZE = 64                       # one cache line per worker
+# One slot per worker in the slot table (shmipc._slots), written by the
+# worker: state, the sequence number of the task it runs, and its pid in
+# W_PID. Invariant: BUSY is written before the task's arguments are
+# unpickled and cleared after its result was committed, so a worker that
+# dies in another state never started a task still owed; STARTING until its
+# initializer returned (every exit then is a start-up death); EXITING when it
+# leaves on purpose (an orphan's exit code is unknown).
+SLOT_WORDS = 8                        # one cache line per worker
+W_PID = 2
 
 _BIG_WAIT = BIG_MESSAGE_WAIT_S        # a reader waits this long for a big message announced by a stub
 
@@ -99,8 +96,8 @@ class _WorkerLoop:
         # mapped only while a big message moves (see shmipc._footprint)
         self.big = big
         self.big_tasks, self.big_results = big.tasks, big.results
-        self.slots = arena.block(name="slots")
-        self.base = slot * _SLOT_SIZE
+        self.slots = SlotTable(arena.block(name="slots"), SLOT_WORDS).words
+        self.base = slot * SLOT_WORDS
         self.pid = os.getpid()
         self.maxtasks = maxtasks
         self.parent_pid = parent_pid
@@ -109,7 +106,10 @@ class _WorkerLoop:
         self.catch: type = BaseException if catch_base else Exception
 
     def mark(self, state: int, seq: int = 0) -> None:
-        _SLOT.pack_into(self.slots, self.base, self.pid, state, seq)
+        words, base = self.slots, self.base
+        words[base + W_PID] = self.pid
+        words[base + W_SEQ] = seq
+        words[base + W_STATE] = state           # last: it says the words before it are valid
 
     def run(self) -> None:
         done = 0
@@ -123,13 +123,13 @@ class _WorkerLoop:
             del msg
             # busy before unpickling: a crash in there (a C extension's
             # __setstate__) is this task's, not a reason to re-run it elsewhere
-            self.mark(_BUSY, seq)
+            self.mark(BUSY, seq)
             try:
                 func, payload = unpack_task(data, meta)
             except Exception as exc:            # the arguments do not unpickle here
                 del data, meta
                 self.send_error(seq, exc, "the task's arguments could not be unpickled in the worker")
-                self.mark(_READY)
+                self.mark(READY)
                 done += 1
                 continue
             del data, meta
@@ -143,9 +143,9 @@ class _WorkerLoop:
             else:
                 self.send_error(seq, value)
             del value
-            self.mark(_READY)
+            self.mark(READY)
             done += 1
-        self.mark(_EXITING)
+        self.mark(EXITING)
 
     def next_task(self) -> Any:
         """The next task tuple; _SKIP to look again; None to exit."""
@@ -266,8 +266,8 @@ def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs
     """A pool worker (the Supervisor's target): see _WorkerLoop."""
     steady_malloc()                 # large arguments must not cost a page fault storm each
     loop = _WorkerLoop(slot, arena, maxtasks, parent_pid, catch_base, big)
-    loop.mark(_STARTING)
+    loop.mark(STARTING)
     if initializer is not None:
         initializer(*initargs)
-    loop.mark(_READY)
+    loop.mark(READY)
     loop.run()

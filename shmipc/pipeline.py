@@ -83,6 +83,7 @@ from shmipc import _ring
 from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, ON_ERROR, PipelineAPI  # noqa: F401
 from shmipc._pipeline_crew import Crew, Stage
 from shmipc._pipeline_sched import MAX_PATH, SLOT_WORDS, Raise, Scheduler, StageFailure, StageRule
+from shmipc._slots import SlotTable
 from shmipc._waiting import FEED_SLICE_S, JAM_WAIT_S, QUIET_S, REAP_EVERY_S
 from shmipc._waiting import PIPELINE_POLL_S as POLL_S
 from shmipc._wire import (K_DONE, K_FATAL, K_RESULT, PipelineError, RemoteTraceback, pack,
@@ -238,13 +239,13 @@ class Pipeline(PipelineAPI):
         rings = [out_capacity]
         for s in self._stages:
             rings += [s.ring_capacity] * (1 + (s.workers if s.retries else 0))
-        self._arena = Arena(Arena.size_for(rings=rings, blocks=[64, max(nworkers, 1) * SLOT_WORDS * 8]))
+        self._arena = Arena(Arena.size_for(rings=rings, blocks=[64, SlotTable.nbytes(nworkers, SLOT_WORDS)]))
         arena = self._arena
         try:
             # the control block: byte 0 is the stop flag workers look at between items
             self._ctrl = arena.block(64, name="pipeline.ctrl")
-            slots = arena.block(max(nworkers, 1) * SLOT_WORDS * 8, name="pipeline.slots")
-            self._slots = slots.cast("q")
+            self._slots = SlotTable(arena.block(SlotTable.nbytes(nworkers, SLOT_WORDS),
+                                                name="pipeline.slots"), SLOT_WORDS)
             base = 0
             for s in self._stages:
                 # stage 0's input has one producer: this (single-threaded) parent

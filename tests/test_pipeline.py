@@ -707,7 +707,7 @@ def die_unseen_on_five(x):
     if x == 5:
         from shmipc._pipeline_sched import S_BUSY, S_READY, SLOT_WORDS
 
-        slots = _PIPELINE_UNDER_TEST._slots
+        slots = _PIPELINE_UNDER_TEST._slots.words      # the slot table (shmipc._slots)
         for k in range(len(slots) // SLOT_WORDS):
             if slots[k * SLOT_WORDS] == S_BUSY and slots[k * SLOT_WORDS + 1] == 5:
                 slots[k * SLOT_WORDS] = S_READY
