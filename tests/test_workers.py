@@ -464,3 +464,39 @@ def test_check_retries_names_the_value():
     for bad in (-1, True, 1.5, "2", None):
         with pytest.raises(ValueError, match="retries must be an int >= 0"):
             check_retries(bad)
+
+
+def test_slot_table_records_share_their_header():
+    """One slot table for pool and pipeline workers: a zeroed record says
+    STARTING (a worker that dies before writing anything died starting);
+    reset() zeroes one record only."""
+    from shmipc._slots import BUSY, STARTING, W_SEQ, W_STATE, SlotTable
+
+    block = bytearray(SlotTable.nbytes(3, 8))
+    assert len(block) == 3 * 64 and SlotTable.nbytes(0, 8) == 64      # at least one record
+    table = SlotTable(block, 8)
+    assert [table.state(k) for k in range(3)] == [STARTING] * 3
+    for k in range(3):
+        table.words[k * 8 + W_SEQ] = 40 + k
+        table.set_state(k, BUSY)
+    table.reset(1)
+    assert [table.state(k) for k in range(3)] == [BUSY, STARTING, BUSY]
+    assert list(table.row(1)) == [0] * 8 and table.row(2)[W_SEQ] == 42 and table.row(2)[W_STATE] == BUSY
+    table.release()
+
+
+@pytest.mark.timeout(60)
+def test_a_broken_executor_stays_broken_as_concurrent_futures(no_leaks):
+    """The pool retries after the start-up guard's back-off (F7); the
+    executor does not: concurrent.futures' executors stay broken."""
+    import concurrent.futures as cf
+
+    import shmipc
+
+    with shmipc.ProcessPoolExecutor(2, initializer=exit_with, initargs=(0, 3)) as ex:
+        with pytest.raises(cf.process.BrokenProcessPool):
+            ex.submit(abs, -1).result(timeout=30)
+        engine = ex._engine
+        assert wait_for(lambda: time.monotonic() > engine._retry_at)    # the pool's back-off is over
+        with pytest.raises(cf.process.BrokenProcessPool, match="died while starting"):
+            ex.submit(abs, -1)
