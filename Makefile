@@ -80,3 +80,14 @@ cpython-tests: build
 	       && apt-get update -qq && apt-get install -y -qq libpython$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])')-testsuite >/dev/null; } \
 	  || echo "note: no test.test_concurrent_futures for this interpreter (and libpython3.X-testsuite could not be installed): that suite will be skipped"
 	$(PY) tests/cpython/run.py --out build/cpython-tests $(CPYTHON_TESTS_ARGS)
+
+# the README's table of CPython's tests, rewritten from one fresh run of all
+# three start methods and all implementations (about 25 minutes on 2 cores)
+.PHONY: readme-cpython-tests
+readme-cpython-tests:
+	$(MAKE) cpython-tests CPYTHON_TESTS_ARGS="--readme README.md $(CPYTHON_TESTS_ARGS)"
+
+# the README's joblib figures (shmipc against loky and multiprocessing), from one fresh run
+.PHONY: readme-joblib
+readme-joblib: build
+	$(PY) benchmarks/bench_joblib.py --repeat 3 --readme README.md

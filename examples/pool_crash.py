@@ -36,16 +36,11 @@ def work(x: int) -> int:
 def kill_a_busy_worker(pool: shmipc.Pool) -> int:
     """SIGKILL one worker of `pool` while it runs a task (its slot in the
     pool's slot table says so); returns its pid."""
-    from shmipc._engine import _SLOT, _SLOT_SIZE
-
     time.sleep(0.1)
-    engine = pool._engine
     while True:
-        for slot, pid in sorted(engine._pids.items()):
-            wpid, busy, _task = _SLOT.unpack_from(engine._slots, slot * _SLOT_SIZE)
-            if busy == 1 and wpid == pid:
-                os.kill(pid, signal.SIGKILL)
-                return pid
+        for slot, pid in sorted(pool._engine.busy_workers().items()):
+            os.kill(pid, signal.SIGKILL)
+            return pid
         time.sleep(0.001)
 
 

@@ -350,7 +350,7 @@ cdef object decode_buffer(uint8_t tag, object buf, object dtype, bint allow_pick
         try:
             return pickle.loads(segs[0], buffers=segs[1:])
         except Exception as exc:
-            raise UndecodableMessage(
+            raise UndecodableMessage.from_error(exc,    # also the original error's type, as multiprocessing raises
                 f"pickled message of {n} bytes does not load in this process: "
                 f"{type(exc).__name__}: {exc}") from exc
     raise CorruptMessage(f"unknown message tag {tag}")

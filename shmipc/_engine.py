@@ -1,11 +1,12 @@
 """The engine behind Pool and ProcessPoolExecutor: workers, rings, bookkeeping.
 
 * one arena per pool holds a task ring per worker (parent -> worker), one
-  result ring (workers -> parent), a big-message ring each way (for the rare
-  message too large for the others, announced by a small stub) and a *slot
-  table*: each worker writes the task it is about to run into its slot, so
+  result ring (workers -> parent) and a *slot table*: each worker writes the task it is about to run into its slot, so
   when it dies the parent knows exactly which task it held (and that the
-  ones queued behind it in its own ring never ran);
+  ones queued behind it in its own ring never ran); a big-message ring each
+  way, for the rare value too large for the others (announced by a small
+  stub), lives in memory of its own, mapped only while used, and an idle
+  pool gives its rings' pages back (see :mod:`shmipc._footprint`);
 * one bookkeeping thread in the parent reads results, hands out tasks (a
   few queued per worker, more for short tasks: see _CREDIT_*), runs
   callbacks, notices worker exits and starts replacements; imap jobs read
@@ -16,11 +17,12 @@
   while shmipc threads run; no helper is a single point of failure (a lost
   zygote is replaced, its workers live on);
 * chunks too large for a message are cut into pieces that fit; ``range``
-  inputs travel as range slices; bytes of 16 KiB or more travel out of band
-  (written once, straight into the ring);
-* each task and result is pickled on its own inside its record, so one that
-  does not pickle or unpickle fails only its own task (see the wire format
-  in :mod:`shmipc._poolworker`, which also holds the worker side).
+  inputs travel as range slices;
+* each task and result is encoded on its own inside its record by
+  :mod:`shmipc._wire` (the wire format shared with the Pipeline: large
+  bytes and arrays out of band, written once straight into the ring), so
+  one that does not pickle or unpickle fails only its own task; the
+  records are described in :mod:`shmipc._poolworker`, the worker side.
 """
 from __future__ import annotations
 
@@ -28,58 +30,31 @@ import atexit
 import collections
 import functools
 import itertools
-import operator
 import os
 import queue
 import signal
 import sys
 import threading
 import time
-import traceback
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable
 
-from shmipc._poolworker import (_BIG_WAIT, _BUSY, _EXITING, _SLOT, _SLOT_SIZE, _STARTING, K_BIG,
-                                K_CALL, K_MAP, R_BAD_TASK, R_BIG, R_OK, R_UNENCODABLE, _decode,
-                                _encode, _worker_main, _wrap_blobs)
+if TYPE_CHECKING:
+    from shmipc._tasks import _Feeder
+
+from shmipc._engine_exits import _WorkerExits
+from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
+from shmipc._footprint import BigRings, Footprint
+from shmipc._poolworker import SLOT_WORDS, W_PID, R_BAD_TASK, R_BIG, _worker_main
+from shmipc._slots import BUSY, W_SEQ, W_STATE, SlotTable
+from shmipc._runtime import StartupGuard, check_retries
+from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_counter,  # noqa: F401 (re-exported)
+                           _run_callback, _Task)
+from shmipc._waiting import BOOKKEEPING_S as _POLL
+from shmipc._waiting import FORK_PAUSE_S
 from shmipc._workers import Supervisor, mark_thread_long_lived, register_pausable, unmark_thread_long_lived
 from shmipc.arena import MAX_REGIONS, Arena
-from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
-
-if TYPE_CHECKING:
-    from typing import Protocol
-
-    class _Feeder(Protocol):
-        """An imap job's input reader (shmipc.pool._Feeder): a thread."""
-
-        job: Any
-
-        def start(self) -> None: ...
-
-    class _Job(Protocol):
-        """What the engine calls on the job a task belongs to (the Pool's
-        result objects, the executor's futures), always with its lock held;
-        the engine never imports those modules."""
-
-        _job: int                                   # a number, for messages
-
-        def _start_task(self, task: "_Task") -> bool: ...       # False: cancelled, drop it
-
-        def _split(self, task: "_Task", parts: list) -> None: ...   # cut into `parts` to fit
-
-        def _deliver(self, task: "_Task", ok: bool, value: Any) -> list: ...    # callbacks to run
-
-        def fail(self, exc: BaseException) -> list: ...        # (imap) its input failed
-
-try:        # the standard library's classes, so `except`/isinstance checks written for it keep working
-    from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
-except ImportError:         # pragma: no cover
-    class RemoteTraceback(Exception):  # type: ignore[no-redef]
-        def __str__(self) -> str:
-            return self.args[0]
-
-    class MaybeEncodingError(Exception):  # type: ignore[no-redef]
-        pass
+from shmipc.errors import RingClosed, WorkerLost
 
 
 # Pool states, as strings like CPython's pool.py
@@ -88,59 +63,20 @@ RUN = "RUN"
 CLOSE = "CLOSE"
 TERMINATE = "TERMINATE"
 
-_MAX_STARTUP_DEATHS = 10              # consecutive workers dying before ready: the pool is broken
-
-# How many tasks may wait in a worker's ring behind the one it runs: enough
-# to cover the parent's reaction time (a thread wake-up, ~0.1 ms) for short
-# tasks, few for long ones so that work stays balanced between workers. Each
-# slot's credit follows the time between its completions (EWMA).
-_CREDIT_MIN = 2
-_CREDIT_MAX = 64
-_CREDIT_HORIZON = 0.004               # seconds of work to keep queued per worker
 _MAX_WORKERS = MAX_REGIONS - 4        # a task ring each, plus the result ring, big rings, slot table
-_TASK_RING = 8 << 20                  # per worker: messages up to 4 MiB
-_RESULT_RING = 32 << 20               # shared: messages up to 16 MiB
-# Messages too large for those rings go through one "big" ring per direction
-# (up to half its capacity each). Its pages are touched only by large
-# messages, so small traffic never commits this memory.
+# Small rings: a pool's memory follows its traffic (see shmipc._footprint).
+# A map chunk larger than a message is cut into pieces that fit, a result
+# list too; a single value too large goes through one "big" ring per
+# direction (up to half its capacity), in memory of its own that is mapped
+# only while used.
+_TASK_RING = 4 << 20                  # per worker: messages up to 2 MiB
+_RESULT_RING = 4 << 20                # shared: messages up to 2 MiB (it is never punched: see _footprint)
 _BIG_RING = 256 << 20
-_IMAP_AHEAD = 256                     # chunks of one imap job queued or running at once
-_POLL = 0.05                          # bookkeeping wakes at least this often (worker exits)
-_job_counter = itertools.count()
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
 _shutdown_lock = threading.Lock()
 
 
-# ---------------------------------------------------------------------- parent side
-class _Task:
-    """A unit of work: one call, or one chunk of a map."""
-
-    __slots__ = ("seq", "job", "index", "start", "kind", "func", "payload", "tries_left",
-                 "slot", "pieces", "started")
-
-    def __init__(self, job: "_Job", index: int, start: int, kind: int, func: Callable, payload: Any,
-                 retries: int) -> None:
-        self.seq = 0
-        self.job = job
-        self.index = index          # chunk number within the job
-        self.start = start          # first item's position within the job
-        self.kind = kind
-        self.func = func
-        self.payload = payload
-        self.tries_left = retries
-        self.slot = -1
-        self.pieces: list | None = None     # result pieces of a split result list
-        self.started = False                # the job was told (_start_task) it is under way
-
-    def describe(self) -> str:
-        name = getattr(self.func, "__qualname__", None) or repr(self.func)
-        if self.kind == K_CALL:
-            return f"{name}() (job {self.job._job})"
-        n = len(self.payload)
-        return f"{name} on items {self.start}..{self.start + n - 1} (job {self.job._job})"
-
-
-class _Engine:
+class _Engine(_Dispatch, _WorkerExits):
     """Workers, rings and the bookkeeping thread behind Pool and ProcessPoolExecutor.
 
     Invariants (under self._lock):
@@ -160,13 +96,12 @@ class _Engine:
     _state = INIT
     _resources_released = False
     _broken_error: type = RuntimeError     # what broken-pool failures raise (the executor: BrokenProcessPool)
-    _remote_traceback: type = RemoteTraceback  # the __cause__ of a worker's exception
-    # a value that does not cross: Pool raises MaybeEncodingError (as
-    # multiprocessing), the executor the pickling error itself (as concurrent.futures)
-    _wrap_encoding_errors = True
+    _outcomes = Outcomes()                  # how results look (see shmipc._tasks.Outcomes)
     _lost_error: type = WorkerLost         # a task's worker died (the executor: also a BrokenProcessPool)
     _broken = ""                # why the pool cannot run tasks any more (no workers can start)
     _arena: Arena | None = None
+    _slots: SlotTable | None = None
+    _big: BigRings | None = None
     _sup: Supervisor | None = None
     _thread: threading.Thread | None = None
 
@@ -189,14 +124,14 @@ class _Engine:
         if maxtasks is not None and (not isinstance(maxtasks, int) or isinstance(maxtasks, bool)
                                      or maxtasks < 1):
             raise ValueError(f"maxtasksperchild must be a positive int or None, got {maxtasks!r}")
-        if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-            raise ValueError(f"retries must be a non-negative int, got {retries!r}")
+        check_retries(retries)
         self._owner_pid = os.getpid()
         # how failures look: Pool as multiprocessing, the executor as concurrent.futures
         self._broken_error = broken_error
         self._lost_error = lost_error
-        self._remote_traceback = remote_traceback
-        self._wrap_encoding_errors = wrap_encoding_errors
+        # a value that does not cross: Pool raises MaybeEncodingError (as
+        # multiprocessing), the executor the pickling error itself (as concurrent.futures)
+        self._outcomes = Outcomes(remote_traceback, wrap_encoding_errors)
         # at interpreter exit: finish what was submitted (concurrent.futures)
         # or stop at once (multiprocessing.Pool's finalizer terminates)
         self._finish_at_exit = finish_at_exit
@@ -219,28 +154,29 @@ class _Engine:
         self._big_seq = 0                                   # the task last sent through the big ring
         self._big_slot = -1
         self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
-        self._startup_deaths = 0                            # consecutive workers dead before ready
-        self._spawn_failed: set[int] = set()                # slots whose replacement could not start
+        self._startup = StartupGuard()                      # workers dying before they are ready
+        self._retry_at = 0.0                                # broken: when a submit may try again
+        self._respawn_at: dict[int, float] = {}             # empty slot -> when to start its worker
         self._spawn_failures = 0                            # consecutive spawns that failed
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
-        self._arena = Arena(Arena.size_for(rings=[result_ring, _BIG_RING, _BIG_RING] + [task_ring] * processes,
-                                           blocks=[processes * _SLOT_SIZE]))
+        self._arena = Arena(Arena.size_for(rings=[result_ring] + [task_ring] * processes,
+                                           blocks=[SlotTable.nbytes(processes, SLOT_WORDS)]))
         try:
             self._results = self._arena.ring(result_ring, name="results", producers="many",
                                              consumers="one")
             self._tasks = [self._arena.ring(task_ring, name=f"tasks{i}", producers="one",
                                             consumers="many") for i in range(processes)]
-            self._big_tasks = self._arena.ring(_BIG_RING, name="bigtasks", producers="one",
-                                               consumers="many")
-            self._big_results = self._arena.ring(_BIG_RING, name="bigresults", producers="many",
-                                                 consumers="one")
-            self._slots = self._arena.block(processes * _SLOT_SIZE, name="slots")
+            self._big = BigRings(_BIG_RING)
+            self._big_tasks, self._big_results = self._big.tasks, self._big.results
+            self._footprint = Footprint(self._arena, self._tasks, self._big)
+            self._slots = SlotTable(self._arena.block(SlotTable.nbytes(processes, SLOT_WORDS), name="slots"),
+                                    SLOT_WORDS)
             # the zygote posts a None into the result ring after each worker exit,
             # so the bookkeeping thread handles it at once instead of at its next poll
             self._sup = Supervisor(_worker_main, (self._arena, initializer, tuple(initargs), maxtasks,
-                                                  os.getpid(), catch_base), context=context, name=name,
+                                                  os.getpid(), catch_base, self._big), context=context, name=name,
                                    wake=functools.partial(self._results.put_nowait, None))
             self._sup.start(range(processes))
             self._pids = self._sup.pids()        # slot -> pid of the live workers
@@ -285,7 +221,16 @@ class _Engine:
         if self._state != RUN:
             raise ValueError("Pool not running")
         if self._broken:
-            raise self._broken_error(self._broken)
+            if time.monotonic() < self._retry_at:
+                raise self._broken_error(self._broken)
+            # workers kept dying at start a while ago: try again (the
+            # executor checks `broken` before it submits, so it stays
+            # broken for good, as concurrent.futures)
+            self._broken = ""
+            for slot in range(self._processes):
+                if slot not in self._pids:
+                    self._respawn_at[slot] = 0.0
+            self._wake()
         if os.getpid() != self._owner_pid:
             raise ValueError("this pool belongs to the process that created it "
                              f"(pid {self._owner_pid}), not to this forked copy")
@@ -311,7 +256,7 @@ class _Engine:
             self._feeders.add(feeder)
         feeder.start()
 
-    def _enqueue(self, task: _Task) -> bool:
+    def enqueue(self, task: _Task) -> bool:
         """Queue a task from a feeder (allowed after close(), as the job was
         accepted before). False if the pool was terminated."""
         with self._lock:
@@ -323,7 +268,7 @@ class _Engine:
             _run_callback(callback)
         return True
 
-    def _feeder_done(self, feeder: "_Feeder") -> None:
+    def feeder_done(self, feeder: "_Feeder") -> None:
         with self._lock:
             self._feeders.discard(feeder)
         self._wake()
@@ -334,131 +279,6 @@ class _Engine:
             self._results.put_nowait(None)
         except Exception:
             pass
-
-    def _send_big(self, slot: int, task: _Task, exc: MessageTooLarge, head: Any,
-                  buffers: list) -> bool | None:
-        """Send one task too large for a worker's ring: a stub in the worker's
-        ring, the task in the big ring. One at a time: a worker that reads a
-        stub takes the big ring's only message. Lock held. True if sent, None
-        to retry later, False if it can never fit."""
-        big = self._big_tasks
-        if exc.size > big.max_message_size:
-            return False
-        if big.qsize():
-            return None                         # the previous big task was not taken yet
-        try:
-            self._tasks[slot].put_nowait((task.seq, K_BIG, None, None))
-        except queue.Full:
-            return None                         # (rare: a stub is tiny) tried again later
-        big.put_nowait((task.seq, task.kind, head, buffers))
-        self._big_seq, self._big_slot = task.seq, slot
-        return True
-
-    def _fetch_big(self, seq: int, offset: int) -> tuple | None:
-        """The big result record announced by a stub; those of others read on
-        the way are kept for their own stubs. Lock held. None if it never came."""
-        key = (seq, offset)
-        deadline = time.monotonic() + _BIG_WAIT
-        while key not in self._big_stash:
-            try:
-                record = self._big_results.get(timeout=max(deadline - time.monotonic(), 0))
-            except queue.Empty:
-                return None
-            except RingClosed:
-                raise
-            except Exception:                   # a corrupt record: consumed; look further
-                continue
-            self._big_stash[(record[0], record[2])] = record
-        return self._big_stash.pop(key)
-
-    def _free_slot(self, exclude: set[int]) -> int:
-        best, best_load = -1, _CREDIT_MAX + 1
-        for slot in range(self._processes):
-            load = self._outstanding[slot]
-            if load <= self._credit[slot] and load < best_load and not self._stopping[slot] \
-                    and slot in self._live and slot not in exclude:
-                if self._maxtasks is not None and self._sent_to[slot] >= self._maxtasks:
-                    continue
-                best, best_load = slot, load
-        return best
-
-    def _dispatch(self) -> list:
-        """Send queued tasks to workers with credit left. Lock held. Returns
-        callbacks to run after the lock is released."""
-        later: list = []
-        blocked: set[int] = set()           # slots whose ring is full for now
-        if self._big_waiting and not self._big_tasks.qsize():
-            self._queue.appendleft(self._big_waiting.popleft())
-        while self._queue:
-            slot = self._free_slot(blocked)
-            if slot < 0:
-                break
-            head = self._queue[0]
-            if isinstance(head, _Task):
-                task = self._queue.popleft()
-            else:
-                try:
-                    task = next(head)
-                except StopIteration:
-                    self._queue.popleft()
-                    continue
-                except Exception as exc:        # pragma: no cover (our own finite lists)
-                    self._queue.popleft()
-                    print(f"shmipc.Pool: a task source failed: {exc!r}", file=sys.stderr)
-                    continue
-                if operator.length_hint(head, 1) == 0:
-                    # exhausted: drop it now, or the list behind it (and every
-                    # task's arguments) stays referenced until the next dispatch
-                    self._queue.popleft()
-            if not task.started:
-                if not task.job._start_task(task):
-                    continue                    # cancelled (a future)
-                task.started = True
-            task.seq = next(self._seq)
-            head = buffers = None
-            try:
-                payload = _wrap_blobs(task.payload) if task.kind == K_MAP else task.payload
-                head, buffers = _encode((task.func, payload))
-                del payload
-                self._tasks[slot].put_nowait((task.seq, task.kind, head, buffers))
-            except queue.Full:
-                self._queue.appendleft(task)
-                blocked.add(slot)
-                continue
-            except MessageTooLarge as exc:
-                n = len(task.payload) if task.kind != K_CALL else 1
-                if n > 1:
-                    # cut it into pieces that fit (with room to spare), keeping item order
-                    pieces = min(n, -(-exc.size * 5 // (exc.limit * 4)))
-                    step = -(-n // pieces)
-                    parts = [_Task(task.job, task.index, task.start + i, task.kind, task.func,
-                                   task.payload[i: i + step], task.tries_left)
-                             for i in range(0, n, step)]
-                    for part in parts:
-                        part.started = task.started
-                    task.job._split(task, parts)
-                    self._queue.extendleft(reversed(parts))
-                    continue
-                sent = self._send_big(slot, task, exc, head, buffers)
-                if sent is None:                # the big ring is busy: later, others go first
-                    self._big_waiting.append(task)
-                    continue
-                if not sent:
-                    big = self._big_tasks
-                    later += task.job._deliver(task, False, MessageTooLarge(
-                        exc.size, big.max_message_size, big.capacity))
-                    continue
-            except Exception as exc:            # pickling the task failed
-                later += task.job._deliver(task, False, exc)
-                continue
-            finally:
-                del head, buffers
-            task.slot = slot
-            self._inflight[task.seq] = task
-            self._outstanding[slot] += 1
-            self._sent_to[slot] += 1
-            self._assigned[slot].append(task.seq)
-        return later
 
     # ------------------------------------------------------------ bookkeeping thread
     @property
@@ -519,10 +339,13 @@ class _Engine:
                     later += self._drain_results()
                     for ev in exits:
                         later += self._on_exit(ev)
-                for slot in sorted(self._spawn_failed):
-                    if not self._broken and slot not in self._pids:
+                if self._startup.deaths or self._startup.killed:
+                    self._note_ready_workers()
+                for slot, at in sorted(self._respawn_at.items()):
+                    if at <= now and not self._broken and slot not in self._pids:
                         later += self._respawn(slot)
             later += self._dispatch()
+            self._footprint.tick(now, not (self._inflight or self._queue or self._big_waiting))
             finished = self._state == CLOSE and self._maybe_finish()
         msgs.clear()
         while later:
@@ -547,7 +370,7 @@ class _Engine:
     def _on_result(self, msg: tuple | None) -> list:
         seq, status, offset, last = msg[:4]
         if status == R_BAD_TASK:
-            return self._on_bad_task(offset, msg)
+            return self._on_bad_task(offset, msg[6])
         if status is R_BIG:                     # a stub: the record waits in the big ring
             msg = self._fetch_big(seq, offset)
         task = self._inflight.get(seq)
@@ -556,7 +379,7 @@ class _Engine:
         if msg is None:
             ok, value, last = False, RuntimeError(f"task {seq}: its large result never arrived"), True
         else:
-            ok, value = self._decode_result(task, msg)
+            ok, value = self._outcomes.decode(task, msg)
         del msg
         if not last and ok:
             if task.pieces is None:
@@ -572,162 +395,16 @@ class _Engine:
         self._settle(task)
         return task.job._deliver(task, ok, value)
 
-    def _decode_result(self, task: _Task, msg: tuple) -> tuple[bool, Any]:
-        """(ok, value) from a result record; whatever fails to unpickle fails
-        this task only, with a clear error."""
-        _seq, status, _offset, _last, head, buffers, info = msg
-        try:
-            value = _decode(head, buffers)
-        except BaseException as exc:    # SystemExit, KeyboardInterrupt from a __reduce__ too:
-            if status == R_OK:          # this thread must outlive any value a task returns
-                what = f"<result of {task.describe()}>"
-                tb = None
-            else:
-                tb, what = info
-            return False, self._encoding_error(exc, what, tb)
-        if status == R_OK:
-            return True, value
-        tb, what = info
-        if status == R_UNENCODABLE:
-            return False, self._encoding_error(value, what, tb)
-        if isinstance(value, BaseException):
-            value.__cause__ = self._remote_traceback(tb)
-        return False, value
-
-    def _encoding_error(self, exc: BaseException, what: str, tb: str | None) -> BaseException:
-        """A value that could not cross: MaybeEncodingError (Pool) or the error itself (executor)."""
-        if tb is not None:
-            exc.__cause__ = self._remote_traceback(tb)
-        if not self._wrap_encoding_errors:
-            return exc
-        error = MaybeEncodingError(exc, what)
-        error.__cause__ = exc
-        return error
-
-    def _on_bad_task(self, slot: int, msg: tuple) -> list:
+    def _on_bad_task(self, slot: int, info: tuple) -> list:
         """A task record did not decode in the worker of `slot`: it was the
         oldest task sent there and not settled (a worker takes them in order,
         and its earlier results were read before this record). Lock held."""
         for seq in self._assigned[slot] if 0 <= slot < self._processes else ():
             task = self._inflight.get(seq)
             if task is not None:
-                tb, what = msg[6]
                 self._settle(task)
-                error = RuntimeError(f"the task record of {task.describe()} could not be read "
-                                     f"in the worker: {what}")
-                error.__cause__ = self._remote_traceback(tb)
-                return task.job._deliver(task, False, error)
+                return task.job._deliver(task, False, self._outcomes.bad_task(task, info))
         return []
-
-    def _settle(self, task: _Task) -> None:
-        del self._inflight[task.seq]
-        slot = task.slot
-        self._outstanding[slot] -= 1
-        now = time.monotonic()
-        if self._last_done[slot]:
-            interval = self._interval[slot] = 0.8 * self._interval[slot] + 0.2 * (now - self._last_done[slot])
-            self._credit[slot] = max(_CREDIT_MIN, min(_CREDIT_MAX, int(_CREDIT_HORIZON / max(interval, 1e-6))))
-        self._last_done[slot] = now
-        try:
-            self._assigned[slot].remove(task.seq)
-        except ValueError:
-            pass
-
-    def _on_exit(self, ev: Any) -> list:
-        """A worker exited: fail or retry the task it was running, re-queue the
-        ones waiting in its ring, start a replacement. Lock held, results drained."""
-        later: list = []
-        slot = ev.slot
-        self._pids.pop(slot, None)
-        _pid, state, running = _SLOT.unpack_from(self._slots, slot * _SLOT_SIZE)
-        if _pid != ev.pid:
-            _pid, state, running = 0, _STARTING, 0     # it never wrote its slot: died while starting
-        busy = state == _BUSY
-        exitcode = ev.exitcode
-        if exitcode is None and state == _EXITING:
-            exitcode = 0            # an orphan (its zygote died) that left on purpose
-        # empty its ring: nothing in it ever started
-        ring = self._tasks[slot]
-        while ring.qsize():
-            try:
-                ring.get(timeout=0.5)           # waits a slice if the dead worker held the lock
-            except (queue.Empty, EOFError):
-                break
-            except Exception:
-                continue                        # a corrupt record is dropped as well
-        if self._big_slot == slot and self._big_seq in self._inflight:
-            # the big task sent to it may still wait in the big ring: it never started
-            while self._big_tasks.qsize():
-                try:
-                    self._big_tasks.get(timeout=0.5)
-                except Exception:
-                    break
-        requeue: list[_Task] = []
-        for seq in list(self._assigned[slot]):
-            task = self._inflight.get(seq)
-            if task is None:
-                continue
-            self._settle(task)
-            task.pieces = None
-            if busy and seq == running:
-                self.tasks_lost += 1
-                if task.tries_left > 0:
-                    task.tries_left -= 1
-                    self.tasks_retried += 1
-                    requeue.append(task)
-                else:
-                    later += task.job._deliver(task, False, self._lost_error(ev.pid, exitcode, task.describe()))
-            else:
-                requeue.append(task)
-        for task in reversed(requeue):
-            self._queue.appendleft(task)
-        self._assigned[slot].clear()
-        # big results read ahead for tasks that are no longer in flight will never be claimed
-        self._big_stash = {k: v for k, v in self._big_stash.items() if k[0] in self._inflight}
-        self._outstanding[slot] = 0
-        self._sent_to[slot] = 0
-        self._last_done[slot] = 0.0
-        self._stopping[slot] = False
-        _SLOT.pack_into(self._slots, slot * _SLOT_SIZE, 0, 0, 0)
-        if exitcode != 0 or busy:
-            self.worker_deaths += 1
-        if state == _STARTING:
-            # every exit before the worker was ready counts, exit code 0 too
-            # (an initializer calling sys.exit(0) must not respawn workers forever)
-            self._startup_deaths += 1
-            if self._startup_deaths >= _MAX_STARTUP_DEATHS and not self._broken:
-                # mp would respawn forever and leave callers waiting: say why instead
-                self._broken = (f"{self._startup_deaths} workers in a row died while starting "
-                                f"(last: pid {ev.pid}, {WorkerLost(ev.pid, exitcode).how}); "
-                                f"does the initializer fail or exit, or the function not import?")
-                later += self._fail_all_locked(self._broken_error(self._broken))
-                return later
-        else:
-            self._startup_deaths = 0
-        later += self._respawn(slot)
-        return later
-
-    def _respawn(self, slot: int) -> list:
-        """Start a worker in an empty slot if work may still come. Lock held."""
-        later: list = []
-        self._spawn_failed.discard(slot)
-        if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders
-                                                             or self._big_waiting)):
-            assert self._sup is not None
-            try:
-                self._pids[slot] = self._sup.spawn(slot)
-                self._spawn_failures = 0
-            except Exception as exc:
-                print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
-                self._spawn_failed.add(slot)        # tried again at the next poll
-                self._spawn_failures += 1
-                if not self._pids and self._spawn_failures >= _MAX_STARTUP_DEATHS:
-                    # no worker left and none could start, time after time (each
-                    # time with fresh zygotes): fail everything rather than let
-                    # callers wait forever
-                    self._broken = f"the pool lost all its workers and cannot start new ones ({exc})"
-                    later += self._fail_all_locked(self._broken_error(self._broken))
-        return later
 
     def _maybe_finish(self) -> bool:
         """CLOSE: once all work is done, tell workers to stop; True when they all exited."""
@@ -769,7 +446,7 @@ class _Engine:
                 return                          # timed out
             if self._loop_done or self._state == TERMINATE:
                 break
-            time.sleep(0.001)                   # paused for another pool's fork: it comes back
+            time.sleep(FORK_PAUSE_S)            # paused for another pool's fork: it comes back
         if self._state == CLOSE:
             self._shutdown_resources()
 
@@ -797,6 +474,30 @@ class _Engine:
     def state(self) -> str:
         """INIT, RUN, CLOSE or TERMINATE."""
         return self._state
+
+    def _slot(self, slot: int) -> tuple[int, int, int]:
+        """(pid, state, seq) of a worker's slot record (see shmipc._slots). Lock held."""
+        assert self._slots is not None
+        words, base = self._slots.words, slot * SLOT_WORDS
+        return words[base + W_PID], words[base + W_STATE], words[base + W_SEQ]
+
+    def busy_workers(self) -> dict[int, int]:
+        """{slot: pid} of the live workers running a task right now (as
+        their slots in shared memory say; for tests, examples and tools)."""
+        with self._lock:
+            if self._resources_released:
+                return {}
+            busy = {}
+            for slot, pid in self._pids.items():
+                wpid, state, _seq = self._slot(slot)
+                if wpid == pid and state == BUSY:
+                    busy[slot] = pid
+            return busy
+
+    @property
+    def owner_pid(self) -> int:
+        """The process that made the pool (a forked copy owns nothing)."""
+        return self._owner_pid
 
     @property
     def processes(self) -> int:
@@ -864,8 +565,13 @@ class _Engine:
             self._resources_released = True
         if self._sup is not None:
             self._sup.stop(0.5)
+        if self._slots is not None:
+            with self._lock:
+                self._slots.release()       # our view of the arena: then it can be unmapped
         if self._arena is not None:
             self._arena.close()
+        if self._big is not None:
+            self._big.close()
         _live_pools.discard(self)
 
     def statistics(self) -> dict[str, int]:
@@ -881,18 +587,6 @@ class _Engine:
                 self.terminate()
             except Exception:
                 pass
-
-
-def _run_callback(callback: Callable[[], Any]) -> None:
-    try:
-        callback()
-    except BaseException:
-        # as multiprocessing's result handler would, but without dying: the
-        # bookkeeping thread serves every later result, so even a SystemExit
-        # from a user's callback (or a done-callback a future runs) is
-        # reported and survived
-        print("Exception in a shmipc.Pool callback:", file=sys.stderr)
-        traceback.print_exc()
 
 
 @atexit.register

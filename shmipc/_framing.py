@@ -121,7 +121,7 @@ def load_parts(parts: list[bytearray]) -> Any:
     try:
         return pickle.loads(parts[0], buffers=parts[1:])
     except Exception as exc:
-        raise UndecodableMessage(
+        raise UndecodableMessage.from_error(exc,        # also the original error's type, as multiprocessing raises
             f"pickled message of {sum(len(p) for p in parts)} bytes does not load in this "
             f"process: {type(exc).__name__}: {exc}") from exc
 

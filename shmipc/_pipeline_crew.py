@@ -15,37 +15,33 @@ import queue
 import time
 from typing import Any, NamedTuple
 
+from shmipc._pipeline_api import StageConfig
 from shmipc._pipeline_sched import S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, SlotRecord
-from shmipc._pipeline_wire import PipelineError
+from shmipc._wire import PipelineError
 from shmipc._proc import steady_malloc
+from shmipc._runtime import MAX_STARTUP_DEATHS, StartupGuard
+from shmipc._waiting import SPAWN_GIVE_UP_S, STOP_POLL_S
 from shmipc.errors import RingClosed, WorkerLost
 
 __all__ = ["Stage", "Crew", "Death", "MAX_START_DEATHS", "SPAWN_GIVE_UP_S"]
 
-MAX_START_DEATHS = 5     # workers of a stage dying before their setup finished, in a row
-SPAWN_GIVE_UP_S = 15.0   # a worker that cannot be started for this long stops the pipeline
+MAX_START_DEATHS = MAX_STARTUP_DEATHS   # (the runtime's: see shmipc._runtime.StartupGuard)
 
 
-class Stage:
+class Stage(StageConfig):
     """One stage's configuration and its parent-side state."""
 
     def __init__(self, index: int, fn: Any, workers: int, ordered: bool, on_error: str,
                  retries: int, ring_capacity: int, name: str, zero_copy: bool) -> None:
-        self.index = index
-        self.fn = fn
-        self.workers = workers
-        self.ordered = ordered
-        self.on_error = on_error
-        self.retries = retries
+        super().__init__(index, fn, workers, ordered, on_error, retries, name)
         self.ring_capacity = ring_capacity
-        self.name = name
         self.zero_copy = zero_copy
         self.ring: Any = None            # input ring
         self.slot_base = 0               # index of this stage's first worker slot
         self.stashes: list[Any] = []     # per worker: its current input (retries only)
         self.pids: list[int] = []        # per worker slot: pid, 0 when none
         self.deaths = 0
-        self.start_deaths = 0            # deaths in a row of workers that had not finished setup
+        self.startup = StartupGuard()    # deaths in a row of workers that had not finished setup
 
 
 class Death(NamedTuple):
@@ -74,9 +70,9 @@ class Crew:
     def __init__(self, p: Any) -> None:
         self.p = p
         self.stages: list[Stage] = p._stages
-        self.slots = p._slots
+        self.slots = p._slots.words          # the slot table's words (see shmipc._slots)
         self.sup: Any = None
-        self._respawn: dict[int, tuple[float, str]] = {}  # slot -> (first failure, why)
+        self._respawn: dict[int, tuple[float, str, float]] = {}  # slot -> (first failure, why, not before)
 
     def start(self) -> None:
         from shmipc._workers import Supervisor
@@ -98,14 +94,20 @@ class Crew:
     def replace(self, s: Stage, j: int) -> None:
         """Start a worker for slot j of stage s; if it cannot be started now
         (its helper is being replaced, fork failed), poll() tries again, for
-        up to SPAWN_GIVE_UP_S."""
+        up to SPAWN_GIVE_UP_S. Workers that keep being killed while starting
+        are replaced after the guard's back-off (also by poll())."""
         k = s.slot_base + j
+        now = time.monotonic()
+        delay = s.startup.respawn_delay()
+        if delay > 0 and k not in self._respawn:
+            self._respawn[k] = (now, "", now + delay)
+            return
         self.slots[k * SLOT_WORDS] = S_STARTING
         try:
             s.pids[j] = self.sup.spawn(k)
         except (OSError, ValueError) as exc:   # Supervisor.spawn's "cannot now"
-            first = self._respawn.get(k, (time.monotonic(), ""))[0]
-            self._respawn[k] = (first, f"{type(exc).__name__}: {exc}")
+            first = self._respawn.get(k, (now, "", 0.0))[0]
+            self._respawn[k] = (first, f"{type(exc).__name__}: {exc}", 0.0)
             return
         self._respawn.pop(k, None)
 
@@ -116,10 +118,13 @@ class Crew:
             PipelineError: a stage's workers keep dying before their setup
                 finished, or a worker could not be started for SPAWN_GIVE_UP_S.
         """
-        for k, (first, why) in list(self._respawn.items()):
+        for k, (first, why, not_before) in list(self._respawn.items()):
+            if time.monotonic() < not_before:
+                continue
             s, j = self.slot_owner(k)
+            self._respawn[k] = (first, why, 0.0)
             self.replace(s, j)
-            if k in self._respawn and time.monotonic() - first > SPAWN_GIVE_UP_S:
+            if k in self._respawn and why and time.monotonic() - first > SPAWN_GIVE_UP_S:
                 raise PipelineError(f"cannot start a worker for stage {s.name!r} for "
                                     f"{SPAWN_GIVE_UP_S:.0f} s: {why}")
         dead = []
@@ -130,9 +135,11 @@ class Crew:
                 s.deaths += 1
                 dead.append(self._death(s, j, ev.pid, ev.exitcode))
         for s in self.stages:
-            if s.start_deaths and any(pid and self.slots[(s.slot_base + j) * SLOT_WORDS] != S_STARTING
-                                      for j, pid in enumerate(s.pids)):
-                s.start_deaths = 0               # a worker of it got through setup
+            guard = s.startup
+            if (guard.deaths or guard.killed) and any(
+                    pid and self.slots[(s.slot_base + j) * SLOT_WORDS] != S_STARTING
+                    for j, pid in enumerate(s.pids)):
+                guard.ready()                    # a worker of it got through setup
         return dead
 
     def _death(self, s: Stage, j: int, pid: int, exitcode: int | None) -> Death:
@@ -146,12 +153,10 @@ class Crew:
                 pass
             except Exception:
                 stashed = None            # a copy that does not decode: as if none
-        if rec is None or rec.state == S_STARTING:
-            s.start_deaths += 1
-            if s.start_deaths >= MAX_START_DEATHS:
-                raise PipelineError(
-                    f"workers of stage {s.name!r} keep dying before their setup finished (last: pid "
-                    f"{pid}, {WorkerLost(pid, exitcode).how}); giving up")
+        if (rec is None or rec.state == S_STARTING) and s.startup.died_starting(pid, exitcode):
+            # (killed from outside: not the stage's fault, never counted here)
+            raise PipelineError(f"workers of stage {s.name!r} keep dying before their setup "
+                                f"finished (last: {s.startup.last}); giving up")
         return Death(s, j, pid, exitcode, rec, stashed)
 
     def busy(self) -> bool:
@@ -177,7 +182,7 @@ class Crew:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            sup.wait(min(left, 0.05))
+            sup.wait(min(left, STOP_POLL_S))
         sup.stop(timeout=0.2)
         for s in self.stages:
             s.pids = [0] * len(s.pids)

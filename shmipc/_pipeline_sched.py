@@ -58,11 +58,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from shmipc._slots import BUSY, DONE, READY, STARTING
+
 __all__ = ["Scheduler", "SlotRecord", "StageFailure", "StageRule", "Raise", "SLOT_WORDS",
            "MAX_PATH", "S_STARTING", "S_READY", "S_BUSY", "S_DONE",
            "F_NONE", "F_PART", "F_LAST", "F_FUNC", "F_END", "F_COMPLETE", "progress_word"]
 
-S_STARTING, S_READY, S_BUSY, S_DONE = 0, 1, 2, 3
+# the states of the slot table every worker runtime shares (shmipc._slots)
+S_STARTING, S_READY, S_BUSY, S_DONE = STARTING, READY, BUSY, DONE
 F_NONE, F_PART, F_LAST, F_FUNC, F_END, F_COMPLETE = 0, 1, 2, 3, 4, 5
 SLOT_WORDS = 32
 MAX_PATH = SLOT_WORDS - 5

@@ -14,20 +14,18 @@ when the pipeline goes quiet); everything else is decided from the slot.
 """
 from __future__ import annotations
 
-import inspect
 import queue
 import types
 from typing import Any, Callable
 
 from shmipc._pipeline_sched import (F_COMPLETE, F_END, F_FUNC, F_LAST, F_NONE, F_PART, S_BUSY,
                                     S_DONE, S_READY, SLOT_WORDS)
-from shmipc._pipeline_wire import K_DONE, K_ERROR, K_FATAL, K_RESULT, error_value, pack, repack, unpack
-from shmipc._workers import parent_alive
+from shmipc._wire import K_DONE, K_ERROR, K_FATAL, K_RESULT, error_value, pack, repack, unpack
+from shmipc._runtime import GONE, instantiate, next_message
 from shmipc.errors import PeerDied, RingClosed
 
 __all__ = ["StageWorker"]
 
-WORKER_POLL_S = 0.5      # longest sleep before the worker looks at the stop flag and its parent
 _NOTHING = object()
 
 
@@ -42,7 +40,7 @@ class StageWorker:
 
     def __init__(self, p: Any, stage: Any, j: int) -> None:
         self.ctrl = p._ctrl
-        self.slots = p._slots
+        self.slots = p._slots.words
         self.base = (stage.slot_base + j) * SLOT_WORDS
         self.index = stage.index
         self.name = stage.name
@@ -58,7 +56,7 @@ class StageWorker:
     def run(self) -> int:
         """Set up, take items until told to stop, tear down. Returns the exit code."""
         try:
-            self.obj, call = _instantiate(self.fn)
+            self.obj, call = instantiate(self.fn)
             setup = getattr(self.obj, "setup", None) if self.obj is not None else None
             if setup is not None:
                 setup()
@@ -82,20 +80,14 @@ class StageWorker:
 
     def _loop(self) -> None:
         ctrl = self.ctrl
-        inring = self.inring
+        # zero_copy: the input stays in the ring (claimed) until handled: no copy out
+        take = self._take_view if self.zero_copy else self.inring.get
         while not ctrl[0]:
-            try:
-                if self.zero_copy:
-                    # the input stays in the ring (claimed) until handled: no copy out
-                    view = inring.get_view(timeout=WORKER_POLL_S)
-                    env = view.__enter__()
-                else:
-                    view = None
-                    env = inring.get(timeout=WORKER_POLL_S)
-            except queue.Empty:
-                if not parent_alive(self.owner):
-                    return
-                continue
+            got = next_message(take, self.owner, lambda: bool(ctrl[0]))
+            if got is GONE:
+                return
+            view, env = got if self.zero_copy else (None, got)
+            del got
             try:
                 if ctrl[0]:
                     return
@@ -104,6 +96,10 @@ class StageWorker:
                 del env
                 if view is not None:
                     view.__exit__(None, None, None)
+
+    def _take_view(self, timeout: float) -> tuple[Any, tuple]:
+        view = self.inring.get_view(timeout=timeout)
+        return view, view.__enter__()
 
     # ------------------------------------------------------------ one item
     def _handle(self, env: tuple) -> None:
@@ -196,14 +192,3 @@ class StageWorker:
         self.sent += 1
         slots[base + 3] = self.sent * 8 + F_COMPLETE
 
-
-def _instantiate(fn: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """(object with setup/teardown or None, the per-item callable)."""
-    if inspect.isclass(fn):
-        obj = fn()
-        if not callable(getattr(obj, "process", None)):
-            raise TypeError(f"stage class {fn.__name__} has no process(item) method")
-        return obj, obj.process
-    if callable(getattr(fn, "process", None)):
-        return fn, fn.process
-    return None, fn

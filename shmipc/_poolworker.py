@@ -1,4 +1,5 @@
-"""The worker side of the pool engine, and the wire format both sides share.
+"""The worker side of the pool engine, and the records both sides exchange
+(their values are encoded by :mod:`shmipc._wire`).
 
 What runs in each pool worker process (:class:`_WorkerLoop`): take tasks from
 its own ring, run them, put results; mark in the shared slot table what it is
@@ -8,21 +9,19 @@ parent side (scheduling, bookkeeping, crash handling) is
 """
 from __future__ import annotations
 
-import copyreg
-import functools
-import io
 import itertools
 import os
-import pickle
 import queue
-import struct
 import time
 import traceback
-from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable
 
+from shmipc._footprint import BigRings
 from shmipc._proc import steady_malloc
-from shmipc._workers import parent_alive
+from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
+from shmipc._runtime import GONE, next_message
+from shmipc._slots import BUSY, EXITING, READY, STARTING, W_SEQ, W_STATE, SlotTable
+from shmipc._waiting import BIG_MESSAGE_WAIT_S
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed
 
@@ -32,105 +31,34 @@ K_MAP = 1           # payload [x, ...]: [func(x), ...]
 K_STARMAP = 2       # payload [args, ...]: [func(*args), ...]
 K_BIG = 3           # a stub: the task itself waits in the "bigtasks" ring (see _Engine)
 
-# One slot per worker, written by the worker: pid, state, and the task
-# sequence number it is running. Invariant: _BUSY is written before the
-# task's arguments are unpickled and cleared after its result was committed,
-# so a worker that dies in another state never started a task still owed;
-# _STARTING until its initializer returned (every exit then is a start-up
-# death); _EXITING when it leaves on purpose (an orphan's exit code is unknown).
-_SLOT = struct.Struct("<IIQ")
-_READY = 0                            # busy field: waiting for a task
-_BUSY = 1                             # running the task whose seq follows
-_STARTING = 2                         # busy field while the worker starts (runs the initializer)
-_EXITING = 3                          # left its loop on purpose (told to stop, or maxtasks)
-_SLOT_SIZE = 64                       # one cache line per worker
+# One slot per worker in the slot table (shmipc._slots), written by the
+# worker: state, the sequence number of the task it runs, and its pid in
+# W_PID. Invariant: BUSY is written before the task's arguments are
+# unpickled and cleared after its result was committed, so a worker that
+# dies in another state never started a task still owed; STARTING until its
+# initializer returned (every exit then is a start-up death); EXITING when it
+# leaves on purpose (an orphan's exit code is unknown).
+SLOT_WORDS = 8                        # one cache line per worker
+W_PID = 2
 
-_BIG_WAIT = 30.0                      # seconds a reader waits for a big message announced by a stub
-_BLOB_MIN = 16 << 10                  # bytes at least this long travel out of band
+_BIG_WAIT = BIG_MESSAGE_WAIT_S        # a reader waits this long for a big message announced by a stub
 
 
-class _Blob:
-    """Wraps a large bytes object so that pickle protocol 5 hands its buffer
-    to the ring out of band (one copy, straight into shared memory) instead
-    of copying it into the pickle stream; it unpickles as plain bytes."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce_ex__(self, protocol: Any) -> tuple:
-        if isinstance(protocol, int) and protocol >= 5:
-            return bytes, (pickle.PickleBuffer(self.data),)
-        return bytes, (self.data,)
-
-
-def _wrap_blobs(items: Any) -> Any:
-    """`items` (a chunk) with large bytes wrapped in _Blob; checks only the
-    first item's type, so chunks of anything else cost nothing."""
-    if not isinstance(items, list) or not items or type(items[0]) is not bytes:
-        return items
-    return [_Blob(x) if type(x) is bytes and len(x) >= _BLOB_MIN else x for x in items]
-
-
-# ---------------------------------------------------------------------- the wire
-# Every task and result travels as a small tuple whose payload is pickled on
-# its own (head + out-of-band buffers, each handed to the ring as a
-# PickleBuffer, so large data is still written once, straight into the ring):
-#   task:   (seq, kind, head, buffers)            head encodes (func, payload)
-#   result: (seq, status, offset, last, head, buffers, info)
-# So a payload that fails to unpickle (a class the reader cannot import, an
+# ---------------------------------------------------------------------- the records
+# Every task and result travels as a small tuple whose value is encoded on
+# its own by shmipc._wire (the one wire format for task data, shared with
+# the Pipeline: large data out of band, written once straight into the ring):
+#   task:   (seq, kind, data, meta)       _wire.pack_task(func, payload)
+#   result: (seq, status, offset, last, data, meta, info)
+# So a value that fails to unpickle (a class the reader cannot import, an
 # exception whose __init__ takes other arguments, a __setstate__ that raises)
 # fails only its own task: the reader still knows which task it was.
-R_OK = 1            # head encodes the value
-R_RAISED = 0        # head encodes the exception; info = (traceback text, repr)
-R_UNENCODABLE = 2   # the value did not pickle: head encodes why; info = (traceback, repr of the value)
+R_OK = 1            # data/meta encode the value
+R_RAISED = 0        # data/meta encode the exception; info = (traceback text, repr)
+R_UNENCODABLE = 2   # the value did not pickle: data/meta encode why; info = (traceback, repr of the value)
 R_BAD_TASK = 3      # a task record did not decode in worker `offset`: fail its oldest task
 R_BIG = None        # a stub: the record waits in the big-results ring
 
-
-_IN_BAND_HEAD = 16 << 10              # a pickle stream shorter than this is copied in band
-
-_table: dict | None = None            # copyreg's reducers plus multiprocessing's (ForkingPickler's)
-_table_extra: dict | None = None      # ForkingPickler._extra_reducers when _table was built
-
-
-def _dispatch_table() -> dict:
-    """As ForkingPickler's, built once (ForkingPickler copies it per instance)."""
-    global _table, _table_extra
-    extra = ForkingPickler._extra_reducers
-    if _table is None or _table_extra != extra:
-        table = copyreg.dispatch_table.copy()
-        table.update(extra)
-        _table, _table_extra = table, dict(extra)
-    return _table
-
-
-def _keep_out_of_band(buffers: list, pb: pickle.PickleBuffer) -> bool:
-    try:
-        raw = pb.raw()
-    except BufferError:
-        return True                     # non-contiguous: copied in band
-    buffers.append(pickle.PickleBuffer(raw))
-    return False
-
-
-def _encode(obj: Any) -> tuple[Any, list]:
-    """Pickle `obj` as multiprocessing does, protocol 5: contiguous buffers
-    out of band, and the stream too when it is large (then the ring writes
-    each once, straight into shared memory)."""
-    buffers: list = []
-    out = io.BytesIO()
-    pickler = pickle.Pickler(out, 5, buffer_callback=functools.partial(_keep_out_of_band, buffers))
-    pickler.dispatch_table = _dispatch_table()
-    pickler.dump(obj)
-    if out.tell() < _IN_BAND_HEAD:
-        return out.getvalue(), buffers
-    return pickle.PickleBuffer(out.getbuffer()), buffers
-
-
-def _decode(head: Any, buffers: list) -> Any:
-    return pickle.loads(head, buffers=buffers)
 
 
 def _format_tb(exc: BaseException) -> str:
@@ -161,14 +89,15 @@ class _WorkerLoop:
     `maxtasks` tasks are done."""
 
     def __init__(self, slot: int, arena: Arena, maxtasks: int | None, parent_pid: int,
-                 catch_base: bool) -> None:
+                 catch_base: bool, big: BigRings) -> None:
         self.slot = slot
         self.tasks = arena.ring(name=f"tasks{slot}")
         self.results = arena.ring(name="results")
-        self.big_tasks = arena.ring(name="bigtasks")
-        self.big_results = arena.ring(name="bigresults")
-        self.slots = arena.block(name="slots")
-        self.base = slot * _SLOT_SIZE
+        # mapped only while a big message moves (see shmipc._footprint)
+        self.big = big
+        self.big_tasks, self.big_results = big.tasks, big.results
+        self.slots = SlotTable(arena.block(name="slots"), SLOT_WORDS).words
+        self.base = slot * SLOT_WORDS
         self.pid = os.getpid()
         self.maxtasks = maxtasks
         self.parent_pid = parent_pid
@@ -177,7 +106,10 @@ class _WorkerLoop:
         self.catch: type = BaseException if catch_base else Exception
 
     def mark(self, state: int, seq: int = 0) -> None:
-        _SLOT.pack_into(self.slots, self.base, self.pid, state, seq)
+        words, base = self.slots, self.base
+        words[base + W_PID] = self.pid
+        words[base + W_SEQ] = seq
+        words[base + W_STATE] = state           # last: it says the words before it are valid
 
     def run(self) -> None:
         done = 0
@@ -187,20 +119,20 @@ class _WorkerLoop:
                 break
             if msg is _SKIP:
                 continue
-            seq, kind, head, buffers = msg
+            seq, kind, data, meta = msg
             del msg
             # busy before unpickling: a crash in there (a C extension's
             # __setstate__) is this task's, not a reason to re-run it elsewhere
-            self.mark(_BUSY, seq)
+            self.mark(BUSY, seq)
             try:
-                func, payload = _decode(head, buffers)
+                func, payload = unpack_task(data, meta)
             except Exception as exc:            # the arguments do not unpickle here
-                del head, buffers
+                del data, meta
                 self.send_error(seq, exc, "the task's arguments could not be unpickled in the worker")
-                self.mark(_READY)
+                self.mark(READY)
                 done += 1
                 continue
-            del head, buffers
+            del data, meta
             try:
                 value, ok = _run_task(kind, func, payload), True
             except self.catch as exc:
@@ -211,20 +143,20 @@ class _WorkerLoop:
             else:
                 self.send_error(seq, value)
             del value
-            self.mark(_READY)
+            self.mark(READY)
             done += 1
-        self.mark(_EXITING)
+        self.mark(EXITING)
 
     def next_task(self) -> Any:
         """The next task tuple; _SKIP to look again; None to exit."""
         try:
-            msg = self.tasks.get(timeout=0.5)
-        except queue.Empty:
-            return _SKIP if parent_alive(self.parent_pid) else None
+            msg = next_message(self.take, self.parent_pid)
+            if msg is GONE:                     # the parent died
+                return None
         except (RingClosed, EOFError):          # closed, shut down, or the parent died
             return None
         except Exception as exc:                # a record that does not decode: consumed
-            self.results.put((0, R_BAD_TASK, self.slot, True, *_encode(None),
+            self.results.put((0, R_BAD_TASK, self.slot, True, *pack(None),
                               (_format_tb(exc), _safe_repr(exc))))
             return _SKIP
         if msg is None:                         # the pool is closing
@@ -238,6 +170,19 @@ class _WorkerLoop:
             return _SKIP
         return big
 
+    def take(self, timeout: float) -> Any:
+        """One task record, waiting up to `timeout`: taken as a view and copied
+        out once, into the values' own buffers (a plain get copies the whole
+        record first)."""
+        try:
+            with self.tasks.get_view(timeout=timeout) as view:
+                return detach(view)
+        except queue.Empty:
+            # idle: the big rings' address space goes back (mapped again at
+            # the next large message; see shmipc._footprint)
+            self.big.release()
+            raise
+
     def take_big(self, seq: int) -> tuple | None:
         """The task announced by a K_BIG stub: the next message of the big-task
         ring with that sequence number (the parent sends one at a time and puts
@@ -245,11 +190,10 @@ class _WorkerLoop:
         deadline = time.monotonic() + _BIG_WAIT
         while time.monotonic() < deadline:
             try:
-                msg = self.big_tasks.get(timeout=0.5)
-            except queue.Empty:
-                if not parent_alive(self.parent_pid):
+                msg = next_message(self.big_tasks.get, self.parent_pid,
+                                   stop=lambda: time.monotonic() >= deadline)
+                if msg is GONE:
                     return None
-                continue
             except (RingClosed, EOFError):
                 return None
             except Exception:                   # a corrupt record: consumed, look further
@@ -262,16 +206,12 @@ class _WorkerLoop:
         """Put a result; split a list too large for the ring into pieces (one
         item too large goes through the big ring, announced by a stub); a
         value that does not pickle becomes an R_UNENCODABLE record."""
-        wire = _wrap_blobs(value) if kind != K_CALL else (
-            _Blob(value) if type(value) is bytes and len(value) >= _BLOB_MIN else value)
         try:
-            head, buffers = _encode(wire)
-        except Exception as exc:                # pickling failed
-            del wire
+            data, meta = pack(value) if kind == K_CALL else pack_items(value)
+        except self.catch as exc:               # pickling failed (executor: SystemExit too, as concurrent.futures)
             self.send_unencodable(seq, exc, value, offset)
             return
-        del wire
-        self.send_record((seq, R_OK, offset, last, head, buffers, None), value, kind)
+        self.send_record((seq, R_OK, offset, last, data, meta, None), value, kind)
 
     def send_record(self, record: tuple, value: Any = None, kind: int = K_CALL) -> None:
         seq, status, offset, last = record[:4]
@@ -303,18 +243,18 @@ class _WorkerLoop:
         if note:
             tb = f"\n{note}:{tb}"
         try:
-            head, buffers = _encode(exc)
-        except Exception as why:
+            data, meta = pack_pickled(exc)
+        except self.catch as why:
             self.send_unencodable(seq, why, exc, offset)
             return
-        self.send_record((seq, R_RAISED, offset, True, head, buffers, (tb, _safe_repr(exc))))
+        self.send_record((seq, R_RAISED, offset, True, data, meta, (tb, _safe_repr(exc))))
 
     def send_unencodable(self, seq: int, why: BaseException, value: Any, offset: int) -> None:
         try:
-            head, buffers = _encode(why)
+            data, meta = pack_pickled(why)
         except Exception:
-            head, buffers = _encode(TypeError(_safe_repr(why)))
-        self.results.put((seq, R_UNENCODABLE, offset, True, head, buffers,
+            data, meta = pack_pickled(TypeError(_safe_repr(why)))
+        self.results.put((seq, R_UNENCODABLE, offset, True, data, meta,
                           (_format_tb(why), _safe_repr(value))))
 
 
@@ -322,12 +262,12 @@ _SKIP = object()
 
 
 def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,
-                 maxtasks: int | None, parent_pid: int, catch_base: bool = False) -> None:
+                 maxtasks: int | None, parent_pid: int, catch_base: bool, big: BigRings) -> None:
     """A pool worker (the Supervisor's target): see _WorkerLoop."""
     steady_malloc()                 # large arguments must not cost a page fault storm each
-    loop = _WorkerLoop(slot, arena, maxtasks, parent_pid, catch_base)
-    loop.mark(_STARTING)
+    loop = _WorkerLoop(slot, arena, maxtasks, parent_pid, catch_base, big)
+    loop.mark(STARTING)
     if initializer is not None:
         initializer(*initargs)
-    loop.mark(_READY)
+    loop.mark(READY)
     loop.run()

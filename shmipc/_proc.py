@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import ctypes.util
 import os
 import signal
+from typing import Any
 
 from shmipc._ring import pid_alive  # the rings' own liveness check, zombies counted dead
 
-__all__ = ["die_with_parent", "pid_alive", "steady_malloc"]
+__all__ = ["die_with_parent", "pid_alive", "steady_malloc", "resolve_start_method"]
 
 _PR_SET_PDEATHSIG = 1
 _libc = None
@@ -53,3 +55,26 @@ def steady_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and \
         bool(mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
+
+
+def resolve_start_method(context: Any = None) -> str:
+    """The start method named by `context`: None (multiprocessing's default),
+    a method name, or a context object (multiprocessing's or shmipc's).
+
+    Raises:
+        ValueError: an unknown start method name.
+        TypeError: something that is neither a name nor a context.
+    """
+    if context is None:
+        return multiprocessing.get_start_method()
+    if isinstance(context, str):
+        method = context
+    elif hasattr(context, "get_start_method"):
+        method = context.get_start_method()
+    else:
+        raise TypeError(f"context must be None, a start method name or a multiprocessing "
+                        f"context, not {type(context).__name__}")
+    if method not in multiprocessing.get_all_start_methods():
+        raise ValueError(f"unknown start method {method!r}; this platform has "
+                         f"{multiprocessing.get_all_start_methods()}")
+    return method

@@ -46,6 +46,9 @@ cdef class Ring:
     cdef bint allow_pickle          # decode pickled messages (else: native types only)
     cdef object pending             # None, or a deque of (tag, payload or error) taken but
                                     # not yet delivered: the rest of a batch whose decoding failed
+    cdef int notify_fd              # readiness: this process's fd to signal after a commit
+                                    # (a pipe's write end or a socket), -1: none
+    cdef bint notify_socket         # notify_fd is a socket (send), else a pipe (write)
     cdef object __weakref__
 
     cdef int _map(self, object buffer, Py_ssize_t offset, uint64_t need) except -1

@@ -157,6 +157,7 @@ def _layout():
         "wait.plock_waiters": <size_t>&h.wait.plock_waiters - b,
         "wait.clock_waiters": <size_t>&h.wait.clock_waiters - b,
         "wait.shutdown": <size_t>&h.wait.shutdown - b,
+        "wait.ready_signalled": <size_t>&h.wait.ready_signalled - b,
         "counters": <size_t>&h.counters - b,
         "data_sem": <size_t>&h.data_sem - b, "space_sem": <size_t>&h.space_sem - b,
         "plock_sem": <size_t>&h.plock_sem - b, "clock_sem": <size_t>&h.clock_sem - b,
@@ -243,6 +244,7 @@ cdef class Ring:
         self.spin_ns = 20_000
         self.pending = None
         self.allow_pickle = True
+        self.notify_fd = -1
 
     def __init__(self, *args, **kwargs):
         raise TypeError("make rings with Arena.ring(); Ring cannot be instantiated directly")
@@ -981,6 +983,8 @@ cdef class Ring:
                     shm_fence()
                     shm_wake(&h.data_sem, &h.wait.data_waiters)
                     shm_publish_cpu(&h.wait.prod_cpu)   # see _wait
+                    if self.notify_fd >= 0:             # readiness fds: see _ready_rearm
+                        shm_signal_ready(&h.wait.ready_signalled, self.notify_fd, self.notify_socket)
             if i == n:
                 return n
             # (the deadline is checked here too: _wait returns at once while
@@ -1837,6 +1841,45 @@ cdef class Ring:
             if self.many_consumers:
                 self._unlock(W_CLOCK)
         return 0
+
+    # ------------------------------------------------------------ readiness
+    def _set_notify(self, int fd, bint is_socket=False):
+        """Readiness fds (shmipc.connection, shmipc.queues): after each
+        commit, this process's puts send one byte on `fd` (this process's
+        descriptor: a pipe's write end, or a socket when `is_socket`)
+        whenever no readiness byte is out (see _ready_rearm). -1 turns it off.
+        Process-local: every producer process sets its own."""
+        self.notify_fd = fd
+        self.notify_socket = is_socket
+
+    def _ready_rearm(self):
+        """The consumer half of the readiness protocol. Returns True if the
+        caller must now take one readiness byte out of its descriptor (it
+        was sent and stands for nothing any more), False if it must leave it.
+
+        Invariant (with producers that set a notify fd): while the ring holds
+        a message (or is shut down), a readiness byte is out
+        (wait.ready_signalled == 1) -- it was sent by the commit that found
+        none out, or is about to be, by a producer between its exchange and
+        its send. Re-arming only when the ring looks empty, with the
+        Dekker re-check below (the producer: commit, fence, read the flag),
+        keeps it: a commit racing the re-arm either sees 0 and sends a new
+        byte (then the old one is taken out), or was seen by the re-check
+        (then the old byte stays for it)."""
+        self._check_open()
+        cdef shm_ring_t *h = self.hdr
+        if shm_load_rlx32(&h.wait.ready_signalled) == 0:
+            return False                # no byte out: nothing to take
+        if self._ready(W_DATA, 0):
+            return False                # messages there: the byte stays
+        if not shm_cas32(&h.wait.ready_signalled, 1, 0):
+            return False                # another consumer re-armed first
+        shm_fence()
+        if self._ready(W_DATA, 0):      # a commit raced the re-arm
+            if shm_cas32(&h.wait.ready_signalled, 0, 1):
+                return False            # it sent nothing: the old byte stands for it
+            return True                 # it sent a byte of its own: take the old one
+        return True
 
     # ------------------------------------------------------------ state
     def qsize(self):

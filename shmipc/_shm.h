@@ -30,7 +30,8 @@
 #endif
 
 #define SHM_RING_MAGIC   0x474e495243504953ULL   /* "SIPCRING" little-endian */
-#define SHM_RING_VERSION 2u   /* 2: owners are 64-bit process identities */
+#define SHM_RING_VERSION 3u   /* 2: owners are 64-bit process identities;
+                                 3: wait.ready_signalled (readiness fds) */
 #define SHM_CACHE_LINE   64
 
 /* header->flags */
@@ -88,6 +89,15 @@ typedef struct {
      * ever compared with our own CPU, to decide whether spinning can win. */
     uint32_t prod_cpu;
     uint32_t cons_cpu;
+    /* Readiness descriptors (shmipc.connection / shmipc.queues): 0 = no
+     * readiness byte is out, so the next commit of a producer that holds a
+     * notify fd sends one (shm_signal_ready); 1 = one was sent and stands
+     * for "messages may be there". Only a consumer that found the ring empty
+     * turns it back to 0 (Ring._ready_rearm), then takes that byte out. Zero
+     * at creation: the first message of a ring's life is signalled, so a
+     * reader that starts polling late still finds its backlog readable.
+     * Producers read it after every commit (same line as data_waiters). */
+    uint32_t ready_signalled;
 } __attribute__((aligned(SHM_CACHE_LINE))) shm_wait_t;
 
 /* Counters written off the fast path (sleeping, recovery). */
@@ -202,6 +212,31 @@ static inline void shm_publish_cpu(uint32_t *slot) {
     uint32_t cpu = shm_cpu_now();
     if (__atomic_load_n(slot, __ATOMIC_RELAXED) != cpu)
         __atomic_store_n(slot, cpu, __ATOMIC_RELAXED);
+}
+
+/* ---- readiness descriptors ----
+ * After a commit (and the full fence that orders it before the waiter
+ * counts): if no readiness byte is out, send one on `fd` (a pipe or a
+ * socket of the reader's). One relaxed load when a byte is already out (the
+ * unpolled steady state); the exchange makes concurrent producers send one
+ * byte between them. MSG_DONTWAIT/MSG_NOSIGNAL: never blocks or raises
+ * SIGPIPE; a full buffer is already readable, a gone reader needs nothing. */
+#define SHM_READY_BYTE 0x52   /* 'R' */
+#include <sys/socket.h>
+static inline void shm_signal_ready(uint32_t *signalled, int fd, int is_socket) {
+    if (__atomic_load_n(signalled, __ATOMIC_RELAXED) != 0) return;
+    if (__atomic_exchange_n(signalled, 1u, __ATOMIC_SEQ_CST) != 0) return;
+    static const char b = SHM_READY_BYTE;
+    int saved = errno;
+    ssize_t rc;
+    do {
+        rc = is_socket ? send(fd, &b, 1, MSG_DONTWAIT | MSG_NOSIGNAL) : write(fd, &b, 1);
+    } while (rc < 0 && errno == EINTR);
+    errno = saved;
+}
+
+static inline int shm_cas32(uint32_t *p, uint32_t expected, uint32_t desired) {
+    return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
 
 /* ---- clocks ---- */

@@ -41,6 +41,7 @@ cdef extern from "_shm.h" nogil:
         uint32_t shutdown
         uint32_t prod_cpu
         uint32_t cons_cpu
+        uint32_t ready_signalled
 
     ctypedef struct shm_counters_t:
         uint64_t producer_sleeps
@@ -88,6 +89,8 @@ cdef extern from "_shm.h" nogil:
     uint32_t shm_cpu_now()
     void shm_yield()
     void shm_publish_cpu(uint32_t *slot)
+    void shm_signal_ready(uint32_t *signalled, int fd, int is_socket)
+    bint shm_cas32(uint32_t *p, uint32_t expected, uint32_t desired)
     int64_t shm_now_ns()
     int shm_sem_wait_until(sem_t *sem, int64_t deadline_ns)
     void shm_wake(sem_t *sem, const uint32_t *waiters)

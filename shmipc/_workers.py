@@ -26,9 +26,10 @@ parent dies: workers get the kernel's parent-death signal from the zygote
 0.25 s of the caller. That signal follows the *thread* that started a
 process, so it is used towards the caller only for processes started from the
 main thread or from a thread marked with :func:`mark_thread_long_lived`; the
-zygote also watches the caller through a pidfd. A target can call
-:func:`parent_alive` in its idle loop as a further line of defence (spawn
-workers started from a short-lived thread rely on it).
+zygote also watches the caller through a pidfd. A target can wait with
+:func:`shmipc._runtime.next_message` for its work, which looks at the
+parent between waits, as a further line of defence (spawn workers started
+from a short-lived thread rely on it).
 
 What runs inside the processes started here (the zygote, a worker's start)
 lives in :mod:`shmipc._zygote`. No helper is a single point of failure: a
@@ -63,17 +64,19 @@ import signal
 import socket
 import threading
 import time
-import traceback
-import weakref
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
-from shmipc._proc import pid_alive
-from shmipc._zygote import (_CMD, _CMD_GO, _CMD_QUIT, _CMD_SPARE, _CMD_SPAWN, _EVT, _EVT_EXITED,
-                            _EVT_RELEASED, _EVT_SPAWN_FAILED, _EVT_STARTED, _SPARE_MSG, _process_entry,
+from shmipc._fork_safety import (forget_mp_child, mark_thread_long_lived, outlives_children,  # noqa: F401
+                                  register_pausable, sigint_blocked, threads_paused,
+                                  unmark_thread_long_lived)
+from shmipc._proc import pid_alive, resolve_start_method
+from shmipc._waiting import EXIT_POLL_S, ZYGOTE_EXIT_CHECK_S
+from shmipc._zygote_link import _pidfd_running, _ZygoteLink
+from shmipc._zygote import (_CMD_GO, _CMD_QUIT, _CMD_SPARE, _CMD_SPAWN, _EVT_EXITED,
+                            _EVT_RELEASED, _EVT_SPAWN_FAILED, _EVT_STARTED, _process_entry,
                             _zygote_main)
 
-__all__ = ["Supervisor", "WorkerExit", "resolve_start_method", "parent_alive",
+__all__ = ["Supervisor", "WorkerExit", "resolve_start_method",
            "mark_thread_long_lived", "unmark_thread_long_lived", "register_pausable",
            "threads_paused"]
 
@@ -85,220 +88,6 @@ class WorkerExit(NamedTuple):
     slot: int
     pid: int
     exitcode: int | None
-
-
-def resolve_start_method(context: Any = None) -> str:
-    """The start method named by `context`: None (multiprocessing's default),
-    a method name, or a context object (multiprocessing's or shmipc's).
-
-    Raises:
-        ValueError: an unknown start method name.
-        TypeError: something that is neither a name nor a context.
-    """
-    if context is None:
-        return multiprocessing.get_start_method()
-    if isinstance(context, str):
-        method = context
-    elif hasattr(context, "get_start_method"):
-        method = context.get_start_method()
-    else:
-        raise TypeError(f"context must be None, a start method name or a multiprocessing "
-                        f"context, not {type(context).__name__}")
-    if method not in multiprocessing.get_all_start_methods():
-        raise ValueError(f"unknown start method {method!r}; this platform has "
-                         f"{multiprocessing.get_all_start_methods()}")
-    return method
-
-
-def parent_alive(parent_pid: int) -> bool:
-    """True while `parent_pid` lives: for a worker's idle loop (the kernel's
-    parent-death signal is the first line of defence, this the second)."""
-    return pid_alive(parent_pid)
-
-
-_long_lived_threads: set[int] = set()
-_pausable: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-def register_pausable(obj: Any) -> None:
-    """Register an object that runs threads of its own and can stop them for
-    a moment: ``obj._pause_for_fork() -> bool`` (True if it stopped its
-    threads; they must be gone, not merely idle) and ``obj._resume_after_fork()``.
-    Before forking a zygote, every registered object is paused, so the fork
-    happens with no shmipc thread running (Python 3.12+ warns about forking a
-    process with threads, and such forks can deadlock). Held weakly."""
-    _pausable.add(obj)
-
-
-# One zygote fork at a time: two pools created at once by two threads would
-# otherwise pause (and then restart) the same third pool's thread twice.
-_fork_lock = threading.RLock()
-
-
-@contextmanager
-def threads_paused() -> Iterator[None]:
-    """Stop the threads of every registered pausable object for the block
-    (one such block at a time in this process)."""
-    paused = []
-    _fork_lock.acquire()
-    try:
-        for obj in list(_pausable):
-            try:
-                if obj._pause_for_fork():
-                    paused.append(obj)
-            except Exception:
-                pass
-        yield
-    finally:
-        try:
-            for obj in paused:
-                try:
-                    obj._resume_after_fork()
-                except Exception:
-                    traceback.print_exc()
-        finally:
-            _fork_lock.release()
-
-
-def mark_thread_long_lived() -> None:
-    """Declare that the calling thread outlives every worker it starts (e.g.
-    a pool's bookkeeping thread), so workers it starts may use the kernel's
-    parent-death signal, which follows the starting *thread*."""
-    _long_lived_threads.add(threading.get_ident())
-
-
-def unmark_thread_long_lived() -> None:
-    """Undo mark_thread_long_lived() (call it as the thread ends: idents are reused)."""
-    _long_lived_threads.discard(threading.get_ident())
-
-
-def _outlives_children() -> bool:
-    return (threading.current_thread() is threading.main_thread()
-            or threading.get_ident() in _long_lived_threads)
-
-
-class _ZygoteLink:
-    """The parent's side of one zygote: its process, command pipe, event pipe
-    and the socket it hands a spare's pipe ends over. The first zygote is our
-    child (a multiprocessing Process: `proc`); a spare is a child of the
-    zygote that forked it, so it is watched and signalled through a pidfd."""
-
-    def __init__(self, proc: Any, pid: int, cmd_w: int, evt_r: int, sock: Any) -> None:
-        self.proc = proc
-        self.pid = pid
-        self.cmd_w = cmd_w
-        self.evt_r = evt_r
-        self.sock = sock
-        self.pidfd = -1
-        if proc is None:
-            try:
-                self.pidfd = os.pidfd_open(pid)
-            except (AttributeError, OSError):
-                self.pidfd = -1
-        self.buf = b""
-        self.eof = False            # every writer of the event pipe is gone
-
-    def exited(self) -> bool:
-        if self.proc is not None:
-            return self.proc.exitcode is not None
-        if self.pidfd >= 0:
-            return not _pidfd_running(self.pidfd)
-        return not pid_alive(self.pid)
-
-    def alive(self) -> bool:
-        return not self.eof and not self.exited() and pid_alive(self.pid)
-
-    def kill(self) -> None:
-        try:
-            if self.proc is not None:
-                if self.proc.exitcode is None:
-                    self.proc.kill()
-            elif self.pidfd >= 0:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-        except Exception:
-            pass
-
-    def send(self, cmd: int, arg: int) -> None:
-        """Raises OSError if the zygote is gone."""
-        os.write(self.cmd_w, _CMD.pack(cmd, arg))
-
-    def read(self, timeout: float) -> list[tuple[int, int, int, int]]:
-        """Events the zygote reported, waiting up to `timeout` for the first."""
-        out: list[tuple[int, int, int, int]] = []
-        if self.eof:
-            return out
-        try:
-            ready, _, _ = select.select([self.evt_r], [], [], timeout)
-        except InterruptedError:
-            ready = []
-        if not ready:
-            return out
-        try:
-            data = os.read(self.evt_r, 4096)
-        except BlockingIOError:
-            data = None
-        if data == b"":
-            self.eof = True
-        elif data:
-            self.buf += data
-        while len(self.buf) >= _EVT.size:
-            out.append(_EVT.unpack_from(self.buf))
-            self.buf = self.buf[_EVT.size:]
-        return out
-
-    def receive_spare(self, timeout: float) -> "_ZygoteLink | None":
-        """The spare this zygote forked on _CMD_SPARE: its pid and pipe ends."""
-        try:
-            ready, _, _ = select.select([self.sock], [], [], timeout)
-            if not ready:
-                return None
-            msg, fds, _flags, _addr = socket.recv_fds(self.sock, _SPARE_MSG.size, 3)
-        except (OSError, ValueError):
-            return None
-        if len(msg) != _SPARE_MSG.size or len(fds) != 3:
-            for fd in fds:
-                os.close(fd)
-            return None
-        (pid,) = _SPARE_MSG.unpack(msg)
-        return _ZygoteLink(None, pid, fds[0], fds[1], socket.socket(fileno=fds[2]))
-
-    def close(self, kill: bool, timeout: float = 1.0) -> None:
-        """Close our ends and wait for the zygote to exit (SIGKILLed first if
-        `kill`); our child is reaped."""
-        if kill:
-            self.kill()
-        for fd in (self.cmd_w, self.evt_r):
-            if fd >= 0:
-                os.close(fd)
-        self.cmd_w = self.evt_r = -1
-        self.eof = True
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        if self.proc is not None:
-            # (not proc.join(): its sentinel pipe is inherited by our workers
-            # and spare, so it reads EOF only once they are gone too)
-            for wait, last in ((timeout, False), (1.0, True)):
-                deadline = time.monotonic() + wait
-                while self.proc.exitcode is None and time.monotonic() < deadline:
-                    time.sleep(0.005)
-                if self.proc.exitcode is not None or last:
-                    break
-                self.proc.kill()
-            if self.proc.exitcode is not None:
-                self.proc.close()
-            return
-        deadline = time.monotonic() + timeout
-        while not self.exited() and time.monotonic() < deadline:
-            time.sleep(0.005)
-        if not self.exited():
-            self.kill()
-            deadline = time.monotonic() + 1.0
-            while not self.exited() and time.monotonic() < deadline:
-                time.sleep(0.005)
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
 
 
 class Supervisor:
@@ -395,7 +184,7 @@ class Supervisor:
         proc = self._ctx.Process(
             target=_zygote_main, name=f"{self.name}-zygote", daemon=True,
             args=(cmd_r, evt_w, theirs.fileno(), (cmd_w, evt_r, mine.fileno()), os.getpid(),
-                  _outlives_children(), self.target, self.args, self.name, self._wake))
+                  outlives_children(), self.target, self.args, self.name, self._wake))
         try:
             with threads_paused():          # no shmipc thread runs while we fork
                 proc.start()
@@ -412,7 +201,7 @@ class Supervisor:
         # this process must not terminate it from multiprocessing's atexit
         # handler (which terminates every daemonic child it knows of), and
         # active_children() must not list it. We stop and reap it ourselves.
-        _forget_mp_child(proc)
+        forget_mp_child(proc)
         self.zygotes_started += 1
         return _ZygoteLink(proc, proc.pid, cmd_w, evt_r, mine)
 
@@ -478,8 +267,8 @@ class Supervisor:
                 proc = self._ctx.Process(
                     target=_process_entry, name=f"{self.name}-{slot}", daemon=True,
                     args=(self.target, slot, self.args, os.getpid(), self.start_method,
-                          _outlives_children()))
-                with _sigint_blocked():         # the child inherits the mask (see _process_entry)
+                          outlives_children()))
+                with sigint_blocked():         # the child inherits the mask (see _process_entry)
                     proc.start()
                 self._procs[slot] = proc
                 self._track(slot, proc.pid, None)
@@ -686,7 +475,7 @@ class Supervisor:
         """True if a worker of `link` exited more than zygote_timeout seconds ago
         and the zygote has not reported it (checked at most every 0.1 s)."""
         now = time.monotonic()
-        if now - self._last_exit_check < 0.1:
+        if now - self._last_exit_check < ZYGOTE_EXIT_CHECK_S:
             return False
         self._last_exit_check = now
         mine = [fd for slot, fd in self._pidfds.items() if fd >= 0 and self._started_by.get(slot) is link]
@@ -782,7 +571,7 @@ class Supervisor:
             while live and time.monotonic() < deadline:
                 live = {s: fd for s, fd in live.items() if _pidfd_running(fd)}
                 if live:
-                    time.sleep(0.005)
+                    time.sleep(EXIT_POLL_S)
 
     @property
     def stopped(self) -> bool:
@@ -797,44 +586,3 @@ class Supervisor:
     def __repr__(self) -> str:
         return (f"<shmipc Supervisor {self.name} {self.start_method} "
                 f"{'stopped' if self._stopped else f'{len(self._pids)} workers'}>")
-
-
-@contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """Block SIGINT in this thread for the block: a child started meanwhile
-    (fork+exec) starts with it blocked, so a Ctrl-C during its start-up
-    cannot print a KeyboardInterrupt traceback from its imports. A Ctrl-C
-    meanwhile reaches this process when the block ends."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    try:
-        # started (if needed) first: starting it unblocks SIGINT in this thread
-        from multiprocessing import resource_tracker
-
-        resource_tracker.ensure_running()
-    except Exception:
-        pass
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-def _pidfd_running(fd: int) -> bool:
-    try:
-        ready, _, _ = select.select([fd], [], [], 0)
-    except (OSError, ValueError):
-        return False
-    return not ready
-
-
-def _forget_mp_child(proc: Any) -> None:
-    """Remove a process we manage ourselves from multiprocessing's registry of children."""
-    try:
-        from multiprocessing import process as mp_process
-
-        mp_process._children.discard(proc)
-    except Exception:
-        pass

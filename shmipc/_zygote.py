@@ -24,6 +24,7 @@ import traceback
 from typing import Any, Callable
 
 from shmipc._proc import die_with_parent, pid_alive
+from shmipc._waiting import EXIT_POLL_S, PARENT_WATCH_S, ZYGOTE_IDLE_S, ZYGOTE_POLL_S
 
 # zygote <- parent commands, and zygote -> parent events: fixed records, written
 # with one write() each (smaller than PIPE_BUF, hence atomic)
@@ -158,7 +159,7 @@ def _watch_parent(parent_pid: int) -> None:
             except InterruptedError:
                 continue
         else:
-            time.sleep(0.2)
+            time.sleep(PARENT_WATCH_S)
         if not pid_alive(parent_pid):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -237,7 +238,7 @@ class _Zygote:
                 fds.append(self.parent_fd)
             polling = any(pidfd < 0 for _, pidfd in self.children.values())
             try:
-                ready, _, _ = select.select(fds, [], [], 0.05 if polling else 0.25)
+                ready, _, _ = select.select(fds, [], [], ZYGOTE_POLL_S if polling else ZYGOTE_IDLE_S)
             except InterruptedError:
                 ready = []
             if self.parent_fd in ready or not pid_alive(self.parent_pid):     # the parent died
@@ -412,6 +413,6 @@ class _Zygote:
         deadline = time.monotonic() + grace
         while self.children and time.monotonic() < deadline:
             self._reap(False)
-            time.sleep(0.005)
+            time.sleep(EXIT_POLL_S)
         self._signal_all(signal.SIGKILL)
         self._reap(True)

@@ -21,41 +21,26 @@ Backings:
 Everything read back from the header is validated before use: a corrupt or
 foreign header raises :class:`~shmipc.errors.CorruptArena`.
 
-Trust (see also the README's "Trust model"):
-  * ``attach`` and ``from_file`` refuse a segment or file owned by another
-    user (PermissionError) unless ``allow_other_users=True``; an arena opened
-    that way decodes native types only (``allow_pickle=False``) unless the
-    caller also passes ``allow_pickle=True``, since unpickling runs code
-    chosen by whoever wrote the message.
-  * ``from_file`` never writes to a file that is not already an arena (no
-    growth, no formatting) unless it creates the file itself (O_EXCL) or is
-    given ``overwrite=True``; it does not follow a symbolic link in the last
-    path component unless ``follow_symlinks=True``; FIFOs, sockets and
-    directories are refused.
-  * Nameless (memfd) arenas are sealed (F_SEAL_SHRINK | F_SEAL_GROW |
-    F_SEAL_SEAL): a peer holding the fd cannot truncate them under us.
-  * Named segments and files cannot be sealed. Their size is checked against
-    the header when opened and again by every call that reads the region
-    table (``CorruptArena``, "truncated"), but a process that may write the
-    segment (the same user, or root) and truncates it while another process
-    is touching the memory still kills that process with SIGBUS: what remains
-    of the threat is within the trust boundary (same user).
+Opening and creating the file-system backings (files, devices, named
+segments), their trust checks (other users' files, symbolic links, files that
+are not arenas) and the reaper live in ``shmipc/_arena_files.py``; its
+docstring states the trust rules. Nameless (memfd) arenas are sealed
+(F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL): a peer holding the fd cannot
+truncate them under us.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import mmap
 import os
-import stat
 import struct
-import subprocess
 import threading
 import weakref
 from typing import Any, Iterable, Iterator, NamedTuple
 
-from shmipc import _ring
+from shmipc import _arena_files, _ring
+from shmipc._arena_files import SHM_DIR
 from shmipc._lifetime import Closeable
 from shmipc.errors import ArenaClosed, CorruptArena, ShmipcError
 
@@ -78,8 +63,6 @@ KIND_RING = 1
 KIND_BLOCK = 2
 KIND_NAMES = {KIND_RING: "ring", KIND_BLOCK: "block"}
 PAGE = mmap.PAGESIZE
-SHM_DIR = "/dev/shm"           # where glibc's shm_open keeps POSIX shared memory on Linux
-NAME_MAX = 255                 # bytes in one file name
 _MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
@@ -110,54 +93,6 @@ def _check_size(size: Any, what: str = "size") -> int:
     return size
 
 
-def _shm_name(name: Any) -> str:
-    """'/name' for a valid segment name (a leading '/' optional), or ValueError
-    naming it: one file name under /dev/shm, no NUL, no other '/', not '.' or
-    '..', valid UTF-8, at most 255 bytes."""
-    if not isinstance(name, str):
-        raise ValueError(f"a named arena needs a str name, got {type(name).__name__} {name!r}")
-    bare = name[1:] if name.startswith("/") else name
-    try:
-        size = len(bare.encode())
-    except UnicodeEncodeError:
-        raise ValueError(f"invalid shared-memory name {name!r}: not valid UTF-8") from None
-    if not bare or "\0" in bare or "/" in bare or bare in (".", "..") or size > NAME_MAX:
-        raise ValueError(f"invalid shared-memory name {name!r}: one non-empty file name of at most "
-                         f"{NAME_MAX} bytes (it has {size}), no NUL, no '/' inside, not '.' or '..'")
-    return "/" + bare
-
-
-def _uid_check(st: os.stat_result, what: str, allow_other_users: bool) -> None:
-    """PermissionError if `st` belongs to another user and the caller did not opt in."""
-    me = os.geteuid()
-    if st.st_uid != me and not allow_other_users:
-        raise PermissionError(
-            errno.EACCES, f"{what} is owned by uid {st.st_uid}, not by this process's uid {me}: "
-            "its messages could run that user's code when unpickled; pass allow_other_users=True "
-            "to open it anyway (its rings then decode native types only unless allow_pickle=True)")
-
-
-def _open_nofollow(path: Any, flags: int, follow: bool, mode: int = 0o600) -> int:
-    """os.open with O_NOFOLLOW unless `follow`; a refused link raises an
-    OSError that says so (plain ELOOP reads as 'too many levels')."""
-    try:
-        return os.open(path, flags | (0 if follow else os.O_NOFOLLOW), mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and not follow:
-            raise OSError(errno.ELOOP, f"{os.fsdecode(path)!r} is a symbolic link: not followed "
-                          "(pass follow_symlinks=True to follow it)") from None
-        raise
-
-
-def _file_type(st: os.stat_result) -> str:
-    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
-                       (stat.S_ISBLK, "block device"), (stat.S_ISCHR, "character device"),
-                       (stat.S_ISLNK, "symbolic link"), (stat.S_ISREG, "regular file")):
-        if test(st.st_mode):
-            return name
-    return "special file"
-
-
 class Arena(Closeable):
     """A shared mapping that holds rings. See the module docstring for backings.
 
@@ -185,7 +120,7 @@ class Arena(Closeable):
     _unlink_on_close: bool = False
     _writable: bool = True
     _ident: tuple[int, int] | None = None      # (st_dev, st_ino) of a named segment we created
-    _reaper: "_Reaper | None" = None
+    _reaper: "_arena_files.Reaper | None" = None
     _lock_depth: int = 0
     _sized_backing: bool = False               # a named segment or regular file: can be truncated
     _lock_pid: int = 0
@@ -280,79 +215,9 @@ class Arena(Closeable):
             PermissionError: a file of another user (see allow_other_users).
             OSError: the path is a symbolic link (see follow_symlinks).
         """
-        path = os.fspath(path)
-        shown = os.fsdecode(path)
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
-            raise ValueError(f"size must be a positive int, got {size!r}")
         self = cls.__new__(cls)
-        self._init_state("file", None, 0)
-        created = False
-        # O_NONBLOCK: opening a FIFO must not wait for a writer (refused below)
-        flags = os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY | (os.O_RDONLY if private else os.O_RDWR)
-        try:
-            self._fd = _open_nofollow(path, flags, follow_symlinks)
-        except FileNotFoundError:
-            if private:
-                raise
-            if size is None:
-                raise ValueError(f"{shown!r} does not exist: give a size to create it") from None
-            # O_EXCL: never through a symlink, never a file someone else made meanwhile
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            created = True
-        try:
-            fd = self._fd
-            os.set_blocking(fd, True)
-            st = os.fstat(fd)
-            regular = stat.S_ISREG(st.st_mode)
-            if not regular and not stat.S_ISCHR(st.st_mode):
-                raise ValueError(f"{shown!r} is a {_file_type(st)}, not a regular file or a device")
-            if regular:
-                _uid_check(st, f"file {shown!r}", allow_other_users)
-            header_size = None
-            if regular and not created and not raw and not overwrite:
-                header_size = _peek_header(fd, st.st_size, f"{shown!r}")
-                if size is not None and size != header_size:
-                    raise ValueError(f"{shown!r} is an arena of {header_size} bytes, not {size}")
-                size = header_size
-            if size is None:
-                if not regular or st.st_size == 0:
-                    raise ValueError(f"{shown!r} is empty or not a regular file: give a size")
-                size = st.st_size
-            if not raw:
-                _check_size(size)
-            if regular and size > st.st_size:
-                if private:
-                    raise ValueError(f"size {size} is beyond the end of {shown!r} ({st.st_size} bytes); "
-                                     "a private mapping cannot grow the file")
-                os.ftruncate(fd, size)      # ours (created), asked for (overwrite), or raw plain memory
-            access = mmap.ACCESS_COPY if private else mmap.ACCESS_WRITE
-            self.size = size
-            self.path = shown
-            self._writable = not private
-            self._follow_symlinks = follow_symlinks
-            self._allow_other_users = allow_other_users
-            self._sized_backing = regular
-            self.allow_pickle = _pickle_default(st, allow_pickle)
-            self._map(mmap.mmap(fd, size, access=access))
-            if raw:
-                self.kind = "raw"
-            elif created or overwrite:
-                self._format()
-            elif regular:
-                self._validate()
-            elif self._buf[:DATA_START] == bytes(DATA_START):
-                self._format()              # a device's fresh memory (/dev/zero, hugetlbfs)
-            else:
-                self._validate()
-        except CorruptArena as exc:
-            self.close()
-            raise CorruptArena(f"{exc} (pass raw=True to map it as plain memory, or overwrite=True "
-                               "to format it as a new arena)") from None
-        except BaseException:
-            self.close()
-            if created:
-                os.unlink(path)
-            raise
+        _arena_files.open_file(self, path, size, private, raw, overwrite, follow_symlinks,
+                               allow_other_users, allow_pickle)
         return self
 
     @classmethod
@@ -377,29 +242,9 @@ class Arena(Closeable):
         still truncate it, and a process touching the memory then dies of
         SIGBUS. Calls that read the region table check the size first.
         """
-        full = _shm_name(name)
         size = _align(_check_size(size), PAGE)
         self = cls.__new__(cls)
-        self._init_state("named", full, size)
-        path = SHM_DIR + full
-        try:
-            self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except FileExistsError:
-            raise FileExistsError(errno.EEXIST, f"a shared-memory segment named {full!r} already exists") from None
-        st = os.fstat(self._fd)
-        self._ident = (st.st_dev, st.st_ino)
-        self._sized_backing = True
-        self._unlink_on_close = True       # until close: a failure below removes what we made
-        try:
-            if unlink_on_close:
-                self._reaper = _Reaper(full, self._ident)
-            os.ftruncate(self._fd, size)
-            self._map(mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
-            self._format()
-        except BaseException:
-            self.close()
-            raise
-        self._unlink_on_close = unlink_on_close
+        _arena_files.create_named(self, name, size, unlink_on_close)
         return self
 
     @classmethod
@@ -421,31 +266,8 @@ class Arena(Closeable):
                 or no permission to open it.
             CorruptArena: the segment is not a valid arena (or was truncated).
         """
-        full = _shm_name(name)
         self = cls.__new__(cls)
-        self._init_state("named", full, 0)
-        self._owner_pid = 0                      # attached: never unlinks
-        try:
-            self._fd = _open_nofollow(SHM_DIR + full, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK, False)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, f"no shared-memory segment named {full!r}") from None
-        except PermissionError as exc:
-            raise PermissionError(errno.EACCES, f"cannot open shared-memory segment {full!r}: {exc.strerror}") from None
-        try:
-            os.set_blocking(self._fd, True)
-            st = os.fstat(self._fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CorruptArena(f"{full!r} is a {_file_type(st)}, not a shared-memory segment")
-            _uid_check(st, f"shared-memory segment {full!r}", allow_other_users)
-            self.size = _peek_header(self._fd, st.st_size, f"segment {full!r}")
-            self._sized_backing = True
-            self._allow_other_users = allow_other_users
-            self.allow_pickle = _pickle_default(st, allow_pickle)
-            self._map(mmap.mmap(self._fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE))
-            self._validate()
-        except BaseException:
-            self.close()
-            raise
+        _arena_files.attach_named(self, name, allow_other_users, allow_pickle)
         return self
 
     @classmethod
@@ -465,6 +287,22 @@ class Arena(Closeable):
             self.close()
             raise
         return self
+
+    def _map_file(self, private: bool) -> None:
+        """Map `size` bytes of the backing fd: shared, or copy-on-write."""
+        self._map(mmap.mmap(self._fd, self.size, access=mmap.ACCESS_COPY if private else mmap.ACCESS_WRITE))
+
+    def _blank(self) -> bool:
+        """True if the header and region table are all zero (fresh memory)."""
+        return self._buf[:DATA_START] == bytes(DATA_START)
+
+    @staticmethod
+    def _check_size(size: Any) -> int:
+        return _check_size(size)
+
+    @staticmethod
+    def _peek_header(fd: int, file_size: int, what: str) -> int:
+        return _peek_header(fd, file_size, what)
 
     def _format(self) -> None:
         buf = self._buf
@@ -779,7 +617,7 @@ class Arena(Closeable):
             raise ValueError(f"only named arenas can be unlinked, this one is {self.kind}")
         self._unlink_on_close = False
         if self._owner_pid == os.getpid() and self._ident is not None:
-            _unlink_if(SHM_DIR + self.name, self._ident)
+            _arena_files.unlink_if(SHM_DIR + self.name, self._ident)
             self._stop_reaper()
         else:
             try:
@@ -821,12 +659,6 @@ def _peek_header(fd: int, file_size: int, what: str) -> int:
     return size
 
 
-def _pickle_default(st: os.stat_result, allow_pickle: bool | None) -> bool:
-    if allow_pickle is None:
-        return st.st_uid == os.geteuid()
-    return bool(allow_pickle)
-
-
 def _set_allow_pickle(ring: "_ring.Ring", allow: bool) -> None:
     """Make `ring` (this process's handle) refuse pickled records, or not."""
     if allow and not hasattr(type(ring), "allow_pickle"):
@@ -837,148 +669,6 @@ def _set_allow_pickle(ring: "_ring.Ring", allow: bool) -> None:
         ring.close()
         raise ShmipcError("this build's ring cannot refuse pickled messages (no Ring.allow_pickle): "
                           "opening it with allow_pickle=False is impossible") from None
-
-
-def _unlink_if(path: str, ident: tuple[int, int]) -> bool:
-    """Unlink `path` if it is still the file `ident` (st_dev, st_ino) names.
-    (A check then an unlink: a file swapped in between those two system
-    calls would be removed; nothing narrower exists for names.)"""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if (st.st_dev, st.st_ino) != ident:
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-# The reaper: `read` blocks until the owner writes "keep" (it removed or
-# handed over the name itself) or dies (EOF: its pipe end closed, however it
-# died). On EOF it removes the name only if the name is still the segment it
-# was made for (device and inode), never a later segment of the same name.
-_REAPER_SCRIPT = ('read cmd; [ "$cmd" = keep ] && exit 0; '
-                  'id=$(stat -c %d:%i -- "$1" 2>/dev/null) || exit 0; '
-                  '[ "$id" = "$2" ] && rm -f -- "$1"; exit 0')
-
-
-class _Reaper:
-    """A helper process that unlinks a named segment once its creator is
-    gone, however it goes (SIGKILL included), plus a thread in the creator
-    that starts a new helper if the current one dies: a helper's death must
-    not leave the segment behind when the creator dies later.
-
-    Invariants: `proc` is the live helper (or one being replaced); only the
-    creating process (`pid`) writes to or waits for it; `_stopping` is set,
-    under `_guard`, before the last helper is dismissed, and no helper is
-    started after it is set.
-    """
-
-    def __init__(self, name: str, ident: tuple[int, int]) -> None:
-        self.path = SHM_DIR + name
-        self.ident = f"{ident[0]}:{ident[1]}"
-        self.pid = os.getpid()
-        self.restarts = 0
-        self._guard = threading.Lock()
-        self._stopping = False
-        self.proc = self._spawn()
-        _REAPERS.add(self)
-        self._watcher = threading.Thread(target=_watch_reaper, args=(weakref.ref(self),),
-                                         name=f"shmipc-reaper-watch {name}", daemon=True)
-        self._watcher.start()
-
-    def _spawn(self) -> subprocess.Popen:
-        # posix_spawn-style start (safe from a threaded process); its own
-        # session, so a signal to our process group does not reach it
-        return subprocess.Popen(
-            ["/bin/sh", "-c", _REAPER_SCRIPT, "shmipc-reaper", self.path, self.ident],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=True, start_new_session=True)
-
-    def respawn(self, dead: subprocess.Popen) -> subprocess.Popen | None:
-        """Replace the helper `dead` (it exited without being dismissed)."""
-        with self._guard:
-            if self._stopping or self.proc is not dead or os.getpid() != self.pid:
-                return None
-            if dead.stdin is not None:
-                try:
-                    dead.stdin.close()
-                except OSError:
-                    pass
-            self.proc = self._spawn()
-            self.restarts += 1
-            return self.proc
-
-    def stop(self, keep: bool = True) -> None:
-        """Dismiss the helper: with `keep` it exits without touching the name
-        (the creator removed or handed over the name itself)."""
-        if os.getpid() != self.pid:
-            # a forked child's copy: its pipe end was replaced at fork, and
-            # _guard may have been copied locked by the watcher thread
-            self._stopping = True
-            return
-        with self._guard:
-            if self._stopping:
-                return
-            self._stopping = True
-            proc = self.proc
-        _REAPERS.discard(self)
-        if proc.stdin is not None:
-            try:
-                if keep:
-                    proc.stdin.write(b"keep\n")
-                proc.stdin.close()
-            except OSError:
-                pass        # it is dead already
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if self._watcher is not threading.current_thread():
-            self._watcher.join(timeout=5)
-
-
-def _watch_reaper(ref: "weakref.ref[_Reaper]") -> None:
-    """Wait for the current helper to exit; start a new one if it was not
-    dismissed. Holds the _Reaper only between waits, so it can be collected."""
-    reaper = ref()
-    while reaper is not None:
-        proc = reaper.proc
-        del reaper
-        proc.wait()
-        reaper = ref()
-        if reaper is None or reaper.respawn(proc) is None:
-            return
-
-
-_REAPERS: "weakref.WeakSet[_Reaper]" = weakref.WeakSet()
-
-
-def _close_reaper_pipes_in_child() -> None:
-    # A forked child must not hold a reaper's pipe open, or the name would
-    # outlive its owner for as long as the child lives. The write end is
-    # replaced by /dev/null under the same fd number rather than closed: the
-    # file object still owns that number and closes it when collected, which
-    # must not close an unrelated file that reused the number meanwhile.
-    for reaper in list(_REAPERS):
-        stdin = reaper.proc.stdin
-        if stdin is None:
-            continue
-        try:
-            nul = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.dup2(nul, stdin.fileno(), inheritable=False)
-            finally:
-                os.close(nul)
-        except (OSError, ValueError):
-            pass
-
-
-os.register_at_fork(after_in_child=_close_reaper_pipes_in_child)
 
 
 class _TableLock:

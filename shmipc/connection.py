@@ -35,9 +35,10 @@ and ``recv_bytes`` returns the pickle of what ``send`` sent, as there. A
 send to a peer that closed its end raises BrokenPipeError at once; to a
 peer that died without closing, within PROBE_EVERY sends (multiprocessing
 fails at the first write; looking at the peer on every send would cost a
-system call each). A Connection has no file descriptor, so
-``multiprocessing.connection.wait`` cannot watch it: use :func:`wait` from
-this module, which takes shmipc Connections and anything that function takes.
+system call each). ``fileno()`` is a readiness descriptor and a socket for
+fd passing, as multiprocessing's (see shmipc._pipe_ready); awaiting
+versions of recv and send are there too (see shmipc.aio). Receiving a
+chunked message is shmipc._pipe_frames'.
 As with multiprocessing, two processes must not send on (or receive from) the
 same end at the same time -- each ring has one producer and one consumer
 process; threads of one process may share an end, one sending (and one
@@ -46,9 +47,10 @@ receiving) at a time, as multiprocessing requires.
 from __future__ import annotations
 
 import os
-import pickle
 import queue
 import select
+import socket
+import sys
 import time
 from multiprocessing import BufferTooShort, reduction
 from typing import Any, NoReturn
@@ -59,51 +61,16 @@ from shmipc import _framing
 from shmipc._framing import Frame as _Frame     # looked up on every get/recv
 from shmipc.errors import MessageTooLarge, PeerDied, RingClosed
 from shmipc.queues import _ring_capacity, _timeout
+from shmipc._pipe_frames import (SLICE, _ABANDONED, _EOF_MESSAGE, _NOTHING, _FrameReading,
+                                 _as_bytes)
+from shmipc._pipe_ready import _Readiness
 
 __all__ = ["Pipe", "Connection", "SLICE", "PROBE_EVERY", "wait"]
-
-#: Seconds a blocked recv/send waits on the ring before it checks whether the
-#: other end still has a live holder.
-SLICE = 0.05
 
 #: A send looks whether the other end still has a live holder once every
 #: this many sends (a poll() system call), so a send to a reader that died
 #: without closing fails within this many sends.
 PROBE_EVERY = 64
-
-_NOTHING = object()     # no message received ahead by poll()
-# in _pending: a receive was interrupted (an exception from a signal handler,
-# Ctrl-C) in the middle of a frame; _frame_left bytes of its chunks are still
-# to come, and the next receive drops them before it takes a message
-_ABANDONED = object()
-_EOF_MESSAGE = "the other end of the pipe is closed and nothing is left to read"
-
-
-class _Interrupted(Exception):
-    """Raised inside a frame's reading: a record that is not the next chunk
-    arrived (the writer was interrupted), carried in ``item``."""
-
-    def __init__(self, item: Any) -> None:
-        self.item = item
-
-
-def _detached(view: Any) -> Any:
-    """A message taken with get_view, as get would have returned it (views
-    over the ring die with the with-block)."""
-    if type(view) is memoryview:
-        return bytes(view)
-    if type(view).__module__ == "numpy" and hasattr(view, "copy"):
-        return view.copy()
-    return view
-
-
-def _as_bytes(item: Any) -> bytes:
-    """A message as multiprocessing's recv_bytes returns it: bytes as they
-    are, anything else sent with send() as its pickle."""
-    if isinstance(item, (bytes, bytearray)):
-        return bytes(item)
-    return pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-
 
 def _hung_up(fd: int) -> bool:
     """True if every copy of the write end of the pipe `fd` reads is closed."""
@@ -143,22 +110,27 @@ def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple["Connecti
         fds += [r_b, w_b]
         r_a2, r_b2 = os.dup(r_a), os.dup(r_b)
         fds += [r_a2, r_b2]
+        s_a, s_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        fds += [s_a.detach(), s_b.detach()]
     except BaseException:
         for fd in fds:
             os.close(fd)
         arena.close()
         raise
+    sock_a, sock_b = fds[-2:]
     if duplex:
-        a = Connection._make(arena, send="a>b", recv="b>a", token=w_a, mine=r_a, peer=r_b)
-        b = Connection._make(arena, send="b>a", recv="a>b", token=w_b, mine=r_b2, peer=r_a2)
+        a = Connection._make(arena, send="a>b", recv="b>a", token=w_a, mine=r_a, peer=r_b, sock=sock_a)
+        b = Connection._make(arena, send="b>a", recv="a>b", token=w_b, mine=r_b2, peer=r_a2,
+                             sock=sock_b)
     else:
         # multiprocessing's order: (receiving end, sending end)
-        a = Connection._make(arena, send=None, recv="a>b", token=w_a, mine=r_a, peer=r_b)
-        b = Connection._make(arena, send="a>b", recv=None, token=w_b, mine=r_b2, peer=r_a2)
+        a = Connection._make(arena, send=None, recv="a>b", token=w_a, mine=r_a, peer=r_b, sock=sock_a)
+        b = Connection._make(arena, send="a>b", recv=None, token=w_b, mine=r_b2, peer=r_a2,
+                             sock=sock_b)
     return a, b
 
 
-class Connection(Closeable):
+class Connection(Closeable, _FrameReading, _Readiness):
     """One end of a Pipe: send/recv objects, send_bytes/recv_bytes(_into)
     raw bytes, poll, close. Make them with :func:`Pipe`.
 
@@ -172,6 +144,7 @@ class Connection(Closeable):
     _token: int = -1
     _mine: int = -1
     _peer: int = -1
+    _sock: socket.socket | None = None
     _send_ring: Any = None
     _recv_ring: Any = None
 
@@ -180,15 +153,22 @@ class Connection(Closeable):
 
     @classmethod
     def _make(cls, arena: Arena, *, send: str | None, recv: str | None,
-              token: int, mine: int, peer: int) -> "Connection":
+              token: int, mine: int, peer: int, sock: int) -> "Connection":
         self = cls.__new__(cls)
         self._token, self._mine, self._peer = token, mine, peer
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=sock)
         self._arena = arena
         self._send_name, self._recv_name = send, recv
         # each end attaches its own Ring objects, so closing one end in a
         # process never closes the other end's rings there
         self._send_ring = arena.ring(name=send) if send is not None else None
         self._recv_ring = arena.ring(name=recv) if recv is not None else None
+        if self._send_ring is not None:
+            # our puts announce themselves on our socket, readable at the peer's
+            self._send_ring._set_notify(sock, True)
+        self._polled = False            # fileno() was called here: receives re-arm
+        self._frame_read = None         # recv_async: a chunked message being read in a thread
+        self._async_send_lock = None    # send_async: one chunked message at a time
         self._pending = _NOTHING
         self._frame_left = 0            # bytes of the frame being read not yet taken
         self._probe_in = 1              # the first send looks at the peer
@@ -322,14 +302,11 @@ class Connection(Closeable):
         """A message too large for one record: a Frame, then its parts in
         chunks. Interrupted midway (peer gone, Ctrl-C), it puts ABORT if it
         can, so the reader drops the partial message (see shmipc._framing)."""
-        ring = self._send_ring
-        chunk = _framing.chunk_size(ring.max_message_size)
-        views = [memoryview(p).cast("B") for p in parts]
-        self._put(_framing.Frame(kind, tuple(v.nbytes for v in views)))
+        records = self._frame_records(kind, parts)
+        self._put(records[0])
         try:
-            for view in views:
-                for off in range(0, view.nbytes, chunk):
-                    self._put(view[off:off + chunk])
+            for rec in records[1:]:
+                self._put(rec)
         except BaseException:
             try:
                 self._send_ring.put(_framing.ABORT, True, SLICE)
@@ -361,6 +338,22 @@ class Connection(Closeable):
                 return self._send_frame("bytes", [buf])
             except RingClosed:
                 self._raise_closed()
+        payload = self._payload(buf, offset, size)
+        self._probe_in -= 1
+        if not self._probe_in:
+            self._probe()
+        if payload.nbytes > self._send_ring.max_message_size:
+            return self._send_frame("bytes", [payload])
+        if payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
+            # marked, so that recv() unpickles it as multiprocessing's does
+            # (a plain bytes record is what send(b"...") puts)
+            self._put(_framing.Frame("bytes"))
+        # the ring encodes a memoryview as a bytes message (one copy, into
+        # the ring), so the receiver gets bytes whatever buf was
+        self._put(payload)
+
+    def _payload(self, buf: Any, offset: int, size: int | None) -> memoryview:
+        """buf[offset:offset+size] in bytes, checked as multiprocessing does."""
         self._check_writable()
         m = memoryview(buf)
         if m.itemsize > 1 or m.ndim != 1:
@@ -376,158 +369,18 @@ class Connection(Closeable):
             raise ValueError(f"size is negative ({size})")
         elif offset + size > n:
             raise ValueError(f"buffer length {n} < offset {offset} + size {size}")
-        payload = m[offset:offset + size]
-        self._probe_in -= 1
-        if not self._probe_in:
-            self._probe()
-        if size > self._send_ring.max_message_size:
-            return self._send_frame("bytes", [payload])
-        if size and payload[0] == _framing.PICKLE_PROTO:
-            # marked, so that recv() unpickles it as multiprocessing's does
-            # (a plain bytes record is what send(b"...") puts)
-            self._put(_framing.Frame("bytes"))
-        # the ring encodes a memoryview as a bytes message (one copy, into
-        # the ring), so the receiver gets bytes whatever buf was
-        self._put(payload)
+        return m[offset:offset + size]
+
+    def _frame_records(self, kind: str, parts: list) -> list:
+        """A message too large for one record, as the records _send_frame puts."""
+        chunk = _framing.chunk_size(self._send_ring.max_message_size)
+        views = [memoryview(p).cast("B") for p in parts]
+        records: list = [_framing.Frame(kind, tuple(v.nbytes for v in views))]
+        for view in views:
+            records += [view[off:off + chunk] for off in range(0, view.nbytes, chunk)]
+        return records
 
     # ------------------------------------------------------------ receiving
-    def _take(self, timeout: float | None) -> Any:
-        """The next record, waiting up to `timeout` (None: forever).
-
-        Raises:
-            queue.Empty: nothing came in time (the peer is still held).
-            EOFError: the peer is gone and everything it sent was read.
-        """
-        item = self._pending
-        if item is not _NOTHING:
-            self._pending = _NOTHING
-            if item is not _ABANDONED:
-                return item
-            item = self._drop_abandoned(timeout)
-            if item is not _NOTHING:
-                return item
-        ring = self._recv_ring
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait = SLICE
-            if deadline is not None:
-                wait = min(SLICE, max(deadline - time.monotonic(), 0.0))
-            try:
-                return ring.get(True, wait)
-            except queue.Empty:
-                pass
-            except PeerDied:
-                pass            # the last sender died; another holder may remain
-            except EOFError:
-                raise EOFError(_EOF_MESSAGE) from None
-            except RingClosed:
-                self._raise_closed()
-            if self._peer_gone():
-                try:
-                    return ring.get_nowait()        # whatever it sent before going
-                except (queue.Empty, EOFError):
-                    raise EOFError(_EOF_MESSAGE) from None
-            if deadline is not None and time.monotonic() >= deadline:
-                raise queue.Empty
-
-    def _drop_abandoned(self, timeout: float | None) -> Any:
-        """Take and drop the rest of a frame whose reading was interrupted
-        (never deliver its chunks as messages). Returns the first record
-        after it if one had to be taken to see that the writer gave up on
-        the frame (not a chunk), else _NOTHING.
-
-        Raises:
-            queue.Empty: the rest did not come in time (dropped later).
-        """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._frame_left > 0:
-            try:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                item = self._take(left)
-            except BaseException:
-                self._pending = _ABANDONED      # the next receive goes on dropping
-                raise
-            if type(item) is not bytes or len(item) > self._frame_left:
-                self._frame_left = 0            # the writer gave up on that frame
-                return item
-            self._frame_left -= len(item)
-        return _NOTHING
-
-    def _unframe(self, frame: Any, as_bytes: bool) -> Any:
-        """The message a Frame announces: for recv (as_bytes False) the
-        object, for recv_bytes its bytes, as multiprocessing would give them.
-        Reads records until a whole message is there: an ABORT, or a record
-        that is not the expected chunk (the writer was interrupted midway),
-        drops the partial message and the next message is read instead.
-
-        Raises:
-            EOFError: the writer went away before the message was complete
-                (nothing partial is delivered).
-        """
-        while True:
-            if type(frame) is not _Frame:
-                return frame if not as_bytes else _as_bytes(frame)
-            if frame.kind == "abort":
-                frame = self._take(None)        # nothing pending: the next message
-                continue
-            if frame.sizes is None:             # one record: a send_bytes pickle
-                item = self._take(None)
-                if type(item) is not bytes:
-                    frame = item                # interrupted writer: drop the mark
-                    continue
-                return item if as_bytes else pickle.loads(item)
-            self._frame_left = sum(frame.sizes)
-            try:
-                parts = _framing.read_parts(frame.sizes, self._next_chunk)
-            except _Interrupted as exc:
-                self._frame_left = 0
-                frame = exc.item
-                continue
-            except BaseException:
-                # interrupted (Ctrl-C, a signal handler) or the writer went
-                # away: what remains of this frame must never be taken for
-                # messages, so the next receive drops it first
-                if self._frame_left > 0 and self._pending is _NOTHING:
-                    self._pending = _ABANDONED
-                raise
-            if frame.kind == "bytes":
-                data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-                return data if as_bytes else pickle.loads(data)
-            obj = _framing.load_parts(parts)
-            return obj if not as_bytes else _as_bytes(obj)
-
-    def _next_chunk(self, dest: memoryview) -> int:
-        """Copy the next chunk record into `dest` (straight from the ring)."""
-        if self._pending is not _NOTHING:
-            item, self._pending = self._pending, _NOTHING
-            raise _Interrupted(item)
-        ring = self._recv_ring
-        if ring is None:
-            self._check_readable()
-        while True:
-            try:
-                with ring.get_view(True, SLICE) as view:
-                    if type(view) is not memoryview or view.nbytes > dest.nbytes:
-                        raise _Interrupted(_detached(view))
-                    n = view.nbytes
-                    # counted first: from here the with-block's exit takes
-                    # the record, even if an exception interrupts the copy
-                    self._frame_left -= n
-                    dest[:n] = view
-                    return n
-            except queue.Empty:
-                pass
-            except PeerDied:
-                pass
-            except EOFError:
-                raise EOFError("the other end of the pipe closed in the middle of a message; "
-                               "the partial message was dropped") from None
-            except RingClosed:
-                self._raise_closed()
-            if self._peer_gone() and ring.empty():
-                raise EOFError("the other end of the pipe went away in the middle of a "
-                               "message; the partial message was dropped")
-
     def recv(self) -> Any:
         """Receive the next object sent with send (or the unpickled bytes
         sent with send_bytes), waiting for one.
@@ -554,17 +407,21 @@ class Connection(Closeable):
         if item is _NOTHING:
             item = self._take(None)
         if type(item) is _Frame:
-            return self._unframe(item, False)
+            item = self._unframe(item, False)
+        if self._polled:
+            self._rearm()
         return item
 
     def _recv_buffer(self) -> bytes:
         """The next message as multiprocessing's recv_bytes gives it."""
         item = self._take(None)
-        if type(item) is bytes:
-            return item
         if type(item) is _Frame:
-            return self._unframe(item, True)
-        return _as_bytes(item)
+            item = self._unframe(item, True)
+        elif type(item) is not bytes:
+            item = _as_bytes(item)
+        if self._polled:
+            self._rearm()
+        return item
 
     def recv_bytes(self, maxlength: int | None = None) -> bytes:
         """Receive the next message as bytes (one sent with send_bytes).
@@ -581,6 +438,8 @@ class Connection(Closeable):
             try:
                 data = ring.get(True, SLICE)        # the common case, inlined
                 if type(data) is bytes:
+                    if self._polled:
+                        self._rearm()
                     return data
                 self._pending = data
             except (queue.Empty, PeerDied):
@@ -651,15 +510,6 @@ class Connection(Closeable):
             return True
         return True
 
-    def fileno(self) -> int:
-        """Always raises: the data moves through shared memory, not a file.
-
-        Raises:
-            OSError: always; wait on connections with shmipc.connection.wait.
-        """
-        raise OSError("a shmipc Connection has no file descriptor to wait on; use "
-                      "shmipc.connection.wait([...]) instead of multiprocessing.connection.wait")
-
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Close this end in this process. When no process holds it any more,
@@ -681,6 +531,11 @@ class Connection(Closeable):
                     ring.close()
             self._send_ring = self._recv_ring = None
             self._pending = _NOTHING
+            if self._sock is not None:
+                aio = sys.modules.get("shmipc.aio")
+                if aio is not None and self._sock.fileno() >= 0:
+                    aio._forget(self._sock.fileno())    # wake recv_async awaits
+                self._sock.close()
             for name in ("_mine", "_peer"):
                 fd = getattr(self, name)
                 if fd >= 0:
@@ -702,16 +557,18 @@ class Connection(Closeable):
         return _rebuild_connection, (
             self._arena, self._send_name if self.writable else None,
             self._recv_name if self.readable else None,
-            reduction.DupFd(self._token), reduction.DupFd(self._mine), reduction.DupFd(self._peer))
+            reduction.DupFd(self._token), reduction.DupFd(self._mine), reduction.DupFd(self._peer),
+            reduction.DupFd(self._sock.fileno()))
 
 
 def _rebuild_connection(arena: Arena, send: str | None, recv: str | None,
-                        token: Any, mine: Any, peer: Any) -> Connection:
+                        token: Any, mine: Any, peer: Any, sock: Any) -> Connection:
     fds = []
     try:
-        for dup in (token, mine, peer):
+        for dup in (token, mine, peer, sock):
             fds.append(dup.detach())
-        return Connection._make(arena, send=send, recv=recv, token=fds[0], mine=fds[1], peer=fds[2])
+        return Connection._make(arena, send=send, recv=recv, token=fds[0], mine=fds[1], peer=fds[2],
+                                sock=fds[3])
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -723,39 +580,36 @@ def wait(object_list: Any, timeout: float | None = None) -> list:
     `object_list` that are ready, waiting up to `timeout` seconds (None:
     forever) for at least one.
 
-    `object_list` may mix shmipc Connections (ready when a recv would not
-    wait: a message, or EOF) with whatever multiprocessing's wait takes
-    (its Connections, sockets, ``Process.sentinel`` ints, objects with
-    ``fileno()``).
-
-    Rings have no file descriptor, so this polls: it checks the shmipc
-    connections, then waits on the descriptors for a short pause that grows
-    from 50 us to 5 ms while nothing happens.
+    `object_list` may mix shmipc Connections and queues with whatever
+    multiprocessing's wait takes (its Connections, sockets,
+    ``Process.sentinel`` ints, objects with ``fileno()``). It waits on their
+    descriptors (multiprocessing's own wait works on shmipc objects too);
+    this one also counts a message that poll() received ahead as ready, and
+    never reports a shmipc Connection whose descriptor holds nothing to
+    receive (a readiness byte another holder's message left behind).
 
     Raises:
-        OSError: a shmipc Connection in the list is closed or write-only.
+        OSError: a shmipc Connection in the list is closed.
         ValueError: a NaN timeout (as multiprocessing).
     """
     from multiprocessing.connection import wait as wait_fds
 
     objects = list(object_list)
     ours = [obj for obj in objects if isinstance(obj, Connection)]
-    others = [obj for obj in objects if not isinstance(obj, Connection)]
     if not ours:
-        return wait_fds(others, timeout)
+        return wait_fds(objects, timeout)
     deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
-    pause = 50e-6
     while True:
-        ready = [conn for conn in ours if conn.poll(0)]
-        if others:
-            ready += wait_fds(others, 0 if ready else pause)
-        elif not ready:
-            time.sleep(pause)
+        ahead = [c for c in ours if c._pending is not _NOTHING and c._pending is not _ABANDONED]
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        ready = wait_fds(objects, 0 if ahead else left)
+        ready = [obj for obj in objects if obj in ready or obj in ahead]
+        ready = [obj for obj in ready if not isinstance(obj, Connection) or obj in ahead
+                 or obj.poll(0)]
         if ready:
-            return [obj for obj in objects if obj in ready]
+            return ready
         if deadline is not None and time.monotonic() >= deadline:
             return []
-        pause = min(pause * 2, 0.005)
 
 
 def __getattr__(name: str) -> Any:

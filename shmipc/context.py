@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import multiprocessing
 from multiprocessing import context as _mp_context
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Iterable
+
+if TYPE_CHECKING:       # the factories' return types, imported lazily at run time
+    from shmipc.connection import Connection
+    from shmipc.futures import ProcessPoolExecutor
+    from shmipc.pool import Pool
+    from shmipc.queues import JoinableQueue, Queue, SimpleQueue
 
 __all__ = ["ShmipcContext", "get_context"]
 
@@ -49,39 +55,46 @@ class ShmipcContext(_mp_context.BaseContext):
         self._method = method
 
     # ------------------------------------------------------------ shmipc's
-    def Queue(self, maxsize: int = 0, *, capacity: int | None = None) -> Any:
+    # (the factories return shmipc's classes, not multiprocessing's: hence
+    # the type: ignore[override] against typeshed's BaseContext)
+    def Queue(self, maxsize: int = 0, *, capacity: int | None = None) -> "Queue":  # type: ignore[override]
         """A shmipc.Queue (see :class:`shmipc.queues.Queue`)."""
         from shmipc.queues import Queue
 
         return Queue(maxsize, ctx=self, capacity=capacity)
 
-    def JoinableQueue(self, maxsize: int = 0, *, capacity: int | None = None) -> Any:
+    def JoinableQueue(self, maxsize: int = 0, *,  # type: ignore[override]
+                      capacity: int | None = None) -> "JoinableQueue":
         """A shmipc.JoinableQueue."""
         from shmipc.queues import JoinableQueue
 
         return JoinableQueue(maxsize, ctx=self, capacity=capacity)
 
-    def SimpleQueue(self, *, capacity: int | None = None, waitable: bool = True) -> Any:
+    def SimpleQueue(self, *, capacity: int | None = None,  # type: ignore[override]
+                    waitable: bool = True) -> "SimpleQueue":
         """A shmipc.SimpleQueue, waitable by default (see the module docstring)."""
         from shmipc.queues import SimpleQueue
 
         return SimpleQueue(ctx=self, capacity=capacity, waitable=waitable)
 
-    def Pipe(self, duplex: bool = True, *, capacity: int | None = None) -> Any:
+    def Pipe(self, duplex: bool = True, *,  # type: ignore[override]
+             capacity: int | None = None) -> "tuple[Connection, Connection]":
         """A pair of shmipc Connections (see :func:`shmipc.connection.Pipe`)."""
         from shmipc.connection import Pipe
 
         return Pipe(duplex, capacity=capacity)
 
-    def Pool(self, processes: int | None = None, initializer: Any = None, initargs: tuple = (),
-             maxtasksperchild: int | None = None) -> Any:
+    def Pool(self, processes: int | None = None,  # type: ignore[override]
+             initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
+             maxtasksperchild: int | None = None) -> "Pool":
         """A shmipc.Pool whose workers start with this context's method."""
         from shmipc.pool import Pool
 
         return Pool(processes, initializer, initargs, maxtasksperchild, context=self)
 
-    def ProcessPoolExecutor(self, max_workers: int | None = None, initializer: Any = None,
-                            initargs: tuple = (), **kwargs: Any) -> Any:
+    def ProcessPoolExecutor(self, max_workers: int | None = None,
+                            initializer: Callable[..., object] | None = None,
+                            initargs: tuple = (), **kwargs: Any) -> "ProcessPoolExecutor":
         """A shmipc.ProcessPoolExecutor whose workers start with this context's method."""
         from shmipc.futures import ProcessPoolExecutor
 
@@ -98,13 +111,13 @@ class ShmipcContext(_mp_context.BaseContext):
     def _name(self) -> str:
         return self._mp.get_start_method()
 
-    def get_start_method(self, allow_none: bool = False) -> str | None:
+    def get_start_method(self, allow_none: bool = False) -> str | None:  # type: ignore[override]
         """The start method processes of this context use."""
         if self._method is None:
             return self._mp.get_start_method(allow_none)
         return self._mp.get_start_method()
 
-    def set_start_method(self, method: str, force: bool = False) -> None:
+    def set_start_method(self, method: str | None, force: bool = False) -> None:
         """multiprocessing.set_start_method, for the default context only.
 
         Raises:
@@ -115,7 +128,7 @@ class ShmipcContext(_mp_context.BaseContext):
             raise ValueError("cannot set the start method of a context made for a given method")
         self._mp.set_start_method(method, force)
 
-    def get_context(self, method: str | None = None) -> "ShmipcContext":
+    def get_context(self, method: str | None = None) -> "ShmipcContext":  # type: ignore[override]
         """This context (method None) or a shmipc context for `method`."""
         if method is None:
             return self

@@ -70,7 +70,74 @@ class UndecodableMessage(CorruptMessage):
     other arguments than its ``args``, or bytes a peer forged. Only that one
     message is lost (and counted in the ring's ``stats()["bad_messages"]``);
     the ring, queue or connection goes on.
+
+    Raised through :meth:`from_error`, it is also an instance of the original
+    exception's type (multiprocessing's Queue and Connection raise that one),
+    so both ``except UndecodableMessage`` and ``except pickle.UnpicklingError``
+    (or ``AttributeError``, ``ModuleNotFoundError``...) catch it.
     """
+
+    @classmethod
+    def from_error(cls, error: BaseException, message: str) -> "UndecodableMessage":
+        """This exception for `message`, made a subclass of both this class
+        and ``type(error)`` (the error unpickling raised), so that ``except``
+        clauses written for either catch it; a plain instance of this class
+        when no such subclass can exist (``error`` is not an ``Exception``,
+        or its type cannot be subclassed together with this one).
+        Raise it ``from error``."""
+        both = _with_original(cls, type(error))
+        if both is not None:
+            try:
+                return both(message)
+            except Exception:       # an exotic __new__: the plain exception still says it all
+                pass
+        return cls(message)
+
+
+# (class, original error type) -> their common subclass, or None where none can exist
+_both_types: dict[tuple[type, type], type | None] = {}
+
+
+def _with_original(base: type, original: type) -> type | None:
+    """A subclass of `base` (an exception class of shmipc's) and of
+    `original` (an error type from elsewhere), made once per pair; its
+    instances take one message, print as `base`'s and pickle (see
+    _rebuild_with_original). None when no such subclass can exist."""
+    key = (base, original)
+    if key in _both_types:
+        return _both_types[key]
+    both: type | None = None
+    if issubclass(original, Exception) and not issubclass(base, original):
+        if issubclass(original, base):
+            both = original
+        else:
+            def __init__(self: BaseException, message: str) -> None:
+                BaseException.__init__(self, message)
+
+            def __reduce__(self: BaseException) -> tuple:
+                import pickle
+
+                try:        # a class pickle cannot name (a local one): the plain exception
+                    pickle.dumps(original)
+                except Exception:
+                    return base, self.args
+                return _rebuild_with_original, (base, original, self.args)
+
+            try:
+                both = type(base.__name__, (base, original), {
+                    "__module__": base.__module__, "__qualname__": base.__qualname__,
+                    "__init__": __init__, "__str__": BaseException.__str__,
+                    "__reduce__": __reduce__, "original_type": original,
+                    "__doc__": f"{base.__name__} that is also a {original.__qualname__}."})
+            except TypeError:       # incompatible layouts, a final type
+                both = None
+    _both_types[key] = both
+    return both
+
+
+def _rebuild_with_original(base: type, original: type, args: tuple) -> BaseException:
+    both = _with_original(base, original)
+    return (both or base)(*args)
 
 
 class RingClosed(ShmipcError, ValueError):

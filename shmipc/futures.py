@@ -270,7 +270,7 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
             if cancel_futures:
                 # False (kept) for a future that already started once; the
                 # dispatcher drops the cancelled ones
-                engine.for_each_queued(lambda task: task.job.future.cancel())
+                engine.for_each_queued(lambda task: task.job.future.cancel())  # type: ignore[attr-defined]
             engine.close()
         if wait:
             engine.join()
@@ -285,8 +285,9 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
                 pass
 
     # what code and tests written for the standard executor look at
+    # (read-only views where the base class has plain attributes: hence the type: ignore)
     @property
-    def _processes(self) -> dict[int, Any]:
+    def _processes(self) -> dict[int, Any]:  # type: ignore[override]
         """{pid: worker} of the live workers (as the standard executor's)."""
         from shmipc.pool import _WorkerHandle
 
@@ -294,12 +295,12 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
         return {} if engine is None else {pid: _WorkerHandle(pid) for pid in engine.worker_pids().values()}
 
     @property
-    def _broken(self) -> str | bool:
+    def _broken(self) -> str | bool:  # type: ignore[override]
         engine = self._engine
         return (engine.broken if engine is not None else "") or False
 
     @property
-    def _mp_context(self) -> Any:
+    def _mp_context(self) -> Any:  # type: ignore[override]
         import multiprocessing
 
         engine = self._engine

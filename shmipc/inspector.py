@@ -117,9 +117,10 @@ def guess_owner(regions: list[dict[str, Any]]) -> str:
     do not record their maker); says so when it cannot tell."""
     names = {r["name"] for r in regions}
     rings = {r["name"] for r in regions if r["kind"] == "ring"}
-    if {"results", "bigtasks", "bigresults"} <= names and any(n.startswith("tasks") and n[5:].isdigit()
-                                                              for n in names):
+    if {"results", "slots"} <= names and any(n.startswith("tasks") and n[5:].isdigit() for n in names):
         return "a Pool or ProcessPoolExecutor (judged from its region names)"
+    if names == {"bigtasks", "bigresults"}:     # mapped only while large messages move (shmipc._footprint)
+        return "the big-message rings of a Pool or ProcessPoolExecutor (judged from its region names)"
     if any(n.startswith("pipeline.") for n in names):
         return "a Pipeline (judged from its region names)"
     if "a>b" in rings and rings <= {"a>b", "b>a"}:

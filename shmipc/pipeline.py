@@ -32,8 +32,9 @@ Where things are:
   * :mod:`shmipc._pipeline_crew`: the worker processes (start, notice a
     death and what its slot says, replace, stop);
   * :mod:`shmipc._pipeline_worker`: the worker loop;
-  * :mod:`shmipc._pipeline_wire`: the messages (a value that fails to pickle
-    or unpickle fails its item, naming it; numpy arrays travel as raw data).
+  * :mod:`shmipc._wire`: the messages (the wire format shared with the
+    pools: a value that fails to pickle or unpickle fails its item, naming
+    it; numpy arrays and large bytes travel as raw data, out of band).
 
 Failure model
 -------------
@@ -54,8 +55,13 @@ Failure model
     slot, nothing records the item: once nothing has moved for QUIET_S with
     every ring empty and no worker busy, unfinished items fail with
     WorkerLost (so nothing hangs), and a late result is dropped (counted).
-  * Only workers that keep dying before their setup finished stop the
-    pipeline (PipelineError, after MAX_START_DEATHS in a row).
+  * Only workers that keep dying by their own hand before their setup
+    finished stop the pipeline (PipelineError, after MAX_START_DEATHS in a
+    row); workers killed from outside meanwhile are replaced (see
+    shmipc._runtime.StartupGuard).
+  * ``close()`` while ``results()`` runs (from another thread, or in the
+    loop body) makes results() raise PipelineError ("... was closed while
+    results() was running"), never a silent end.
   * ``close()`` (also on leaving the ``with`` block, breaking out of
     ``results()``, or an exception) tells the workers to stop, shuts the rings
     down (waking every waiter), gives them ``stop_timeout`` seconds to run
@@ -74,29 +80,25 @@ import time
 from typing import Any, Iterable, Iterator
 
 from shmipc import _ring
-from shmipc._lifetime import Closeable
+from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, ON_ERROR, PipelineAPI  # noqa: F401
 from shmipc._pipeline_crew import Crew, Stage
 from shmipc._pipeline_sched import MAX_PATH, SLOT_WORDS, Raise, Scheduler, StageFailure, StageRule
-from shmipc._pipeline_wire import (K_DONE, K_FATAL, K_RESULT, PipelineError,
-                                   RemoteTraceback, pack, rebuild_error, repack, unpack)
+from shmipc._slots import SlotTable
+from shmipc._waiting import FEED_SLICE_S, JAM_WAIT_S, QUIET_S, REAP_EVERY_S
+from shmipc._waiting import PIPELINE_POLL_S as POLL_S
+from shmipc._wire import (K_DONE, K_FATAL, K_RESULT, PipelineError, RemoteTraceback, pack,
+                          rebuild_error, repack, unpack)
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
 
 __all__ = ["Pipeline", "PipelineError", "RemoteTraceback", "StageFailure"]
 
-ON_ERROR = ("raise", "skip", "collect")
 DEFAULT_RING_CAPACITY = 4 << 20
-DEFAULT_MAX_INFLIGHT = 256
 
 BATCH_BYTES = 128 << 10  # results taken at once, in bytes (malloc's trim threshold)
-POLL_S = 0.05            # parent's longest sleep before it looks at its workers
-FEED_SLICE_S = 0.002     # longest the parent reads the source before it drains results
-REAP_EVERY_S = 0.1       # how often the parent checks for dead workers
-QUIET_S = 1.0            # nothing moving this long after a death: stuck items are lost
-JAM_WAIT_S = 0.08        # a wait on a full, empty first ring (longer than the ring's quiet slice)
 
 
-class Pipeline(Closeable):
+class Pipeline(PipelineAPI):
     """Stages of forked workers connected by shared-memory rings.
 
     Args:
@@ -139,30 +141,9 @@ class Pipeline(Closeable):
                  max_inflight: int = DEFAULT_MAX_INFLIGHT, on_error: str = "raise",
                  retries: int = 0, stop_timeout: float = 1.0, cluster: str | None = None) -> None:
         self._owner_pid = os.getpid()
-        try:
-            self._source = iter(source)
-        except TypeError:
-            raise TypeError(f"source must be iterable, got {type(source).__name__}") from None
-        try:
-            self._total: int | None = len(source)  # type: ignore[arg-type]
-        except TypeError:
-            self._total = None
         _check_capacity(ring_capacity)
-        if not isinstance(max_inflight, int) or isinstance(max_inflight, bool) or max_inflight < 1:
-            raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
-        _check_policy(on_error)
-        _check_retries(retries)
-        if not isinstance(stop_timeout, (int, float)) or not stop_timeout >= 0:
-            raise ValueError(f"stop_timeout must be a number >= 0, got {stop_timeout!r}")
+        self._take_options(source, max_inflight, on_error, retries, stop_timeout)
         self._ring_capacity = ring_capacity
-        self._max_inflight = max_inflight
-        self._on_error = on_error
-        self._retries = retries
-        self._stop_timeout = float(stop_timeout)
-        self._stages: list[Stage] = []
-        self._iterating = False
-        #: failures kept by stages with on_error="collect", in arrival order
-        self.errors: list[StageFailure] = []
 
     # ------------------------------------------------------------ building
     def stage(self, fn: Any, workers: int = 1, *, ordered: bool = True, on_error: str | None = None,
@@ -194,21 +175,8 @@ class Pipeline(Closeable):
             TypeError: fn is not callable and has no process().
             ValueError: an invalid option; or the pipeline already started.
         """
-        if self._started or self._closed:
-            raise ValueError("stages must be added before results() starts the pipeline")
-        if not (callable(fn) or callable(getattr(fn, "process", None))):
-            raise TypeError(f"a stage must be callable or have a process() method, got {fn!r}")
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        on_error = self._on_error if on_error is None else _check_policy(on_error)
-        retries = self._retries if retries is None else _check_retries(retries)
+        on_error, retries, name = self._stage_options(fn, workers, on_error, retries, name)
         capacity = self._ring_capacity if ring_capacity is None else _check_capacity(ring_capacity)
-        if name is None:
-            name = getattr(fn, "__name__", None) or type(fn).__name__
-            if any(st.name == name for st in self._stages):
-                name = f"{name}#{len(self._stages)}"
-        elif any(st.name == name for st in self._stages):
-            raise ValueError(f"a stage named {name!r} already exists")
         self._stages.append(Stage(len(self._stages), fn, workers, bool(ordered), on_error,
                                    retries, capacity, str(name), bool(zero_copy)))
         regions = self._regions_needed()
@@ -226,40 +194,6 @@ class Pipeline(Closeable):
                 + sum(s.workers for s in self._stages if s.retries))
 
     # ------------------------------------------------------------ results
-    def results(self, progress: bool = False, desc: str | None = None) -> Iterator[Any]:
-        """Start the workers and yield the results (in source order unless a
-        stage is unordered). Can be called once. Leaving the loop early, or
-        an exception, closes the pipeline.
-
-        Args:
-            progress: show a progress bar (shmipc.progress.track) with items/s
-                and each stage's ring fill level, so the bottleneck shows.
-            desc: the bar's label.
-
-        Raises:
-            ValueError: no stages, or results() already called, or closed.
-            Whatever a stage raised (on_error="raise"), with the worker's
-            traceback as __cause__; WorkerLost for an item whose worker died;
-            PipelineError when a stage cannot start.
-        """
-        if not self._stages:
-            raise ValueError("add at least one stage with stage() before results()")
-        if self._closed:
-            raise ValueError("pipeline is closed")
-        if self._iterating:
-            raise ValueError("results() can be called only once per pipeline")
-        self._iterating = True
-        self._start()
-        it = self._iterate()
-        if not progress:
-            return it
-        from shmipc.progress import track
-
-        return track(it, total=self._total, desc=desc or "pipeline", status=self._fill_levels)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.results()
-
     def _fill_levels(self) -> dict[str, str]:
         """Each ring's fill level: a full ring sits before the bottleneck stage."""
         if self._closed or self._arena is None:
@@ -305,13 +239,13 @@ class Pipeline(Closeable):
         rings = [out_capacity]
         for s in self._stages:
             rings += [s.ring_capacity] * (1 + (s.workers if s.retries else 0))
-        self._arena = Arena(Arena.size_for(rings=rings, blocks=[64, max(nworkers, 1) * SLOT_WORDS * 8]))
+        self._arena = Arena(Arena.size_for(rings=rings, blocks=[64, SlotTable.nbytes(nworkers, SLOT_WORDS)]))
         arena = self._arena
         try:
             # the control block: byte 0 is the stop flag workers look at between items
             self._ctrl = arena.block(64, name="pipeline.ctrl")
-            slots = arena.block(max(nworkers, 1) * SLOT_WORDS * 8, name="pipeline.slots")
-            self._slots = slots.cast("q")
+            self._slots = SlotTable(arena.block(SlotTable.nbytes(nworkers, SLOT_WORDS),
+                                                name="pipeline.slots"), SLOT_WORDS)
             base = 0
             for s in self._stages:
                 # stage 0's input has one producer: this (single-threaded) parent
@@ -364,44 +298,68 @@ class Pipeline(Closeable):
 
     # ------------------------------------------------------------ the parent loop
     def _iterate(self) -> Iterator[Any]:
-        out = self._out
         sched = self._sched
         try:
-            while not self._closed:
-                more = self._feed()
-                if sched.finished:
-                    return
+            while True:
                 try:
-                    # batches of about BATCH_BYTES: every result taken is a fresh
-                    # allocation, and when a large batch of big results is freed
-                    # at once malloc hands the memory back to the kernel, then
-                    # faults it in again for the next batch (measured: 5 page
-                    # faults per 64 KiB item, a third of the parent's time)
-                    if more or sched.ready:
-                        msgs = out.get_many(1024, False, max_bytes=BATCH_BYTES)
-                    else:
-                        msgs = out.get_many(1024, True, POLL_S, max_bytes=BATCH_BYTES)
-                except queue.Empty:
-                    msgs = ()
-                if msgs:
-                    self._handle_batch(msgs)
-                now = time.monotonic()
-                if now - self._last_reap >= REAP_EVERY_S:
-                    self._last_reap = now
-                    self._reap()
-                    if self._maybe_lost:
-                        # also with the source not done: at max_inflight, a lost
-                        # head item would otherwise stall an ordered pipeline
-                        self._settle_stuck(now)
+                    if self._closed:
+                        raise self._closed_error()
+                    if self._turn():
+                        return
+                except PipelineError:
+                    raise
+                except Exception:
+                    # close() from another thread shuts the rings under us: whatever
+                    # that made fail here (a ring shut down, an arena closed) is the
+                    # close, said once, never a silent end nor a raw ring error
+                    if not self._closed:
+                        raise
+                    raise self._closed_error() from None
                 if sched.ready:
                     for item in sched.take_ready():
                         if type(item) is Raise:
                             raise item.exc
                         yield item
                         if self._closed:
-                            return
+                            raise self._closed_error()
         finally:
             self.close()
+
+    def _closed_error(self) -> PipelineError:
+        sched = self._sched
+        return PipelineError(f"{self!r} was closed while results() was running ({sched.ncomplete} "
+                             f"items completed, {sched.next_seq} read from the source"
+                             f"{'' if sched.exhausted else ', which was not exhausted'})")
+
+    def _turn(self) -> bool:
+        """Feed, take results, reap dead workers. True when every item is done."""
+        sched = self._sched
+        more = self._feed()
+        if sched.finished:
+            return True
+        try:
+            # batches of about BATCH_BYTES: every result taken is a fresh
+            # allocation, and when a large batch of big results is freed
+            # at once malloc hands the memory back to the kernel, then
+            # faults it in again for the next batch (measured: 5 page
+            # faults per 64 KiB item, a third of the parent's time)
+            if more or sched.ready:
+                msgs = self._out.get_many(1024, False, max_bytes=BATCH_BYTES)
+            else:
+                msgs = self._out.get_many(1024, True, POLL_S, max_bytes=BATCH_BYTES)
+        except queue.Empty:
+            msgs = ()
+        if msgs:
+            self._handle_batch(msgs)
+        now = time.monotonic()
+        if now - self._last_reap >= REAP_EVERY_S:
+            self._last_reap = now
+            self._reap()
+            if self._maybe_lost:
+                # also with the source not done: at max_inflight, a lost
+                # head item would otherwise stall an ordered pipeline
+                self._settle_stuck(now)
+        return False
 
     def _feed(self) -> bool:
         """Move retried items and source items into the rings, without
@@ -553,7 +511,11 @@ class Pipeline(Closeable):
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Stop every worker (see stop_timeout) and release the arena.
-        Idempotent; results() stops yielding."""
+        Idempotent. If results() is running (in this thread or another),
+        asking it for more then raises PipelineError ("... was closed while
+        results() was running"): a close is never mistaken for an exhausted
+        source. (Leaving the loop, or closing the results() iterator, ends it
+        without an error.)"""
         if self._closed:
             return
         self._closed = True
@@ -571,10 +533,6 @@ class Pipeline(Closeable):
                 slots.release()
             if self._arena is not None:
                 self._arena.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def __repr__(self) -> str:
         stages = " -> ".join(f"{s.name}x{s.workers}" for s in self._stages) or "no stages"
@@ -595,14 +553,3 @@ def _check_capacity(capacity: Any) -> int:
         raise ValueError(f"ring_capacity must be a power of two >= {_ring.MIN_CAPACITY}, got {capacity!r}")
     return capacity
 
-
-def _check_policy(on_error: Any) -> str:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    return on_error
-
-
-def _check_retries(retries: Any) -> int:
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    return retries

@@ -38,19 +38,18 @@ from __future__ import annotations
 import os
 import select
 import struct
+import sys
 import threading
 import time
 import types
-import weakref
 from typing import Any, Iterable, Iterator, NoReturn, overload
 
-import fcntl
 import queue
 
-from shmipc import _framing
 from shmipc._framing import Frame as _Frame     # looked up on every get/recv
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed
+from shmipc._bulk import _LOST_BLOCK, _Bulk, _NoFrame
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
 
@@ -61,8 +60,9 @@ DEFAULT_CAPACITY = 32 << 20
 
 _NOTHING = object()
 
-# a waitable SimpleQueue's get looks for a stranded message this often (ms)
-_BELL_SLICE_MS = 50
+# how long taking out a readiness byte still in flight may wait (its
+# producer is between two instructions, or died there)
+_DRAIN_WAIT = 1.0
 
 
 
@@ -109,378 +109,44 @@ def _check_spawning(obj: object) -> None:
             "before fork")
 
 
-# Byte offsets of the record locks (on the arena's file) that serialise the
-# writers and the readers of large messages; far past any arena's end and
-# apart from the arena's own table lock (offset 0).
-_WRITER_LOCK = 1 << 60
-_READER_LOCK = (1 << 60) + 1
-
-
-# a large put waits for room in the bulk ring this long at a time, then
-# checks its deadline and that its reader is still there
-_WRITE_SLICE_S = 0.05
-
-# name of the arena block counting large messages lost mid-read
-_LOST_BLOCK = "bulk_lost"
-
-
-class _ReaderLeft(Exception):
-    """The reader of the frame being written left it midway."""
-
-
-class _NoFrame(Exception):
-    """A reader holds a token whose frame will never come (see _Bulk)."""
-
-
-# every _Bulk of this process, to re-make their thread locks after fork
-_all_bulks: "weakref.WeakSet[_Bulk]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for bulk in list(_all_bulks):
-        bulk._new_locks()
-
-
-class _Bulk:
-    """Messages larger than the main ring's max_message_size, through a
-    second ring of the queue's arena (the "bulk" ring).
-
-    A writer, holding the writer lock: puts a token (``Frame("token")``) in
-    the main ring -- so the message takes its place in the queue, counts
-    against maxsize and as a JoinableQueue task -- then a header
-    (``Frame("object", sizes)``) and the parts in chunks in the bulk ring.
-    A consumer that gets a token takes the reader lock and reads the next
-    complete frame of the bulk ring, streaming as the writer writes.
-
-    Invariants:
-        * Frames enter the bulk ring one at a time (writer lock), each after
-          its token; readers read one at a time (reader lock).
-        * Every token stands for one frame, but frames are interchangeable:
-          a reader delivers the next *complete* frame, whichever token it
-          holds, and skips torn ones (ABORT, a header where a chunk should
-          be, leftover chunks of a reader that died). A token whose reader
-          finds the bulk ring empty while no writer holds the writer lock
-          has lost its frame (its writer died, or another reader took it);
-          it is dropped (JoinableQueue marks it done). So #delivered +
-          #dropped = #tokens, nothing torn is delivered, and nobody waits
-          for a frame that cannot come.
-        * Locks are POSIX record locks on the arena's file, released by
-          the kernel when their holder dies, plus a thread lock for the
-          threads of one process.
-    """
-
-    def __init__(self, arena: Arena, ring: Any) -> None:
-        self.arena = arena
-        self.ring = ring
-        self.chunk = _framing.chunk_size(ring.max_message_size)
-        self._lost_view: memoryview | None = None
-        self.feeders: list[threading.Thread] = []
-        self._exit_join = False
-        self.cancel_join = False
-        self._new_locks()
-        _all_bulks.add(self)
-
-    def _new_locks(self) -> None:
-        """Fresh thread locks: at creation, and in a forked child (a lock
-        held by a thread of the parent would stay held there forever; the
-        record locks are not inherited by a child anyway)."""
-        self.locks = {_WRITER_LOCK: threading.Lock(), _READER_LOCK: threading.Lock()}
-        self.feeders = []           # a parent's feeder threads do not exist in a child
-        self._exit_join = False     # multiprocessing clears its finalizers in a child
-
-    def __getstate__(self) -> dict:
-        return {"arena": self.arena, "ring": self.ring}
-
-    def __setstate__(self, state: dict) -> None:
-        self.__init__(state["arena"], state["ring"])
-
-    # ------------------------------------------------------------ locks
-    def _acquire(self, which: int, deadline: float | None) -> bool:
-        """Take a lock; False if the deadline passed first."""
-        tlock = self.locks[which]
-        if not tlock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
-            return False
-        pause = 0.0005
-        while True:
-            try:
-                fcntl.lockf(self.arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, which)
-                return True
-            except (BlockingIOError, PermissionError):
-                pass            # another process holds it
-            except BaseException:
-                tlock.release()
-                raise
-            if deadline is not None and time.monotonic() >= deadline:
-                tlock.release()
-                return False
-            time.sleep(pause)       # bounded: the holder finishes or dies (the kernel frees it)
-            pause = min(pause * 2, 0.01)
-
-    def _release(self, which: int) -> None:
+def _drain_pipe(fd: int) -> None:
+    """Take one readiness byte out of the readiness pipe `fd` (non-blocking),
+    waiting a little for it if its producer is between announcing and
+    sending it (see _Base's readiness invariant)."""
+    deadline = time.monotonic() + _DRAIN_WAIT
+    while True:
         try:
-            fcntl.lockf(self.arena.fd, fcntl.LOCK_UN, 1, which)
-        finally:
-            self.locks[which].release()
-
-    def _writer_active(self) -> bool:
-        """True if some thread or process is writing a large message."""
-        return self._lock_held(_WRITER_LOCK)
-
-    # ------------------------------------------------------------ writing
-    def put(self, main: Any, obj: Any, block: bool, timeout: float | None) -> None:
-        """Put `obj` (too large for the main ring) as a token and a frame.
-
-        The frame is written in slices, each waiting at most 50 ms for room,
-        so that the writer keeps its deadline and notices a reader that left
-        mid-frame (killed, or interrupted by an exception): it then discards
-        the rest of the frame from the bulk ring and counts the message lost
-        (the reader took its token, so it is gone), and returns.
-
-        Raises:
-            queue.Full: the writer lock, room for the token, or room for the
-                frame did not come in time (at once when block is False). If
-                the token was in already, the frame is left incomplete: the
-                reader that takes the token skips it (see the class
-                docstring), nothing torn is delivered.
-            Whatever pickling `obj` raises (nothing was put).
-        """
-        parts = [memoryview(p).cast("B") for p in _framing.dump_parts(obj)]
-        deadline = None if not block or timeout is None else time.monotonic() + timeout
-        if not self._acquire(_WRITER_LOCK, deadline if block else time.monotonic()):
-            raise queue.Full
-        handed_off = False
-        try:
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            main.put(_framing.Frame("token"), block, remaining)     # queue.Full: nothing put
-            # records of the bulk ring put before ours: once more than these
-            # were taken, a reader has started on our frame
-            start = self.ring.stats()["messages_in"]
-            if block and deadline is None:
-                # the frame may not fit before a reader comes, and the only
-                # reader may be our caller (put then get in one thread): a
-                # feeder thread writes it, as multiprocessing's does
-                self._start_feeder(parts, start)
-                handed_off = True
-                return
-            self._write_frame(parts, block, deadline, start)
-        finally:
-            if not handed_off:
-                self._release(_WRITER_LOCK)
-
-    def _write_frame(self, parts: list[memoryview], block: bool, deadline: float | None,
-                     start: int) -> None:
-        """Write the frame of `parts` (writer lock held): its Frame record,
-        then the chunks. A reader that left mid-frame makes the rest be
-        discarded; anything else that stops the write puts an ABORT (if it
-        can) and is raised."""
-        try:
-            self._put_record(_framing.Frame("object", tuple(p.nbytes for p in parts)),
-                             block, deadline, start)
-            for part in parts:
-                for off in range(0, part.nbytes, self.chunk):
-                    self._put_record(part[off:off + self.chunk], block, deadline, start)
-        except _ReaderLeft:
-            self._discard_frame()
-        except BaseException:
-            try:
-                self.ring.put(_framing.ABORT, False)
-            except BaseException:
-                pass        # the reader drops the frame when we let go of the lock
-            raise
-
-    def _start_feeder(self, parts: list[memoryview], start: int) -> None:
-        """Write the frame of `parts` from a daemon thread, which then
-        releases the writer lock (held for it by the caller). The parts that
-        are the caller's buffers are copied first: put has returned by the
-        time they are written."""
-        owned = [parts[0]] + [memoryview(bytes(p)) for p in parts[1:]]
-
-        def feed() -> None:
-            try:
-                self._write_frame(owned, True, None, start)
-            except BaseException:
-                pass        # put has returned: the frame was aborted, readers skip it
-            finally:
-                try:
-                    self._release(_WRITER_LOCK)
-                except OSError:
-                    pass        # the queue's arena was closed: its record lock went with it
-
-        thread = threading.Thread(target=feed, name="shmipc-queue-feeder", daemon=True)
-        self.feeders = [t for t in self.feeders if t.is_alive()] + [thread]
-        if not self._exit_join:
-            # as multiprocessing: a process exits once its queued messages are
-            # written (cancel_join_thread() skips this)
-            self._exit_join = True
-            from multiprocessing import util
-            util.Finalize(self, _Bulk._join_at_exit, args=(weakref.ref(self),), exitpriority=10)
-        thread.start()
-
-    @staticmethod
-    def _join_at_exit(ref: Any) -> None:
-        bulk = ref()
-        if bulk is not None and not bulk.cancel_join:
-            bulk.join_feeders()
-
-    def join_feeders(self, timeout: float | None = None) -> None:
-        """Wait until the frames handed to feeder threads are written."""
-        for thread in list(self.feeders):
-            thread.join(timeout)
-
-    def _put_record(self, rec: Any, block: bool, deadline: float | None, start: int) -> None:
-        """Put one record of the frame being written, waiting for room in
-        slices.
-
-        Raises:
-            queue.Full: no room by the deadline (at once when not block).
-            _ReaderLeft: the reader of this frame left it midway.
-        """
-        if not block:
-            self.ring.put(rec, False)
+            os.read(fd, 1)
             return
-        while True:
-            wait = _WRITE_SLICE_S
-            if deadline is not None:
-                wait = min(wait, max(deadline - time.monotonic(), 0.0))
-            try:
-                self.ring.put(rec, True, wait)
-                return
-            except queue.Full:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise
-            if self._reader_left(start):
-                raise _ReaderLeft
-
-    def _reader_left(self, start: int) -> bool:
-        """True if a reader started on the frame whose first record was
-        record number `start` of the bulk ring and has let go of the reader
-        lock (it died -- the kernel freed its record lock -- or left by an
-        exception) while the frame is not complete: nobody will read the rest."""
-        if self.ring.stats()["messages_out"] <= start:
-            return False            # nobody has taken our header yet: keep waiting
-        return not self._lock_held(_READER_LOCK)
-
-    def _lock_held(self, which: int) -> bool:
-        """True if some thread or process holds lock `which`."""
-        tlock = self.locks[which]
-        if not tlock.acquire(blocking=False):
-            return True             # a thread of this process
-        try:
-            try:
-                fcntl.lockf(self.arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, which)
-            except (BlockingIOError, PermissionError):
-                return True         # another process
-            fcntl.lockf(self.arena.fd, fcntl.LOCK_UN, 1, which)
-            return False
-        finally:
-            tlock.release()
-
-    def _discard_frame(self) -> None:
-        """The reader of our frame left: take the reader lock (if a new
-        reader has it, it skips our records itself), throw away what is in
-        the bulk ring (only our frame's records: everything before them was
-        taken) and count the message lost."""
-        if self._acquire(_READER_LOCK, time.monotonic()):
-            try:
-                while True:
-                    try:
-                        with self.ring.get_view(False):
-                            pass
-                    except queue.Empty:
-                        break
-            finally:
-                self._release(_READER_LOCK)
-        self.count_lost()
-
-    def _lost_block(self) -> memoryview | None:
-        if self._lost_view is None:
-            try:
-                self._lost_view = self.arena.block(name=_LOST_BLOCK)
-            except KeyError:
-                return None         # a queue made without the counter
-        return self._lost_view
-
-    def count_lost(self) -> None:
-        """One more large message lost by a reader that left it midway
-        (shown in the queue's stats()["lost"])."""
-        block = self._lost_block()
-        if block is None:
-            return
-        with self.arena.lock():
-            struct.pack_into("<Q", block, 0, struct.unpack_from("<Q", block, 0)[0] + 1)
-
-    def lost(self) -> int:
-        """Large messages lost by readers that left them midway."""
-        block = self._lost_block()
-        return 0 if block is None else struct.unpack_from("<Q", block, 0)[0]
-
-    # ------------------------------------------------------------ reading
-    def read(self) -> Any:
-        """The message of a token just taken from the main ring.
-
-        Raises:
-            _NoFrame: its frame will never come (see the class docstring).
-        """
-        self._acquire(_READER_LOCK, None)
-        try:
-            item = self._next()
-            while True:
-                if type(item) is not _Frame or item.kind != "object" or not item.sizes:
-                    item = self._next()         # leftovers of a torn frame
-                    continue
-                try:
-                    parts = _framing.read_parts(item.sizes, self._chunk_into)
-                except _Torn as exc:
-                    item = exc.item             # a new header (or junk): go on from it
-                    continue
-                except BaseException:
-                    # left midway (Ctrl-C, a signal handler raising): the next
-                    # reader skips the rest as leftovers; a writer still
-                    # writing it notices, discards it and counts the loss
-                    if not self._lock_held(_WRITER_LOCK):
-                        self.count_lost()
-                    raise
-                return _framing.load_parts(parts)
-        finally:
-            self._release(_READER_LOCK)
-
-    def _next(self) -> Any:
-        """The next bulk record, waiting while a writer is at work."""
-        while True:
-            try:
-                return self.ring.get(True, 0.05)
-            except queue.Empty:
-                pass
-            if not self._writer_active() and self.ring.empty():
-                raise _NoFrame
-
-    def _chunk_into(self, dest: memoryview) -> int:
-        """Copy the next chunk of the frame being read into `dest`, straight
-        from the ring."""
-        while True:
-            try:
-                with self.ring.get_view(True, 0.05) as view:
-                    if type(view) is not memoryview or view.nbytes > dest.nbytes:
-                        raise _Torn(view if type(view) is not memoryview else None)
-                    n = view.nbytes
-                    dest[:n] = view
-                    return n
-            except queue.Empty:
-                pass
-            if not self._writer_active() and self.ring.empty():
-                raise _Torn(None)   # the writer died midway: skip, read on
-
-
-class _Torn(Exception):
-    """The frame being read was cut short; ``item`` is the record found
-    instead of its next chunk (None: nothing)."""
-
-    def __init__(self, item: Any) -> None:
-        self.item = item
+        except BlockingIOError:
+            pass
+        if time.monotonic() >= deadline:
+            return          # its producer died midway: a late byte is one spare wake-up
+        select.select([fd], [], [], 0.005)
 
 
 class _Base:
-    """State and methods common to the three queues (one ring in one arena)."""
+    """State and methods common to the three queues (one ring in one arena).
+
+    Readiness descriptor (``fileno()``, ``_reader.fileno()``):
+        Each queue owns a non-blocking OS pipe, both ends held by every
+        process holding the queue (inherited through fork, passed as file
+        descriptors under spawn and forkserver). Every producer's ring sends
+        one byte on the write end after a commit that finds no readiness
+        byte out (the ring's ``wait.ready_signalled``, one relaxed load when
+        one is out: nothing else on the put path). A consumer takes the byte
+        out ("re-arms", ``Ring._ready_rearm``) only when it finds the ring
+        empty: in ``fileno()``, in ``poll``, before an async get waits, and
+        after each get once ``fileno()`` was called in its process.
+
+        Invariant: while the queue holds a message, the pipe holds a byte (or
+        a producer is between its exchange and its write), so the read end
+        is readable whenever a get would not wait. The converse is as loose
+        as for any descriptor several processes read: another consumer may
+        take the message first (multiprocessing's pipes behave so too), and
+        a consumer that never re-arms leaves the descriptor readable after
+        the queue empties until some polling consumer re-arms.
+    """
 
     # multiprocessing's queues are generic in annotations: Queue[int]
     __class_getitem__ = classmethod(types.GenericAlias)
@@ -490,6 +156,9 @@ class _Base:
     _ring: Any = None
     _closed: bool = False
     _maxsize: int = 0
+    _ready_r: int = -1          # readiness pipe (see the class docstring)
+    _ready_w: int = -1
+    _polled: bool = False       # fileno() was called in this process: gets re-arm
 
     def __init__(self, maxsize: int = 0, *, ctx: Any = None, capacity: int | None = None) -> None:
         maxsize = _ring_maxsize(maxsize)
@@ -502,17 +171,173 @@ class _Base:
         self._ring = self._arena.ring(cap, maxsize=maxsize)
         self._arena.block(64, name=_LOST_BLOCK)
         self._bulk = _Bulk(self._arena, self._arena.ring(cap, name="bulk"))
+        self._bulk.on_error = type(self)._on_queue_feeder_error
+        self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._ring._set_notify(self._ready_w, False)
         self._closed = False
 
     # ------------------------------------------------------------ pickling
     def __getstate__(self) -> dict:
         _check_spawning(self)
+        from multiprocessing import reduction
+
         state = self.__dict__.copy()
         state["_closed"] = False
+        state["_polled"] = False
+        for name in [k for k in state if k.startswith("_rlock_here")]:
+            del state[name]
+        state["_ready_r"] = reduction.DupFd(self._ready_r)
+        state["_ready_w"] = reduction.DupFd(self._ready_w)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        for name in ("_ready_r", "_ready_w"):
+            state[name] = state[name].detach()
         self.__dict__.update(state)
+        self._ring._set_notify(self._ready_w, False)
+        self._bulk.on_error = type(self)._on_queue_feeder_error
+
+    @staticmethod
+    def _on_queue_feeder_error(e: BaseException, obj: Any) -> None:
+        """Called (as multiprocessing's hook of the same name, which
+        subclasses override) when the feeder thread writing a large message
+        after put returned fails: the message is lost (counted in
+        stats()["lost"]). Prints the traceback to stderr."""
+        import traceback
+
+        traceback.print_exception(e)
+
+    # ------------------------------------------------------------ readiness
+    def fileno(self) -> int:
+        """A descriptor readable whenever a get would not wait, for
+        ``select``, ``selectors``, ``multiprocessing.connection.wait`` (give
+        it the queue itself) and asyncio's ``loop.add_reader`` (or use
+        :meth:`get_async`). Never read from it: see the class docstring.
+
+        From the first call on, gets in this process keep its readiness
+        exact (a few system calls when they empty the queue); before, they
+        cost nothing extra. Several consumers: as with any shared pipe, it
+        may be readable for a message another consumer takes first.
+
+        Raises:
+            ValueError: the queue was closed in this process.
+        """
+        self._check_open()
+        self._polled = True
+        self._rearm()
+        return self._ready_r
+
+    def _rearm(self) -> None:
+        """Take the readiness byte out if the queue looks empty (see
+        Ring._ready_rearm)."""
+        try:
+            take = self._ring._ready_rearm()
+        except RingClosed:
+            self._raise_closed()
+        if take:
+            _drain_pipe(self._ready_r)
+
+    def _readable(self, timeout: float | None) -> bool:
+        """True if a get would not wait (approximately, as multiprocessing's
+        poll with several consumers), waiting up to `timeout` seconds (None:
+        forever) for that, on the readiness descriptor."""
+        self._check_open()
+        self._polled = True
+        deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
+        pause = 50e-6
+        while True:
+            if not self._ring.empty():
+                return True
+            self._rearm()
+            if not self._ring.empty():
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            if select.select([self._ready_r], [], [], left)[0] and self._ring.empty():
+                # a byte with nothing behind it: a consumer elsewhere took
+                # the message, or a producer died mid-announcement; the
+                # re-arm above takes it out once its producer is done
+                time.sleep(pause)
+                pause = min(pause * 2, 0.005)
+
+    @property
+    def _reader(self) -> "_Reader":
+        """The receiving half as multiprocessing's internals reach for it
+        (``q._reader.fileno()``, ``poll``, ``recv``)."""
+        return _Reader(self)
+
+    def _after_get(self) -> None:
+        """After a get in a process that polls: keep the descriptor exact."""
+        if self._polled and not self._closed:
+            self._rearm()
+
+    async def get_async(self, timeout: float | None = None) -> Any:
+        """Await the next message without blocking the event loop (no thread):
+        waits on the readiness descriptor with ``loop.add_reader``.
+
+        Cancelling the await loses no message: one is only taken once the
+        descriptor said so, synchronously, and returned at once. (A message
+        larger than half the ring is read as it streams in, blocking the
+        loop meanwhile.)
+
+        Raises:
+            queue.Empty: nothing came within `timeout` seconds (None: wait forever).
+            ValueError: the queue was closed in this process.
+        """
+        from shmipc import aio
+
+        return await aio.get_when_ready(self, timeout)
+
+    async def put_async(self, obj: Any, timeout: float | None = None) -> None:
+        """Await room and put `obj` without blocking the event loop: retries
+        a non-blocking put with a back-off of asyncio timers (50 us growing to
+        5 ms) while the queue is full; a writability descriptor would cost
+        every get a system call. A message larger than half the ring is
+        written by a feeder thread, as put does.
+
+        Cancelling the await puts nothing (or the whole message, if it was
+        already in).
+
+        Raises:
+            queue.Full: no room within `timeout` seconds (None: wait forever).
+            ValueError: the queue was closed in this process.
+            Whatever pickling `obj` raises.
+        """
+        from shmipc import aio
+
+        await aio.put_when_room(self, obj, timeout)
+
+    def _get_ready(self) -> Any:
+        """One non-blocking get for get_async: the next message, or _NOTHING."""
+        try:
+            item = self._ring.get(False)
+        except queue.Empty:
+            return _NOTHING
+        except RingClosed:
+            self._raise_closed()
+        if type(item) is _Frame:
+            item = self._unframe(item)      # _NOTHING: a token whose frame was lost
+        if item is not _NOTHING:
+            self._after_get()
+        return item
+
+    def _has_message(self) -> bool:
+        self._check_open()
+        return not self._ring.empty()
+
+    def _try_put(self, obj: Any) -> bool:
+        """One non-blocking attempt for put_async: True if `obj` is in (or
+        handed to a feeder thread)."""
+        try:
+            self._ring.put(obj, False)
+        except queue.Full:
+            return False
+        except MessageTooLarge:
+            return self._bulk.try_hand_off(self._ring, obj)
+        except RingClosed:
+            self._raise_closed()
+        return True
 
     # ------------------------------------------------------------ common API
     def _check_open(self) -> None:
@@ -552,9 +377,11 @@ class _Base:
             except RingClosed:
                 self._raise_closed()
             if type(item) is not _Frame:
+                self._after_get()
                 return item
             item = self._unframe(item)
             if item is not _NOTHING:
+                self._after_get()
                 return item
             if deadline is not None:
                 timeout = max(deadline - time.monotonic(), 0.0)
@@ -613,6 +440,17 @@ class _Base:
         self._closed = True
         if self._ring is not None:
             self._ring.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        aio = sys.modules.get("shmipc.aio")
+        if aio is not None and self._ready_r >= 0:
+            aio._forget(self._ready_r)      # wake get_async awaits
+        for name in ("_ready_r", "_ready_w"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                setattr(self, name, -1)
+                os.close(fd)
 
     @property
     def capacity(self) -> int:
@@ -638,6 +476,7 @@ class _Base:
 
     def __del__(self) -> None:
         try:
+            self._close_fds()
             if self._arena is not None:
                 self._arena.close()
         except Exception:
@@ -692,9 +531,12 @@ class Queue(_Base):
         except RingClosed:
             self._raise_closed()
         if type(item) is not _Frame:
+            if self._polled:
+                self._after_get()
             return item                 # the common case
         item = self._unframe(item)
         if item is not _NOTHING:
+            self._after_get()
             return item
         return self._get(block, timeout)
 
@@ -735,7 +577,10 @@ class Queue(_Base):
         except RingClosed:
             self._raise_closed()
         items = self._unframe_all(items)
-        return items if items else [self._get(block, timeout)]
+        if not items:
+            return [self._get(block, timeout)]
+        self._after_get()
+        return items
 
     def qsize(self) -> int:
         """Messages in the queue now (approximate while others put and get)."""
@@ -864,37 +709,18 @@ class SimpleQueue(_Base):
     Args:
         ctx: accepted for signature compatibility.
         capacity: ring bytes, as for Queue.
-        waitable: also keep an event fd that counts messages, so that code
-            written against multiprocessing's internals can wait on
-            ``q._reader`` with ``multiprocessing.connection.wait`` (the stdlib
-            ProcessPoolExecutor does). Costs two system calls per message;
-            queues made by ``shmipc.get_context().SimpleQueue()`` turn it on.
+        waitable: accepted for compatibility; every queue is now waitable
+            (``fileno()``, ``q._reader.fileno()``: see _Base).
 
     Raises:
         TypeError / ValueError: an invalid capacity.
     """
 
-    _bell: int = -1
-
-    def __init__(self, *, ctx: Any = None, capacity: int | None = None, waitable: bool = False) -> None:
+    def __init__(self, *, ctx: Any = None, capacity: int | None = None, waitable: bool = True) -> None:
         super().__init__(0, ctx=ctx, capacity=capacity)
-        if waitable:
-            # Invariant (waitable queues): the event counter never exceeds the
-            # messages in the ring that no consumer has claimed. A producer
-            # bumps it after its message is committed; a consumer takes one
-            # count before it takes one message. So a readable fd means a
-            # message is there, and a consumer holding a count finds one at
-            # once. (One exception: a producer that dies between committing
-            # and counting leaves a message without a count; _take_bell then
-            # takes it without one, and a later count is one spare wake-up.)
-            self._bell = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
     # multiprocessing's SimpleQueue has two pipe ends; its Pool and the stdlib
     # ProcessPoolExecutor reach for them. Made on access to avoid a cycle.
-    @property
-    def _reader(self) -> "_Reader":
-        return _Reader(self)
-
     @property
     def _writer(self) -> "_Writer":
         return _Writer(self)
@@ -904,30 +730,15 @@ class SimpleQueue(_Base):
         # multiprocessing.Pool's terminate takes this to stop its workers from
         # reading while it drains the queue, then kills them; shmipc's get
         # takes no such lock, so a lock of this process suffices.
-        lock = self.__dict__.get("_rlock_here")
-        if lock is None:
-            lock = self.__dict__.setdefault("_rlock_here", threading.Lock())
-        return lock
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state.pop("_rlock_here", None)
-        if self._bell >= 0:
-            from multiprocessing import reduction
-
-            state["_bell"] = reduction.DupFd(self._bell)
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        bell = state.get("_bell", -1)
-        if not isinstance(bell, int):
-            state["_bell"] = bell.detach()
-        super().__setstate__(state)
+        # One per process (setdefault: one per process even when threads
+        # race): a forked child, perhaps forked while another thread held
+        # its parent's, makes its own.
+        return self.__dict__.setdefault(f"_rlock_here_{os.getpid()}", threading.Lock())
 
     @property
     def waitable(self) -> bool:
-        """True if this queue keeps an event fd for multiprocessing.connection.wait."""
-        return self._bell >= 0
+        """True: every queue has a readiness descriptor (kept for compatibility)."""
+        return True
 
     def put(self, obj: Any) -> None:
         """Put `obj` on the queue (waits only if the ring's bytes are full).
@@ -943,8 +754,6 @@ class SimpleQueue(_Base):
             self._bulk.put(self._ring, obj, True, None)
         except RingClosed:
             self._raise_closed()
-        if self._bell >= 0:
-            os.eventfd_write(self._bell, 1)
 
     def get(self) -> Any:
         """Remove and return the next message, waiting while the queue is empty.
@@ -953,16 +762,17 @@ class SimpleQueue(_Base):
             ValueError: the queue was closed in this process.
         """
         while True:
-            if self._bell >= 0:
-                self._take_bell()
             try:
                 item = self._ring.get()
             except RingClosed:
                 self._raise_closed()
             if type(item) is not _Frame:
+                if self._polled:
+                    self._after_get()
                 return item
             item = self._unframe(item)
             if item is not _NOTHING:
+                self._after_get()
                 return item
 
     def put_many(self, items: Iterable[Any]) -> int:
@@ -974,14 +784,8 @@ class SimpleQueue(_Base):
                 it were put).
             ValueError: the queue was closed in this process.
         """
-        if self._bell < 0:
-            return self._put_many(items, self._ring.put_many,
-                                  lambda obj: self._bulk.put(self._ring, obj, True, None))
-        count = 0
-        for item in items:          # one by one: each message is counted on the event fd
-            self.put(item)
-            count += 1
-        return count
+        return self._put_many(items, self._ring.put_many,
+                              lambda obj: self._bulk.put(self._ring, obj, True, None))
 
     def get_many(self, max_items: int) -> list:
         """Wait for one message, then take up to `max_items` of those already
@@ -990,106 +794,28 @@ class SimpleQueue(_Base):
         Raises:
             ValueError: max_items < 1, or the queue is closed.
         """
-        if self._bell < 0:
-            try:
-                items = self._ring.get_many(max_items)
-            except RingClosed:
-                self._raise_closed()
-            items = self._unframe_all(items)
-            return items if items else [self.get()]
-        if max_items < 1:
-            raise ValueError(f"max_items must be at least 1, got {max_items}")
-        out = [self.get()]
-        while len(out) < max_items:
-            try:
-                os.eventfd_read(self._bell)     # one count per further message
-            except BlockingIOError:
-                break
-            try:
-                item = self._ring.get()
-            except RingClosed:
-                self._raise_closed()
-            if type(item) is _Frame:
-                item = self._unframe(item)
-                if item is _NOTHING:
-                    continue
-            out.append(item)
-        return out
-
-    def _take_bell(self) -> None:
-        """Before a get on a waitable queue: take one count from the event fd,
-        waiting for one. If the count stays zero for a whole slice while the
-        ring holds messages, a producer died (or stalled) between committing
-        a message and counting it: go on without a count rather than strand
-        that message (a count arriving later is then one spare wake-up)."""
-        poller = None
-        while True:
-            self._check_open()
-            try:
-                os.eventfd_read(self._bell)
-                return
-            except BlockingIOError:
-                pass        # no count (or another consumer took it): wait for one
-            if poller is None:
-                poller = select.poll()
-                poller.register(self._bell, select.POLLIN)
-            if not poller.poll(_BELL_SLICE_MS) and not self._ring.empty():
-                return
-
-    def _readable(self, timeout: float | None) -> bool:
-        """True if a get would not wait, waiting up to `timeout` for that."""
-        self._check_open()
-        if self._bell < 0:
-            if timeout is None:
-                raise ValueError("waiting with poll(None) needs a waitable SimpleQueue")
-            deadline = time.monotonic() + timeout
-            while self._ring.empty():
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(0.001)
-            return True
-        poller = select.poll()
-        poller.register(self._bell, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(int(timeout * 1000), 0)))
-
-    def close(self) -> None:
-        """Stop using the queue in this process (later calls raise
-        ValueError); other processes are unaffected. Idempotent."""
-        super().close()
-        if self._bell >= 0:
-            os.close(self._bell)
-            self._bell = -1
-
-    def __del__(self) -> None:
         try:
-            if self._bell >= 0:
-                os.close(self._bell)
-                self._bell = -1
-        except Exception:
-            pass
-        super().__del__()
+            items = self._ring.get_many(max_items)
+        except RingClosed:
+            self._raise_closed()
+        items = self._unframe_all(items)
+        if not items:
+            return [self.get()]
+        self._after_get()
+        return items
 
 
 class _Reader:
-    """``SimpleQueue._reader``: the receiving half as multiprocessing's
-    internals use it (``recv``, ``poll``, ``fileno`` for
-    ``multiprocessing.connection.wait``, ``close``)."""
+    """``q._reader``: the receiving half as multiprocessing's internals use
+    it (``recv``, ``poll``, ``fileno`` for ``multiprocessing.connection.wait``,
+    ``close``)."""
 
-    def __init__(self, q: SimpleQueue) -> None:
+    def __init__(self, q: _Base) -> None:
         self._q = q
 
     def fileno(self) -> int:
-        """The event fd that is readable while a message waits.
-
-        Raises:
-            OSError: the queue is not waitable (make it with waitable=True or
-                through ``shmipc.get_context().SimpleQueue()``), or closed.
-        """
-        if self._q._bell < 0:
-            raise OSError("this shmipc SimpleQueue has no file descriptor to wait on: "
-                          "create it with SimpleQueue(waitable=True) or "
-                          "shmipc.get_context().SimpleQueue()")
-        return self._q._bell
+        """The queue's readiness descriptor (see _Base.fileno)."""
+        return self._q.fileno()
 
     @property
     def closed(self) -> bool:
@@ -1127,5 +853,3 @@ class _Writer:
         """A no-op: see _Reader.close."""
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)

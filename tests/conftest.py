@@ -49,6 +49,53 @@ def wait_child(pid: int, timeout: float = 30.0) -> int:
         time.sleep(0.005)
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "the condition") -> None:
+    """Poll a real condition (ring.stats(), a file, a pid) until it holds;
+    fail the test, naming `what`, after `timeout` seconds. The way tests
+    wait for a state instead of sleeping and hoping it was reached."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not reached within {timeout} s")
+        time.sleep(0.002)
+
+
+def wait_until_asleep(stats: Callable[[], dict], side: str = "consumers", n: int = 1,
+                      timeout: float = 10.0) -> None:
+    """Wait until at least `n` of a ring's `side` ("consumers" or
+    "producers") sleep on it. `stats` returns the ring's stats() (a Queue's
+    or a Connection end's will do). A waiter is counted just before it
+    sleeps on the semaphore, after its last look at the ring: whatever the
+    test does next must wake it."""
+    key = f"{side}_waiting"
+    wait_until(lambda: stats()[key] >= n, timeout, f"{n} {side} asleep on the ring ({key})")
+
+
+def touch_then_sleep(flag: str, seconds: float, value: Any = None) -> Any:
+    """A task that says it has started (creates the file `flag`), then
+    sleeps: the test waits for the file instead of guessing when a worker is
+    busy. Module-level, so any start method's worker can import it."""
+    with open(flag, "a"):
+        pass
+    time.sleep(seconds)
+    return value
+
+
+def pending_signals(pid: int) -> set[int]:
+    """Signals sent to `pid` and not yet delivered (/proc SigPnd | ShdPnd):
+    a process killed while it waits for a CPU still looks alive, but its
+    SIGKILL is pending here. Empty if the process is gone."""
+    mask = 0
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("SigPnd:", "ShdPnd:")):
+                    mask |= int(line.split()[1], 16)
+    except OSError:
+        return set()
+    return {sig for sig in range(1, 65) if mask >> (sig - 1) & 1}
+
+
 def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
@@ -126,6 +173,9 @@ def shm_created_since(before: set[str]) -> set[str]:
     this test's process tree has mapped or open is another program's and is
     not counted."""
     mine = shm_entries() - before
+    # shmipc and multiprocessing make files there, never directories: a
+    # directory (joblib's memmapping folders, say) is another program's
+    mine = {n for n in mine if not os.path.isdir(f"/dev/shm/{n}")}
     if mine:
         mine -= _used_by_others(mine, _descendants(os.getpid()))
     return mine
@@ -182,13 +232,31 @@ def _fd_target(fd: int) -> str:
 
 @pytest.fixture(autouse=True)
 def _no_open_views():
-    """Debug builds (make debug): every zero-copy view a test opens is released."""
+    """Debug builds (make debug): every zero-copy view a test opens is
+    released, and every ring it maps is unmapped (after a collection: a ring
+    left to the garbage collector counts as released once it is collected)."""
+    import gc
+
     from shmipc import _ring
 
-    before = _ring.debug_counters()["views_open"]
+    before = _ring.debug_counters()
     yield
     if _ring.DEBUG:
-        assert _ring.debug_counters()["views_open"] == before, "a zero-copy view was never released"
+        after = _ring.debug_counters()
+        if after["rings_open"] != before["rings_open"] or after["views_open"] != before["views_open"]:
+            # a pool's or queue's background thread may drop its last reference
+            # a moment after the test ends: collect, and give it a bounded while
+            deadline = time.monotonic() + 3
+            while True:
+                gc.collect()
+                after = _ring.debug_counters()
+                if (after["rings_open"] <= before["rings_open"] and after["views_open"] == before["views_open"]) \
+                        or time.monotonic() > deadline:
+                    break
+                time.sleep(0.02)
+        assert after["views_open"] == before["views_open"], "a zero-copy view was never released"
+        assert after["rings_open"] <= before["rings_open"], \
+            f"rings left mapped: {after['rings_open'] - before['rings_open']} more than before the test"
 
 
 @pytest.fixture(params=["multiprocessing", "shmipc"])

@@ -489,3 +489,56 @@ def test_info_reports_the_validated_header(no_leaks):
         assert info["size"] == 1 << 20 and info["regions"] == 1 and info["used"] > DATA_START
         assert info["free"] == info["size"] - info["used"] and info["kind"] == "anonymous"
         assert info["creator_pid"] == os.getpid() and info["max_regions"] == 255
+
+
+# ---------------------------------------------------------------- 8. two creators at once (F11)
+def _open_at_once(path: str, go_r: int, out_w: int, who: int) -> None:
+    """Wait for the go byte, open (or create) the arena, put `who` into its
+    ring "r" (made by whoever comes first), report "ok" or the error."""
+    os.read(go_r, 1)
+    try:
+        arena = shmipc.Arena.from_file(path, SMALL)
+        try:
+            try:
+                ring = arena.ring(4096, name="r")
+            except FileExistsError:
+                ring = arena.ring(name="r")
+            ring.put(who)
+        finally:
+            arena.close()
+        result = "ok"
+    except Exception as exc:                    # noqa: BLE001 - reported to the parent
+        result = f"{type(exc).__name__}: {exc}"
+    os.write(out_w, (result + "\n").encode())
+
+
+@pytest.mark.timeout(60)
+def test_two_processes_creating_the_same_file_arena_at_once_share_it(tmp_path, no_leaks):
+    """F11: both calls of from_file(path, size) on a path that does not exist
+    yet succeed and open the same arena, whoever creates it: the other never
+    sees a half-made file ("is not an shmipc arena") nor a raw
+    FileExistsError, and nothing is formatted twice (both messages arrive).
+    No temporary file is left in the directory."""
+    races = 20
+    for i in range(races):
+        path = str(tmp_path / f"a{i}")
+        go_r, go_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            pids = [fork_child(_open_at_once, path, go_r, out_w, who) for who in (1, 2)]
+            os.write(go_w, b"xx")                   # both released together
+            assert [wait_child(pid, 30) for pid in pids] == [0, 0]
+            os.close(out_w)
+            out_w = -1
+            results = sorted(os.read(out_r, 65536).decode().split("\n")[:2])
+        finally:
+            for fd in (go_r, go_w, out_r, out_w):
+                if fd >= 0:
+                    os.close(fd)
+        assert results == ["ok", "ok"], f"race {i}: {results}"
+        arena = shmipc.Arena.from_file(path)
+        try:
+            assert sorted(arena.ring(name="r").get_many(10, timeout=5)) == [1, 2], f"race {i}: re-formatted"
+        finally:
+            arena.close()
+    assert sorted(os.listdir(tmp_path)) == sorted(f"a{i}" for i in range(races))

@@ -116,20 +116,25 @@ def test_pingpong_reports_latency(tmp_path, no_leaks):
     assert best == min(record["rounds"], key=lambda r: r["median_us"])
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_pool_workload_keeps_every_round_of_both_sides(tmp_path, no_leaks):
     from shmipc.bench.runner import _expand
     from shmipc.bench.transports import PoolSuite
 
-    record = run_one(Spec("pool", PoolSuite(), 0, "suite"), _opts(repeat=2, timeout=100), str(tmp_path))
+    record = run_one(Spec("pool", PoolSuite(), 0, "suite"), _opts(repeat=2, timeout=200), str(tmp_path))
     assert record["status"] == "ok", record
     records = _expand(record)
-    assert {r["transport"] for r in records} == {"shmipc.Pool", "mp.Pool", "shmipc.ProcessPoolExecutor",
-                                                 "cf.ProcessPoolExecutor"}
-    assert len(records) == 6
+    assert {r["transport"] for r in records} == {"shmipc.Pool", "mp.Pool", "mp.Pool (tuned)",
+                                                 "shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor"}
+    # Pool.map ints and bytes: shmipc, mp default, mp tuned; the two executor maps: shmipc, cf
+    assert sorted((r["pool_kind"], r["transport"]) for r in records) == sorted(
+        [(k, t) for k in ("pool_map_int", "pool_map_100k") for t in ("shmipc.Pool", "mp.Pool", "mp.Pool (tuned)")]
+        + [(k, t) for k in ("executor_map", "executor_map_large")
+           for t in ("shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor")])
     for r in records:
         assert len(r["rounds"]) == 2 and all(x["items_per_s"] > 0 for x in r["rounds"])
         assert r["best"] == max(r["rounds"], key=lambda x: x["items_per_s"])
+        assert (r.get("chunksize", 0) > 0) == (r["transport"] == "mp.Pool (tuned)")
 
 
 def test_pool_results_are_checked_item_by_item():

@@ -17,6 +17,7 @@ import time
 import pytest
 
 import shmipc
+from shmipc import _ring
 from shmipc._ring import RING_HEADER_SIZE
 from conftest import SOAK, fork_child, shm_entries, wait_child
 
@@ -52,6 +53,21 @@ def kill(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
+def _lock_holder(ring, pids, within: float) -> int | None:
+    """The pid among `pids` that holds `ring`'s producer lock, if one does
+    within `within` seconds (the low 32 bits of the lock word are the
+    holder's pid, see shm_self_ident)."""
+    region = next(r for r in ring.arena.regions() if r.name == ring.name)
+    at = region.offset + _ring._layout()["prod.lock"]
+    deadline = time.monotonic() + within
+    while True:
+        pid = struct.unpack_from("<Q", ring.arena.buf, at)[0] & 0xFFFFFFFF
+        if pid in pids:
+            return pid
+        if time.monotonic() > deadline:
+            return None
+
+
 @pytest.mark.timeout(120 * SOAK)
 def test_producers_killed_at_random_instants(no_leaks):
     """Three producers, killed and replaced at random; the parent consumes.
@@ -66,7 +82,7 @@ def test_producers_killed_at_random_instants(no_leaks):
         producers[fork_child(_endless_producer, ring, next_id, sizes)] = next_id
         next_id += 1
     last_seq: dict[int, int] = {}
-    received = kills = 0
+    received = kills = aimed = 0
     longest_stall = 0.0
     last_message = time.monotonic()
     next_kill = time.monotonic() + rng.uniform(0.01, 0.06)
@@ -86,6 +102,15 @@ def test_producers_killed_at_random_instants(no_leaks):
                 received += 1
             if now >= next_kill:
                 victim = rng.choice(list(producers))
+                if kills % 2:
+                    # every other kill aims at the producer lock's holder (or
+                    # waits for one, consuming, up to 0.3 s), so that the lock
+                    # recovery this test is about surely happens
+                    holder = _lock_holder(ring, producers, 0.002)
+                    if holder is None and now < next_kill + 0.3:
+                        continue
+                    victim = holder or victim
+                    aimed += holder is not None
                 del producers[victim]
                 kill(victim)
                 kills += 1
@@ -96,9 +121,10 @@ def test_producers_killed_at_random_instants(no_leaks):
         for pid in producers:
             kill(pid)
     stats = ring.stats()
-    print(f"\n{kills} producer kills, {received} messages, {stats['recoveries']} lock recoveries, "
+    print(f"\n{kills} producer kills ({aimed} at the lock holder), {received} messages, {stats['recoveries']} lock recoveries, "
           f"{stats['lost']} lost in flight, longest stall {longest_stall * 1000:.0f} ms")
     assert received > kills
+    assert stats["recoveries"] > 0, "no kill landed under the producer lock: nothing was recovered"
     assert stats["lost"] <= stats["recoveries"] <= kills
     assert longest_stall < 1.0, "a dead producer's lock took too long to recover"
     # the survivors' queued messages are all there, each whole
@@ -184,8 +210,10 @@ def test_consumers_killed_at_random_instants(no_leaks):
             kill(pid)
     lost = ring.stats()["lost"] + results.stats()["lost"]
     missing = 2 * count - len(seen)
+    recoveries = ring.stats()["recoveries"]
     print(f"\n{kills} consumer kills, {len(seen)} delivered, {missing} missing, {lost} counted lost, "
-          f"{ring.stats()['recoveries']} recoveries")
+          f"{recoveries} recoveries")
+    assert recoveries > 0, "no kill left anything to recover: the test did not test recovery"
     assert 0 <= missing <= lost <= 2 * kills
     arena.close()
 
@@ -211,29 +239,41 @@ def test_producer_killed_mid_write_of_a_large_message(no_leaks):
     producers = [fork_child(_big_producer, ring, 0), fork_child(_big_producer, ring, 1)]
     next_id = 2
     delivered = 0
+    takeovers = []          # seconds from the death of a lock holder to its lock's recovery
     try:
-        for _ in range(rounds):
+        for n in range(rounds):
             with ring.get_view(timeout=10) as view:
                 check_message(view)
                 delivered += 1
-            time.sleep(rng.uniform(0.0, 0.01))
-            victim = producers.pop(rng.randrange(2))
+            holder = _lock_holder(ring, producers, 0.2) if n % 2 == 0 else None
+            if holder is None:
+                time.sleep(rng.uniform(0.0, 0.01))
+            victim = holder or producers[rng.randrange(2)]
+            producers.remove(victim)
+            recovered = ring.stats()["recoveries"]
             kill(victim)
+            t = time.monotonic()
+            if _lock_holder(ring, [victim], 0) == victim:       # it died holding the lock
+                while ring.stats()["recoveries"] == recovered:
+                    assert time.monotonic() - t < 10, "a dead producer's lock was never recovered"
+                    time.sleep(0.001)
+                takeovers.append(time.monotonic() - t)
             producers.append(fork_child(_big_producer, ring, next_id))
             next_id += 1
-        t = time.monotonic()
         for _ in range(4):
             with ring.get_view(timeout=10) as view:
                 check_message(view)
                 delivered += 1
-        recovery = time.monotonic() - t
     finally:
         for pid in producers:
             kill(pid)
     stats = ring.stats()
     print(f"\n{rounds} kills of 48 MiB writers, {delivered} delivered intact, "
-          f"{stats['recoveries']} lock recoveries, {stats['lost']} lost, last 4 in {recovery:.2f} s")
+          f"{stats['recoveries']} lock recoveries, {stats['lost']} lost, "
+          f"takeovers of a dead holder's lock: {', '.join(f'{x * 1e3:.0f}' for x in takeovers)} ms")
+    assert takeovers and stats["recoveries"] >= len(takeovers), "no kill landed under the lock"
     assert stats["lost"] <= stats["recoveries"] <= rounds
+    assert max(takeovers) < 1.0, f"a dead writer's lock took {max(takeovers):.2f} s to take over"
     arena.close()
 
 
@@ -339,8 +379,7 @@ def test_named_arena_is_unlinked_when_its_owner_is_killed(no_leaks):
     t = time.monotonic()
     while name in shm_entries() and time.monotonic() - t < 5:
         time.sleep(0.01)
-    print(f"\nname gone {time.monotonic() - t:.3f} s after SIGKILL of its owner")
-    assert name not in shm_entries()
+    assert name not in shm_entries(), f"still in /dev/shm {time.monotonic() - t:.1f} s after its owner's SIGKILL"
     assert attached.ring(name="r").get(timeout=1) == b"alive"   # attached mappings live on
     attached.close()
     side.close()

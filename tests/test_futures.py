@@ -205,11 +205,14 @@ def test_map_buffersize_reads_lazily():
 
 
 @pytest.mark.timeout(60)
-def test_terminate_and_kill_workers(no_leaks):
+def test_terminate_and_kill_workers(no_leaks, tmp_path):
+    from conftest import touch_then_sleep, wait_until
+
     for stop in ("terminate_workers", "kill_workers"):
         ex = shmipc.ProcessPoolExecutor(2)
-        f = ex.submit(nap, 1, 30)
-        time.sleep(0.2)
+        flag = str(tmp_path / stop)
+        f = ex.submit(touch_then_sleep, flag, 30, 1)
+        wait_until(lambda: os.path.exists(flag), 30, "the task started")     # it runs in a worker now
         getattr(ex, stop)()
         assert f.done() and f.exception() is not None
         with pytest.raises(RuntimeError):
@@ -406,4 +409,26 @@ def test_is_a_standard_process_pool_executor(no_leaks):
         assert isinstance(ex, cf.ProcessPoolExecutor)
         assert len(ex._processes) == 2 and all(w.is_alive() for w in ex._processes.values())
         assert ex._broken is False and ex._mp_context.get_start_method() == "fork"
+        assert ex.submit(inc, 1).result(timeout=30) == 2
+
+
+class ExitAtPickle:
+    def __reduce__(self):
+        import sys
+
+        sys.exit(4)
+
+
+def return_exit_at_pickle(_x=None):
+    return ExitAtPickle()
+
+
+@pytest.mark.timeout(60)
+def test_sys_exit_while_pickling_a_result_is_the_futures_exception(impl):
+    """As concurrent.futures (CPython's test_exit_during_result_pickle_on_worker):
+    SystemExit raised while the worker pickles a result is delivered as the
+    future's exception, and the executor goes on."""
+    with make_executor(impl, 2) as ex:
+        exc = ex.submit(return_exit_at_pickle).exception(timeout=30)
+        assert isinstance(exc, SystemExit) and exc.code == 4, repr(exc)
         assert ex.submit(inc, 1).result(timeout=30) == 2

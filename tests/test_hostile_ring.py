@@ -22,6 +22,7 @@ import os
 import queue
 import random
 import resource
+import select
 import struct
 import time
 import traceback
@@ -314,12 +315,21 @@ def test_hostile_writes_before_reading_never_crash_hang_or_overallocate():
     assert not bad, f"readers failed (negative status = signal death): {bad}"
 
 
-def _scribble_on(ring, base: int, seed: int, until: float) -> None:
+def _scribble_on(ring, base: int, seed: int, started_w: int, stop_r: int, theirs: tuple) -> None:
+    """Scribble until the parent closes its end of the `stop_r` pipe (the
+    reader is done, or the parent died); say so on `started_w` after the
+    first scribble. (A bound of 60 s all the same.)"""
+    for fd in theirs:
+        os.close(fd)                    # else this child would hold its own stop pipe open
     n = 0
-    while time.monotonic() < until:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         scribble(ring, base, seed * 1000 + n)
         n += 1
-        time.sleep(0.002)
+        if n == 1:
+            os.write(started_w, b"s")
+        if select.select([stop_r], [], [], 0.002)[0]:
+            return
 
 
 @pytest.mark.timeout(120)
@@ -331,8 +341,18 @@ def test_hostile_writes_while_reading_never_crash_hang_or_overallocate():
         arena = shmipc.Arena(1 << 20)
         ring = make_ring(arena, seed)
         fill(ring)
-        hostile = fork_child(_scribble_on, ring, offset_of(ring), seed, time.monotonic() + 0.3)
-        run_reader(ring, seed, results)
+        started_r, started_w = os.pipe()
+        stop_r, stop_w = os.pipe()
+        hostile = fork_child(_scribble_on, ring, offset_of(ring), seed, started_w, stop_r, (started_r, stop_w))
+        os.close(started_w)
+        os.close(stop_r)
+        try:
+            # the scribbler is at work before the reader starts, and until it ends
+            assert select.select([started_r], [], [], 30)[0] and os.read(started_r, 1) == b"s"
+            run_reader(ring, seed, results)
+        finally:
+            os.close(stop_w)
+            os.close(started_r)
         assert wait_child(hostile, 30) == 0
         arena.close()
     total, bad = summarise(results, "while")

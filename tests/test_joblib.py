@@ -118,3 +118,38 @@ def test_a_killed_worker_fails_the_call_and_the_backend_recovers():
 def test_n_jobs_one_runs_in_this_process():
     with joblib.parallel_config(backend="shmipc", n_jobs=1):
         assert set(Parallel()(delayed(pid_of)(i) for i in range(3))) == {os.getpid()}
+
+
+def nested_sum(n):
+    # a Parallel call inside a worker: joblib runs it in that worker, sequentially
+    with joblib.parallel_config(backend="shmipc", n_jobs=2):
+        return sum(Parallel()(delayed(square)(i) for i in range(n)))
+
+
+@pytest.mark.timeout(60)
+def test_backend_by_name_and_nested_calls():
+    out = Parallel(n_jobs=2, backend="shmipc")(delayed(nested_sum)(n) for n in range(1, 6))
+    assert out == [sum(i * i for i in range(n)) for n in range(1, 6)]
+
+
+@pytest.mark.timeout(60)
+def test_pre_dispatch_and_auto_batching_keep_the_order():
+    with joblib.parallel_config(backend="shmipc", n_jobs=2):
+        out = Parallel(batch_size="auto", pre_dispatch="2*n_jobs")(
+            delayed(square)(i) for i in range(3000))
+    assert out == [i * i for i in range(3000)]
+
+
+@pytest.mark.timeout(300)
+def test_sklearn_example_runs_unchanged():
+    """examples/sklearn_joblib.py: scikit-learn's n_jobs on shmipc gives the
+    same scores as on loky."""
+    pytest.importorskip("sklearn")
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "examples", "sklearn_joblib.py")],
+                         capture_output=True, text=True, timeout=280, cwd=root)
+    assert out.returncode == 0, out.stderr
+    assert "identical results on shmipc and loky: True" in out.stdout

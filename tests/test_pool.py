@@ -406,8 +406,19 @@ def test_pool_made_in_a_thread_outlives_it(method):
     t.join(30)
     p = box[0]
     try:
-        time.sleep(0.3)
+        import signal
+
+        from conftest import pending_signals, wait_until
+        from shmipc._proc import pid_alive
+
+        # the thread has ended, so a parent-death signal aimed at its children
+        # has been sent: a worker or helper it hit is dead, or has it pending
+        wait_until(lambda: len(p._engine.worker_pids()) == 2, 30, "two workers started")
+        procs = set(p._engine.worker_pids().values()) | set(p._engine._sup.helper_pids())
         assert p.map(square, range(100)) == [x * x for x in range(100)]
+        assert set(p._engine.worker_pids().values()) <= procs        # nobody was replaced
+        for pid in procs:
+            assert pid_alive(pid) and not pending_signals(pid) & {signal.SIGKILL, signal.SIGTERM}, pid
         assert p.statistics()["worker_deaths"] == 0
     finally:
         p.terminate()

@@ -70,14 +70,12 @@ def pool_pids(pool):
 
 
 def busy_worker(pool, timeout=20.0):
-    """(slot, pid) of a worker that is running a task now (its slot says so)."""
-    from shmipc._poolworker import _SLOT, _SLOT_SIZE
-
+    """(slot, pid) of a worker that is running a task now (its slot says so:
+    busy, not starting or leaving)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for slot, pid in sorted(pool_pids(pool).items()):
-            wpid, busy, _seq = _SLOT.unpack_from(pool._engine._slots, slot * _SLOT_SIZE)
-            if busy and wpid == pid and pid_alive(pid):
+        for slot, pid in sorted(pool._engine.busy_workers().items()):
+            if pid_alive(pid):
                 return slot, pid
         time.sleep(0.002)
     raise AssertionError("no worker became busy")
@@ -239,12 +237,16 @@ PARENT_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {here!r})
     import shmipc
-    from test_pool_crash import slow_double, nap
+    from test_pool_crash import slow_double
+    from conftest import touch_then_sleep
     if __name__ == "__main__":
         p = shmipc.Pool(2, context={method!r})
         p.map(slow_double, range(4))
-        r = p.map_async(nap, range(1))          # one worker busy, one idle
-        time.sleep(0.2)
+        r = p.apply_async(touch_then_sleep, ({flag!r}, 30))     # one worker busy, one idle
+        deadline = time.monotonic() + 30
+        while not os.path.exists({flag!r}):     # the task has started: a worker is busy
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.005)
         pids = list(p._engine._pids.values())
         if p._engine._sup._zygote is not None:
             pids.append(p._engine._sup._zygote.pid)
@@ -255,10 +257,10 @@ PARENT_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-def test_workers_exit_when_parent_dies(method):
+def test_workers_exit_when_parent_dies(method, tmp_path):
     """The pool's parent is SIGKILLed: its workers (busy or idle) and the
     zygote are gone within a second."""
-    script = PARENT_SCRIPT.format(root=ROOT, here=HERE, method=method)
+    script = PARENT_SCRIPT.format(root=ROOT, here=HERE, method=method, flag=str(tmp_path / "busy"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(x) for x in proc.stdout.readline().split()]
@@ -283,11 +285,20 @@ CTRL_C_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     import shmipc
     from shmipc._proc import pid_alive
-    from test_pool_crash import nap
+    import functools, threading
+    from conftest import touch_then_sleep
     if __name__ == "__main__":
         p = shmipc.Pool(2, context={method!r})
         pids = list(p._engine._pids.values())
-        print("ready", flush=True)
+        flag = {flag!r}
+        nap = functools.partial(touch_then_sleep, flag, 30)
+
+        def say_ready():                        # once a task runs: the map is under way
+            deadline = time.monotonic() + 30
+            while not os.path.exists(flag) and time.monotonic() < deadline:
+                time.sleep(0.005)
+            print("ready" if os.path.exists(flag) else "no task started", flush=True)
+        threading.Thread(target=say_ready, daemon=True).start()
         t0 = None
         try:
             if {call!r} == "map":
@@ -307,13 +318,12 @@ CTRL_C_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("method,call", [("fork", "map"), ("forkserver", "map"), ("fork", "imap")])
-def test_ctrl_c_during_map(method, call):
-    script = CTRL_C_SCRIPT.format(root=ROOT, here=HERE, method=method, call=call)
+def test_ctrl_c_during_map(method, call, tmp_path):
+    script = CTRL_C_SCRIPT.format(root=ROOT, here=HERE, method=method, call=call, flag=str(tmp_path / "busy"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3)                         # the map is under way
+        assert proc.stdout.readline().strip() == "ready"      # a task runs: the map is under way
         t0 = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)      # as a terminal's Ctrl-C: the whole group
         out, err = proc.communicate(timeout=20)
@@ -423,28 +433,36 @@ ORPHAN_PARENT_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {here!r})
     import shmipc
     from shmipc._proc import pid_alive
-    from test_pool_crash import slow_double, nap
+    from test_pool_crash import slow_double
+    from conftest import touch_then_sleep
     if __name__ == "__main__":
         p = shmipc.Pool(2, context="fork")
         p.map(slow_double, range(4))
-        r = p.map_async(nap, range(1))          # one worker busy, one idle
-        time.sleep(0.2)
+        r = p.apply_async(touch_then_sleep, ({flag!r}, 30))     # one worker busy, one idle
+        deadline = time.monotonic() + 30
+        while not os.path.exists({flag!r}):     # the task has started: a worker is busy
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.005)
         zygote = p._engine._sup.helper_pids()[0]
+        pids = list(p._engine._pids.values())
         os.kill(zygote, signal.SIGKILL)         # the workers are orphans now
         while pid_alive(zygote):
+            assert time.monotonic() < deadline, "the zygote outlived SIGKILL"
             time.sleep(0.01)
-        time.sleep(0.2)
-        pids = list(p._engine._pids.values())
+        for w in pids:                          # (reparented before the zygote became a zombie)
+            with open(f"/proc/{{w}}/stat", "rb") as f:
+                stat = f.read()
+            assert int(stat[stat.rfind(b")") + 2:].split()[1]) != zygote, "not an orphan"
         print(" ".join(map(str, pids)), flush=True)
         time.sleep(60)
 """)
 
 
 @pytest.mark.timeout(60)
-def test_orphaned_workers_still_die_with_the_parent():
+def test_orphaned_workers_still_die_with_the_parent(tmp_path):
     """The zygote dies, then the parent: the workers (no longer the zygote's
     children, one of them busy) still exit within a second."""
-    script = ORPHAN_PARENT_SCRIPT.format(root=ROOT, here=HERE)
+    script = ORPHAN_PARENT_SCRIPT.format(root=ROOT, here=HERE, flag=str(tmp_path / "busy"))
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(x) for x in proc.stdout.readline().split()]
@@ -467,22 +485,31 @@ FORK_CHILD_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     sys.path.insert(0, {here!r})
     import shmipc
+    import signal
     from shmipc._proc import pid_alive
     from test_pool_crash import slow_double
+    from conftest import pending_signals
     if __name__ == "__main__":
         p = shmipc.Pool(2, context="fork")
         sup = p._engine._sup
-        zygote = sup.helper_pids()[0] if hasattr(sup, "helper_pids") else sup._zygote.pid
+        helpers = sup.helper_pids()             # the serving zygote and its spare
+        zygote = helpers[0]
         pid = os.fork()
         if pid == 0:
             sys.exit(0)             # a normal exit: multiprocessing's atexit handler runs
         os.waitpid(pid, 0)
-        time.sleep(0.2)
-        print("zygote alive:", pid_alive(zygote), flush=True)
-        victim = list(p._engine._pids.values())[0]
+        # a signal the child sent has been sent by now: it is either pending
+        # (a helper not yet scheduled) or has killed the helper
+        print("zygote alive:", all(pid_alive(h) and not pending_signals(h) & {{signal.SIGTERM, signal.SIGKILL}}
+                                   for h in helpers), flush=True)
+        slot, victim = sorted(p._engine._pids.items())[0]
         os.kill(victim, 9)          # its replacement comes from the zygote
+        deadline = time.monotonic() + 20
+        while p._engine._pids.get(slot) in (None, victim) and time.monotonic() < deadline:
+            time.sleep(0.005)
         print("map:", p.map(slow_double, range(10)) == [2 * x for x in range(10)], flush=True)
-        print("replaced:", getattr(sup, "zygotes_replaced", 0), flush=True)
+        print("replaced:", sup.zygotes_replaced, "victim replaced:", p._engine._pids.get(slot) not in (None, victim),
+              "same zygote:", sup.helper_pids()[0] == zygote, flush=True)
         p.close()
         p.join()
 """)
@@ -497,7 +524,8 @@ def test_plain_fork_child_exit_leaves_the_zygote_alone():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
     assert "zygote alive: True" in out.stdout, out.stdout + out.stderr
-    assert "map: True" in out.stdout and "replaced: 0" in out.stdout, out.stdout + out.stderr
+    assert "map: True" in out.stdout, out.stdout + out.stderr
+    assert "replaced: 0 victim replaced: True same zygote: True" in out.stdout, out.stdout + out.stderr
 
 
 def failing_initializer():
@@ -526,7 +554,73 @@ def test_initializer_exiting_with_status_0_fails_work_instead_of_respawning_fore
     with shmipc.Pool(2, initializer=exiting_initializer) as p:
         with pytest.raises(RuntimeError, match="died while starting"):
             p.map(slow_double, range(10))
-        assert p._engine._startup_deaths >= 10
+        assert p._engine._startup.trips == 1      # tripped once, no respawning meanwhile
+
+
+def wait_for_flag(path):
+    """An initializer that blocks until `path` exists (a worker held in start-up)."""
+    while not os.path.exists(path):
+        time.sleep(0.005)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_outside_kills_during_start_up_do_not_break_the_pool(no_leaks, tmp_path, method):
+    """F7: SIGKILLs from outside (the OOM killer, an operator) landing on
+    workers while they start say nothing about the initializer: the pool
+    replaces them and works once they stop, however many there were."""
+    flag = str(tmp_path / "go")
+    with shmipc.Pool(2, initializer=wait_for_flag, initargs=(flag,), context=method) as p:
+        r = p.map_async(slow_double, range(10))
+        killed: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(killed) < 14 and time.monotonic() < deadline:
+            for pid in list(p._engine.worker_pids().values()):
+                os.kill(pid, signal.SIGKILL)                # held in its initializer: not ready
+                killed.add(pid)
+
+            def replaced():
+                pids = p._engine.worker_pids().values()
+                return len(pids) == 2 and not killed & set(pids) and all(map(pid_alive, pids))
+
+            # a replacement for every victim before the next round
+            assert wait_for(replaced, 20), (p._engine.broken, p._engine.worker_pids())
+        kills = len(killed)
+        assert kills >= 14                                   # past the old limit of 10
+        open(flag, "w").close()
+        assert r.get(30) == [2 * x for x in range(10)]
+        assert p.map(slow_double, range(4)) == [0, 2, 4, 6]
+
+
+def fail_while_flag(path):
+    if os.path.exists(path):
+        raise OSError("no database today")
+
+
+@pytest.mark.timeout(90)
+def test_pool_broken_by_its_initializer_tries_again_later(no_leaks, tmp_path, capfd):
+    """F7: when workers keep dying at start by their own hand, pending work
+    fails (no respawning forever), but the pool is not broken for good: a
+    later submit, after a back-off, starts workers again."""
+    flag = tmp_path / "fail"
+    flag.write_text("")
+    with shmipc.Pool(2, initializer=fail_while_flag, initargs=(str(flag),)) as p:
+        with pytest.raises(RuntimeError, match="died while starting"):
+            p.map(slow_double, range(10))
+        with pytest.raises(RuntimeError, match="initializer"):   # at once: within the back-off
+            p.apply_async(slow_double, (1,))
+        flag.unlink()                                  # the database is back
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert p.map(slow_double, range(10)) == [2 * x for x in range(10)]
+                break
+            except RuntimeError as exc:
+                assert "died while starting" in str(exc)
+                assert time.monotonic() < deadline, "the pool never tried again"
+                time.sleep(0.05)
+        assert p.apply(slow_double, (21,)) == 42
+    assert "no database today" in capfd.readouterr().err
 
 
 SPAWN_CTRL_C_SCRIPT = textwrap.dedent("""

@@ -18,7 +18,7 @@ import pytest
 import shmipc
 import shmipc.errors
 from shmipc import _ring
-from conftest import fork_child, wait_child
+from conftest import fork_child, wait_child, wait_until_asleep
 
 
 @pytest.fixture
@@ -364,7 +364,9 @@ def test_shutdown_wakes_a_blocked_consumer(arena):
     ring = arena.ring(4096)
     out = arena.ring(4096)
     pid = fork_child(_blocked_getter, ring, out)
-    time.sleep(0.2)
+    # asleep in get: a child that reached get only after the shutdown would
+    # get EOFError at once, and the test would pass without any wake-up
+    wait_until_asleep(ring.stats, "consumers")
     t = time.monotonic()
     ring.shutdown()
     assert out.get(timeout=5) == "eof"
@@ -463,7 +465,9 @@ def test_ctrl_c_interrupts_a_blocked_get_promptly(sides):
     ring = arena.ring(4096, producers=sides, consumers=sides)
     out = arena.ring(4096)
     pid = fork_child(_interrupted_get, ring, out)
-    time.sleep(0.3)
+    # asleep in get: a SIGINT landing before get is reached also ends in the
+    # child's except clause, without testing an interrupted wait
+    wait_until_asleep(ring.stats, "consumers")
     t = time.monotonic()
     os.kill(pid, signal.SIGINT)
     assert out.get(timeout=5) == "interrupted"
@@ -488,7 +492,6 @@ def test_rings_reach_children_of_every_start_method(method):
     proc = mp.get_context(method).Process(target=_child_of_spawn, args=(arena,))
     proc.start()
     ring.put_many([1, 2, 3])
-    time.sleep(0.1)
     deadline = time.monotonic() + 30
     while ring.qsize() != 1 and proc.is_alive() and time.monotonic() < deadline:
         time.sleep(0.01)

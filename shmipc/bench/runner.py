@@ -106,6 +106,8 @@ class Options:
             return self.timeout
         if workload == "ray":           # Ray's start-up, then every run on both sides
             return RAY_TIMEOUT
+        if workload == "pool":          # four comparisons, a calibration, ~1 s rounds for mp on a busy machine
+            return 60.0 + self.repeat * 15.0
         return 20.0 + self.repeat * (self.seconds * 3 + 2.0)
 
 

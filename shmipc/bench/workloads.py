@@ -373,20 +373,26 @@ def _pingpong_round(ep: Endpoint, pool: list, seconds: float) -> dict:
 def _pool_records(processes: int, rounds: int) -> list[dict]:
     """Run shmipc/bench/pools.py; one record per pool per comparison, with
     every round's figure."""
-    from shmipc.bench.pools import COMPARISONS, N_BLOBS, N_INTS, run
+    from shmipc.bench.pools import COMPARISONS, LARGE_MAPS, N_BLOBS, N_INTS, N_LARGE, TUNED, run
 
-    counts = {"pool_map_int": N_INTS, "pool_map_100k": N_BLOBS, "executor_map": N_INTS}
+    counts = {"pool_map_int": N_INTS, "pool_map_100k": N_BLOBS, "executor_map": N_INTS,
+              "executor_map_large": N_LARGE * LARGE_MAPS}
     records = []
     for row in run(processes=processes, repeat=rounds):
         label, item_bytes, mine, theirs = COMPARISONS[row["name"]]
         n = counts[row["name"]]
-        for transport, times, is_shmipc in ((mine, row["shmipc_rounds_s"], True),
-                                            (theirs, row["stdlib_rounds_s"], False)):
+        sides = [(mine, row["shmipc_rounds_s"], True, None), (theirs, row["stdlib_rounds_s"], False, None)]
+        if "tuned_rounds_s" in row:     # multiprocessing with the chunksize that suited it best
+            sides.append((TUNED, row["tuned_rounds_s"], False, row["tuned_chunksize"]))
+        for transport, times, is_shmipc, chunksize in sides:
             figures = [{"items": n, "seconds": s, "items_per_s": n / s, "mb_per_s": n * item_bytes / s / 1e6}
                        for s in times]
-            records.append({"transport": transport, "shmipc": is_shmipc, "pool_kind": row["name"],
-                            "title": label, "rounds": figures,
-                            "best": max(figures, key=lambda f: f["items_per_s"]), "status": "ok"})
+            record = {"transport": transport, "shmipc": is_shmipc, "pool_kind": row["name"],
+                      "title": label, "rounds": figures,
+                      "best": max(figures, key=lambda f: f["items_per_s"]), "status": "ok"}
+            if chunksize is not None:
+                record["chunksize"] = chunksize
+            records.append(record)
     return records
 
 

@@ -35,6 +35,8 @@ import types
 from collections import deque
 from typing import Any, Callable, Iterable
 
+from shmipc._runtime import MAX_STARTUP_DEATHS, instantiate
+
 # worker roles
 POOL = "pool"
 STAGE = "stage"
@@ -42,7 +44,7 @@ STAGE = "stage"
 # pool task kinds (as the shared-memory pool's)
 K_CALL, K_MAP, K_STARMAP = 0, 1, 2
 
-MAX_START_DEATHS = 3        # replacements that die before starting, in a row
+MAX_START_DEATHS = MAX_STARTUP_DEATHS   # replacements that die before starting, in a row (the runtime's)
 
 
 def error_value(exc: BaseException) -> tuple:
@@ -56,19 +58,6 @@ def error_value(exc: BaseException) -> tuple:
     except Exception:
         exc = None  # type: ignore[assignment]
     return (exc, text, f'\n"""\n{tb}"""')
-
-
-def instantiate(fn: Any) -> tuple[Any, Callable[[Any], Any]]:
-    """(object with setup/teardown or None, the per-item callable), as the
-    shared-memory pipeline's stages."""
-    if inspect.isclass(fn):
-        obj = fn()
-        if not callable(getattr(obj, "process", None)):
-            raise TypeError(f"stage class {fn.__name__} has no process(item) method")
-        return obj, obj.process
-    if callable(getattr(fn, "process", None)):
-        return fn, fn.process
-    return None, fn
 
 
 class Worker:

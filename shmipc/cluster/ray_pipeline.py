@@ -13,16 +13,14 @@ from __future__ import annotations
 import collections
 from typing import Any, Iterable, Iterator
 
-from shmipc._lifetime import Closeable
+from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, PipelineAPI, StageConfig
+from shmipc._waiting import RAY_PIPELINE_POLL_S as POLL_S
 from shmipc.cluster import connect
 from shmipc.cluster._actors import E_DONE, E_FATAL, E_LOST, E_REQUEUE, STAGE, ActorGroup, poll
 from shmipc.errors import WorkerLost
 
 __all__ = ["RayPipeline"]
 
-ON_ERROR = ("raise", "skip", "collect")
-DEFAULT_MAX_INFLIGHT = 256
-POLL_S = 0.05
 
 
 def _pipeline_names() -> tuple[Any, Any, Any]:
@@ -54,22 +52,16 @@ class _Unit:
         self.tries = 0
 
 
-class _Stage:
+class _Stage(StageConfig):
     def __init__(self, index: int, fn: Any, workers: int, ordered: bool, on_error: str,
                  retries: int, name: str, options: dict) -> None:
-        self.index = index
-        self.fn = fn
-        self.workers = workers
-        self.ordered = ordered
-        self.on_error = on_error
-        self.retries = retries
-        self.name = name
+        super().__init__(index, fn, workers, ordered, on_error, retries, name)
         self.options = options
         self.group: ActorGroup | None = None
         self.pending: collections.deque[_Unit] = collections.deque()
 
 
-class RayPipeline(Closeable):
+class RayPipeline(PipelineAPI):
     """``shmipc.Pipeline``'s API with its stages' workers on a Ray cluster.
     Made by ``shmipc.Pipeline(source, ..., cluster="ray")`` (see
     :mod:`shmipc.cluster` for the values of `cluster`).
@@ -119,34 +111,13 @@ class RayPipeline(Closeable):
                  max_inflight: int = DEFAULT_MAX_INFLIGHT, on_error: str = "raise",
                  retries: int = 0, stop_timeout: float = 1.0, cluster: str = "ray",
                  ray_options: dict | None = None) -> None:
-        self._stages: list[_Stage] = []
-        try:
-            self._source = iter(source)
-        except TypeError:
-            raise TypeError(f"source must be iterable, got {type(source).__name__}") from None
-        try:
-            self._total: int | None = len(source)  # type: ignore[arg-type]
-        except TypeError:
-            self._total = None
-        if not isinstance(max_inflight, int) or isinstance(max_inflight, bool) or max_inflight < 1:
-            raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
-        _check_policy(on_error)
-        _check_retries(retries)
-        if not isinstance(stop_timeout, (int, float)) or not stop_timeout >= 0:
-            raise ValueError(f"stop_timeout must be a number >= 0, got {stop_timeout!r}")
+        self._take_options(source, max_inflight, on_error, retries, stop_timeout)
         from shmipc.cluster import check_cluster
 
         check_cluster(cluster)      # a bad value fails here, not at results()
         self._cluster = cluster
-        self._max_inflight = max_inflight
-        self._on_error = on_error
-        self._retries = retries
-        self._stop_timeout = float(stop_timeout)
         self._ray_options = dict(ray_options or {})
-        self._iterating = False
         self._ray: Any = None
-        #: failures kept by stages with on_error="collect", in arrival order
-        self.errors: list = []
 
     # ------------------------------------------------------------ building
     def stage(self, fn: Any, workers: int = 1, *, ordered: bool = True, on_error: str | None = None,
@@ -156,56 +127,13 @@ class RayPipeline(Closeable):
         """Add a stage; returns the pipeline (as shmipc.Pipeline.stage;
         ring_capacity and zero_copy are accepted and ignored on Ray;
         ray_options: Ray actor options for this stage's workers)."""
-        if self._started or self._closed:
-            raise ValueError("stages must be added before results() starts the pipeline")
-        if not (callable(fn) or callable(getattr(fn, "process", None))):
-            raise TypeError(f"a stage must be callable or have a process() method, got {fn!r}")
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {workers!r}")
-        on_error = self._on_error if on_error is None else _check_policy(on_error)
-        retries = self._retries if retries is None else _check_retries(retries)
-        if name is None:
-            name = getattr(fn, "__name__", None) or type(fn).__name__
-            if any(st.name == name for st in self._stages):
-                name = f"{name}#{len(self._stages)}"
-        elif any(st.name == name for st in self._stages):
-            raise ValueError(f"a stage named {name!r} already exists")
+        on_error, retries, name = self._stage_options(fn, workers, on_error, retries, name)
         options = {**self._ray_options, **(ray_options or {})}
         self._stages.append(_Stage(len(self._stages), fn, workers, bool(ordered), on_error, retries,
                                    str(name), options))
         return self
 
     # ------------------------------------------------------------ results
-    def results(self, progress: bool = False, desc: str | None = None) -> Iterator[Any]:
-        """Start the workers and yield the results, as shmipc.Pipeline.results
-        (in source order unless a stage is unordered; once per pipeline;
-        leaving the loop early, or an exception, closes the pipeline).
-
-        Raises:
-            ValueError: no stages, or results() already called, or closed;
-                more workers than the cluster has CPUs.
-            Whatever a stage raised (on_error="raise"), with the worker's
-            traceback as __cause__; WorkerLost for an item whose worker died;
-            PipelineError when a stage cannot start.
-        """
-        if not self._stages:
-            raise ValueError("add at least one stage with stage() before results()")
-        if self._closed:
-            raise ValueError("pipeline is closed")
-        if self._iterating:
-            raise ValueError("results() can be called only once per pipeline")
-        self._iterating = True
-        self._start()
-        it = self._iterate()
-        if not progress:
-            return it
-        from shmipc.progress import track
-
-        return track(it, total=self._total, desc=desc or "pipeline", status=self._fill_levels)
-
-    def __iter__(self) -> Iterator[Any]:
-        return self.results()
-
     def _fill_levels(self) -> dict[str, str]:
         """Each stage's backlog: items waiting + in its workers (the
         bottleneck is the stage with the largest)."""
@@ -419,23 +347,7 @@ class RayPipeline(Closeable):
                 s.group.stop(self._stop_timeout)
             s.pending.clear()
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def __repr__(self) -> str:
         stages = " -> ".join(f"{s.name}x{s.workers}" for s in self._stages) or "no stages"
         state = "closed" if self._closed else ("running" if self._started else "new")
         return f"<shmipc.cluster.RayPipeline {stages} {state}>"
-
-
-def _check_policy(on_error: Any) -> str:
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    return on_error
-
-
-def _check_retries(retries: Any) -> int:
-    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
-        raise ValueError(f"retries must be an int >= 0, got {retries!r}")
-    return retries

@@ -9,44 +9,31 @@ delivers results, as the shared-memory pool's does.
 from __future__ import annotations
 
 import collections
-import itertools
 import threading
 import time
 import weakref
-from multiprocessing import TimeoutError  # get() raises multiprocessing.TimeoutError, as mp
-from multiprocessing.pool import MaybeEncodingError, RemoteTraceback
+from multiprocessing.pool import MaybeEncodingError
 from typing import Any, Callable, Iterable, Iterator
 
+from shmipc._pool_api import PoolAPI, feed_imap
+from shmipc._pool_results import ApplyResult, AsyncResult, IMapIterator, MapResult  # noqa: F401
+from shmipc._runtime import with_remote_traceback
+from shmipc._waiting import RAY_POOL_POLL_S as _POLL_S
 from shmipc.cluster import connect
-from shmipc.cluster._actors import (E_DONE, E_FATAL, E_LOST, E_REQUEUE, K_CALL, K_MAP, K_STARMAP, POOL,
+from shmipc.cluster._actors import (E_DONE, E_FATAL, E_LOST, E_REQUEUE, K_CALL, POOL,
                                     ActorGroup, poll)
 from shmipc.errors import WorkerLost
 
 __all__ = ["RayPool"]
 
 INIT, RUN, CLOSE, TERMINATE = "INIT", "RUN", "CLOSE", "TERMINATE"
-_IMAP_AHEAD = 256        # chunks of one imap job queued or running at once (as the shared-memory pool)
-_POLL_S = 0.02           # the bookkeeping thread's longest wait before it looks for new tasks
-_jobs = itertools.count()
 
 
 def _rebuild(err: tuple) -> BaseException:
     exc, text, tb = err
     if exc is None:
         exc = MaybeEncodingError(text, "the exception raised in the worker does not pickle")
-    exc.__cause__ = RemoteTraceback(tb)
-    return exc
-
-
-def _run_callback(fn: Callable[[], Any]) -> None:
-    try:
-        fn()
-    except Exception:
-        import sys
-        import traceback
-
-        print("Exception in a shmipc.Pool callback:", file=sys.stderr)
-        traceback.print_exc()
+    return with_remote_traceback(exc, tb)
 
 
 class _Task:
@@ -67,152 +54,8 @@ class _Task:
         return f"{name} (chunk {self.index})" if self.kind != K_CALL else name
 
 
-# ---------------------------------------------------------------------- results
-class ApplyResult:
-    """The result of apply_async, as the shared-memory pool's: ``get(timeout)``
-    returns the value or raises the worker's exception (its traceback as
-    ``__cause__``), WorkerLost, or multiprocessing.TimeoutError."""
-
-    def __init__(self, pool: "RayPool", callback: Callable | None, error_callback: Callable | None) -> None:
-        self._pool: Any = pool
-        self._event = threading.Event()
-        self._callback = callback
-        self._error_callback = error_callback
-        self._success = True
-        self._value: Any = None
-
-    def ready(self) -> bool:
-        return self._event.is_set()
-
-    def successful(self) -> bool:
-        if not self.ready():
-            raise ValueError(f"{self!r} not ready")
-        return self._success
-
-    def wait(self, timeout: float | None = None) -> None:
-        self._event.wait(timeout)
-
-    def get(self, timeout: float | None = None) -> Any:
-        pool = self._pool
-        if pool is not None and pool._thread is threading.current_thread() and not self.ready():
-            raise RuntimeError("cannot wait for a pool result inside a pool callback")
-        self.wait(timeout)
-        if not self.ready():
-            raise TimeoutError
-        if self._success:
-            return self._value
-        raise self._value
-
-    def _deliver(self, task: _Task, ok: bool, value: Any) -> None:
-        self._success, self._value = ok, value
-        self._finish()
-
-    def _finish(self) -> None:
-        if self._success and self._callback is not None:
-            _run_callback(lambda: self._callback(self._value))
-        if not self._success and self._error_callback is not None:
-            _run_callback(lambda: self._error_callback(self._value))
-        self._event.set()
-        self._pool = None
-
-
-AsyncResult = ApplyResult
-
-
-class MapResult(ApplyResult):
-    """map_async's result: ready when every chunk is back; the first error wins."""
-
-    def __init__(self, pool: "RayPool", length: int, chunks: int, callback: Callable | None,
-                 error_callback: Callable | None) -> None:
-        super().__init__(pool, callback, error_callback)
-        self._value = [None] * length
-        self._left = chunks
-
-    def _deliver(self, task: _Task, ok: bool, value: Any) -> None:
-        self._left -= 1
-        if ok and self._success:
-            self._value[task.start: task.start + len(value)] = value
-        elif not ok and self._success:
-            self._success, self._value = False, value
-        if self._left == 0:
-            self._finish()
-
-
-class IMapIterator:
-    """imap's iterator (imap_unordered's with ordered=False); ``next(timeout)``."""
-
-    def __init__(self, pool: "RayPool", ordered: bool, ahead: int) -> None:
-        self._pool: Any = pool
-        self._cond = threading.Condition(threading.Lock())
-        self._items: dict[int, tuple[bool, Any]] = {}
-        self._unordered: collections.deque = collections.deque()
-        self._ordered = ordered
-        self._index = 0
-        self._length: int | None = None
-        self._room = threading.Semaphore(ahead)
-
-    def __iter__(self) -> "IMapIterator":
-        return self
-
-    def next(self, timeout: float | None = None) -> Any:
-        pool = self._pool
-        if pool is not None and pool._thread is threading.current_thread():
-            raise RuntimeError("cannot iterate a pool's imap inside a pool callback")
-        try:
-            with self._cond:
-                deadline = None if timeout is None else time.monotonic() + timeout
-                while True:
-                    if self._ordered and self._index in self._items:
-                        ok, value = self._items.pop(self._index)
-                        break
-                    if not self._ordered and self._unordered:
-                        ok, value = self._unordered.popleft()
-                        break
-                    if self._length is not None and self._index >= self._length:
-                        self._pool = None
-                        raise StopIteration
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError
-                    self._cond.wait(left)
-                self._index += 1
-        except KeyboardInterrupt:
-            if pool is not None:
-                pool.terminate()
-            raise
-        if ok:
-            return value
-        raise value
-
-    __next__ = next
-
-    def _deliver(self, task: _Task, ok: bool, value: Any) -> None:
-        with self._cond:
-            self._room.release()
-            if self._ordered:
-                self._items[task.index] = (ok, value)
-            else:
-                self._unordered.append((ok, value))
-            self._cond.notify_all()
-
-    def _set_length(self, n: int) -> None:
-        with self._cond:
-            self._length = n
-            self._cond.notify_all()
-
-    def _fail(self, n: int, exc: BaseException) -> None:
-        """The input raised after `n` chunks: report it in its place."""
-        with self._cond:
-            if self._ordered:
-                self._items[n] = (False, exc)
-            else:
-                self._unordered.append((False, exc))
-            self._length = n + 1
-            self._cond.notify_all()
-
-
 # ---------------------------------------------------------------------- the pool
-class RayPool:
+class RayPool(PoolAPI):
     """``shmipc.Pool``'s API with its workers on a Ray cluster. Made by
     ``shmipc.Pool(processes, ..., cluster="ray")`` (see :mod:`shmipc.cluster`
     for the values of `cluster`).
@@ -302,15 +145,8 @@ class RayPool:
         self._thread.start()
 
     # -------------------------------------------------------- state
-    def _check_running(self) -> None:
-        if self._state != RUN:
-            raise ValueError("Pool not running")
-
     def __repr__(self) -> str:
         return f"<shmipc.cluster.RayPool state={self._state} pool_size={getattr(self, '_processes', 0)}>"
-
-    def __reduce__(self) -> Any:
-        raise NotImplementedError("pool objects cannot be passed between processes or pickled")
 
     def statistics(self) -> dict[str, int]:
         """Worker deaths, tasks lost with a worker, tasks retried, in flight, queued."""
@@ -392,13 +228,13 @@ class RayPool:
             if task.settled:
                 return
             task.settled = True
-        task.job._deliver(task, ok, value)
+        _deliver(task, ok, value)
 
     def _fatal(self, value: tuple) -> None:
         pid, err = value
         if isinstance(err, tuple):
             exc: BaseException = RuntimeError(f"pool workers cannot start: the initializer raised {err[1]}")
-            exc.__cause__ = RemoteTraceback(err[2])
+            with_remote_traceback(exc, err[2])
         else:
             exc = RuntimeError(f"pool workers cannot start: {err}")
         self._fail_pending(exc)
@@ -419,139 +255,43 @@ class RayPool:
         if group is not None:
             group.stop(0, graceful=False)
         for t in tasks:
-            t.job._deliver(t, False, exc)
+            _deliver(t, False, exc)
         self._wake.set()
 
-    # -------------------------------------------------------- one call
-    def apply(self, func: Callable, args: tuple = (), kwds: dict = {}) -> Any:  # noqa: B006 (as mp)
-        """Call func(*args, **kwds) in a worker and return its result."""
-        self._check_running()
-        return self._wait(self.apply_async(func, args, kwds))
+    # -------------------------------------------------------- what PoolAPI builds on
+    @property
+    def _owner(self) -> "RayPool":
+        return self
 
-    def apply_async(self, func: Callable, args: tuple = (), kwds: dict = {}, callback: Callable | None = None,  # noqa: B006
-                    error_callback: Callable | None = None) -> ApplyResult:
-        """Call func(*args, **kwds) in a worker; returns an AsyncResult."""
-        self._check_running()
-        result = ApplyResult(self, callback, error_callback)
-        self._submit([_Task(result, 0, 0, K_CALL, func, (tuple(args), dict(kwds)))])
-        return result
+    def _task(self, job: Any, index: int, start: int, kind: int, func: Callable, payload: Any) -> _Task:
+        return _Task(job, index, start, kind, func, payload)
 
-    # -------------------------------------------------------- map
-    def map(self, func: Callable, iterable: Iterable, chunksize: int | None = None, *,
-            progress: bool = False) -> list:
-        """[func(x) for x in iterable], computed by the workers in chunks."""
-        self._check_running()
-        if progress:
-            items = iterable if hasattr(iterable, "__len__") else list(iterable)
-            return list(self.imap(func, items, chunksize or self._default_chunksize(items), progress=True))
-        return self._wait(self._map_async(func, iterable, K_MAP, chunksize))
-
-    def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
-        """[func(*args) for args in iterable], in chunks as map()."""
-        self._check_running()
-        return self._wait(self._map_async(func, iterable, K_STARMAP, chunksize))
-
-    def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
-                  callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
-        """map() without waiting: returns an AsyncResult of the list."""
-        self._check_running()
-        return self._map_async(func, iterable, K_MAP, chunksize, callback, error_callback)
-
-    def starmap_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
-                      callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
-        """starmap() without waiting: returns an AsyncResult of the list."""
-        self._check_running()
-        return self._map_async(func, iterable, K_STARMAP, chunksize, callback, error_callback)
-
-    def _default_chunksize(self, items: Any) -> int:
-        chunksize, extra = divmod(len(items), self._processes * 4)
-        return max(chunksize + bool(extra), 1)
-
-    def _map_async(self, func: Callable, iterable: Iterable, kind: int, chunksize: int | None,
-                   callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
-        items = iterable if isinstance(iterable, (list, tuple, range)) else list(iterable)
-        if chunksize is None:
-            chunksize = self._default_chunksize(items) if items else 0
-        _check_chunksize(chunksize, allow_zero=not items)
-        starts = range(0, len(items), chunksize) if items else range(0)
-        result = MapResult(self, len(items), len(starts), callback, error_callback)
-        if not items:
-            result._finish()
-            return result
-        self._submit([_Task(result, i, s, kind, func, list(items[s: s + chunksize]))
-                      for i, s in enumerate(starts)])
-        return result
-
-    def imap(self, func: Callable, iterable: Iterable, chunksize: int = 1, *,
-             progress: bool = False) -> Iterator:
-        """Like map() but returns an iterator (in input order); reads the input lazily."""
-        return self._imap(func, iterable, chunksize, True, progress, "Pool.imap")
-
-    def imap_unordered(self, func: Callable, iterable: Iterable, chunksize: int = 1, *,
-                       progress: bool = False) -> Iterator:
-        """Like imap() but yields results as they complete."""
-        return self._imap(func, iterable, chunksize, False, progress, "Pool.imap_unordered")
-
-    def _imap(self, func: Callable, iterable: Iterable, chunksize: int, ordered: bool,
-              progress: bool, desc: str) -> Iterator:
-        self._check_running()
-        _check_chunksize(chunksize)
-        total = len(iterable) if hasattr(iterable, "__len__") else None
-        job = IMapIterator(self, ordered, ahead=max(_IMAP_AHEAD, 4 * self._processes))
-        feeder = threading.Thread(target=self._feed, args=(job, func, iterable, chunksize),
+    def _start_imap(self, job: IMapIterator, func: Callable, iterable: Iterable, chunksize: int,
+                    kind: int) -> None:
+        feeder = threading.Thread(target=self._feed, args=(job, func, iterable, chunksize, kind),
                                   name="shmipc-ray-imap-feeder", daemon=True)
         with self._lock:
             self._feeders.add(feeder)
         feeder.start()
-        out: Iterator = job if chunksize == 1 else (item for chunk in job for item in chunk)
-        if progress:
-            from shmipc.progress import track
 
-            out = track(out, total=total, desc=desc)
-        return out
+    def _feed(self, job: IMapIterator, func: Callable, iterable: Iterable, chunksize: int, kind: int) -> None:
+        """An imap job's input (see shmipc._pool_api.feed_imap), in its own thread."""
+        def queue_task(task: _Task) -> bool:
+            try:
+                self._submit([task])
+            except ValueError as exc:           # terminated meanwhile
+                job._next_chunk = task.index
+                job.fail(exc)
+                return False
+            return True
 
-    def _feed(self, job: IMapIterator, func: Callable, iterable: Iterable, chunksize: int) -> None:
-        """An imap job's input, read in its own thread (it may block) only as
-        chunks come back: at most `ahead` chunks queued or running."""
-        index = start = 0
-        kind = K_CALL if chunksize == 1 else K_MAP
         try:
-            it = iter(iterable)
-            while True:
-                while not job._room.acquire(timeout=0.1):
-                    if self._state == TERMINATE:
-                        return
-                if self._state == TERMINATE:
-                    return
-                try:
-                    items = list(itertools.islice(it, chunksize))
-                except Exception as exc:
-                    job._fail(index, exc)
-                    return
-                if not items:
-                    job._set_length(index)
-                    return
-                payload: Any = ((items[0],), {}) if kind == K_CALL else items
-                try:
-                    self._submit([_Task(job, index, start, kind, func, payload)])
-                except ValueError as exc:        # terminated meanwhile
-                    job._fail(index, exc)
-                    return
-                index += 1
-                start += len(items)
-        except Exception as exc:
-            job._fail(index, exc)
+            feed_imap(job, func, iterable, chunksize, kind, _Task, queue_task,
+                      lambda: self._state == TERMINATE)
         finally:
             with self._lock:
                 self._feeders.discard(threading.current_thread())
             self._wake.set()
-
-    def _wait(self, result: ApplyResult) -> Any:
-        try:
-            return result.get()
-        except KeyboardInterrupt:
-            self.terminate()
-            raise
 
     # -------------------------------------------------------- lifetime
     def close(self) -> None:
@@ -578,13 +318,6 @@ class RayPool:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-
-    def __enter__(self) -> "RayPool":
-        self._check_running()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.terminate()
 
     def __del__(self) -> None:
         if getattr(self, "_state", INIT) not in (RUN, CLOSE):
@@ -618,8 +351,7 @@ def _bookkeeping(ref: "weakref.ref[RayPool]") -> None:
             del pool
 
 
-def _check_chunksize(chunksize: Any, allow_zero: bool = False) -> None:
-    if not isinstance(chunksize, int) or isinstance(chunksize, bool):
-        raise TypeError(f"chunksize must be an int, not {type(chunksize).__name__}")
-    if chunksize < 1 and not (allow_zero and chunksize == 0):
-        raise ValueError(f"Chunksize must be 1+, not {chunksize}")
+def _deliver(task: _Task, ok: bool, value: Any) -> None:
+    """Hand a task's outcome to its job (outside any lock) and run what it asks."""
+    for callback in task.job._deliver(task, ok, value):
+        callback()

@@ -74,35 +74,57 @@ def _install_mp() -> None:
         mixin.Pipe = staticmethod(shmipc.Pipe)
         mixin.Pool = staticmethod(shmipc.Pool)
         mixin.connection = connection
+        # TestIgnoreEINTR sends "CONN_MAX_SIZE bytes [that] must block" (the
+        # OS pipe or socket buffer's size plus one), to signal the sender in
+        # the middle of a blocked send. A shmipc Pipe buffers its whole ring
+        # (32 MiB by default), so that send returns at once and the sender
+        # exits before the signal: the same premise for shmipc is a message
+        # larger than the ring
+        from shmipc.queues import DEFAULT_CAPACITY
+
+        tm.TestIgnoreEINTR.CONN_MAX_SIZE = max(tm.TestIgnoreEINTR.CONN_MAX_SIZE,
+                                               2 * DEFAULT_CAPACITY + 1)
     tm.install_tests_in_module_dict(globals(), METHOD)
 
 
 def _install_futures() -> None:
     """test.test_concurrent_futures' process-pool classes for METHOD, with
     mp_context=shmipc.get_context(METHOD), or shmipc.ProcessPoolExecutor."""
+    import importlib
+
     import test.test_concurrent_futures as tcf
 
+    if hasattr(tcf, "ExecutorMixin"):       # 3.11: one module
+        util, modules = tcf, [tcf]
+    else:                                   # 3.12+: a package, the mixins in its util
+        util = importlib.import_module("test.test_concurrent_futures.util")
+        modules = [importlib.import_module(f"test.test_concurrent_futures.{name}")
+                   for name in ("test_as_completed", "test_deadlock", "test_init",
+                                "test_process_pool", "test_shutdown", "test_wait")]
     if IMPL in ("shmipc", "shmipc-executor"):
         import shmipc
 
         def get_context(self):      # what the tests pass as mp_context
             return shmipc.get_context(self.ctx)
 
-        tcf.ExecutorMixin.get_context = get_context
+        util.ExecutorMixin.get_context = get_context
         if IMPL == "shmipc-executor":
-            for mixin in (tcf.ProcessPoolForkMixin, tcf.ProcessPoolSpawnMixin,
-                          tcf.ProcessPoolForkserverMixin):
+            for mixin in (util.ProcessPoolForkMixin, util.ProcessPoolSpawnMixin,
+                          util.ProcessPoolForkserverMixin):
                 mixin.executor_type = shmipc.ProcessPoolExecutor
-            tcf.futures = _shim(tcf.futures, "concurrent.futures",
-                                ProcessPoolExecutor=shmipc.ProcessPoolExecutor)
+            for module in modules:
+                if hasattr(module, "futures"):
+                    module.futures = _shim(module.futures, "concurrent.futures",
+                                           ProcessPoolExecutor=shmipc.ProcessPoolExecutor)
     prefix = {"fork": "ProcessPoolFork", "spawn": "ProcessPoolSpawn",
               "forkserver": "ProcessPoolForkserver"}[METHOD]
-    for name, value in vars(tcf).items():
-        if not (isinstance(value, type) and name.startswith(prefix) and name.endswith("Test")):
-            continue
-        if METHOD == "fork" and name.startswith("ProcessPoolForkserver"):
-            continue
-        globals()[name] = value     # its module's setUpModule runs around it
+    for module in modules:
+        for name, value in vars(module).items():
+            if not (isinstance(value, type) and name.startswith(prefix) and name.endswith("Test")):
+                continue
+            if METHOD == "fork" and name.startswith("ProcessPoolForkserver"):
+                continue
+            globals()[name] = value     # its module's setUpModule runs around it
 
 
 if SUITE == "mp":
@@ -148,6 +170,7 @@ _NEEDS_OWN_TESTDIR = {
 def main() -> int:
     import faulthandler
     import fnmatch
+    import gc
     import json
     import unittest
 
@@ -172,6 +195,13 @@ def main() -> int:
         def stopTest(self, test):
             faulthandler.cancel_dump_traceback_later()
             super().stopTest(test)
+            # a failed test leaves its executor or pool unreferenced only in
+            # reference cycles (its traceback's frames): collect them now, so
+            # that their workers exit (as the standard executor's do once it
+            # is collected) instead of outliving the class, where they keep
+            # the resource tracker (and forkserver) that tearDownModule waits
+            # for alive until the class timeout
+            gc.collect()
 
         def addSuccess(self, test):
             super().addSuccess(test)

@@ -3,6 +3,8 @@ standard library and against shmipc, and report per test class.
 
     python tests/cpython/run.py [--methods fork,forkserver,spawn] [--suites mp,futures]
                                 [--classes Name,...] [--out build/cpython-tests]
+                                [--readme README.md] [--gate]
+    python tests/cpython/run.py --from a.json,b.json [--out ...] [--readme README.md]
 
 The tests come from the interpreter's own ``test`` package:
 ``test._test_multiprocessing`` (the classes that exercise Queue,
@@ -28,6 +30,12 @@ their tracebacks) and <out>.md (the table), and prints the table.
 Exit status 0 whatever the outcomes (a report), 2 on a usage error; with
 ``--gate``, 1 when a test fails for shmipc that tests/cpython/known_failures.txt
 does not list (the known gaps, each with its reason), so CI catches regressions.
+
+``--readme README.md`` rewrites the README's section between
+``<!-- cpython-tests:start -->`` and ``<!-- cpython-tests:end -->`` with one
+row per test class and a column per start method and implementation (the
+table is generated, never edited by hand). ``--from`` merges the JSON
+reports of earlier runs (e.g. one start method each) instead of running.
 """
 from __future__ import annotations
 
@@ -154,11 +162,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join("build", "cpython-tests"))
     parser.add_argument("--gate", action="store_true",
                         help="exit 1 if a test fails for shmipc that known_failures.txt does not list")
+    parser.add_argument("--readme", default="",
+                        help="rewrite this file's <!-- cpython-tests:start/end --> section")
+    parser.add_argument("--from", dest="merge", default="",
+                        help="merge these JSON reports (comma-separated) instead of running")
     args = parser.parse_args(argv)
+    if os.sep in args.python:       # the classes run with cwd=tests/cpython
+        args.python = os.path.abspath(args.python)
+    if args.merge:
+        report = merge_reports([load_report(path) for path in args.merge.split(",") if path])
+    else:
+        report = run_all(args)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(report, f, indent=1)
+    table = render(report)
+    with open(args.out + ".md", "w") as f:
+        f.write(table)
+    print(table)
+    if args.readme:
+        rewrite_readme(args.readme, render_readme(report))
+        print(f"rewrote the CPython tests section of {args.readme}")
+    if args.gate:
+        unexpected = unexpected_failures(report, load_patterns(KNOWN_FAILURES))
+        if unexpected:
+            print("FAILED: tests failing for shmipc that known_failures.txt does not list:")
+            for impl, method, test in unexpected:
+                print(f"  {impl} / {method}: {test}")
+            return 1
+        print("gate: every shmipc failure is a known gap listed in known_failures.txt")
+    return 0
+
+
+def run_all(args: argparse.Namespace) -> dict:
+    """Run every selected (suite, method, class, implementation); the report."""
     methods = [m for m in args.methods.split(",") if m]
     only = set(filter(None, args.classes.split(",")))
     report: dict = {"python": subprocess.run([args.python, "-VV"], capture_output=True,
-                                             text=True).stdout.strip(), "runs": []}
+                                             text=True).stdout.strip(),
+                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": []}
     testdir = find_testdir(args.python)
     for suite in args.suites.split(","):
         if suite == "futures" and testdir == "":
@@ -181,23 +223,31 @@ def main(argv: list[str] | None = None) -> int:
                           + " ".join(f"{k} {v}" for k, v in counts.items())
                           + f"  ({time.monotonic() - t:.0f} s)", flush=True)
                     report["runs"].append({"suite": suite, "method": method, "impl": impl,
-                                           "class": cls, "counts": counts, "results": results})
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(report, f, indent=1)
-    table = render(report)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
-    print(table)
-    if args.gate:
-        unexpected = unexpected_failures(report, load_patterns(KNOWN_FAILURES))
-        if unexpected:
-            print("FAILED: tests failing for shmipc that known_failures.txt does not list:")
-            for impl, method, test in unexpected:
-                print(f"  {impl} / {method}: {test}")
-            return 1
-        print("gate: every shmipc failure is a known gap listed in known_failures.txt")
-    return 0
+                                           "class": cls, "counts": counts, "results": results,
+                                           "seconds": round(time.monotonic() - t, 1)})
+    return report
+
+
+def load_report(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """One report of several runs' (same interpreter): a later report's
+    (suite, method, impl, class) replaces an earlier one's."""
+    if not reports:
+        raise SystemExit("--from: no report given")
+    runs: dict[tuple, dict] = {}
+    for rep in reports:
+        if rep["python"] != reports[0]["python"]:
+            raise SystemExit(f"--from: reports of different interpreters: "
+                             f"{reports[0]['python']!r} and {rep['python']!r}")
+        for run in rep["runs"]:
+            runs[(run["suite"], run["method"], run["impl"], run["class"])] = run
+    return {"python": reports[0]["python"],
+            "date": max((r.get("date", "") for r in reports), default=""),
+            "runs": list(runs.values())}
 
 
 def load_patterns(path: str) -> list[tuple[str, str]]:
@@ -260,6 +310,117 @@ def render(report: dict) -> str:
         lines += ["", "Failing for shmipc:", ""]
         lines += [f"- {impl} / {method}: {test}" for impl, method, test in sorted(failed)]
     return "\n".join(lines) + "\n"
+
+
+README_START = "<!-- cpython-tests:start -->"
+README_END = "<!-- cpython-tests:end -->"
+_PREFIXES = ("ProcessPoolForkserver", "ProcessPoolFork", "ProcessPoolSpawn")
+
+
+def _generic(cls: str) -> str:
+    """A futures class without its start method (ProcessPoolForkWaitTest ->
+    ProcessPool*WaitTest): one README row for the three methods."""
+    for prefix in _PREFIXES:
+        if cls.startswith(prefix):
+            return "ProcessPool*" + cls[len(prefix):]
+    return cls
+
+
+def _reasons(path: str) -> dict[tuple[str, str], str]:
+    out = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                impl, pattern, reason = (line.split(None, 2) + [""])[:3]
+                out[(impl, pattern)] = reason
+    return out
+
+
+def render_readme(report: dict) -> str:
+    """The README section: one row per test class, for each start method the
+    stdlib's and shmipc's passed/failed/skipped, totals, and every shmipc
+    failure with the reason known_failures.txt gives."""
+    from fnmatch import fnmatchcase
+
+    impls = ("stdlib", "shmipc", "shmipc-executor")
+    methods = [m for m in METHODS if any(r["method"] == m for r in report["runs"])]
+    cells: dict[tuple, dict] = {}
+    totals: dict[tuple, dict] = {}
+    for run in report["runs"]:
+        key = (run["suite"], _generic(run["class"]))
+        cells.setdefault(key, {})[(run["method"], run["impl"])] = run["counts"]
+        tot = totals.setdefault((run["method"], run["impl"]),
+                                {"passed": 0, "failed": 0, "skipped": 0, "excluded": 0})
+        for k, v in run["counts"].items():
+            tot[k] += v
+    cols = [(m, i) for m in methods for i in impls if (m, i) in totals]
+
+    def cell(c: dict | None) -> str:
+        if c is None:
+            return ""
+        text = f"{c['passed']}/{c['failed']}/{c['skipped']}"
+        if c["failed"]:
+            text = f"**{text}**"
+        return text + (f" +{c['excluded']}x" if c["excluded"] else "")
+
+    short = {"stdlib": "stdlib", "shmipc": "shmipc", "shmipc-executor": "shmipc executor"}
+    lines = [README_START, "",
+             f"Run on {report['python'].split(' (')[0]}, {report.get('date', '')}: "
+             "passed/failed/skipped per CPython test class (`+Nx`: tests not run for shmipc "
+             "because they read the standard library's private attributes, each listed with "
+             "its reason in [tests/cpython/excluded.txt](tests/cpython/excluded.txt)). "
+             "*stdlib*: the standard library's own objects; *shmipc*: shmipc's Queue, "
+             "SimpleQueue, JoinableQueue, Pipe, Pool and context in their place (for "
+             "concurrent.futures: the standard executor with `mp_context=shmipc.get_context(method)`); "
+             "*shmipc executor*: `shmipc.ProcessPoolExecutor` in place of the standard one.", "",
+             "| suite | class | " + " | ".join(f"{m}: {short[i]}" for m, i in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for (suite, cls), row in sorted(cells.items()):
+        lines.append(f"| {suite} | {cls} | " + " | ".join(cell(row.get(c)) for c in cols) + " |")
+    lines.append("| **total** | | " + " | ".join(cell(totals[c]) for c in cols) + " |")
+    reasons = _reasons(KNOWN_FAILURES)
+    failed: dict[tuple[str, str], list[str]] = {}
+    for run in report["runs"]:
+        if run["impl"] == "stdlib":
+            continue
+        for r in run["results"]:
+            if r["outcome"] == "failed":
+                why = next((reason for (impl, pattern), reason in reasons.items()
+                            if impl == run["impl"] and fnmatchcase(r["test"], pattern)),
+                           "NOT LISTED in known_failures.txt: a regression")
+                name = f"{short[run['impl']]}: `{_generic(r['test'].split('.')[0])}.{r['test'].split('.', 1)[1]}`"
+                failed.setdefault((name, why), []).append(run["method"])
+    if failed:
+        lines += ["", "Failing for shmipc, with the reason "
+                  "([tests/cpython/known_failures.txt](tests/cpython/known_failures.txt); "
+                  "the deliberate differences are explained in [docs/differences.md](docs/differences.md)):", ""]
+        for (name, why), on in sorted(failed.items()):
+            lines.append(f"- {name} ({', '.join(m for m in METHODS if m in on)}): {why}")
+    lines += ["", "Regenerate with `make readme-cpython-tests` (all three start methods and "
+              f"implementations, {_minutes(report)} min of test classes in this run), which runs "
+              "`tests/cpython/run.py --readme README.md`.", "", README_END]
+    return "\n".join(lines) + "\n"
+
+
+def _minutes(report: dict) -> str:
+    seconds = sum(run.get("seconds", 0) for run in report["runs"])
+    return f"{max(1, round(seconds / 60))}"
+
+
+def rewrite_readme(path: str, section: str) -> None:
+    """Replace the marked section of `path` with `section` (markers included).
+
+    Raises:
+        SystemExit: the file lacks the markers (a README edited by hand).
+    """
+    with open(path) as f:
+        text = f.read()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{path} has no {README_START} ... {README_END} section to rewrite")
+    with open(path, "w") as f:
+        f.write(text[:start] + section.rstrip("\n") + text[end + len(README_END):])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,156 @@
+"""What happens when a pool worker dies: the one place that answers it for
+Pool and ProcessPoolExecutor (a mixin of :class:`shmipc._engine._Engine`,
+whose invariants it keeps; every method runs with the engine's lock held).
+
+* the task it was running (its slot in shared memory says which, see
+  :mod:`shmipc._poolworker`) fails with WorkerLost, or is re-queued while
+  it has retries left;
+* the tasks queued behind it in its ring never started: they go back to
+  the front of the queue, for the other workers;
+* a worker that died before it was ready is judged by the runtime's
+  :class:`shmipc._runtime.StartupGuard` (killed from outside: replaced;
+  by its own hand, time after time: the pending work fails, and a later
+  submit tries again after a back-off);
+* otherwise a replacement starts in the same slot (shmipc._workers.Supervisor).
+
+The Pipeline's answer to the same question is shmipc._pipeline_crew (the
+facts) plus shmipc._pipeline_sched (what they mean for its items), with the
+same StartupGuard.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import time
+from typing import Any
+
+from shmipc._slots import BUSY, EXITING, STARTING
+from shmipc._tasks import _Task
+from shmipc._waiting import DEAD_RING_SLICE_S
+
+# pool states (as shmipc._engine's)
+RUN = "RUN"
+CLOSE = "CLOSE"
+
+
+def _discard_all(ring: Any) -> None:
+    """Drop every record left in a dead worker's ring (none of them started)."""
+    while ring.qsize():
+        try:
+            ring.get(timeout=DEAD_RING_SLICE_S)     # waits a slice if the dead worker held the lock
+        except (queue.Empty, EOFError):
+            break
+        except Exception:
+            continue                                # a corrupt record is dropped as well
+
+
+class _WorkerExits:
+    """The engine's handling of worker exits (see the module docstring)."""
+
+    _state: str
+    _broken: str
+
+    def _on_exit(self, ev: Any) -> list:
+        """A worker exited: fail or retry the task it was running, re-queue the
+        ones waiting in its ring, start a replacement. Lock held, results drained."""
+        later: list = []
+        slot = ev.slot
+        self._pids.pop(slot, None)
+        _pid, state, running = self._slot(slot)
+        if _pid != ev.pid:
+            _pid, state, running = 0, STARTING, 0      # it never wrote its slot: died while starting
+        busy = state == BUSY
+        exitcode = ev.exitcode
+        if exitcode is None and state == EXITING:
+            exitcode = 0            # an orphan (its zygote died) that left on purpose
+        # empty its ring: nothing in it ever started
+        _discard_all(self._tasks[slot])
+        if self._big_slot == slot and self._big_seq in self._inflight:
+            # the big task sent to it may still wait in the big ring: it never started
+            _discard_all(self._big_tasks)
+        requeue: list[_Task] = []
+        for seq in list(self._assigned[slot]):
+            task = self._inflight.get(seq)
+            if task is None:
+                continue
+            self._settle(task)
+            task.pieces = None
+            if busy and seq == running:
+                self.tasks_lost += 1
+                if task.tries_left > 0:
+                    task.tries_left -= 1
+                    self.tasks_retried += 1
+                    requeue.append(task)
+                else:
+                    later += task.job._deliver(task, False, self._lost_error(ev.pid, exitcode, task.describe()))
+            else:
+                requeue.append(task)
+        for task in reversed(requeue):
+            self._queue.appendleft(task)
+        self._assigned[slot].clear()
+        # big results read ahead for tasks that are no longer in flight will never be claimed
+        self._big_stash = {k: v for k, v in self._big_stash.items() if k[0] in self._inflight}
+        self._outstanding[slot] = 0
+        self._sent_to[slot] = 0
+        self._last_done[slot] = 0.0
+        self._stopping[slot] = False
+        self._slots.reset(slot)
+        if exitcode != 0 or busy:
+            self.worker_deaths += 1
+        if state == STARTING:
+            # an exit before the worker was ready by its own hand counts, exit
+            # code 0 too (an initializer calling sys.exit(0) must not respawn
+            # workers forever); a kill from outside does not (see StartupGuard)
+            guard = self._startup
+            if guard.died_starting(ev.pid, exitcode) and not self._broken:
+                # mp would respawn forever and leave callers waiting: say why instead
+                return later + self._trip(
+                    f"{guard.deaths} workers in a row died while starting (last: {guard.last}); "
+                    f"does the initializer fail or exit, or the function not import?")
+        else:
+            self._startup.ready()
+        if not self._broken:                # (broken: a later submit starts workers again)
+            later += self._respawn(slot, self._startup.respawn_delay())
+        return later
+
+    def _note_ready_workers(self) -> None:
+        """A live worker past its start-up resets the start-up guard. Lock held."""
+        for slot, pid in self._pids.items():
+            _pid, state, _running = self._slot(slot)
+            if _pid == pid and state != STARTING:
+                self._startup.ready()
+                return
+
+    def _trip(self, why: str) -> list:
+        """Workers cannot start: fail every pending task with `why`, start no
+        worker until a submit after the guard's back-off. Lock held."""
+        self._broken = why
+        self._retry_at = time.monotonic() + self._startup.trip()
+        self._respawn_at.clear()
+        return self._fail_all_locked(self._broken_error(why))
+
+    def _respawn(self, slot: int, delay: float = 0.0) -> list:
+        """Start a worker in an empty slot (after `delay` seconds: at a later
+        poll) if work may still come. Lock held."""
+        later: list = []
+        self._respawn_at.pop(slot, None)
+        if delay > 0:
+            self._respawn_at[slot] = time.monotonic() + delay
+            return later
+        if self._state == RUN or (self._state == CLOSE and (self._queue or self._inflight or self._feeders
+                                                             or self._big_waiting)):
+            assert self._sup is not None
+            try:
+                self._pids[slot] = self._sup.spawn(slot)
+                self._spawn_failures = 0
+            except Exception as exc:
+                print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
+                self._respawn_at[slot] = 0.0        # tried again at the next poll
+                self._spawn_failures += 1
+                if not self._pids and self._spawn_failures >= self._startup.limit:
+                    # no worker left and none could start, time after time (each
+                    # time with fresh zygotes): fail everything rather than let
+                    # callers wait forever
+                    self._spawn_failures = 0
+                    later += self._trip(f"the pool lost all its workers and cannot start new ones ({exc})")
+        return later

@@ -1,0 +1,334 @@
+"""asyncio for shmipc: await gets and puts on queues, pipes and rings without
+blocking the event loop and without a thread per waiter.
+
+The names are the blocking method's with ``_async``, so an asyncio user
+finds them where the blocking one is:
+
+* ``Queue`` / ``JoinableQueue`` / ``SimpleQueue``: ``await q.get_async(timeout=None)``,
+  ``await q.put_async(obj, timeout=None)`` (``queue.Empty`` / ``queue.Full``
+  when a timeout passes, as ``get``/``put``).
+* ``Connection`` (a ``Pipe`` end): ``await conn.recv_async()``,
+  ``await conn.recv_bytes_async(maxlength=None)``, ``await conn.send_async(obj)``,
+  ``await conn.send_bytes_async(buf, offset=0, size=None)`` (``EOFError`` /
+  ``BrokenPipeError`` when the other end is gone, as ``recv``/``send``).
+* a bare ``Ring``: ``await shmipc.aio.ring_get(ring, timeout=None)``,
+  ``await shmipc.aio.ring_put(ring, obj, timeout=None)``.
+
+How they wait:
+
+* Gets on queues and connections wait on the object's readiness descriptor
+  (``fileno()``) with ``loop.add_reader``: no polling, no thread. Many
+  awaits on one object share one reader callback.
+* Puts on a full queue or pipe, and gets and puts on a bare ring (which has
+  no descriptor), retry a non-blocking call on asyncio timers, 50 us growing
+  to 5 ms while nothing changes (so at most ~200 wake-ups a second per idle
+  waiter). A writability descriptor would cost every get a system call;
+  full rings are the rare case.
+
+Cancellation: a cancelled await loses no message. A get takes a message
+only after the wait, synchronously, and returns it in the same step; a put
+puts all of a message or nothing (a message larger than the ring, cut into
+chunks, is aborted if cancelled midway, and the reader drops the part).
+
+Large messages (over half the ring) are read as they stream in, blocking
+the loop meanwhile; queues write theirs from a feeder thread, as ``put``.
+"""
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+import weakref
+from typing import Any
+
+__all__ = ["ring_get", "ring_put"]
+
+_PAUSE_MIN = 50e-6
+_PAUSE_MAX = 0.005
+
+# loop -> {fd: [futures waiting for fd to be readable]}: one add_reader per
+# (loop, fd), however many awaits wait on it (add_reader replaces a callback)
+_waiting: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, list]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    from shmipc.queues import _timeout
+
+    return time.monotonic() + _timeout(timeout)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+async def readable(fd: int, timeout: float | None = None) -> bool:
+    """Wait until `fd` is readable (True) or `timeout` seconds passed
+    (False), with the running loop's add_reader."""
+    loop = asyncio.get_running_loop()
+    table = _waiting.setdefault(loop, {})
+    futs = table.get(fd)
+    if futs is None:
+        futs = table[fd] = []
+
+        def ready() -> None:
+            waiters = table.pop(fd, [])
+            loop.remove_reader(fd)
+            for f in waiters:
+                if not f.done():
+                    f.set_result(True)
+
+        loop.add_reader(fd, ready)
+    fut = loop.create_future()
+    futs.append(fut)
+    timer = None
+    if timeout is not None:
+        timer = loop.call_later(timeout, lambda: fut.done() or fut.set_result(False))
+    try:
+        return await fut
+    finally:
+        if timer is not None:
+            timer.cancel()
+        waiters = table.get(fd)
+        if waiters is not None and fut in waiters:
+            waiters.remove(fut)
+            if not waiters:
+                del table[fd]
+                loop.remove_reader(fd)
+
+
+def _forget(fd: int) -> None:
+    """`fd` is about to be closed (its queue or connection is being closed):
+    wake every await waiting on it, in every loop, so they find it closed
+    and raise instead of waiting on a descriptor that no longer exists.
+    Safe from any thread."""
+    for loop, table in list(_waiting.items()):
+        if fd in table and not loop.is_closed():
+            def wake(loop: asyncio.AbstractEventLoop = loop, table: dict = table) -> None:
+                waiters = table.pop(fd, None)
+                if waiters is not None:
+                    loop.remove_reader(fd)
+                    for f in waiters:
+                        if not f.done():
+                            f.set_result(True)
+            try:
+                if _running_loop() is loop:
+                    wake()
+                else:
+                    loop.call_soon_threadsafe(wake)
+            except RuntimeError:
+                pass        # the loop closed meanwhile
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+class _Backoff:
+    """Asyncio-timer back-off: 50 us doubling to 5 ms."""
+
+    def __init__(self) -> None:
+        self.pause = _PAUSE_MIN
+
+    async def sleep(self, deadline: float | None) -> None:
+        pause = self.pause
+        if deadline is not None:
+            pause = min(pause, max(deadline - time.monotonic(), 0.0))
+        await asyncio.sleep(pause)
+        self.pause = min(self.pause * 2, _PAUSE_MAX)
+
+
+# ---------------------------------------------------------------- queues
+async def get_when_ready(q: Any, timeout: float | None) -> Any:
+    """Queue.get_async: see there."""
+    from shmipc.queues import _NOTHING
+
+    deadline = _deadline(timeout)
+    fd = q.fileno()                 # this process now keeps readiness exact
+    backoff = _Backoff()
+    woke = False
+    while True:
+        item = q._get_ready()
+        if item is not _NOTHING:
+            return item
+        q._rearm()
+        if q._has_message():
+            continue
+        if woke:
+            # readable with nothing to get: another consumer was first, or
+            # a producer is mid-announcement; do not spin on the descriptor
+            await backoff.sleep(deadline)
+        left = _left(deadline)
+        if left is not None and left <= 0:
+            raise queue.Empty
+        woke = await readable(fd, left)
+
+
+async def put_when_room(q: Any, obj: Any, timeout: float | None) -> None:
+    """Queue.put_async: see there."""
+    deadline = _deadline(timeout)
+    backoff = _Backoff()
+    while not q._try_put(obj):
+        if deadline is not None and time.monotonic() >= deadline:
+            raise queue.Full
+        await backoff.sleep(deadline)
+
+
+# ---------------------------------------------------------------- connections
+async def recv_when_ready(conn: Any, as_bytes: bool, maxlength: int | None) -> Any:
+    """Connection.recv_async / recv_bytes_async: see there."""
+    from shmipc._framing import Frame
+
+    conn._check_readable()
+    fd = conn.fileno()              # this process now keeps readiness exact
+    backoff = _Backoff()
+    woke = False
+    while True:
+        if conn._frame_read is not None:
+            return await _finish_frame_read(conn, as_bytes, maxlength)
+        if conn.poll(0):            # a message (taken ahead, kept by conn), or EOF
+            pending = conn._pending
+            if type(pending) is Frame and pending.sizes:
+                # chunks that stream in, perhaps from a writer in this very
+                # loop: read them in a thread, kept on the connection so a
+                # cancelled await leaves it to the next recv_async
+                conn._pending = conn._nothing
+                conn._frame_read = (asyncio.ensure_future(asyncio.to_thread(
+                    conn._unframe, pending, as_bytes)), as_bytes)
+                continue
+            return conn.recv_bytes(maxlength) if as_bytes else conn.recv()
+        conn._rearm()
+        if woke:
+            await backoff.sleep(None)
+        woke = await readable(fd, None)
+
+
+async def _finish_frame_read(conn: Any, as_bytes: bool, maxlength: int | None) -> Any:
+    import pickle
+
+    task, read_as_bytes = conn._frame_read
+    try:
+        item = await asyncio.shield(task)
+    finally:
+        if task.done():
+            conn._frame_read = None
+    if as_bytes != read_as_bytes:       # read for the other kind of receive
+        if as_bytes:
+            from shmipc.connection import _as_bytes
+
+            item = _as_bytes(item)
+        elif isinstance(item, bytes):
+            item = pickle.loads(item)
+    if as_bytes and maxlength is not None and len(item) > maxlength:
+        conn._bad_message_length()
+    if conn._polled:
+        conn._rearm()
+    return item
+
+
+async def send_when_room(conn: Any, records: list) -> None:
+    """Put `records` (one message: one record, or a frame's) on `conn`'s
+    ring, awaiting room; on any failure after the first record is in, put
+    ABORT so the reader drops the partial message."""
+    if len(records) > 1:
+        # the records of one message must stay together: one chunked
+        # message at a time per connection and loop
+        lock = conn._async_send_lock
+        if lock is None:
+            lock = conn._async_send_lock = asyncio.Lock()
+        async with lock:
+            await _put_records(conn, records)
+    else:
+        await _put_records(conn, records)
+
+
+async def _put_records(conn: Any, records: list) -> None:
+    from shmipc import _framing
+    from shmipc.errors import PeerDied, RingClosed
+
+    started = False
+    try:
+        for rec in records:
+            backoff = _Backoff()
+            while True:
+                ring = conn._send_ring
+                if ring is None:
+                    conn._check_writable()
+                try:
+                    ring.put(rec, False)
+                    break
+                except (queue.Full, PeerDied):
+                    pass
+                except RingClosed:
+                    conn._raise_closed()
+                if conn._peer_gone():
+                    raise BrokenPipeError("the other end of the pipe is closed")
+                await backoff.sleep(None)
+            started = True
+    except BaseException:
+        if started and len(records) > 1:
+            try:
+                conn._send_ring.put(_framing.ABORT, True, 0.05)
+            except BaseException:
+                pass        # the reader drops the frame anyway
+        raise
+
+
+# ---------------------------------------------------------------- rings
+async def ring_get(ring: Any, timeout: float | None = None) -> Any:
+    """Await the next message of a shmipc Ring without blocking the event
+    loop: a non-blocking get retried on asyncio timers (50 us growing to
+    5 ms; a bare ring has no descriptor to wait on -- queues and pipes do).
+
+    Raises:
+        queue.Empty: nothing came within `timeout` seconds (None: forever).
+        EOFError: the ring was shut down and is empty.
+        PeerDied, RingClosed, CorruptArena: as Ring.get.
+    """
+    deadline = _deadline(timeout)
+    backoff = _Backoff()
+    while True:
+        try:
+            return ring.get(False)
+        except queue.Empty:
+            pass
+        if deadline is not None and time.monotonic() >= deadline:
+            raise queue.Empty
+        if backoff.pause >= _PAUSE_MAX and ring.producers == "one":
+            _check_producer(ring)   # what Ring.get looks at between its sleep slices
+        await backoff.sleep(deadline)
+
+
+def _check_producer(ring: Any) -> None:
+    from shmipc._ring import pid_alive
+    from shmipc.errors import PeerDied
+
+    pid = ring.stats()["producer_pid"]
+    if pid and not pid_alive(pid) and ring.empty():
+        raise PeerDied(pid, "producer")
+
+
+async def ring_put(ring: Any, obj: Any, timeout: float | None = None) -> None:
+    """Await room in a shmipc Ring and put `obj`, without blocking the event
+    loop (back-off as ring_get).
+
+    Raises:
+        queue.Full: no room within `timeout` seconds (None: forever).
+        MessageTooLarge, BrokenPipeError, PeerDied: as Ring.put.
+    """
+    deadline = _deadline(timeout)
+    backoff = _Backoff()
+    while True:
+        try:
+            ring.put(obj, False)
+            return
+        except queue.Full:
+            pass
+        if deadline is not None and time.monotonic() >= deadline:
+            raise queue.Full
+        await backoff.sleep(deadline)

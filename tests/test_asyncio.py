@@ -1,0 +1,389 @@
+"""asyncio: awaiting gets and puts on shmipc queues, pipes and rings, with
+plain asyncio.run, real processes (fork and spawn): cancellation loses no
+message, a dead peer ends the await, close wakes it."""
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import queue
+import signal
+import time
+
+import pytest
+
+import shmipc
+from shmipc import aio
+
+METHODS = ["fork", "spawn"]
+
+
+# ---------------------------------------------------------------- children
+def echo_upper(conn):
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            return
+        conn.send(msg.upper() if isinstance(msg, str) else msg)
+
+
+def square_worker(tasks, results):
+    while True:
+        item = tasks.get()
+        if item is None:
+            return
+        results.put((item, item * item))
+
+
+def drain_slowly(q, n, go):
+    assert go.recv() == "go"
+    for _ in range(n):
+        q.get()
+
+
+def send_then_hang(conn, ready):
+    conn.send("hello")
+    ready.send("sent")
+    time.sleep(60)
+
+
+# ---------------------------------------------------------------- pipes
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", METHODS)
+def test_recv_async_and_send_async_with_a_child(method):
+    ctx = multiprocessing.get_context(method)
+    a, b = shmipc.Pipe(capacity=1 << 12)
+    p = ctx.Process(target=echo_upper, args=(b,))
+    p.start()
+    b.close()
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.001)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        words = [f"word{i}" * 20 for i in range(300)]     # more than the ring holds
+        sender = asyncio.create_task(_send_all(a, words))
+        got = [await a.recv_async() for _ in words]
+        await sender
+        big = b"z" * 50_000                                # chunked: larger than the ring
+        await a.send_async(big)
+        assert await a.recv_async() == big
+        await a.send_async(None)
+        t.cancel()
+        return got, ticks
+
+    got, ticks = asyncio.run(main())
+    assert got == [f"WORD{i}" * 20 for i in range(300)]
+    assert ticks > 0            # the loop kept running while we awaited
+    a.close()
+    p.join(20)
+    assert p.exitcode == 0
+
+
+async def _send_all(conn, items):
+    for item in items:
+        await conn.send_async(item)
+
+
+@pytest.mark.timeout(60)
+def test_send_bytes_async_and_recv_bytes_async():
+    a, b = shmipc.Pipe(capacity=1 << 12)
+
+    async def main():
+        small, pickled, big = b"abc", b"\x80\x04K\x07.", bytes(range(256)) * 100
+        reader = asyncio.create_task(_recv_bytes_n(b, 3))
+        for buf in (small, pickled, big):
+            await a.send_bytes_async(buf)
+        assert await asyncio.wait_for(reader, 20) == [small, pickled, big]
+        await a.send_bytes_async(bytearray(b"0123456789"), 2, 5)
+        assert await b.recv_bytes_async() == b"23456"
+        await a.send_bytes_async(pickled)
+        assert await b.recv_async() == 7        # recv unpickles it, as multiprocessing
+
+    asyncio.run(main())
+    a.close(), b.close()
+
+
+async def _recv_bytes_n(conn, n):
+    return [await conn.recv_bytes_async() for _ in range(n)]
+
+
+@pytest.mark.timeout(60)
+def test_chunked_message_between_two_tasks_of_one_loop():
+    """Writer and reader of a message larger than the ring in one loop: the
+    writer awaits room, the reader must not block the loop."""
+    a, b = shmipc.Pipe(capacity=1 << 12)
+
+    async def main():
+        big = {"blob": bytes(range(256)) * 400}
+        reader = asyncio.create_task(b.recv_async())
+        await asyncio.sleep(0)
+        await a.send_async(big)
+        return big, await asyncio.wait_for(reader, 20)
+
+    big, got = asyncio.run(main())
+    assert got == big
+    a.close(), b.close()
+
+
+async def _cancel_patterns(await_one, put, n):
+    """Cancel awaits at every stage -- parked on the descriptor, woken but
+    not yet resumed, never started -- around `n` puts; return what the
+    awaits that completed got, and how many were cancelled."""
+    got, cancelled = [], 0
+    for i in range(n):
+        stage = i % 3
+        task = asyncio.create_task(await_one())
+        if stage == 0:                      # parked on the descriptor
+            for _ in range(3):
+                await asyncio.sleep(0)
+            task.cancel()
+            put(i)
+        elif stage == 1:                    # woken by the put, cancelled before it resumes
+            for _ in range(3):
+                await asyncio.sleep(0)
+            put(i)
+            await asyncio.sleep(0)
+            task.cancel()
+        else:                               # cancelled before it ever ran
+            put(i)
+            task.cancel()
+        try:
+            got.append(await task)
+        except asyncio.CancelledError:
+            cancelled += 1
+    return got, cancelled
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_recv_async_loses_no_message():
+    a, b = shmipc.Pipe()
+
+    async def main():
+        got, cancelled = await _cancel_patterns(b.recv_async, a.send, 60)
+        while b.poll(0):
+            got.append(await b.recv_async())
+        return got, cancelled
+
+    got, cancelled = asyncio.run(main())
+    assert got == list(range(60))
+    assert cancelled >= 20                  # stage 2 always cancels
+    a.close(), b.close()
+
+
+@pytest.mark.timeout(60)
+def test_recv_async_raises_eof_when_the_writer_is_killed():
+    ctx = multiprocessing.get_context("fork")
+    a, b = shmipc.Pipe()
+    ready_r, ready_w = multiprocessing.Pipe(duplex=False)
+    p = ctx.Process(target=send_then_hang, args=(b, ready_w))
+    p.start()
+    b.close()
+    assert ready_r.recv() == "sent"
+
+    async def main():
+        assert await a.recv_async() == "hello"
+        waiter = asyncio.create_task(a.recv_async())
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        os.kill(p.pid, signal.SIGKILL)
+        with pytest.raises(EOFError):
+            await asyncio.wait_for(waiter, 10)
+
+    asyncio.run(main())
+    p.join(10)
+    a.close()
+
+
+@pytest.mark.timeout(60)
+def test_close_wakes_recv_async_and_get_async():
+    a, b = shmipc.Pipe()
+    q = shmipc.Queue()
+
+    async def main():
+        w1 = asyncio.create_task(b.recv_async())
+        w2 = asyncio.create_task(q.get_async())
+        await asyncio.sleep(0.05)
+        b.close()
+        q.close()
+        with pytest.raises(OSError):
+            await asyncio.wait_for(w1, 10)
+        with pytest.raises(ValueError):
+            await asyncio.wait_for(w2, 10)
+
+    asyncio.run(main())
+    a.close()
+
+
+@pytest.mark.timeout(60)
+def test_send_async_to_a_closed_reader_raises_broken_pipe():
+    a, b = shmipc.Pipe(capacity=1 << 12)
+
+    async def main():
+        while True:                         # fill the ring
+            try:
+                a._send_ring.put(b"x" * 100, False)
+            except queue.Full:
+                break
+        sender = asyncio.create_task(a.send_async("no room"))
+        await asyncio.sleep(0.02)
+        assert not sender.done()
+        b.close()
+        with pytest.raises(BrokenPipeError):
+            await asyncio.wait_for(sender, 10)
+
+    asyncio.run(main())
+    a.close()
+
+
+@pytest.mark.timeout(60)
+def test_two_awaits_on_one_end_share_the_descriptor():
+    a, b = shmipc.Pipe()
+
+    async def main():
+        w1 = asyncio.create_task(b.recv_async())
+        w2 = asyncio.create_task(b.recv_async())
+        await asyncio.sleep(0.01)
+        a.send("one")
+        done, pending = await asyncio.wait({w1, w2}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        assert len(done) == 1 and done.pop().result() == "one"
+        a.send("two")
+        (last,) = pending
+        assert await asyncio.wait_for(last, 10) == "two"
+
+    asyncio.run(main())
+    a.close(), b.close()
+
+
+# ---------------------------------------------------------------- queues
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("method", METHODS)
+def test_queue_get_async_from_worker_processes(method):
+    ctx = multiprocessing.get_context(method)
+    tasks, results = shmipc.Queue(), shmipc.Queue()
+    procs = [ctx.Process(target=square_worker, args=(tasks, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+
+    async def main():
+        for i in range(100):
+            await tasks.put_async(i)
+        got = dict([await results.get_async(timeout=20) for _ in range(100)])
+        with pytest.raises(queue.Empty):
+            await results.get_async(timeout=0.05)
+        for _ in procs:
+            await tasks.put_async(None)
+        return got
+
+    got = asyncio.run(main())
+    assert got == {i: i * i for i in range(100)}
+    for p in procs:
+        p.join(20)
+        assert p.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_queue_put_async_waits_for_room():
+    ctx = multiprocessing.get_context("fork")
+    q = shmipc.Queue(maxsize=3)
+    go_r, go_w = multiprocessing.Pipe(duplex=False)
+    p = ctx.Process(target=drain_slowly, args=(q, 6, go_r))
+    p.start()
+
+    async def main():
+        for i in range(3):
+            await q.put_async(i)
+        with pytest.raises(queue.Full):
+            await q.put_async("late", timeout=0.05)
+        putter = asyncio.create_task(q.put_async(3))
+        await asyncio.sleep(0.02)
+        assert not putter.done()
+        go_w.send("go")
+        await asyncio.wait_for(putter, 10)
+        for i in range(4, 6):
+            await q.put_async(i, timeout=10)
+
+    asyncio.run(main())
+    p.join(20)
+    assert p.exitcode == 0
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_get_async_loses_no_message():
+    q = shmipc.Queue()
+
+    async def main():
+        got, cancelled = await _cancel_patterns(q.get_async, q.put, 60)
+        while True:
+            try:
+                got.append(q.get_nowait())
+            except queue.Empty:
+                return got, cancelled
+
+    got, cancelled = asyncio.run(main())
+    assert got == list(range(60))
+    assert cancelled >= 20
+
+
+@pytest.mark.timeout(60)
+def test_large_queue_message_put_async_and_get_async_in_one_loop():
+    q = shmipc.Queue(capacity=1 << 12)
+    big = list(range(20_000))
+
+    async def main():
+        await q.put_async(big)
+        await q.put_async("small")
+        return await q.get_async(timeout=20), await q.get_async(timeout=20)
+
+    assert asyncio.run(main()) == (big, "small")
+    q.close()
+    q.join_thread()
+
+
+@pytest.mark.timeout(60)
+def test_simple_queue_get_async():
+    q = shmipc.SimpleQueue()
+
+    async def main():
+        waiter = asyncio.create_task(q.get_async())
+        await asyncio.sleep(0.01)
+        q.put("x")
+        return await asyncio.wait_for(waiter, 10)
+
+    assert asyncio.run(main()) == "x"
+
+
+# ---------------------------------------------------------------- rings
+@pytest.mark.timeout(60)
+def test_ring_get_and_put_async():
+    arena = shmipc.Arena(shmipc.Arena.size_for(rings=[1 << 12]))
+    ring = arena.ring(1 << 12, producers="one", consumers="one")
+
+    async def main():
+        with pytest.raises(queue.Empty):
+            await aio.ring_get(ring, timeout=0.02)
+        n = 0
+        while True:
+            try:
+                ring.put(b"y" * 200, False)
+                n += 1
+            except queue.Full:
+                break
+        with pytest.raises(queue.Full):
+            await aio.ring_put(ring, b"z" * 200, timeout=0.02)
+        putter = asyncio.create_task(aio.ring_put(ring, b"z" * 200, timeout=10))
+        got = [await aio.ring_get(ring, timeout=10) for _ in range(n)]
+        await putter
+        assert await aio.ring_get(ring, timeout=10) == b"z" * 200
+        return got, n
+
+    got, n = asyncio.run(main())
+    assert n > 0 and got == [b"y" * 200] * n
+    ring.close()
+    arena.close()

@@ -1,0 +1,432 @@
+"""The wire format for task data (shmipc._wire): every encoding round-trips,
+through a real ring too; forged records raise CorruptMessage with the numbers;
+in a real pool, a value that does not cross fails only its own task."""
+from __future__ import annotations
+
+import pickle
+import queue
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import shmipc
+from shmipc import _wire
+from shmipc._wire import (M_BLOBS, M_BYTEARRAY, M_BYTES, M_NDARRAY, M_PICKLE, OUT_OF_BAND_MIN, pack,
+                          pack_error, pack_items, pack_task, rewrap, unpack, unpack_error, unpack_task)
+from shmipc.arena import Arena
+from shmipc.errors import CorruptMessage
+
+BIG = OUT_OF_BAND_MIN
+
+
+def _same(a, b):
+    if isinstance(a, np.ndarray):
+        return type(b) is np.ndarray and a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+    if isinstance(a, list):
+        return type(b) is list and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _through_ring(data, meta, view=False):
+    """(data, meta) as the other side gets them: put in a real ring inside a
+    record tuple, taken out (copied, or as a zero-copy view)."""
+    arena = Arena(Arena.size_for(rings=[4 << 20]))
+    try:
+        ring = arena.ring(4 << 20, name="r")
+        ring.put((7, data, meta))
+        if view:
+            with ring.get_view(timeout=5) as rec:
+                return rec[0], rec[1], rec[2], True
+        rec = ring.get(timeout=5)
+        return rec[0], rec[1], rec[2], False
+    finally:
+        arena.close()
+
+
+class Unloadable:
+    """Pickles, but never unpickles (its __setstate__ raises)."""
+
+    def __init__(self, n=0):
+        self.n = n
+
+    def __setstate__(self, state):
+        raise ValueError("this object refuses to be rebuilt")
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("this object refuses to be pickled")
+
+
+ARRAYS = [
+    np.arange(10, dtype=np.int8), np.arange(12, dtype=">i4").reshape(3, 4), np.linspace(0, 1, 7),
+    np.zeros((0, 3)), np.array(3.5), np.ones((2, 3, 4), dtype=np.complex64),
+    np.array([True, False]), np.array(["2020-01-01", "2021-06-30"], dtype="datetime64[ns]"),
+    np.arange(40000, dtype=np.float64),                      # large: out of band
+    np.arange(20, dtype=np.int32)[::2],                     # not contiguous: copied first
+    np.asfortranarray(np.arange(6.0).reshape(2, 3)),
+]
+
+
+# ---------------------------------------------------------------------- round trips
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value", [0, -2**63, 2**200, 1.5, float("inf"), 2 + 3j, "", "héllo\ud800", True, False,
+                                   None, b"", b"x" * (BIG - 1), bytearray(b"ab")],
+                         ids=lambda v: type(v).__name__)
+def test_native_and_small_values_round_trip(value):
+    data, meta = pack(value)
+    for view in (False, True):
+        _seq, d, m, copy = _through_ring(data, meta, view)
+        out = unpack(d, m, copy)
+        assert type(out) is type(value) and out == value
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value", [bytes(range(256)) * (BIG // 256 + 1), bytearray(b"z" * (BIG * 3))],
+                         ids=["bytes", "bytearray"])
+def test_large_bytes_travel_out_of_band(value):
+    data, meta = pack(value)
+    assert meta == (M_BYTES if type(value) is bytes else M_BYTEARRAY)
+    assert isinstance(data, pickle.PickleBuffer)
+    for view in (False, True):
+        _seq, d, m, copy = _through_ring(data, meta, view)
+        out = unpack(d, m, copy)
+        assert type(out) is type(value) and out == value
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("arr", ARRAYS, ids=lambda a: f"{a.dtype}{a.shape}")
+def test_arrays_travel_as_raw_data(arr):
+    data, meta = pack(arr)
+    assert meta[0] == M_NDARRAY and meta[1] == arr.dtype.str and meta[2] == arr.shape
+    for view in (False, True):
+        _seq, d, m, copy = _through_ring(data, meta, view)
+        out = unpack(d, m, copy)
+        assert _same(arr, out)
+        if copy:        # a view's memory is reused: the array must own its data
+            assert out.base is None or not isinstance(out.base, memoryview)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("arr", [np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]),
+                                 np.array([1, "x", None], dtype=object),
+                                 np.zeros(2, dtype=[("a", "<i4", (3,))])], ids=["fields", "object", "subarray field"])
+def test_arrays_of_other_dtypes_are_pickled(arr):
+    data, meta = pack(arr)
+    assert meta == M_PICKLE
+    _seq, d, m, copy = _through_ring(data, meta)
+    out = unpack(d, m, copy)
+    assert out.dtype == arr.dtype and out.shape == arr.shape and pickle.dumps(out) == pickle.dumps(arr)
+
+
+@pytest.mark.timeout(30)
+def test_a_list_of_bytes_sends_each_distinct_object_once():
+    a, b = bytes([1]) * (BIG * 2), bytes([2]) * (BIG * 2)
+    items = [a, b, a, b"small", a, b]
+    data, meta = pack_items(items)
+    assert meta == (M_BLOBS, (0, 1, 0, 2, 0, 1))
+    assert len(data) == 3               # a, b, b"small": the repeats cost nothing
+    for view in (False, True):
+        _seq, d, m, copy = _through_ring(data, meta, view)
+        out = unpack(d, m, copy)
+        assert out == items and all(type(x) is bytes for x in out)
+        assert out[0] is out[2] is out[4]       # as pickle's memo would give
+
+
+@pytest.mark.timeout(30)
+def test_lists_of_other_items_are_pickled_with_large_bytes_out_of_band():
+    big = b"q" * (BIG * 4)
+    items = [(1,), big, "x", big, np.arange(5), None]
+    data, meta = pack_items(items)
+    assert meta == M_PICKLE
+    stream, buffers = data
+    assert len(buffers) == 1            # the repeated big bytes: once, out of band
+    _seq, d, m, copy = _through_ring(data, meta)
+    out = unpack(d, m, copy)
+    assert _same(items, out)
+    assert pack_items([1, big])[1] == M_PICKLE       # chunks of numbers are not scanned for bytes
+    for small in ([], [1, 2, 3], [b"a", b"b"], [2.5] * 100, (1, 2)):
+        assert _same(list(small) if isinstance(small, list) else small, unpack(*pack_items(small)))
+
+
+@pytest.mark.timeout(30)
+def test_tasks_round_trip():
+    for payload, items in ((((1, 2), {"k": 3}), False), ([b"x" * BIG, b"y"], True), ([1, 2], True)):
+        data, meta = pack_task(divmod, payload, items)
+        _seq, d, m, copy = _through_ring(data, meta)
+        func, out = unpack_task(d, m, copy)
+        assert func is divmod and out == payload
+
+
+@pytest.mark.timeout(30)
+def test_rewrap_makes_a_received_value_sendable_again():
+    for value in (b"r" * (BIG * 2), np.arange(5000.0), [b"s" * BIG, b"t"], {"a": np.arange(9000)}, 5):
+        data, meta = pack(value) if not isinstance(value, list) else pack_items(value)
+        _seq, d, m, _copy = _through_ring(data, meta)
+        _seq, d2, m2, _copy = _through_ring(*rewrap(d, m))
+        assert _same(value, unpack(d2, m2)) if not isinstance(value, dict) else \
+            np.array_equal(unpack(d2, m2)["a"], value["a"])
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=150, deadline=None)
+@given(st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(),
+                              st.binary(max_size=64), st.binary(min_size=BIG, max_size=BIG + 40)),
+                    lambda inner: st.lists(inner, max_size=6) | st.tuples(inner, inner)
+                    | st.dictionaries(st.text(max_size=5), inner, max_size=4), max_leaves=12))
+def test_any_value_round_trips(value):
+    assert unpack(*pack(value)) == value
+    if isinstance(value, list):
+        assert unpack(*pack_items(value)) == value
+
+
+# ---------------------------------------------------------------------- exceptions
+@pytest.mark.timeout(30)
+def test_exceptions_cross_as_themselves_or_as_text():
+    try:
+        raise KeyError("k")
+    except KeyError as exc:
+        blob, text, tb = pack_error(exc)
+    assert blob is not None and text == "KeyError: 'k'" and "raise KeyError" in tb
+    back = unpack_error(blob, text, "item 3", RuntimeError)
+    assert type(back) is KeyError and back.args == ("k",)
+
+    class Local(Exception):             # not importable on the other side: cannot pickle
+        pass
+
+    blob, text, _tb = pack_error(Local("x"))
+    assert blob is None
+    back = unpack_error(blob, text, "item 4", RuntimeError)
+    assert type(back) is RuntimeError and "item 4" in str(back) and "Local: x" in str(back)
+    back = unpack_error(pickle.dumps(5), "int: 5", "item 5", RuntimeError)
+    assert type(back) is RuntimeError and "unpickled to a int" in str(back)
+
+
+# ---------------------------------------------------------------------- hostile records
+HOSTILE = [
+    (("x", ()), 99, "unknown value encoding"),
+    ((b"stream",), M_PICKLE, "expected (stream, buffers)"),
+    (("s", "not a tuple"), M_PICKLE, "expected (stream, buffers)"),
+    (12345, M_BYTES, "not a buffer"),
+    (b"\0" * 16, (M_NDARRAY, "<f8", (3,)), "needs 24 bytes, 16 arrived"),
+    (b"\0" * 16, (M_NDARRAY, "|O", (2,)), "not a plain one"),
+    (b"\0" * 16, (M_NDARRAY, "not-a-dtype", (2,)), "dtype 'not-a-dtype'"),
+    (b"\0" * 16, (M_NDARRAY, "<f8", (-1, -2)), "shape"),
+    (b"\0" * 16, (M_NDARRAY, "<f8", (2**62, 2**62)), "needs"),
+    (b"\0" * 8, (M_NDARRAY, "<f8", [1]), "shape"),
+    ((b"a", b"b"), (M_BLOBS, (0, 1, 5)), "refers to item 5 of 2"),
+    ((b"a",), (M_BLOBS, (0, -1)), "refers to item -1 of 1"),
+    ((b"a", 3), (M_BLOBS, None), "not a buffer"),
+    ([b"a"], (M_BLOBS, None), "a list of bytes is a list"),
+    (object(), None, "not a native type"),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("data, meta, words", HOSTILE, ids=[w for _, _, w in HOSTILE])
+def test_forged_records_raise_corrupt_message_with_the_numbers(data, meta, words):
+    with pytest.raises(CorruptMessage, match=words.replace("(", r"\(").replace(")", r"\)")):
+        unpack(data, meta)
+
+
+@pytest.mark.timeout(30)
+def test_forged_tasks_raise_corrupt_message():
+    with pytest.raises(CorruptMessage, match="expected \\(function, items\\)"):
+        unpack_task(("not bytes", b""), (_wire.M_CALL_ITEMS, None))
+    with pytest.raises(CorruptMessage, match="expected \\(function, payload\\)"):
+        unpack_task(*pack([1, 2, 3]))
+
+
+@pytest.mark.timeout(30)
+def test_a_pickle_that_does_not_load_raises_its_own_error():
+    data, meta = pack(Unloadable())
+    with pytest.raises(ValueError, match="refuses to be rebuilt"):
+        unpack(data, meta)
+    with pytest.raises(TypeError, match="refuses to be pickled"):
+        pack(Unpicklable())
+
+
+# ---------------------------------------------------------------------- in a real pool
+def make_unloadable(i):
+    return Unloadable(i) if i == 3 else i
+
+
+def echo(x):
+    return x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_in_a_pool_a_value_that_does_not_cross_fails_only_its_task(context):
+    with shmipc.Pool(2, context=context) as pool:
+        # a result that does not unpickle in the parent: that task only
+        results = [pool.apply_async(make_unloadable, (i,)) for i in range(6)]
+        for i, r in enumerate(results):
+            if i == 3:
+                with pytest.raises(shmipc.pool.MaybeEncodingError, match="refuses to be rebuilt"):
+                    r.get(timeout=30)
+            else:
+                assert r.get(timeout=30) == i
+        # an argument that does not unpickle in the worker: that task only
+        bad = pool.apply_async(echo, (Unloadable(),))
+        with pytest.raises(ValueError, match="refuses to be rebuilt"):
+            bad.get(timeout=30)
+        # an argument that does not pickle: that task only, at once
+        with pytest.raises(TypeError, match="refuses to be pickled"):
+            pool.apply(echo, (Unpicklable(),))
+        # map: one bad chunk fails the map (as multiprocessing), the pool goes on
+        with pytest.raises(shmipc.pool.MaybeEncodingError):
+            pool.map(make_unloadable, range(8), chunksize=2)
+        assert pool.map(echo, range(10)) == list(range(10))
+        assert pool.statistics()["worker_deaths"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_pool_results_are_checked_item_by_item_under_every_encoding():
+    blob = bytes(range(256)) * 400                          # 100 KiB
+    distinct = [i.to_bytes(8, "little") + blob + i.to_bytes(8, "little") for i in range(60)]
+    inputs = {
+        "ints": list(range(-5000, 5000)),
+        "floats": [i / 7 for i in range(3000)],
+        "repeated blobs": [blob] * 40,
+        "distinct blobs": distinct,
+        "mixed": [1, "a", blob, None, 2.5, b"b", (1, 2), blob] * 10,
+        "arrays": [np.arange(i, dtype=np.int64) for i in range(0, 5000, 250)],
+    }
+    with shmipc.Pool(2, context="fork") as pool:
+        for name, items in inputs.items():
+            for chunksize in (None, 1, 7):
+                got = pool.map(echo, items, chunksize=chunksize)
+                assert len(got) == len(items), name
+                for i, (a, b) in enumerate(zip(items, got)):
+                    assert _same(a, b) if not isinstance(a, tuple) else a == b, (name, chunksize, i)
+        assert pool.apply(echo, (blob,)) == blob
+        arr = pool.apply(echo, (np.arange(100000.0).reshape(100, 1000),))
+        assert arr.shape == (100, 1000) and arr[99, 999] == 99999.0
+    with shmipc.ProcessPoolExecutor(2, mp_context="fork") as ex:
+        # a chunk larger than a task ring message: cut into pieces, joined back in order
+        got = list(ex.map(len, [bytes(102400)] * 100, chunksize=100))
+        assert got == [102400] * 100
+        got = list(ex.map(echo, distinct, chunksize=60))
+        assert got == distinct
+
+
+@pytest.mark.timeout(60)
+def test_a_forged_task_record_fails_that_task_in_the_worker():
+    """A task whose record is damaged in shared memory (here: forged before
+    it is put) fails with a clear error; the pool goes on."""
+    with shmipc.Pool(1, context="fork") as pool:
+        engine = pool._engine
+        original = _wire.pack_task
+
+        def forged(func, payload, items):
+            data, meta = original(func, payload, items)
+            if payload == [b"forge me"]:
+                return (data[0], (b"a",)), (_wire.M_CALL_ITEMS, (M_BLOBS, (0, 9)))
+            return data, meta
+
+        # (wherever the engine's dispatcher took pack_task from)
+        users = [m for name, m in list(sys.modules.items())
+                 if name.startswith("shmipc.") and m is not _wire and getattr(m, "pack_task", None) is original]
+        assert users
+        for module in users:
+            module.pack_task = forged
+        try:
+            with pytest.raises(CorruptMessage, match="refers to item 9 of 1"):
+                pool.map(echo, [b"forge me"])
+        finally:
+            for module in users:
+                module.pack_task = original
+        assert pool.map(echo, [b"fine"]) == [b"fine"]
+        assert engine.statistics()["worker_deaths"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_record_that_is_not_a_task_at_all_is_reported():
+    # the ring side of a forged record: a worker's ring holds garbage meta
+    arena = Arena(Arena.size_for(rings=[1 << 20]))
+    try:
+        ring = arena.ring(1 << 20, name="t")
+        ring.put((1, 1, ("x", None), (77, 1)))
+        seq, kind, data, meta = ring.get(timeout=5)
+        with pytest.raises(CorruptMessage, match="unknown value encoding"):
+            unpack_task(data, meta)
+        with pytest.raises(queue.Empty):
+            ring.get_nowait()
+    finally:
+        arena.close()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("payload", [[b"d" * BIG, b"e" * (BIG * 2), b"d" * BIG], [1, 2, 3],
+                                     [np.arange(9000.0), "x", b"f" * BIG * 2], [b"small", b"also"]],
+                         ids=["blobs", "ints", "mixed", "small bytes"])
+def test_detach_copies_a_viewed_task_out_once_into_its_final_form(payload):
+    """A worker takes its task as a view of the ring and copies it out with
+    detach() before the ring space is reused: the values must not refer to
+    the ring any more, and large bytes items come out as their final bytes."""
+    arena = Arena(Arena.size_for(rings=[1 << 20]))
+    try:
+        ring = arena.ring(1 << 20, name="t", producers="one", consumers="many")
+        ring.put((5, 1, *pack_task(divmod, payload, True)))
+        with ring.get_view(timeout=5) as view:
+            record = _wire.detach(view)
+        for _ in range(4):          # round the ring: its space, the viewed record's too, is written over
+            ring.put((6, 1, b"\xff" * (300 << 10), None))
+            ring.get(timeout=5)
+        seq, kind, data, meta = record
+        assert (seq, kind) == (5, 1)
+        func, items = unpack_task(data, meta)
+        assert func is divmod and _same(payload, items)
+        if isinstance(meta[1], tuple) and meta[1][0] == M_BLOBS:
+            assert all(type(x) is bytes for x in data[1])           # already the final objects
+    finally:
+        arena.close()
+
+
+@pytest.mark.timeout(30)
+def test_detach_copies_any_buffer_of_a_record_it_does_not_know():
+    mv = memoryview(b"abc")
+    out = _wire.detach((1, (mv, (2, mv)), "x"))
+    assert out == (1, (bytearray(b"abc"), (2, bytearray(b"abc"))), "x")
+    assert type(out[1][0]) is bytearray and type(out[1][1][1]) is bytearray     # copies, not views
+    assert _wire.detach(None) is None and _wire.detach(mv) == bytearray(b"abc")
+    # a task record whose meta does not match its data: copied, left for unpack to refuse
+    seq, kind, data, meta = _wire.detach((1, 1, (mv,), (_wire.M_CALL_ITEMS, None)))
+    assert data == (bytearray(b"abc"),)
+    with pytest.raises(CorruptMessage):
+        unpack_task(data, meta)
+
+
+_leaf = st.one_of(st.none(), st.integers(-3, 2**70), st.binary(max_size=40), st.text(max_size=8),
+                  st.floats(allow_nan=False), st.builds(memoryview, st.binary(max_size=40)))
+_records = st.recursive(_leaf, lambda inner: st.tuples(inner) | st.tuples(inner, inner)
+                        | st.tuples(inner, inner, inner) | st.lists(inner, max_size=3), max_leaves=8)
+_metas = st.one_of(_records, st.sampled_from([None, M_BYTES, M_BYTEARRAY, _wire.M_CALL_ITEMS]),
+                   st.tuples(st.just(M_NDARRAY), st.sampled_from(["<f8", "|u1", "<i4", "|O", "x", 3]), _records),
+                   st.tuples(st.just(M_BLOBS), st.one_of(st.none(), st.tuples(st.integers(-2, 4)),
+                                                         st.tuples(st.integers(-2, 4), st.integers(-2, 4)))),
+                   st.tuples(st.just(_wire.M_CALL_ITEMS), _records))
+
+
+@pytest.mark.timeout(120)
+@settings(max_examples=400, deadline=None)
+@given(data=_records, meta=_metas)
+def test_forged_records_raise_only_corrupt_message(data, meta):
+    """Whatever a forged record holds, unpack and unpack_task raise
+    CorruptMessage (never an IndexError, TypeError, ... of their own), except
+    for a pickle, which raises whatever unpickling it raises; detach never
+    raises."""
+    for fn in (unpack, unpack_task):
+        try:
+            fn(data, meta)
+        except CorruptMessage:
+            pass
+        except Exception:
+            # only a pickle stream's own errors may pass through: then meta said pickle
+            assert meta == M_PICKLE or (type(meta) is tuple and len(meta) == 2 and meta[0] == _wire.M_CALL_ITEMS)
+    _wire.detach((1, 2, data, meta))
+    _wire.detach(data)
