@@ -971,6 +971,8 @@ cdef class Ring:
                         self._commit(head, i - start, nbytes)
                         shm_fence()
                         shm_wake(&h.data_sem, &h.wait.data_waiters)
+                        if self.notify_fd >= 0:     # readiness fds: see _ready_rearm
+                            shm_signal_ready(&h.wait.ready_signalled, self.notify_fd, self.notify_socket)
                         start = i
                         nbytes = 0
                         published = head
@@ -1149,6 +1151,8 @@ cdef class Ring:
         shm_store_rel64(&h.prod.pos, head)     # the commit point
         shm_fence()
         shm_wake(&h.data_sem, &h.wait.data_waiters)
+        if self.notify_fd >= 0:                 # readiness fds: see _ready_rearm
+            shm_signal_ready(&h.wait.ready_signalled, self.notify_fd, self.notify_socket)
 
     cdef int _debug_check(self) except -1:
         """Debug builds: the positions are in order after every call."""
