@@ -1208,6 +1208,13 @@ cdef class Ring:
                             encs[n].size = self.record_size
                             encs[n].ptr = NULL
                             keep.append([obj])
+                        elif type(obj) is bytes:      # (encode's first case, inline)
+                            encs[n].tag = TAG_BYTES
+                            encs[n].ptr = PyBytes_AS_STRING(obj)
+                            encs[n].size = PyBytes_GET_SIZE(obj)
+                            if <uint64_t>encs[n].size > self.max_payload:
+                                self._check_size(&encs[n])
+                            keep.append(obj)
                         else:
                             segs = encode(obj, &encs[n])
                             if <uint64_t>encs[n].size > self.max_payload:
