@@ -17,14 +17,21 @@ since another process may have scribbled over the memory):
     partial record, and a producer that dies mid-write leaves nothing behind.
   * Every record in [tail, cursor) is CLAIMED (a zero-copy view is open on
     it) or DONE; tail moves over DONE and PAD records only, so a producer
-    never overwrites memory a view still shows.
+    never overwrites memory a view still shows. (The one-consumer fast
+    paths, _get_now and _get_many_now, run only while tail == cursor and
+    move both together past records they copied out: those records never
+    enter [tail, cursor), so they are never marked DONE.)
   * "many" sides take a lock word holding the owner's identity (pid and
     start time, see _shm.h: a recycled or garbage pid is not mistaken for
     the owner); it is released before sleeping, so no lock is held across an
     unbounded wait, and a lock whose owner died is taken over (after a wait
     slice) by the next waiter. Claimed records carry the same identity.
   * One producer path (_produce) serves put and put_many; one consumer path
-    (_consume) serves get, get_many and get_view. A record that cannot be
+    (_consume) serves get, get_many and get_view. On one-to-one rings, fast
+    paths (_put_now, _put_many_now, _get_now, _get_many_now) take the
+    common case first with the same checks, and hand anything else
+    (full, empty, padding, a view open, garbage) to those paths, having
+    changed nothing. A record that cannot be
     delivered is consumed (and counted in `bad_messages`) only when it is the
     first of a call, which then raises; later in a batch, the call stops
     before it and returns what it took, so nothing good is lost with it.
@@ -1041,6 +1048,8 @@ cdef class Ring:
         cdef enc_t e
         segs = self._encode(obj, &e)
         if segs is None and not self.many_producers and not self.closed and self._put_now(&e):
+            if SHMIPC_DEBUG:
+                self._debug_check()
             return
         self._check_size(&e)
         cdef int64_t deadline = deadline_of(block, timeout)
@@ -1088,8 +1097,6 @@ cdef class Ring:
         memcpy((<char *>r) + SHM_REC_HDR, e.ptr, e.size)
         self._publish_one(head + length, 1, <uint64_t>e.size)
         shm_publish_cpu(&h.wait.prod_cpu)               # see _wait
-        if SHMIPC_DEBUG:
-            self._debug_check()
         return True
 
     cdef Py_ssize_t _put_many_now(self, enc_t *encs, Py_ssize_t n) noexcept:
