@@ -1798,12 +1798,21 @@ cdef class Ring:
         cdef list out = None
         cdef list tags = []
         cdef int64_t deadline
+        deadline = deadline_of(block, timeout)
         if not self.many_consumers and not self.closed and self.record_size == 0:
             out = self._get_many_now(max_items, limit, tags)
+            if out is None and deadline != 0 and self._empty_now():
+                # wait, then take the fast path again (as get does)
+                self._enter()
+                try:
+                    self._wait(W_DATA, 0, deadline)
+                finally:
+                    self._leave()
+                if not self.closed:
+                    out = self._get_many_now(max_items, limit, tags)
             if out is not None and not tags:
                 return out
         if out is None:
-            deadline = deadline_of(block, timeout)
             out = []
             self._enter()
             try:
