@@ -9,11 +9,13 @@ import. What differs, and why:
   prints it from its thread and loses the item), and a put waits while the
   ring is full (multiprocessing's returns at once and its feeder thread
   waits). One exception: a message larger than half the ring put with
-  ``block=True, timeout=None`` is pickled by ``put``, which then hands its
-  chunks to a daemon "feeder" thread started for that message only and
-  returns (so one thread can put such a message, then get it, as with
-  multiprocessing). The thread ends once the message is written;
-  ``join_thread()`` (after ``close()``) and the process's exit wait for it,
+  ``block=True, timeout=None`` is pickled by ``put``, which puts its place
+  in the queue, hands its chunks to a daemon "feeder" thread and returns (so
+  one thread can put such messages, then get them, as with multiprocessing).
+  The thread writes the messages handed to it in order and ends when none is
+  left; a write that fails goes to ``_on_queue_feeder_error`` (which prints
+  it, as multiprocessing's) and counts as lost. ``join_thread()`` (after
+  ``close()``) and the process's exit wait for it,
   unless ``cancel_join_thread()`` was called. Forking while it runs makes
   Python 3.12+ warn about forking a threaded process; the child does not
   inherit the thread or its locks. A put with a timeout or ``block=False``
@@ -27,6 +29,10 @@ import. What differs, and why:
   (:class:`_Bulk`), delivered whole or not at all.
 * ``put_many`` / ``get_many`` move batches with one lock round trip, and
   ``stats()`` returns the ring's live counters.
+* ``fileno()`` (and ``q._reader.fileno()``) is a descriptor readable when a
+  get would not wait, for ``select``/``selectors``/``wait``; ``get_async``
+  and ``put_async`` await without blocking an event loop (see _Base and
+  shmipc.aio).
 
 Queues travel to child processes the way multiprocessing's do: inherited
 through fork, or pickled as ``multiprocessing.Process`` arguments under spawn
