@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from shmipc._poolworker import SLOT_WORDS, W_PID
+from shmipc._runtime import MAX_SPAWN_FAILURES
 from shmipc._slots import BUSY, EXITING, STARTING, W_SEQ, W_STATE
 from shmipc._tasks import _Task
 from shmipc._waiting import DEAD_RING_SLICE_S
@@ -151,7 +152,7 @@ class _WorkerExits:
                 print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
                 self._respawn_at[slot] = 0.0        # tried again at the next poll
                 self._spawn_failures += 1
-                if not self._pids and self._spawn_failures >= self._startup.limit:
+                if not self._pids and self._spawn_failures >= MAX_SPAWN_FAILURES:
                     # no worker left and none could start, time after time (each
                     # time with fresh zygotes): fail everything rather than let
                     # callers wait forever
