@@ -3,6 +3,7 @@ queue's arena carries them in chunks (see :class:`_Bulk`). Used by
 shmipc.queues only."""
 from __future__ import annotations
 
+import collections
 import os
 import struct
 import threading
@@ -98,6 +99,11 @@ class _Bulk:
         record locks are not inherited by a child anyway)."""
         self.locks = {_WRITER_LOCK: threading.Lock(), _READER_LOCK: threading.Lock()}
         self.feeders = []           # a parent's feeder threads do not exist in a child
+        # the frames handed to this process's feeder thread, in order, and
+        # whether one runs (see _hand_off); guarded by feed_lock
+        self.feed_lock = threading.Lock()
+        self.feed_queue: collections.deque = collections.deque()
+        self.feeding = False
         self._exit_join = False     # multiprocessing clears its finalizers in a child
 
     def __getstate__(self) -> dict:
@@ -158,26 +164,23 @@ class _Bulk:
         """
         parts = [memoryview(p).cast("B") for p in _framing.dump_parts(obj)]
         deadline = None if not block or timeout is None else time.monotonic() + timeout
+        if block and deadline is None:
+            # the frame may not fit before a reader comes, and the only
+            # reader may be our caller (put then get in one thread): a
+            # feeder thread writes it, as multiprocessing's does
+            self._hand_off(main, parts, obj, True)
+            return
         if not self._acquire(_WRITER_LOCK, deadline if block else time.monotonic()):
             raise queue.Full
-        handed_off = False
         try:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             main.put(_framing.Frame("token"), block, remaining)     # queue.Full: nothing put
             # records of the bulk ring put before ours: once more than these
             # were taken, a reader has started on our frame
             start = self.ring.stats()["messages_in"]
-            if block and deadline is None:
-                # the frame may not fit before a reader comes, and the only
-                # reader may be our caller (put then get in one thread): a
-                # feeder thread writes it, as multiprocessing's does
-                self._start_feeder(parts, start, obj)
-                handed_off = True
-                return
             self._write_frame(parts, block, deadline, start)
         finally:
-            if not handed_off:
-                self._release(_WRITER_LOCK)
+            self._release(_WRITER_LOCK)
 
     def try_hand_off(self, main: Any, obj: Any) -> bool:
         """put_async's large put: without waiting, take the writer lock and
@@ -189,19 +192,50 @@ class _Bulk:
             Whatever pickling `obj` raises (nothing was put).
         """
         parts = [memoryview(p).cast("B") for p in _framing.dump_parts(obj)]
-        if not self._acquire(_WRITER_LOCK, time.monotonic()):
+        return self._hand_off(main, parts, obj, False)
+
+    def _hand_off(self, main: Any, parts: list[memoryview], obj: Any, wait: bool) -> bool:
+        """Put the token of `parts` and queue its frame for this process's
+        feeder thread (started if none runs); waiting for the writer lock
+        and room for the token if `wait`, else False if either is not there
+        now (nothing was put).
+
+        Invariant: while ``feeding``, this process holds the writer lock on
+        behalf of its feeder thread, so every token put meanwhile (by any
+        thread of ours) enters the main ring in the order its frame enters
+        the feed queue, and the feeder writes the frames in that order with
+        no other writer's frame between: tokens and frames pair up as when
+        each put held the lock for itself, and a second large put does not
+        wait for the first message to be read.
+
+        The parts that are the caller's buffers are copied first: put has
+        returned by the time they are written."""
+        owned = [parts[0]] + [memoryview(bytes(p)) for p in parts[1:]]
+        token = _framing.Frame("token")
+        with self.feed_lock:
+            if self.feeding:
+                try:
+                    main.put(token, wait, None)
+                except queue.Full:
+                    return False
+                self.feed_queue.append((owned, obj))
+                return True
+        if not self._acquire(_WRITER_LOCK, None if wait else time.monotonic()):
             return False
-        handed_off = False
+        started = False
         try:
             try:
-                main.put(_framing.Frame("token"), False)
+                main.put(token, wait, None)
             except queue.Full:
                 return False
-            self._start_feeder(parts, self.ring.stats()["messages_in"], obj)
-            handed_off = True
+            with self.feed_lock:
+                self.feed_queue.append((owned, obj))
+                self.feeding = True
+                self._start_feeder()
+                started = True
             return True
         finally:
-            if not handed_off:
+            if not started:
                 self._release(_WRITER_LOCK)
 
     def _write_frame(self, parts: list[memoryview], block: bool, deadline: float | None,
@@ -225,34 +259,24 @@ class _Bulk:
                 pass        # the reader drops the frame when we let go of the lock
             raise
 
-    def _start_feeder(self, parts: list[memoryview], start: int, obj: Any) -> None:
-        """Write the frame of `parts` from a daemon thread, which then
-        releases the writer lock (held for it by the caller). The parts that
-        are the caller's buffers are copied first: put has returned by the
-        time they are written."""
-        owned = [parts[0]] + [memoryview(bytes(p)) for p in parts[1:]]
+    def _start_feeder(self) -> None:
+        """Start the daemon thread that writes the queued frames in order
+        (see _hand_off), then releases the writer lock (held for it)."""
 
         def feed() -> None:
             try:
-                self._write_frame(owned, True, None, start)
-            except BaseException as exc:
-                # put has returned: the frame was aborted (readers skip it),
-                # the message is lost; say so as multiprocessing's feeder does
-                try:
-                    self.count_lost()
-                except BaseException:
-                    pass            # the arena itself is gone
-                on_error = self.on_error
-                if on_error is not None:
-                    try:
-                        on_error(exc, obj)
-                    except BaseException:
-                        pass
-            finally:
-                try:
-                    self._release(_WRITER_LOCK)
-                except (OSError, ValueError):
-                    pass        # the queue's arena was closed: its record lock went with it
+                while True:
+                    with self.feed_lock:
+                        if not self.feed_queue:
+                            self._stop_feeding()
+                            return
+                        owned, obj = self.feed_queue.popleft()
+                    self._feed_one(owned, obj)
+            except BaseException:
+                with self.feed_lock:
+                    if self.feeding:
+                        self._stop_feeding()
+                raise
 
         thread = threading.Thread(target=feed, name="shmipc-queue-feeder", daemon=True)
         self.feeders = [t for t in self.feeders if t.is_alive()] + [thread]
@@ -263,6 +287,36 @@ class _Bulk:
             from multiprocessing import util
             util.Finalize(self, _Bulk._join_at_exit, args=(weakref.ref(self),), exitpriority=10)
         thread.start()
+
+    def _stop_feeding(self) -> None:
+        """feed_lock held: the feeder ends; let go of the writer lock."""
+        self.feeding = False
+        self.feed_queue.clear()
+        try:
+            self._release(_WRITER_LOCK)
+        except (OSError, ValueError):
+            pass        # the queue's arena was closed: its record lock went with it
+
+    def _feed_one(self, owned: list[memoryview], obj: Any) -> None:
+        """Write one queued frame (writer lock held for us)."""
+        # records of the bulk ring put before ours: once more than these
+        # were taken, a reader has started on our frame
+        try:
+            start = self.ring.stats()["messages_in"]
+            self._write_frame(owned, True, None, start)
+        except BaseException as exc:
+            # put has returned: the frame was aborted (readers skip it),
+            # the message is lost; say so as multiprocessing's feeder does
+            try:
+                self.count_lost()
+            except BaseException:
+                pass            # the arena itself is gone
+            on_error = self.on_error
+            if on_error is not None:
+                try:
+                    on_error(exc, obj)
+                except BaseException:
+                    pass
 
     @staticmethod
     def _join_at_exit(ref: Any) -> None:

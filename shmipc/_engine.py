@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 from shmipc._engine_exits import _WorkerExits
 from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
 from shmipc._footprint import BigRings, Footprint
-from shmipc._poolworker import SLOT_WORDS, W_PID, R_BAD_TASK, R_BIG, _worker_main
-from shmipc._slots import BUSY, W_SEQ, W_STATE, SlotTable
+from shmipc._poolworker import SLOT_WORDS, R_BAD_TASK, R_BIG, _worker_main
+from shmipc._slots import SlotTable
 from shmipc._runtime import StartupGuard, check_retries
 from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_counter,  # noqa: F401 (re-exported)
                            _run_callback, _Task)
@@ -474,25 +474,6 @@ class _Engine(_Dispatch, _WorkerExits):
     def state(self) -> str:
         """INIT, RUN, CLOSE or TERMINATE."""
         return self._state
-
-    def _slot(self, slot: int) -> tuple[int, int, int]:
-        """(pid, state, seq) of a worker's slot record (see shmipc._slots). Lock held."""
-        assert self._slots is not None
-        words, base = self._slots.words, slot * SLOT_WORDS
-        return words[base + W_PID], words[base + W_STATE], words[base + W_SEQ]
-
-    def busy_workers(self) -> dict[int, int]:
-        """{slot: pid} of the live workers running a task right now (as
-        their slots in shared memory say; for tests, examples and tools)."""
-        with self._lock:
-            if self._resources_released:
-                return {}
-            busy = {}
-            for slot, pid in self._pids.items():
-                wpid, state, _seq = self._slot(slot)
-                if wpid == pid and state == BUSY:
-                    busy[slot] = pid
-            return busy
 
     @property
     def owner_pid(self) -> int:

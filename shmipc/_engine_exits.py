@@ -24,7 +24,9 @@ import sys
 import time
 from typing import Any
 
-from shmipc._slots import BUSY, EXITING, STARTING
+from shmipc._poolworker import SLOT_WORDS, W_PID
+from shmipc._runtime import MAX_SPAWN_FAILURES
+from shmipc._slots import BUSY, EXITING, STARTING, W_SEQ, W_STATE
 from shmipc._tasks import _Task
 from shmipc._waiting import DEAD_RING_SLICE_S
 
@@ -49,6 +51,9 @@ class _WorkerExits:
 
     _state: str
     _broken: str
+    _slots: Any
+    _lock: Any
+    _resources_released: bool
 
     def _on_exit(self, ev: Any) -> list:
         """A worker exited: fail or retry the task it was running, re-queue the
@@ -147,10 +152,29 @@ class _WorkerExits:
                 print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
                 self._respawn_at[slot] = 0.0        # tried again at the next poll
                 self._spawn_failures += 1
-                if not self._pids and self._spawn_failures >= self._startup.limit:
+                if not self._pids and self._spawn_failures >= MAX_SPAWN_FAILURES:
                     # no worker left and none could start, time after time (each
                     # time with fresh zygotes): fail everything rather than let
                     # callers wait forever
                     self._spawn_failures = 0
                     later += self._trip(f"the pool lost all its workers and cannot start new ones ({exc})")
         return later
+
+    def _slot(self, slot: int) -> tuple[int, int, int]:
+        """(pid, state, seq) of a worker's slot record (see shmipc._slots). Lock held."""
+        assert self._slots is not None
+        words, base = self._slots.words, slot * SLOT_WORDS
+        return words[base + W_PID], words[base + W_STATE], words[base + W_SEQ]
+
+    def busy_workers(self) -> dict[int, int]:
+        """{slot: pid} of the live workers running a task right now (as
+        their slots in shared memory say; for tests, examples and tools)."""
+        with self._lock:
+            if self._resources_released:
+                return {}
+            busy = {}
+            for slot, pid in self._pids.items():
+                wpid, state, _seq = self._slot(slot)
+                if wpid == pid and state == BUSY:
+                    busy[slot] = pid
+            return busy

@@ -20,7 +20,7 @@ from shmipc._footprint import BigRings
 from shmipc._proc import steady_malloc
 from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
 from shmipc._runtime import GONE, next_message
-from shmipc._slots import BUSY, EXITING, READY, STARTING, W_SEQ, W_STATE, SlotTable
+from shmipc._slots import BUSY, EXITING, HEAD3, READY, STARTING
 from shmipc._waiting import BIG_MESSAGE_WAIT_S
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed
@@ -96,8 +96,8 @@ class _WorkerLoop:
         # mapped only while a big message moves (see shmipc._footprint)
         self.big = big
         self.big_tasks, self.big_results = big.tasks, big.results
-        self.slots = SlotTable(arena.block(name="slots"), SLOT_WORDS).words
-        self.base = slot * SLOT_WORDS
+        self.slots = arena.block(name="slots")          # the slot table's bytes (see mark)
+        self.offset = slot * SLOT_WORDS * 8
         self.pid = os.getpid()
         self.maxtasks = maxtasks
         self.parent_pid = parent_pid
@@ -106,10 +106,9 @@ class _WorkerLoop:
         self.catch: type = BaseException if catch_base else Exception
 
     def mark(self, state: int, seq: int = 0) -> None:
-        words, base = self.slots, self.base
-        words[base + W_PID] = self.pid
-        words[base + W_SEQ] = seq
-        words[base + W_STATE] = state           # last: it says the words before it are valid
+        # state, seq and pid (W_STATE, W_SEQ, W_PID) in one store: the parent
+        # reads a record only once its worker is gone (or for statistics)
+        HEAD3.pack_into(self.slots, self.offset, state, seq, self.pid)
 
     def run(self) -> None:
         done = 0

@@ -65,12 +65,17 @@ except ImportError:         # pragma: no cover
         def __str__(self) -> str:
             return self.tb
 
-__all__ = ["MAX_STARTUP_DEATHS", "StartupGuard", "killed_from_outside", "next_message", "GONE",
+__all__ = ["MAX_STARTUP_DEATHS", "MAX_SPAWN_FAILURES", "StartupGuard", "killed_from_outside", "next_message", "GONE",
            "RemoteTraceback", "with_remote_traceback", "check_retries", "instantiate"]
 
 # Workers dying by their own hand before they are ready, in a row, that stop
 # the work (a pool fails its pending tasks, a pipeline its run).
 MAX_STARTUP_DEATHS = 5
+# Replacements that could not be started at all (fork failed, the zygote did
+# not answer: each try with a fresh zygote), in a row, with no worker left,
+# that stop a pool's work. Higher: under heavy load or helper kills a
+# zygote may miss its deadline a few times and then serve again.
+MAX_SPAWN_FAILURES = 10
 
 # Signals a process gets from its own doing (a fault, abort()): a worker
 # killed by one of these died of its own code. Any other signal was sent.

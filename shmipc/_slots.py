@@ -23,12 +23,17 @@ Every word read back is untrusted: readers bounds-check what they use.
 """
 from __future__ import annotations
 
+import struct
 from typing import Any
 
-__all__ = ["SlotTable", "STARTING", "READY", "BUSY", "DONE", "EXITING", "W_STATE", "W_SEQ"]
+__all__ = ["SlotTable", "STARTING", "READY", "BUSY", "DONE", "EXITING", "W_STATE", "W_SEQ", "HEAD3"]
 
 STARTING, READY, BUSY, DONE, EXITING = 0, 1, 2, 3, 4
 W_STATE, W_SEQ = 0, 1               # the words every record starts with
+# a record's first three words written in one call (state, seq, and the
+# user's word 2): a worker on its hot path (twice per task) pays one call
+# instead of three item stores (~130 ns against ~360 ns)
+HEAD3 = struct.Struct("=qqq")
 
 
 class SlotTable:

@@ -9,11 +9,13 @@ import. What differs, and why:
   prints it from its thread and loses the item), and a put waits while the
   ring is full (multiprocessing's returns at once and its feeder thread
   waits). One exception: a message larger than half the ring put with
-  ``block=True, timeout=None`` is pickled by ``put``, which then hands its
-  chunks to a daemon "feeder" thread started for that message only and
-  returns (so one thread can put such a message, then get it, as with
-  multiprocessing). The thread ends once the message is written;
-  ``join_thread()`` (after ``close()``) and the process's exit wait for it,
+  ``block=True, timeout=None`` is pickled by ``put``, which puts its place
+  in the queue, hands its chunks to a daemon "feeder" thread and returns (so
+  one thread can put such messages, then get them, as with multiprocessing).
+  The thread writes the messages handed to it in order and ends when none is
+  left; a write that fails goes to ``_on_queue_feeder_error`` (which prints
+  it, as multiprocessing's) and counts as lost. ``join_thread()`` (after
+  ``close()``) and the process's exit wait for it,
   unless ``cancel_join_thread()`` was called. Forking while it runs makes
   Python 3.12+ warn about forking a threaded process; the child does not
   inherit the thread or its locks. A put with a timeout or ``block=False``
@@ -27,6 +29,10 @@ import. What differs, and why:
   (:class:`_Bulk`), delivered whole or not at all.
 * ``put_many`` / ``get_many`` move batches with one lock round trip, and
   ``stats()`` returns the ring's live counters.
+* ``fileno()`` (and ``q._reader.fileno()``) is a descriptor readable when a
+  get would not wait, for ``select``/``selectors``/``wait``; ``get_async``
+  and ``put_async`` await without blocking an event loop (see _Base and
+  shmipc.aio).
 
 Queues travel to child processes the way multiprocessing's do: inherited
 through fork, or pickled as ``multiprocessing.Process`` arguments under spawn
@@ -36,7 +42,6 @@ other time raises RuntimeError, as multiprocessing does.
 from __future__ import annotations
 
 import os
-import select
 import struct
 import sys
 import threading
@@ -50,6 +55,7 @@ from shmipc._framing import Frame as _Frame     # looked up on every get/recv
 from shmipc.arena import Arena
 from shmipc.errors import MessageTooLarge, RingClosed
 from shmipc._bulk import _LOST_BLOCK, _Bulk, _NoFrame
+from shmipc._queue_ready import _NOTHING, _QueueReadiness
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
 
@@ -58,11 +64,6 @@ __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
 #: holds small messages costs little until the ring has cycled once.
 DEFAULT_CAPACITY = 32 << 20
 
-_NOTHING = object()
-
-# how long taking out a readiness byte still in flight may wait (its
-# producer is between two instructions, or died there)
-_DRAIN_WAIT = 1.0
 
 
 
@@ -109,43 +110,9 @@ def _check_spawning(obj: object) -> None:
             "before fork")
 
 
-def _drain_pipe(fd: int) -> None:
-    """Take one readiness byte out of the readiness pipe `fd` (non-blocking),
-    waiting a little for it if its producer is between announcing and
-    sending it (see _Base's readiness invariant)."""
-    deadline = time.monotonic() + _DRAIN_WAIT
-    while True:
-        try:
-            os.read(fd, 1)
-            return
-        except BlockingIOError:
-            pass
-        if time.monotonic() >= deadline:
-            return          # its producer died midway: a late byte is one spare wake-up
-        select.select([fd], [], [], 0.005)
-
-
-class _Base:
+class _Base(_QueueReadiness):
     """State and methods common to the three queues (one ring in one arena).
-
-    Readiness descriptor (``fileno()``, ``_reader.fileno()``):
-        Each queue owns a non-blocking OS pipe, both ends held by every
-        process holding the queue (inherited through fork, passed as file
-        descriptors under spawn and forkserver). Every producer's ring sends
-        one byte on the write end after a commit that finds no readiness
-        byte out (the ring's ``wait.ready_signalled``, one relaxed load when
-        one is out: nothing else on the put path). A consumer takes the byte
-        out ("re-arms", ``Ring._ready_rearm``) only when it finds the ring
-        empty: in ``fileno()``, in ``poll``, before an async get waits, and
-        after each get once ``fileno()`` was called in its process.
-
-        Invariant: while the queue holds a message, the pipe holds a byte (or
-        a producer is between its exchange and its write), so the read end
-        is readable whenever a get would not wait. The converse is as loose
-        as for any descriptor several processes read: another consumer may
-        take the message first (multiprocessing's pipes behave so too), and
-        a consumer that never re-arms leaves the descriptor readable after
-        the queue empties until some polling consumer re-arms.
+    The readiness descriptor and the awaiting methods: shmipc._queue_ready.
     """
 
     # multiprocessing's queues are generic in annotations: Queue[int]
@@ -206,138 +173,6 @@ class _Base:
         import traceback
 
         traceback.print_exception(e)
-
-    # ------------------------------------------------------------ readiness
-    def fileno(self) -> int:
-        """A descriptor readable whenever a get would not wait, for
-        ``select``, ``selectors``, ``multiprocessing.connection.wait`` (give
-        it the queue itself) and asyncio's ``loop.add_reader`` (or use
-        :meth:`get_async`). Never read from it: see the class docstring.
-
-        From the first call on, gets in this process keep its readiness
-        exact (a few system calls when they empty the queue); before, they
-        cost nothing extra. Several consumers: as with any shared pipe, it
-        may be readable for a message another consumer takes first.
-
-        Raises:
-            ValueError: the queue was closed in this process.
-        """
-        self._check_open()
-        self._polled = True
-        self._rearm()
-        return self._ready_r
-
-    def _rearm(self) -> None:
-        """Take the readiness byte out if the queue looks empty (see
-        Ring._ready_rearm)."""
-        try:
-            take = self._ring._ready_rearm()
-        except RingClosed:
-            self._raise_closed()
-        if take:
-            _drain_pipe(self._ready_r)
-
-    def _readable(self, timeout: float | None) -> bool:
-        """True if a get would not wait (approximately, as multiprocessing's
-        poll with several consumers), waiting up to `timeout` seconds (None:
-        forever) for that, on the readiness descriptor."""
-        self._check_open()
-        self._polled = True
-        deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
-        pause = 50e-6
-        while True:
-            if not self._ring.empty():
-                return True
-            self._rearm()
-            if not self._ring.empty():
-                return True
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            if select.select([self._ready_r], [], [], left)[0] and self._ring.empty():
-                # a byte with nothing behind it: a consumer elsewhere took
-                # the message, or a producer died mid-announcement; the
-                # re-arm above takes it out once its producer is done
-                time.sleep(pause)
-                pause = min(pause * 2, 0.005)
-
-    @property
-    def _reader(self) -> "_Reader":
-        """The receiving half as multiprocessing's internals reach for it
-        (``q._reader.fileno()``, ``poll``, ``recv``)."""
-        return _Reader(self)
-
-    def _after_get(self) -> None:
-        """After a get in a process that polls: keep the descriptor exact."""
-        if self._polled and not self._closed:
-            self._rearm()
-
-    async def get_async(self, timeout: float | None = None) -> Any:
-        """Await the next message without blocking the event loop (no thread):
-        waits on the readiness descriptor with ``loop.add_reader``.
-
-        Cancelling the await loses no message: one is only taken once the
-        descriptor said so, synchronously, and returned at once. (A message
-        larger than half the ring is read as it streams in, blocking the
-        loop meanwhile.)
-
-        Raises:
-            queue.Empty: nothing came within `timeout` seconds (None: wait forever).
-            ValueError: the queue was closed in this process.
-        """
-        from shmipc import aio
-
-        return await aio.get_when_ready(self, timeout)
-
-    async def put_async(self, obj: Any, timeout: float | None = None) -> None:
-        """Await room and put `obj` without blocking the event loop: retries
-        a non-blocking put with a back-off of asyncio timers (50 us growing to
-        5 ms) while the queue is full; a writability descriptor would cost
-        every get a system call. A message larger than half the ring is
-        written by a feeder thread, as put does.
-
-        Cancelling the await puts nothing (or the whole message, if it was
-        already in).
-
-        Raises:
-            queue.Full: no room within `timeout` seconds (None: wait forever).
-            ValueError: the queue was closed in this process.
-            Whatever pickling `obj` raises.
-        """
-        from shmipc import aio
-
-        await aio.put_when_room(self, obj, timeout)
-
-    def _get_ready(self) -> Any:
-        """One non-blocking get for get_async: the next message, or _NOTHING."""
-        try:
-            item = self._ring.get(False)
-        except queue.Empty:
-            return _NOTHING
-        except RingClosed:
-            self._raise_closed()
-        if type(item) is _Frame:
-            item = self._unframe(item)      # _NOTHING: a token whose frame was lost
-        if item is not _NOTHING:
-            self._after_get()
-        return item
-
-    def _has_message(self) -> bool:
-        self._check_open()
-        return not self._ring.empty()
-
-    def _try_put(self, obj: Any) -> bool:
-        """One non-blocking attempt for put_async: True if `obj` is in (or
-        handed to a feeder thread)."""
-        try:
-            self._ring.put(obj, False)
-        except queue.Full:
-            return False
-        except MessageTooLarge:
-            return self._bulk.try_hand_off(self._ring, obj)
-        except RingClosed:
-            self._raise_closed()
-        return True
 
     # ------------------------------------------------------------ common API
     def _check_open(self) -> None:
@@ -803,35 +638,6 @@ class SimpleQueue(_Base):
             return [self.get()]
         self._after_get()
         return items
-
-
-class _Reader:
-    """``q._reader``: the receiving half as multiprocessing's internals use
-    it (``recv``, ``poll``, ``fileno`` for ``multiprocessing.connection.wait``,
-    ``close``)."""
-
-    def __init__(self, q: _Base) -> None:
-        self._q = q
-
-    def fileno(self) -> int:
-        """The queue's readiness descriptor (see _Base.fileno)."""
-        return self._q.fileno()
-
-    @property
-    def closed(self) -> bool:
-        """True once the queue was closed in this process (as the pipe end of
-        multiprocessing's SimpleQueue)."""
-        return self._q._closed
-
-    def recv(self) -> Any:
-        return self._q.get()
-
-    def poll(self, timeout: float | None = 0.0) -> bool:
-        return self._q._readable(timeout)
-
-    def close(self) -> None:
-        """multiprocessing closes unused pipe ends in children; the shared
-        ring has no per-end state, so this is a no-op."""
 
 
 class _Writer:

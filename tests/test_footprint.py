@@ -10,7 +10,7 @@ import pytest
 
 import shmipc
 from shmipc._footprint import IDLE_RELEASE_S
-from conftest import wait_until
+from conftest import touch_then_sleep, wait_until
 
 MiB = 1 << 20
 # Pool(2): two 4 MiB task rings, a 4 MiB result ring, the slot table and the
@@ -105,3 +105,35 @@ def test_big_rings_reach_spawned_workers(context):
         n = 5 * MiB
         assert pool.apply(len, (big_value(n),)) == n
         assert len(pool.apply(big_value, (n,))) == n
+
+
+def hold_big(flag: str, blob: bytes) -> int:
+    """Take a large argument (through the big ring), say so, then wait to be killed."""
+    return touch_then_sleep(flag, 60, len(blob))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_holding_the_big_rings_costs_its_task_only(tmp_path):
+    """A worker dies with the big rings mapped (it took a large argument and
+    runs): its task fails, a replacement starts, the next large messages go
+    through, and the idle pool still gives every page back."""
+    import signal
+
+    with shmipc.Pool(2, context="fork") as pool:
+        engine = pool._engine
+        n = 24 * MiB
+        flag = str(tmp_path / "started")
+        doomed = pool.apply_async(hold_big, (flag, big_value(n)))
+        wait_until(lambda: os.path.exists(flag), timeout=30, what="the task holding a large argument started")
+        victim = next(pid for pid in pool_pids(pool)[1:] if shm_mapped(pid) > IDLE_MAPPED_MAX)
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(shmipc.WorkerLost):
+            doomed.get(timeout=30)
+        assert pool.statistics()["worker_deaths"] == 1
+        # large messages both ways still go through, with the replacement worker too
+        assert pool.map(len, [big_value(n), big_value(n + 1)], chunksize=1) == [n, n + 1]
+        assert len(pool.apply(big_value, (n,))) == n
+        freed_before = engine._footprint.bytes_freed
+        wait_until(lambda: engine._footprint.bytes_freed > freed_before, timeout=IDLE_RELEASE_S + 10,
+                   what="the idle pool giving its memory back after the death")
+        wait_until(lambda: committed(engine._big._fd) <= MiB, timeout=10, what="the big rings' pages freed")
