@@ -53,23 +53,26 @@ def kill(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def _lock_holder(ring, pids, within: float) -> int | None:
+def _lock_holder(ring, pids, within: float, stop: bool = False) -> int | None:
     """The pid among `pids` that holds `ring`'s producer lock, if one does
     within `within` seconds (the low 32 bits of the lock word are the
-    holder's pid, see shm_self_ident), returned stopped (SIGSTOP) while it
-    still holds the lock, so that a kill lands under the lock. A holder
-    seen but gone from the lock by the time it stopped is let go again:
-    producers fast enough release the lock within the microseconds between
-    reading the word and a kill (issue 11 made them so)."""
+    holder's pid, see shm_self_ident).
+
+    With `stop`, the holder is returned stopped (SIGSTOP) while it still
+    holds the lock, so that a kill lands under the lock; a holder seen but
+    gone from the lock by the time it stopped is let go again (producers
+    writing a record per lock hold release it within the microseconds
+    between reading the word and a kill)."""
     region = next(r for r in ring.arena.regions() if r.name == ring.name)
     at = region.offset + _ring._layout()["prod.lock"]
     deadline = time.monotonic() + within
     while True:
         pid = struct.unpack_from("<Q", ring.arena.buf, at)[0] & 0xFFFFFFFF
         if pid in pids:
+            if not stop:
+                return pid
             os.kill(pid, signal.SIGSTOP)
-            # stopped for sure before the word is read again: wait for the stop
-            os.waitpid(pid, os.WUNTRACED)
+            os.waitpid(pid, os.WUNTRACED)       # stopped for sure before the word is read again
             if struct.unpack_from("<Q", ring.arena.buf, at)[0] & 0xFFFFFFFF == pid:
                 return pid
             os.kill(pid, signal.SIGCONT)
@@ -115,7 +118,7 @@ def test_producers_killed_at_random_instants(no_leaks):
                     # every other kill aims at the producer lock's holder (or
                     # waits for one, consuming, up to 0.3 s), so that the lock
                     # recovery this test is about surely happens
-                    holder = _lock_holder(ring, producers, 0.002)
+                    holder = _lock_holder(ring, producers, 0.002, stop=True)
                     # (until one kill has landed under the lock, keep aiming longer)
                     if holder is None and now < next_kill + (0.3 if aimed else 10.0):
                         continue
