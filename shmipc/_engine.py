@@ -110,7 +110,8 @@ class _Engine(_Dispatch, _WorkerExits):
                  task_ring: int = _TASK_RING, result_ring: int = _RESULT_RING, *,
                  catch_base: bool = False, broken_error: type = RuntimeError,
                  lost_error: type = WorkerLost, remote_traceback: type = RemoteTraceback,
-                 wrap_encoding_errors: bool = True, finish_at_exit: bool = False) -> None:
+                 wrap_encoding_errors: bool = True, undecodable_error: Callable | None = None,
+                 finish_at_exit: bool = False) -> None:
         if processes is None:
             processes = min(os.cpu_count() or 1, _MAX_WORKERS)
         if not isinstance(processes, int) or isinstance(processes, bool):
@@ -131,7 +132,8 @@ class _Engine(_Dispatch, _WorkerExits):
         self._lost_error = lost_error
         # a value that does not cross: Pool raises MaybeEncodingError (as
         # multiprocessing), the executor the pickling error itself (as concurrent.futures)
-        self._outcomes = Outcomes(remote_traceback, wrap_encoding_errors)
+        # (the executor: an undecodable call's error is also BrokenProcessPool)
+        self._outcomes = Outcomes(remote_traceback, wrap_encoding_errors, undecodable_error)
         # at interpreter exit: finish what was submitted (concurrent.futures)
         # or stop at once (multiprocessing.Pool's finalizer terminates)
         self._finish_at_exit = finish_at_exit

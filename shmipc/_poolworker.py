@@ -57,6 +57,7 @@ R_OK = 1            # data/meta encode the value
 R_RAISED = 0        # data/meta encode the exception; info = (traceback text, repr)
 R_UNENCODABLE = 2   # the value did not pickle: data/meta encode why; info = (traceback, repr of the value)
 R_BAD_TASK = 3      # a task record did not decode in worker `offset`: fail its oldest task
+R_UNDECODABLE = 4   # as R_RAISED, the exception unpickling the task's arguments raised in the worker
 R_BIG = None        # a stub: the record waits in the big-results ring
 
 
@@ -127,7 +128,8 @@ class _WorkerLoop:
                 func, payload = unpack_task(data, meta)
             except Exception as exc:            # the arguments do not unpickle here
                 del data, meta
-                self.send_error(seq, exc, "the task's arguments could not be unpickled in the worker")
+                self.send_error(seq, exc, "the task's arguments could not be unpickled in the worker",
+                                status=R_UNDECODABLE)
                 self.mark(READY)
                 done += 1
                 continue
@@ -235,9 +237,11 @@ class _WorkerLoop:
                 error = full
         self.send_error(seq, error, offset=offset)
 
-    def send_error(self, seq: int, exc: BaseException, note: str = "", offset: int = 0) -> None:
-        """Put a task's exception (with its traceback text); an exception that
-        does not pickle becomes an R_UNENCODABLE record."""
+    def send_error(self, seq: int, exc: BaseException, note: str = "", offset: int = 0,
+                   status: int = R_RAISED) -> None:
+        """Put a task's exception (with its traceback text) as a `status`
+        record (R_RAISED or R_UNDECODABLE); an exception that does not pickle
+        becomes an R_UNENCODABLE record."""
         tb = _format_tb(exc)
         if note:
             tb = f"\n{note}:{tb}"
@@ -246,7 +250,7 @@ class _WorkerLoop:
         except self.catch as why:
             self.send_unencodable(seq, why, exc, offset)
             return
-        self.send_record((seq, R_RAISED, offset, True, data, meta, (tb, _safe_repr(exc))))
+        self.send_record((seq, status, offset, True, data, meta, (tb, _safe_repr(exc))))
 
     def send_unencodable(self, seq: int, why: BaseException, value: Any, offset: int) -> None:
         try:

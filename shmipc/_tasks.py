@@ -8,7 +8,8 @@ task's outcome is rebuilt in the parent (used by :mod:`shmipc._engine`).
   worker's exception with its traceback as ``__cause__`` (one
   RemoteTraceback, :func:`shmipc._runtime.with_remote_traceback`), a value
   that did not cross as MaybeEncodingError (Pool) or as itself (executor);
-  whatever fails to unpickle fails its own task only;
+  whatever fails to unpickle fails its own task only (the executor: with an
+  error that is also BrokenProcessPool, see ``undecodable_error``);
 * :func:`_run_callback`: a user's callback, which must never kill the
   bookkeeping thread.
 """
@@ -19,7 +20,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, Any, Callable
 
-from shmipc._poolworker import K_CALL, R_OK, R_UNENCODABLE
+from shmipc._poolworker import K_CALL, R_OK, R_UNDECODABLE, R_UNENCODABLE
 from shmipc._runtime import RemoteTraceback, with_remote_traceback
 from shmipc._wire import unpack
 
@@ -98,11 +99,19 @@ class Outcomes:
         wrap_encoding_errors: a value that does not cross raises
             MaybeEncodingError (True, as multiprocessing) or the pickling
             error itself (False, as concurrent.futures).
+        undecodable_error: None (Pool), or ``f(error, message)`` building
+            the error of a task whose arguments failed to unpickle in the
+            worker, or whose result or exception failed to unpickle here
+            (`error`: what unpickling raised; the executor makes it a
+            BrokenProcessPool that is also ``type(error)``, as the standard
+            executor breaks there). It becomes that error's ``__cause__``.
     """
 
-    def __init__(self, remote_traceback: type = RemoteTraceback, wrap_encoding_errors: bool = True) -> None:
+    def __init__(self, remote_traceback: type = RemoteTraceback, wrap_encoding_errors: bool = True,
+                 undecodable_error: Callable[[BaseException, str], BaseException] | None = None) -> None:
         self.remote_traceback = remote_traceback
         self.wrap_encoding_errors = wrap_encoding_errors
+        self.undecodable_error = undecodable_error
 
     def decode(self, task: _Task, msg: tuple) -> tuple[bool, Any]:
         """(ok, value) from a result record; whatever fails to unpickle fails
@@ -116,6 +125,11 @@ class Outcomes:
                 tb = None
             else:
                 tb, what = info
+            if self.undecodable_error is not None:
+                with_remote_traceback(exc, tb, self.remote_traceback)
+                whose = f"the result of {task.describe()}" if status == R_OK else \
+                    f"the exception {what} raised by {task.describe()}"
+                return False, self.undecodable(exc, f"{whose} could not be unpickled in the parent")
             return False, self.encoding_error(exc, what, tb)
         if status == R_OK:
             return True, value
@@ -124,7 +138,21 @@ class Outcomes:
             return False, self.encoding_error(value, what, tb)
         if isinstance(value, BaseException):
             with_remote_traceback(value, tb, self.remote_traceback)
+            if status == R_UNDECODABLE and self.undecodable_error is not None:
+                return False, self.undecodable(
+                    value, f"the arguments of {task.describe()} could not be unpickled in the worker")
         return False, value
+
+    def undecodable(self, exc: BaseException, message: str) -> BaseException:
+        """The undecodable_error for `exc` (what unpickling raised), `exc` as its cause."""
+        assert self.undecodable_error is not None
+        try:
+            text = str(exc)
+        except Exception:               # a broken __str__ must not hide the real error
+            text = "?"
+        error = self.undecodable_error(exc, f"{message}: {type(exc).__name__}: {text}")
+        error.__cause__ = exc
+        return error
 
     def encoding_error(self, exc: BaseException, what: str, tb: str | None) -> BaseException:
         """A value that could not cross: MaybeEncodingError (Pool) or the error itself (executor)."""

@@ -1,11 +1,7 @@
 """Arenas: one shared mapping that holds rings, and the ways to back it.
 
-An arena starts with a header (magic, version, size, a table of named
-regions) followed by 64-byte-aligned regions that rings live in::
-
-    offset 0      header (64 bytes)
-    offset 64      region table: MAX_REGIONS entries of 512 bytes
-    offset 131072  regions, bump-allocated
+The header and region table (layout, validation, the cross-process lock)
+live in ``shmipc/_arena_table.py``.
 
 Backings:
   * ``Arena(size)``: nameless shared memory (a memfd) made in the parent and
@@ -34,63 +30,31 @@ import fcntl
 import json
 import mmap
 import os
-import struct
 import threading
 import weakref
-from typing import Any, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, Iterator
 
 from shmipc import _arena_files, _ring
 from shmipc._arena_files import SHM_DIR
+# the table's layout is re-exported: tests, the inspector and the engine read it here
+from shmipc._arena_table import (ALIGN, DATA_START, ENTRY, ENTRY_SIZE, HEADER, KIND_BLOCK,  # noqa: F401
+                                 KIND_NAMES, KIND_RING, MAGIC, MAX_REGIONS, META_MAX, MIN_SIZE, TABLE_OFFSET,
+                                 VERSION, Region, TableLock, align, as_record_dtype, check_size,
+                                 dtype_from_descr, format_header, peek_header, read_entry, read_header,
+                                 write_entry)
 from shmipc._lifetime import Closeable
 from shmipc.errors import ArenaClosed, CorruptArena, ShmipcError
 
 __all__ = ["Arena", "ArenaFull", "Region"]
 
-MAGIC = b"SHMIPCAR"
-VERSION = 1
-HEADER = struct.Struct("<8sIIQQIII4x")   # magic, version, flags, size, used, nregions, max_regions, creator
-ENTRY = struct.Struct("<64sIIQQI4x")     # name, kind, flags, offset, size, meta_len
-ENTRY_SIZE = 512
-META_MAX = ENTRY_SIZE - ENTRY.size
-TABLE_OFFSET = 64
-MAX_REGIONS = 255
-DATA_START = 131072
-ALIGN = 64
-MIN_SIZE = DATA_START + _ring.RING_HEADER_SIZE + _ring.MIN_CAPACITY
 DEFAULT_SIZE = 64 << 20
 DEFAULT_RING_CAPACITY = 1 << 20
-KIND_RING = 1
-KIND_BLOCK = 2
-KIND_NAMES = {KIND_RING: "ring", KIND_BLOCK: "block"}
 PAGE = mmap.PAGESIZE
 _MEMFD_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
 class ArenaFull(ShmipcError, ValueError):
     """The arena has no room (or no table entry) left for another region."""
-
-
-class Region(NamedTuple):
-    """One entry of an arena's region table."""
-
-    index: int
-    name: str
-    kind: str
-    offset: int
-    size: int
-    meta: dict
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
-def _check_size(size: Any, what: str = "size") -> int:
-    if not isinstance(size, int) or isinstance(size, bool):
-        raise TypeError(f"{what} must be an int, not {type(size).__name__}")
-    if size < MIN_SIZE:
-        raise ValueError(f"{what} must be at least {MIN_SIZE} bytes, got {size}")
-    return size
 
 
 class Arena(Closeable):
@@ -124,11 +88,11 @@ class Arena(Closeable):
     _lock_depth: int = 0
     _sized_backing: bool = False               # a named segment or regular file: can be truncated
     _lock_pid: int = 0
-    _fd_locked: bool = False                   # _TableLock holds the record lock on _fd
+    _fd_locked: bool = False                   # TableLock holds the record lock on _fd
     allow_pickle: bool = True
 
     def __init__(self, size: int = DEFAULT_SIZE) -> None:
-        size = _align(_check_size(size), PAGE)
+        size = align(check_size(size), PAGE)
         self._init_state("anonymous", None, size)
         fd = os.memfd_create("shmipc", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._fd = fd
@@ -149,10 +113,10 @@ class Arena(Closeable):
         """
         size = DATA_START
         for capacity in rings:
-            size = _align(size, ALIGN) + _ring.RING_HEADER_SIZE + capacity
+            size = align(size, ALIGN) + _ring.RING_HEADER_SIZE + capacity
         for nbytes in blocks:
-            size = _align(size, ALIGN) + nbytes
-        return _align(max(size, MIN_SIZE), PAGE)
+            size = align(size, ALIGN) + nbytes
+        return align(max(size, MIN_SIZE), PAGE)
 
     def _init_state(self, kind: str, name: str | None, size: int) -> None:
         self.kind = kind
@@ -163,7 +127,7 @@ class Arena(Closeable):
         self._blocks: list[memoryview] = []
         # re-entrant: block()/ring() take it too, inside a user's `with arena.lock()`
         self._lock = threading.RLock()
-        self._lock_depth = 0            # nesting of _TableLock in the thread holding _lock
+        self._lock_depth = 0            # nesting of TableLock in the thread holding _lock
         self._lock_pid = os.getpid()    # the process _lock and _lock_depth belong to
         self._owner_pid = os.getpid()
         self._follow_symlinks = False
@@ -242,7 +206,7 @@ class Arena(Closeable):
         still truncate it, and a process touching the memory then dies of
         SIGBUS. Calls that read the region table check the size first.
         """
-        size = _align(_check_size(size), PAGE)
+        size = align(check_size(size), PAGE)
         self = cls.__new__(cls)
         _arena_files.create_named(self, name, size, unlink_on_close)
         return self
@@ -296,37 +260,17 @@ class Arena(Closeable):
         """True if the header and region table are all zero (fresh memory)."""
         return self._buf[:DATA_START] == bytes(DATA_START)
 
-    @staticmethod
-    def _check_size(size: Any) -> int:
-        return _check_size(size)
-
-    @staticmethod
-    def _peek_header(fd: int, file_size: int, what: str) -> int:
-        return _peek_header(fd, file_size, what)
+    _check_size = staticmethod(check_size)
+    _peek_header = staticmethod(peek_header)
 
     def _format(self) -> None:
-        buf = self._buf
-        if self.kind == "file":
-            buf[:DATA_START] = bytes(DATA_START)   # new shared memory is zero already
-        HEADER.pack_into(buf, 0, b"\0" * 8, VERSION, 0, self.size, DATA_START, 0, MAX_REGIONS, os.getpid())
-        buf[:8] = MAGIC                          # last: a half-made header never looks valid
+        format_header(self._buf, self.size, clear=self.kind == "file")
 
     def _header(self) -> tuple[int, int]:
         """(used, nregions) from the header, validated."""
         self._check_open()
         self._check_backing()
-        magic, version, _flags, size, used, nregions, max_regions, _creator = HEADER.unpack_from(self._buf, 0)
-        if magic != MAGIC:
-            raise CorruptArena(f"not an shmipc arena: magic {magic!r}, expected {MAGIC!r}")
-        if version != VERSION:
-            raise CorruptArena(f"arena format version {version}, this shmipc reads {VERSION}")
-        if size != self.size:
-            raise CorruptArena(f"arena header says {size} bytes, the mapping has {self.size}")
-        if max_regions != MAX_REGIONS or nregions > MAX_REGIONS:
-            raise CorruptArena(f"arena region table of {nregions}/{max_regions} entries, expected <= {MAX_REGIONS}")
-        if not DATA_START <= used <= self.size:
-            raise CorruptArena(f"arena allocation mark {used} is outside [{DATA_START}, {self.size}]")
-        return used, nregions
+        return read_header(self._buf, self.size)
 
     def _check_backing(self) -> None:
         """CorruptArena if a named segment or a file was truncated below the
@@ -362,25 +306,7 @@ class Arena(Closeable):
                 "allow_pickle": self.allow_pickle}
 
     def _entry(self, i: int, used: int) -> Region:
-        base = TABLE_OFFSET + i * ENTRY_SIZE
-        name, kind, _flags, offset, size, meta_len = ENTRY.unpack_from(self._buf, base)
-        if kind not in KIND_NAMES:
-            raise CorruptArena(f"region {i} has unknown kind {kind}")
-        if offset < DATA_START or offset % ALIGN or size > used or offset > used - size:
-            raise CorruptArena(f"region {i} at offset {offset} of {size} bytes lies outside the "
-                               f"allocated {DATA_START}..{used}")
-        if meta_len > META_MAX:
-            raise CorruptArena(f"region {i} metadata of {meta_len} bytes (at most {META_MAX})")
-        if name[0] == 0 or name[-1] != 0:       # names are 1..63 bytes, NUL-padded
-            raise CorruptArena(f"region {i} has an empty or unterminated name {name[:16]!r}...")
-        try:
-            text = name.rstrip(b"\0").decode()
-            meta = json.loads(bytes(self._buf[base + ENTRY.size: base + ENTRY.size + meta_len]))
-            if not isinstance(meta, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            raise CorruptArena(f"region {i} has an unreadable name or metadata: {exc}") from None
-        return Region(i, text, KIND_NAMES[kind], offset, size, meta)
+        return read_entry(self._buf, i, used)
 
     def regions(self) -> Iterator[Region]:
         """The region table, validated entry by entry."""
@@ -437,7 +363,7 @@ class Arena(Closeable):
             raise ValueError(f"maxsize must be an int in [0, 2**32), got {maxsize!r}")
         meta: dict[str, Any] = {"producers": producers, "consumers": consumers}
         if dtype is not None:
-            dtype = _as_record_dtype(dtype)
+            dtype = as_record_dtype(dtype)
             meta["dtype"] = dtype.str if dtype.fields is None else dtype.descr
         meta_bytes = json.dumps(meta, separators=(",", ":")).encode()
         if len(meta_bytes) > META_MAX:
@@ -463,7 +389,7 @@ class Arena(Closeable):
             used, nregions = self._header()
             if name is not None and any(r.name == name for r in self.regions()):
                 raise FileExistsError(f"this arena already has a region named {name!r}")
-            offset = _align(used, ALIGN)
+            offset = align(used, ALIGN)
             if nregions >= MAX_REGIONS:
                 raise ArenaFull(f"the arena's region table is full ({MAX_REGIONS} regions)")
             if offset + need > self.size:
@@ -471,12 +397,7 @@ class Arena(Closeable):
                                 f"{self.size} bytes has {max(self.size - offset, 0)} free")
             region_name = name if name is not None else f"#{nregions}"
             made = make(offset)
-            base = TABLE_OFFSET + nregions * ENTRY_SIZE
-            ENTRY.pack_into(self._buf, base, region_name.encode(), kind, 0, offset, need, len(meta))
-            self._buf[base + ENTRY.size: base + ENTRY.size + len(meta)] = meta
-            # commit: the allocation mark, then the count that makes the entry visible
-            struct.pack_into("<Q", self._buf, 24, offset + need)
-            struct.pack_into("<I", self._buf, 32, nregions + 1)
+            write_entry(self._buf, nregions, region_name, kind, offset, need, meta)
         return made, region_name
 
     @staticmethod
@@ -517,12 +438,12 @@ class Arena(Closeable):
         self._blocks.append(view)
         return view
 
-    def lock(self) -> "_TableLock":
+    def lock(self) -> "TableLock":
         """A lock shared by every process using this arena (a POSIX record
         lock, which the kernel releases if its holder dies, plus a thread
         lock). For short critical sections: ``with arena.lock(): ...``"""
         self._check_open()
-        return _TableLock(self)
+        return TableLock(self)
 
     def _attach_ring(self, name: str, allow_pickle: bool | None = None) -> "_ring.Ring":
         if allow_pickle is None:
@@ -531,7 +452,7 @@ class Arena(Closeable):
             if region.name == name and region.kind == "ring":
                 dtype = region.meta.get("dtype")
                 if dtype is not None:
-                    dtype = _dtype_from_descr(dtype)
+                    dtype = dtype_from_descr(dtype)
                 ring = _ring.Ring._attach(self._mmap, dtype, offset=region.offset, size=region.size)
                 _set_allow_pickle(ring, allow_pickle)
                 ring.arena = self
@@ -540,8 +461,8 @@ class Arena(Closeable):
                 return ring
         raise KeyError(f"no ring named {name!r} in this arena (it has {[r.name for r in self.regions()]})")
 
-    def _table_lock(self) -> "_TableLock":
-        return _TableLock(self)
+    def _table_lock(self) -> "TableLock":
+        return TableLock(self)
 
     # ------------------------------------------------------------ lifetime
     def _check_open(self) -> None:
@@ -644,21 +565,6 @@ class Arena(Closeable):
         raise TypeError(f"a {self.kind} arena cannot be sent to another process")
 
 
-def _peek_header(fd: int, file_size: int, what: str) -> int:
-    """The size an existing arena's header gives, read with pread before
-    anything is mapped or written, checked against the file's real size (so
-    the mapping never reaches past the end of the file: SIGBUS)."""
-    head = os.pread(fd, HEADER.size, 0)
-    if len(head) < HEADER.size or head[:8] != MAGIC:
-        raise CorruptArena(f"{what} is not an shmipc arena ({file_size} bytes, first bytes {head[:8]!r})")
-    size = HEADER.unpack(head)[3]
-    if size < MIN_SIZE:
-        raise CorruptArena(f"{what}: arena header says {size} bytes, less than the smallest arena ({MIN_SIZE})")
-    if size > file_size:
-        raise CorruptArena(f"{what} is {file_size} bytes but its arena header says {size} (truncated?)")
-    return size
-
-
 def _set_allow_pickle(ring: "_ring.Ring", allow: bool) -> None:
     """Make `ring` (this process's handle) refuse pickled records, or not."""
     if allow and not hasattr(type(ring), "allow_pickle"):
@@ -669,87 +575,6 @@ def _set_allow_pickle(ring: "_ring.Ring", allow: bool) -> None:
         ring.close()
         raise ShmipcError("this build's ring cannot refuse pickled messages (no Ring.allow_pickle): "
                           "opening it with allow_pickle=False is impossible") from None
-
-
-class _TableLock:
-    """Serialise region-table changes and users' critical sections: a
-    re-entrant thread lock within the process and a POSIX record lock on the
-    backing fd across processes (released by the kernel if the holder dies).
-
-    Invariant: the record lock is held exactly while the arena's
-    ``_lock_depth`` > 0; only the outermost enter takes it and only the
-    outermost exit drops it (record locks do not nest: one unlock frees
-    them all)."""
-
-    def __init__(self, arena: Arena) -> None:
-        self.arena = arena
-
-    def __enter__(self) -> None:
-        arena = self.arena
-        if arena._lock_pid != os.getpid():
-            # a forked child: the thread lock, the depth and the record lock
-            # it inherited describe its parent's holder, not itself
-            arena._lock = threading.RLock()
-            arena._lock_depth = 0
-            arena._fd_locked = False
-            arena._lock_pid = os.getpid()
-        arena._lock.acquire()
-        try:
-            if arena._lock_depth == 0 and arena._fd >= 0 and arena._writable:
-                try:
-                    fcntl.lockf(arena._fd, fcntl.LOCK_EX, 1, 0)
-                    arena._fd_locked = True
-                except OSError:
-                    arena._fd_locked = False    # e.g. a device: nobody else can share the table then
-        except BaseException:
-            arena._lock.release()
-            raise
-        arena._lock_depth += 1
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        arena = self.arena
-        arena._lock_depth -= 1
-        try:
-            if arena._lock_depth == 0 and getattr(arena, "_fd_locked", False):
-                arena._fd_locked = False
-                if arena._fd >= 0:
-                    fcntl.lockf(arena._fd, fcntl.LOCK_UN, 1, 0)
-        finally:
-            arena._lock.release()
-
-
-def _as_record_dtype(dtype: Any) -> Any:
-    import numpy as np
-
-    try:
-        dt = np.dtype(dtype)
-    except TypeError as exc:
-        raise TypeError(f"dtype {dtype!r} is not a numpy dtype: {exc}") from None
-    if dt.hasobject:
-        raise TypeError(f"dtype {dt} holds Python objects; fixed-record rings need plain data")
-    if dt.itemsize == 0:
-        raise ValueError(f"dtype {dt} has no size")
-    if dt.fields is None and dt.subdtype is not None:
-        raise ValueError(f"dtype {dt} is a sub-array; wrap it in a structured dtype")
-    return dt
-
-
-def _tuplify(x: Any) -> Any:
-    if isinstance(x, list):
-        return tuple(_tuplify(v) for v in x)
-    return x
-
-
-def _dtype_from_descr(descr: Any) -> Any:
-    import numpy as np
-
-    try:
-        if isinstance(descr, str):
-            return np.dtype(descr)
-        return np.dtype([_tuplify(field) for field in descr])
-    except (TypeError, ValueError) as exc:
-        raise CorruptArena(f"ring dtype {descr!r} is invalid: {exc}") from None
 
 
 def _rebuild_named(name: str, allow_other_users: bool, allow_pickle: bool) -> Arena:

@@ -15,6 +15,7 @@ __all__ = [
     "UndecodableMessage",
     "RingClosed",
     "ArenaClosed",
+    "HandleClosed",
     "PeerDied",
     "WorkerLost",
 ]
@@ -152,6 +153,14 @@ class RingClosed(ShmipcError, ValueError):
 
 class ArenaClosed(RingClosed):
     """This process closed the arena and then used it (or one of its rings)."""
+
+
+class HandleClosed(RingClosed, OSError):
+    """A closed queue's or connection's reader end was used where
+    multiprocessing raises ``OSError`` ("handle is closed": ``SimpleQueue.get``
+    after ``close()``, ``Queue.empty()`` after ``close()`` on Python 3.13+).
+    Also a ``RingClosed`` (so a ``ValueError``), shmipc's one "closed"
+    condition, so both kinds of ``except`` clause hold."""
 
 
 class PeerDied(ShmipcError, EOFError):

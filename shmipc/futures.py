@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from shmipc._engine import RUN, _Engine, _Task
 from shmipc._poolworker import K_CALL, K_MAP, K_STARMAP
-from shmipc.errors import WorkerLost
+from shmipc.errors import ShmipcError, WorkerLost, _with_original
 
-__all__ = ["ProcessPoolExecutor", "WorkerLostError"]
+__all__ = ["ProcessPoolExecutor", "WorkerLostError", "UndecodableCallError"]
 
 
 class WorkerLostError(WorkerLost, BrokenProcessPool):
@@ -29,6 +29,30 @@ class WorkerLostError(WorkerLost, BrokenProcessPool):
     also the standard executor's :class:`BrokenProcessPool`, so ``except``
     clauses written for concurrent.futures still catch it (only this call
     failed, though: the executor goes on)."""
+
+
+class UndecodableCallError(ShmipcError, BrokenProcessPool):
+    """A call's arguments failed to unpickle in the worker, or its result or
+    exception failed to unpickle in the parent (what unpickling raised is
+    ``__cause__``). The standard executor marks the whole pool broken there
+    (BrokenProcessPool); shmipc fails only this call and goes on, but raises
+    an error that is a BrokenProcessPool and, where it can be, also an
+    instance of the unpickling error's type (``pickle.UnpicklingError``,
+    ``AttributeError``, ...), so ``except`` clauses written for either catch it.
+    """
+
+
+def _undecodable_call_error(error: BaseException, message: str) -> BaseException:
+    # a subclass of UndecodableCallError and type(error), made once per type;
+    # a plain UndecodableCallError where none can exist (SystemExit & co.:
+    # raising one of those from Future.result() would end the caller)
+    both = _with_original(UndecodableCallError, type(error))
+    if both is not None:
+        try:
+            return both(message)
+        except Exception:       # an exotic __new__: the plain error still says it all
+            pass
+    return UndecodableCallError(message)
 
 
 class _FutureJob:
@@ -107,7 +131,10 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
     dies while running a call (SIGKILL, OOM killer, os._exit, a segfault)
     fails only that call's future with :class:`shmipc.WorkerLost`, and a
     replacement worker starts; the standard executor marks the whole pool
-    broken (BrokenProcessPool) and fails every pending future.
+    broken (BrokenProcessPool) and fails every pending future. Likewise a
+    call whose arguments or result fail to unpickle fails alone, with
+    :class:`UndecodableCallError` (a BrokenProcessPool that is also the
+    unpickling error's type).
     """
 
     # (a subclass of the standard executor for isinstance() checks only: it
@@ -132,12 +159,14 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
         # exception; BrokenProcessPool when no worker can start any more (a
         # failing initializer), and for a call whose worker died (a subclass
         # of it and of WorkerLost); the original error for a value that does
-        # not pickle; _RemoteTraceback as an exception's __cause__
+        # not pickle; _RemoteTraceback as an exception's __cause__; an
+        # UndecodableCallError (a BrokenProcessPool) for a call whose arguments
+        # or result do not unpickle, where the standard executor breaks
         self._engine = _Engine(max_workers, initializer, initargs, max_tasks_per_child, mp_context,
                                0, name="ShmipcExecutorWorker", catch_base=True,
                                broken_error=BrokenProcessPool, lost_error=WorkerLostError,
                                remote_traceback=_RemoteTraceback, wrap_encoding_errors=False,
-                               finish_at_exit=True)
+                               undecodable_error=_undecodable_call_error, finish_at_exit=True)
         self._max_workers = self._engine.processes
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> Future:

@@ -20,6 +20,7 @@ import pytest
 import shmipc
 from shmipc.arena import DATA_START, HEADER, MAGIC, MIN_SIZE
 from conftest import fork_child, live_children, open_fds, shm_entries, wait_child
+from conftest import wait_until as wait_for
 
 NOBODY = 65534
 SMALL = shmipc.Arena.size_for(rings=[4096])
@@ -28,14 +29,6 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make fi
 
 def unique_name() -> str:
     return f"shmipc-trust-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not reached within {timeout} s")
-        time.sleep(0.01)
 
 
 def children_of(pid: int) -> set[int]:

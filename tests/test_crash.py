@@ -114,12 +114,15 @@ def test_producers_killed_at_random_instants(no_leaks):
                 received += 1
             if now >= next_kill:
                 victim = rng.choice(list(producers))
-                if kills % 2:
-                    # every other kill aims at the producer lock's holder (or
-                    # waits for one, consuming, up to 0.3 s), so that the lock
-                    # recovery this test is about surely happens
+                if kills % 2 and ring.stats()["recoveries"] < 3:
+                    # until three locks were recovered, every other kill aims
+                    # at the producer lock's holder, stopped while it holds
+                    # the lock (see _lock_holder), or waits for one,
+                    # consuming: up to 0.3 s, and up to 10 s until one kill
+                    # has landed under the lock, so that the lock recovery
+                    # this test is about surely happens (random kills alone
+                    # often leave it at 0), without making the run much longer
                     holder = _lock_holder(ring, producers, 0.002, stop=True)
-                    # (until one kill has landed under the lock, keep aiming longer)
                     if holder is None and now < next_kill + (0.3 if aimed else 10.0):
                         continue
                     victim = holder or victim

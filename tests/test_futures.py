@@ -317,13 +317,69 @@ def test_values_that_do_not_cross_fail_only_their_future(impl):
         assert ex.submit(inc, 1).result(timeout=30) == 2
     if impl == "shmipc":
         with shmipc.ProcessPoolExecutor(2) as ex:
+            # each also a BrokenProcessPool (see test_undecodable_call_is_a_broken_process_pool)
             exc = ex.submit(return_bad_state).exception(timeout=30)
             assert isinstance(exc, ValueError) and "cannot be restored" in str(exc)
+            assert "return_bad_state" in str(exc) and "in the parent" in str(exc)
             exc = ex.submit(raise_coded, 1).exception(timeout=30)
-            assert isinstance(exc, TypeError) and "raise_coded" in str(exc.__cause__)
+            assert isinstance(exc, TypeError) and "CodedError('bad 1') raised by raise_coded" in str(exc)
+            assert "raise_coded" in str(exc.__cause__.__cause__)        # the worker's traceback
             exc = ex.submit(inc, BadState()).exception(timeout=30)
-            assert isinstance(exc, ValueError) and "unpickled in the worker" in str(exc.__cause__)
+            assert isinstance(exc, ValueError) and "unpickled in the worker" in str(exc)
+            assert "unpickled in the worker" in str(exc.__cause__.__cause__)
+            assert isinstance(exc, cf.process.BrokenProcessPool)
             assert list(ex.map(inc, range(10))) == list(range(1, 11))
+
+
+def _raise_unpickling_error():
+    import pickle
+
+    raise pickle.UnpicklingError("cannot load this")
+
+
+class ErrorAtUnpickle:
+    """Pickles anywhere; unpickling it raises pickle.UnpicklingError (as
+    CPython's test_concurrent_futures.ErrorAtUnpickle)."""
+
+    def __reduce__(self):
+        return _raise_unpickling_error, ()
+
+
+def return_error_at_unpickle(_x=None):
+    return ErrorAtUnpickle()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["argument", "result", "map"])
+def test_undecodable_call_is_a_broken_process_pool(impl, where):
+    """As concurrent.futures (CPython's ExecutorDeadlockTest.test_error_at_task_unpickle
+    and test_error_during_result_unpickle_in_result_handler): an argument that
+    fails to unpickle in the worker, or a result that fails to unpickle in the
+    parent, raises BrokenProcessPool. shmipc fails only that future, and its
+    error is also the unpickling error's type (with it as __cause__), so
+    except clauses written for either catch it; the executor goes on."""
+    import pickle
+
+    with make_executor(impl, 2) as ex:
+        if where == "argument":
+            exc = ex.submit(id, ErrorAtUnpickle()).exception(timeout=30)
+        elif where == "result":
+            exc = ex.submit(return_error_at_unpickle).exception(timeout=30)
+        else:                   # one item of a map chunk: the chunk's result does not load
+            with pytest.raises(cf.process.BrokenProcessPool) as info:
+                list(ex.map(identity_or_bad, [1, 2, 3], chunksize=3, timeout=30))
+            exc = info.value
+        assert isinstance(exc, cf.process.BrokenProcessPool), repr(exc)
+        if impl == "shmipc":
+            assert isinstance(exc, pickle.UnpicklingError), repr(exc)
+            assert type(exc.__cause__) is pickle.UnpicklingError and "cannot load this" in str(exc)
+            assert ("worker" if where == "argument" else "parent") in str(exc)
+            assert ex.submit(inc, 1).result(timeout=30) == 2        # only that call failed
+            assert list(ex.map(inc, range(10), chunksize=3)) == list(range(1, 11))
+
+
+def identity_or_bad(x):
+    return ErrorAtUnpickle() if x == 2 else x
 
 
 @pytest.mark.timeout(60)
