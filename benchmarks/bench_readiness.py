@@ -103,11 +103,15 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     results: dict[str, list[float]] = {}
-    for _ in range(args.repeat):        # interleaved: drift hits every variant alike
-        for variant in ("before", "unarmed", "armed"):
+    for rep in range(args.repeat):
+        # interleaved, in alternating order: drift and warm-up hit every variant alike
+        order = 1 if rep % 2 == 0 else -1
+        for variant in ("before", "unarmed", "armed")[::order]:
             results.setdefault(f"pipe {variant}", []).append(stream(variant, args.messages))
-        for variant in ("before", "unarmed"):
+        for variant in ("before", "unarmed")[::order]:
             results.setdefault(f"ring {variant}", []).append(local_loop(variant, args.messages))
+    results = {k: results[k] for k in ("pipe before", "pipe unarmed", "pipe armed",
+                                       "ring before", "ring unarmed")}
     med = {k: statistics.median(v) for k, v in results.items()}
     if args.json:
         print(json.dumps({"messages": args.messages, "repeat": args.repeat, "results": results,
