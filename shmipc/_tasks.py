@@ -159,7 +159,10 @@ class Outcomes:
         with_remote_traceback(exc, tb, self.remote_traceback)
         if not self.wrap_encoding_errors:
             return exc
-        error = MaybeEncodingError(exc, what)
+        # `what` is already the value's repr (made where the value was):
+        # MaybeEncodingError repr()s what it is given, so hand it something
+        # whose repr is `what`, and str(error) reads as multiprocessing's
+        error = MaybeEncodingError(exc, _AsRepr(what))
         error.__cause__ = exc
         return error
 
@@ -168,6 +171,13 @@ class Outcomes:
         tb, what = info
         error = RuntimeError(f"the task record of {task.describe()} could not be read in the worker: {what}")
         return with_remote_traceback(error, tb, self.remote_traceback)
+
+
+class _AsRepr(str):
+    """A string that is its own repr (see Outcomes.encoding_error)."""
+
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def _run_callback(callback: Callable[[], Any]) -> None:

@@ -205,13 +205,7 @@ def test_a_result_that_cannot_be_pickled_is_a_maybe_encoding_error(pool):
 
 
 @pytest.mark.timeout(60)
-def test_maybe_encoding_error_message_matches_multiprocessing(pool, impl, request):
-    if impl is shmipc:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "shmipc bug (ENGINE, shmipc/_tasks.py encoding_error): the worker sends repr(value) and the "
-            "parent passes that string to MaybeEncodingError, which repr()s it again: str(e) reads "
-            "\"Error sending result: ''<function ...>''\" and e.value is a quoted repr, where "
-            "multiprocessing gives \"Error sending result: '<function ...>'\"")))
+def test_maybe_encoding_error_message_matches_multiprocessing(pool):
     with pytest.raises(multiprocessing.pool.MaybeEncodingError) as info:
         pool.apply(return_local_function, (1,))
     assert info.value.value.startswith("<function return_local_function.<locals>.<lambda> at 0x")
