@@ -53,7 +53,7 @@ import queue
 
 from shmipc._framing import Frame as _Frame     # looked up on every get/recv
 from shmipc.arena import Arena
-from shmipc.errors import MessageTooLarge, RingClosed
+from shmipc.errors import HandleClosed, MessageTooLarge, RingClosed
 from shmipc._bulk import _LOST_BLOCK, _Bulk, _NoFrame
 from shmipc._queue_ready import _NOTHING, _QueueReadiness
 
@@ -122,6 +122,11 @@ class _Base(_QueueReadiness):
     _arena: Arena | None = None
     _ring: Any = None
     _closed: bool = False
+    _never_used: bool = False   # closed before any message was put (Queue: close was a no-op)
+    # What a closed queue raises (RingClosed: multiprocessing's ValueError).
+    # SimpleQueue: HandleClosed, as multiprocessing's closes its pipe ends at
+    # once and raises OSError("handle is closed").
+    _ClosedError: type = RingClosed
     _maxsize: int = 0
     _ready_r: int = -1          # readiness pipe (see the class docstring)
     _ready_w: int = -1
@@ -150,6 +155,7 @@ class _Base(_QueueReadiness):
 
         state = self.__dict__.copy()
         state["_closed"] = False
+        state["_never_used"] = False
         state["_polled"] = False
         for name in [k for k in state if k.startswith("_rlock_here")]:
             del state[name]
@@ -177,15 +183,15 @@ class _Base(_QueueReadiness):
     # ------------------------------------------------------------ common API
     def _check_open(self) -> None:
         if self._closed:
-            raise RingClosed(f"{type(self).__name__} {self!r} is closed")
+            self._raise_closed()
 
     def _raise_closed(self) -> NoReturn:
         """The one translation of the ring's RingClosed (the queue, or its
         arena, was closed in this process, perhaps by another thread
         mid-call): multiprocessing's ValueError, naming the queue. Any other
         ValueError (from pickling, unpickling, user code) is never caught as
-        "closed"."""
-        raise RingClosed(f"{type(self).__name__} {self!r} is closed") from None
+        "closed". (SimpleQueue: HandleClosed, also an OSError.)"""
+        raise self._ClosedError(f"{type(self).__name__} {self!r} is closed") from None
 
     def _dropped(self) -> None:
         """A large message's token whose frame was lost (its writer died
@@ -262,9 +268,22 @@ class _Base(_QueueReadiness):
 
     def empty(self) -> bool:
         """True if the queue holds no message now (approximate, as in
-        multiprocessing: others may put or get at the same moment)."""
-        self._check_open()
-        return self._ring.empty()
+        multiprocessing: others may put or get at the same moment).
+
+        Raises:
+            HandleClosed (an OSError and a ValueError): the queue was closed
+                in this process (as multiprocessing's OSError "handle is
+                closed"), unless nothing had been put on it then (see
+                Queue.close).
+        """
+        if self._closed:
+            if self._never_used:
+                return True
+            raise HandleClosed(f"{type(self).__name__} {self!r} is closed")
+        try:
+            return self._ring.empty()
+        except RingClosed:      # closed by another thread meanwhile
+            raise HandleClosed(f"{type(self).__name__} {self!r} is closed") from None
 
     def close(self) -> None:
         """Stop using the queue in this process: later calls here raise
@@ -439,6 +458,23 @@ class Queue(_Base):
         if not self._bulk.cancel_join:
             self._bulk.join_feeders()
 
+    def close(self) -> None:
+        """Stop using the queue in this process: later calls here raise
+        ValueError; other processes are unaffected. Everything put is already
+        in shared memory, so nothing is lost. Idempotent.
+
+        As multiprocessing's (3.13 test_closed_queue_empty_exceptions): on a
+        queue nothing was ever put on, empty() still answers True afterwards
+        (multiprocessing only closes its reader once its feeder thread ran);
+        otherwise empty() raises HandleClosed, an OSError.
+        """
+        if not self._closed and self._ring is not None:
+            try:
+                self._never_used = self._ring.stats()["messages_in"] == 0
+            except RingClosed:
+                pass
+        super().close()
+
     def cancel_join_thread(self) -> None:
         """multiprocessing's way to exit without flushing: neither
         join_thread() nor the process's exit waits for the feeder threads
@@ -550,6 +586,10 @@ class SimpleQueue(_Base):
     Raises:
         TypeError / ValueError: an invalid capacity.
     """
+
+    # multiprocessing's close() closes both pipe ends: put, get and empty
+    # then raise OSError("handle is closed")
+    _ClosedError = HandleClosed
 
     def __init__(self, *, ctx: Any = None, capacity: int | None = None, waitable: bool = True) -> None:
         super().__init__(0, ctx=ctx, capacity=capacity)

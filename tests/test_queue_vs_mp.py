@@ -95,17 +95,48 @@ def test_join_thread_before_close_is_an_assertion_error(impl):
 
 
 @pytest.mark.timeout(30)
-def test_get_on_a_closed_simple_queue(impl, request):
-    if impl is shmipc:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "shmipc mismatch (READY, shmipc/queues.py SimpleQueue.get after close): raises RingClosed, "
-            "a ValueError, where multiprocessing's SimpleQueue raises OSError('handle is closed'); code "
-            "written for multiprocessing that catches OSError misses it (RingClosed is not an OSError)")))
+def test_get_on_a_closed_simple_queue(impl):
+    """multiprocessing raises OSError('handle is closed'); shmipc raises
+    HandleClosed, both an OSError and a RingClosed (a ValueError)."""
     q = _queues(impl).SimpleQueue()
     q.put(1)
     q.close()
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="is closed") as info:
         q.get()
+    if impl is shmipc:
+        assert isinstance(info.value, shmipc.RingClosed)
+    with pytest.raises(OSError, match="is closed"):
+        q.get_many(1) if impl is shmipc else q.get()
+
+
+@pytest.mark.timeout(30)
+def test_empty_on_a_closed_simple_queue_is_an_os_error(impl):
+    """Used or not: SimpleQueue.close() closes its reader at once."""
+    q = _queues(impl).SimpleQueue()
+    q.close()
+    with pytest.raises(OSError, match="is closed"):
+        q.empty()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kind", ["Queue", "JoinableQueue"])
+def test_empty_on_a_closed_queue(impl, kind):
+    """A Queue's close() is a no-op until the queue was used (put on):
+    empty() still answers; once used, empty() after close() raises OSError
+    (CPython 3.13's test_closed_queue_empty_exceptions)."""
+    kit = _queues(impl)
+    q = getattr(kit, kind)()
+    q.close()
+    q.join_thread()
+    assert q.empty() is True
+    q = getattr(kit, kind)()
+    q.put("foo")
+    q.close()
+    q.join_thread()
+    with pytest.raises(OSError, match="is closed") as info:
+        q.empty()
+    if impl is shmipc:
+        assert isinstance(info.value, shmipc.RingClosed)
 
 
 # ------------------------------------------------------------ Pipe
