@@ -49,6 +49,17 @@ ZYGOTE_POLL_S = 0.05         # ... while a worker of it has no pidfd (old kernel
 PARENT_WATCH_S = 0.2         # a worker's parent watchdog without a pidfd
 ZYGOTE_EXIT_CHECK_S = 0.1    # how often the supervisor checks for exits a zygote did not report
 
+# ---------------------------------------------------------------- queues, pipes, asyncio (queues.py, _bulk.py, aio.py)
+JOIN_POLL_S = 0.0002         # JoinableQueue.join polls the shared counts, from this ...
+JOIN_POLL_MAX_S = 0.01       # ... doubling to this
+READY_SPURIOUS_S = 50e-6     # a queue's readiness wait after a byte with nothing behind it, from this ...
+READY_SPURIOUS_MAX_S = 0.005  # ... doubling to this
+BULK_WRITE_SLICE_S = 0.05    # a large put waits for room this long at a time, then checks its deadline and reader
+BULK_LOCK_S = 0.0005         # a bulk-ring lock held by another process is retried after this ...
+BULK_LOCK_MAX_S = 0.01       # ... doubling to this (the holder finishes or dies: the kernel frees it)
+ASYNC_POLL_S = 50e-6         # asyncio awaits with no descriptor to wait on retry on timers from this ...
+ASYNC_POLL_MAX_S = 0.005     # ... doubling to this
+
 
 class Backoff:
     """Sleeps that start short and double up to `cap`: for polling shared
