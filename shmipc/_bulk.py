@@ -17,6 +17,7 @@ import queue
 from shmipc import _framing
 from shmipc._framing import Frame as _Frame
 from shmipc.arena import Arena
+from shmipc._waiting import BULK_LOCK_MAX_S, BULK_LOCK_S, BULK_WRITE_SLICE_S, Backoff
 
 # Byte offsets of the record locks (on the arena's file) that serialise the
 # writers and the readers of large messages; far past any arena's end and
@@ -27,7 +28,7 @@ _READER_LOCK = (1 << 60) + 1
 
 # a large put waits for room in the bulk ring this long at a time, then
 # checks its deadline and that its reader is still there
-_WRITE_SLICE_S = 0.05
+_WRITE_SLICE_S = BULK_WRITE_SLICE_S
 
 # name of the arena block counting large messages lost mid-read
 _LOST_BLOCK = "bulk_lost"
@@ -118,7 +119,7 @@ class _Bulk:
         tlock = self.locks[which]
         if not tlock.acquire(timeout=-1 if deadline is None else max(deadline - time.monotonic(), 0)):
             return False
-        pause = 0.0005
+        backoff = Backoff(BULK_LOCK_S, BULK_LOCK_MAX_S)
         while True:
             try:
                 fcntl.lockf(self.arena.fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, which)
@@ -128,11 +129,10 @@ class _Bulk:
             except BaseException:
                 tlock.release()
                 raise
-            if deadline is not None and time.monotonic() >= deadline:
+            # bounded: the holder finishes or dies (the kernel frees it)
+            if not backoff.sleep(deadline):
                 tlock.release()
                 return False
-            time.sleep(pause)       # bounded: the holder finishes or dies (the kernel frees it)
-            pause = min(pause * 2, 0.01)
 
     def _release(self, which: int) -> None:
         try:

@@ -30,6 +30,7 @@ from typing import Any
 
 from shmipc._framing import Frame as _Frame
 from shmipc.errors import MessageTooLarge, RingClosed
+from shmipc._waiting import READY_SPURIOUS_MAX_S, READY_SPURIOUS_S, Backoff
 
 _NOTHING = object()
 
@@ -104,7 +105,7 @@ class _QueueReadiness:
         self._check_open()
         self._polled = True
         deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
-        pause = 50e-6
+        backoff = None
         while True:
             if not self._ring.empty():
                 return True
@@ -118,8 +119,9 @@ class _QueueReadiness:
                 # a byte with nothing behind it: a consumer elsewhere took
                 # the message, or a producer died mid-announcement; the
                 # re-arm above takes it out once its producer is done
-                time.sleep(pause)
-                pause = min(pause * 2, 0.005)
+                if backoff is None:
+                    backoff = Backoff(READY_SPURIOUS_S, READY_SPURIOUS_MAX_S)
+                backoff.sleep(deadline)
 
     @property
     def _reader(self) -> "_Reader":

@@ -41,10 +41,10 @@ import time
 import weakref
 from typing import Any
 
+from shmipc._waiting import ASYNC_POLL_MAX_S, ASYNC_POLL_S
+
 __all__ = ["ring_get", "ring_put"]
 
-_PAUSE_MIN = 50e-6
-_PAUSE_MAX = 0.005
 
 # loop -> {fd: [futures waiting for fd to be readable]}: one add_reader per
 # (loop, fd), however many awaits wait on it (add_reader replaces a callback)
@@ -130,17 +130,21 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 class _Backoff:
-    """Asyncio-timer back-off: 50 us doubling to 5 ms."""
+    """Asyncio-timer back-off, ASYNC_POLL_S doubling to ASYNC_POLL_MAX_S
+    (shmipc._waiting: 50 us to 5 ms); the event loop's, so not
+    _waiting.Backoff's time.sleep."""
+
+    __slots__ = ("pause",)
 
     def __init__(self) -> None:
-        self.pause = _PAUSE_MIN
+        self.pause = ASYNC_POLL_S
 
     async def sleep(self, deadline: float | None) -> None:
         pause = self.pause
         if deadline is not None:
             pause = min(pause, max(deadline - time.monotonic(), 0.0))
         await asyncio.sleep(pause)
-        self.pause = min(self.pause * 2, _PAUSE_MAX)
+        self.pause = min(self.pause * 2, ASYNC_POLL_MAX_S)
 
 
 # ---------------------------------------------------------------- queues
@@ -299,7 +303,7 @@ async def ring_get(ring: Any, timeout: float | None = None) -> Any:
             pass
         if deadline is not None and time.monotonic() >= deadline:
             raise queue.Empty
-        if backoff.pause >= _PAUSE_MAX and ring.producers == "one":
+        if backoff.pause >= ASYNC_POLL_MAX_S and ring.producers == "one":
             _check_producer(ring)   # what Ring.get looks at between its sleep slices
         await backoff.sleep(deadline)
 

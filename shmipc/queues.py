@@ -56,6 +56,7 @@ from shmipc.arena import Arena
 from shmipc.errors import HandleClosed, MessageTooLarge, RingClosed
 from shmipc._bulk import _LOST_BLOCK, _Bulk, _NoFrame
 from shmipc._queue_ready import _NOTHING, _QueueReadiness
+from shmipc._waiting import JOIN_POLL_MAX_S, JOIN_POLL_S, Backoff
 
 __all__ = ["Queue", "SimpleQueue", "JoinableQueue", "DEFAULT_CAPACITY"]
 
@@ -551,19 +552,17 @@ class JoinableQueue(Queue):
             ValueError: a NaN timeout, or the queue was closed in this process.
 
         Waits by polling the shared counters (every 0.2 ms, backing off to
-        every 10 ms), so it is interruptible and never holds a lock.
+        every 10 ms: shmipc._waiting), so it is interruptible and never holds a lock.
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
-        pause = 0.0002
+        backoff = Backoff(JOIN_POLL_S, JOIN_POLL_MAX_S)
         while True:
             put, done = self._counts()
             if done >= put:
                 return None if deadline is None else True
-            if deadline is not None and time.monotonic() >= deadline:
+            if not backoff.sleep(deadline):
                 return False
-            time.sleep(pause)
-            pause = min(pause * 2, 0.01)
 
     def stats(self) -> dict:
         """Queue.stats() plus ``unfinished_tasks``."""
