@@ -1038,18 +1038,43 @@ def test_killing_idle_workers_replaces_them_and_goes_on(test_dir, no_leaks):
 
     kills = []
     stop = threading.Event()
+    # held by the source from handing out an item until it is asked for the
+    # next one (the item is in the ring by then), and by the killer from its
+    # "idle" check to its kill: no item can reach the ring in between, so the
+    # killed worker is really idle (it held no item to lose)
+    gate = threading.Lock()
 
     def killer(p):
-        # five times: wait until the stage's worker is past its setup and
-        # asleep in its ring (idle), then SIGKILL it
+        # five times: wait until the stage's worker is past its setup, holds
+        # no item and is asleep in its ring (idle), then SIGKILL it
+        from shmipc._slots import READY
+
+        s = p._stages[0]
         deadline = time.monotonic() + 30
         while len(kills) < 5 and not stop.is_set() and time.monotonic() < deadline:
-            pids = p.worker_pids().get("DoubleAndSayReady", [])
-            ring = p._stages[0].ring
-            if (pids and pids[0] not in kills and (test_dir / f"ready-{pids[0]}").exists()
-                    and ring.stats()["consumers_waiting"] >= 1 and ring.qsize() == 0):
-                os.kill(pids[0], signal.SIGKILL)
-                kills.append(pids[0])
+            if gate.acquire(timeout=0.05):
+                try:
+                    pids = p.worker_pids().get("DoubleAndSayReady", [])
+                    # Idle, read in this order with the gate held (nothing
+                    # enters the ring meanwhile): every item fed was taken,
+                    # every item taken was answered (one result each), and
+                    # only then the slot says READY, so the worker got past
+                    # its last item and has nothing left to take. Neither
+                    # the ring nor the slot alone says so: the slot is still
+                    # READY just after a take (BUSY comes after), and the
+                    # ring's consumers_waiting keeps one count for each
+                    # worker killed asleep (a dead waiter cannot take its
+                    # count back: see shm_wake), so after the first kill it
+                    # would be >= 1 while the next worker is busy.
+                    if (pids and pids[0] not in kills and (test_dir / f"ready-{pids[0]}").exists()
+                            and s.ring.stats()["messages_in"] == s.ring.stats()["messages_out"]
+                            == p._out.stats()["messages_in"]
+                            and p._slots.state(s.slot_base) == READY
+                            and _process_state(pids[0]) == "S"):
+                        os.kill(pids[0], signal.SIGKILL)
+                        kills.append(pids[0])
+                finally:
+                    gate.release()
             time.sleep(0.005)
 
     def source(p):
@@ -1058,7 +1083,8 @@ def test_killing_idle_workers_replaces_them_and_goes_on(test_dir, no_leaks):
         deadline = time.monotonic() + 30
         while (len(kills) < 5 or i < 20) and time.monotonic() < deadline:
             time.sleep(0.01)
-            yield i
+            with gate:
+                yield i
             i += 1
 
     holder = {}
@@ -1077,6 +1103,15 @@ def test_killing_idle_workers_replaces_them_and_goes_on(test_dir, no_leaks):
     assert len(kills) == 5
     assert out == [2 * x for x in range(len(out))] and len(out) >= 20
     assert deaths == 5
+
+
+def _process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat ("S": asleep; "" if gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 class _LateSource:
