@@ -85,6 +85,29 @@ def test_pipeline_images_example():
     assert "results identical" in out
 
 
+@pytest.mark.timeout(120)
+def test_asyncio_web_example():
+    """The asyncio server (localhost only) answers every request right, its
+    event loop ticking meanwhile."""
+    out = run_example("asyncio_web.py", "--requests", "100", "--workers", "2")
+    assert "100 concurrent requests answered by 2 worker processes" in out
+    assert "every answer checked" in out
+
+
+def test_every_example_is_run_by_a_test():
+    """An example nobody runs rots: each must be run by a test here or in the
+    test file of its optional dependency (ray, joblib/sklearn)."""
+    texts = ""
+    for name in ("test_examples.py", "test_ray.py", "test_joblib.py"):
+        path = os.path.join(ROOT, "tests", name)
+        if os.path.exists(path):
+            with open(path) as f:
+                texts += f.read()
+    untested = [name for name in sorted(os.listdir(os.path.join(ROOT, "examples")))
+                if name.endswith(".py") and f'"{name}"' not in texts]
+    assert not untested, f"examples no test runs: {untested}"
+
+
 def test_example_docstrings_give_commands_that_work():
     """Each example's docstring says how to run it from the set-up venv (a
     bare `python` has no shmipc after `make`)."""
@@ -95,7 +118,7 @@ def test_example_docstrings_give_commands_that_work():
             text = f.read()
         doc = text.split('"""')[1]
         if name in ("seed_semaphore.py", "file_mapping.py", "queue_dropin.py", "pool_crash.py",
-                    "pipeline_images.py"):
+                    "pipeline_images.py", "asyncio_web.py"):
             assert f".venv/bin/python examples/{name}" in doc, name
         for line in doc.splitlines():
             if f"examples/{name}" in line:
