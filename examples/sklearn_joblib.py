@@ -9,7 +9,7 @@ The same code then runs on joblib's default backend (loky); the scores must
 be identical (every estimator has a fixed random_state), and the program
 says so, with both wall times (of a first use, worker start-up included).
 
-Run: python examples/sklearn_joblib.py   (needs scikit-learn: pip install scikit-learn)
+Run:  .venv/bin/python examples/sklearn_joblib.py   (needs scikit-learn: .venv/bin/pip install scikit-learn)
 """
 from __future__ import annotations
 
