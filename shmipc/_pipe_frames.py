@@ -65,21 +65,29 @@ class _FrameReading:
     _frame_left: int
     _recv_ring: Any
 
-    def _take(self, timeout: float | None) -> Any:
-        """The next record, waiting up to `timeout` (None: forever).
+    def _take(self, timeout: float | None, raw: bool = False) -> Any:
+        """The next record, waiting up to `timeout` (None: forever). Unless
+        `raw`, the rest of an interrupted frame is dropped first, and a
+        frame's size is recorded the moment its announcement is taken.
 
         Raises:
             queue.Empty: nothing came in time (the peer is still held).
             EOFError: the peer is gone and everything it sent was read.
         """
-        item = self._pending
-        if item is not _NOTHING:
-            self._pending = _NOTHING
-            if item is not _ABANDONED:
-                return item
-            item = self._drop_abandoned(timeout)
+        if not raw:
+            if self._pending is _NOTHING and self._frame_left > 0:
+                # a receive was interrupted between taking a frame's
+                # announcement and reading its chunks (outside the reading's
+                # own try): its chunks must not be taken for messages
+                self._pending = _ABANDONED
+            item = self._pending
             if item is not _NOTHING:
-                return item
+                self._pending = _NOTHING
+                if item is not _ABANDONED:
+                    return item
+                item = self._drop_abandoned(timeout)
+                if item is not _NOTHING:
+                    return item
         ring = self._recv_ring
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -87,7 +95,11 @@ class _FrameReading:
             if deadline is not None:
                 wait = min(SLICE, max(deadline - time.monotonic(), 0.0))
             try:
-                return ring.get(True, wait)
+                item = ring.get(True, wait)
+                if not raw and type(item) is _Frame and item.sizes:
+                    # from here its chunks belong to it (see _FrameReading)
+                    self._frame_left = sum(item.sizes)
+                return item
             except queue.Empty:
                 pass
             except PeerDied:
@@ -98,9 +110,12 @@ class _FrameReading:
                 self._raise_closed()
             if self._peer_gone():
                 try:
-                    return ring.get_nowait()        # whatever it sent before going
+                    item = ring.get_nowait()        # whatever it sent before going
                 except (queue.Empty, EOFError):
                     raise EOFError(_EOF_MESSAGE) from None
+                if not raw and type(item) is _Frame and item.sizes:
+                    self._frame_left = sum(item.sizes)
+                return item
             if deadline is not None and time.monotonic() >= deadline:
                 raise queue.Empty
 
@@ -117,7 +132,7 @@ class _FrameReading:
         while self._frame_left > 0:
             try:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                item = self._take(left)
+                item = self._take(left, raw=True)
             except BaseException:
                 self._pending = _ABANDONED      # the next receive goes on dropping
                 raise
