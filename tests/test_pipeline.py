@@ -359,7 +359,11 @@ def test_outside_kills_during_setup_do_not_stop_the_pipeline(no_leaks, tmp_path)
             t.join(70)
         assert len(killed) == want
         assert out == [2 * x for x in range(20)]
-        assert p.stats()["stages"][0]["deaths"] >= want
+        # every kill landed in setup (the flag is made after the last); the
+        # run may end before the parent notices the last worker killed while
+        # the other, started after it, did all the items: at most one of the
+        # two workers' deaths goes uncounted
+        assert p.stats()["stages"][0]["deaths"] >= want - 1
 
 
 def identity(x):
