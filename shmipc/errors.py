@@ -86,13 +86,7 @@ class UndecodableMessage(CorruptMessage):
         when no such subclass can exist (``error`` is not an ``Exception``,
         or its type cannot be subclassed together with this one).
         Raise it ``from error``."""
-        both = _with_original(cls, type(error))
-        if both is not None:
-            try:
-                return both(message)
-            except Exception:       # an exotic __new__: the plain exception still says it all
-                pass
-        return cls(message)
+        return _instance_with_original(cls, error, message)  # type: ignore[return-value]
 
 
 # (class, original error type) -> their common subclass, or None where none can exist
@@ -134,6 +128,18 @@ def _with_original(base: type, original: type) -> type | None:
                 both = None
     _both_types[key] = both
     return both
+
+
+def _instance_with_original(base: type, error: BaseException, message: str) -> BaseException:
+    """`base`(message), made an instance of ``type(error)`` too where it can
+    be (see _with_original); a plain `base` instance otherwise."""
+    both = _with_original(base, type(error))
+    if both is not None:
+        try:
+            return both(message)
+        except Exception:       # an exotic __new__: the plain exception still says it all
+            pass
+    return base(message)
 
 
 def _rebuild_with_original(base: type, original: type, args: tuple) -> BaseException:

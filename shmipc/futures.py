@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from shmipc._engine import RUN, _Engine, _Task
 from shmipc._poolworker import K_CALL, K_MAP, K_STARMAP
-from shmipc.errors import ShmipcError, WorkerLost, _with_original
+from shmipc.errors import ShmipcError, WorkerLost, _instance_with_original
 
 __all__ = ["ProcessPoolExecutor", "WorkerLostError", "UndecodableCallError"]
 
@@ -46,13 +46,7 @@ def _undecodable_call_error(error: BaseException, message: str) -> BaseException
     # a subclass of UndecodableCallError and type(error), made once per type;
     # a plain UndecodableCallError where none can exist (SystemExit & co.:
     # raising one of those from Future.result() would end the caller)
-    both = _with_original(UndecodableCallError, type(error))
-    if both is not None:
-        try:
-            return both(message)
-        except Exception:       # an exotic __new__: the plain error still says it all
-            pass
-    return UndecodableCallError(message)
+    return _instance_with_original(UndecodableCallError, error, message)
 
 
 class _FutureJob:
