@@ -177,7 +177,8 @@ class _Base(_QueueReadiness):
             except RingClosed:
                 self._raise_closed()
             if type(item) is not _Frame:
-                self._after_get()
+                if self._polled:        # (inline: the common get makes no further call)
+                    self._after_get()
                 return item
             item = self._unframe(item)
             if item is not _NOTHING:

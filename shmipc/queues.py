@@ -358,19 +358,7 @@ class SimpleQueue(_Base):
         Raises:
             ValueError: the queue was closed in this process.
         """
-        while True:
-            try:
-                item = self._ring.get()
-            except RingClosed:
-                self._raise_closed()
-            if type(item) is not _Frame:
-                if self._polled:
-                    self._after_get()
-                return item
-            item = self._unframe(item)
-            if item is not _NOTHING:
-                self._after_get()
-                return item
+        return self._get(True, None)
 
     def put_many(self, items: Iterable[Any]) -> int:
         """Put every item of `items` in order, publishing them in batches;
