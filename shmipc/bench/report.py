@@ -526,22 +526,34 @@ README_START = "<!-- perf:start -->"
 README_END = "<!-- perf:end -->"
 
 
-def update_readme(path: str, section: str) -> None:
-    """Replace the text between the perf markers of the README at `path`.
+def rewrite_marked_section(path: str, start_marker: str, end_marker: str, section: str) -> None:
+    """Replace the text of the file at `path` from `start_marker` to
+    `end_marker` (both included) with `section`, which carries them again;
+    written aside, then renamed over the file. The README's generated
+    sections (performance, CPython's tests, joblib) all go through here.
 
     Raises:
         ValueError: the markers are missing (nothing is written then).
     """
     with open(path) as f:
         text = f.read()
-    start, end = text.find(README_START), text.find(README_END)
+    start, end = text.find(start_marker), text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"{path} has no {README_START} ... {README_END} section to replace")
-    text = text[:start + len(README_START)] + "\n" + section + text[end:]
+        raise ValueError(f"{path} has no {start_marker} ... {end_marker} section to rewrite")
+    text = text[:start] + section + text[end + len(end_marker):]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def update_readme(path: str, section: str) -> None:
+    """Replace the text between the perf markers of the README at `path`.
+
+    Raises:
+        ValueError: the markers are missing (nothing is written then).
+    """
+    rewrite_marked_section(path, README_START, README_END, README_START + "\n" + section + README_END)
 
 
 def write_json(report: dict, path: str) -> None:

@@ -414,13 +414,12 @@ def rewrite_readme(path: str, section: str) -> None:
     Raises:
         SystemExit: the file lacks the markers (a README edited by hand).
     """
-    with open(path) as f:
-        text = f.read()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} section to rewrite")
-    with open(path, "w") as f:
-        f.write(text[:start] + section.rstrip("\n") + text[end + len(README_END):])
+    from shmipc.bench.report import rewrite_marked_section
+
+    try:
+        rewrite_marked_section(path, README_START, README_END, section.rstrip("\n"))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 if __name__ == "__main__":
