@@ -102,6 +102,35 @@ def _process_chunk(fn: Callable, chunk: list) -> list:
     return [fn(*args) for args in chunk]
 
 
+class _MapIterator(itertools.chain):
+    """What ProcessPoolExecutor.map returns: its items, one chunk after the
+    other, handed out in C (``from_iterable`` of the per-chunk iterators of
+    :meth:`ProcessPoolExecutor._results`), with a generator's ``close()``:
+    closing it (or dropping it) cancels the calls not started. A timeout or
+    a call's exception ends it, as it ends the standard executor's."""
+
+    _chunks: Any = None
+    _current: list
+
+    @classmethod
+    def start(cls, chunks: Any, current: list) -> "_MapIterator":
+        """Hand out the items of the iterators `chunks` yields; `current[0]`
+        is the list of call arguments driving the current one."""
+        self = cls.from_iterable(chunks)
+        self._chunks, self._current = chunks, current
+        return self
+
+    def close(self) -> None:
+        """Stop: nothing more is handed out, and the calls not started are
+        cancelled (as a generator's close())."""
+        chunks = self._chunks
+        if chunks is not None:
+            self._chunks = None
+            for args in self._current:
+                args.clear()            # the current chunk's iterator ends at its next step
+            chunks.close()
+
+
 class ProcessPoolExecutor(_StdProcessPoolExecutor):
     """A concurrent.futures.ProcessPoolExecutor whose calls and results go
     through shared memory.
@@ -205,7 +234,9 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
         if len(iterables) == 1:
             kind = K_MAP
             source = iterables[0]
-            if isinstance(source, range):
+            if isinstance(source, range) or (type(source) is list and buffersize is None):
+                # slices (read now, as the items would be): a range's travel in
+                # a few bytes, a list's are copied in C, not item by item
                 chunks: Iterator = (source[i: i + chunksize] for i in range(0, len(source), chunksize))
             else:
                 it = iter(source)
@@ -225,7 +256,8 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
             assert self._engine is not None
             self._engine.submit_tasks(iter(tasks))
         more = None if buffersize is None else (kind, fn, chunks)
-        return self._results(futures, end_time, more)
+        current: list = []
+        return _MapIterator.start(self._results(futures, end_time, more, current), current)
 
     def _check_open(self) -> None:
         if self._engine is not None and self._engine.broken:
@@ -234,8 +266,11 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
             raise RuntimeError("cannot schedule new futures after shutdown")
 
     def _results(self, futures: "collections.deque[Future]", end_time: float | None,
-                 more: tuple | None) -> Iterator:
-        # a generator, so that closing it early cancels what has not started
+                 more: tuple | None, current: list) -> Iterator[Iterator]:
+        """An iterator over each chunk's results, in order (a generator, so
+        that closing it early cancels what has not started). `current` holds
+        the arguments list driving the chunk being handed out (emptied, it
+        ends that chunk: see _MapIterator.close)."""
         try:
             while futures:
                 future = futures.popleft()
@@ -255,10 +290,12 @@ class ProcessPoolExecutor(_StdProcessPoolExecutor):
                     result = future.result(end_time - time.monotonic())
                 del future
                 # hand the items over one by one, keeping none: the caller's
-                # last item is not kept alive by this iterator
+                # last item is not kept alive by this iterator. (In C, item by
+                # item: a generator's own loop costs ~50 ns an item, which
+                # the parent, one GIL for all its threads, pays for every item)
                 result.reverse()
-                while result:
-                    yield result.pop()
+                current[:] = [[()] * len(result)]
+                yield itertools.starmap(result.pop, current[0])
                 del result
         finally:
             for future in futures:
