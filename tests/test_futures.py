@@ -40,6 +40,13 @@ def getpid(_x=None):
     return os.getpid()
 
 
+def touch(path):
+    time.sleep(0.02)
+    with open(path, "w"):
+        pass
+    return 0
+
+
 _init = None
 
 
@@ -106,6 +113,27 @@ def test_map_timeout(executor):
     it = executor.map(nap, [1, 2], timeout=0.05)
     with pytest.raises(cf.TimeoutError):
         list(it)
+
+
+@pytest.mark.timeout(60)
+def test_map_close_stops_and_cancels(impl, tmp_path):
+    # map() hands items out of C iterators (shmipc): close() must still act
+    # as the standard generator's: nothing more comes out, and the calls not
+    # started are cancelled (each call that runs leaves a file)
+    with make_executor(impl, max_workers=1) as ex:
+        it = ex.map(touch, [str(tmp_path / str(i)) for i in range(40)], chunksize=1)
+        assert next(it) == 0
+        it.close()
+        assert list(it) == []
+    assert 1 <= len(os.listdir(tmp_path)) < 40
+
+
+@pytest.mark.timeout(60)
+def test_map_of_a_list_is_in_order_and_complete(executor):
+    items = list(range(1000))
+    assert list(executor.map(inc, items, chunksize=7)) == [x + 1 for x in items]
+    assert list(executor.map(inc, items, chunksize=5000)) == [x + 1 for x in items]
+    assert list(executor.map(inc, [], chunksize=3)) == []
 
 
 @pytest.mark.timeout(60)
