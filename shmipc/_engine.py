@@ -45,16 +45,17 @@ if TYPE_CHECKING:
 from shmipc._engine_exits import _WorkerExits
 from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
 from shmipc._footprint import BigRings, Footprint
-from shmipc._poolworker import SLOT_WORDS, R_BAD_TASK, R_BIG, _worker_main
+from shmipc._poolworker import SLOT_WORDS, R_BAD_TASK, R_BIG, R_OK, _worker_main
 from shmipc._slots import SlotTable
 from shmipc._runtime import StartupGuard, check_retries
 from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_counter,  # noqa: F401 (re-exported)
                            _run_callback, _Task)
 from shmipc._waiting import BOOKKEEPING_S as _POLL
 from shmipc._waiting import FORK_PAUSE_S
+from shmipc._wire import read_result_record
 from shmipc._workers import Supervisor, mark_thread_long_lived, register_pausable, unmark_thread_long_lived
 from shmipc.arena import MAX_REGIONS, Arena
-from shmipc.errors import RingClosed, WorkerLost
+from shmipc.errors import CorruptMessage, RingClosed, WorkerLost
 
 
 # Pool states, as strings like CPython's pool.py
@@ -369,7 +370,13 @@ class _Engine(_Dispatch, _WorkerExits):
                 if msg is not None:
                     later += self._on_result(msg)
 
-    def _on_result(self, msg: tuple | None) -> list:
+    def _on_result(self, msg: tuple | bytes) -> list:
+        if type(msg) is bytes:                  # a compact result record (see shmipc._wire)
+            try:
+                msg = read_result_record(msg, R_OK)
+            except CorruptMessage as exc:       # as a record the ring could not decode: consumed
+                print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
+                return []
         seq, status, offset, last = msg[:4]
         if status == R_BAD_TASK:
             return self._on_bad_task(offset, msg[6])

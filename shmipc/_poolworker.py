@@ -18,18 +18,19 @@ from typing import Any, Callable
 
 from shmipc._footprint import BigRings
 from shmipc._proc import steady_malloc
-from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
+from shmipc._wire import detach, pack, pack_items, pack_pickled, read_task_record, result_record, unpack_task
 from shmipc._runtime import GONE, next_message
 from shmipc._slots import BUSY, EXITING, HEAD3, READY, STARTING
 from shmipc._waiting import BIG_MESSAGE_WAIT_S
 from shmipc.arena import Arena
-from shmipc.errors import MessageTooLarge, RingClosed
+from shmipc.errors import CorruptMessage, MessageTooLarge, RingClosed
 
 # task kinds: what a worker does with the payload
 K_CALL = 0          # payload (args, kwargs): func(*args, **kwargs)
 K_MAP = 1           # payload [x, ...]: [func(x), ...]
 K_STARMAP = 2       # payload [args, ...]: [func(*args), ...]
 K_BIG = 3           # a stub: the task itself waits in the "bigtasks" ring (see _Engine)
+_ITEM_KINDS = (K_MAP, K_STARMAP)    # the kinds a compact task record may have (see shmipc._wire)
 
 # One slot per worker in the slot table (shmipc._slots), written by the
 # worker: state, the sequence number of the task it runs, and its pid in
@@ -177,6 +178,12 @@ class _WorkerLoop:
         record first)."""
         try:
             with self.tasks.get_view(timeout=timeout) as view:
+                if type(view) is memoryview:        # a compact record (see shmipc._wire)
+                    msg = read_task_record(view)
+                    if msg[1] not in _ITEM_KINDS:
+                        raise CorruptMessage(f"a compact task record of kind {msg[1]}: only map "
+                                             f"and starmap chunks ({_ITEM_KINDS}) travel so")
+                    return msg
                 return detach(view)
         except queue.Empty:
             # idle: the big rings' address space goes back (mapped again at
@@ -217,7 +224,7 @@ class _WorkerLoop:
     def send_record(self, record: tuple, value: Any = None, kind: int = K_CALL) -> None:
         seq, status, offset, last = record[:4]
         try:
-            self.results.put(record)
+            self.results.put(result_record(record) if status == R_OK else record)
             return
         except MessageTooLarge as exc:
             if status == R_OK and kind != K_CALL and len(value) > 1:

@@ -344,6 +344,126 @@ def test_a_forged_task_record_fails_that_task_in_the_worker():
         assert engine.statistics()["worker_deaths"] == 0
 
 
+# ---------------------------------------------------------------------- compact records
+def _compact_task(items=(1, 2, 3), seq=7, kind=1):
+    data, meta = pack_task(divmod, list(items), True)
+    return _wire.task_record(seq, kind, data, meta)
+
+
+@pytest.mark.timeout(30)
+def test_compact_records_stand_for_the_tuples_they_replace():
+    data, meta = pack_task(divmod, [1, "a", None, 2.5], True)
+    record = _wire.task_record(2**40, 2, data, meta)
+    assert type(record) is bytes
+    assert _wire.read_task_record(record) == (2**40, 2, data, meta)
+    assert _wire.read_task_record(memoryview(record)) == (2**40, 2, data, meta)
+    func, items = unpack_task(*_wire.read_task_record(record)[2:])
+    assert func is divmod and items == [1, "a", None, 2.5]
+    rdata, rmeta = _wire.pack_items([3, 4])
+    for last, offset in ((True, 0), (False, 12345)):
+        compact = _wire.result_record((99, 1, offset, last, rdata, rmeta, None))
+        assert type(compact) is bytes
+        seq, status, off, lst, data2, meta2, info = _wire.read_result_record(compact, 1)
+        assert (seq, status, off, lst, meta2, info) == (99, 1, offset, last, rmeta, None)
+        assert unpack(data2, meta2) == [3, 4]
+
+
+@pytest.mark.timeout(30)
+def test_only_in_band_values_take_the_compact_form():
+    big = pack_task(divmod, [b"x" * OUT_OF_BAND_MIN], True)          # a blob out of band
+    assert _wire.task_record(1, 1, *big) == (1, 1, *big)
+    long = pack_task(divmod, list(range(20000)), True)                # a stream out of band
+    assert type(_wire.task_record(1, 1, *long)) is tuple
+    call = pack_task(divmod, ((1, 2), {}), False)                     # a call: pickled whole
+    assert type(_wire.task_record(1, 0, *call)) is tuple
+    err = (1, 0, 0, True, *_wire.pack_pickled(ValueError("x")), ("tb", "repr"))
+    assert _wire.result_record(err) is err                            # an error carries info
+    arr = (1, 1, 0, True, *pack(np.arange(3)), None)
+    assert _wire.result_record(arr) is arr
+
+
+@pytest.mark.timeout(60)
+def test_forged_compact_records_raise_corrupt_message_with_the_numbers():
+    task = _compact_task()
+    result = _wire.result_record((5, 1, 0, True, *_wire.pack_items([1, 2]), None))
+    for good, read in ((task, _wire.read_task_record), (result, lambda b: _wire.read_result_record(b, 1))):
+        read(good)
+        for n in range(len(good)):                          # cut anywhere
+            with pytest.raises(CorruptMessage, match=f"record of {n} bytes"):
+                read(good[:n])
+        with pytest.raises(CorruptMessage, match=f"record of {len(good) + 1} bytes"):
+            read(good + b"\0")
+        for at in range(4):                                 # magic, version (and last's range)
+            forged = bytearray(good)
+            forged[at] ^= 0x5A
+            if read is _wire.read_task_record and at == 3:
+                assert read(bytes(forged))[1] == 1 ^ 0x5A      # (the kind: the worker checks it)
+                continue
+            with pytest.raises(CorruptMessage, match="compact"):
+                read(bytes(forged))
+    # the lengths in the header (task: function and stream; result: stream)
+    for offset in (4, 16):
+        forged = bytearray(task)
+        forged[offset: offset + 4] = (2**32 - 1).to_bytes(4, "little")
+        with pytest.raises(CorruptMessage, match="4294967295-byte"):
+            _wire.read_task_record(bytes(forged))
+    forged = bytearray(result)
+    forged[20:24] = (2**32 - 1).to_bytes(4, "little")
+    with pytest.raises(CorruptMessage, match="4294967295-byte stream"):
+        _wire.read_result_record(bytes(forged), 1)
+    forged = bytearray(result)
+    forged[12:20] = (-3).to_bytes(8, "little", signed=True)
+    with pytest.raises(CorruptMessage, match="offset -3"):
+        _wire.read_result_record(bytes(forged), 1)
+    with pytest.raises(CorruptMessage, match="not a buffer"):
+        _wire.read_task_record(12345)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64), st.booleans())
+def test_random_bytes_never_read_as_anything_but_a_checked_record(raw, as_task):
+    raw = (b"sT\x01" if as_task else b"sR\x01") + raw
+    try:
+        record = _wire.read_task_record(raw) if as_task else _wire.read_result_record(raw, 1)
+    except CorruptMessage:
+        return
+    if as_task:
+        _seq, _kind, (fn, (stream, buffers)), meta = record
+        assert len(fn) + len(stream) + 20 == len(raw) and buffers == ()
+    else:
+        _seq, _status, offset, _last, (stream, buffers), _meta, _info = record
+        assert len(stream) + 24 == len(raw) and offset >= 0 and buffers == ()
+
+
+@pytest.mark.timeout(60)
+def test_a_forged_compact_task_record_fails_that_task_in_the_worker():
+    """A compact task record damaged in shared memory (here: forged before it
+    is put) fails its task with a clear error; the pool goes on."""
+    from shmipc import _engine_dispatch
+
+    original = _engine_dispatch.task_record
+
+    def forged(seq, kind, data, meta):
+        record = original(seq, kind, data, meta)
+        if type(record) is bytes and b"forge me" in record:
+            return record[:-3]                      # three bytes short of what it announces
+        if type(record) is bytes and b"bad kind" in record:
+            return record[:3] + bytes([3]) + record[4:]     # K_BIG: a stub's kind
+        return record
+
+    with shmipc.Pool(1, context="fork") as pool:
+        _engine_dispatch.task_record = forged
+        try:
+            with pytest.raises(RuntimeError, match="could not be read in the worker.*announces"):
+                pool.map(echo, ["forge me"])
+            with pytest.raises(RuntimeError, match="could not be read in the worker.*of kind 3"):
+                pool.map(echo, ["bad kind"])
+        finally:
+            _engine_dispatch.task_record = original
+        assert pool.map(echo, ["fine"] * 3) == ["fine"] * 3
+        assert pool.statistics()["worker_deaths"] == 0
+
+
 @pytest.mark.timeout(30)
 def test_a_record_that_is_not_a_task_at_all_is_reported():
     # the ring side of a forged record: a worker's ring holds garbage meta
