@@ -72,7 +72,7 @@ from shmipc.errors import CorruptMessage, ShmipcError
 __all__ = ["OUT_OF_BAND_MIN", "IN_BAND_STREAM_MAX", "M_PICKLE", "M_BYTES", "M_BYTEARRAY",
            "M_NDARRAY", "M_BLOBS", "pack", "pack_items", "pack_pickled", "unpack", "rewrap",
            "dumps", "pack_error", "unpack_error", "pack_task", "unpack_task", "format_traceback", "detach",
-           "task_record", "read_task_record", "result_record", "read_result_record",
+           "task_record", "read_task_record", "result_record", "read_result_record", "out_of_band_bytes",
            # pipeline records
            "K_RESULT", "K_DONE", "K_ERROR", "K_FATAL", "PipelineError", "RemoteTraceback",
            "repack", "error_value", "rebuild_error"]
@@ -449,6 +449,16 @@ def pack_task(func: Any, payload: Any, items: bool) -> tuple[Any, Any]:
         return pack_pickled((func, payload))
     data, meta = pack_items(payload)
     return (fn, data), (M_CALL_ITEMS, meta)
+
+
+def out_of_band_bytes(data: Any, meta: Any) -> int:
+    """How many bytes the large items of a map chunk from pack_task (M_BLOBS)
+    take in a message at least (0 for any other encoding): a chunk whose
+    items alone cannot fit is known to be too large without encoding it."""
+    if type(meta) is tuple and len(meta) == 2 and meta[0] == M_CALL_ITEMS \
+            and type(meta[1]) is tuple and meta[1] and meta[1][0] == M_BLOBS:
+        return sum(map(len, map(memoryview, data[1])))
+    return 0
 
 
 def _dumps_function(func: Any) -> tuple[Any, tuple]:

@@ -382,6 +382,17 @@ def test_only_in_band_values_take_the_compact_form():
     assert _wire.result_record(arr) is arr
 
 
+@pytest.mark.timeout(30)
+def test_out_of_band_bytes_counts_a_chunks_large_items_only():
+    blob = b"b" * OUT_OF_BAND_MIN
+    assert _wire.out_of_band_bytes(*pack_task(len, [blob, b"s", blob, bytearray(3)], True)) == 0   # pickled
+    other = b"o" * (OUT_OF_BAND_MIN + 5)
+    assert _wire.out_of_band_bytes(*pack_task(len, [blob, b"s", other], True)) == 2 * len(blob) + 6
+    assert _wire.out_of_band_bytes(*pack_task(len, [blob] * 5, True)) == len(blob)    # sent once
+    assert _wire.out_of_band_bytes(*pack_task(len, [1, 2], True)) == 0
+    assert _wire.out_of_band_bytes(*pack_task(len, ((blob,), {}), False)) == 0
+
+
 @pytest.mark.timeout(60)
 def test_forged_compact_records_raise_corrupt_message_with_the_numbers():
     task = _compact_task()
