@@ -12,7 +12,8 @@ multiprocessing's time divided by that bound: no pool built on pickle can
 beat mp.Pool by more on this machine, in this run. For the 2,000 x 100 KiB
 bytes map the floor is two copies of every byte: into shared memory (here a
 4 MiB buffer written round and round, as a task ring is) and out of it into
-the worker's own bytes object.
+the worker's own bytes object; the parent makes the first copy from
+one thread, so that copy alone is a bound too.
 
 Run it::
 
@@ -91,7 +92,9 @@ def floor(processes: int = 2, repeat: int = 5, chunks: int = 8) -> dict[str, Any
     copy_in_s, copy_out_s = _cpu(copy_in, repeat), _cpu(copy_out, repeat)
     out["bytes_copy_in_s"] = copy_in_s
     out["bytes_copy_out_s"] = copy_out_s
-    out["bytes_bound_s"] = (copy_in_s + copy_out_s) / processes
+    # the parent writes every byte from one thread (one ring writer at a time):
+    # that alone bounds the map, whatever the workers do
+    out["bytes_bound_s"] = max(copy_in_s, (copy_in_s + copy_out_s) / processes)
     ctx = multiprocessing.get_context("fork")
     want_ints = [x + 1 for x in ints]
     want_blobs = [fingerprint(b) for b in data]
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['int_best_ratio']:.2f}x")
     print("Pool.map(fingerprint, 2000 x 100 KiB): two copies of 200 MB")
     print(f"  into a 4 MiB ring {r['bytes_copy_in_s'] * 1e3:.1f} ms, out of it {r['bytes_copy_out_s'] * 1e3:.1f} ms"
-          f" -> at least {r['bytes_bound_s'] * 1e3:.1f} ms on "
+          f" -> at least {r['bytes_bound_s'] * 1e3:.1f} ms (the parent copies in alone) on "
           f"{r['processes']} cores; mp.Pool (chunksize 15) {r['mp_pool_bytes_tuned_s'] * 1e3:.1f} ms -> "
           f"best possible ratio {r['bytes_best_ratio']:.2f}x")
     return 0
