@@ -48,10 +48,15 @@ task, as an unpicklable value does); nothing is allocated from an unchecked
 length.
 
 Measured, and therefore not done: lists of ints or floats sent as int64 /
-float64 arrays. Pickle already encodes a list of small ints at ~18 ns and
-decodes it at ~38 ns an item; ``array('q', items)`` costs ~33 ns and
-``tolist()`` ~23 ns, and checking that every item is exactly an int (a bool
-or an IntEnum must come back as itself) costs ~35 ns more: no gain.
+float64 arrays. Pickle already encodes a list of small ints at ~14-18 ns
+and decodes it at ~23-38 ns an item; ``array('q', items)`` costs ~33 ns
+and ``tolist()`` ~23 ns, and checking that every item is exactly an int (a
+bool or an IntEnum must come back as itself) costs ~18-35 ns more
+(``set(map(type, items))``, ``operator.countOf``): no gain (measured again
+on 2026-11-30, 2-core VM). Only a compiled codec (a C loop checking
+``PyLong_CheckExact`` and storing int64, ~3 ns an item; building the ints
+back, ~10 ns) would beat pickle; see benchmarks/bench_pool_floor.py for
+what the codec costs against the rest of a map.
 """
 from __future__ import annotations
 
