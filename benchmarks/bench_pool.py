@@ -13,7 +13,9 @@ multiprocessing.Pool runs twice: with its default chunksize and with the one
 that suited it best in a calibration just before (both shown).
 
 Targets (issue 11): ints >= 3x mp.Pool, bytes >= 5x mp.Pool, executor >= 3x
-concurrent.futures (the large-chunk executor map too).
+concurrent.futures (the large-chunk executor map too). What no pool can
+avoid on the machine at hand (the calls, pickling both ways, the copies),
+next to mp.Pool in the same run: ``benchmarks/bench_pool_floor.py``.
 
 Run it::
 

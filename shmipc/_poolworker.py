@@ -53,7 +53,10 @@ _BIG_WAIT = BIG_MESSAGE_WAIT_S        # a reader waits this long for a big messa
 #   result: (seq, status, offset, last, data, meta, info)
 # So a value that fails to unpickle (a class the reader cannot import, an
 # exception whose __init__ takes other arguments, a __setstate__ that raises)
-# fails only its own task: the reader still knows which task it was.
+# fails only its own task: the reader still knows which task it was. A map
+# chunk and an R_OK result whose value is a short in-band pickle travel as
+# compact bytes instead (_wire.task_record / result_record: no pickling of
+# the record itself) and are read back into these very tuples.
 R_OK = 1            # data/meta encode the value
 R_RAISED = 0        # data/meta encode the exception; info = (traceback text, repr)
 R_UNENCODABLE = 2   # the value did not pickle: data/meta encode why; info = (traceback, repr of the value)
