@@ -374,9 +374,15 @@ class _Engine(_Dispatch, _WorkerExits):
         if type(msg) is bytes:                  # a compact result record (see shmipc._wire)
             try:
                 msg = read_result_record(msg, R_OK)
-            except CorruptMessage as exc:       # as a record the ring could not decode: consumed
-                print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
-                return []
+            except CorruptMessage as exc:
+                # damaged in shared memory: its task (if the header still names
+                # one in flight) fails with the error rather than waiting for ever
+                task = self._inflight.get(getattr(exc, "seq", None))
+                if task is None:                # as a record the ring could not decode: consumed
+                    print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
+                    return []
+                self._settle(task)
+                return task.job._deliver(task, False, exc)
         seq, status, offset, last = msg[:4]
         if status == R_BAD_TASK:
             return self._on_bad_task(offset, msg[6])

@@ -581,7 +581,9 @@ def read_result_record(buf: Any, status: int) -> tuple:
     `buf` must be the record's own copy (bytes): the stream is a view of it.
 
     Raises:
-        CorruptMessage: it is not a well-formed compact result record.
+        CorruptMessage: it is not a well-formed compact result record; when
+            only its lengths are wrong, the error's ``seq`` names the task it
+            claims to be the result of.
     """
     mv = _buffer(buf, "a compact result record")
     n = mv.nbytes
@@ -593,8 +595,10 @@ def read_result_record(buf: Any, status: int) -> tuple:
         raise CorruptMessage(f"a compact result record starts with {magic!r} version {version} "
                              f"(last={last}), expected {_RESULT_MAGIC!r} version {_COMPACT_VERSION}")
     if _RESULT_HEAD.size + stream_len != n or offset < 0:
-        raise CorruptMessage(f"a compact result record of {n} bytes announces a {stream_len}-byte "
-                             f"stream after its {_RESULT_HEAD.size}-byte header (offset {offset})")
+        error = CorruptMessage(f"a compact result record of {n} bytes announces a {stream_len}-byte "
+                               f"stream after its {_RESULT_HEAD.size}-byte header (offset {offset})")
+        error.seq = seq         # (its task can be failed rather than left waiting)
+        raise error
     return seq, status, offset, bool(last), (mv[_RESULT_HEAD.size:], ()), M_PICKLE, None
 
 

@@ -475,6 +475,37 @@ def test_a_forged_compact_task_record_fails_that_task_in_the_worker():
         assert pool.statistics()["worker_deaths"] == 0
 
 
+def _short_result_record(record):
+    compact = _ORIGINAL_RESULT_RECORD(record)
+    if type(compact) is bytes and b"damage me" in compact:
+        return compact[:-2]                         # two bytes short of what it announces
+    return compact
+
+
+_ORIGINAL_RESULT_RECORD = _wire.result_record
+
+
+@pytest.mark.timeout(60)
+def test_a_damaged_compact_result_fails_its_task_and_the_pool_goes_on():
+    """A compact result record damaged in shared memory (here: cut short by
+    the worker, patched before the pool forks it) fails the task its header
+    names with CorruptMessage instead of leaving it waiting."""
+    from shmipc import _poolworker
+
+    _poolworker.result_record = _short_result_record
+    try:
+        with shmipc.Pool(1, context="fork") as pool:
+            with pytest.raises(CorruptMessage, match="announces a .*-byte stream"):
+                pool.map(echo, ["damage me", "x"])
+            assert pool.map(echo, ["fine"] * 3) == ["fine"] * 3
+            assert pool.statistics()["worker_deaths"] == 0
+    finally:
+        _poolworker.result_record = _ORIGINAL_RESULT_RECORD
+    with pytest.raises(CorruptMessage) as info:
+        _wire.read_result_record(_short_result_record((41, 1, 0, True, *_wire.pack_items(["damage me"]), None)), 1)
+    assert info.value.seq == 41
+
+
 @pytest.mark.timeout(30)
 def test_a_record_that_is_not_a_task_at_all_is_reported():
     # the ring side of a forged record: a worker's ring holds garbage meta
