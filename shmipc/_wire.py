@@ -150,7 +150,9 @@ def dumps(obj: Any) -> tuple[Any, tuple]:
     pickler.dump(obj)
     if out.tell() < IN_BAND_STREAM_MAX:
         return out.getvalue(), tuple(buffers)
-    return pickle.PickleBuffer(out.getbuffer()), tuple(buffers)
+    # the value, not a view (see _framing.dump_parts: no copy either way, and
+    # a view would keep the BytesIO exported for as long as it lives)
+    return pickle.PickleBuffer(out.getvalue()), tuple(buffers)
 
 
 class _Blob:
