@@ -5,16 +5,26 @@
  * sem_t that the other side posts only when someone sleeps). No Python, no
  * encoding, no checks beyond the stamps: what the machine gives this design.
  *
- * usage: c_ring SIZE SECONDS MODE [CPU_SENDER CPU_RECEIVER]
+ * usage: c_ring SIZE SECONDS MODE [VERIFY [CPU_SENDER CPU_RECEIVER]]
  *   SIZE     message size in bytes (>= 16)
  *   MODE     "copy": the receiver copies each message out (as Ring.get)
- *            "view": the receiver reads the stamps in place (as get_view)
+ *            "view": the receiver checks it in place (as get_view)
+ *   VERIFY   "full" (default): every byte of every message is compared with
+ *            the one expected, as the Python receivers of `shmipc bench` do
+ *            (shmipc/bench/workloads.py); "stamps": every message's stamps,
+ *            and every byte of one message in FULL_EVERY (their verify="stamps")
  * prints one JSON line: {"messages": N, "seconds": S}
+ *
+ * A floor is only a fair one if it does the work the measured rows do: the
+ * Python receivers compare what they get with what was sent, so this one
+ * does too (a receiver that only read two stamps would make the C ring a
+ * floor for a different job, and the ratios to it unfairly low).
  *
  * Invariants: head and tail only grow; head - tail <= CAPACITY; a record is
  * [u64 length][payload padded to 8] and never straddles the end (a length of
- * ~0 marks "skip to the start"); the receiver checks that message i carries
- * i in its first and last 8 bytes, so nothing is dropped or reordered.
+ * ~0 marks "skip to the start"); message i is pool[i % count] with i in its
+ * first and last 8 bytes; the receiver checks the stamps and (see VERIFY)
+ * the body, so nothing is dropped, reordered or corrupted unseen.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,6 +40,7 @@
 #include <unistd.h>
 
 #define SPINS 4000
+#define FULL_EVERY 16     /* as workloads.FULL_EVERY */
 #define WRAP (~(uint64_t)0)
 
 struct shared {
@@ -71,13 +82,14 @@ static void sleep_on(sem_t *sem) {
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s SIZE SECONDS copy|view [CPU_SENDER CPU_RECEIVER]\n", argv[0]);
+        fprintf(stderr, "usage: %s SIZE SECONDS copy|view [full|stamps [CPU_SENDER CPU_RECEIVER]]\n", argv[0]);
         return 2;
     }
     uint64_t size = strtoull(argv[1], NULL, 10);
     double seconds = atof(argv[2]);
     int view = strcmp(argv[3], "view") == 0;
-    int cpu_a = argc > 5 ? atoi(argv[4]) : -1, cpu_b = argc > 5 ? atoi(argv[5]) : -1;
+    int full = argc <= 4 || strcmp(argv[4], "stamps") != 0;
+    int cpu_a = argc > 6 ? atoi(argv[5]) : -1, cpu_b = argc > 6 ? atoi(argv[6]) : -1;
     if (size < 16) size = 16;
     uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
     uint64_t capacity = 1 << 20;
@@ -123,15 +135,20 @@ int main(int argc, char **argv) {
             if (len == 0) break;                          /* the end marker */
             unsigned char *p = ring + at + 8;
             uint64_t first, last;
-            if (view) {
-                memcpy(&first, p, 8);
-                memcpy(&last, p + len - 8, 8);
-            } else {
+            if (!view) {
                 memcpy(out, p, len);
-                memcpy(&first, out, 8);
-                memcpy(&last, out + len - 8, 8);
+                p = out;
             }
-            if (first != n || last != n) { sh->error = 1; break; }
+            memcpy(&first, p, 8);
+            memcpy(&last, p + len - 8, 8);
+            if (len != size || first != n || last != n) { sh->error = 1; break; }
+            /* the body between the stamps: this process's copy of the pool
+             * (the sender rewrites only the stamps of its own copy) */
+            if ((full || n % FULL_EVERY == 0)
+                    && memcmp(p + 8, pool + (n % count) * size + 8, size - 16) != 0) {
+                sh->error = 2;
+                break;
+            }
             n++;
             tail += record;
         advance:
