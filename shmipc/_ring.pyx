@@ -931,7 +931,7 @@ cdef class Ring:
                 PyBuffer_Release(&b)
         return 0
 
-    cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
+    cdef inline void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
         """Publish records up to `head` (the producer side held: its lock, or
         one producer). Consumers are not woken: see _signal_data, _publish."""
         cdef shm_ring_t *h = self.hdr
@@ -946,7 +946,7 @@ cdef class Ring:
         h.prod.lock_pos = head
         h.prod.lock_msgs = h.prod.msgs
 
-    cdef void _signal_data(self) noexcept:
+    cdef inline void _signal_data(self) noexcept:
         """After a commit: the full fence that orders it before the waiter
         count (Dekker, see the module docstring), then wake a consumer asleep
         waiting for data, and send a readiness byte if one is due."""
@@ -956,7 +956,7 @@ cdef class Ring:
         if self.notify_fd >= 0:                 # readiness fds: see _ready_rearm
             shm_signal_ready(&h.wait.ready_signalled, self.notify_fd, self.notify_socket)
 
-    cdef void _publish(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
+    cdef inline void _publish(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
         """Commit records up to `head` and wake a consumer waiting for them
         (where the producer side needs no unlock in between)."""
         self._commit(head, nmsgs, nbytes)
