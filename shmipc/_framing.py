@@ -90,9 +90,14 @@ def _dispatch_table() -> dict:
     return _table
 
 
-def dump_parts(obj: Any) -> list[memoryview]:
+def dump_parts(obj: Any) -> list[bytes | memoryview]:
     """An object as [pickle stream, out-of-band buffer, ...] (protocol 5:
-    contiguous buffers such as numpy arrays' data are not copied)."""
+    contiguous buffers such as numpy arrays' data are not copied).
+
+    The stream is the BytesIO's value, not a view of it: getvalue() hands
+    over the BytesIO's own bytes without a copy, and a view would keep the
+    BytesIO exported (when a failed put's traceback puts the parts in a
+    reference cycle, 3.13's BytesIO finalizer then reports a BufferError)."""
     buffers: list[memoryview] = []
 
     def keep(pb: pickle.PickleBuffer) -> bool:
@@ -106,7 +111,7 @@ def dump_parts(obj: Any) -> list[memoryview]:
     pickler = pickle.Pickler(out, 5, buffer_callback=keep)
     pickler.dispatch_table = _dispatch_table()
     pickler.dump(obj)
-    return [out.getbuffer(), *buffers]
+    return [out.getvalue(), *buffers]
 
 
 def load_parts(parts: list[bytearray]) -> Any:

@@ -10,6 +10,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -931,3 +932,37 @@ def test_two_large_puts_then_gets_in_one_thread():
     assert done == bigs + ["small"]
     q.close()
     q.join_thread()
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_large_put_left_in_a_cycle_is_collected_quietly():
+    """A large put that raises queue.Full keeps its pickled parts alive in
+    the traceback's frames; when that exception ends up in a reference
+    cycle, the cyclic collector finalizes everything together. The parts
+    must not be views of an io.BytesIO (3.13's BytesIO finalizer raises
+    BufferError, "Exception ignored in: <_io.BytesIO ...>", when a view of
+    it is still alive), and nothing else may complain either."""
+    import gc
+    q = shmipc.Queue(capacity=1 << 16)
+    big = [os.urandom(1 << 10) for _ in range(300)]    # in band: one pickle stream
+    unraisable = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = unraisable.append
+    try:
+        gc.collect()
+        for _ in range(3):
+            holder = {}
+            try:
+                q.put(big, block=False)
+            except queue.Full as exc:
+                holder["exc"] = exc
+                holder["self"] = holder             # a cycle through the traceback
+            assert "exc" in holder, "the large put did not fail: nothing to collect"
+            del holder
+        gc.collect()
+    finally:
+        sys.unraisablehook = old_hook
+    assert [u.exc_value for u in unraisable] == []
+    q.put("after")
+    assert q.get(timeout=10) == "after"
+    q.close()
