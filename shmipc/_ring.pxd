@@ -75,13 +75,14 @@ cdef class Ring:
     cdef void _unlock(self, int kind) noexcept
     cdef uint64_t _reserve(self, uint64_t head, uint64_t length, uint64_t pending) except? 1
     cdef int _write_record(self, uint64_t pos, enc_t *e, object segs) except -1
-    cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
+    cdef inline void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
+    cdef inline void _signal_data(self) noexcept
+    cdef inline void _publish(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
     cdef Py_ssize_t _produce(self, enc_t *encs, Py_ssize_t n, object keep, bint batch,
                              int64_t deadline) except -1
     cdef int _check_size(self, enc_t *e) except -1
     cdef bint _put_now(self, enc_t *e) noexcept
     cdef Py_ssize_t _put_many_now(self, enc_t *encs, Py_ssize_t n) noexcept
-    cdef void _publish_one(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
     cdef object _get_now(self, bint *done)
     cdef bint _empty_now(self) noexcept
     cdef list _get_many_now(self, Py_ssize_t max_items, Py_ssize_t max_bytes, list tags)

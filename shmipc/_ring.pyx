@@ -931,8 +931,9 @@ cdef class Ring:
                 PyBuffer_Release(&b)
         return 0
 
-    cdef void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
-        """Publish records up to `head`."""
+    cdef inline void _commit(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
+        """Publish records up to `head` (the producer side held: its lock, or
+        one producer). Consumers are not woken: see _signal_data, _publish."""
         cdef shm_ring_t *h = self.hdr
         cdef uint64_t me = shm_self_ident()
         if h.prod.pid != me:
@@ -940,8 +941,26 @@ cdef class Ring:
         h.prod.msgs += nmsgs
         h.prod.bytes += nbytes
         shm_store_rel64(&h.prod.pos, head)     # the commit point
-        h.prod.lock_pos = head                 # consistent again (see _recover_lock)
+        # consistent again (see _recover_lock; one-producer rings never read
+        # them, and two stores to our own line cost nothing measurable)
+        h.prod.lock_pos = head
         h.prod.lock_msgs = h.prod.msgs
+
+    cdef inline void _signal_data(self) noexcept:
+        """After a commit: the full fence that orders it before the waiter
+        count (Dekker, see the module docstring), then wake a consumer asleep
+        waiting for data, and send a readiness byte if one is due."""
+        cdef shm_ring_t *h = self.hdr
+        shm_fence()
+        shm_wake(&h.data_sem, &h.wait.data_waiters)
+        if self.notify_fd >= 0:                 # readiness fds: see _ready_rearm
+            shm_signal_ready(&h.wait.ready_signalled, self.notify_fd, self.notify_socket)
+
+    cdef inline void _publish(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
+        """Commit records up to `head` and wake a consumer waiting for them
+        (where the producer side needs no unlock in between)."""
+        self._commit(head, nmsgs, nbytes)
+        self._signal_data()
 
     cdef Py_ssize_t _produce(self, enc_t *encs, Py_ssize_t n, object keep, bint batch,
                              int64_t deadline) except -1:
@@ -975,11 +994,7 @@ cdef class Ring:
                     i += 1
                     if head - published >= PUBLISH_BYTES and i < n:
                         # let the consumer start on what is written (see PUBLISH_BYTES)
-                        self._commit(head, i - start, nbytes)
-                        shm_fence()
-                        shm_wake(&h.data_sem, &h.wait.data_waiters)
-                        if self.notify_fd >= 0:     # readiness fds: see _ready_rearm
-                            shm_signal_ready(&h.wait.ready_signalled, self.notify_fd, self.notify_socket)
+                        self._publish(head, i - start, nbytes)
                         start = i
                         nbytes = 0
                         published = head
@@ -989,11 +1004,8 @@ cdef class Ring:
                 if self.many_producers:
                     self._unlock(W_PLOCK)
                 if i > start:
-                    shm_fence()
-                    shm_wake(&h.data_sem, &h.wait.data_waiters)
+                    self._signal_data()
                     shm_publish_cpu(&h.wait.prod_cpu)   # see _wait
-                    if self.notify_fd >= 0:             # readiness fds: see _ready_rearm
-                        shm_signal_ready(&h.wait.ready_signalled, self.notify_fd, self.notify_socket)
             if i == n:
                 return n
             # (the deadline is checked here too: _wait returns at once while
@@ -1067,7 +1079,7 @@ cdef class Ring:
         without padding and nothing is unusual (no message limit, no
         shutdown, the positions in range). False when it did nothing: the
         general path (_produce) then decides, raises or waits. The same
-        steps as _reserve, _write_record and _commit, without what only
+        steps as _reserve, _write_record and _publish, without what only
         batches, segments and locks need; no Python object is touched, so
         nothing can run in between (the GIL is held throughout)."""
         cdef shm_ring_t *h = self.hdr
@@ -1095,7 +1107,7 @@ cdef class Ring:
         r.check = shm_rec_check(<uint32_t>e.size, e.tag)
         r.owner = 0
         memcpy((<char *>r) + SHM_REC_HDR, e.ptr, e.size)
-        self._publish_one(head + length, 1, <uint64_t>e.size)
+        self._publish(head + length, 1, <uint64_t>e.size)
         shm_publish_cpu(&h.wait.prod_cpu)               # see _wait
         return True
 
@@ -1135,31 +1147,15 @@ cdef class Ring:
             nbytes += <uint64_t>encs[i].size
             i += 1
             if head - published >= PUBLISH_BYTES or i == n:
-                self._publish_one(head, i - start, nbytes)
+                self._publish(head, i - start, nbytes)
                 published = head
                 start = i
                 nbytes = 0
         if i > start:
-            self._publish_one(head, i - start, nbytes)
+            self._publish(head, i - start, nbytes)
         if i:
             shm_publish_cpu(&h.wait.prod_cpu)               # see _wait
         return i
-
-    cdef void _publish_one(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept:
-        """One producer: commit records up to `head` and wake a consumer
-        waiting for data (_commit and what follows it in _produce; the
-        producer lock's recovery fields are not needed without the lock)."""
-        cdef shm_ring_t *h = self.hdr
-        cdef uint64_t me = shm_self_ident()
-        if h.prod.pid != me:
-            h.prod.pid = me
-        h.prod.msgs += nmsgs
-        h.prod.bytes += nbytes
-        shm_store_rel64(&h.prod.pos, head)     # the commit point
-        shm_fence()
-        shm_wake(&h.data_sem, &h.wait.data_waiters)
-        if self.notify_fd >= 0:                 # readiness fds: see _ready_rearm
-            shm_signal_ready(&h.wait.ready_signalled, self.notify_fd, self.notify_socket)
 
     cdef int _debug_check(self) except -1:
         """Debug builds: the positions are in order after every call."""

@@ -1,20 +1,32 @@
 /* The C floor of `shmipc bench`: a single-producer single-consumer byte ring
  * in MAP_SHARED|MAP_ANONYMOUS memory made before fork, with the same design
  * as shmipc's ring (head and tail on separate cache lines, each side caching
- * the other's index, a bounded spin before sleeping on a process-shared
- * sem_t that the other side posts only when someone sleeps). No Python, no
- * encoding, no checks beyond the stamps: what the machine gives this design.
+ * the other's index, a bounded spin -- yielding, not pausing, when the peer
+ * last ran on the waiter's CPU -- before sleeping on a process-shared sem_t
+ * that the other side posts only when someone sleeps). No Python, no
+ * encoding; the receiver verifies as the Python receivers do (VERIFY): what
+ * the machine gives this design.
  *
- * usage: c_ring SIZE SECONDS MODE [CPU_SENDER CPU_RECEIVER]
+ * usage: c_ring SIZE SECONDS MODE [VERIFY [CPU_SENDER CPU_RECEIVER]]
  *   SIZE     message size in bytes (>= 16)
  *   MODE     "copy": the receiver copies each message out (as Ring.get)
- *            "view": the receiver reads the stamps in place (as get_view)
+ *            "view": the receiver checks it in place (as get_view)
+ *   VERIFY   "full" (default): every byte of every message is compared with
+ *            the one expected, as the Python receivers of `shmipc bench` do
+ *            (shmipc/bench/workloads.py); "stamps": every message's stamps,
+ *            and every byte of one message in FULL_EVERY (their verify="stamps")
  * prints one JSON line: {"messages": N, "seconds": S}
+ *
+ * A floor is only a fair one if it does the work the measured rows do: the
+ * Python receivers compare what they get with what was sent, so this one
+ * does too (a receiver that only read two stamps would make the C ring a
+ * floor for a different job, and the ratios to it unfairly low).
  *
  * Invariants: head and tail only grow; head - tail <= CAPACITY; a record is
  * [u64 length][payload padded to 8] and never straddles the end (a length of
- * ~0 marks "skip to the start"); the receiver checks that message i carries
- * i in its first and last 8 bytes, so nothing is dropped or reordered.
+ * ~0 marks "skip to the start"); message i is pool[i % count] with i in its
+ * first and last 8 bytes; the receiver checks the stamps and (see VERIFY)
+ * the body, so nothing is dropped, reordered or corrupted unseen.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -30,6 +42,7 @@
 #include <unistd.h>
 
 #define SPINS 4000
+#define FULL_EVERY 16     /* as workloads.FULL_EVERY */
 #define WRAP (~(uint64_t)0)
 
 struct shared {
@@ -37,6 +50,8 @@ struct shared {
     _Alignas(64) volatile uint64_t tail;          /* bytes ever consumed */
     _Alignas(64) volatile int consumer_waiting;
     volatile int producer_waiting;
+    volatile unsigned sender_cpu;                 /* CPU + 1 each side last ran on (0: unknown), */
+    volatile unsigned receiver_cpu;               /* as shmipc's wait.prod_cpu / cons_cpu */
     sem_t data;                                   /* posted when the consumer sleeps and data came */
     sem_t space;                                  /* posted when the producer sleeps and room came */
     _Alignas(64) volatile double t_end;           /* the receiver's clock at the end marker */
@@ -56,6 +71,30 @@ static inline void relax(void) {
 #endif
 }
 
+/* As shmipc's ring (_ring.pyx _wait, issue 11): each side publishes the CPU
+ * it runs on after every message (written only when it changed), and a
+ * waiter whose peer last ran on its own CPU spins with sched_yield() instead
+ * of PAUSE: a busy spin there would hold the very CPU the peer needs. Without
+ * this the floor is of another design: on a loaded 2-CPU machine, where the
+ * scheduler often puts both processes on one CPU, its fixed PAUSE spin made
+ * it run 1 MiB messages at a fraction of shmipc's speed (and 64 B ones, by
+ * filling the whole ring per time slice, at several times a spinning floor). */
+static inline unsigned cpu_now(void) {
+    int c = sched_getcpu();
+    return c < 0 ? 0u : (unsigned)c + 1u;
+}
+
+static inline void publish_cpu(volatile unsigned *slot) {
+    unsigned c = cpu_now();
+    if (*slot != c) *slot = c;
+}
+
+/* one step of a waiter's spin: yield if the peer shares our CPU, else PAUSE */
+static inline void spin_step(int shared) {
+    if (shared) sched_yield();
+    else relax();
+}
+
 static void pin(int cpu) {
     if (cpu < 0) return;
     cpu_set_t set;
@@ -71,13 +110,14 @@ static void sleep_on(sem_t *sem) {
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s SIZE SECONDS copy|view [CPU_SENDER CPU_RECEIVER]\n", argv[0]);
+        fprintf(stderr, "usage: %s SIZE SECONDS copy|view [full|stamps [CPU_SENDER CPU_RECEIVER]]\n", argv[0]);
         return 2;
     }
     uint64_t size = strtoull(argv[1], NULL, 10);
     double seconds = atof(argv[2]);
     int view = strcmp(argv[3], "view") == 0;
-    int cpu_a = argc > 5 ? atoi(argv[4]) : -1, cpu_b = argc > 5 ? atoi(argv[5]) : -1;
+    int full = argc <= 4 || strcmp(argv[4], "stamps") != 0;
+    int cpu_a = argc > 6 ? atoi(argv[5]) : -1, cpu_b = argc > 6 ? atoi(argv[6]) : -1;
     if (size < 16) size = 16;
     uint64_t record = 8 + ((size + 7) & ~(uint64_t)7);
     uint64_t capacity = 1 << 20;
@@ -108,8 +148,11 @@ int main(int argc, char **argv) {
         for (;;) {
             if (head == tail) {
                 int spins = 0;
+                unsigned me = cpu_now();
+                publish_cpu(&sh->receiver_cpu);
+                int shared = me != 0 && sh->sender_cpu == me;
                 while ((head = __atomic_load_n(&sh->head, __ATOMIC_ACQUIRE)) == tail) {
-                    if (++spins < SPINS) { relax(); continue; }
+                    if (++spins < SPINS) { spin_step(shared); continue; }
                     __atomic_store_n(&sh->consumer_waiting, 1, __ATOMIC_SEQ_CST);
                     if ((head = __atomic_load_n(&sh->head, __ATOMIC_SEQ_CST)) != tail) break;
                     sleep_on(&sh->data);
@@ -123,15 +166,20 @@ int main(int argc, char **argv) {
             if (len == 0) break;                          /* the end marker */
             unsigned char *p = ring + at + 8;
             uint64_t first, last;
-            if (view) {
-                memcpy(&first, p, 8);
-                memcpy(&last, p + len - 8, 8);
-            } else {
+            if (!view) {
                 memcpy(out, p, len);
-                memcpy(&first, out, 8);
-                memcpy(&last, out + len - 8, 8);
+                p = out;
             }
-            if (first != n || last != n) { sh->error = 1; break; }
+            memcpy(&first, p, 8);
+            memcpy(&last, p + len - 8, 8);
+            if (len != size || first != n || last != n) { sh->error = 1; break; }
+            /* the body between the stamps: this process's copy of the pool
+             * (the sender rewrites only the stamps of its own copy) */
+            if ((full || n % FULL_EVERY == 0)
+                    && memcmp(p + 8, pool + (n % count) * size + 8, size - 16) != 0) {
+                sh->error = 2;
+                break;
+            }
             n++;
             tail += record;
         advance:
@@ -140,6 +188,7 @@ int main(int argc, char **argv) {
                 __atomic_store_n(&sh->producer_waiting, 0, __ATOMIC_SEQ_CST);
                 sem_post(&sh->space);
             }
+            publish_cpu(&sh->receiver_cpu);
         }
         sh->t_end = now();
         sh->received = n;
@@ -155,8 +204,11 @@ int main(int argc, char **argv) {
         if (wrap) need = capacity - at + record;
         if (head + need - tail > capacity) {
             int spins = 0;
+            unsigned me = cpu_now();
+            publish_cpu(&sh->sender_cpu);
+            int shared = me != 0 && sh->receiver_cpu == me;
             while (head + need - (tail = __atomic_load_n(&sh->tail, __ATOMIC_ACQUIRE)) > capacity) {
-                if (++spins < SPINS) { relax(); continue; }
+                if (++spins < SPINS) { spin_step(shared); continue; }
                 __atomic_store_n(&sh->producer_waiting, 1, __ATOMIC_SEQ_CST);
                 if (head + need - (tail = __atomic_load_n(&sh->tail, __ATOMIC_SEQ_CST)) <= capacity) break;
                 sleep_on(&sh->space);
@@ -186,6 +238,7 @@ int main(int argc, char **argv) {
             __atomic_store_n(&sh->consumer_waiting, 0, __ATOMIC_SEQ_CST);
             sem_post(&sh->data);
         }
+        publish_cpu(&sh->sender_cpu);
     }
     int status;
     waitpid(pid, &status, 0);

@@ -269,7 +269,8 @@ def format_report(report: dict) -> str:
              *([f"pinned: {_PIN[pin]}"] if (pin := report["options"].get("pin")) else []),
              "ring x: the plain shmipc.ring (put/get) figure over this transport's; best x: the best "
              "shmipc variant's; for round trips, this transport's median over shmipc's",
-             *(["of c-ring: this row's rate over a C ring of the same design (sem_t + spin, no Python); "
+             *(["of c-ring: this row's rate over a C ring of the same design (sem_t + spin, no Python; its receiver "
+                "verifies every message as the Python receivers do); "
                 "of memcpy: over one process copying each message once from a Python loop (no IPC; two "
                 "processes on two cores, or a zero-copy receive, can exceed it)"]
                if any(r.get("reference") for r in report["records"]) else []), ""]

@@ -496,7 +496,9 @@ class CRing(Transport):
     indices, a bounded spin, then a process-shared sem_t), compiled with the
     compiler Python's extensions use: what the machine gives the design with
     no Python in the way. The receiver copies messages under 64 KiB out (as
-    Ring.get) and reads larger ones in place (as get_view)."""
+    Ring.get) and reads larger ones in place (as get_view), and verifies each
+    as the Python receivers do (the run's ``verify``): a floor that skipped
+    the comparison would be one for a different job."""
 
     name = "c-ring"
     mode = "cring"

@@ -298,9 +298,11 @@ def _memcpy_round(pool: list, seconds: float) -> dict:
 
 
 def _c_ring_rounds(size: int, rounds: int, seconds: float, tmpdir: str,
-                   cpus: tuple[int, int] | None) -> list[dict]:
+                   cpus: tuple[int, int] | None, verify: str = "full") -> list[dict]:
     """Run the C ring floor (transports.CRing): a warm-up, then `rounds`
-    rounds, each a fresh pair of processes."""
+    rounds, each a fresh pair of processes. Its receiver verifies as the
+    Python receivers do (`verify`: every byte, or stamps and every byte of
+    one message in FULL_EVERY), so the floor does the same work per message."""
     import subprocess
 
     from shmipc.bench.transports import LARGE, build_c_ring
@@ -309,7 +311,7 @@ def _c_ring_rounds(size: int, rounds: int, seconds: float, tmpdir: str,
     mode = "view" if size >= LARGE else "copy"
     out = []
     for r in range(rounds + 1):
-        args = [binary, str(size), str(min(seconds, 0.05) if r == 0 else seconds), mode]
+        args = [binary, str(size), str(min(seconds, 0.05) if r == 0 else seconds), mode, verify]
         if cpus is not None:
             args += [str(cpus[0]), str(cpus[1])]
         done = subprocess.run(args, capture_output=True, text=True, timeout=60 + seconds * 10)
@@ -413,7 +415,7 @@ def measure(transport: Transport, workload: str, size: int, rounds: int, seconds
     kind = "numpy" if workload == "numpy" else "bytes"
     pool: list = array_pool(size) if kind == "numpy" else message_pool(size)
     if transport.mode == "cring":
-        return {"rounds": _c_ring_rounds(size, rounds, seconds, tmpdir, cpus)}
+        return {"rounds": _c_ring_rounds(size, rounds, seconds, tmpdir, cpus, verify)}
     if transport.mode == "memcpy":
         return {"rounds": [_memcpy_round(pool, min(seconds, 0.05) if r == 0 else seconds)
                            for r in range(rounds + 1)][1:]}
