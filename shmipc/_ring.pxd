@@ -34,6 +34,7 @@ cdef class Ring:
     cdef uint64_t cached_tail       # producer's last view of the tail (a lower bound)
     cdef uint64_t cached_head       # consumer's last view of the head (a lower bound)
     cdef int64_t spin_ns            # adaptive spin budget before sleeping
+    cdef int64_t recovered_ns       # when a wait that ran out last looked for dead holders (_recover_at_deadline)
     cdef Py_buffer view             # the exported mapping; valid while has_view
     cdef bint has_view
     cdef bint closed                # closed in this process
@@ -67,6 +68,7 @@ cdef class Ring:
     cdef bint _ready(self, int kind, uint64_t need) noexcept nogil
     cdef bint _wait(self, int kind, uint64_t need, int64_t deadline) except -1
     cdef bint _sleep(self, int kind, uint64_t need, int64_t deadline, sem_t *sem, uint32_t *waiters) except -1
+    cdef bint _recover_at_deadline(self, int kind, uint64_t need) except -1
     cdef bint _look_around(self, int kind) except -1
     cdef int _reclaim_dead_claims(self) except -1
     cdef bint _lock(self, int kind, int64_t deadline) except -1

@@ -634,7 +634,7 @@ cdef class Ring:
         if self._ready(kind, need):
             return False
         if deadline == 0:
-            return True
+            return not self._recover_at_deadline(kind, need)
         # Where do we run, and where did the peer last put, take or wait?
         # Each side publishes its CPU after every put / take (shm_publish_cpu)
         # and here, and writes the shared line only when the CPU changed. Lock waits (W_PLOCK / W_CLOCK) wait
@@ -735,12 +735,33 @@ cdef class Ring:
             if self.closed:
                 raise RingClosed(f"ring {self.name!r} was closed while waiting")
             if t0 >= deadline:
-                return True
+                return not self._recover_at_deadline(kind, need)
             if rc != 0 and rc != ETIMEDOUT and rc != EINTR:
                 self._corrupt(f"waiting on a semaphore failed: {os.strerror(rc)}")
             if rc == ETIMEDOUT:
                 if self._look_around(kind):
                     return False
+
+    cdef bint _recover_at_deadline(self, int kind, uint64_t need) except -1:
+        """A wait ran out (or was not allowed: block=False): recover what
+        dead processes hold, as a whole quiet slice would have, at most once
+        a slice per ring in this process. True if that made `kind` ready.
+
+        Callers that wait in steps no longer than a slice (the Queue's
+        large-message writer, any loop of short timeouts or of put_nowait /
+        get_nowait) never reach the look-around at the end of a slice, and
+        what a dead process holds (a lock, a claimed record at the tail)
+        would never come back. Only the recovering kinds: a dead peer of a
+        one-to-one side still ends such a wait as Empty/Full (PeerDied is
+        raised after a whole quiet slice, as before)."""
+        cdef int64_t now
+        if not (kind == W_PLOCK or kind == W_CLOCK or (kind == W_SPACE and self.many_consumers)):
+            return False
+        now = shm_now_ns()
+        if now - self.recovered_ns < SLICE_NS:
+            return False
+        self.recovered_ns = now
+        return self._look_around(kind) or self._ready(kind, need)
 
     cdef bint _look_around(self, int kind) except -1:
         """After a quiet slice: raise if the peer we wait for is dead, recover
@@ -1011,8 +1032,11 @@ cdef class Ring:
             # (the deadline is checked here too: _wait returns at once while
             # the ring looks ready, and garbage may keep _reserve disagreeing)
             if deadline != FOREVER and shm_now_ns() >= deadline:
-                return i
-            if self._wait(W_SPACE, rec_len(encs[i].size), deadline):
+                # out of time: unless room held by dead consumers comes back
+                # now (see _recover_at_deadline), this call is over
+                if not self._recover_at_deadline(W_SPACE, rec_len(encs[i].size)):
+                    return i
+            elif self._wait(W_SPACE, rec_len(encs[i].size), deadline):
                 return i
 
     cdef int _check_size(self, enc_t *e) except -1:

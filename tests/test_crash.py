@@ -399,3 +399,53 @@ def test_named_arena_is_unlinked_when_its_owner_is_killed(no_leaks):
     assert attached.ring(name="r").get(timeout=1) == b"alive"   # attached mappings live on
     attached.close()
     side.close()
+
+
+def _hold_a_view_then_wait(ring, w):
+    with ring.get_view(timeout=30):
+        os.write(w, b"v")           # the record is claimed by this process now
+        time.sleep(60)              # killed here
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("timeout", [0.0, 0.01, 0.05])
+def test_short_timeouts_still_recover_a_dead_consumers_claim(timeout):
+    """A consumer SIGKILLed while its view is open leaves its record claimed
+    at the tail; the next producer waiting for room takes it back. It must
+    do so even when every put's timeout is no longer than the ring's wait
+    slice (the Queue's large-message writer puts with 0.05 s at a time):
+    the recovery ran only after a whole quiet slice, which such a put never
+    reaches, so the ring stayed full for ever."""
+    arena = shmipc.Arena(1 << 20)
+    ring = arena.ring(1 << 12, producers="many", consumers="many")
+    msg = b"m" * 1000
+    while True:                     # fill the ring
+        try:
+            ring.put(msg, timeout=0)
+        except queue.Full:
+            break
+    r, w = os.pipe()
+    pid = fork_child(_hold_a_view_then_wait, ring, w)
+    try:
+        assert os.read(r, 1) == b"v"
+        os.kill(pid, signal.SIGKILL)
+        assert wait_child(pid) == -signal.SIGKILL
+        while True:                 # drain what is not claimed: the claim blocks the tail
+            try:
+                assert ring.get(timeout=0) == msg
+            except queue.Empty:
+                break
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                ring.put(msg, timeout=timeout)
+                break
+            except queue.Full:
+                assert time.monotonic() < deadline, f"no room after 20 s of {timeout} s puts: {ring.stats()}"
+        stats = ring.stats()
+        assert stats["recoveries"] >= 1 and stats["lost"] >= 1, stats
+        assert ring.get(timeout=5) == msg
+    finally:
+        os.close(r)
+        os.close(w)
+        arena.close()
