@@ -161,6 +161,7 @@ class _Engine(_Dispatch, _WorkerExits):
         self._retry_at = 0.0                                # broken: when a submit may try again
         self._respawn_at: dict[int, float] = {}             # empty slot -> when to start its worker
         self._spawn_failures = 0                            # consecutive spawns that failed
+        self._outside_spawn_failures = 0                    # ... of which the zygotes were killed from outside
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0

@@ -28,7 +28,7 @@ from shmipc._poolworker import SLOT_WORDS, W_PID
 from shmipc._runtime import MAX_SPAWN_FAILURES
 from shmipc._slots import BUSY, EXITING, STARTING, W_SEQ, W_STATE
 from shmipc._tasks import _Task
-from shmipc._waiting import DEAD_RING_SLICE_S
+from shmipc._waiting import DEAD_RING_SLICE_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S
 
 # pool states (as shmipc._engine's)
 RUN = "RUN"
@@ -147,9 +147,19 @@ class _WorkerExits:
             assert self._sup is not None
             try:
                 self._pids[slot] = self._sup.spawn(slot)
-                self._spawn_failures = 0
+                self._spawn_failures = self._outside_spawn_failures = 0
             except Exception as exc:
                 print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
+                if getattr(exc, "killed_from_outside", False):
+                    # the zygotes were killed or stopped from outside (or too
+                    # slow): that says nothing about whether workers can
+                    # start, so it never breaks the pool (as StartupGuard
+                    # treats workers killed while starting); tried again
+                    # after a back-off, so an attack costs few forks
+                    self._outside_spawn_failures += 1
+                    self._respawn_at[slot] = time.monotonic() + \
+                        min(SPAWN_RETRY_S * 2 ** min(self._outside_spawn_failures - 1, 5), SPAWN_RETRY_MAX_S)
+                    return later
                 self._respawn_at[slot] = 0.0        # tried again at the next poll
                 self._spawn_failures += 1
                 if not self._pids and self._spawn_failures >= MAX_SPAWN_FAILURES:

@@ -28,6 +28,10 @@ FORK_PAUSE_S = 0.001         # join() while the bookkeeping thread is paused for
 # submit try again after this long, doubling at each new trip up to the cap
 STARTUP_RETRY_S = 1.0
 STARTUP_RETRY_MAX_S = 30.0
+# a worker that could not be started because its zygotes were killed or
+# stopped from outside is started again after this long, doubling up to the cap
+SPAWN_RETRY_S = 0.05
+SPAWN_RETRY_MAX_S = 1.0
 
 # ---------------------------------------------------------------- parent: pipeline
 PIPELINE_POLL_S = 0.05       # the parent's longest sleep before it looks at its workers

@@ -70,6 +70,7 @@ from shmipc._fork_safety import (forget_mp_child, mark_thread_long_lived, outliv
                                   register_pausable, sigint_blocked, threads_paused,
                                   unmark_thread_long_lived)
 from shmipc._proc import pid_alive, resolve_start_method
+from shmipc._runtime import killed_from_outside
 from shmipc._waiting import EXIT_POLL_S, ZYGOTE_EXIT_CHECK_S
 from shmipc._zygote_link import _pidfd_running, _ZygoteLink
 from shmipc._zygote import (_CMD_GO, _CMD_QUIT, _CMD_SPARE, _CMD_SPAWN, _EVT_EXITED,
@@ -280,6 +281,10 @@ class Supervisor:
         """Ask the zygote for a worker; replace a zygote that is gone or does
         not answer in time (killed, stopped) and ask the new one."""
         last: BaseException | None = None
+        # whether a zygote failed by its own hand (an exit code, a fault
+        # signal); zygotes killed or stopped from outside, or too slow, say
+        # nothing about whether workers can start (see _engine_exits._respawn)
+        own_failure = False
         for _attempt in range(3):
             link = self._link
             if link is None or not link.alive():
@@ -295,6 +300,7 @@ class Supervisor:
             except OSError as exc:
                 last = exc
                 self._lose_zygote(link, kill=True)
+                own_failure = own_failure or not killed_from_outside(link.exitcode)
                 continue
             deadline = time.monotonic() + self.zygote_timeout
             started = 0
@@ -323,8 +329,10 @@ class Supervisor:
             last = OSError(errno.ETIMEDOUT, f"the worker zygote (pid {link.pid}) did not start a "
                                             f"worker for slot {slot} within {self.zygote_timeout} s")
             self._lose_zygote(link, kill=True)
-        raise OSError(getattr(last, "errno", None) or errno.ECHILD,
-                      f"could not start a worker for slot {slot}: {last}")
+        error = OSError(getattr(last, "errno", None) or errno.ECHILD,
+                        f"could not start a worker for slot {slot}: {last}")
+        error.killed_from_outside = not own_failure      # type: ignore[attr-defined]
+        raise error
 
     def _track(self, slot: int, pid: int, link: _ZygoteLink) -> None:
         """Watch a worker the zygote reported: its pidfd tells us it exited

@@ -40,6 +40,7 @@ class _ZygoteLink:
                 self.pidfd = -1
         self.buf = b""
         self.eof = False            # every writer of the event pipe is gone
+        self.exitcode: int | None = None    # once closed: how our child zygote ended (None: unknown)
 
     def exited(self) -> bool:
         if self.proc is not None:
@@ -129,6 +130,7 @@ class _ZygoteLink:
                     break
                 self.proc.kill()
             if self.proc.exitcode is not None:
+                self.exitcode = self.proc.exitcode
                 self.proc.close()
             return
         deadline = time.monotonic() + timeout

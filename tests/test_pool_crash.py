@@ -669,3 +669,79 @@ def test_ctrl_c_during_spawn_start_up_prints_no_child_traceback(tmp_path):
             proc.wait()
     assert "Traceback" not in err, err
     assert "map: [3, 2, 1, 0, 1, 2]" in out, out + err
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc's children lists)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def _is_resource_tracker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" in f.read()
+    except OSError:
+        return True                 # gone: nothing to kill
+
+
+@pytest.mark.timeout(120)
+def test_zygotes_killed_over_and_over_never_break_the_executor(capfd):
+    """Every worker and every zygote the pool starts is SIGKILLed as soon as
+    it shows up, for long enough that starting a worker fails far more than
+    MAX_SPAWN_FAILURES times in a row with no worker alive. Kills from
+    outside never break the pool (a broken ProcessPoolExecutor stays broken
+    for good): once they stop, the pending call runs and its result comes
+    back. Before, the tenth failure in a row failed every pending call with
+    BrokenProcessPool ("the pool lost all its workers and cannot start new
+    ones"), as the kill fuzz saw once under load."""
+    from shmipc._runtime import MAX_SPAWN_FAILURES
+    ex = shmipc.ProcessPoolExecutor(2, mp_context="fork")
+    try:
+        assert ex.submit(abs, -7).result(timeout=30) == 7
+        capfd.readouterr()
+        stop = False
+        failures = 0
+
+        def attack():
+            while not stop:
+                for pid in _descendants(os.getpid()):
+                    if not _is_resource_tracker(pid):
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                time.sleep(0.0005)
+
+        import threading
+        killer = threading.Thread(target=attack, daemon=True)
+        killer.start()
+        try:
+            future = ex.submit(abs, -42)
+            deadline = time.monotonic() + 60
+            while failures < 2 * MAX_SPAWN_FAILURES and time.monotonic() < deadline:
+                time.sleep(0.05)
+                failures += capfd.readouterr().err.count("could not start a replacement worker")
+                assert not future.done() or future.exception() is None, future.exception()
+        finally:
+            stop = True
+            killer.join(10)
+        assert failures >= 2 * MAX_SPAWN_FAILURES, f"the attack caused only {failures} failed starts"
+        assert future.result(timeout=60) == 42
+        assert ex.submit(abs, -5).result(timeout=60) == 5
+    finally:
+        ex.shutdown(wait=True)
