@@ -538,6 +538,24 @@ def task_record(seq: int, kind: int, data: Any, meta: Any) -> Any:
     return (seq, kind, data, meta)
 
 
+def _compact_head(buf: Any, head: struct.Struct, magic: bytes, what: str) -> tuple[memoryview, int, tuple]:
+    """``(view, size, header fields)`` of the compact record `buf`, whose
+    header `head` must start with `magic` and this version.
+
+    Raises:
+        CorruptMessage: shorter than its header, or another magic or version.
+    """
+    mv = _buffer(buf, what)
+    n = mv.nbytes
+    if n < head.size:
+        raise CorruptMessage(f"{what} of {n} bytes is shorter than its {head.size}-byte header")
+    fields = head.unpack_from(mv)
+    if fields[0] != magic or fields[1] != _COMPACT_VERSION:
+        raise CorruptMessage(f"{what} starts with {fields[0]!r} version {fields[1]}, "
+                             f"expected {magic!r} version {_COMPACT_VERSION}")
+    return mv, n, fields
+
+
 def read_task_record(buf: Any) -> tuple:
     """The task tuple a compact task record (bytes, or a view of the ring:
     what is kept is copied out) stands for.
@@ -545,15 +563,8 @@ def read_task_record(buf: Any) -> tuple:
     Raises:
         CorruptMessage: it is not a well-formed compact task record.
     """
-    mv = _buffer(buf, "a compact task record")
-    n = mv.nbytes
-    if n < _TASK_HEAD.size:
-        raise CorruptMessage(f"a compact task record of {n} bytes is shorter than its "
-                             f"{_TASK_HEAD.size}-byte header")
-    magic, version, kind, fn_len, seq, stream_len = _TASK_HEAD.unpack_from(mv)
-    if magic != _TASK_MAGIC or version != _COMPACT_VERSION:
-        raise CorruptMessage(f"a compact task record starts with {magic!r} version {version}, "
-                             f"expected {_TASK_MAGIC!r} version {_COMPACT_VERSION}")
+    mv, n, (_magic, _version, kind, fn_len, seq, stream_len) = \
+        _compact_head(buf, _TASK_HEAD, _TASK_MAGIC, "a compact task record")
     if _TASK_HEAD.size + fn_len + stream_len != n:
         raise CorruptMessage(f"a compact task record of {n} bytes announces a {fn_len}-byte function "
                              f"and a {stream_len}-byte stream after its {_TASK_HEAD.size}-byte header")
@@ -587,15 +598,10 @@ def read_result_record(buf: Any, status: int) -> tuple:
             only its lengths are wrong, the error's ``seq`` names the task it
             claims to be the result of.
     """
-    mv = _buffer(buf, "a compact result record")
-    n = mv.nbytes
-    if n < _RESULT_HEAD.size:
-        raise CorruptMessage(f"a compact result record of {n} bytes is shorter than its "
-                             f"{_RESULT_HEAD.size}-byte header")
-    magic, version, last, seq, offset, stream_len = _RESULT_HEAD.unpack_from(mv)
-    if magic != _RESULT_MAGIC or version != _COMPACT_VERSION or last > 1:
-        raise CorruptMessage(f"a compact result record starts with {magic!r} version {version} "
-                             f"(last={last}), expected {_RESULT_MAGIC!r} version {_COMPACT_VERSION}")
+    mv, n, (_magic, _version, last, seq, offset, stream_len) = \
+        _compact_head(buf, _RESULT_HEAD, _RESULT_MAGIC, "a compact result record")
+    if last > 1:
+        raise CorruptMessage(f"a compact result record has last={last}, expected 0 or 1")
     if _RESULT_HEAD.size + stream_len != n or offset < 0:
         error = CorruptMessage(f"a compact result record of {n} bytes announces a {stream_len}-byte "
                                f"stream after its {_RESULT_HEAD.size}-byte header (offset {offset})")
