@@ -52,7 +52,7 @@ from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_c
                            _run_callback, _Task)
 from shmipc._waiting import BOOKKEEPING_S as _POLL
 from shmipc._waiting import FORK_PAUSE_S
-from shmipc._wire import read_result_record
+from shmipc._wire_records import read_result_record
 from shmipc._workers import Supervisor, mark_thread_long_lived, register_pausable, unmark_thread_long_lived
 from shmipc.arena import MAX_REGIONS, Arena
 from shmipc.errors import CorruptMessage, RingClosed, WorkerLost

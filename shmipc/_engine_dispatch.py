@@ -17,7 +17,8 @@ from typing import Any
 from shmipc._poolworker import K_BIG, K_CALL
 from shmipc._tasks import _Task
 from shmipc._waiting import BIG_MESSAGE_WAIT_S
-from shmipc._wire import out_of_band_bytes, pack_task, task_record
+from shmipc._wire import out_of_band_bytes, pack_task
+from shmipc._wire_records import task_record
 from shmipc.errors import MessageTooLarge, RingClosed
 
 # How many tasks may wait in a worker's ring behind the one it runs: enough

@@ -18,7 +18,8 @@ from typing import Any, Callable
 
 from shmipc._footprint import BigRings
 from shmipc._proc import steady_malloc
-from shmipc._wire import detach, pack, pack_items, pack_pickled, read_task_record, result_record, unpack_task
+from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
+from shmipc._wire_records import read_task_record, result_record
 from shmipc._runtime import GONE, next_message
 from shmipc._slots import BUSY, EXITING, HEAD3, READY, STARTING
 from shmipc._waiting import BIG_MESSAGE_WAIT_S
@@ -55,7 +56,7 @@ _BIG_WAIT = BIG_MESSAGE_WAIT_S        # a reader waits this long for a big messa
 # exception whose __init__ takes other arguments, a __setstate__ that raises)
 # fails only its own task: the reader still knows which task it was. A map
 # chunk and an R_OK result whose value is a short in-band pickle travel as
-# compact bytes instead (_wire.task_record / result_record: no pickling of
+# compact bytes instead (_wire_records.task_record / result_record: no pickling of
 # the record itself) and are read back into these very tuples.
 R_OK = 1            # data/meta encode the value
 R_RAISED = 0        # data/meta encode the exception; info = (traceback text, repr)

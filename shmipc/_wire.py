@@ -64,7 +64,6 @@ import copyreg
 import functools
 import io
 import pickle
-import struct
 import sys
 import traceback
 import types
@@ -77,7 +76,7 @@ from shmipc.errors import CorruptMessage, ShmipcError
 __all__ = ["OUT_OF_BAND_MIN", "IN_BAND_STREAM_MAX", "M_PICKLE", "M_BYTES", "M_BYTEARRAY",
            "M_NDARRAY", "M_BLOBS", "pack", "pack_items", "pack_pickled", "unpack", "rewrap",
            "dumps", "pack_error", "unpack_error", "pack_task", "unpack_task", "format_traceback", "detach",
-           "task_record", "read_task_record", "result_record", "read_result_record", "out_of_band_bytes",
+           "out_of_band_bytes",
            # pipeline records
            "K_RESULT", "K_DONE", "K_ERROR", "K_FATAL", "PipelineError", "RemoteTraceback",
            "repack", "error_value", "rebuild_error"]
@@ -494,120 +493,6 @@ def unpack_task(data: Any, meta: Any, copy: bool = False) -> tuple[Any, Any]:
     if type(value) is not tuple or len(value) != 2:
         raise CorruptMessage(f"a task decoded to {_shape(value)}, expected (function, payload)")
     return value
-
-
-# ---------------------------------------------------------------------- compact records
-# The commonest pool records travel as bytes: a fixed header and the
-# streams, which the ring copies as they are, instead of a tuple the ring
-# pickles on the way in and unpickles on the way out (a Pickler set up each
-# way: ~15 us a round trip for a task, ~12 for a result, against ~1 for
-# bytes; a map of 200 chunks pays it 400 times, mostly in the GIL-bound
-# parent). Only records whose value is an in-band pickle stream (bytes, so
-# shorter than IN_BAND_STREAM_MAX) take this form; any other (large data
-# out of band, errors, stubs, control messages) stays a tuple. Read back,
-# a compact record becomes the very tuple it stands for, so nothing after
-# the ring sees a difference. Every field is checked before use: a
-# record that is not exactly its header plus the lengths it announces
-# raises CorruptMessage naming the numbers (the worker then fails that
-# task, as for any record that does not decode).
-#
-#   task:   magic "sT", version, kind (u8), function length (u32), seq (i64),
-#           items stream length (u32); then the function's pickle and the items'
-#           -> (seq, kind, (function, (items stream, ())), (M_CALL_ITEMS, M_PICKLE))
-#   result: magic "sR", version, last (u8: 0 or 1), seq (i64), offset (i64),
-#           stream length (u32); then the value's pickle
-#           -> (seq, status, offset, last, (stream, ()), M_PICKLE, None), status
-#           being the one given to result_record (the pool's R_OK)
-_TASK_HEAD = struct.Struct("<2sBBIqI")
-_RESULT_HEAD = struct.Struct("<2sBBqqI")
-_TASK_MAGIC = b"sT"
-_RESULT_MAGIC = b"sR"
-_COMPACT_VERSION = 1
-
-
-def task_record(seq: int, kind: int, data: Any, meta: Any) -> Any:
-    """What to put into a worker's ring for the task ``(seq, kind, data,
-    meta)`` (from pack_task): compact bytes when its items are an in-band
-    pickle stream, else that tuple itself."""
-    if type(meta) is tuple and len(meta) == 2 and meta[0] == M_CALL_ITEMS and type(meta[1]) is int \
-            and meta[1] == M_PICKLE and 0 <= kind < 256:
-        fn, (stream, buffers) = data
-        if not buffers and type(stream) is bytes and type(fn) is bytes:
-            return b"".join((_TASK_HEAD.pack(_TASK_MAGIC, _COMPACT_VERSION, kind, len(fn), seq, len(stream)),
-                             fn, stream))
-    return (seq, kind, data, meta)
-
-
-def _compact_head(buf: Any, head: struct.Struct, magic: bytes, what: str) -> tuple[memoryview, int, tuple]:
-    """``(view, size, header fields)`` of the compact record `buf`, whose
-    header `head` must start with `magic` and this version.
-
-    Raises:
-        CorruptMessage: shorter than its header, or another magic or version.
-    """
-    mv = _buffer(buf, what)
-    n = mv.nbytes
-    if n < head.size:
-        raise CorruptMessage(f"{what} of {n} bytes is shorter than its {head.size}-byte header")
-    fields = head.unpack_from(mv)
-    if fields[0] != magic or fields[1] != _COMPACT_VERSION:
-        raise CorruptMessage(f"{what} starts with {fields[0]!r} version {fields[1]}, "
-                             f"expected {magic!r} version {_COMPACT_VERSION}")
-    return mv, n, fields
-
-
-def read_task_record(buf: Any) -> tuple:
-    """The task tuple a compact task record (bytes, or a view of the ring:
-    what is kept is copied out) stands for.
-
-    Raises:
-        CorruptMessage: it is not a well-formed compact task record.
-    """
-    mv, n, (_magic, _version, kind, fn_len, seq, stream_len) = \
-        _compact_head(buf, _TASK_HEAD, _TASK_MAGIC, "a compact task record")
-    if _TASK_HEAD.size + fn_len + stream_len != n:
-        raise CorruptMessage(f"a compact task record of {n} bytes announces a {fn_len}-byte function "
-                             f"and a {stream_len}-byte stream after its {_TASK_HEAD.size}-byte header")
-    start = _TASK_HEAD.size
-    fn = bytes(mv[start: start + fn_len])
-    stream = bytes(mv[start + fn_len: n])
-    return seq, kind, (fn, (stream, ())), (M_CALL_ITEMS, M_PICKLE)
-
-
-def result_record(record: tuple) -> Any:
-    """What to put into the result ring for the result ``(seq, status,
-    offset, last, data, meta, info)``: compact bytes when its value is an
-    in-band pickle stream and it carries no info (a value, not an error),
-    else that tuple itself. (The status is not carried: read_result_record
-    is told which one compact records have.)"""
-    seq, _status, offset, last, data, meta, info = record
-    if type(meta) is int and meta == M_PICKLE and info is None and offset >= 0:
-        stream, buffers = data
-        if not buffers and type(stream) is bytes:
-            return b"".join((_RESULT_HEAD.pack(_RESULT_MAGIC, _COMPACT_VERSION, bool(last), seq, offset,
-                                               len(stream)), stream))
-    return record
-
-
-def read_result_record(buf: Any, status: int) -> tuple:
-    """The result tuple a compact result record stands for, with `status`.
-    `buf` must be the record's own copy (bytes): the stream is a view of it.
-
-    Raises:
-        CorruptMessage: it is not a well-formed compact result record; when
-            only its lengths are wrong, the error's ``seq`` names the task it
-            claims to be the result of.
-    """
-    mv, n, (_magic, _version, last, seq, offset, stream_len) = \
-        _compact_head(buf, _RESULT_HEAD, _RESULT_MAGIC, "a compact result record")
-    if last > 1:
-        raise CorruptMessage(f"a compact result record has last={last}, expected 0 or 1")
-    if _RESULT_HEAD.size + stream_len != n or offset < 0:
-        error = CorruptMessage(f"a compact result record of {n} bytes announces a {stream_len}-byte "
-                               f"stream after its {_RESULT_HEAD.size}-byte header (offset {offset})")
-        error.seq = seq         # (its task can be failed rather than left waiting)
-        raise error
-    return seq, status, offset, bool(last), (mv[_RESULT_HEAD.size:], ()), M_PICKLE, None
 
 
 # ---------------------------------------------------------------------- exceptions

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shmipc
-from shmipc import _wire
+from shmipc import _wire, _wire_records
 from shmipc._wire import (M_BLOBS, M_BYTEARRAY, M_BYTES, M_NDARRAY, M_PICKLE, OUT_OF_BAND_MIN, pack,
                           pack_error, pack_items, pack_task, rewrap, unpack, unpack_error, unpack_task)
 from shmipc.arena import Arena
@@ -347,23 +347,23 @@ def test_a_forged_task_record_fails_that_task_in_the_worker():
 # ---------------------------------------------------------------------- compact records
 def _compact_task(items=(1, 2, 3), seq=7, kind=1):
     data, meta = pack_task(divmod, list(items), True)
-    return _wire.task_record(seq, kind, data, meta)
+    return _wire_records.task_record(seq, kind, data, meta)
 
 
 @pytest.mark.timeout(30)
 def test_compact_records_stand_for_the_tuples_they_replace():
     data, meta = pack_task(divmod, [1, "a", None, 2.5], True)
-    record = _wire.task_record(2**40, 2, data, meta)
+    record = _wire_records.task_record(2**40, 2, data, meta)
     assert type(record) is bytes
-    assert _wire.read_task_record(record) == (2**40, 2, data, meta)
-    assert _wire.read_task_record(memoryview(record)) == (2**40, 2, data, meta)
-    func, items = unpack_task(*_wire.read_task_record(record)[2:])
+    assert _wire_records.read_task_record(record) == (2**40, 2, data, meta)
+    assert _wire_records.read_task_record(memoryview(record)) == (2**40, 2, data, meta)
+    func, items = unpack_task(*_wire_records.read_task_record(record)[2:])
     assert func is divmod and items == [1, "a", None, 2.5]
     rdata, rmeta = _wire.pack_items([3, 4])
     for last, offset in ((True, 0), (False, 12345)):
-        compact = _wire.result_record((99, 1, offset, last, rdata, rmeta, None))
+        compact = _wire_records.result_record((99, 1, offset, last, rdata, rmeta, None))
         assert type(compact) is bytes
-        seq, status, off, lst, data2, meta2, info = _wire.read_result_record(compact, 1)
+        seq, status, off, lst, data2, meta2, info = _wire_records.read_result_record(compact, 1)
         assert (seq, status, off, lst, meta2, info) == (99, 1, offset, last, rmeta, None)
         assert unpack(data2, meta2) == [3, 4]
 
@@ -371,15 +371,15 @@ def test_compact_records_stand_for_the_tuples_they_replace():
 @pytest.mark.timeout(30)
 def test_only_in_band_values_take_the_compact_form():
     big = pack_task(divmod, [b"x" * OUT_OF_BAND_MIN], True)          # a blob out of band
-    assert _wire.task_record(1, 1, *big) == (1, 1, *big)
+    assert _wire_records.task_record(1, 1, *big) == (1, 1, *big)
     long = pack_task(divmod, list(range(20000)), True)                # a stream out of band
-    assert type(_wire.task_record(1, 1, *long)) is tuple
+    assert type(_wire_records.task_record(1, 1, *long)) is tuple
     call = pack_task(divmod, ((1, 2), {}), False)                     # a call: pickled whole
-    assert type(_wire.task_record(1, 0, *call)) is tuple
+    assert type(_wire_records.task_record(1, 0, *call)) is tuple
     err = (1, 0, 0, True, *_wire.pack_pickled(ValueError("x")), ("tb", "repr"))
-    assert _wire.result_record(err) is err                            # an error carries info
+    assert _wire_records.result_record(err) is err                            # an error carries info
     arr = (1, 1, 0, True, *pack(np.arange(3)), None)
-    assert _wire.result_record(arr) is arr
+    assert _wire_records.result_record(arr) is arr
 
 
 @pytest.mark.timeout(30)
@@ -396,8 +396,8 @@ def test_out_of_band_bytes_counts_a_chunks_large_items_only():
 @pytest.mark.timeout(60)
 def test_forged_compact_records_raise_corrupt_message_with_the_numbers():
     task = _compact_task()
-    result = _wire.result_record((5, 1, 0, True, *_wire.pack_items([1, 2]), None))
-    for good, read in ((task, _wire.read_task_record), (result, lambda b: _wire.read_result_record(b, 1))):
+    result = _wire_records.result_record((5, 1, 0, True, *_wire.pack_items([1, 2]), None))
+    for good, read in ((task, _wire_records.read_task_record), (result, lambda b: _wire_records.read_result_record(b, 1))):
         read(good)
         for n in range(len(good)):                          # cut anywhere
             with pytest.raises(CorruptMessage, match=f"record of {n} bytes"):
@@ -407,7 +407,7 @@ def test_forged_compact_records_raise_corrupt_message_with_the_numbers():
         for at in range(4):                                 # magic, version (and last's range)
             forged = bytearray(good)
             forged[at] ^= 0x5A
-            if read is _wire.read_task_record and at == 3:
+            if read is _wire_records.read_task_record and at == 3:
                 assert read(bytes(forged))[1] == 1 ^ 0x5A      # (the kind: the worker checks it)
                 continue
             with pytest.raises(CorruptMessage, match="compact"):
@@ -417,17 +417,17 @@ def test_forged_compact_records_raise_corrupt_message_with_the_numbers():
         forged = bytearray(task)
         forged[offset: offset + 4] = (2**32 - 1).to_bytes(4, "little")
         with pytest.raises(CorruptMessage, match="4294967295-byte"):
-            _wire.read_task_record(bytes(forged))
+            _wire_records.read_task_record(bytes(forged))
     forged = bytearray(result)
     forged[20:24] = (2**32 - 1).to_bytes(4, "little")
     with pytest.raises(CorruptMessage, match="4294967295-byte stream"):
-        _wire.read_result_record(bytes(forged), 1)
+        _wire_records.read_result_record(bytes(forged), 1)
     forged = bytearray(result)
     forged[12:20] = (-3).to_bytes(8, "little", signed=True)
     with pytest.raises(CorruptMessage, match="offset -3"):
-        _wire.read_result_record(bytes(forged), 1)
+        _wire_records.read_result_record(bytes(forged), 1)
     with pytest.raises(CorruptMessage, match="not a buffer"):
-        _wire.read_task_record(12345)
+        _wire_records.read_task_record(12345)
 
 
 @settings(max_examples=300, deadline=None)
@@ -435,7 +435,7 @@ def test_forged_compact_records_raise_corrupt_message_with_the_numbers():
 def test_random_bytes_never_read_as_anything_but_a_checked_record(raw, as_task):
     raw = (b"sT\x01" if as_task else b"sR\x01") + raw
     try:
-        record = _wire.read_task_record(raw) if as_task else _wire.read_result_record(raw, 1)
+        record = _wire_records.read_task_record(raw) if as_task else _wire_records.read_result_record(raw, 1)
     except CorruptMessage:
         return
     if as_task:
@@ -482,7 +482,7 @@ def _short_result_record(record):
     return compact
 
 
-_ORIGINAL_RESULT_RECORD = _wire.result_record
+_ORIGINAL_RESULT_RECORD = _wire_records.result_record
 
 
 @pytest.mark.timeout(60)
@@ -502,7 +502,7 @@ def test_a_damaged_compact_result_fails_its_task_and_the_pool_goes_on():
     finally:
         _poolworker.result_record = _ORIGINAL_RESULT_RECORD
     with pytest.raises(CorruptMessage) as info:
-        _wire.read_result_record(_short_result_record((41, 1, 0, True, *_wire.pack_items(["damage me"]), None)), 1)
+        _wire_records.read_result_record(_short_result_record((41, 1, 0, True, *_wire.pack_items(["damage me"]), None)), 1)
     assert info.value.seq == 41
 
 
