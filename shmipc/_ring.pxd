@@ -68,6 +68,7 @@ cdef class Ring:
     cdef bint _ready(self, int kind, uint64_t need) noexcept nogil
     cdef bint _wait(self, int kind, uint64_t need, int64_t deadline) except -1
     cdef bint _sleep(self, int kind, uint64_t need, int64_t deadline, sem_t *sem, uint32_t *waiters) except -1
+    cdef bint _await_data(self, int64_t deadline) except -1
     cdef bint _recover_at_deadline(self, int kind, uint64_t need) except -1
     cdef bint _look_around(self, int kind) except -1
     cdef int _reclaim_dead_claims(self) except -1

@@ -742,6 +742,19 @@ cdef class Ring:
                 if self._look_around(kind):
                     return False
 
+    cdef inline bint _await_data(self, int64_t deadline) except -1:
+        """For the one-consumer fast paths of get and get_many, found empty:
+        wait for data up to `deadline` (raising what _take would: closed,
+        peer died, Ctrl-C). True if the fast path may be tried again (the
+        ring was not closed meanwhile); shutdown and a passed deadline are
+        left to the general path, which reports them."""
+        self._enter()
+        try:
+            self._wait(W_DATA, 0, deadline)
+        finally:
+            self._leave()
+        return not self.closed
+
     cdef bint _recover_at_deadline(self, int kind, uint64_t need) except -1:
         """A wait ran out (or was not allowed: block=False): recover what
         dead processes hold, as a whole quiet slice would have, at most once
@@ -1601,12 +1614,7 @@ cdef class Ring:
                 # costs it ~400 instructions more (_wait raises what _take
                 # would: closed, peer died, Ctrl-C; shutdown and the
                 # deadline fall through to the general path below)
-                self._enter()
-                try:
-                    self._wait(W_DATA, 0, deadline)
-                finally:
-                    self._leave()
-                if not self.closed:
+                if self._await_data(deadline):
                     out = self._get_now(&done)
                     if done:
                         return out
@@ -1823,12 +1831,7 @@ cdef class Ring:
             out = self._get_many_now(max_items, limit, tags)
             if out is None and deadline != 0 and self._empty_now():
                 # wait, then take the fast path again (as get does)
-                self._enter()
-                try:
-                    self._wait(W_DATA, 0, deadline)
-                finally:
-                    self._leave()
-                if not self.closed:
+                if self._await_data(deadline):
                     out = self._get_many_now(max_items, limit, tags)
             if out is not None and not tags:
                 return out
