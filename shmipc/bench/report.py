@@ -548,6 +548,21 @@ def rewrite_marked_section(path: str, start_marker: str, end_marker: str, sectio
     os.replace(tmp, path)
 
 
+def rewrite_marked_section_or_exit(path: str, start_marker: str, end_marker: str, section: str) -> None:
+    """:func:`rewrite_marked_section` for the command-line tools that write
+    a README section (`section` carries the markers; trailing newlines are
+    dropped). A file without the markers (a README edited by hand) ends the
+    program with the reason.
+
+    Raises:
+        SystemExit: the markers are missing (nothing is written then).
+    """
+    try:
+        rewrite_marked_section(path, start_marker, end_marker, section.rstrip("\n"))
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def update_readme(path: str, section: str) -> None:
     """Replace the text between the perf markers of the README at `path`.
 

@@ -414,12 +414,9 @@ def rewrite_readme(path: str, section: str) -> None:
     Raises:
         SystemExit: the file lacks the markers (a README edited by hand).
     """
-    from shmipc.bench.report import rewrite_marked_section
+    from shmipc.bench.report import rewrite_marked_section_or_exit
 
-    try:
-        rewrite_marked_section(path, README_START, README_END, section.rstrip("\n"))
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+    rewrite_marked_section_or_exit(path, README_START, README_END, section)
 
 
 if __name__ == "__main__":
