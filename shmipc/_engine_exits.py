@@ -28,7 +28,7 @@ from shmipc._poolworker import SLOT_WORDS, W_PID
 from shmipc._runtime import MAX_SPAWN_FAILURES
 from shmipc._slots import BUSY, EXITING, STARTING, W_SEQ, W_STATE
 from shmipc._tasks import _Task
-from shmipc._waiting import DEAD_RING_SLICE_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S
+from shmipc._waiting import DEAD_RING_SLICE_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, doubled
 
 # pool states (as shmipc._engine's)
 RUN = "RUN"
@@ -158,7 +158,7 @@ class _WorkerExits:
                     # after a back-off, so an attack costs few forks
                     self._outside_spawn_failures += 1
                     self._respawn_at[slot] = time.monotonic() + \
-                        min(SPAWN_RETRY_S * 2 ** min(self._outside_spawn_failures - 1, 5), SPAWN_RETRY_MAX_S)
+                        doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, self._outside_spawn_failures - 1)
                     return later
                 self._respawn_at[slot] = 0.0        # tried again at the next poll
                 self._spawn_failures += 1

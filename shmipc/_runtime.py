@@ -52,7 +52,8 @@ import signal
 from typing import Any, Callable
 
 from shmipc._proc import pid_alive
-from shmipc._waiting import STARTUP_RETRY_MAX_S, STARTUP_RETRY_S, WORKER_IDLE_S
+from shmipc._waiting import (SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, STARTUP_RETRY_MAX_S, STARTUP_RETRY_S, WORKER_IDLE_S,
+                             doubled)
 from shmipc.errors import WorkerLost
 
 try:        # the standard library's class, so `except`/isinstance checks written for it keep working
@@ -130,7 +131,7 @@ class StartupGuard:
         1 s), so that a worker that kills itself does not make the parent
         fork as fast as it can."""
         extra = self.killed - self.limit
-        return 0.0 if extra < 0 else min(0.05 * 2 ** min(extra, 5), 1.0)
+        return 0.0 if extra < 0 else doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, extra)
 
     def trip(self) -> float:
         """The guard tripped (the caller fails its pending work): count
@@ -138,7 +139,7 @@ class StartupGuard:
         worth a try (1 s, doubling with each trip up to 30 s)."""
         self.trips += 1
         self.deaths = self.killed = 0
-        return min(STARTUP_RETRY_S * 2 ** (self.trips - 1), STARTUP_RETRY_MAX_S)
+        return doubled(STARTUP_RETRY_S, STARTUP_RETRY_MAX_S, self.trips - 1)
 
 
 GONE = object()     # next_message(): the worker should exit (its parent died, or stop was set)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-__all__ = ["Backoff", "wait_until"]
+__all__ = ["Backoff", "doubled", "wait_until"]
 
 # ---------------------------------------------------------------- worker processes
 WORKER_IDLE_S = 0.5          # a worker's longest wait for work before it looks at its parent / stop flag
@@ -28,10 +28,18 @@ FORK_PAUSE_S = 0.001         # join() while the bookkeeping thread is paused for
 # submit try again after this long, doubling at each new trip up to the cap
 STARTUP_RETRY_S = 1.0
 STARTUP_RETRY_MAX_S = 30.0
-# a worker that could not be started because its zygotes were killed or
-# stopped from outside is started again after this long, doubling up to the cap
+# a worker killed from outside while starting (once that keeps happening,
+# see StartupGuard.respawn_delay), or that could not be started because its
+# zygotes were killed or stopped from outside, is started again after this
+# long, doubling up to the cap
 SPAWN_RETRY_S = 0.05
 SPAWN_RETRY_MAX_S = 1.0
+
+
+def doubled(first: float, cap: float, times: int) -> float:
+    """The wait of a back-off after `times` doublings: `first` * 2**times,
+    at most `cap`."""
+    return min(first * 2 ** min(times, 30), cap)
 
 # ---------------------------------------------------------------- parent: pipeline
 PIPELINE_POLL_S = 0.05       # the parent's longest sleep before it looks at its workers
