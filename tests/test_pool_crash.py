@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -727,7 +728,6 @@ def test_zygotes_killed_over_and_over_never_break_the_executor(capfd):
                             pass
                 time.sleep(0.0005)
 
-        import threading
         killer = threading.Thread(target=attack, daemon=True)
         killer.start()
         try:
