@@ -94,6 +94,52 @@ def test_throughput_measurement_counts_every_message(tmp_path, transport, no_lea
     assert record["best"] == max(record["rounds"], key=lambda r: r["msgs_per_s"])
 
 
+def test_rows_at_one_size_are_measured_side_by_side_round_by_round():
+    # the ratio between two rows compares rounds run under the same load:
+    # round 1 of every transport at a size, then round 2, ...; pools run whole
+    from shmipc.bench.runner import _steps
+
+    from shmipc.bench.transports import PoolSuite
+
+    specs = [Spec("throughput", t, size) for size in (64, 1024) for t in (ShmipcRing(), OsPipe())]
+    specs.append(Spec("pool", PoolSuite(), 0, "suite"))
+    steps = _steps(specs, 3)
+    order = [(s.workload, s.size, s.transport.name, rounds, last) for _, s, rounds, last in steps]
+    assert order[:6] == [("throughput", 64, "shmipc.ring", 1, False), ("throughput", 64, "os.pipe", 1, False),
+                         ("throughput", 64, "shmipc.ring", 1, False), ("throughput", 64, "os.pipe", 1, False),
+                         ("throughput", 64, "shmipc.ring", 1, True), ("throughput", 64, "os.pipe", 1, True)]
+    assert order[6][:2] == ("throughput", 1024) and len(order) == 13
+    assert order[-1][0] == "pool" and order[-1][3:] == (3, True)
+    assert [s.workload for _, s, rounds, _ in _steps(specs, 1)] == [s.workload for s in specs]
+
+
+@pytest.mark.timeout(120)
+def test_interleaved_rounds_make_one_record_per_row(tmp_path, no_leaks):
+    from shmipc.bench import run
+
+    seen = []
+    report = run(_opts(sizes=[1024], transports=["shmipc.ring+batch", "os.pipe+batch"],
+                       workloads=["throughput"], repeat=3), on_record=seen.append)
+    assert [r["transport"] for r in report["records"]] == ["shmipc.ring+batch", "os.pipe+batch"]
+    assert seen == report["records"]
+    for r in report["records"]:
+        assert r["status"] == "ok", r
+        assert len(r["rounds"]) == 3 and all(x["messages"] > 0 for x in r["rounds"])
+        assert r["best"] == max(r["rounds"], key=lambda x: x["msgs_per_s"])
+
+
+def test_a_failed_round_ends_its_row_and_keeps_the_rounds_before():
+    from shmipc.bench.runner import _merge_round
+
+    ok = {"status": "ok", "reason": "", "rounds": [{"msgs_per_s": 1.0}], "elapsed_s": 1.0}
+    record = _merge_round(None, dict(ok, rounds=[{"msgs_per_s": 2.0}]))
+    record = _merge_round(record, ok)
+    record = _merge_round(record, {"status": "timeout", "reason": "no result within 9 s", "rounds": [],
+                                   "elapsed_s": 9.0, "log": "where"})
+    assert record["status"] == "timeout" and record["log"] == "where"
+    assert record["rounds"] == [{"msgs_per_s": 2.0}, {"msgs_per_s": 1.0}] and record["elapsed_s"] == 11.0
+
+
 @pytest.mark.timeout(60)
 def test_zero_copy_view_and_numpy(tmp_path, no_leaks):
     pytest.importorskip("numpy")

@@ -16,7 +16,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from shmipc.bench.transports import PoolSuite, Transport, get_transports
@@ -301,6 +301,52 @@ def run_one(spec: Spec, options: Options, tmpdir: str, index: int = 0) -> dict:
     return record
 
 
+# measured side by side: round k of every transport at one size, then round
+# k+1, so that a ratio between two rows compares rounds run under the same
+# load and CPU placement (on a shared 2-CPU machine both change within
+# seconds, and one row measured a minute after another can differ 2x)
+INTERLEAVED = ("throughput", "pingpong", "numpy")
+
+
+def _steps(specs: list[Spec], repeat: int) -> list[tuple[int, Spec, int, bool]]:
+    """The runs, in order: (index of the spec, spec, rounds to run, whether
+    this is its last run). Specs of an INTERLEAVED workload at one size run a
+    round at a time, taking turns; the others run all their rounds at once."""
+    steps: list[tuple[int, Spec, int, bool]] = []
+    group: list[tuple[int, Spec]] = []
+
+    def flush() -> None:
+        for r in range(repeat):
+            steps.extend((i, spec, 1, r == repeat - 1) for i, spec in group)
+        group.clear()
+
+    for index, spec in enumerate(specs):
+        if group and (group[0][1].workload, group[0][1].size) != (spec.workload, spec.size):
+            flush()
+        if spec.workload in INTERLEAVED and repeat > 1:
+            group.append((index, spec))
+        else:
+            flush()
+            steps.append((index, spec, repeat, True))
+    flush()
+    return steps
+
+
+def _merge_round(record: dict | None, new: dict) -> dict:
+    """The record of a spec run a round at a time, with `new` (one more
+    round's record) added: its rounds appended, its status if not ok."""
+    if record is None:
+        return new
+    record["rounds"].extend(new["rounds"])
+    record["elapsed_s"] = round(record.get("elapsed_s", 0) + new.get("elapsed_s", 0), 3)
+    record["load_after"] = new.get("load_after")
+    if new["status"] != "ok":
+        for key in ("status", "reason", "log"):
+            if key in new:
+                record[key] = new[key]
+    return record
+
+
 def _expand(record: dict) -> list[dict]:
     """The pool measurement (shmipc/bench/pools.py) brings several records."""
     subs = record.pop("records", None)
@@ -364,12 +410,14 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
     started = time.monotonic()
     current = {"now": ""}
     try:
+        steps = _steps(specs, options.repeat)
+
         def labelled() -> Any:
             # the label is set as an item is taken, so the bar names the
             # measurement running now
-            for index, spec in enumerate(specs):
-                current["now"] = spec.label
-                yield index, spec
+            for step in steps:
+                current["now"] = step[1].label
+                yield step
 
         items: Any = labelled()
         if options.progress:
@@ -381,9 +429,20 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
                 pass
             from shmipc.progress import track
 
-            items = track(items, total=len(specs), desc="bench", status=lambda: dict(current))
-        for index, spec in items:
-            record = run_one(spec, options, tmpdir, index)
+            items = track(items, total=len(steps), desc="bench", status=lambda: dict(current))
+        one_round = replace(options, repeat=1)
+        partial: dict[int, dict] = {}
+        for index, spec, rounds, last in items:
+            if rounds == options.repeat:
+                record = run_one(spec, options, tmpdir, index)
+            else:
+                # one round of several measured side by side (see _steps)
+                record = partial.get(index)
+                if record is None or record["status"] == "ok":
+                    record = partial[index] = _merge_round(record, run_one(spec, one_round, tmpdir, index))
+                if not last:
+                    continue
+                record["best"] = _best(spec.workload, record["rounds"])
             for one in _expand(record):
                 report["records"].append(one)
                 if on_record is not None:
