@@ -111,12 +111,19 @@ class _LineReader:
         return json.loads(line)
 
 
+# below this, a buffer is compared by copying it to bytes and comparing those
+# (a memcmp): ~2x faster than numpy's == and all() at 64 KiB (3.8 against
+# 8.8 us here), ~1.4x slower at 1 MiB, where the copy no longer stays in cache
+COPY_COMPARE_BYTES = 256 << 10
+
+
 def _equal_buffer(view: Any, expected: bytes, expected_u64: Any) -> bool:
-    """Compare a buffer (memoryview, ndarray) with the expected bytes."""
+    """Compare a buffer (memoryview, ndarray) with the expected bytes, by the
+    fastest means at its size (the same for every transport)."""
     n = view.nbytes if hasattr(view, "nbytes") else len(view)
     if n != len(expected):
         return False
-    if expected_u64 is None or n % 8:
+    if expected_u64 is None or n % 8 or n <= COPY_COMPARE_BYTES:
         return bytes(view) == expected
     import numpy as np      # expected_u64 is an array: numpy is there
 
