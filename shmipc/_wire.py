@@ -30,6 +30,9 @@ fails *that task or item*, never the batch or the ring read that brought it.
                   ``index`` the position of each item's object in it, or
                   None when all differ (a list repeating one object costs
                   one copy, as pickle's memo would give)
+  ``M_INT64``     a list of plain ints (exactly ``int``, within int64; map
+                  chunks and their results only): ``data`` is their native
+                  int64s, ~4x cheaper both ways than pickle
   ``M_PICKLE``    anything else: ``data`` is ``(stream, buffers)``, pickle
                   protocol 5 with multiprocessing's reducers; contiguous
                   buffers (numpy arrays inside, large bytes inside a list or
@@ -71,10 +74,11 @@ from multiprocessing.pool import RemoteTraceback  # one class for pools and pipe
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from shmipc._ring import pack_int64_list, unpack_int64_list
 from shmipc.errors import CorruptMessage, ShmipcError
 
 __all__ = ["OUT_OF_BAND_MIN", "IN_BAND_STREAM_MAX", "M_PICKLE", "M_BYTES", "M_BYTEARRAY",
-           "M_NDARRAY", "M_BLOBS", "pack", "pack_items", "pack_pickled", "unpack", "rewrap",
+           "M_NDARRAY", "M_BLOBS", "M_INT64", "pack", "pack_items", "pack_pickled", "unpack", "rewrap",
            "dumps", "pack_error", "unpack_error", "pack_task", "unpack_task", "format_traceback", "detach",
            "out_of_band_bytes",
            # pipeline records
@@ -98,6 +102,7 @@ M_BYTEARRAY = 2
 M_NDARRAY = 3
 M_BLOBS = 4
 M_CALL_ITEMS = 5      # a pool task: data (pickled function, items' data), meta (M_CALL_ITEMS, items' meta)
+M_INT64 = 6           # a list of plain ints: data their native int64s (shmipc._ring.pack_int64_list)
 
 _FunctionType = types.FunctionType
 _BuiltinFunctionType = types.BuiltinFunctionType
@@ -203,6 +208,12 @@ def pack_items(items: Any) -> tuple[Any, Any]:
     Raises:
         Whatever pickling an item raises.
     """
+    if type(items) is list and items and type(items[0]) is int:
+        # ints as int64s: ~4x cheaper both ways than pickle (see _ring's
+        # pack_int64_list); any other item, or one out of range, and it is None
+        raw = pack_int64_list(items)
+        if raw is not None:
+            return raw, M_INT64
     if type(items) is not list or not items or type(items[0]) in _NATIVE:
         return pack_pickled(items)          # (chunks of numbers and strings: no scan)
     if type(items[0]) is not bytes:
@@ -287,6 +298,8 @@ def unpack(data: Any, meta: Any, copy: bool = False) -> Any:
             return data                 # (detached: already its own copy)
         buf = _buffer(data, "a bytes value")
         return bytes(buf) if meta == M_BYTES else bytearray(buf)
+    if meta == M_INT64:
+        return unpack_int64_list(data)
     if type(meta) is tuple and meta and meta[0] == M_BLOBS:
         return _unpack_blobs(data, meta)
     if type(meta) is tuple and len(meta) == 3 and meta[0] == M_NDARRAY:

@@ -9,7 +9,7 @@ import pickle
 import struct
 from typing import Any
 
-from shmipc._wire import M_CALL_ITEMS, M_PICKLE, _buffer
+from shmipc._wire import M_CALL_ITEMS, M_INT64, M_PICKLE, _buffer
 from shmipc.errors import CorruptMessage
 
 __all__ = ["task_record", "read_task_record", "result_record", "read_result_record"]
@@ -37,10 +37,15 @@ __all__ = ["task_record", "read_task_record", "result_record", "read_result_reco
 #           stream length (u32); then the value's pickle
 #           -> (seq, status, offset, last, (stream, ()), M_PICKLE, None), status
 #           being the one given to result_record (the pool's R_OK)
+# A list of plain ints (M_INT64: native int64s, see _wire.pack_items) comes
+# the same way, with magic "sI" (task) or "sJ" (result) and M_INT64 for
+# M_PICKLE, its int64s for the stream.
 _TASK_HEAD = struct.Struct("<2sBBIqI")
 _RESULT_HEAD = struct.Struct("<2sBBqqI")
-_TASK_MAGIC = b"sT"
-_RESULT_MAGIC = b"sR"
+_TASK_MAGIC = {M_PICKLE: b"sT", M_INT64: b"sI"}         # the items' encoding -> magic
+_RESULT_MAGIC = {M_PICKLE: b"sR", M_INT64: b"sJ"}
+_TASK_ENCODING = {m: e for e, m in _TASK_MAGIC.items()}   # and back
+_RESULT_ENCODING = {m: e for e, m in _RESULT_MAGIC.items()}
 _COMPACT_VERSION = 1
 
 
@@ -49,11 +54,12 @@ def task_record(seq: int, kind: int, data: Any, meta: Any) -> Any:
     meta)`` (from pack_task): compact bytes when its items are an in-band
     pickle stream, else that tuple itself."""
     if type(meta) is tuple and len(meta) == 2 and meta[0] == M_CALL_ITEMS and type(meta[1]) is int \
-            and meta[1] == M_PICKLE and 0 <= kind < 256:
-        fn, (stream, buffers) = data
+            and meta[1] in _TASK_MAGIC and 0 <= kind < 256:
+        fn, items = data
+        stream, buffers = (items, ()) if meta[1] == M_INT64 else items
         size = _stream_size(stream)
         if not buffers and size >= 0 and type(fn) is bytes:
-            return b"".join((_TASK_HEAD.pack(_TASK_MAGIC, _COMPACT_VERSION, kind, len(fn), seq, size),
+            return b"".join((_TASK_HEAD.pack(_TASK_MAGIC[meta[1]], _COMPACT_VERSION, kind, len(fn), seq, size),
                              fn, stream))
     return (seq, kind, data, meta)
 
@@ -75,9 +81,10 @@ def _stream_size(stream: Any) -> int:
     return size if size < 1 << 32 else -1
 
 
-def _compact_head(buf: Any, head: struct.Struct, magic: bytes, what: str) -> tuple[memoryview, int, tuple]:
+def _compact_head(buf: Any, head: struct.Struct, magics: dict, what: str) -> tuple[memoryview, int, tuple]:
     """``(view, size, header fields)`` of the compact record `buf`, whose
-    header `head` must start with `magic` and this version.
+    header `head` must start with one of `magics` (magic -> encoding) and
+    this version.
 
     Raises:
         CorruptMessage: shorter than its header, or another magic or version.
@@ -87,9 +94,9 @@ def _compact_head(buf: Any, head: struct.Struct, magic: bytes, what: str) -> tup
     if n < head.size:
         raise CorruptMessage(f"{what} of {n} bytes is shorter than its {head.size}-byte header")
     fields = head.unpack_from(mv)
-    if fields[0] != magic or fields[1] != _COMPACT_VERSION:
+    if fields[0] not in magics or fields[1] != _COMPACT_VERSION:
         raise CorruptMessage(f"{what} starts with {fields[0]!r} version {fields[1]}, "
-                             f"expected {magic!r} version {_COMPACT_VERSION}")
+                             f"expected {' or '.join(map(repr, magics))} version {_COMPACT_VERSION}")
     return mv, n, fields
 
 
@@ -100,15 +107,16 @@ def read_task_record(buf: Any) -> tuple:
     Raises:
         CorruptMessage: it is not a well-formed compact task record.
     """
-    mv, n, (_magic, _version, kind, fn_len, seq, stream_len) = \
-        _compact_head(buf, _TASK_HEAD, _TASK_MAGIC, "a compact task record")
+    mv, n, (magic, _version, kind, fn_len, seq, stream_len) = \
+        _compact_head(buf, _TASK_HEAD, _TASK_ENCODING, "a compact task record")
     if _TASK_HEAD.size + fn_len + stream_len != n:
         raise CorruptMessage(f"a compact task record of {n} bytes announces a {fn_len}-byte function "
                              f"and a {stream_len}-byte stream after its {_TASK_HEAD.size}-byte header")
     start = _TASK_HEAD.size
     fn = bytes(mv[start: start + fn_len])
     stream = bytes(mv[start + fn_len: n])
-    return seq, kind, (fn, (stream, ())), (M_CALL_ITEMS, M_PICKLE)
+    encoding = _TASK_ENCODING[magic]
+    return seq, kind, (fn, stream if encoding == M_INT64 else (stream, ())), (M_CALL_ITEMS, encoding)
 
 
 def result_record(record: tuple) -> Any:
@@ -118,11 +126,11 @@ def result_record(record: tuple) -> Any:
     else that tuple itself. (The status is not carried: read_result_record
     is told which one compact records have.)"""
     seq, _status, offset, last, data, meta, info = record
-    if type(meta) is int and meta == M_PICKLE and info is None and offset >= 0:
-        stream, buffers = data
+    if type(meta) is int and meta in _RESULT_MAGIC and info is None and offset >= 0:
+        stream, buffers = (data, ()) if meta == M_INT64 else data
         size = _stream_size(stream)
         if not buffers and size >= 0:
-            return b"".join((_RESULT_HEAD.pack(_RESULT_MAGIC, _COMPACT_VERSION, bool(last), seq, offset,
+            return b"".join((_RESULT_HEAD.pack(_RESULT_MAGIC[meta], _COMPACT_VERSION, bool(last), seq, offset,
                                                size), stream))
     return record
 
@@ -136,8 +144,8 @@ def read_result_record(buf: Any, status: int) -> tuple:
             only its lengths are wrong, the error's ``seq`` names the task it
             claims to be the result of.
     """
-    mv, n, (_magic, _version, last, seq, offset, stream_len) = \
-        _compact_head(buf, _RESULT_HEAD, _RESULT_MAGIC, "a compact result record")
+    mv, n, (magic, _version, last, seq, offset, stream_len) = \
+        _compact_head(buf, _RESULT_HEAD, _RESULT_ENCODING, "a compact result record")
     if last > 1:
         raise CorruptMessage(f"a compact result record has last={last}, expected 0 or 1")
     if _RESULT_HEAD.size + stream_len != n or offset < 0:
@@ -145,4 +153,6 @@ def read_result_record(buf: Any, status: int) -> tuple:
                                f"stream after its {_RESULT_HEAD.size}-byte header (offset {offset})")
         error.seq = seq         # (its task can be failed rather than left waiting)
         raise error
-    return seq, status, offset, bool(last), (mv[_RESULT_HEAD.size:], ()), M_PICKLE, None
+    encoding = _RESULT_ENCODING[magic]
+    stream = mv[_RESULT_HEAD.size:]
+    return seq, status, offset, bool(last), stream if encoding == M_INT64 else (stream, ()), encoding, None

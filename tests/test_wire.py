@@ -370,10 +370,10 @@ def test_compact_records_stand_for_the_tuples_they_replace():
 
 @pytest.mark.timeout(30)
 def test_a_long_stream_takes_the_compact_form_too():
-    # a chunk of 25,000 ints pickles to ~125 KB, which dumps hands over as a
-    # PickleBuffer: as a tuple the ring pickled it again (~110 us a put and
+    # a chunk of 25,000 floats pickles to ~225 KB, which dumps hands over as
+    # a PickleBuffer: as a tuple the ring pickled it again (~110 us a put and
     # get, against ~15 as bytes)
-    items = list(range(100_000, 125_000))
+    items = [float(x) for x in range(100_000, 125_000)]
     data, meta = pack_task(divmod, items, True)
     assert isinstance(data[1][0], pickle.PickleBuffer)
     record = _wire_records.task_record(3, 1, data, meta)
@@ -392,6 +392,72 @@ def test_a_long_stream_takes_the_compact_form_too():
     # a stream that is not contiguous (never from dumps) stays a tuple
     strided = pickle.PickleBuffer(memoryview(b"0123456789ab")[::2])
     assert type(_wire_records.task_record(1, 1, (data[0], (strided, ())), meta)) is tuple
+
+
+class _Small(int):
+    pass
+
+
+def test_lists_of_plain_ints_travel_as_int64s_and_nothing_else_does():
+    ints = [0, -1, 255, 256, -(2**63), 2**63 - 1, 10**12]
+    data, meta = _wire.pack_items(ints)
+    assert meta == _wire.M_INT64 and data == np.array(ints, np.int64).tobytes()
+    assert unpack(data, meta) == ints and all(type(x) is int for x in unpack(data, meta))
+    assert unpack(memoryview(data), meta) == ints and unpack(bytearray(data), meta) == ints
+    for other in ([1, True], [True, 1], [1, 2**63], [-(2**63) - 1], [1, 2.0], [1, None], [_Small(3)],
+                  [1, _Small(3)]):
+        data, meta = _wire.pack_items(other)
+        assert meta == M_PICKLE, other
+        back = unpack(data, meta)
+        assert back == other and list(map(type, back)) == list(map(type, other))
+    assert _wire.pack_items([])[1] == M_PICKLE
+    for bad in (b"1234567", b"x" * 9, 12345, "abcdefgh"):
+        with pytest.raises(CorruptMessage, match="list of ints"):
+            unpack(bad, _wire.M_INT64)
+
+
+def test_int_lists_take_the_compact_form_both_ways():
+    items = list(range(-5, 30_000))
+    data, meta = pack_task(divmod, items, True)
+    assert meta == (_wire.M_CALL_ITEMS, _wire.M_INT64)
+    record = _wire_records.task_record(11, 1, data, meta)
+    assert type(record) is bytes and record[:2] == b"sI"
+    seq, kind, data2, meta2 = _wire_records.read_task_record(record)
+    assert (seq, kind, meta2) == (11, 1, meta)
+    assert unpack_task(data2, meta2) == (divmod, items)
+    rdata, rmeta = _wire.pack_items([x + 1 for x in items])
+    compact = _wire_records.result_record((12, 1, 5, False, rdata, rmeta, None))
+    assert type(compact) is bytes and compact[:2] == b"sJ"
+    seq, status, off, last, data3, meta3, info = _wire_records.read_result_record(compact, 1)
+    assert (seq, status, off, last, meta3, info) == (12, 1, 5, False, _wire.M_INT64, None)
+    assert unpack(data3, meta3) == [x + 1 for x in items]
+    # a record whose magic was switched decodes to an error, never a crash
+    swapped = b"sT" + record[2:]
+    try:
+        unpack_task(*_wire_records.read_task_record(swapped)[2:])
+    except Exception as exc:        # what unpickling garbage raises
+        assert not isinstance(exc, (SystemError, MemoryError))
+    odd = _wire_records.result_record((1, 1, 0, True, *_wire.pack_items(["x"]), None))
+    forged = b"sJ" + odd[2:]
+    _seq, _status, _off, _last, data4, meta4, _info = _wire_records.read_result_record(forged, 1)
+    if len(data4) % 8:
+        with pytest.raises(CorruptMessage, match="not a multiple of 8"):
+            unpack(data4, meta4)
+
+
+@pytest.mark.timeout(60)
+def test_pool_map_of_ints_round_trips_every_kind_of_int():
+    values = [0, 1, -1, 2**63 - 2, -(2**63), 10**30, True, False, _Small(7)]
+    with shmipc.Pool(2) as pool:
+        assert pool.map(_identity, list(range(-3000, 3000)), 1000) == list(range(-3000, 3000))
+        got = pool.map(_identity, values, 3)            # chunks with bools, big ints, subclasses
+        assert got == values and list(map(type, got)) == list(map(type, values))
+        assert pool.map(abs, [-(2**63) + 1] * 5) == [2**63 - 1] * 5
+        assert pool.map(abs, [-(2**63)] * 3) == [2**63] * 3      # results past int64: pickled
+
+
+def _identity(x):
+    return x
 
 
 @pytest.mark.timeout(30)
