@@ -521,19 +521,29 @@ def test_forged_compact_records_raise_corrupt_message_with_the_numbers():
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=64), st.booleans())
-def test_random_bytes_never_read_as_anything_but_a_checked_record(raw, as_task):
-    raw = (b"sT\x01" if as_task else b"sR\x01") + raw
+@given(st.binary(max_size=64), st.booleans(), st.booleans())
+def test_random_bytes_never_read_as_anything_but_a_checked_record(raw, as_task, ints):
+    raw = {(True, False): b"sT", (True, True): b"sI", (False, False): b"sR",
+           (False, True): b"sJ"}[as_task, ints] + b"\x01" + raw
     try:
         record = _wire_records.read_task_record(raw) if as_task else _wire_records.read_result_record(raw, 1)
     except CorruptMessage:
         return
     if as_task:
-        _seq, _kind, (fn, (stream, buffers)), meta = record
+        _seq, _kind, (fn, items), meta = record
+        stream, buffers = (items, ()) if ints else items
         assert len(fn) + len(stream) + 20 == len(raw) and buffers == ()
+        assert meta == (_wire.M_CALL_ITEMS, _wire.M_INT64 if ints else M_PICKLE)
     else:
-        _seq, _status, offset, _last, (stream, buffers), _meta, _info = record
+        _seq, _status, offset, _last, data, meta, _info = record
+        stream, buffers = (data, ()) if ints else data
         assert len(stream) + 24 == len(raw) and offset >= 0 and buffers == ()
+        assert meta == (_wire.M_INT64 if ints else M_PICKLE)
+    if ints:        # the int64s decode, or their length is named
+        try:
+            assert len(unpack(stream, _wire.M_INT64)) == len(stream) // 8
+        except CorruptMessage as exc:
+            assert "not a multiple of 8" in str(exc)
 
 
 @pytest.mark.timeout(60)
