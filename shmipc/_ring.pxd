@@ -40,6 +40,7 @@ cdef class Ring:
     cdef bint closed                # closed in this process
     cdef int active                 # calls in progress in this process
     cdef object buffer              # the object the ring lives in (the arena's mmap)
+    cdef object data_view           # None, or a read-only memoryview of the data region (get_view's views are slices of it)
     cdef Py_ssize_t region_len      # bytes from the ring's start to the end of the buffer
     cdef public object arena        # the Arena holding the ring, or None
     cdef public object name         # the region name in the arena

@@ -312,6 +312,39 @@ def test_closed_ring_and_arena_raise_not_crash():
     arena.close()                                   # idempotent
 
 
+@pytest.mark.timeout(30)
+def test_views_across_laps_are_exactly_their_messages(arena):
+    # every view is a slice of one read-only view of the ring's data: at any
+    # offset, across wrap-around padding, it is exactly its message
+    ring = arena.ring(1 << 16, producers="one", consumers="one")
+    for i in range(3000):
+        msg = struct.pack("<I", i) * (1 + (i * 37) % 900)
+        ring.put(msg)
+        with ring.get_view() as view:
+            assert view.readonly and view.nbytes == len(msg) and view == msg
+            with pytest.raises(TypeError):
+                view[0] = 0
+    assert ring.empty() and ring.stats()["messages_out"] == 3000
+
+
+@pytest.mark.timeout(30)
+def test_an_array_kept_over_a_view_outlives_ring_and_arena_close(no_leaks):
+    arena = shmipc.Arena(1 << 20)
+    ring = arena.ring(1 << 16)
+    ring.put(np.arange(100, dtype=np.int64))
+    with ring.get_view() as a:
+        kept = a                        # kept past its block: may change later, never a crash
+    assert kept.sum() == 4950
+    ring.put(b"next")
+    with ring.get_view() as v:
+        assert v == b"next"
+    ring.close()
+    arena.close()
+    assert kept.shape == (100,) and kept.dtype == np.int64
+    int(kept.sum())                     # still mapped: readable (its value may have changed)
+    del kept
+
+
 @pytest.mark.timeout(20)
 def test_zero_copy_views(arena, sides):
     ring = arena.ring(1 << 16, producers=sides, consumers=sides)
