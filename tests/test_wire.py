@@ -3,6 +3,7 @@ through a real ring too; forged records raise CorruptMessage with the numbers;
 in a real pool, a value that does not cross fails only its own task."""
 from __future__ import annotations
 
+import multiprocessing.pool
 import pickle
 import queue
 import sys
@@ -604,6 +605,47 @@ def test_a_damaged_compact_result_fails_its_task_and_the_pool_goes_on():
     with pytest.raises(CorruptMessage) as info:
         _wire_records.read_result_record(_short_result_record((41, 1, 0, True, *_wire.pack_items(["damage me"]), None)), 1)
     assert info.value.seq == 41
+
+
+def _odd_int64_result_record(record):
+    compact = _ORIGINAL_RESULT_RECORD(record)
+    if type(compact) is bytes and compact[:2] == b"sJ" and (424242).to_bytes(8, "little") in compact:
+        head = _wire_records._RESULT_HEAD
+        fields = list(head.unpack_from(compact))
+        fields[-1] -= 3                             # a stream 3 bytes short, announced as such
+        return head.pack(*fields) + compact[head.size:-3]
+    return compact
+
+
+@pytest.mark.timeout(60)
+def test_int64_records_whose_length_is_not_whole_ints_fail_their_task_and_the_pool_goes_on():
+    from shmipc import _engine_dispatch, _poolworker
+
+    original_task = _engine_dispatch.task_record
+
+    def odd_task(seq, kind, data, meta):
+        record = original_task(seq, kind, data, meta)
+        if type(record) is bytes and record[:2] == b"sI" and (525252).to_bytes(8, "little") in record:
+            head = _wire_records._TASK_HEAD
+            fields = list(head.unpack_from(record))
+            fields[-1] -= 5
+            return head.pack(*fields) + record[head.size:-5]
+        return record
+
+    _poolworker.result_record = _odd_int64_result_record
+    try:
+        with shmipc.Pool(1, context="fork") as pool:
+            with pytest.raises(multiprocessing.pool.MaybeEncodingError, match="5 bytes, not a multiple of 8"):
+                pool.map(_identity, [1, 424242, 3])     # (one item a chunk: 8 bytes, 3 cut)
+            _engine_dispatch.task_record = odd_task
+            with pytest.raises(CorruptMessage, match="3 bytes, not a multiple of 8"):
+                pool.map(_identity, [2, 525252])        # (the worker fails that chunk with it)
+            _engine_dispatch.task_record = original_task
+            assert pool.map(_identity, list(range(5000)), 1000) == list(range(5000))
+            assert pool.statistics()["worker_deaths"] == 0
+    finally:
+        _poolworker.result_record = _ORIGINAL_RESULT_RECORD
+        _engine_dispatch.task_record = original_task
 
 
 @pytest.mark.timeout(30)
