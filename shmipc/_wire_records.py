@@ -51,8 +51,8 @@ _COMPACT_VERSION = 1
 
 def task_record(seq: int, kind: int, data: Any, meta: Any) -> Any:
     """What to put into a worker's ring for the task ``(seq, kind, data,
-    meta)`` (from pack_task): compact bytes when its items are an in-band
-    pickle stream, else that tuple itself."""
+    meta)`` (from pack_task): compact bytes when its items are one pickle
+    stream with nothing out of band, or int64s, else that tuple itself."""
     if type(meta) is tuple and len(meta) == 2 and meta[0] == M_CALL_ITEMS and type(meta[1]) is int \
             and meta[1] in _TASK_MAGIC and 0 <= kind < 256:
         fn, items = data
@@ -65,10 +65,11 @@ def task_record(seq: int, kind: int, data: Any, meta: Any) -> Any:
 
 
 def _stream_size(stream: Any) -> int:
-    """The length of a pickle stream from _wire.dumps (bytes, or a long one
-    as a PickleBuffer over bytes), -1 for anything else or anything too long
-    for the header's 32-bit length (no ring message is that large: the
-    tuple form then meets the ring's MessageTooLarge, as before)."""
+    """The length of a record's stream: a pickle stream from _wire.dumps
+    (bytes, or a long one as a PickleBuffer over bytes) or int64s (bytes);
+    -1 for anything else or anything too long for the header's 32-bit
+    length (no ring message is that large: the tuple form then meets the
+    ring's MessageTooLarge, as before)."""
     if type(stream) is bytes:
         size = len(stream)
     elif type(stream) is pickle.PickleBuffer:
@@ -121,8 +122,9 @@ def read_task_record(buf: Any) -> tuple:
 
 def result_record(record: tuple) -> Any:
     """What to put into the result ring for the result ``(seq, status,
-    offset, last, data, meta, info)``: compact bytes when its value is an
-    in-band pickle stream and it carries no info (a value, not an error),
+    offset, last, data, meta, info)``: compact bytes when its value is one
+    pickle stream with nothing out of band, or int64s, and it carries no
+    info (a value, not an error),
     else that tuple itself. (The status is not carried: read_result_record
     is told which one compact records have.)"""
     seq, _status, offset, last, data, meta, info = record
