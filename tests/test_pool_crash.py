@@ -745,3 +745,66 @@ def test_zygotes_killed_over_and_over_never_break_the_executor(capfd):
         assert ex.submit(abs, -5).result(timeout=60) == 5
     finally:
         ex.shutdown(wait=True)
+
+
+def add_one(x):
+    return x + 1
+
+
+@pytest.mark.timeout(120)
+def test_int_maps_through_kills_and_stops_of_every_helper_are_exact(no_leaks):
+    """Lists of plain ints travel as int64s both ways (af178b0). While workers,
+    the zygote and its spare are SIGKILLed or SIGSTOPped at random, every map
+    of them (values near both ends of int64, chunks of 1 to 5000) gives
+    exactly its results or WorkerLost for a killed worker, and the pool ends
+    working: nothing lost, duplicated or corrupted on the new path."""
+    rng = random.Random(11)
+    stop = threading.Event()
+    tally = {"kills": 0, "stops": 0}
+
+    def storm(pool):
+        me = os.getpid()
+        while not stop.wait(rng.uniform(0.02, 0.1)):
+            pids = list(pool_pids(pool).values()) + list(pool._engine._sup.helper_pids())
+            pid = rng.choice([p for p in pids if p != me] or [me])
+            if pid == me:
+                continue
+            try:
+                if rng.random() < 0.6:
+                    os.kill(pid, signal.SIGKILL)
+                    tally["kills"] += 1
+                else:
+                    os.kill(pid, signal.SIGSTOP)
+                    tally["stops"] += 1
+                    stop.wait(rng.uniform(0.01, 0.2))
+            except ProcessLookupError:
+                pass
+            finally:
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
+    exact = lost = 0
+    with shmipc.Pool(2) as pool:
+        killer = threading.Thread(target=storm, args=(pool,), daemon=True)
+        killer.start()
+        try:
+            end = time.monotonic() + 8.0 * SOAK
+            while time.monotonic() < end:
+                base = rng.choice([0, -(2**62), 2**63 - 70_000])
+                items = list(range(base, base + rng.randint(1, 60_000)))
+                try:
+                    got = pool.map_async(add_one, items, rng.choice([None, 1, 7, 5000])).get(timeout=60)
+                except shmipc.WorkerLost:
+                    lost += 1
+                    continue
+                assert got == [x + 1 for x in items]
+                exact += 1
+        finally:
+            stop.set()
+            killer.join(10)
+        assert pool.map(add_one, list(range(100_000))) == list(range(1, 100_001))
+        deaths = pool.statistics()["worker_deaths"]
+    assert tally["kills"] >= 10 and tally["stops"] >= 5, tally
+    assert deaths >= 1 and exact >= 5, (deaths, exact, lost)
