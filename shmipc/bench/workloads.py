@@ -163,17 +163,30 @@ def _receive_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool
     if kind == "bytes" and mode == "batch" and verify == "full":
         assert ep.recv_many is not None
         recv_many = ep.recv_many
-        expected = itertools.cycle(pool)
-        n = 0
+        # a whole batch is compared with its expected slice in one list ==
+        # (item by item in C, ~10 ns a 64 B message, where a Python loop
+        # costs ~80: more than the ring's own put_many + get_many); a batch
+        # that differs (the end marker, a fault) is then gone through item
+        # by item to say where
+        count = len(pool)
+        doubled = pool + pool
+        i = n = 0
         while True:
             got = recv_many()
-            for m, exp in zip(got, expected):
+            k = len(got)
+            if k <= count and got == doubled[i:i + k]:
+                n += k
+                i = (i + k) % count
+                continue
+            for m in got:
+                exp = pool[i]
                 if m != exp:
                     if len(m) == 0:
                         return n
                     raise VerifyError(f"message {n}: got {len(m)} bytes that differ from the "
                                       f"{len(exp)} sent")
                 n += 1
+                i = (i + 1) % count
     # views and numpy arrays: compare buffers (with numpy when it is there:
     # bytes messages need no numpy, only a faster comparison from it)
     try:
