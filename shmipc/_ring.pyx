@@ -244,6 +244,55 @@ def unpack_int64_list(data):
         PyBuffer_Release(&b)
 
 
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def blob_table(list items, Py_ssize_t large):
+    """How a map chunk of bytes objects travels (see shmipc._wire.pack_items),
+    found in one pass in C: None if an item is not exactly bytes, False if
+    none has `large` bytes or more, else ``(distinct, index)``: the distinct
+    objects (by identity) in first-seen order, and each item's position in
+    them as a tuple, or None if no object repeats.
+
+    (The same in Python, with map/set/max/id and a dict, took ~46 us for
+    100 items here, ~a tenth of an executor's round trip for one chunk.)"""
+    cdef Py_ssize_t i, n = len(items), k = 0, prev_k = 0
+    cdef bint any_large = False, repeats = False
+    cdef object x, prev = None, found, item    # (item: an object, or Cython would infer a C int)
+    cdef dict seen
+    cdef list distinct, index
+    for i in range(n):
+        x = items[i]
+        if not PyBytes_CheckExact(x):
+            return None
+        if PyBytes_GET_SIZE(x) >= large:
+            any_large = True
+    if not any_large:
+        return False
+    distinct = []
+    seen = {}
+    index = PyList_New(n)       # (filled below; a NULL slot is skipped if freed early)
+    for i in range(n):
+        x = items[i]
+        if x is prev:                   # (a run of one object: no lookup)
+            k = prev_k
+            repeats = True
+        else:
+            key = id(x)
+            found = seen.get(key)
+            if found is None:
+                k = len(distinct)
+                seen[key] = k
+                distinct.append(x)
+            else:
+                k = <Py_ssize_t>found
+                repeats = True
+            prev, prev_k = x, k
+        item = k
+        Py_INCREF(item)                 # (PyList_SET_ITEM steals one)
+        PyList_SET_ITEM(index, i, item)
+    return distinct, (tuple(index) if repeats else None)
+
+
 def _after_fork_in_child():
     shm_self_reset()        # the child's identity is computed on its first use
 

@@ -74,7 +74,7 @@ from multiprocessing.pool import RemoteTraceback  # one class for pools and pipe
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from shmipc._ring import pack_int64_list, unpack_int64_list
+from shmipc._ring import blob_table, pack_int64_list, unpack_int64_list
 from shmipc.errors import CorruptMessage, ShmipcError
 
 __all__ = ["OUT_OF_BAND_MIN", "IN_BAND_STREAM_MAX", "M_PICKLE", "M_BYTES", "M_BYTEARRAY",
@@ -107,7 +107,6 @@ M_INT64 = 6           # a list of plain ints: data their native int64s (shmipc._
 _FunctionType = types.FunctionType
 _BuiltinFunctionType = types.BuiltinFunctionType
 _NATIVE = frozenset((int, float, complex, str, bool, type(None)))
-_BYTES_ONLY = {bytes}
 _ndarray: Any = None              # numpy.ndarray, once numpy is imported
 _dtypes: dict[str, Any] = {}      # descr -> dtype, for unpack (bounded: see _dtype)
 
@@ -218,24 +217,14 @@ def pack_items(items: Any) -> tuple[Any, Any]:
         return pack_pickled(items)          # (chunks of numbers and strings: no scan)
     if type(items[0]) is not bytes:
         return pack_pickled(_blobs_once(items))
-    # (map, set and max run in C: a chunk of 1,000 blobs costs ~0.1 ms here)
-    if set(map(type, items)) != _BYTES_ONLY:
+    # (one pass in C: which items are bytes, whether any is large, which repeat)
+    table = blob_table(items, OUT_OF_BAND_MIN)
+    if table is None:
         return pack_pickled(_blobs_once(items))
-    if max(map(len, items)) < OUT_OF_BAND_MIN:
+    if table is False:
         return pack_pickled(items)
-    ids = list(map(id, items))
-    if len(set(ids)) == len(ids):
-        return tuple([pickle.PickleBuffer(x) if len(x) >= OUT_OF_BAND_MIN else x for x in items]), (M_BLOBS, None)
-    seen: dict[int, int] = {}
-    distinct: list = []
-    index: list[int] = []
-    for x in items:
-        k = seen.get(id(x))
-        if k is None:
-            k = seen[id(x)] = len(distinct)
-            distinct.append(pickle.PickleBuffer(x) if len(x) >= OUT_OF_BAND_MIN else x)
-        index.append(k)
-    return tuple(distinct), (M_BLOBS, None if len(distinct) == len(items) else tuple(index))
+    distinct, index = table
+    return tuple([pickle.PickleBuffer(x) if len(x) >= OUT_OF_BAND_MIN else x for x in distinct]), (M_BLOBS, index)
 
 
 def _blobs_once(items: list) -> list:

@@ -137,6 +137,74 @@ def test_a_list_of_bytes_sends_each_distinct_object_once():
         assert out[0] is out[2] is out[4]       # as pickle's memo would give
 
 
+class _BytesSubclass(bytes):
+    """Not exactly bytes: pickled with its class."""
+
+
+def _blob_table_model(items: list, large: int):
+    """What shmipc._ring.blob_table computes, in plain Python."""
+    if any(type(x) is not bytes for x in items):
+        return None
+    if not any(len(x) >= large for x in items):
+        return False
+    distinct: list = []
+    index = []
+    for x in items:
+        k = next((i for i, d in enumerate(distinct) if d is x), None)
+        if k is None:
+            k = len(distinct)
+            distinct.append(x)
+        index.append(k)
+    return distinct, (tuple(index) if len(distinct) < len(items) else None)
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 5), max_size=40), st.integers(0, 2))
+def test_blob_table_finds_what_the_python_model_finds(picks, odd):
+    # six objects (two equal in content but distinct: identity decides),
+    # items picked among them; `odd` puts a non-bytes item or a bytes subclass in
+    from shmipc._ring import blob_table
+
+    objs = [bytes(BIG), bytes(BIG), b"s", b"", bytes([7]) * (BIG + 1), b"t" * 10]
+    items = [objs[i] for i in picks]
+    if odd and items:
+        items[len(items) // 2] = 5 if odd == 1 else _BytesSubclass(b"x")
+    got = blob_table(items, BIG)
+    want = _blob_table_model(items, BIG)
+    if want is None or want is False:
+        assert got is want
+    else:
+        assert got[1] == want[1] and len(got[0]) == len(want[0])
+        assert all(a is b for a, b in zip(got[0], want[0]))
+    data, meta = pack_items(items)
+    if items:
+        _seq, d, m, copy = _through_ring(data, meta)
+        out = unpack(d, m, copy)
+        assert out == items and [type(x) for x in out] == [type(x) for x in items]
+
+
+@pytest.mark.timeout(60)
+def test_blob_table_of_hundreds_of_objects_keeps_every_reference():
+    # positions past 256 are int objects of their own (not CPython's cached
+    # small ints): each must be held by the index, and every blob's
+    # reference count must come back to what it was
+    from shmipc._ring import blob_table
+
+    blobs = [bytes([i % 251]) * (BIG + i) for i in range(600)]
+    items = blobs + blobs[::-1] + [blobs[400]] * 5
+    counts = [sys.getrefcount(b) for b in blobs]
+    for _ in range(50):
+        distinct, index = blob_table(items, BIG)
+    assert [sys.getrefcount(b) for b in blobs] == [c + 1 for c in counts]     # (held by `distinct`)
+    del distinct
+    assert [sys.getrefcount(b) for b in blobs] == counts
+    assert index == tuple(range(600)) + tuple(range(599, -1, -1)) + (400,) * 5
+    assert sum(index) == 2 * sum(range(600)) + 2000         # every int is alive and intact
+    data, meta = pack_items(items)
+    assert meta == (M_BLOBS, index) and len(data) == 600
+
+
 @pytest.mark.timeout(30)
 def test_lists_of_other_items_are_pickled_with_large_bytes_out_of_band():
     big = b"q" * (BIG * 4)
