@@ -566,6 +566,29 @@ def test_readme_section_is_generated_from_the_run(tmp_path, capsys):
     assert "no <!-- perf:start -->" in capsys.readouterr().err
 
 
+def test_prose_gives_the_median_of_side_by_side_rounds_beside_best_against_best():
+    # best against best pairs round 2 of one row with round 3 of the other;
+    # the paired figure divides within each round: 0.5, 2.0, 1.0 -> median 1.0
+    from shmipc.bench.report import paired_ratio, prose
+
+    def rec(transport, rates, mine=True):
+        rounds = [{"messages": 1, "seconds": 1.0, "msgs_per_s": m, "mb_per_s": m} for m in rates]
+        return {"workload": "throughput", "transport": transport, "shmipc": mine, "size": 1 << 20,
+                "pool_kind": None, "note": "", "status": "ok", "reason": "", "rounds": rounds,
+                "best": max(rounds, key=lambda r: r["msgs_per_s"], default={}), "reference": transport == "c-ring"}
+
+    single, batch = rec("shmipc.ring", [100, 400, 50]), rec("shmipc.ring+batch", [50, 800, 50])
+    view, c_ring = rec("shmipc.ring+view", [100, 100, 300]), rec("c-ring", [200, 50, 300], mine=False)
+    assert paired_ratio(batch, single) == 1.0 and paired_ratio(view, c_ring) == 1.0
+    assert paired_ratio(view, rec("c-ring", [])) is None
+    report = {"records": [single, batch, view, c_ring]}
+    sentences = prose(report)
+    assert any("`put_many`/`get_many` against `put`/`get`: 2.00 best against best; 1.00 as the median "
+               "of the 3 rounds run side by side." in s for s in sentences), sentences
+    assert any("reached 100% of a C ring" in s and "best round against best round; 100% as the median "
+               "of the 3 rounds" in s for s in sentences), sentences
+
+
 @pytest.mark.timeout(120)
 def test_c_ring_floor_is_measured_and_verified(tmp_path):
     """The C ring of the same design builds with Python's compiler, moves and

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from typing import Any, Iterable
@@ -431,6 +432,27 @@ def _find(report: dict, workload: str, transport: str, size: int | None = None) 
     return None
 
 
+def paired_ratio(a: dict, b: dict) -> float | None:
+    """The median over rounds of row `a`'s rate over row `b`'s in the same
+    round (throughput rows of one size take turns round by round, so round
+    k of each ran side by side: on a noisy machine a steadier ratio than
+    best against best, whose two rounds may lie a minute apart). None if
+    the two have no round in common."""
+    q = [x["msgs_per_s"] / y["msgs_per_s"] for x, y in zip(a.get("rounds") or [], b.get("rounds") or [])
+         if x.get("msgs_per_s") and y.get("msgs_per_s")]
+    return statistics.median(q) if q else None
+
+
+def _paired_note(a: dict, b: dict, percent: bool = True) -> str:
+    """"; <ratio> as the median of the N rounds run side by side" (see
+    paired_ratio), to follow a best-against-best figure; "" if there is none."""
+    q = paired_ratio(a, b)
+    if q is None:
+        return ""
+    n = min(len(a["rounds"]), len(b["rounds"]))
+    return (f"; {q:.0%}" if percent else f"; {q:.2f}") + f" as the median of the {n} rounds run side by side"
+
+
 def prose(report: dict) -> list[str]:
     """The README's sentences about this run, each made from its figures
     (never copied by hand): shmipc's main rows against their tuned peers."""
@@ -460,11 +482,19 @@ def prose(report: dict) -> list[str]:
         if c_ring and plain:
             out.append(f"{_size(size)} messages, `{plain['transport']}` reached "
                        f"{_metric(plain) / _metric(c_ring):.0%} of a C ring of the same design "
-                       "(`shmipc/bench/c_ring.c`: no Python, no encoding).")
+                       f"(`shmipc/bench/c_ring.c`: no Python, no encoding), best round against best round"
+                       f"{_paired_note(plain, c_ring)}.")
         if floor and best and size >= 4096:
             out.append(f"{_size(size)} messages, the best shmipc row ({best['transport']}) reached "
                        f"{_metric(best) / _metric(floor):.0%} of what one process copying each message "
                        f"once (`memcpy`) does.")
+    for size in sorted({r["size"] for r in report["records"] if r["workload"] == "throughput"}):
+        batch, single = tp("shmipc.ring+batch", size), tp("shmipc.ring", size)
+        if batch and single and size >= 64 << 10:
+            # (messages this large are taken one a call: there is nothing to batch)
+            out.append(f"{_size(size)} messages, `put_many`/`get_many` against `put`/`get`: "
+                       f"{_metric(batch) / _metric(single):.2f} best against best"
+                       f"{_paired_note(batch, single, percent=False)}.")
     a, b = _find(report, "pingpong", "shmipc.ring"), _find(report, "pingpong", "os.pipe")
     if a and b:
         out.append(f"A 64 B round trip: {a['best']['median_us']:.2f} us median against "
