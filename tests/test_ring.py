@@ -6,6 +6,7 @@ import math
 import os
 import pickle
 import queue
+import random
 import signal
 import struct
 import time
@@ -176,6 +177,27 @@ def test_get_many_takes_about_64_kib_by_default(arena, sides):
     ring.put_many([b"s" * 64] * 300)
     assert len(ring.get_many(300)) == 300                # small messages: the whole batch
 
+
+@pytest.mark.timeout(30)
+def test_get_many_decodes_mixed_batches_wherever_the_objects_fall(arena, sides):
+    """Batches of plain payloads (bytes, str, ints) with pickled objects and
+    arrays first, last, in the middle or not at all come back equal, in
+    order, each of its type: the one-consumer fast path notes the tags of
+    a batch only once it meets a payload to decode."""
+    ring = arena.ring(1 << 20, producers=sides, consumers=sides)
+    rng = random.Random(11)
+    kinds = [lambda i: bytes([i % 256]) * (i % 50), lambda i: f"s{i}", lambda i: i,
+             lambda i: {"k": i}, lambda i: np.arange(i % 7, dtype=np.int32), lambda i: (i, None)]
+    for round_ in range(300):
+        n = rng.randint(1, 12)
+        batch = [kinds[rng.randrange(len(kinds)) if rng.random() < 0.5 else rng.randrange(3)](round_ * 12 + j)
+                 for j in range(n)]
+        ring.put_many(batch)
+        got = ring.get_many(64, timeout=5)
+        assert len(got) == n and [type(x) for x in got] == [type(x) for x in batch], (round_, batch, got)
+        for a, b in zip(got, batch):
+            assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b
+    assert ring.qsize() == 0
 
 @pytest.mark.timeout(20)
 def test_fixed_record_ring(arena):
