@@ -41,7 +41,6 @@ cdef class Ring:
     cdef int active                 # calls in progress in this process
     cdef object buffer              # the object the ring lives in (the arena's mmap)
     cdef object data_view           # None, or a read-only memoryview of the data region (get_view's views are slices of it)
-    cdef list raw_tags              # _get_many_now: the tags of a batch holding payloads to decode, else None
     cdef Py_ssize_t region_len      # bytes from the ring's start to the end of the buffer
     cdef public object arena        # the Arena holding the ring, or None
     cdef public object name         # the region name in the arena
@@ -90,7 +89,7 @@ cdef class Ring:
     cdef Py_ssize_t _put_many_now(self, enc_t *encs, Py_ssize_t n) noexcept
     cdef object _get_now(self, bint *done)
     cdef bint _empty_now(self) noexcept
-    cdef list _get_many_now(self, Py_ssize_t max_items, Py_ssize_t max_bytes)
+    cdef list _get_many_now(self, Py_ssize_t max_items, Py_ssize_t max_bytes, list tags)
     cdef void _release_taken(self, uint64_t start, uint64_t end, Py_ssize_t nmsgs, uint64_t nbytes) noexcept
     cdef int _debug_check(self) except -1
     cdef int _shut(self) except -1

@@ -1820,7 +1820,7 @@ cdef class Ring:
         return (cursor == shm_load_rlx64(&h.cons.pos)
                 and shm_load_acq64(&h.prod.pos) == cursor and not shm_load_rlx32(&h.wait.shutdown))
 
-    cdef list _get_many_now(self, Py_ssize_t max_items, Py_ssize_t max_bytes):
+    cdef list _get_many_now(self, Py_ssize_t max_items, Py_ssize_t max_bytes, list tags):
         """get_many's fast path, for a one-consumer ring with no view open:
         take the messages from the cursor on, up to `max_items` or
         `max_bytes`, stopping before any that cannot be delivered (a
@@ -1828,10 +1828,8 @@ cdef class Ring:
         size: the next call meets it first, as in _consume), releasing their
         space as it goes (every PUBLISH_BYTES) and at the end. Plain
         payloads (see plain_payload) come final; ndarray and pickle ones
-        as bytearrays, with every message's tag then in a list left in
-        self.raw_tags (else None: no list made and freed for a batch that
-        needs none, ~20% of a one-message get_many), for get_many to
-        decode. None, having changed
+        as bytearrays, with every message's tag then in `tags` (else
+        `tags` stays empty), for get_many to decode. None, having changed
         nothing, if it took none (empty ring, a first message that cannot
         be delivered): the general path then decides."""
         cdef shm_ring_t *h = self.hdr
@@ -1841,8 +1839,7 @@ cdef class Ring:
         cdef Py_ssize_t k = 0, released_k = 0, nbytes = 0
         cdef shm_rec_t hd
         cdef bint ok, raw = False
-        cdef list out, tags = None
-        self.raw_tags = None
+        cdef list out
         if cursor != tail or (cursor & (SHM_REC_ALIGN - 1)):
             return None
         head = shm_load_acq64(&h.prod.pos)      # one fresh look per batch: take all there is
@@ -1864,7 +1861,7 @@ cdef class Ring:
                     # copied out now, decoded by get_many once released
                     obj = PyByteArray_FromStringAndSize(self.data + off + SHM_REC_HDR, hd.size)
                     if not raw:
-                        tags = self.raw_tags = [TAG_BYTES] * k      # (plain: any tag below TAG_NDARRAY)
+                        tags.extend([TAG_BYTES] * k)    # (plain: any tag below TAG_NDARRAY)
                         raw = True
                 elif hd.tag != TAG_PAD:
                     obj = plain_payload(self.data + off + SHM_REC_HDR, hd.tag, hd.size, &ok)
@@ -1887,8 +1884,7 @@ cdef class Ring:
                 raise
             # deliver what was taken; `pos` is the record that failed,
             # which the next call meets first
-            if tags is not None:
-                del tags[k:]
+            del tags[k:]
         if k == 0:
             return None
         if pos != released:
@@ -1948,21 +1944,19 @@ cdef class Ring:
             self._check_open()
             return self._from_pending(max_items)
         cdef list out = None
-        cdef list tags = None
+        cdef list tags = []
         cdef int64_t deadline
         deadline = deadline_of(block, timeout)
         if not self.many_consumers and not self.closed and self.record_size == 0:
-            out = self._get_many_now(max_items, limit)
+            out = self._get_many_now(max_items, limit, tags)
             if out is None and deadline != 0 and self._empty_now():
                 # wait, then take the fast path again (as get does)
                 if self._await_data(deadline):
-                    out = self._get_many_now(max_items, limit)
-            tags, self.raw_tags = self.raw_tags, None
-            if out is not None and tags is None:
+                    out = self._get_many_now(max_items, limit, tags)
+            if out is not None and not tags:
                 return out
         if out is None:
             out = []
-            tags = []
             self._enter()
             try:
                 records = self._consume(deadline, max_items, limit, False, out, tags, &t)

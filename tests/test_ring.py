@@ -182,8 +182,8 @@ def test_get_many_takes_about_64_kib_by_default(arena, sides):
 def test_get_many_decodes_mixed_batches_wherever_the_objects_fall(arena, sides):
     """Batches of plain payloads (bytes, str, ints) with pickled objects and
     arrays first, last, in the middle or not at all come back equal, in
-    order, each of its type: the one-consumer fast path notes the tags of
-    a batch only once it meets a payload to decode."""
+    order, each of its type (the one-consumer fast path starts noting the
+    tags of a batch when it meets the first payload to decode)."""
     ring = arena.ring(1 << 20, producers=sides, consumers=sides)
     rng = random.Random(11)
     kinds = [lambda i: bytes([i % 256]) * (i % 50), lambda i: f"s{i}", lambda i: i,
@@ -198,6 +198,7 @@ def test_get_many_decodes_mixed_batches_wherever_the_objects_fall(arena, sides):
         for a, b in zip(got, batch):
             assert np.array_equal(a, b) if isinstance(b, np.ndarray) else a == b
     assert ring.qsize() == 0
+
 
 @pytest.mark.timeout(20)
 def test_fixed_record_ring(arena):
