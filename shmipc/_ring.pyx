@@ -248,7 +248,7 @@ def unpack_int64_list(data):
 @cython.wraparound(False)
 def blob_table(list items, Py_ssize_t large):
     """How a map chunk of bytes objects travels (see shmipc._wire.pack_items),
-    found in one pass in C: None if an item is not exactly bytes, False if
+    found in C: None if an item is not exactly bytes, False if
     none has `large` bytes or more, else ``(distinct, index)``: the distinct
     objects (by identity) in first-seen order, and each item's position in
     them as a tuple, or None if no object repeats.
@@ -257,7 +257,7 @@ def blob_table(list items, Py_ssize_t large):
     100 items here, ~a tenth of an executor's round trip for one chunk.)"""
     cdef Py_ssize_t i, n = len(items), k = 0, prev_k = 0
     cdef bint any_large = False, repeats = False
-    cdef object x, prev = None, found, item    # (item: an object, or Cython would infer a C int)
+    cdef object x, prev = None, found
     cdef dict seen
     cdef list distinct, index
     for i in range(n):
@@ -270,7 +270,7 @@ def blob_table(list items, Py_ssize_t large):
         return False
     distinct = []
     seen = {}
-    index = PyList_New(n)       # (filled below; a NULL slot is skipped if freed early)
+    index = []
     for i in range(n):
         x = items[i]
         if x is prev:                   # (a run of one object: no lookup)
@@ -287,9 +287,7 @@ def blob_table(list items, Py_ssize_t large):
                 k = <Py_ssize_t>found
                 repeats = True
             prev, prev_k = x, k
-        item = k
-        Py_INCREF(item)                 # (PyList_SET_ITEM steals one)
-        PyList_SET_ITEM(index, i, item)
+        index.append(k)
     return distinct, (tuple(index) if repeats else None)
 
 

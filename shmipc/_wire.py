@@ -217,7 +217,7 @@ def pack_items(items: Any) -> tuple[Any, Any]:
         return pack_pickled(items)          # (chunks of numbers and strings: no scan)
     if type(items[0]) is not bytes:
         return pack_pickled(_blobs_once(items))
-    # (one pass in C: which items are bytes, whether any is large, which repeat)
+    # (in C: whether every item is bytes, whether any is large, which repeat)
     table = blob_table(items, OUT_OF_BAND_MIN)
     if table is None:
         return pack_pickled(_blobs_once(items))
