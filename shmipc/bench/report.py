@@ -432,25 +432,31 @@ def _find(report: dict, workload: str, transport: str, size: int | None = None) 
     return None
 
 
+def _round_ratios(a: dict, b: dict) -> list[float]:
+    """Row `a`'s rate over row `b`'s, round by round (rounds with no rate left out)."""
+    return [x["msgs_per_s"] / y["msgs_per_s"] for x, y in zip(a.get("rounds") or [], b.get("rounds") or [])
+            if x.get("msgs_per_s") and y.get("msgs_per_s")]
+
+
 def paired_ratio(a: dict, b: dict) -> float | None:
     """The median over rounds of row `a`'s rate over row `b`'s in the same
     round (throughput rows of one size take turns round by round, so round
     k of each ran side by side: on a noisy machine a steadier ratio than
     best against best, whose two rounds may lie a minute apart). None if
     the two have no round in common."""
-    q = [x["msgs_per_s"] / y["msgs_per_s"] for x, y in zip(a.get("rounds") or [], b.get("rounds") or [])
-         if x.get("msgs_per_s") and y.get("msgs_per_s")]
+    q = _round_ratios(a, b)
     return statistics.median(q) if q else None
 
 
 def _paired_note(a: dict, b: dict, percent: bool = True) -> str:
     """"; <ratio> as the median of the N rounds run side by side" (see
     paired_ratio), to follow a best-against-best figure; "" if there is none."""
-    q = paired_ratio(a, b)
-    if q is None:
+    q = _round_ratios(a, b)
+    if not q:
         return ""
-    n = min(len(a["rounds"]), len(b["rounds"]))
-    return (f"; {q:.0%}" if percent else f"; {q:.2f}") + f" as the median of the {n} rounds run side by side"
+    median = statistics.median(q)
+    return (f"; {median:.0%}" if percent else f"; {median:.2f}") + \
+        f" as the median of the {len(q)} rounds run side by side"
 
 
 def prose(report: dict) -> list[str]:
