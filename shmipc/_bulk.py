@@ -177,7 +177,7 @@ class _Bulk:
             main.put(_framing.Frame("token"), block, remaining)     # queue.Full: nothing put
             # records of the bulk ring put before ours: once more than these
             # were taken, a reader has started on our frame
-            start = self.ring.stats()["messages_in"]
+            start = self.ring.stats(recover=False)["messages_in"]
             self._write_frame(parts, block, deadline, start)
         finally:
             self._release(_WRITER_LOCK)
@@ -302,7 +302,7 @@ class _Bulk:
         # records of the bulk ring put before ours: once more than these
         # were taken, a reader has started on our frame
         try:
-            start = self.ring.stats()["messages_in"]
+            start = self.ring.stats(recover=False)["messages_in"]
             self._write_frame(owned, True, None, start)
         except BaseException as exc:
             # put has returned: the frame was aborted (readers skip it),
@@ -358,7 +358,7 @@ class _Bulk:
         record number `start` of the bulk ring and has let go of the reader
         lock (it died -- the kernel freed its record lock -- or left by an
         exception) while the frame is not complete: nobody will read the rest."""
-        if self.ring.stats()["messages_out"] <= start:
+        if self.ring.stats(recover=False)["messages_out"] <= start:
             return False            # nobody has taken our header yet: keep waiting
         return not self._lock_held(_READER_LOCK)
 

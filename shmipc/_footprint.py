@@ -81,7 +81,7 @@ def give_back(fd: int, areas: Iterable[tuple[Any, tuple[int, int]]]) -> int:
     freed = 0
     for ring, (offset, length) in areas:
         try:
-            if ring.stats()["bytes_used"]:
+            if ring.stats(recover=False)["bytes_used"]:
                 continue
         except Exception:           # closed under us: nothing to give back
             continue

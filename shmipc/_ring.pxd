@@ -73,6 +73,7 @@ cdef class Ring:
     cdef bint _recover_at_deadline(self, int kind, uint64_t need) except -1
     cdef bint _look_around(self, int kind) except -1
     cdef int _reclaim_dead_claims(self) except -1
+    cdef int _recover_dead(self) except -1
     cdef bint _lock(self, int kind, int64_t deadline) except -1
     cdef void _locked(self, shm_side_t *side) noexcept
     cdef int _recover_lock(self, int kind) except -1

@@ -942,6 +942,17 @@ cdef class Ring:
                 self._unlock(W_CLOCK)
         return False
 
+    cdef int _recover_dead(self) except -1:
+        """Take back, now and without waiting, what dead processes hold on the
+        sides that can be shared: a many-producer ring's producer lock, a
+        many-consumer ring's consumer lock and claimed records. A lock held by
+        a live process is left alone (its holder is not waited for)."""
+        if self.many_producers and self._look_around(W_PLOCK):
+            self._unlock(W_PLOCK)
+        if self.many_consumers:
+            self._look_around(W_SPACE)
+        return 0
+
     cdef int _reclaim_dead_claims(self) except -1:
         """With the consumer lock held: release records claimed by dead
         processes (their messages are lost and counted), then move the tail."""
@@ -2096,14 +2107,27 @@ cdef class Ring:
             raise RingClosed(f"ring {self.name!r} is closed")
         return shm_load_rlx32(&self.hdr.wait.shutdown) != 0
 
-    def stats(self):
+    def stats(self, *, bint recover=True):
         """Live counters kept in the shared memory, as a dict.
 
         ``lost``: messages lost with a dead process; ``bad_messages``: messages
         taken that could not be delivered (garbage records, payloads that
-        failed to decode), each raised to the call that took it."""
+        failed to decode), each raised to the call that took it.
+
+        With `recover` (the default), what dead processes hold is first taken
+        back (a side's lock, records claimed by a zero-copy view), as a waiting
+        producer or consumer would after a quiet slice: without it, a consumer
+        killed holding the last message of a stream would not be counted in
+        ``lost`` until some producer next waited for room. ``recover=False``
+        only reads (the inspector's way: it may be looking at a damaged ring)."""
         if self.closed:
             raise RingClosed(f"ring {self.name!r} is closed")
+        if recover:
+            self._enter()
+            try:
+                self._recover_dead()
+            finally:
+                self._leave()
         cdef shm_ring_t *h = self.hdr
         cdef uint64_t head = shm_load_rlx64(&h.prod.pos)
         cdef uint64_t tail = shm_load_rlx64(&h.cons.pos)

@@ -312,7 +312,7 @@ def _check_producer(ring: Any) -> None:
     from shmipc._ring import pid_alive
     from shmipc.errors import PeerDied
 
-    pid = ring.stats()["producer_pid"]
+    pid = ring.stats(recover=False)["producer_pid"]
     if pid and not pid_alive(pid) and ring.empty():
         raise PeerDied(pid, "producer")
 

@@ -243,7 +243,7 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
                     try:
                         ring = arena.ring(name=region.name)
                         try:
-                            info["stats"] = ring.stats()
+                            info["stats"] = ring.stats(recover=False)
                         finally:
                             ring.close()
                     except Exception as exc:

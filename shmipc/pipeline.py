@@ -436,8 +436,8 @@ class Pipeline(PipelineAPI):
     def _drain_all(self) -> None:
         """Handle every message now in the output ring."""
         out = self._out
-        target = out.stats()["messages_in"]
-        while out.stats()["messages_out"] < target:
+        target = out.stats(recover=False)["messages_in"]
+        while out.stats(recover=False)["messages_out"] < target:
             try:
                 msgs = out.get_many(1024, False)
             except queue.Empty:
@@ -489,7 +489,7 @@ class Pipeline(PipelineAPI):
             self._maybe_lost = False
             return
         moves = sum(s.ring.stats()["messages_out"] for s in self._stages) + \
-            self._out.stats()["messages_out"]
+            self._out.stats(recover=False)["messages_out"]
         if moves != self._moves:
             self._moves = moves
             self._last_move = now

@@ -194,7 +194,7 @@ class Queue(_Base):
         """
         if not self._closed and self._ring is not None:
             try:
-                self._never_used = self._ring.stats()["messages_in"] == 0
+                self._never_used = self._ring.stats(recover=False)["messages_in"] == 0
             except RingClosed:
                 pass
         super().close()
@@ -241,7 +241,7 @@ class JoinableQueue(Queue):
         """(tasks put, tasks done). A task is counted as put before any
         consumer can see its message (the ring bumps its message count before
         publishing the record), so done <= put holds for correct callers."""
-        return self._ring.stats()["messages_in"], struct.unpack_from("<Q", self._done, 0)[0]
+        return self._ring.stats(recover=False)["messages_in"], struct.unpack_from("<Q", self._done, 0)[0]
 
     def task_done(self) -> None:
         """Mark one task (one message taken with get) finished.
