@@ -8,8 +8,8 @@ How receivers verify (so no transport can win by dropping or mangling data):
 the sender cycles through a pool of P distinct messages (P a power of two);
 message ``i`` is ``pool[i % P]``, whose first and last 8 bytes hold ``i % P``
 and whose body is fixed random bytes. The receiver compares every message it
-gets, byte for byte, with the one it expects next (a memcmp, or a numpy
-comparison for views and arrays), so a lost, reordered, truncated or corrupted
+gets, byte for byte, with the one it expects next (a memcmp, in place for
+views and arrays: see _equal_buffer), so a lost, reordered, truncated or corrupted
 message is an error. A zero-length message ends a round; the receiver then
 reports its count, which must equal the sender's. (``verify="stamps"``, used
 by benchmarks/bench_ring.py for zero-copy receives, checks every message's
@@ -111,23 +111,14 @@ class _LineReader:
         return json.loads(line)
 
 
-# below this, a buffer is compared by copying it to bytes and comparing those
-# (a memcmp): ~2x faster than numpy's == and all() at 64 KiB (3.8 against
-# 8.8 us here), ~1.4x slower at 1 MiB, where the copy no longer stays in cache
-COPY_COMPARE_BYTES = 256 << 10
-
-
-def _equal_buffer(view: Any, expected: bytes, expected_u64: Any) -> bool:
-    """Compare a buffer (memoryview, ndarray) with the expected bytes, by the
-    fastest means at its size (the same for every transport)."""
+def _equal_buffer(view: Any, expected: bytes) -> bool:
+    """Compare a buffer (memoryview, ndarray) with the expected bytes, in
+    place: ``bytes.startswith`` takes any contiguous buffer and compares
+    with one memcmp, as the C ring's receiver does. Here: 3.0 us at 64 KiB
+    and 40-50 us at 1 MiB, against 4.4 / 78-106 us copying to bytes first
+    and 15 / 59 us for numpy's == and all()."""
     n = view.nbytes if hasattr(view, "nbytes") else len(view)
-    if n != len(expected):
-        return False
-    if expected_u64 is None or n % 8 or n <= COPY_COMPARE_BYTES:
-        return bytes(view) == expected
-    import numpy as np      # expected_u64 is an array: numpy is there
-
-    return bool((np.frombuffer(view, np.uint64) == expected_u64).all())
+    return n == len(expected) and expected.startswith(view)
 
 
 # ---------------------------------------------------------------- one-way throughput
@@ -187,21 +178,10 @@ def _receive_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool
                                       f"{len(exp)} sent")
                 n += 1
                 i = (i + 1) % count
-    # views and numpy arrays: compare buffers (with numpy when it is there:
-    # bytes messages need no numpy, only a faster comparison from it)
-    try:
-        import numpy as np
-    except ImportError:
-        if kind == "numpy":
-            raise
-        np = None
+    # views and numpy arrays: compare buffers in place
+    np = None
     if kind == "numpy":
-        refs = [a.view(np.uint64) for a in pool]
-    elif np is not None:
-        refs = [np.frombuffer(p, np.uint64) if len(p) >= 4096 and len(p) % 8 == 0 else None
-                for p in pool]
-    else:
-        refs = [None] * len(pool)
+        import numpy as np
     raw = [memoryview(a).cast("B").tobytes() if kind == "numpy" else a for a in pool]
     n = 0
     while True:
@@ -219,7 +199,7 @@ def _receive_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool
                     if kind == "numpy" and not (isinstance(v, np.ndarray) and v.dtype == np.float64):  # type: ignore[union-attr]
                         raise VerifyError(f"message {n}: got {type(v).__name__} instead of a float64 array")
                     if verify == "full" or n % FULL_EVERY == 0:
-                        ok = _equal_buffer(v, raw[i], refs[i])
+                        ok = _equal_buffer(v, raw[i])
                     else:
                         ok = _stamps_equal(v, raw[i])
             else:
@@ -234,7 +214,7 @@ def _receive_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool
                     raise VerifyError(f"message {n}: got {type(m).__name__} {getattr(m, 'shape', '')} "
                                       f"instead of a float64 array of shape {pool[i].shape}")
                 if verify == "full" or n % FULL_EVERY == 0:
-                    ok = _equal_buffer(m, raw[i], refs[i])
+                    ok = _equal_buffer(m, raw[i])
                 else:
                     ok = _stamps_equal(m, raw[i])
             if not ok:
