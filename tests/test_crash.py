@@ -523,3 +523,77 @@ def test_stats_take_back_a_dead_producers_lock(no_leaks):
         if pid is not None:
             kill(pid)
         arena.close()
+
+
+def _observer(ring):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        ring.stats()
+
+
+def _forwarding_consumer(ring, results):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        try:
+            msg = ring.get(timeout=30)
+        except EOFError:
+            return
+        results.put(check_message(msg), timeout=30)
+
+
+@pytest.mark.timeout(120 * SOAK)
+def test_observers_killed_inside_stats_lose_nothing(no_leaks):
+    """stats() takes the consumer lock to take back what the dead hold: an
+    observer SIGKILLed while it holds that lock must cost the ring nothing.
+    Consumers take its lock over (a recovery), and no message is lost,
+    counted lost, or delivered twice. Kills are aimed: an observer seen
+    holding the lock is stopped there, then killed."""
+    arena = shmipc.Arena(32 << 20)
+    ring = arena.ring(1 << 16, producers="many", consumers="many")
+    results = arena.ring(8 << 20, producers="many", consumers="one")
+    region = next(r for r in arena.regions() if r.name == ring.name)
+    lock_at = region.offset + _ring._layout()["cons.lock"]
+    count = 20_000 * SOAK
+    prods = [fork_child(_counted_producer, ring, p, count) for p in range(2)]
+    consumers = [fork_child(_forwarding_consumer, ring, results) for _ in range(2)]
+    observers = {fork_child(_observer, ring) for _ in range(2)}
+    seen: set[tuple[int, int]] = set()
+    aimed = 0
+    deadline = time.monotonic() + 90
+    try:
+        while len(seen) < 2 * count or aimed < 4:     # (observers go on once all is delivered)
+            assert time.monotonic() < deadline, \
+                f"stuck at {len(seen)} of {2 * count}, {aimed} kills: {ring.stats(recover=False)}"
+            for item in results.get_many(4096, block=False) if not results.empty() else ():
+                item = tuple(item)
+                assert item not in seen, f"{item} delivered twice"
+                seen.add(item)
+            if aimed >= 12 * SOAK:
+                continue
+            holder = struct.unpack_from("<Q", arena.buf, lock_at)[0] & 0xFFFFFFFF
+            if holder not in observers:
+                continue
+            os.kill(holder, signal.SIGSTOP)
+            os.waitpid(holder, os.WUNTRACED)
+            if struct.unpack_from("<Q", arena.buf, lock_at)[0] & 0xFFFFFFFF != holder:
+                os.kill(holder, signal.SIGCONT)         # let go between the read and the stop
+                continue
+            observers.discard(holder)
+            kill(holder)
+            aimed += 1
+            observers.add(fork_child(_observer, ring))
+        for pid in observers:
+            kill(pid)
+        observers.clear()
+        ring.shutdown()
+        for pid in prods + consumers:
+            assert wait_child(pid, 30) == 0
+    finally:
+        for pid in observers:
+            kill(pid)
+    stats = ring.stats()
+    print(f"\n{aimed} observers killed holding the consumer lock, {len(seen)} delivered, "
+          f"{stats['recoveries']} recoveries, {stats['lost']} lost")
+    assert aimed > 0 and stats["recoveries"] >= aimed, "no kill landed under the lock: recovery was not tested"
+    assert stats["lost"] == 0 and len(seen) == 2 * count
+    arena.close()
