@@ -18,6 +18,7 @@ from shmipc import _framing
 from shmipc._framing import Frame as _Frame
 from shmipc.arena import Arena
 from shmipc._waiting import BULK_LOCK_MAX_S, BULK_LOCK_S, BULK_WRITE_SLICE_S, Backoff
+from shmipc.errors import RingClosed
 
 # Byte offsets of the record locks (on the arena's file) that serialise the
 # writers and the readers of large messages; far past any arena's end and
@@ -30,8 +31,11 @@ _READER_LOCK = (1 << 60) + 1
 # checks its deadline and that its reader is still there
 _WRITE_SLICE_S = BULK_WRITE_SLICE_S
 
-# name of the arena block counting large messages lost mid-read
+# name of the arena block counting large messages lost mid-read: at 0 the
+# count, at _READING 1 while the reader lock's holder is inside a message
+# (see _Bulk.read: a holder that left without clearing it lost one)
 _LOST_BLOCK = "bulk_lost"
+_READING = 8
 
 
 class _ReaderLeft(Exception):
@@ -378,12 +382,14 @@ class _Bulk:
             tlock.release()
 
     def _discard_frame(self) -> None:
-        """The reader of our frame left: take the reader lock (if a new
-        reader has it, it skips our records itself), throw away what is in
-        the bulk ring (only our frame's records: everything before them was
-        taken) and count the message lost."""
+        """The reader of our frame left: take the reader lock, count the
+        message it left lost (see _take_over) and throw away what is in the
+        bulk ring (only our frame's records: everything before them was
+        taken). If a new reader has the lock, that reader counts it and
+        skips our records itself."""
         if self._acquire(_READER_LOCK, time.monotonic()):
             try:
+                self._take_over()
                 while True:
                     try:
                         with self.ring.get_view(False):
@@ -392,7 +398,6 @@ class _Bulk:
                         break
             finally:
                 self._release(_READER_LOCK)
-        self.count_lost()
 
     def _lost_block(self) -> memoryview | None:
         if self._lost_view is None:
@@ -412,9 +417,35 @@ class _Bulk:
             struct.pack_into("<Q", block, 0, struct.unpack_from("<Q", block, 0)[0] + 1)
 
     def lost(self) -> int:
-        """Large messages lost by readers that left them midway."""
+        """Large messages lost by readers that left them midway. A reader
+        killed inside one is counted here (if the reader lock is free) or by
+        whoever takes the lock next."""
         block = self._lost_block()
-        return 0 if block is None else struct.unpack_from("<Q", block, 0)[0]
+        if block is None:
+            return 0
+        if struct.unpack_from("<Q", block, _READING)[0] and self._acquire(_READER_LOCK, time.monotonic()):
+            try:
+                self._take_over()
+            finally:
+                self._release(_READER_LOCK)
+        return struct.unpack_from("<Q", block, 0)[0]
+
+    def _set_reading(self, on: bool) -> None:
+        """(Reader lock held) mark that its holder is inside a message, or no longer."""
+        block = self._lost_block()
+        if block is not None:
+            struct.pack_into("<Q", block, _READING, 1 if on else 0)
+
+    def _take_over(self) -> None:
+        """Just took the reader lock: if its last holder left while inside a
+        message without clearing the mark (it was killed, or left by an
+        exception while a writer was still writing), that message is lost:
+        count it (first, then clear: a kill in between counts it twice
+        rather than not at all)."""
+        block = self._lost_block()
+        if block is not None and struct.unpack_from("<Q", block, _READING)[0]:
+            self.count_lost()
+            struct.pack_into("<Q", block, _READING, 0)
 
     # ------------------------------------------------------------ reading
     def read(self) -> Any:
@@ -425,24 +456,40 @@ class _Bulk:
         """
         self._acquire(_READER_LOCK, None)
         try:
-            item = self._next()
-            while True:
-                if type(item) is not _Frame or item.kind != "object" or not item.sizes:
-                    item = self._next()         # leftovers of a torn frame
-                    continue
-                try:
-                    parts = _framing.read_parts(item.sizes, self._chunk_into)
-                except _Torn as exc:
-                    item = exc.item             # a new header (or junk): go on from it
-                    continue
-                except BaseException:
-                    # left midway (Ctrl-C, a signal handler raising): the next
-                    # reader skips the rest as leftovers; a writer still
-                    # writing it notices, discards it and counts the loss
-                    if not self._lock_held(_WRITER_LOCK):
-                        self.count_lost()
-                    raise
-                return _framing.load_parts(parts)
+            self._take_over()
+            # From here until a whole frame is read, the token's message is
+            # ours alone: a kill leaves the mark set, and whoever takes the
+            # lock next (a reader, the writer discarding the frame, stats())
+            # counts the message lost
+            self._set_reading(True)
+            try:
+                item = self._next()
+                while True:
+                    if type(item) is not _Frame or item.kind != "object" or not item.sizes:
+                        item = self._next()         # leftovers of a torn frame
+                        continue
+                    try:
+                        parts = _framing.read_parts(item.sizes, self._chunk_into)
+                    except _Torn as exc:
+                        item = exc.item             # a new header (or junk): go on from it
+                        continue
+                    break
+            except _NoFrame:
+                self._set_reading(False)            # dropped (see the class docstring), not lost
+                raise
+            except RingClosed:
+                raise                               # closed under us: the arena may be gone too
+            except BaseException:
+                # left midway (Ctrl-C, a signal handler raising): the next
+                # reader skips the rest as leftovers. With no writer at work
+                # the loss is counted now; else the mark stays, and the
+                # writer (noticing, it discards the frame) or the next
+                # reader counts it
+                if not self._lock_held(_WRITER_LOCK):
+                    self._take_over()
+                raise
+            self._set_reading(False)
+            return _framing.load_parts(parts)
         finally:
             self._release(_READER_LOCK)
 
