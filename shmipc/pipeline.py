@@ -488,7 +488,7 @@ class Pipeline(PipelineAPI):
         if not sched.outstanding:
             self._maybe_lost = False
             return
-        moves = sum(s.ring.stats()["messages_out"] for s in self._stages) + \
+        moves = sum(s.ring.stats(recover=False)["messages_out"] for s in self._stages) + \
             self._out.stats(recover=False)["messages_out"]
         if moves != self._moves:
             self._moves = moves
