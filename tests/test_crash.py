@@ -53,10 +53,10 @@ def kill(pid: int) -> None:
     os.waitpid(pid, 0)
 
 
-def _lock_holder(ring, pids, within: float, stop: bool = False) -> int | None:
-    """The pid among `pids` that holds `ring`'s producer lock, if one does
-    within `within` seconds (the low 32 bits of the lock word are the
-    holder's pid, see shm_self_ident).
+def _lock_holder(ring, pids, within: float, stop: bool = False, side: str = "prod") -> int | None:
+    """The pid among `pids` that holds `ring`'s producer lock (`side`
+    "cons": its consumer lock), if one does within `within` seconds (the low
+    32 bits of the lock word are the holder's pid, see shm_self_ident).
 
     With `stop`, the holder is returned stopped (SIGSTOP) while it still
     holds the lock, so that a kill lands under the lock; a holder seen but
@@ -64,7 +64,7 @@ def _lock_holder(ring, pids, within: float, stop: bool = False) -> int | None:
     writing a record per lock hold release it within the microseconds
     between reading the word and a kill)."""
     region = next(r for r in ring.arena.regions() if r.name == ring.name)
-    at = region.offset + _ring._layout()["prod.lock"]
+    at = region.offset + _ring._layout()[f"{side}.lock"]
     deadline = time.monotonic() + within
     while True:
         pid = struct.unpack_from("<Q", ring.arena.buf, at)[0] & 0xFFFFFFFF
@@ -407,6 +407,20 @@ def _hold_a_view_then_wait(ring, w):
         time.sleep(60)              # killed here
 
 
+def _kill_a_consumer_holding_a_view(ring) -> None:
+    """A forked consumer takes the next message as a zero-copy view and is
+    SIGKILLed while it holds it: the record stays claimed by a dead process."""
+    r, w = os.pipe()
+    try:
+        pid = fork_child(_hold_a_view_then_wait, ring, w)
+        assert os.read(r, 1) == b"v"
+        os.kill(pid, signal.SIGKILL)
+        assert wait_child(pid) == -signal.SIGKILL
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("timeout", [0.0, 0.01, 0.05])
 def test_short_timeouts_still_recover_a_dead_consumers_claim(timeout):
@@ -424,12 +438,8 @@ def test_short_timeouts_still_recover_a_dead_consumers_claim(timeout):
             ring.put(msg, timeout=0)
         except queue.Full:
             break
-    r, w = os.pipe()
-    pid = fork_child(_hold_a_view_then_wait, ring, w)
     try:
-        assert os.read(r, 1) == b"v"
-        os.kill(pid, signal.SIGKILL)
-        assert wait_child(pid) == -signal.SIGKILL
+        _kill_a_consumer_holding_a_view(ring)
         while True:                 # drain what is not claimed: the claim blocks the tail
             try:
                 assert ring.get(timeout=0) == msg
@@ -446,8 +456,6 @@ def test_short_timeouts_still_recover_a_dead_consumers_claim(timeout):
         assert stats["recoveries"] >= 1 and stats["lost"] >= 1, stats
         assert ring.get(timeout=5) == msg
     finally:
-        os.close(r)
-        os.close(w)
         arena.close()
 
 
@@ -462,12 +470,8 @@ def test_stats_count_a_dead_consumers_claim_when_no_producer_comes(no_leaks):
     ring = arena.ring(1 << 16, producers="many", consumers="many")
     for i in range(3):
         ring.put(b"m%d" % i)
-    r, w = os.pipe()
-    pid = fork_child(_hold_a_view_then_wait, ring, w)
     try:
-        assert os.read(r, 1) == b"v"
-        os.kill(pid, signal.SIGKILL)
-        assert wait_child(pid) == -signal.SIGKILL
+        _kill_a_consumer_holding_a_view(ring)
         before = ring.stats(recover=False)
         assert (before["lost"], before["recoveries"], before["messages_out"]) == (0, 0, 1), before
         assert before["bytes_used"] > 0
@@ -478,8 +482,6 @@ def test_stats_count_a_dead_consumers_claim_when_no_producer_comes(no_leaks):
         stats = ring.stats()
         assert ring.empty() and stats["bytes_used"] == 0 and stats["lost"] == 1, stats
     finally:
-        os.close(r)
-        os.close(w)
         arena.close()
 
 
@@ -551,8 +553,6 @@ def test_observers_killed_inside_stats_lose_nothing(no_leaks):
     arena = shmipc.Arena(32 << 20)
     ring = arena.ring(1 << 16, producers="many", consumers="many")
     results = arena.ring(8 << 20, producers="many", consumers="one")
-    region = next(r for r in arena.regions() if r.name == ring.name)
-    lock_at = region.offset + _ring._layout()["cons.lock"]
     count = 20_000 * SOAK
     prods = [fork_child(_counted_producer, ring, p, count) for p in range(2)]
     consumers = [fork_child(_forwarding_consumer, ring, results) for _ in range(2)]
@@ -570,13 +570,8 @@ def test_observers_killed_inside_stats_lose_nothing(no_leaks):
                 seen.add(item)
             if aimed >= 12 * SOAK:
                 continue
-            holder = struct.unpack_from("<Q", arena.buf, lock_at)[0] & 0xFFFFFFFF
-            if holder not in observers:
-                continue
-            os.kill(holder, signal.SIGSTOP)
-            os.waitpid(holder, os.WUNTRACED)
-            if struct.unpack_from("<Q", arena.buf, lock_at)[0] & 0xFFFFFFFF != holder:
-                os.kill(holder, signal.SIGCONT)         # let go between the read and the stop
+            holder = _lock_holder(ring, observers, 0, stop=True, side="cons")
+            if holder is None:
                 continue
             observers.discard(holder)
             kill(holder)
