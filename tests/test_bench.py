@@ -338,12 +338,14 @@ class _Faulty(Transport):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("mode, size", [("single", 256), ("batch", 256), ("view", 256), ("view", 1 << 20)])
+# (a fault every `every` messages: a 0.1 s round carries ~100 messages of 1 MiB)
+@pytest.mark.parametrize("mode, size, every", [("single", 256, 300), ("batch", 256, 300), ("view", 256, 300),
+                                               ("view", 1 << 20, 20)])
 @pytest.mark.parametrize("fault", ["drop", "duplicate", "corrupt"])
-def test_receiver_catches_a_faulty_transport(tmp_path, fault, mode, size, no_leaks):
+def test_receiver_catches_a_faulty_transport(tmp_path, fault, mode, size, every, no_leaks):
     # batches are compared whole first, views in place: a fault anywhere is still found
-    # (a 0.1 s round carries ~100 messages of 1 MiB)
-    record = run_one(Spec("throughput", _Faulty(fault, mode, 300 if size < 65536 else 20), size), _opts(repeat=1, seconds=0.1), str(tmp_path))
+    record = run_one(Spec("throughput", _Faulty(fault, mode, every), size), _opts(repeat=1, seconds=0.1),
+                     str(tmp_path))
     assert record["status"] == "error", record
     assert "message" in record["reason"] and "VerifyError" in record["reason"], record["reason"]
 
