@@ -200,13 +200,18 @@ def live_children() -> set[int]:
 
 
 @pytest.fixture
-def no_leaks():
+def no_leaks(request):
     """Fail the test if it leaves open fds, /dev/shm entries (its own, see
-    shm_created_since) or children behind."""
+    shm_created_since) or children behind. Not checked when the test itself
+    failed: its traceback keeps its locals (arenas, rings) alive, and a
+    second report of the same failure would only hide the first."""
     import gc
 
     fds, shm, kids = open_fds(), shm_entries(), live_children()
     yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        return
     gc.collect()
     deadline = time.monotonic() + 3
     while True:

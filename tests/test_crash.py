@@ -141,7 +141,9 @@ def test_producers_killed_at_random_instants(no_leaks):
           f"{stats['lost']} lost in flight, longest stall {longest_stall * 1000:.0f} ms")
     assert received > kills
     assert stats["recoveries"] > 0, "no kill landed under the producer lock: nothing was recovered"
-    assert stats["lost"] <= stats["recoveries"] <= kills
+    # the producers killed at the end count too: stats() takes back a lock
+    # one of them died holding, and counts its message lost
+    assert stats["lost"] <= stats["recoveries"] <= kills + len(producers)
     assert longest_stall < 1.0, "a dead producer's lock took too long to recover"
     # the survivors' queued messages are all there, each whole
     while True:
@@ -288,7 +290,9 @@ def test_producer_killed_mid_write_of_a_large_message(no_leaks):
           f"{stats['recoveries']} lock recoveries, {stats['lost']} lost, "
           f"takeovers of a dead holder's lock: {', '.join(f'{x * 1e3:.0f}' for x in takeovers)} ms")
     assert takeovers and stats["recoveries"] >= len(takeovers), "no kill landed under the lock"
-    assert stats["lost"] <= stats["recoveries"] <= rounds
+    # the producers killed at the end count too: stats() takes back a lock
+    # one of them died holding, and counts its half-written message lost
+    assert stats["lost"] <= stats["recoveries"] <= rounds + len(producers)
     assert max(takeovers) < 1.0, f"a dead writer's lock took {max(takeovers):.2f} s to take over"
     arena.close()
 
