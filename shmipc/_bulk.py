@@ -16,8 +16,10 @@ import queue
 
 from shmipc import _framing
 from shmipc._framing import Frame as _Frame
+from shmipc._ring import ident_alive, self_ident
 from shmipc.arena import Arena
-from shmipc._waiting import BULK_LOCK_MAX_S, BULK_LOCK_S, BULK_WRITE_SLICE_S, Backoff
+from shmipc._waiting import (BULK_HOLDER_QUIET_S, BULK_LOCK_MAX_S, BULK_LOCK_S, BULK_WRITE_SLICE_S,
+                             Backoff)
 from shmipc.errors import RingClosed
 
 # Byte offsets of the record locks (on the arena's file) that serialise the
@@ -31,11 +33,26 @@ _READER_LOCK = (1 << 60) + 1
 # checks its deadline and that its reader is still there
 _WRITE_SLICE_S = BULK_WRITE_SLICE_S
 
-# name of the arena block counting large messages lost mid-read: at 0 the
-# count, at _READING 1 while the reader lock's holder is inside a message
-# (see _Bulk.read: a holder that left without clearing it lost one)
+# The queue's arena block of this name holds the shared state of its large
+# messages (see _Bulk), little-endian u64s, each changed only under its lock:
 _LOST_BLOCK = "bulk_lost"
-_READING = 8
+_LOST = 0           # (arena lock) large messages counted lost
+_READING = 8        # (reader lock) 1 + the number of the frame its holder is in; 0: none
+_NEXT = 16          # (writer lock) the number the next token gets
+_DONE = 24          # (writer lock) every frame numbered below is whole in the bulk ring, or aborted
+_TURN = 32          # (reader lock) the number of the frame to be read next
+_HOLDERS = 64       # (arena lock) _SLOTS pairs (1 + number, identity): who holds which token
+                    # (the holder's _ring.self_ident(): pid and start time); 0: given up
+_SLOTS = 124
+BLOCK_SIZE = _HOLDERS + 16 * _SLOTS         # 2 KiB
+_SEQ_LIMIT = 1 << 62                        # numbers at or past it are garbage
+_U64 = struct.Struct("<Q")
+_PAIR = struct.Struct("<QQ")
+
+
+def _number(value: Any) -> int | None:
+    """A frame number read from shared memory, or None if it is not one."""
+    return value if type(value) is int and 0 <= value < _SEQ_LIMIT else None
 
 
 class _ReaderLeft(Exception):
@@ -43,7 +60,8 @@ class _ReaderLeft(Exception):
 
 
 class _NoFrame(Exception):
-    """A reader holds a token whose frame will never come (see _Bulk)."""
+    """A reader holds a token whose frame will never come, or was given up
+    for it (see _Bulk)."""
 
 
 # every _Bulk of this process, to re-make their thread locks after fork
@@ -59,25 +77,38 @@ class _Bulk:
     """Messages larger than the main ring's max_message_size, through a
     second ring of the queue's arena (the "bulk" ring).
 
-    A writer, holding the writer lock: puts a token (``Frame("token")``) in
-    the main ring -- so the message takes its place in the queue, counts
-    against maxsize and as a JoinableQueue task -- then a header
-    (``Frame("object", sizes)``) and the parts in chunks in the bulk ring.
-    A consumer that gets a token takes the reader lock and reads the next
-    complete frame of the bulk ring, streaming as the writer writes.
+    A writer, holding the writer lock: puts a numbered token
+    (``Frame("token", seq=n)``) in the main ring -- so the message takes
+    its place in the queue, counts against maxsize and as a JoinableQueue
+    task -- then a header of the same number (``Frame("object", sizes,
+    seq=n)``) and the parts in chunks in the bulk ring. A consumer that gets
+    token n says so in the holders table, waits for its turn (frame n is the
+    next to be read), takes the reader lock and reads frame n, streaming as
+    the writer writes.
 
-    Invariants:
-        * Frames enter the bulk ring one at a time (writer lock), each after
-          its token; readers read one at a time (reader lock).
-        * Every token stands for one frame, but frames are interchangeable:
-          a reader delivers the next *complete* frame, whichever token it
-          holds, and skips torn ones (ABORT, a header where a chunk should
-          be, leftover chunks of a reader that died). A token whose reader
-          finds the bulk ring empty while no writer holds the writer lock
-          has lost its frame (its writer died, or another reader took it);
-          it is dropped (JoinableQueue marks it done). So #delivered +
-          #dropped = #tokens, nothing torn is delivered, and nobody waits
-          for a frame that cannot come.
+    Invariants (the numbers and the table live in the arena block
+    _LOST_BLOCK, see its layout above):
+        * Tokens and frames are numbered 0, 1, 2... in the order they enter
+          their rings (writer lock): frame n is the only one token n stands
+          for, and the frames in the bulk ring are in number order.
+        * Frames are read in number order, one at a time (reader lock): the
+          turn (the number of the next frame to read) moves past n only
+          once frame n was read, or given up, or will never come. A reader
+          never takes a header numbered past its own (save junk).
+        * The turn waits for a live holder only: a holder found dead (or
+          that gave its token up, or that never said it held it
+          BULK_HOLDER_QUIET_S after a later token was taken) has its frame
+          counted lost, and the turn moves on; so does a reader killed
+          inside its frame (its _READING mark). The frame's records are
+          then skipped as leftovers (numbered below the turn).
+        * A frame that will never be whole (its writer died, or gave up)
+          is followed, before any later frame, by an abort record numbered
+          as the last of the frames that will not come (``_DONE`` tells the
+          next writer); a reader meeting it, or finding the bulk ring empty
+          while no writer is at work, drops its token (JoinableQueue marks
+          it done). So every token's message is delivered once, or counted
+          lost, or dropped because its put never finished; nothing torn is
+          delivered, and nobody waits for a frame that cannot come.
         * Locks are POSIX record locks on the arena's file, released by
           the kernel when their holder dies, plus a thread lock for the
           threads of one process.
@@ -91,7 +122,9 @@ class _Bulk:
         self.arena = arena
         self.ring = ring
         self.chunk = _framing.chunk_size(ring.max_message_size)
-        self._lost_view: memoryview | None = None
+        self._block_view: memoryview | None = None
+        # the turn whose token nobody said they hold, and since when (see _reap)
+        self._quiet: tuple[int, float] | None = None
         self.feeders: list[threading.Thread] = []
         self._exit_join = False
         self.cancel_join = False
@@ -178,13 +211,33 @@ class _Bulk:
             raise queue.Full
         try:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            main.put(_framing.Frame("token"), block, remaining)     # queue.Full: nothing put
-            # records of the bulk ring put before ours: once more than these
-            # were taken, a reader has started on our frame
-            start = self.ring.stats(recover=False)["messages_in"]
-            self._write_frame(parts, block, deadline, start)
+            ticket = self._put_token(main, block, remaining)    # queue.Full: nothing put
+            self._write_frame(parts, block, deadline, ticket)
         finally:
             self._release(_WRITER_LOCK)
+
+    def _put_token(self, main: Any, block: bool, timeout: float | None) -> "_Ticket":
+        """(Writer lock held) Put the next numbered token in the main ring;
+        returns its number and how to tell that it was taken.
+
+        Raises:
+            queue.Full: no room for it (nothing was put).
+            ValueError: the queue's shared state is damaged.
+        """
+        seq = _number(self._get(_NEXT))
+        if seq is None:
+            raise ValueError(f"the queue's shared state is damaged: next large-message number "
+                             f"{self._get(_NEXT)} is not below {_SEQ_LIMIT}")
+        # counted before the put: if we are killed with the token in, the
+        # next writer must neither reuse the number nor leave it without an
+        # abort record (see _settle)
+        self._set(_NEXT, seq + 1)
+        try:
+            main.put(_framing.Frame("token", seq=seq), block, timeout)
+        except BaseException:
+            self._set(_NEXT, seq)       # not put: the number is free again
+            raise
+        return _Ticket(seq, main, main.stats(recover=False)["messages_in"])
 
     def try_hand_off(self, main: Any, obj: Any) -> bool:
         """put_async's large put: without waiting, take the writer lock and
@@ -215,25 +268,24 @@ class _Bulk:
         The parts that are the caller's buffers are copied first: put has
         returned by the time they are written."""
         owned = [parts[0]] + [memoryview(bytes(p)) for p in parts[1:]]
-        token = _framing.Frame("token")
         with self.feed_lock:
             if self.feeding:
                 try:
-                    main.put(token, wait, None)
+                    ticket = self._put_token(main, wait, None)
                 except queue.Full:
                     return False
-                self.feed_queue.append((owned, obj))
+                self.feed_queue.append((owned, obj, ticket))
                 return True
         if not self._acquire(_WRITER_LOCK, None if wait else time.monotonic()):
             return False
         started = False
         try:
             try:
-                main.put(token, wait, None)
+                ticket = self._put_token(main, wait, None)
             except queue.Full:
                 return False
             with self.feed_lock:
-                self.feed_queue.append((owned, obj))
+                self.feed_queue.append((owned, obj, ticket))
                 self.feeding = True
                 self._start_feeder()
                 started = True
@@ -243,25 +295,49 @@ class _Bulk:
                 self._release(_WRITER_LOCK)
 
     def _write_frame(self, parts: list[memoryview], block: bool, deadline: float | None,
-                     start: int) -> None:
-        """Write the frame of `parts` (writer lock held): its Frame record,
-        then the chunks. A reader that left mid-frame makes the rest be
-        discarded; anything else that stops the write puts an ABORT (if it
-        can) and is raised."""
+                     ticket: "_Ticket") -> None:
+        """Write the frame of `parts` (writer lock held, its token put):
+        after _settle, its header, then the chunks. A reader that left
+        mid-frame, or died holding the token, makes the rest be discarded;
+        anything else that stops the write puts an abort record (if it can)
+        and is raised."""
+        seq = ticket.seq
         try:
-            self._put_record(_framing.Frame("object", tuple(p.nbytes for p in parts)),
-                             block, deadline, start)
+            self._settle(seq, block, deadline)
+            # records of the bulk ring put before ours: once more than these
+            # were taken, a reader has started on our frame
+            start = self.ring.stats(recover=False)["messages_in"]
+            self._put_record(_framing.Frame("object", tuple(p.nbytes for p in parts), seq),
+                             block, deadline, start, ticket)
             for part in parts:
                 for off in range(0, part.nbytes, self.chunk):
-                    self._put_record(part[off:off + self.chunk], block, deadline, start)
+                    self._put_record(part[off:off + self.chunk], block, deadline, start, ticket)
         except _ReaderLeft:
             self._discard_frame()
         except BaseException:
             try:
-                self.ring.put(_framing.ABORT, False)
+                self.ring.put(_framing.Frame("abort", seq=seq), False)
             except BaseException:
-                pass        # the reader drops the frame when we let go of the lock
+                pass        # the next frame's _settle puts it
+            else:
+                self._set(_DONE, seq + 1)
             raise
+        self._set(_DONE, seq + 1)
+
+    def _settle(self, seq: int, block: bool, deadline: float | None) -> None:
+        """(Writer lock held) Before frame `seq`: if a frame numbered below
+        it is not whole in the bulk ring and never will be (its writer was
+        killed, or could not put its abort record), put one abort record
+        numbered `seq` - 1: it tells the readers of those frames that they
+        will not come, before they could take our header for theirs.
+
+        Raises:
+            queue.Full: no room for it by the deadline.
+        """
+        done = self._get(_DONE)
+        if done < seq:
+            self._put_record(_framing.Frame("abort", seq=seq - 1), block, deadline)
+        self._set(_DONE, seq)
 
     def _start_feeder(self) -> None:
         """Start the daemon thread that writes the queued frames in order
@@ -274,8 +350,8 @@ class _Bulk:
                         if not self.feed_queue:
                             self._stop_feeding()
                             return
-                        owned, obj = self.feed_queue.popleft()
-                    self._feed_one(owned, obj)
+                        owned, obj, ticket = self.feed_queue.popleft()
+                    self._feed_one(owned, obj, ticket)
             except BaseException:
                 with self.feed_lock:
                     if self.feeding:
@@ -301,13 +377,10 @@ class _Bulk:
         except (OSError, ValueError):
             pass        # the queue's arena was closed: its record lock went with it
 
-    def _feed_one(self, owned: list[memoryview], obj: Any) -> None:
+    def _feed_one(self, owned: list[memoryview], obj: Any, ticket: "_Ticket") -> None:
         """Write one queued frame (writer lock held for us)."""
-        # records of the bulk ring put before ours: once more than these
-        # were taken, a reader has started on our frame
         try:
-            start = self.ring.stats(recover=False)["messages_in"]
-            self._write_frame(owned, True, None, start)
+            self._write_frame(owned, True, None, ticket)
         except BaseException as exc:
             # put has returned: the frame was aborted (readers skip it),
             # the message is lost; say so as multiprocessing's feeder does
@@ -333,9 +406,10 @@ class _Bulk:
         for thread in list(self.feeders):
             thread.join(timeout)
 
-    def _put_record(self, rec: Any, block: bool, deadline: float | None, start: int) -> None:
+    def _put_record(self, rec: Any, block: bool, deadline: float | None, start: int | None = None,
+                    ticket: "_Ticket | None" = None) -> None:
         """Put one record of the frame being written, waiting for room in
-        slices.
+        slices (start, ticket: see _reader_left; None: no reader to watch for).
 
         Raises:
             queue.Full: no room by the deadline (at once when not block).
@@ -354,17 +428,27 @@ class _Bulk:
             except queue.Full:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise
-            if self._reader_left(start):
+            if ticket is not None and self._reader_left(start, ticket):
                 raise _ReaderLeft
 
-    def _reader_left(self, start: int) -> bool:
-        """True if a reader started on the frame whose first record was
-        record number `start` of the bulk ring and has let go of the reader
-        lock (it died -- the kernel freed its record lock -- or left by an
-        exception) while the frame is not complete: nobody will read the rest."""
-        if self.ring.stats(recover=False)["messages_out"] <= start:
-            return False            # nobody has taken our header yet: keep waiting
-        return not self._lock_held(_READER_LOCK)
+    def _reader_left(self, start: int | None, ticket: "_Ticket") -> bool:
+        """True if nobody will read the rest of the frame being written:
+        either a reader started on it (took record number `start` of the
+        bulk ring, its header) and has let go of the reader lock (it died --
+        the kernel freed its record lock -- or left by an exception), or the
+        holder of its token is gone before reading it (see _reap: it died,
+        gave the token up, or never said it held it although the token is
+        known taken). The frame is not complete, or we would not be here."""
+        if start is not None and self.ring.stats(recover=False)["messages_out"] > start:
+            return not self._lock_held(_READER_LOCK)
+        if not self._acquire(_READER_LOCK, time.monotonic()):
+            return False            # a reader is at work: it reads our frame, or reaps its holder
+        try:
+            self._take_over()
+            taken = ticket.main.stats(recover=False)["messages_out"] >= ticket.after
+            return self._reap(ticket.seq + 1, patient=taken) > ticket.seq
+        finally:
+            self._release(_READER_LOCK)
 
     def _lock_held(self, which: int) -> bool:
         """True if some thread or process holds lock `which`."""
@@ -399,99 +483,255 @@ class _Bulk:
             finally:
                 self._release(_READER_LOCK)
 
-    def _lost_block(self) -> memoryview | None:
-        if self._lost_view is None:
-            try:
-                self._lost_view = self.arena.block(name=_LOST_BLOCK)
-            except KeyError:
-                return None         # a queue made without the counter
-        return self._lost_view
+    # ------------------------------------------------------------ shared state
+    def _block(self) -> memoryview:
+        """The queue's _LOST_BLOCK (see its layout at the top)."""
+        if self._block_view is None:
+            view = self.arena.block(name=_LOST_BLOCK)
+            if view.nbytes < BLOCK_SIZE:
+                raise ValueError(f"the queue's {_LOST_BLOCK!r} block has {view.nbytes} bytes, "
+                                 f"not {BLOCK_SIZE}: made by another version of shmipc?")
+            self._block_view = view
+        return self._block_view
 
-    def count_lost(self) -> None:
-        """One more large message lost by a reader that left it midway
-        (shown in the queue's stats()["lost"])."""
-        block = self._lost_block()
-        if block is None:
-            return
+    def _get(self, offset: int) -> int:
+        return _U64.unpack_from(self._block(), offset)[0]
+
+    def _set(self, offset: int, value: int) -> None:
+        _U64.pack_into(self._block(), offset, value)
+
+    def count_lost(self, n: int = 1) -> None:
+        """`n` more large messages lost (shown in the queue's stats()["lost"])."""
         with self.arena.lock():
-            struct.pack_into("<Q", block, 0, struct.unpack_from("<Q", block, 0)[0] + 1)
+            self._set(_LOST, self._get(_LOST) + n)
 
-    def lost(self) -> int:
-        """Large messages lost by readers that left them midway. A reader
-        killed inside one is counted here (if the reader lock is free) or by
-        whoever takes the lock next."""
-        block = self._lost_block()
-        if block is None:
-            return 0
-        if struct.unpack_from("<Q", block, _READING)[0] and self._acquire(_READER_LOCK, time.monotonic()):
+    def lost(self, all_taken: bool = False) -> int:
+        """Large messages lost: by readers that left them midway or died
+        holding their token, and by writers whose reader left. Counts first
+        (if the reader lock is free) what dead readers left uncounted. A
+        getter killed before it said it held its token is seen only by
+        waiting (see _reap): by a later reader, or by calls BULK_HOLDER_QUIET_S
+        apart while `all_taken` (the queue's ring is empty: every token
+        put was taken)."""
+        turn, nxt = self._get(_TURN), self._get(_NEXT)
+        if (self._get(_READING) or turn < nxt) and self._acquire(_READER_LOCK, time.monotonic()):
             try:
                 self._take_over()
+                self._reap(nxt, patient=all_taken)
             finally:
                 self._release(_READER_LOCK)
-        return struct.unpack_from("<Q", block, 0)[0]
+        return self._get(_LOST)
 
-    def _set_reading(self, on: bool) -> None:
-        """(Reader lock held) mark that its holder is inside a message, or no longer."""
-        block = self._lost_block()
-        if block is not None:
-            struct.pack_into("<Q", block, _READING, 1 if on else 0)
+    def holders(self) -> dict[int, int]:
+        """{token number: pid} of the readers holding a large message's
+        token now (0: given up, to be counted lost)."""
+        return {seq: ident & 0xFFFFFFFF for seq, ident in self._holders().items()}
+
+    def _holders(self) -> dict[int, int]:
+        """{token number: holder's identity} (see _HOLDERS)."""
+        with self.arena.lock():
+            table = self._block()[_HOLDERS:BLOCK_SIZE]
+            return {key - 1: ident for key, ident in _PAIR.iter_unpack(table) if key}
+
+    def _hold(self, seq: int, ident: int) -> None:
+        """Say in the holders table that the process of identity `ident`
+        (_ring.self_ident()) holds token `seq` (0: it was given up). A full table (more than _SLOTS tokens held
+        at once) first drops entries that no longer matter; if none does,
+        the token goes unsaid, and is counted lost if its turn comes while
+        it still is (see _reap)."""
+        with self.arena.lock():
+            block = self._block()
+            turn = self._get(_TURN)
+            found = free = past = None
+            for i in range(_SLOTS):
+                offset = _HOLDERS + 16 * i
+                key = _U64.unpack_from(block, offset)[0]
+                if key == seq + 1:
+                    found = offset
+                    break
+                if key == 0:
+                    free = free if free is not None else offset
+                elif key - 1 < turn:
+                    past = past if past is not None else offset     # its frame's turn has gone
+            offset = found if found is not None else free if free is not None else past
+            if offset is not None:
+                _PAIR.pack_into(block, offset, seq + 1, ident)
+
+    def _unhold(self, seq: int) -> None:
+        """Token `seq` is no longer held (its frame was read or dropped);
+        nor are those numbered below the turn (their frames' turns have
+        gone: left by readers killed inside their frame, or given up)."""
+        with self.arena.lock():
+            block = self._block()
+            turn = self._get(_TURN)
+            for i in range(_SLOTS):
+                offset = _HOLDERS + 16 * i
+                key = _U64.unpack_from(block, offset)[0]
+                if key == seq + 1 or 0 < key <= turn:
+                    _PAIR.pack_into(block, offset, 0, 0)
+
+    def give_up(self, token: Any) -> None:
+        """A token taken from the main ring that will not be read (its
+        getter failed first): whoever reads next counts its message lost."""
+        seq = _number(getattr(token, "seq", None))
+        if seq is not None:
+            self._hold(seq, 0)
 
     def _take_over(self) -> None:
         """Just took the reader lock: if its last holder left while inside a
-        message without clearing the mark (it was killed, or left by an
+        frame without clearing the mark (it was killed, or left by an
         exception while a writer was still writing), that message is lost:
         count it (first, then clear: a kill in between counts it twice
-        rather than not at all)."""
-        block = self._lost_block()
-        if block is not None and struct.unpack_from("<Q", block, _READING)[0]:
+        rather than not at all), and move the turn past it."""
+        mark = self._get(_READING)
+        if mark:
             self.count_lost()
-            struct.pack_into("<Q", block, _READING, 0)
+            if mark <= self._get(_NEXT):
+                self._set(_TURN, max(self._get(_TURN), mark))
+            self._set(_READING, 0)
+
+    def _reap(self, upto: int, patient: bool) -> int:
+        """(Reader lock held) Move the turn past the frames, numbered below
+        `upto`, whose readers are gone: the holder died or gave its token
+        up -- or, if `patient`, nobody said they held it for
+        BULK_HOLDER_QUIET_S (its getter was killed between taking it and
+        saying so; every token below ours was taken before ours). Each is
+        counted lost; its records are skipped as leftovers by the next
+        reader. Returns the turn."""
+        turn = self._get(_TURN)
+        if turn > self._get(_NEXT):
+            # junk in shared memory (no frame is numbered past _NEXT): a
+            # reader starts again from its own frame (those before it are
+            # then skipped as leftovers); stats() leaves it to them
+            if not patient:
+                return turn
+            turn = upto
+        holders = self._holders() if turn < upto else {}
+        while turn < upto:
+            ident = holders.get(turn)
+            if ident is None:
+                if not patient:
+                    break
+                now = time.monotonic()
+                if self._quiet is None or self._quiet[0] != turn:
+                    self._quiet = (turn, now)
+                    break
+                if now - self._quiet[1] < BULK_HOLDER_QUIET_S:
+                    break
+                # every number up to the next one held is unsaid: all lost
+                to = min((n for n in holders if turn < n < upto), default=upto)
+                self.count_lost(to - turn)
+                turn = to
+                continue
+            if ident_alive(ident):
+                break           # it reads its frame when it gets the lock: wait for it
+            self.count_lost()
+            self._unhold(turn)
+            turn += 1
+        self._set(_TURN, turn)
+        return turn
 
     # ------------------------------------------------------------ reading
-    def read(self) -> Any:
-        """The message of a token just taken from the main ring.
+    def read(self, token: Any) -> Any:
+        """The message of `token` (a Frame just taken from the main ring).
 
         Raises:
-            _NoFrame: its frame will never come (see the class docstring).
+            _NoFrame: its frame will never come, or was given up for it
+                (counted lost: this reader was taken for dead). See the
+                class docstring.
         """
-        self._acquire(_READER_LOCK, None)
+        seq = _number(getattr(token, "seq", None))
+        if seq is None:
+            raise _NoFrame          # not a token of ours (junk): nothing stands behind it
+        self._hold(seq, self_ident())
+        given_up = inside = False
         try:
-            self._take_over()
-            # From here until a whole frame is read, the token's message is
-            # ours alone: a kill leaves the mark set, and whoever takes the
-            # lock next (a reader, the writer discarding the frame, stats())
-            # counts the message lost
-            self._set_reading(True)
-            try:
-                item = self._next()
-                while True:
-                    if type(item) is not _Frame or item.kind != "object" or not item.sizes:
-                        item = self._next()         # leftovers of a torn frame
-                        continue
-                    try:
-                        parts = _framing.read_parts(item.sizes, self._chunk_into)
-                    except _Torn as exc:
-                        item = exc.item             # a new header (or junk): go on from it
-                        continue
-                    break
-            except _NoFrame:
-                self._set_reading(False)            # dropped (see the class docstring), not lost
-                raise
-            except RingClosed:
-                raise                               # closed under us: the arena may be gone too
-            except BaseException:
-                # left midway (Ctrl-C, a signal handler raising): the next
-                # reader skips the rest as leftovers. With no writer at work
-                # the loss is counted now; else the mark stays, and the
-                # writer (noticing, it discards the frame) or the next
-                # reader counts it
-                if not self._lock_held(_WRITER_LOCK):
+            backoff = Backoff(BULK_LOCK_S, BULK_LOCK_MAX_S)
+            while True:
+                self._acquire(_READER_LOCK, None)
+                try:
                     self._take_over()
-                raise
-            self._set_reading(False)
-            return _framing.load_parts(parts)
+                    turn = self._reap(seq, patient=True)
+                    if turn == seq:
+                        inside = True
+                        return self._read_frame(seq)
+                    if turn > seq:
+                        raise _NoFrame
+                finally:
+                    self._release(_READER_LOCK)
+                # an older token's reader is alive (or has not said so yet):
+                # its frame comes first
+                backoff.sleep(None)
+        except (_NoFrame, RingClosed):
+            raise
+        except BaseException:
+            # left before our turn (Ctrl-C, a signal handler raising): give
+            # the token up, the next reader counts it lost. (Left inside our
+            # frame: _read_frame's mark says so.)
+            if not inside:
+                try:
+                    self._hold(seq, 0)
+                    given_up = True
+                except BaseException:
+                    pass
+            raise
         finally:
-            self._release(_READER_LOCK)
+            if not given_up:
+                try:
+                    self._unhold(seq)
+                except (OSError, ValueError, RingClosed):
+                    pass        # the arena was closed under us
+
+    def _read_frame(self, seq: int) -> Any:
+        """(Reader lock held, frame `seq`'s turn) Read frame `seq`, skipping
+        what comes before it; the turn then moves past it."""
+        # From here until the frame is read, its message is ours alone: a
+        # kill leaves the mark set, and whoever takes the lock next (a
+        # reader, the writer discarding the frame, stats()) counts the
+        # message lost
+        self._set(_READING, seq + 1)
+        try:
+            item = self._next()
+            while True:
+                number = _number(getattr(item, "seq", None)) if type(item) is _Frame else None
+                if number is None or number < seq:
+                    item = self._next()             # leftovers of a torn or given-up frame, or junk
+                    continue
+                if item.kind == "abort":
+                    if number >= self._get(_NEXT):
+                        item = self._next()         # junk: no frame is numbered so
+                        continue
+                    self._set(_TURN, max(self._get(_TURN), number + 1))
+                    raise _NoFrame                  # the frames up to `number` will not come
+                if number > seq:
+                    raise _NoFrame                  # (junk: a later header is never before an abort)
+                if item.kind != "object" or not item.sizes:
+                    item = self._next()
+                    continue
+                try:
+                    parts = _framing.read_parts(item.sizes, self._chunk_into)
+                except _Torn as exc:
+                    item = exc.item                 # a new header (or junk): go on from it
+                    continue
+                break
+        except _NoFrame:
+            self._set(_TURN, max(self._get(_TURN), seq + 1))
+            self._set(_READING, 0)                  # dropped (see the class docstring), not lost
+            raise
+        except RingClosed:
+            raise                                   # closed under us: the arena may be gone too
+        except BaseException:
+            # left midway (Ctrl-C, a signal handler raising): the next
+            # reader skips the rest as leftovers. With no writer at work
+            # the loss is counted now; else the mark stays, and the
+            # writer (noticing, it discards the frame) or the next
+            # reader counts it
+            if not self._lock_held(_WRITER_LOCK):
+                self._take_over()
+            raise
+        self._set(_TURN, max(self._get(_TURN), seq + 1))
+        self._set(_READING, 0)
+        return _framing.load_parts(parts)
 
     def _next(self) -> Any:
         """The next bulk record, waiting while a writer is at work."""
@@ -518,6 +758,19 @@ class _Bulk:
                 pass
             if not self._writer_active() and self.ring.empty():
                 raise _Torn(None)   # the writer died midway: skip, read on
+
+
+class _Ticket:
+    """A large put's token: its number, the queue's ring, and that ring's
+    messages_in count just after the put (once messages_out reaches it, the
+    token was surely taken)."""
+
+    __slots__ = ("seq", "main", "after")
+
+    def __init__(self, seq: int, main: Any, after: int) -> None:
+        self.seq = seq
+        self.main = main
+        self.after = after
 
 
 class _Torn(Exception):

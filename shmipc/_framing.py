@@ -44,19 +44,26 @@ class Frame:
     sizes: the byte size of each part, or None: the next single record is
         the whole payload (a small send_bytes payload that looks like a
         pickle, marked so that recv() unpickles it).
+    seq: a Queue's large messages only (see shmipc._bulk): the number that
+        pairs a token with its frame. None elsewhere.
     """
 
-    __slots__ = ("kind", "sizes")
+    __slots__ = ("kind", "sizes", "seq")
 
-    def __init__(self, kind: str, sizes: tuple[int, ...] | None = None) -> None:
+    def __init__(self, kind: str, sizes: tuple[int, ...] | None = None, seq: int | None = None) -> None:
         self.kind = kind
         self.sizes = sizes
+        self.seq = seq
 
     def __reduce__(self) -> tuple:
-        return (Frame, (self.kind, self.sizes))
+        if self.seq is None:
+            return (Frame, (self.kind, self.sizes))
+        return (Frame, (self.kind, self.sizes, self.seq))
 
     def __repr__(self) -> str:
-        return f"Frame({self.kind!r}, {self.sizes!r})"
+        if self.seq is None:
+            return f"Frame({self.kind!r}, {self.sizes!r})"
+        return f"Frame({self.kind!r}, {self.sizes!r}, seq={self.seq!r})"
 
 
 ABORT = Frame("abort")

@@ -15,7 +15,7 @@ import queue
 from shmipc._framing import Frame as _Frame     # looked up on every get/recv
 from shmipc.arena import Arena
 from shmipc.errors import HandleClosed, MessageTooLarge, RingClosed
-from shmipc._bulk import _LOST_BLOCK, _Bulk, _NoFrame
+from shmipc._bulk import BLOCK_SIZE as _BULK_BLOCK_SIZE, _LOST_BLOCK, _Bulk, _NoFrame
 from shmipc._queue_ready import _NOTHING, _QueueReadiness
 
 #: Default ring bytes per queue: one message may use half (16 MiB). Memory is
@@ -98,9 +98,9 @@ class _Base(_QueueReadiness):
         # the arena holds the ring, the bulk ring for messages too large for
         # it (memory is only committed where written) and, for
         # JoinableQueue, a small state block
-        self._arena = Arena(Arena.size_for(rings=[cap, cap], blocks=[64, 64]))
+        self._arena = Arena(Arena.size_for(rings=[cap, cap], blocks=[64, _BULK_BLOCK_SIZE]))
         self._ring = self._arena.ring(cap, maxsize=maxsize)
-        self._arena.block(64, name=_LOST_BLOCK)
+        self._arena.block(_BULK_BLOCK_SIZE, name=_LOST_BLOCK)
         self._bulk = _Bulk(self._arena, self._arena.ring(cap, name="bulk"))
         self._bulk.on_error = type(self)._on_queue_feeder_error
         self._ready_r, self._ready_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -161,7 +161,7 @@ class _Base(_QueueReadiness):
         if item.kind != "token":
             return _NOTHING         # a Frame only shmipc's own code makes: not a message
         try:
-            return self._bulk.read()
+            return self._bulk.read(item)
         except _NoFrame:
             self._dropped()
             return _NOTHING
@@ -218,9 +218,20 @@ class _Base(_QueueReadiness):
         if not any(type(item) is _Frame for item in items):
             return items
         out = []
-        for item in items:
+        for i, item in enumerate(items):
             if type(item) is _Frame:
-                item = self._unframe(item)
+                try:
+                    item = self._unframe(item)
+                except BaseException:
+                    # the batch's later tokens will not be read: give them
+                    # up now, or the readers after us wait for them
+                    for rest in items[i + 1:]:
+                        if type(rest) is _Frame:
+                            try:
+                                self._bulk.give_up(rest)
+                            except (OSError, ValueError):
+                                break       # the queue was closed under us: nobody reads on
+                    raise
                 if item is _NOTHING:
                     continue
             out.append(item)
@@ -281,7 +292,9 @@ class _Base(_QueueReadiness):
         recoveries of dead processes' locks, lost messages), as a dict."""
         self._check_open()
         stats = self._ring.stats()
-        stats["lost"] += self._bulk.lost()      # large messages lost mid-read
+        # large messages lost by their readers (and by a getter killed as it
+        # took its token: counted once the ring is seen empty BULK_HOLDER_QUIET_S apart)
+        stats["lost"] += self._bulk.lost(all_taken=stats["qsize"] == 0)
         return stats
 
     def __repr__(self) -> str:

@@ -139,6 +139,21 @@ def pid_alive(pid):
     return bool(shm_pid_alive(<uint32_t>pid))
 
 
+def self_ident():
+    """This process's identity as rings record owners: its pid in the low 32
+    bits, a token of its start time in the high 32 (see _shm.h)."""
+    return shm_self_ident()
+
+
+def ident_alive(ident):
+    """True if `ident` (a self_ident() value, perhaps read back from shared
+    memory) names a live process, the very one it was taken from: a dead,
+    zombie or recycled pid, or junk, is False."""
+    if type(ident) is not int or not 0 < ident < 2**64:
+        return False
+    return bool(shm_ident_alive(<uint64_t>ident))
+
+
 def debug_counters():
     """Rings mapped and zero-copy views still open in this process."""
     return {"rings_open": g_rings_open, "views_open": g_views_open}

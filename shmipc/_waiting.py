@@ -69,6 +69,7 @@ READY_SPURIOUS_MAX_S = 0.005  # ... doubling to this
 BULK_WRITE_SLICE_S = 0.05    # a large put waits for room this long at a time, then checks its deadline and reader
 BULK_LOCK_S = 0.0005         # a bulk-ring lock held by another process is retried after this ...
 BULK_LOCK_MAX_S = 0.01       # ... doubling to this (the holder finishes or dies: the kernel frees it)
+BULK_HOLDER_QUIET_S = 2.0    # a large message's token taken this long ago by a process that never said it holds it is lost
 ASYNC_POLL_S = 50e-6         # asyncio awaits with no descriptor to wait on retry on timers from this ...
 ASYNC_POLL_MAX_S = 0.005     # ... doubling to this
 
