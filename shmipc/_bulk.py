@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import os
-import struct
 import threading
 import time
 import weakref
@@ -34,20 +33,19 @@ _READER_LOCK = (1 << 60) + 1
 _WRITE_SLICE_S = BULK_WRITE_SLICE_S
 
 # The queue's arena block of this name holds the shared state of its large
-# messages (see _Bulk), little-endian u64s, each changed only under its lock:
+# messages (see _Bulk), u64 words at these byte offsets, each changed only
+# under its lock:
 _LOST_BLOCK = "bulk_lost"
 _LOST = 0           # (arena lock) large messages counted lost
 _READING = 8        # (reader lock) 1 + the number of the frame its holder is in; 0: none
 _NEXT = 16          # (writer lock) the number the next token gets
 _DONE = 24          # (writer lock) every frame numbered below is whole in the bulk ring, or aborted
 _TURN = 32          # (reader lock) the number of the frame to be read next
-_HOLDERS = 64       # (arena lock) _SLOTS pairs (1 + number, identity): who holds which token
-                    # (the holder's _ring.self_ident(): pid and start time); 0: given up
+_HOLDERS = 64       # _SLOTS pairs (1 + number, identity): who holds which token (the
+                    # holder's _ring.self_ident(): pid and start time; 0: given up), see _hold
 _SLOTS = 124
 BLOCK_SIZE = _HOLDERS + 16 * _SLOTS         # 2 KiB
 _SEQ_LIMIT = 1 << 62                        # numbers at or past it are garbage
-_U64 = struct.Struct("<Q")
-_PAIR = struct.Struct("<QQ")
 
 
 def _number(value: Any) -> int | None:
@@ -268,14 +266,24 @@ class _Bulk:
         The parts that are the caller's buffers are copied first: put has
         returned by the time they are written."""
         owned = [parts[0]] + [memoryview(bytes(p)) for p in parts[1:]]
-        with self.feed_lock:
-            if self.feeding:
+        backoff = Backoff(BULK_LOCK_S, BULK_LOCK_MAX_S)
+        while True:
+            with self.feed_lock:
+                if not self.feeding:
+                    break
+                # never wait for room under feed_lock: the feeder takes it
+                # to go on to the next frame, and a reader may be waiting
+                # for that frame before it frees room for our token
                 try:
-                    ticket = self._put_token(main, wait, None)
+                    ticket = self._put_token(main, False, None)
                 except queue.Full:
-                    return False
-                self.feed_queue.append((owned, obj, ticket))
-                return True
+                    pass
+                else:
+                    self.feed_queue.append((owned, obj, ticket))
+                    return True
+            if not wait:
+                return False
+            backoff.sleep(None)     # the queue's ring is full: readers take tokens, or the feeder stops
         if not self._acquire(_WRITER_LOCK, None if wait else time.monotonic()):
             return False
         started = False
@@ -484,21 +492,25 @@ class _Bulk:
                 self._release(_READER_LOCK)
 
     # ------------------------------------------------------------ shared state
-    def _block(self) -> memoryview:
-        """The queue's _LOST_BLOCK (see its layout at the top)."""
+    def _words(self) -> memoryview:
+        """The queue's _LOST_BLOCK as u64 words (see its layout at the top)."""
         if self._block_view is None:
             view = self.arena.block(name=_LOST_BLOCK)
             if view.nbytes < BLOCK_SIZE:
                 raise ValueError(f"the queue's {_LOST_BLOCK!r} block has {view.nbytes} bytes, "
                                  f"not {BLOCK_SIZE}: made by another version of shmipc?")
-            self._block_view = view
+            self._block_view = view[:BLOCK_SIZE].cast("Q")
         return self._block_view
 
+    def _block(self) -> memoryview:
+        """The same block as bytes (for tests that write junk into it)."""
+        return self._words().cast("B")
+
     def _get(self, offset: int) -> int:
-        return _U64.unpack_from(self._block(), offset)[0]
+        return self._words()[offset >> 3]
 
     def _set(self, offset: int, value: int) -> None:
-        _U64.pack_into(self._block(), offset, value)
+        self._words()[offset >> 3] = value
 
     def count_lost(self, n: int = 1) -> None:
         """`n` more large messages lost (shown in the queue's stats()["lost"])."""
@@ -524,51 +536,39 @@ class _Bulk:
 
     def holders(self) -> dict[int, int]:
         """{token number: pid} of the readers holding a large message's
-        token now (0: given up, to be counted lost)."""
-        return {seq: ident & 0xFFFFFFFF for seq, ident in self._holders().items()}
+        token whose frame's turn has not gone yet (0: given up, to be
+        counted lost)."""
+        turn = self._get(_TURN)
+        return {seq: ident & 0xFFFFFFFF for seq, ident in self._holders().items() if seq >= turn}
 
     def _holders(self) -> dict[int, int]:
-        """{token number: holder's identity} (see _HOLDERS)."""
-        with self.arena.lock():
-            table = self._block()[_HOLDERS:BLOCK_SIZE]
-            return {key - 1: ident for key, ident in _PAIR.iter_unpack(table) if key}
+        """{token number: holder's identity} (see _HOLDERS; an entry in the
+        wrong slot for its number is junk, left out)."""
+        table = self._words()[_HOLDERS >> 3:].tolist()
+        return {key - 1: ident for slot, (key, ident) in enumerate(zip(table[0::2], table[1::2]))
+                if key and (key - 1) % _SLOTS == slot}
 
     def _hold(self, seq: int, ident: int) -> None:
         """Say in the holders table that the process of identity `ident`
-        (_ring.self_ident()) holds token `seq` (0: it was given up). A full table (more than _SLOTS tokens held
-        at once) first drops entries that no longer matter; if none does,
-        the token goes unsaid, and is counted lost if its turn comes while
-        it still is (see _reap)."""
-        with self.arena.lock():
-            block = self._block()
-            turn = self._get(_TURN)
-            found = free = past = None
-            for i in range(_SLOTS):
-                offset = _HOLDERS + 16 * i
-                key = _U64.unpack_from(block, offset)[0]
-                if key == seq + 1:
-                    found = offset
-                    break
-                if key == 0:
-                    free = free if free is not None else offset
-                elif key - 1 < turn:
-                    past = past if past is not None else offset     # its frame's turn has gone
-            offset = found if found is not None else free if free is not None else past
-            if offset is not None:
-                _PAIR.pack_into(block, offset, seq + 1, ident)
+        (_ring.self_ident()) holds token `seq` (0: it was given up).
+
+        Token n has slot n % _SLOTS, its holder's alone: no lock is needed
+        (the identity is written before the number, so that a number read
+        is never paired with a stale identity). Only if more than _SLOTS
+        readers hold tokens at once can one overwrite another's entry: that
+        token then goes unsaid (see _reap)."""
+        words = self._words()
+        at = (_HOLDERS >> 3) + 2 * (seq % _SLOTS)
+        words[at + 1] = ident
+        words[at] = seq + 1
 
     def _unhold(self, seq: int) -> None:
-        """Token `seq` is no longer held (its frame was read or dropped);
-        nor are those numbered below the turn (their frames' turns have
-        gone: left by readers killed inside their frame, or given up)."""
-        with self.arena.lock():
-            block = self._block()
-            turn = self._get(_TURN)
-            for i in range(_SLOTS):
-                offset = _HOLDERS + 16 * i
-                key = _U64.unpack_from(block, offset)[0]
-                if key == seq + 1 or 0 < key <= turn:
-                    _PAIR.pack_into(block, offset, 0, 0)
+        """Token `seq` is no longer held (its frame was read or dropped)."""
+        words = self._words()
+        at = (_HOLDERS >> 3) + 2 * (seq % _SLOTS)
+        if words[at] == seq + 1:
+            words[at] = 0
+            words[at + 1] = 0
 
     def give_up(self, token: Any) -> None:
         """A token taken from the main ring that will not be read (its
