@@ -1159,6 +1159,95 @@ def test_large_message_readers_killed_at_random_instants():
     assert aimed and lost >= 1, "no kill landed on a token holder: nothing was recovered"
 
 
+def _write_numbered(q, writer, count):
+    """A writer of the stress test below: message (writer, i) for i < count,
+    each 100-400 KiB, its content a function of both."""
+    for i in range(count):
+        q.put(_big_message(writer * 100000 + i))
+
+
+@pytest.mark.timeout(240)
+def test_large_message_writers_killed_at_random_instants():
+    """Two processes read large messages while writer processes put them,
+    their frames written by feeder threads; writers are SIGKILLed at random
+    (mid-frame, between token and frame, between frames) and replaced.
+    Nothing arrives torn or twice; every message of a writer that finished
+    arrives; the killed writers' messages arrive or not (a put that returned
+    but whose frame was not yet written dies with its process, as with
+    multiprocessing), and at most one per kill is counted lost (a writer
+    killed between numbering its token and putting it)."""
+    from shmipc import _bulk
+
+    rng = random.Random(5)
+    per_writer, kills_wanted = 40, 10 * SOAK
+    q = shmipc.Queue(capacity=1 << 16)
+    r, w = os.pipe()
+    ctx = multiprocessing.get_context("fork")
+    readers = [ctx.Process(target=_read_and_report, args=(q, w), daemon=True) for _ in range(2)]
+    for p in readers:
+        p.start()
+    writers: dict = {}
+    finished = []
+    next_id = 0
+
+    def spawn():
+        nonlocal next_id
+        p = ctx.Process(target=_write_numbered, args=(q, next_id, per_writer), daemon=True)
+        p.start()
+        writers[next_id] = p
+        next_id += 1
+
+    for _ in range(2):
+        spawn()
+    kills = 0
+    try:
+        while kills < kills_wanted:
+            time.sleep(rng.uniform(0.005, 0.05))
+            victim = rng.choice(list(writers))
+            p = writers.pop(victim)
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass                        # it had finished (and was reaped by multiprocessing)
+            p.join(20)
+            if p.exitcode == 0:
+                finished.append(victim)     # it was done before the kill landed
+            else:
+                kills += 1
+            spawn()
+        for wid, p in list(writers.items()):
+            p.join(120)
+            assert p.exitcode == 0, (wid, p.exitcode)
+            finished.append(wid)
+        b = q._bulk
+        deadline = time.monotonic() + 60
+        while not (q.stats()["qsize"] == 0 and b._get(_bulk._TURN) == b._get(_bulk._NEXT)):
+            assert time.monotonic() < deadline, f"not drained after {kills} kills: {_bulk_state(q)}"
+            time.sleep(0.01)
+    finally:
+        for _ in readers:
+            q.put(b"stop")
+        for p in readers + list(writers.values()):
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    got = [int.from_bytes(data[k:k + 8], "little") for k in range(0, len(data), 8)]
+    torn = [i for i in got if i >= 1 << 63]
+    lost = q.stats()["lost"]
+    print(f"\n{kills} writer kills, {len(finished)} writers finished, {len(got)} delivered, {lost} counted lost")
+    assert not torn, f"messages that came torn: {torn}"
+    assert len(got) == len(set(got)), "a message was delivered twice"
+    expected = {wid * 100000 + i for wid in finished for i in range(per_writer)}
+    assert expected <= set(got), f"messages of finished writers missing: {sorted(expected - set(got))[:10]}"
+    assert lost <= kills
+
+
 class _Interrupt(Exception):
     pass
 
