@@ -40,6 +40,21 @@ cdef enum:
     TAG_RECORD = 11
     TAG_MAX = 11
 
+
+cdef class Chunk:
+    """A piece of a message too large for one record (see shmipc._framing),
+    put as a bytearray record without a copy. A Pipe never sends a user's
+    bytearray as one (it goes pickled), so its reader tells a stray chunk
+    (left by an interrupted receive) from a message by its type alone."""
+
+    cdef readonly object view
+
+    def __init__(self, view):
+        self.view = view
+
+    def __reduce__(self):
+        return (Chunk, (bytes(self.view),))
+
 TAG_NAMES = ("pad", "bytes", "bytearray", "str", "int", "float", "True", "False",
              "None", "ndarray", "pickle", "record")
 
@@ -157,9 +172,9 @@ cdef object encode(object obj, enc_t *e):
         e.ptr = e.small
         e.size = 0
         return None
-    if t is bytearray or t is memoryview:
-        e.tag = TAG_BYTEARRAY if t is bytearray else TAG_BYTES
-        mv = memoryview(obj)
+    if t is bytearray or t is memoryview or t is Chunk:
+        e.tag = TAG_BYTES if t is memoryview else TAG_BYTEARRAY
+        mv = memoryview((<Chunk>obj).view if t is Chunk else obj)
         if not mv.c_contiguous:
             mv = memoryview(mv.tobytes())
         elif mv.ndim != 1 or mv.itemsize != 1:

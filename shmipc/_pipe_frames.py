@@ -3,10 +3,17 @@ shmipc.connection.Connection): the records of a frame (see shmipc._framing)
 read into whole parts, an interrupted receive's leftovers dropped, a
 writer's abort or death costing the one message.
 
-Invariant: ``_frame_left`` is the number of bytes of the frame being read
-that have not been taken from the ring; while it is above zero after an
-interrupted receive, ``_pending`` is ``_ABANDONED`` and the next receive
-drops those bytes first, so a chunk is never delivered as a message.
+Invariants:
+    * A frame's chunks are bytearray records (``_ring.Chunk``), and nothing
+      else is: a Pipe sends a user's bytearray pickled. So a receive that
+      meets a bytearray where a message should be drops it, whatever state
+      an interrupted receive left behind (a signal's handler may raise
+      after the ring consumed a frame's announcement and before the
+      receive recorded it).
+    * ``_frame_left`` is the number of bytes of the frame being read that
+      have not been taken from the ring; while it is above zero after an
+      interrupted receive, ``_pending`` is ``_ABANDONED`` and the next
+      receive drops those bytes first.
 """
 from __future__ import annotations
 
@@ -83,10 +90,9 @@ class _FrameReading:
             item = self._pending
             if item is not _NOTHING:
                 self._pending = _NOTHING
-                if item is not _ABANDONED:
-                    return item
-                item = self._drop_abandoned(timeout)
-                if item is not _NOTHING:
+                if item is _ABANDONED:
+                    item = self._drop_abandoned(timeout)
+                if item is not _NOTHING and type(item) is not bytearray:
                     return item
         ring = self._recv_ring
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -99,7 +105,9 @@ class _FrameReading:
                 if not raw and type(item) is _Frame and item.sizes:
                     # from here its chunks belong to it (see _FrameReading)
                     self._frame_left = sum(item.sizes)
-                return item
+                if raw or type(item) is not bytearray:
+                    return item
+                continue                    # a stray chunk (see the invariants): dropped
             except queue.Empty:
                 pass
             except PeerDied:
@@ -115,6 +123,8 @@ class _FrameReading:
                     raise EOFError(_EOF_MESSAGE) from None
                 if not raw and type(item) is _Frame and item.sizes:
                     self._frame_left = sum(item.sizes)
+                if not raw and type(item) is bytearray:
+                    continue                # a stray chunk: dropped
                 return item
             if deadline is not None and time.monotonic() >= deadline:
                 raise queue.Empty
@@ -136,7 +146,7 @@ class _FrameReading:
             except BaseException:
                 self._pending = _ABANDONED      # the next receive goes on dropping
                 raise
-            if type(item) is not bytes or len(item) > self._frame_left:
+            if type(item) is not bytearray or len(item) > self._frame_left:
                 self._frame_left = 0            # the writer gave up on that frame
                 return item
             self._frame_left -= len(item)
@@ -154,6 +164,9 @@ class _FrameReading:
                 (nothing partial is delivered).
         """
         while True:
+            if type(frame) is bytearray:
+                frame = self._take(None)        # a stray chunk (see the invariants): dropped
+                continue
             if type(frame) is not _Frame:
                 return frame if not as_bytes else _as_bytes(frame)
             if frame.kind == "abort":

@@ -40,6 +40,7 @@ sent (the usual request/response order).
 """
 from __future__ import annotations
 
+import pickle
 import queue
 import select
 import socket
@@ -142,6 +143,10 @@ class _Readiness:
         from shmipc import aio
 
         self._check_writable()
+        if type(obj) is bytearray:
+            # pickled, as send() sends it (a bytearray record is a chunk)
+            obj = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            return await self.send_bytes_async(obj)
         records = [obj]
         try:
             self._send_ring.put(obj, False)

@@ -47,6 +47,7 @@ receiving) at a time, as multiprocessing requires.
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import select
 import socket
@@ -59,6 +60,7 @@ from shmipc.arena import Arena
 from shmipc._lifetime import Closeable
 from shmipc import _framing
 from shmipc._framing import Frame as _Frame     # looked up on every get/recv
+from shmipc._ring import Chunk
 from shmipc.errors import MessageTooLarge, PeerDied, RingClosed
 from shmipc.queues import _ring_capacity, _timeout
 from shmipc._pipe_frames import (SLICE, _ABANDONED, _EOF_MESSAGE, _NOTHING, _FrameReading,
@@ -252,6 +254,8 @@ class Connection(Closeable, _FrameReading, _Readiness):
         self._probe_in -= 1
         if not self._probe_in:
             self._probe()
+        if type(obj) is bytearray:
+            return self._send_bytearray(obj)
         try:
             ring.put(obj, True, SLICE)  # the common case: there is room
         except (queue.Full, PeerDied):
@@ -260,6 +264,16 @@ class Connection(Closeable, _FrameReading, _Readiness):
             self._send_frame("object", _framing.dump_parts(obj))
         except RingClosed:
             self._raise_closed()
+
+    def _send_bytearray(self, obj: bytearray) -> None:
+        """send() of a bytearray: pickled, as multiprocessing sends it (a
+        bytearray record is a chunk of a large message, see _pipe_frames)."""
+        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > self._send_ring.max_message_size:
+            self._send_frame("bytes", [data])
+        else:
+            self._put(_framing.Frame("bytes"))      # (a pickle: recv() unpickles it)
+            self._put(data)
 
     def _probe(self) -> None:
         """Every PROBE_EVERY sends (and at the first): a send to a peer
@@ -377,7 +391,7 @@ class Connection(Closeable, _FrameReading, _Readiness):
         views = [memoryview(p).cast("B") for p in parts]
         records: list = [_framing.Frame(kind, tuple(v.nbytes for v in views))]
         for view in views:
-            records += [view[off:off + chunk] for off in range(0, view.nbytes, chunk)]
+            records += [Chunk(view[off:off + chunk]) for off in range(0, view.nbytes, chunk)]
         return records
 
     # ------------------------------------------------------------ receiving
@@ -406,8 +420,8 @@ class Connection(Closeable, _FrameReading, _Readiness):
                 self._raise_closed()
         if item is _NOTHING:
             item = self._take(None)
-        if type(item) is _Frame:
-            item = self._unframe(item, False)
+        if type(item) is _Frame or type(item) is bytearray:
+            item = self._unframe(item, False)       # (a bytearray: a stray chunk, dropped)
         if self._polled:
             self._rearm()
         return item

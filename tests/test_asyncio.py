@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
 import time
@@ -105,6 +106,12 @@ def test_send_bytes_async_and_recv_bytes_async():
         assert await b.recv_bytes_async() == b"23456"
         await a.send_bytes_async(pickled)
         assert await b.recv_async() == 7        # recv unpickles it, as multiprocessing
+        # a bytearray goes pickled (a bytearray record is a chunk of a large message)
+        await a.send_async(bytearray(b"xyz"))
+        got = await b.recv_async()
+        assert type(got) is bytearray and got == bytearray(b"xyz")
+        await a.send_async(bytearray(b"uvw"))
+        assert pickle.loads(await b.recv_bytes_async()) == bytearray(b"uvw")
 
     asyncio.run(main())
     a.close(), b.close()
