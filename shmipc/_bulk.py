@@ -449,14 +449,10 @@ class _Bulk:
         known taken). The frame is not complete, or we would not be here."""
         if start is not None and self.ring.stats(recover=False)["messages_out"] > start:
             return not self._lock_held(_READER_LOCK)
-        if not self._acquire(_READER_LOCK, time.monotonic()):
-            return False            # a reader is at work: it reads our frame, or reaps its holder
-        try:
-            self._take_over()
-            taken = ticket.main.stats(recover=False)["messages_out"] >= ticket.after
-            return self._reap(ticket.seq + 1, patient=taken) > ticket.seq
-        finally:
-            self._release(_READER_LOCK)
+        taken = ticket.main.stats(recover=False)["messages_out"] >= ticket.after
+        turn = self._catch_up(ticket.seq + 1, patient=taken)
+        # (None: a reader is at work: it reads our frame, or reaps its holder)
+        return turn is not None and turn > ticket.seq
 
     def _lock_held(self, which: int) -> bool:
         """True if some thread or process holds lock `which`."""
@@ -525,14 +521,22 @@ class _Bulk:
         waiting (see _reap): by a later reader, or by calls BULK_HOLDER_QUIET_S
         apart while `all_taken` (the queue's ring is empty: every token
         put was taken)."""
-        turn, nxt = self._get(_TURN), self._get(_NEXT)
-        if (self._get(_READING) or turn < nxt) and self._acquire(_READER_LOCK, time.monotonic()):
-            try:
-                self._take_over()
-                self._reap(nxt, patient=all_taken)
-            finally:
-                self._release(_READER_LOCK)
+        nxt = self._get(_NEXT)
+        if self._get(_READING) or self._get(_TURN) < nxt:
+            self._catch_up(nxt, patient=all_taken)
         return self._get(_LOST)
+
+    def _catch_up(self, upto: int, patient: bool) -> int | None:
+        """If the reader lock is free now: count what its last holder left
+        (_take_over) and move the turn past the dead readers' frames below
+        `upto` (_reap). Returns the turn, or None if the lock was held."""
+        if not self._acquire(_READER_LOCK, time.monotonic()):
+            return None
+        try:
+            self._take_over()
+            return self._reap(upto, patient)
+        finally:
+            self._release(_READER_LOCK)
 
     def holders(self) -> dict[int, int]:
         """{token number: pid} of the readers holding a large message's
@@ -558,14 +562,19 @@ class _Bulk:
         readers hold tokens at once can one overwrite another's entry: that
         token then goes unsaid (see _reap)."""
         words = self._words()
-        at = (_HOLDERS >> 3) + 2 * (seq % _SLOTS)
+        at = self._slot(seq)
         words[at + 1] = ident
         words[at] = seq + 1
+
+    @staticmethod
+    def _slot(seq: int) -> int:
+        """The index, in _words(), of token `seq`'s slot of the holders table."""
+        return (_HOLDERS >> 3) + 2 * (seq % _SLOTS)
 
     def _unhold(self, seq: int) -> None:
         """Token `seq` is no longer held (its frame was read or dropped)."""
         words = self._words()
-        at = (_HOLDERS >> 3) + 2 * (seq % _SLOTS)
+        at = self._slot(seq)
         if words[at] == seq + 1:
             words[at] = 0
             words[at + 1] = 0
@@ -587,8 +596,13 @@ class _Bulk:
         if mark:
             self.count_lost()
             if mark <= self._get(_NEXT):
-                self._set(_TURN, max(self._get(_TURN), mark))
+                self._pass(mark)
             self._set(_READING, 0)
+
+    def _pass(self, n: int) -> None:
+        """(Reader lock held) The frames numbered below `n` are done with:
+        the turn moves on to `n` (never back)."""
+        self._set(_TURN, max(self._get(_TURN), n))
 
     def _reap(self, upto: int, patient: bool) -> int:
         """(Reader lock held) Move the turn past the frames, numbered below
@@ -701,7 +715,7 @@ class _Bulk:
                     if number >= self._get(_NEXT):
                         item = self._next()         # junk: no frame is numbered so
                         continue
-                    self._set(_TURN, max(self._get(_TURN), number + 1))
+                    self._pass(number + 1)
                     raise _NoFrame                  # the frames up to `number` will not come
                 if number > seq:
                     raise _NoFrame                  # (junk: a later header is never before an abort)
@@ -715,7 +729,7 @@ class _Bulk:
                     continue
                 break
         except _NoFrame:
-            self._set(_TURN, max(self._get(_TURN), seq + 1))
+            self._pass(seq + 1)
             self._set(_READING, 0)                  # dropped (see the class docstring), not lost
             raise
         except RingClosed:
@@ -729,7 +743,7 @@ class _Bulk:
             if not self._lock_held(_WRITER_LOCK):
                 self._take_over()
             raise
-        self._set(_TURN, max(self._get(_TURN), seq + 1))
+        self._pass(seq + 1)
         self._set(_READING, 0)
         return _framing.load_parts(parts)
 

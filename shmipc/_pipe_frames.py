@@ -100,14 +100,9 @@ class _FrameReading:
             wait = SLICE
             if deadline is not None:
                 wait = min(SLICE, max(deadline - time.monotonic(), 0.0))
+            item = _NOTHING
             try:
                 item = ring.get(True, wait)
-                if not raw and type(item) is _Frame and item.sizes:
-                    # from here its chunks belong to it (see _FrameReading)
-                    self._frame_left = sum(item.sizes)
-                if raw or type(item) is not bytearray:
-                    return item
-                continue                    # a stray chunk (see the invariants): dropped
             except queue.Empty:
                 pass
             except PeerDied:
@@ -116,16 +111,20 @@ class _FrameReading:
                 raise EOFError(_EOF_MESSAGE) from None
             except RingClosed:
                 self._raise_closed()
-            if self._peer_gone():
+            if item is _NOTHING and self._peer_gone():
                 try:
                     item = ring.get_nowait()        # whatever it sent before going
                 except (queue.Empty, EOFError):
                     raise EOFError(_EOF_MESSAGE) from None
-                if not raw and type(item) is _Frame and item.sizes:
+            if item is not _NOTHING:
+                if raw:
+                    return item
+                if type(item) is _Frame and item.sizes:
+                    # from here its chunks belong to it (see _FrameReading)
                     self._frame_left = sum(item.sizes)
-                if not raw and type(item) is bytearray:
-                    continue                # a stray chunk: dropped
-                return item
+                if type(item) is not bytearray:
+                    return item
+                continue                    # a stray chunk (see the invariants): dropped
             if deadline is not None and time.monotonic() >= deadline:
                 raise queue.Empty
 

@@ -248,14 +248,16 @@ class Connection(Closeable, _FrameReading, _Readiness):
             OSError: this end is closed or read-only.
             Whatever pickling `obj` raises; nothing is sent then.
         """
+        if type(obj) is bytearray:
+            # pickled, as multiprocessing sends it (a bytearray record is a
+            # chunk of a large message, see _pipe_frames)
+            return self.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         ring = self._send_ring          # None once closed, or on a read-only end
         if ring is None:
             self._check_writable()
         self._probe_in -= 1
         if not self._probe_in:
             self._probe()
-        if type(obj) is bytearray:
-            return self._send_bytearray(obj)
         try:
             ring.put(obj, True, SLICE)  # the common case: there is room
         except (queue.Full, PeerDied):
@@ -264,16 +266,6 @@ class Connection(Closeable, _FrameReading, _Readiness):
             self._send_frame("object", _framing.dump_parts(obj))
         except RingClosed:
             self._raise_closed()
-
-    def _send_bytearray(self, obj: bytearray) -> None:
-        """send() of a bytearray: pickled, as multiprocessing sends it (a
-        bytearray record is a chunk of a large message, see _pipe_frames)."""
-        data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-        if len(data) > self._send_ring.max_message_size:
-            self._send_frame("bytes", [data])
-        else:
-            self._put(_framing.Frame("bytes"))      # (a pickle: recv() unpickles it)
-            self._put(data)
 
     def _probe(self) -> None:
         """Every PROBE_EVERY sends (and at the first): a send to a peer

@@ -3,6 +3,7 @@ and shmipc for every shared behaviour, under fork, spawn and forkserver; then
 what only shmipc does (errors at put, batches, stats, waitable SimpleQueue)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import multiprocessing
 import multiprocessing.connection
@@ -800,6 +801,23 @@ def test_reader_killed_inside_a_whole_large_message_is_counted_lost():
     assert q.stats()["lost"] == 1
 
 
+@contextlib.contextmanager
+def _paused_child(fn, *args, ready: bytes):
+    """Fork a child running fn(*args, w): it writes `ready` on w once in the
+    state the test wants, then pauses there. Yields its pid; SIGKILLs and
+    reaps it on the way out."""
+    r, w = os.pipe()
+    pid = fork_child(fn, *args, w)
+    try:
+        assert os.read(r, 1) == ready
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_child(pid)
+        os.close(r)
+        os.close(w)
+
+
 def _hold_lock_until_killed(fd, offset, w):
     import fcntl
     fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
@@ -821,22 +839,13 @@ def test_reader_killed_holding_a_token_loses_at_most_its_message_and_counts_it()
     big = [bytes([i]) * (200 << 10) for i in range(3)]
     q.put(big[0])
     q.put(big[1])                   # (its frame waits in a feeder thread for room)
-    r, w = os.pipe()
-    holder = fork_child(_hold_lock_until_killed, q._arena.fd, _READER_LOCK, w)
-    reader = None
-    try:
-        assert os.read(r, 1) == b"L"
+    with _paused_child(_hold_lock_until_killed, q._arena.fd, _READER_LOCK, ready=b"L"):
         reader = multiprocessing.get_context("fork").Process(target=_get_one, args=(q,))
         reader.start()
         _wait_for(lambda: reader.pid in q._bulk.holders().values())     # it holds token 0
         os.kill(reader.pid, signal.SIGKILL)
         reader.join(20)
         assert reader.exitcode == -signal.SIGKILL
-    finally:
-        os.kill(holder, signal.SIGKILL)
-        wait_child(holder)
-        os.close(r)
-        os.close(w)
     q.put(big[2])
     assert q.get(timeout=10) == big[1]
     assert q.get(timeout=10) == big[2]
@@ -866,15 +875,8 @@ def test_getter_killed_before_it_says_it_holds_a_token_is_counted_lost():
     big = [bytes([i]) * (200 << 10) for i in range(3)]
     for m in big:
         q.put(m)
-    r, w = os.pipe()
-    taker = fork_child(_take_a_token_and_pause, q, w)
-    try:
-        assert os.read(r, 1) == b"T"
-    finally:
-        os.kill(taker, signal.SIGKILL)
-        wait_child(taker)
-        os.close(r)
-        os.close(w)
+    with _paused_child(_take_a_token_and_pause, q, ready=b"T"):
+        pass                                # killed holding it
     t = time.monotonic()
     assert q.get(timeout=30) == big[1]
     waited = time.monotonic() - t
@@ -894,15 +896,8 @@ def test_the_last_tokens_getter_killed_before_it_says_so_is_counted_by_stats():
 
     q = shmipc.Queue(capacity=1 << 16)
     q.put(b"x" * (200 << 10))
-    r, w = os.pipe()
-    taker = fork_child(_take_a_token_and_pause, q, w)
-    try:
-        assert os.read(r, 1) == b"T"
-    finally:
-        os.kill(taker, signal.SIGKILL)
-        wait_child(taker)
-        os.close(r)
-        os.close(w)
+    with _paused_child(_take_a_token_and_pause, q, ready=b"T"):
+        pass                                # killed holding it
     t = time.monotonic()
     _wait_for(lambda: q.stats()["lost"] == 1, BULK_HOLDER_QUIET_S + 20)
     assert time.monotonic() - t > BULK_HOLDER_QUIET_S * 0.9
@@ -927,21 +922,13 @@ def test_a_forged_holder_naming_a_live_pid_is_not_waited_for():
     big = [bytes([i]) * (200 << 10) for i in range(2)]
     for m in big:
         q.put(m)
-    r, w = os.pipe()
-    taker = fork_child(_take_a_token_and_pause, q, w)      # takes token 0, never says so
-    try:
-        assert os.read(r, 1) == b"T"
+    with _paused_child(_take_a_token_and_pause, q, ready=b"T"):     # takes token 0, never says so
         struct.pack_into("<QQ", q._bulk._block(), _bulk._HOLDERS, 0 + 1, (0x5EED << 32) | 1)
         assert q._bulk.holders() == {0: 1}
         t = time.monotonic()
         assert q.get(timeout=30) == big[1]
         assert time.monotonic() - t < BULK_HOLDER_QUIET_S
         assert q.stats()["lost"] == 1
-    finally:
-        os.kill(taker, signal.SIGKILL)
-        wait_child(taker)
-        os.close(r)
-        os.close(w)
 
 
 def _put_many_large(q, count, size):
@@ -999,22 +986,16 @@ def test_getter_interrupted_waiting_for_its_turn_gives_its_token_up():
     big = [bytes([i]) * (200 << 10) for i in range(3)]
     for m in big:
         q.put(m)
-    r, w = os.pipe()
-    taker = fork_child(_hold_a_token_and_pause, q, w)
-    old = signal.signal(signal.SIGALRM, _interrupt)
-    try:
-        assert os.read(r, 1) == b"H"
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(_Interrupt):
-            q.get(timeout=30)               # takes token 1, waits behind token 0's live holder
-        assert q._bulk.holders() == {0: taker, 1: 0}
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
-        os.kill(taker, signal.SIGKILL)
-        wait_child(taker)
-        os.close(r)
-        os.close(w)
+    with _paused_child(_hold_a_token_and_pause, q, ready=b"H") as taker:
+        old = signal.signal(signal.SIGALRM, _interrupt)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(_Interrupt):
+                q.get(timeout=30)           # takes token 1, waits behind token 0's live holder
+            assert q._bulk.holders() == {0: taker, 1: 0}
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
     t = time.monotonic()
     assert q.get(timeout=30) == big[2]
     assert time.monotonic() - t < 5
@@ -1069,6 +1050,39 @@ def _bulk_state(q) -> dict:
                 readers=[p for p in multiprocessing.active_children()])
 
 
+def _wait_drained(q, kills: int) -> None:
+    """Wait (up to 60 s) until the queue is drained: nothing in it, every
+    frame's turn gone (a dead holder's is taken back by the next reader, or
+    after BULK_HOLDER_QUIET_S; stats() counts what it can), no frame being
+    read, no token held."""
+    from shmipc import _bulk
+
+    b = q._bulk
+    deadline = time.monotonic() + 60
+    while not (q.stats()["qsize"] == 0 and b._get(_bulk._TURN) == b._get(_bulk._NEXT)
+               and not b._get(_bulk._READING) and not b.holders()):
+        assert time.monotonic() < deadline, f"not drained after {kills} kills: {_bulk_state(q)}"
+        time.sleep(0.01)
+
+
+def _stop_and_collect(q, readers, others, r, w) -> list[int]:
+    """Stop the stress test's readers (one b"stop" each), reap every process
+    (killing one that will not end), and return what the readers reported."""
+    for _ in readers:
+        q.put(b"stop")
+    for p in readers + others:
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 1 << 16):
+        data += chunk
+    os.close(r)
+    return [int.from_bytes(data[k:k + 8], "little") for k in range(0, len(data), 8)]
+
+
 def _read_and_report(q, w):
     """A reader of the stress test: gets messages, checks each whole, and
     reports its number (8 bytes: atomic on a pipe), or 2**63 + its number if
@@ -1092,8 +1106,6 @@ def test_large_message_readers_killed_at_random_instants():
     kill and never less than what the queue counts lost (a message counted
     lost was not delivered; a reader killed after its get returned loses
     one without a count)."""
-    from shmipc import _bulk
-
     rng = random.Random(11)
     count, kills_wanted = 240, 12 * SOAK
     q = shmipc.Queue(capacity=1 << 16)
@@ -1123,30 +1135,9 @@ def test_large_message_readers_killed_at_random_instants():
             spawn()
         writer.join(120)
         assert not writer.is_alive() and "exc" not in res, res
-        # drained: nothing in the queue, every frame's turn gone (a dead
-        # holder's is taken back by the next reader, or after
-        # BULK_HOLDER_QUIET_S), no token held
-        b = q._bulk
-        drained = lambda: (q.stats()["qsize"] == 0 and b._get(_bulk._TURN) == b._get(_bulk._NEXT)  # noqa: E731
-                           and not b._get(_bulk._READING) and not b.holders())
-        deadline = time.monotonic() + 60
-        while not drained():
-            assert time.monotonic() < deadline, f"not drained after {kills} kills: {_bulk_state(q)}"
-            time.sleep(0.01)
+        _wait_drained(q, kills)
     finally:
-        for _ in readers:
-            q.put(b"stop")
-        for p in readers:
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    got = [int.from_bytes(data[k:k + 8], "little") for k in range(0, len(data), 8)]
+        got = _stop_and_collect(q, readers, [], r, w)
     torn = [i for i in got if i >= 1 << 63]
     lost = q.stats()["lost"]
     missing = count - len(set(got))
@@ -1176,8 +1167,6 @@ def test_large_message_writers_killed_at_random_instants():
     but whose frame was not yet written dies with its process, as with
     multiprocessing), and at most one per kill is counted lost (a writer
     killed between numbering its token and putting it)."""
-    from shmipc import _bulk
-
     rng = random.Random(5)
     per_writer, kills_wanted = 40, 10 * SOAK
     q = shmipc.Queue(capacity=1 << 16)
@@ -1219,25 +1208,9 @@ def test_large_message_writers_killed_at_random_instants():
             p.join(120)
             assert p.exitcode == 0, (wid, p.exitcode)
             finished.append(wid)
-        b = q._bulk
-        deadline = time.monotonic() + 60
-        while not (q.stats()["qsize"] == 0 and b._get(_bulk._TURN) == b._get(_bulk._NEXT)):
-            assert time.monotonic() < deadline, f"not drained after {kills} kills: {_bulk_state(q)}"
-            time.sleep(0.01)
+        _wait_drained(q, kills)
     finally:
-        for _ in readers:
-            q.put(b"stop")
-        for p in readers + list(writers.values()):
-            p.join(30)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        os.close(w)
-    data = b""
-    while chunk := os.read(r, 1 << 16):
-        data += chunk
-    os.close(r)
-    got = [int.from_bytes(data[k:k + 8], "little") for k in range(0, len(data), 8)]
+        got = _stop_and_collect(q, readers, list(writers.values()), r, w)
     torn = [i for i in got if i >= 1 << 63]
     lost = q.stats()["lost"]
     print(f"\n{kills} writer kills, {len(finished)} writers finished, {len(got)} delivered, {lost} counted lost")
