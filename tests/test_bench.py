@@ -175,7 +175,7 @@ def test_pool_workload_keeps_every_round_of_both_sides(tmp_path, no_leaks):
     # Pool.map ints and bytes: shmipc, mp default, mp tuned; the two executor maps: shmipc, cf
     assert sorted((r["pool_kind"], r["transport"]) for r in records) == sorted(
         [(k, t) for k in ("pool_map_int", "pool_map_100k") for t in ("shmipc.Pool", "mp.Pool", "mp.Pool (tuned)")]
-        + [(k, t) for k in ("executor_map", "executor_map_large")
+        + [(k, t) for k in ("executor_map", "executor_map_blobs", "executor_map_large")
            for t in ("shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor")])
     for r in records:
         assert len(r["rounds"]) == 2 and all(x["items_per_s"] > 0 for x in r["rounds"])

@@ -1,7 +1,7 @@
 """The pool workload of `shmipc bench` and benchmarks/bench_pool.py (one
 definition, so both report the same thing).
 
-Four comparisons, 2 workers by default, fork start method, on pools that are
+Five comparisons, 2 workers by default, fork start method, on pools that are
 already started (worker start-up is excluded); shmipc's and the standard
 library's runs alternate, so both see the same machine load:
 
@@ -14,9 +14,15 @@ library's runs alternate, so both see the same machine load:
   (200 MB of arguments): the same three;
 * ``ProcessPoolExecutor.map(inc, ints, chunksize=1000)``:
   shmipc.ProcessPoolExecutor vs concurrent.futures.ProcessPoolExecutor;
+* ``ProcessPoolExecutor.map(fingerprint, blobs, chunksize=100)``: the same
+  2,000 distinct 100 KiB blobs in 20 chunks of 10 MB, each larger than a
+  ring message (shmipc cuts it into pieces; it used to crash shmipc's
+  executor): large chunks that carry their data;
 * ``ProcessPoolExecutor.map(len, [bytes(102400)] * 100, chunksize=100)``:
-  one chunk larger than a ring message (it used to crash shmipc's executor),
-  20 maps a round (one takes well under a millisecond).
+  the issue's report, 20 maps a round. Its 100 items are one object, which
+  both sides send once (pickle's memo, shmipc's blob table), so a map moves
+  100 KiB and takes well under a millisecond: a round-trip latency row
+  (submit, a worker, the result back), not a data row.
 
 Both sides get the same inputs (the same list objects). Every result list is
 compared, item by item, with the expected one: order and content (a blob's
@@ -35,6 +41,7 @@ __all__ = ["run", "inc", "fingerprint", "N_INTS", "N_BLOBS", "BLOB_SIZE", "COMPA
 N_INTS = 200_000
 N_BLOBS = 2_000
 BLOB_SIZE = 100 * 1024
+N_LARGE = 100                       # executor_map_large: items a map (one object)
 
 # name: (label, bytes per item, shmipc's name, the standard library's name)
 COMPARISONS = {
@@ -42,10 +49,13 @@ COMPARISONS = {
     "pool_map_100k": ("Pool.map(fingerprint, 2000 x 100 KiB bytes)", BLOB_SIZE, "shmipc.Pool", "mp.Pool"),
     "executor_map": ("ProcessPoolExecutor.map(x+1, 200_000 ints, chunksize=1000)", 8,
                      "shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor"),
-    "executor_map_large": ("20 x ProcessPoolExecutor.map(len, 100 x the same 100 KiB bytes, chunksize=100)",
+    "executor_map_blobs": ("ProcessPoolExecutor.map(fingerprint, 2000 x 100 KiB bytes, chunksize=100)",
                            BLOB_SIZE, "shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor"),
+    # (bytes per item: what a map moves, one 100 KiB object for its 100 items)
+    "executor_map_large": ("20 x ProcessPoolExecutor.map(len, 100 x one 100 KiB bytes object, chunksize=100)",
+                           BLOB_SIZE // N_LARGE, "shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor"),
 }
-N_LARGE = 100
+BLOB_CHUNK = 100                    # executor_map_blobs: 20 chunks of 10 MB
 LARGE_MAPS = 20                     # executor_map_large: maps per timed round
 TUNED = "mp.Pool (tuned)"           # multiprocessing.Pool with the chunksize that suited it best
 
@@ -158,6 +168,9 @@ def run(processes: int = 2, repeat: int = 3, context: str = "fork") -> list[dict
         timings["executor_map"] = _rounds(
             (lambda: list(mine_ex.map(inc, ints, chunksize=1000)),
              lambda: list(theirs_ex.map(inc, ints, chunksize=1000))), want_ints, names, repeat)
+        timings["executor_map_blobs"] = _rounds(
+            (lambda: list(mine_ex.map(fingerprint, data, chunksize=BLOB_CHUNK)),
+             lambda: list(theirs_ex.map(fingerprint, data, chunksize=BLOB_CHUNK))), want_blobs, names, repeat)
         # (well under a millisecond a map: a round is LARGE_MAPS of them, all checked)
         timings["executor_map_large"] = _rounds(
             (lambda: _maps(lambda: mine_ex.map(len, large, chunksize=N_LARGE)),

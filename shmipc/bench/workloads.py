@@ -378,7 +378,7 @@ def _pool_records(processes: int, rounds: int) -> list[dict]:
     from shmipc.bench.pools import COMPARISONS, LARGE_MAPS, N_BLOBS, N_INTS, N_LARGE, TUNED, run
 
     counts = {"pool_map_int": N_INTS, "pool_map_100k": N_BLOBS, "executor_map": N_INTS,
-              "executor_map_large": N_LARGE * LARGE_MAPS}
+              "executor_map_blobs": N_BLOBS, "executor_map_large": N_LARGE * LARGE_MAPS}
     records = []
     for row in run(processes=processes, repeat=rounds):
         label, item_bytes, mine, theirs = COMPARISONS[row["name"]]
