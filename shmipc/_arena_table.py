@@ -39,6 +39,7 @@ MAX_REGIONS = 255
 DATA_START = 131072
 ALIGN = 64
 MIN_SIZE = DATA_START + _ring.RING_HEADER_SIZE + _ring.MIN_CAPACITY
+MAX_SIZE = 1 << 47                  # (x86-64 user address space; beyond it an int overflowed in C)
 KIND_RING = 1
 KIND_BLOCK = 2
 KIND_NAMES = {KIND_RING: "ring", KIND_BLOCK: "block"}
@@ -64,6 +65,8 @@ def check_size(size: Any, what: str = "size") -> int:
         raise TypeError(f"{what} must be an int, not {type(size).__name__}")
     if size < MIN_SIZE:
         raise ValueError(f"{what} must be at least {MIN_SIZE} bytes, got {size}")
+    if size > MAX_SIZE:
+        raise ValueError(f"{what} must be at most {MAX_SIZE} bytes (128 TiB), got {size}")
     return size
 
 

@@ -51,9 +51,11 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE
 from cpython.ref cimport Py_INCREF
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow, PyLong_FromLongLong
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from shmipc._posix cimport sem_t, sem_init, errno, EINTR, ETIMEDOUT, getpid
 from shmipc._shm cimport *
 
+import operator
 import os
 import queue
 from collections import deque
@@ -1936,7 +1938,7 @@ cdef class Ring:
         """get(block=False)."""
         return self.get(False)
 
-    def get_many(self, Py_ssize_t max_items, bint block=True, timeout=None, *, max_bytes=None):
+    def get_many(self, max_items, bint block=True, timeout=None, *, max_bytes=None):
         """Take up to `max_items` messages: waits (as get does) for the first,
         then takes whatever else is already there. Returns a list, or for
         fixed-record rings one structured array.
@@ -1957,33 +1959,39 @@ cdef class Ring:
         raises.
         """
         cdef take_t t
-        cdef Py_ssize_t i = 0, k, limit
+        cdef Py_ssize_t i = 0, k, limit, want
+        # (both are upper bounds: any larger int means "no more than there is")
+        max_items = operator.index(max_items)
         if max_items < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
+        want = min(max_items, PY_SSIZE_T_MAX)
         if max_bytes is None:
             limit = 0 if self.record_size else BATCH_BYTES
         else:
-            limit = max_bytes
+            max_bytes = operator.index(max_bytes)
+            if max_bytes < 0:
+                raise ValueError(f"max_bytes must be 0 (no limit) or more, got {max_bytes}")
+            limit = min(max_bytes, PY_SSIZE_T_MAX)
         if self.pending is not None:
             self._check_open()
-            return self._from_pending(max_items)
+            return self._from_pending(want)
         cdef list out = None
         cdef list tags = []
         cdef int64_t deadline
         deadline = deadline_of(block, timeout)
         if not self.many_consumers and not self.closed and self.record_size == 0:
-            out = self._get_many_now(max_items, limit, tags)
+            out = self._get_many_now(want, limit, tags)
             if out is None and deadline != 0 and self._empty_now():
                 # wait, then take the fast path again (as get does)
                 if self._await_data(deadline):
-                    out = self._get_many_now(max_items, limit, tags)
+                    out = self._get_many_now(want, limit, tags)
             if out is not None and not tags:
                 return out
         if out is None:
             out = []
             self._enter()
             try:
-                records = self._consume(deadline, max_items, limit, False, out, tags, &t)
+                records = self._consume(deadline, want, limit, False, out, tags, &t)
             finally:
                 self._leave()
             if t.count == 0:

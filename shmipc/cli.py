@@ -198,11 +198,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args, list(argv) if argv is not None else sys.argv[1:])
         if args.command == "demo":
-            from shmipc.demo import run_demo
+            from shmipc.demo import MAX_CHILDREN, MAX_MESSAGES, run_demo
 
-            if args.children < 1 or args.messages < 1:
-                print(f"shmipc demo: error: --children ({args.children}) and --messages "
-                      f"({args.messages}) must be >= 1", file=sys.stderr)
+            if not 1 <= args.children <= MAX_CHILDREN or not 1 <= args.messages <= MAX_MESSAGES:
+                print(f"shmipc demo: error: --children ({args.children}) must be between 1 and {MAX_CHILDREN}, "
+                      f"--messages ({args.messages}) between 1 and {MAX_MESSAGES}", file=sys.stderr)
                 return 2
             return run_demo(args.children, args.messages, quiet=args.quiet)
         if args.command == "inspect":

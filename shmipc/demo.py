@@ -99,16 +99,22 @@ def _child(index: int, tasks: Any, results: Any, parent: int) -> None:
     os._exit(code)
 
 
+MAX_CHILDREN = 256          # a demo, not a fork bomb: each child is a process
+MAX_MESSAGES = 10 ** 9      # (an hour or more here)
+
+
 def run_demo(children: int = 2, messages: int = 200_000, quiet: bool = False,
              out: Any = None, progress_every: float = PROGRESS_EVERY) -> int:
     """Run the demo; returns 0 when every message was answered correctly.
     Unless `quiet`, a line every `progress_every` seconds tells how far it got.
 
     Raises:
-        ValueError: children or messages below 1.
+        ValueError: children or messages below 1, or above MAX_CHILDREN and
+            MAX_MESSAGES.
     """
-    if children < 1 or messages < 1:
-        raise ValueError(f"children ({children}) and messages ({messages}) must be >= 1")
+    if not 1 <= children <= MAX_CHILDREN or not 1 <= messages <= MAX_MESSAGES:
+        raise ValueError(f"children ({children}) must be between 1 and {MAX_CHILDREN}, "
+                         f"messages ({messages}) between 1 and {MAX_MESSAGES}")
     out = out or sys.stdout
     say: Callable[[str], None] = (lambda s: None) if quiet else (lambda s: print(s, file=out, flush=True))
     import shmipc

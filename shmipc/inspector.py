@@ -357,6 +357,9 @@ def format_inspection(data: dict[str, Any], previous: dict[str, Any] | None = No
     return "\n".join(lines)
 
 
+MAX_INTERVAL = 86400.0          # --watch refresh period, seconds
+
+
 def run_inspect(pid: int, watch: bool = False, interval: float = 1.0, show_all: bool = False,
                 as_json: bool = False, out: Any = None) -> int:
     """The `shmipc inspect` command; returns the exit status (1: no such
@@ -365,8 +368,9 @@ def run_inspect(pid: int, watch: bool = False, interval: float = 1.0, show_all: 
     if pid <= 0:                  # a bad argument, like a pid that is not a number (argparse: 2)
         print(f"shmipc inspect: error: invalid pid {pid}: must be a positive process id", file=sys.stderr)
         return 2
-    if interval <= 0:
-        print(f"shmipc inspect: error: --interval must be > 0, got {interval}", file=sys.stderr)
+    if not 0 < interval <= MAX_INTERVAL:           # (nan, inf: time.sleep refuses them)
+        print(f"shmipc inspect: error: --interval must be > 0 and at most {MAX_INTERVAL:g} s, got {interval}",
+              file=sys.stderr)
         return 2
     try:
         data = inspect_process(pid, show_all)

@@ -36,7 +36,8 @@ def test_anonymous_arena_is_shared_with_forked_children(no_leaks):
 
 
 @pytest.mark.timeout(20)
-@pytest.mark.parametrize("size, exc", [(0, ValueError), (MIN_SIZE - 1, ValueError), (1.5, TypeError), ("1", TypeError)])
+@pytest.mark.parametrize("size, exc", [(0, ValueError), (MIN_SIZE - 1, ValueError), (1.5, TypeError), ("1", TypeError),
+                                       (10 ** 30, ValueError)])        # (was an OverflowError from C)
 def test_bad_sizes(size, exc):
     with pytest.raises(exc, match="size"):
         shmipc.Arena(size)

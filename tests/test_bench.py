@@ -26,7 +26,8 @@ def test_parse_size():
     assert parse_size("64KiB") == 64 << 10
     assert parse_size("1M") == 1 << 20
     assert parse_size("1MiB") == 1 << 20
-    for bad in ("", "abc", "0", "-5", "1x"):
+    assert parse_size("64M") == 64 << 20
+    for bad in ("", "abc", "0", "-5", "1x", "nan", "inf", "1e400", "-inf", "65M", "3G"):
         with pytest.raises(ValueError, match="size"):
             parse_size(bad)
 
@@ -56,6 +57,13 @@ def test_plan_uses_each_variant_where_it_applies():
 @pytest.mark.parametrize("field,value,match", [
     ("repeat", 0, "--repeat"), ("seconds", 0.0, "round duration"), ("workloads", ["x"], "unknown workload"),
     ("sizes", [0], "positive"), ("processes", 0, "--processes"),
+    # values no run can honour: each used to start the run and fail every row
+    # (a round's end past time_t, a timeout already passed), crash on nan, or
+    # start 100,000 pool workers
+    ("repeat", 10 ** 20, "between 1 and 1000"), ("seconds", float("inf"), "at most 3600"),
+    ("seconds", float("nan"), "round duration"), ("timeout", -1.0, "--timeout"),
+    ("timeout", float("nan"), "--timeout"), ("timeout", 1e300, "at most 86400"),
+    ("sizes", [1 << 40], "at most 67108864"), ("processes", 100_000, "between 1 and 64"),
 ])
 def test_bad_options_are_named(field, value, match):
     options = Options()

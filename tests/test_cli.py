@@ -124,7 +124,11 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--transports", "carrier-pigeon"], "unknown transport 'carrier-pigeon'"),
     (["--sizes", "huge"], "not a message size: 'huge'"),
-    (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--repeat", "0"], "--repeat must be between 1 and 1000"),
+    (["--sizes", "inf"], "not a message size: 'inf'"),
+    (["--seconds", "inf"], "round duration must be > 0 s and at most 3600 s"),
+    (["--timeout", "nan"], "--timeout must be > 0 s"),
+    (["--processes", "100000"], "--processes must be between 1 and 64"),
     (["--workloads", "everything"], "unknown workload 'everything'"),
 ])
 def test_bench_bad_arguments_exit_2(args, message):
@@ -163,9 +167,23 @@ def test_demo_verifies_every_message():
 
 
 @pytest.mark.timeout(30)
-def test_demo_bad_arguments():
-    proc = shmipc_cmd("demo", "--children", "0")
-    assert proc.returncode == 2 and "--children" in proc.stderr
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args", [["--children", "0"], ["--children", "100000"], ["--messages", "-5"],
+                                  ["--messages", "100000000000000000000000"]])
+def test_demo_bad_arguments(args):
+    """Refused before anything is forked (100,000 children used to be
+    forked; 10**23 messages ended in an OverflowError traceback)."""
+    proc = shmipc_cmd("demo", *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "must be between 1 and" in proc.stderr and args[1] in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf", "1e300"])
+def test_inspect_bad_interval_exits_2(interval, capsys):
+    """nan and inf used to reach time.sleep and end in a traceback."""
+    assert main(["inspect", str(os.getpid()), "--watch", "--interval", interval]) == 2
+    assert "--interval must be > 0 and at most 86400 s" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- inspect

@@ -338,6 +338,7 @@ def test_bad_arguments_name_the_value():
         q.put_nowait(i)
     with pytest.raises(ValueError, match="max_items"):
         q.get_many(0)
+    assert q.get_many(10 ** 20) == list(range(100))
 
 
 @pytest.mark.timeout(30)

@@ -156,6 +156,16 @@ def test_batches(arena, sides):
         ring.get_many(5, timeout=0.01)
     with pytest.raises(ValueError, match="max_items"):
         ring.get_many(0)
+    # both are upper bounds: past what a C size holds means "all there is"
+    # (was an OverflowError naming no argument); a negative byte limit is an error
+    ring.put_many([b"y"] * 3)
+    assert ring.get_many(10 ** 20, max_bytes=10 ** 30) == [b"y"] * 3
+    ring.put(b"z")
+    with pytest.raises(ValueError, match="max_bytes must be 0 .no limit. or more, got -1"):
+        ring.get_many(2, max_bytes=-1)
+    with pytest.raises(TypeError):
+        ring.get_many(1.5)
+    assert ring.get_many(2) == [b"z"]                          # nothing was taken by the bad calls
     # a batch larger than the ring blocks until a consumer drains it; with no consumer: Full
     with pytest.raises(queue.Full) as info:
         ring.put_many([b"x" * 1000] * 200, timeout=0.2)

@@ -32,11 +32,21 @@ PINGPONG_SIZE = 64
 NUMPY_BYTES = 1 << 20
 
 
+# Bounds on what one run may ask for (each checked with a clear error before
+# anything runs): the bench keeps at least 16 messages of each size in
+# memory, a round's end is a timestamp, and each pool worker is a process.
+MAX_SIZE = 64 << 20
+MAX_SECONDS = 3600.0                # per round
+MAX_TIMEOUT = 86400.0               # per measurement
+MAX_PROCESSES = 64
+MAX_REPEAT = 1000
+
+
 def parse_size(text: str) -> int:
     """'64', '1k', '64KiB', '1M' -> bytes.
 
     Raises:
-        ValueError: not a size, or not positive.
+        ValueError: not a size, not positive, or above MAX_SIZE.
     """
     s = text.strip().lower().replace("ib", "").replace("b", "")
     mult = 1
@@ -45,10 +55,12 @@ def parse_size(text: str) -> int:
         s = s[:-1]
     try:
         value = int(float(s) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):         # (nan; inf, 1e400)
         raise ValueError(f"not a message size: {text!r} (use e.g. 64, 1k, 64k, 1M)") from None
     if value <= 0:
         raise ValueError(f"message size must be positive, got {text!r}")
+    if value > MAX_SIZE:
+        raise ValueError(f"message size must be at most {MAX_SIZE} bytes (64M), got {text!r} = {value}")
     return value
 
 
@@ -76,20 +88,22 @@ class Options:
 
     def check(self) -> None:
         """Raises ValueError naming the bad option."""
-        if self.repeat < 1:
-            raise ValueError(f"--repeat must be >= 1, got {self.repeat}")
-        if not self.seconds > 0:
-            raise ValueError(f"round duration must be > 0 s, got {self.seconds}")
+        if not 1 <= self.repeat <= MAX_REPEAT:
+            raise ValueError(f"--repeat must be between 1 and {MAX_REPEAT}, got {self.repeat}")
+        if not 0 < self.seconds <= MAX_SECONDS:
+            raise ValueError(f"round duration must be > 0 s and at most {MAX_SECONDS:g} s, got {self.seconds}")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
+            raise ValueError(f"--timeout must be > 0 s and at most {MAX_TIMEOUT:g} s, got {self.timeout}")
         for w in self.workloads:
             if w not in WORKLOADS:
                 raise ValueError(f"unknown workload {w!r}; known: {', '.join(WORKLOADS)}")
         for s in self.sizes:
-            if s <= 0:
-                raise ValueError(f"message sizes must be positive, got {s}")
+            if not 0 < s <= MAX_SIZE:
+                raise ValueError(f"message sizes must be positive and at most {MAX_SIZE}, got {s}")
         if self.verify not in ("full", "stamps"):
             raise ValueError(f"verify must be 'full' or 'stamps', got {self.verify!r}")
-        if self.processes < 1:
-            raise ValueError(f"--processes must be >= 1, got {self.processes}")
+        if not 1 <= self.processes <= MAX_PROCESSES:
+            raise ValueError(f"--processes must be between 1 and {MAX_PROCESSES}, got {self.processes}")
         if self.pin not in (None, "same", "split"):
             raise ValueError(f"--pin must be 'same' or 'split', got {self.pin!r}")
         if self.pin == "split" and len(os.sched_getaffinity(0)) < 2:
