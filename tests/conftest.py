@@ -130,6 +130,19 @@ def _descendants(root: int) -> set[int]:
     return tree
 
 
+def is_resource_tracker(pid: int) -> bool:
+    """Whether `pid` is multiprocessing's resource tracker (a child of the
+    test process once anything used spawn or forkserver): not part of the
+    tree the kill tests attack. Killed, it is relaunched with a warning
+    ("resource_tracker: process died unexpectedly") in whatever later test
+    next uses it. A process already gone counts as one: nothing to kill."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"resource_tracker" in f.read()
+    except OSError:
+        return True
+
+
 def _used_by_others(names: set[str], ours: set[int]) -> set[str]:
     """Those of the /dev/shm `names` that a process outside `ours` has mapped
     or open: another program's (a multiprocessing semaphore is mapped by the

@@ -27,7 +27,7 @@ import pytest
 import shmipc
 from shmipc.pipeline import Pipeline
 
-from conftest import SOAK
+from conftest import SOAK, is_resource_tracker
 
 ROUNDS = 6 * SOAK
 ITEMS = 400
@@ -75,12 +75,14 @@ def _children_of(pid):
 
 
 def _tree():
-    """Our descendants: the zygote(s) and their workers."""
+    """Our descendants: the zygote(s) and their workers (multiprocessing's
+    resource tracker, if an earlier test started it, is not ours to kill)."""
     found, todo = [], [os.getpid()]
     while todo:
         for child in _children_of(todo.pop()):
-            found.append(child)
-            todo.append(child)
+            if not is_resource_tracker(child):
+                found.append(child)
+                todo.append(child)
     return found
 
 

@@ -24,7 +24,7 @@ import pytest
 
 import shmipc
 from shmipc._proc import pid_alive
-from conftest import SOAK
+from conftest import SOAK, is_resource_tracker
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -692,14 +692,6 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _is_resource_tracker(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"resource_tracker" in f.read()
-    except OSError:
-        return True                 # gone: nothing to kill
-
-
 @pytest.mark.timeout(120)
 def test_zygotes_killed_over_and_over_never_break_the_executor(capfd):
     """Every worker and every zygote the pool starts is SIGKILLed as soon as
@@ -721,7 +713,7 @@ def test_zygotes_killed_over_and_over_never_break_the_executor(capfd):
         def attack():
             while not stop:
                 for pid in _descendants(os.getpid()):
-                    if not _is_resource_tracker(pid):
+                    if not is_resource_tracker(pid):
                         try:
                             os.kill(pid, signal.SIGKILL)
                         except ProcessLookupError:
