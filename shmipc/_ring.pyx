@@ -55,7 +55,6 @@ from cpython.pyport cimport PY_SSIZE_T_MAX
 from shmipc._posix cimport sem_t, sem_init, errno, EINTR, ETIMEDOUT, getpid
 from shmipc._shm cimport *
 
-import operator
 import os
 import queue
 from collections import deque
@@ -335,6 +334,18 @@ cdef inline uint64_t snap_length(const shm_rec_t *hd, uint64_t off, uint64_t ava
     if length > avail:
         return 0
     return length
+
+
+cdef Py_ssize_t as_bound(object n) except? -1:
+    """An int-like upper bound as a C size, ints past its range clamped
+    (a negative one to -1: the caller's check names it). TypeError for
+    what is not an index (a float)."""
+    cdef Py_ssize_t v
+    try:
+        v = n
+    except OverflowError:
+        v = PY_SSIZE_T_MAX if n > 0 else -1
+    return v
 
 
 cdef int64_t deadline_of(bint block, object timeout) except -2:
@@ -1960,18 +1971,18 @@ cdef class Ring:
         """
         cdef take_t t
         cdef Py_ssize_t i = 0, k, limit, want
-        # (both are upper bounds: any larger int means "no more than there is")
-        max_items = operator.index(max_items)
-        if max_items < 1:
+        # (both are upper bounds: any larger int means "no more than there
+        # is"; converted in C, as a typed argument would be: this runs on
+        # every batch, and a Python-level min() or lookup costs ~100 ns)
+        want = as_bound(max_items)
+        if want < 1:
             raise ValueError(f"max_items must be at least 1, got {max_items}")
-        want = min(max_items, PY_SSIZE_T_MAX)
         if max_bytes is None:
             limit = 0 if self.record_size else BATCH_BYTES
         else:
-            max_bytes = operator.index(max_bytes)
-            if max_bytes < 0:
+            limit = as_bound(max_bytes)
+            if limit < 0:
                 raise ValueError(f"max_bytes must be 0 (no limit) or more, got {max_bytes}")
-            limit = min(max_bytes, PY_SSIZE_T_MAX)
         if self.pending is not None:
             self._check_open()
             return self._from_pending(want)
