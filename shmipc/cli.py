@@ -14,9 +14,10 @@ cannot be read), 2 for bad arguments (an invalid pid included), 130 on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "build_parser"]
 
@@ -152,8 +153,13 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         if args.readme:
             from shmipc.bench.report import README_END, README_START
 
-            with open(args.readme) as f:
-                text = f.read()
+            try:
+                with open(args.readme, encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as exc:          # (missing, unreadable: before anything is measured)
+                raise ValueError(f"--readme {args.readme}: cannot read it ({exc.strerror or exc})") from None
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"--readme {args.readme}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
             if README_START not in text or README_END not in text:
                 raise ValueError(f"--readme {args.readme}: no {README_START} ... {README_END} section")
         if args.plot:
@@ -166,17 +172,31 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         return 2
     report = run(options)
     print(format_report(report))
+    unwritten = 0
+
+    def output(option: str, path: str, write: Callable[[], Any], done: str,
+               errors: tuple[type[Exception], ...] = (OSError,)) -> None:
+        # a full disk or a vanished directory after the run: said, and the
+        # other outputs are still written (the figures are printed above)
+        nonlocal unwritten
+        try:
+            write()
+            print(done)
+        except errors as exc:
+            unwritten += 1
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(f"shmipc bench: error: {option} {path}: could not write it ({why})", file=sys.stderr)
+
     if args.json:
-        write_json(report, args.json)
-        print(f"wrote {args.json}")
+        output("--json", args.json, lambda: write_json(report, args.json), f"wrote {args.json}")
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown_summary(report) + "\n" + markdown_tables(report))
-        print(f"wrote {args.markdown}")
+        def write_markdown() -> None:
+            with open(args.markdown, "w") as f:
+                f.write(markdown_summary(report) + "\n" + markdown_tables(report))
+        output("--markdown", args.markdown, write_markdown, f"wrote {args.markdown}")
     if args.plot:
         try:
-            plot(report, args.plot)
-            print(f"wrote {args.plot}")
+            output("--plot", args.plot, lambda: plot(report, args.plot), f"wrote {args.plot}")
         except (ValueError, ImportError) as exc:     # no throughput figures; a broken matplotlib
             print(f"shmipc bench: no plot: {exc}", file=sys.stderr)
     if args.readme:
@@ -185,8 +205,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         import shlex
 
         command = ".venv/bin/shmipc " + " ".join(shlex.quote(a) for a in argv)
-        update_readme(args.readme, readme_section(report, command))
-        print(f"wrote the performance section of {args.readme}")
+        output("--readme", args.readme, lambda: update_readme(args.readme, readme_section(report, command)),
+               f"wrote the performance section of {args.readme}", (OSError, ValueError))  # (markers gone meanwhile)
+    if unwritten:
+        return 1
     failed = [r for r in report["records"] if r["status"] in ("error", "timeout")]
     return 1 if failed else 0
 
@@ -215,7 +237,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:          # `shmipc bench | head`
         return 0
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRORS:
+            raise
+        # stdout on a full disk (`> /dev/full`): one line, not a traceback;
+        # stdout then goes nowhere, so the exit's flush has nothing to fail on
+        print(f"shmipc: error: cannot write the output: {exc.strerror}", file=sys.stderr)
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
     return 2
+
+
+_OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
 
 if __name__ == "__main__":

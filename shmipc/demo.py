@@ -141,11 +141,6 @@ def run_demo(children: int = 2, messages: int = 200_000, quiet: bool = False,
         if pid == 0:
             _child(index, tasks, results, me)
         pids.append(pid)
-    say(f"[parent {me}] forked {children} child{'ren' if children != 1 else ''}: "
-        f"pids {', '.join(map(str, pids))}")
-    say(f"[parent {me}] sending {messages:,} typed messages ({', '.join(kinds)}): "
-        "bytes, str, numbers and arrays are encoded natively, the rest pickled; "
-        "every child answers each one with a checksum")
     expected = {}
     seen = bytearray(messages)
     by_type: dict[str, int] = {}
@@ -156,6 +151,13 @@ def run_demo(children: int = 2, messages: int = 200_000, quiet: bool = False,
     next_progress = t0 + progress_every
     tty = bool(getattr(out, "isatty", lambda: False)())
     try:
+        # (inside the try: output that fails here, `| head -1` or a full
+        # disk, must not leave the children waiting)
+        say(f"[parent {me}] forked {children} child{'ren' if children != 1 else ''}: "
+            f"pids {', '.join(map(str, pids))}")
+        say(f"[parent {me}] sending {messages:,} typed messages ({', '.join(kinds)}): "
+            "bytes, str, numbers and arrays are encoded natively, the rest pickled; "
+            "every child answers each one with a checksum")
         while received < messages:
             if not quiet and time.perf_counter() >= next_progress:
                 # a long run is not silent: answered so far, and the rate

@@ -2,6 +2,8 @@
 demo, and inspect against a live child process that holds an arena."""
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import select
@@ -177,6 +179,35 @@ def test_demo_bad_arguments(args):
     assert proc.returncode == 2, proc.stderr
     assert "must be between 1 and" in proc.stderr and args[1] in proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.timeout(60)
+def test_demo_whose_output_fails_after_the_fork_leaves_no_child():
+    """`shmipc demo | head -2`, deterministically: the first line written
+    after the fork fails. It was written outside the block that stops the
+    children on an error, so they were left running (until they noticed
+    their parent's death). Now they are killed and reaped before the error
+    goes on."""
+    from conftest import live_children
+    from shmipc.demo import run_demo
+
+    class FailsAfter(io.StringIO):
+        def __init__(self, writes: int) -> None:
+            super().__init__()
+            self.writes = writes
+
+        def write(self, s: str) -> int:
+            if self.writes == 0:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+            self.writes -= 1
+            return super().write(s)
+
+    before = live_children()
+    out = FailsAfter(4)                     # the two lines before the fork (print: text, then newline)
+    with pytest.raises(BrokenPipeError):
+        run_demo(2, 1000, out=out)
+    assert "made two rings" in out.getvalue() and "] forked" not in out.getvalue()
+    assert live_children() - before == set()
 
 
 @pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf", "1e300"])
@@ -372,6 +403,33 @@ def test_bench_output_paths_are_checked_before_measuring(option, capsys, tmp_pat
     assert main(["bench", option, str(tmp_path), "--no-progress"]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert time.monotonic() - t0 < 5
+
+
+def test_bench_readme_that_cannot_be_read_fails_before_measuring(capsys, tmp_path):
+    """A missing or binary --readme used to end in a traceback (exit 1)."""
+    t0 = time.monotonic()
+    missing = tmp_path / "missing.md"
+    assert main(["bench", "--readme", str(missing), "--no-progress"]) == 2
+    assert f"--readme {missing}: cannot read it (No such file or directory)" in capsys.readouterr().err
+    binary = tmp_path / "binary.md"
+    binary.write_bytes(b"\xff\xfe<!-- perf:start -->")
+    assert main(["bench", "--readme", str(binary), "--no-progress"]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+    assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.timeout(60)
+def test_bench_output_that_cannot_be_written_after_the_run_is_said_and_the_rest_written(capsys, tmp_path):
+    """/dev/full passes the checks made before measuring; writing to it
+    after the run used to end in a traceback, and the outputs after it were
+    never written."""
+    out = tmp_path / "report.json"
+    assert main(["bench", "--workloads", "pingpong", "--transports", "os.pipe", "--repeat", "1",
+                 "--seconds", "0.03", "--no-progress", "--markdown", "/dev/full", "--json", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--markdown /dev/full: could not write it (No space left on device)" in err
+    assert "Traceback" not in err
+    assert json.loads(out.read_text())["records"]
 
 
 @pytest.mark.timeout(60)
