@@ -244,7 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout then goes nowhere, so the exit's flush has nothing to fail on
         print(f"shmipc: error: cannot write the output: {exc.strerror}", file=sys.stderr)
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
         except (OSError, ValueError):
             pass
         return 1
