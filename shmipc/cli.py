@@ -181,11 +181,12 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         nonlocal unwritten
         try:
             write()
-            print(done)
         except errors as exc:
             unwritten += 1
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             print(f"shmipc bench: error: {option} {path}: could not write it ({why})", file=sys.stderr)
+        else:
+            print(done)             # (stdout failing is not this file's failure: see main)
 
     if args.json:
         output("--json", args.json, lambda: write_json(report, args.json), f"wrote {args.json}")
@@ -220,11 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args, list(argv) if argv is not None else sys.argv[1:])
         if args.command == "demo":
-            from shmipc.demo import MAX_CHILDREN, MAX_MESSAGES, run_demo
+            from shmipc.demo import check_arguments, run_demo
 
-            if not 1 <= args.children <= MAX_CHILDREN or not 1 <= args.messages <= MAX_MESSAGES:
-                print(f"shmipc demo: error: --children ({args.children}) must be between 1 and {MAX_CHILDREN}, "
-                      f"--messages ({args.messages}) between 1 and {MAX_MESSAGES}", file=sys.stderr)
+            try:
+                check_arguments(args.children, args.messages)
+            except ValueError as exc:
+                print(f"shmipc demo: error: {exc}", file=sys.stderr)
                 return 2
             return run_demo(args.children, args.messages, quiet=args.quiet)
         if args.command == "inspect":

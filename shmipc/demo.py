@@ -16,7 +16,7 @@ import time
 import zlib
 from typing import Any, Callable
 
-__all__ = ["run_demo", "make_message", "digest"]
+__all__ = ["run_demo", "check_arguments", "make_message", "digest"]
 
 TYPES = ("int", "float", "str", "bytes", "tuple", "dict", "ndarray")
 WINDOW = 2048                 # messages in flight: the results ring always has room for them
@@ -103,6 +103,14 @@ MAX_CHILDREN = 256          # a demo, not a fork bomb: each child is a process
 MAX_MESSAGES = 10 ** 8      # (20 minutes or more here; the demo keeps a byte a message)
 
 
+def check_arguments(children: int, messages: int) -> None:
+    """Raises ValueError naming the numbers if run_demo cannot take them
+    (`shmipc demo` says so before anything runs)."""
+    if not 1 <= children <= MAX_CHILDREN or not 1 <= messages <= MAX_MESSAGES:
+        raise ValueError(f"--children ({children}) must be between 1 and {MAX_CHILDREN}, "
+                         f"--messages ({messages}) between 1 and {MAX_MESSAGES}")
+
+
 def run_demo(children: int = 2, messages: int = 200_000, quiet: bool = False,
              out: Any = None, progress_every: float = PROGRESS_EVERY) -> int:
     """Run the demo; returns 0 when every message was answered correctly.
@@ -112,9 +120,7 @@ def run_demo(children: int = 2, messages: int = 200_000, quiet: bool = False,
         ValueError: children or messages below 1, or above MAX_CHILDREN and
             MAX_MESSAGES.
     """
-    if not 1 <= children <= MAX_CHILDREN or not 1 <= messages <= MAX_MESSAGES:
-        raise ValueError(f"children ({children}) must be between 1 and {MAX_CHILDREN}, "
-                         f"messages ({messages}) between 1 and {MAX_MESSAGES}")
+    check_arguments(children, messages)
     out = out or sys.stdout
     say: Callable[[str], None] = (lambda s: None) if quiet else (lambda s: print(s, file=out, flush=True))
     import shmipc

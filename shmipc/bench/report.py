@@ -509,7 +509,8 @@ def prose(report: dict) -> list[str]:
     if a and b:
         out.append(f"`shmipc.Queue` moved 64 B messages {_ratio(_metric(a), _metric(b))} as fast as "
                    f"`multiprocessing.Queue`.")
-    for kind in ("pool_map_int", "pool_map_100k", "executor_map", "executor_map_blobs", "executor_map_large"):
+    # (in the order the pool workload ran them: shmipc/bench/pools.py's COMPARISONS)
+    for kind in dict.fromkeys(r.get("pool_kind") for r in report["records"] if r["workload"] == "pool"):
         rows = [r for r in report["records"] if r["workload"] == "pool" and r.get("pool_kind") == kind
                 and _metric(r)]
         mine = next((r for r in rows if r["shmipc"]), None)
