@@ -15,6 +15,8 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import shmipc
 import shmipc.errors
@@ -186,6 +188,39 @@ def test_get_many_takes_about_64_kib_by_default(arena, sides):
     assert len(ring.get_many(10, max_bytes=0)) == 6      # 0: no limit
     ring.put_many([b"s" * 64] * 300)
     assert len(ring.get_many(300)) == 300                # small messages: the whole batch
+
+
+@pytest.mark.timeout(60)
+@settings(max_examples=150, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=80),
+       max_items=st.integers(1, 100), max_bytes=st.sampled_from([None, 0, 1, 100, 2500, 10_000]))
+def test_get_many_batches_end_where_their_limits_say_with_mixed_sizes(sizes, max_items, max_bytes):
+    """Batch boundaries over messages of mixed sizes, most batches wrapping
+    the ring's end: each get_many holds exactly the messages its limits
+    allow (max_items; max_bytes reached, the default 64 KiB when None, 0 no
+    limit; always one), in order, on the fast one-consumer path and the
+    general one."""
+    with shmipc.Arena(4 << 20) as arena:
+        for sides in ("one", "many"):
+            ring = arena.ring(1 << 19, producers=sides, consumers=sides)
+            for _ in range(2):                          # so that most batches wrap the ring's end
+                ring.put(b"w" * 200_000)
+                ring.get()
+            sent = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+            assert ring.put_many(sent) == len(sent)
+            limit = 64 << 10 if max_bytes is None else max_bytes
+            got: list = []
+            while len(got) < len(sent):
+                batch = ring.get_many(max_items, block=False, max_bytes=max_bytes)
+                want, taken = [], 0
+                for m in sent[len(got):]:
+                    want.append(m)
+                    taken += len(m)
+                    if len(want) == max_items or (limit and taken >= limit):
+                        break
+                assert batch == want
+                got += batch
+            assert ring.qsize() == 0
 
 
 @pytest.mark.timeout(30)
