@@ -20,7 +20,7 @@ from shmipc._pipeline_sched import S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, SlotR
 from shmipc._wire import PipelineError
 from shmipc._proc import steady_malloc
 from shmipc._runtime import MAX_STARTUP_DEATHS, StartupGuard
-from shmipc._waiting import SPAWN_GIVE_UP_S, STOP_POLL_S
+from shmipc._waiting import SPAWN_GIVE_UP_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, STOP_POLL_S, doubled
 from shmipc.errors import RingClosed, WorkerLost
 
 __all__ = ["Stage", "Crew", "Death", "MAX_START_DEATHS", "SPAWN_GIVE_UP_S"]
@@ -73,6 +73,7 @@ class Crew:
         self.slots = p._slots.words          # the slot table's words (see shmipc._slots)
         self.sup: Any = None
         self._respawn: dict[int, tuple[float, str, float]] = {}  # slot -> (first failure, why, not before)
+        self._outside: dict[int, int] = {}      # slot -> failed starts in a row caused from outside
 
     def start(self) -> None:
         from shmipc._workers import Supervisor
@@ -81,9 +82,15 @@ class Crew:
         slots = [s.slot_base + j for s in self.stages for j in range(s.workers)]
         for k in slots:
             self.slots[k * SLOT_WORDS] = S_STARTING
-        for k, pid in self.sup.start(slots).items():
+        started = self.sup.start(slots)
+        now = time.monotonic()
+        for k in slots:
             s, j = self.slot_owner(k)
-            s.pids[j] = pid
+            if k in started:
+                s.pids[j] = started[k]
+            else:                               # its zygotes were killed from outside: see replace()
+                self._outside[k] = 1
+                self._respawn[k] = (now, "", now + SPAWN_RETRY_S)
 
     def slot_owner(self, k: int) -> tuple[Stage, int]:
         for s in self.stages:
@@ -94,8 +101,10 @@ class Crew:
     def replace(self, s: Stage, j: int) -> None:
         """Start a worker for slot j of stage s; if it cannot be started now
         (its helper is being replaced, fork failed), poll() tries again, for
-        up to SPAWN_GIVE_UP_S. Workers that keep being killed while starting
-        are replaced after the guard's back-off (also by poll())."""
+        up to SPAWN_GIVE_UP_S of failures of its own. Workers that keep being
+        killed while starting are replaced after the guard's back-off, and
+        starts that failed because the helpers were killed or stopped from
+        outside after a back-off of their own (also by poll())."""
         k = s.slot_base + j
         now = time.monotonic()
         delay = s.startup.respawn_delay()
@@ -106,10 +115,20 @@ class Crew:
         try:
             s.pids[j] = self.sup.spawn(k)
         except (OSError, ValueError) as exc:   # Supervisor.spawn's "cannot now"
+            if getattr(exc, "killed_from_outside", False):
+                # the helpers were killed or stopped from outside (or too
+                # slow): that says nothing about whether workers can start,
+                # so it never stops the pipeline (as a Pool: see
+                # _engine_exits); tried again after a back-off, so that an
+                # attack costs few forks, and the give-up clock starts anew
+                tries = self._outside[k] = self._outside.get(k, 0) + 1
+                self._respawn[k] = (now, "", now + doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, tries - 1))
+                return
             first = self._respawn.get(k, (now, "", 0.0))[0]
             self._respawn[k] = (first, f"{type(exc).__name__}: {exc}", 0.0)
             return
         self._respawn.pop(k, None)
+        self._outside.pop(k, None)
 
     def poll(self) -> list[Death]:
         """The workers that died since the last call (not yet replaced).
@@ -124,7 +143,8 @@ class Crew:
             s, j = self.slot_owner(k)
             self._respawn[k] = (first, why, 0.0)
             self.replace(s, j)
-            if k in self._respawn and why and time.monotonic() - first > SPAWN_GIVE_UP_S:
+            first, why, _ = self._respawn.get(k, (0.0, "", 0.0))
+            if why and time.monotonic() - first > SPAWN_GIVE_UP_S:
                 raise PipelineError(f"cannot start a worker for stage {s.name!r} for "
                                     f"{SPAWN_GIVE_UP_S:.0f} s: {why}")
         dead = []

@@ -165,18 +165,29 @@ class Supervisor:
     def start(self, slots: Iterable[int]) -> dict[int, int]:
         """Start one worker for each slot (the zygote first, under fork).
 
-        Returns {slot: pid}.
+        Returns {slot: pid} of the workers started. A slot whose worker could
+        not start only because the zygotes were killed or stopped from
+        outside (or were too slow: see spawn) is left out, for the caller to
+        start later with a back-off, as it replaces dead workers: kills from
+        outside never stop a pool or a pipeline from being made.
 
         Raises:
             ValueError: a slot already has a live worker, or the supervisor
                 was stopped.
-            OSError: the worker could not be started.
+            OSError: a worker could not be started by a failure of its own.
         """
         with self._lock:
             if self.start_method == "fork" and self._link is None:
                 self._link = self._start_zygote()
                 self._keep_spare(now=True)
-            return {slot: self.spawn(slot) for slot in slots}
+            started = {}
+            for slot in slots:
+                try:
+                    started[slot] = self.spawn(slot)
+                except OSError as exc:
+                    if not getattr(exc, "killed_from_outside", False):
+                        raise
+            return started
 
     def _start_zygote(self) -> _ZygoteLink:
         cmd_r, cmd_w = os.pipe()

@@ -57,8 +57,12 @@ Failure model
     WorkerLost (so nothing hangs), and a late result is dropped (counted).
   * Only workers that keep dying by their own hand before their setup
     finished stop the pipeline (PipelineError, after MAX_START_DEATHS in a
-    row); workers killed from outside meanwhile are replaced (see
-    shmipc._runtime.StartupGuard).
+    row), or a worker that cannot be started for SPAWN_GIVE_UP_S (15 s) by
+    failures of its own (fork failing); workers killed from outside
+    meanwhile are replaced (see shmipc._runtime.StartupGuard), and workers
+    that cannot start because their zygotes are killed or stopped from
+    outside, at the start too, are started after a back-off (50 ms,
+    doubling up to 1 s) however long that lasts.
   * ``close()`` while ``results()`` runs (from another thread, or in the
     loop body) makes results() raise PipelineError ("... was closed while
     results() was running"), never a silent end.

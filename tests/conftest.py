@@ -143,6 +143,44 @@ def is_resource_tracker(pid: int) -> bool:
         return True
 
 
+def children_tree(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc's per-thread children lists:
+    quick enough (no walk of all of /proc) for a kill storm to hit what a
+    pool or a pipeline forks as soon as it shows up."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(x) for x in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def kill_storm(until: Callable[[], bool]) -> int:
+    """SIGKILL every process below this one (multiprocessing's resource
+    tracker spared) as soon as it shows up, until `until()`; the kills."""
+    kills = 0
+    while not until():
+        for pid in children_tree(os.getpid()):
+            if not is_resource_tracker(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.0005)
+    return kills
+
+
 def _used_by_others(names: set[str], ours: set[int]) -> set[str]:
     """Those of the /dev/shm `names` that a process outside `ours` has mapped
     or open: another program's (a multiprocessing semaphore is mapped by the

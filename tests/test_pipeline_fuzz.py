@@ -27,7 +27,7 @@ import pytest
 import shmipc
 from shmipc.pipeline import Pipeline
 
-from conftest import SOAK, is_resource_tracker
+from conftest import SOAK, is_resource_tracker, kill_storm
 
 ROUNDS = 6 * SOAK
 ITEMS = 400
@@ -253,3 +253,83 @@ def test_killing_any_process_of_a_pipeline_settles_every_item_once(no_leaks):
     assert totals["kills"] > 0 and totals["deaths"] > 0
     assert totals["zygote_kills"] > 0
     assert totals["retried"] > 0
+
+
+def _double(x):
+    return 2 * x
+
+
+@pytest.mark.timeout(90)
+def test_helpers_killed_for_longer_than_the_give_up_time_never_stop_the_pipeline(no_leaks, monkeypatch):
+    """Every process of the pipeline's tree (workers, the zygote, its spare) is
+    SIGKILLed as soon as it shows up, for three times SPAWN_GIVE_UP_S
+    (shortened to 1 s here): workers cannot be started all that while. Kills
+    from outside say nothing about whether workers can start, so they never
+    stop the pipeline (as a Pool, 3b09df4): once the attack ends, workers
+    start again and every item settles exactly once, those fed after it all
+    with their results. Before, the pipeline raised PipelineError("cannot
+    start a worker ... for 15 s") once an attack outlasted SPAWN_GIVE_UP_S."""
+    from shmipc import _pipeline_crew
+
+    give_up = 1.0
+    monkeypatch.setattr(_pipeline_crew, "SPAWN_GIVE_UP_S", give_up)
+    attack_s = 3 * give_up
+    kills = 0
+    fed_after: list[int] = []
+
+    def attack():
+        nonlocal kills
+        end = time.monotonic() + attack_s
+        kills = kill_storm(lambda: time.monotonic() >= end)
+
+    def source():
+        yield from range(20)
+        killer = threading.Thread(target=attack, daemon=True)
+        killer.start()
+        n = 20
+        while killer.is_alive():          # (the results loop turns between items)
+            time.sleep(0.05)
+            yield n
+            n += 1
+        killer.join()
+        fed_after.extend(range(n, n + 20))
+        yield from fed_after
+
+    with Pipeline(source(), on_error="collect", retries=2) as p:
+        p.stage(_double, workers=2)
+        out = list(p.results())
+        errors = list(p.errors)
+        stats = p.stats()
+    assert kills > 20, f"the attack killed only {kills} processes"
+    n = fed_after[-1] + 1
+    assert stats["fed"] == stats["completed"] == n, stats
+    for f in errors:
+        assert isinstance(f.exception, shmipc.WorkerLost), f
+    failed = [f.seq for f in errors]
+    assert sorted(out + [2 * seq for seq in failed]) == [2 * i for i in range(n)], (out, failed)
+    assert set(failed).isdisjoint(fed_after), failed
+
+
+@pytest.mark.timeout(60)
+def test_helpers_killed_while_the_pipeline_starts_never_stop_it(no_leaks):
+    """Every process below us is SIGKILLed as soon as it shows up from before
+    the pipeline starts until 1 s later: its first workers cannot start.
+    Kills from outside never stop a pipeline, at its start either: the
+    workers are started once the kills end, and every item arrives. Before,
+    results() raised BrokenPipeError("could not start a worker for slot 0")
+    within 0.1 s."""
+    end = time.monotonic() + 1.0
+    kills: list[int] = []
+    killer = threading.Thread(target=lambda: kills.append(kill_storm(lambda: time.monotonic() >= end)),
+                              daemon=True)
+    killer.start()
+    try:
+        with Pipeline(range(50), on_error="collect", retries=2) as p:
+            p.stage(_double, workers=2)
+            out = list(p.results())
+            errors = list(p.errors)
+    finally:
+        killer.join()
+    assert kills[0] >= 3, f"the attack killed only {kills[0]} processes"
+    assert time.monotonic() >= end
+    assert not errors and sorted(out) == [2 * i for i in range(50)], (out, errors)

@@ -24,7 +24,7 @@ import pytest
 
 import shmipc
 from shmipc._proc import pid_alive
-from conftest import SOAK, is_resource_tracker
+from conftest import SOAK, is_resource_tracker, kill_storm
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -672,24 +672,33 @@ def test_ctrl_c_during_spawn_start_up_prints_no_child_traceback(tmp_path):
     assert "map: [3, 2, 1, 0, 1, 2]" in out, out + err
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc's children lists)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for tid in tasks:
-            try:
-                with open(f"/proc/{p}/task/{tid}/children") as f:
-                    kids = [int(x) for x in f.read().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["Pool", "ProcessPoolExecutor"])
+def test_zygotes_killed_while_the_pool_is_made_never_stop_it(no_leaks, capfd, kind):
+    """Every process below us is SIGKILLed as soon as it shows up from before
+    the pool is made until 1 s later, so its first workers cannot start.
+    Kills from outside never break a pool, when it is made either (as with
+    multiprocessing.Pool, whose constructor only forks): the constructor
+    returns, the workers start once the kills end, and the work is done.
+    Before, the constructor raised BrokenPipeError("could not start a worker
+    for slot 0") within 0.2 s."""
+    end = time.monotonic() + 1.0
+    kills: list[int] = []
+    killer = threading.Thread(target=lambda: kills.append(kill_storm(lambda: time.monotonic() >= end)),
+                              daemon=True)
+    killer.start()
+    try:
+        if kind == "Pool":
+            with shmipc.Pool(2, context="fork") as p:
+                got = p.map(abs, range(-20, 20))
+        else:
+            with shmipc.ProcessPoolExecutor(2, mp_context="fork") as ex:
+                got = list(ex.map(abs, range(-20, 20)))
+    finally:
+        killer.join()
+    assert kills[0] >= 3, f"the attack killed only {kills[0]} processes"
+    assert got == [abs(x) for x in range(-20, 20)]
+    assert "could not start a replacement worker" in capfd.readouterr().err     # it was retried
 
 
 @pytest.mark.timeout(120)
@@ -709,18 +718,7 @@ def test_zygotes_killed_over_and_over_never_break_the_executor(capfd):
         capfd.readouterr()
         stop = False
         failures = 0
-
-        def attack():
-            while not stop:
-                for pid in _descendants(os.getpid()):
-                    if not is_resource_tracker(pid):
-                        try:
-                            os.kill(pid, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                time.sleep(0.0005)
-
-        killer = threading.Thread(target=attack, daemon=True)
+        killer = threading.Thread(target=kill_storm, args=(lambda: stop,), daemon=True)
         killer.start()
         try:
             future = ex.submit(abs, -42)
