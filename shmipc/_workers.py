@@ -91,6 +91,52 @@ class WorkerExit(NamedTuple):
     exitcode: int | None
 
 
+_STOP_JOIN_S = 2.0      # stop(): how long a SIGKILLed spawn/forkserver worker's exit status is waited for
+_FORK_SERVER_SETTLE_S = 0.2     # a start that failed on the fork server: how long it is given to be seen dead
+
+
+def _from_outside(slot: int, why: str) -> OSError:
+    """The error of a worker start that failed only because of something done
+    from outside (see Supervisor.spawn's callers: never counted against the pool)."""
+    error = OSError(errno.ECHILD, f"could not start a worker for slot {slot}: {why}")
+    error.killed_from_outside = True        # type: ignore[attr-defined]
+    return error
+
+
+def _fork_server_state(settle: float = 0.0) -> str:
+    """How multiprocessing's fork server (a child of this process) is:
+    "stopped"; "killed" by a signal it did not raise itself, and not yet
+    restarted; else "" (running, exited with a code of its own, or none).
+    Looked at without reaping it (WNOWAIT): multiprocessing reaps and
+    restarts it at its next start. `settle`: seconds to wait for a running
+    server to exit (a killed process closes its descriptors, which a client
+    sees at once as EOF, a moment before it can be waited for)."""
+    try:
+        from multiprocessing import forkserver
+
+        pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    except Exception:
+        return ""
+    if not isinstance(pid, int) or pid <= 0:
+        return ""
+    flags = os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT
+    deadline = time.monotonic() + settle
+    try:
+        info = os.waitid(os.P_PID, pid, flags)
+        while info is None and time.monotonic() < deadline:
+            time.sleep(EXIT_POLL_S)
+            info = os.waitid(os.P_PID, pid, flags)
+    except OSError:                     # not our child (reaped already)
+        return ""
+    if info is None:
+        return ""                       # running
+    if info.si_code == os.CLD_STOPPED:
+        return "stopped"
+    if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED) and killed_from_outside(-info.si_status):
+        return "killed"
+    return ""
+
+
 class Supervisor:
     """Starts workers in numbered slots, reports their exits, starts
     replacements, stops them all. See the module docstring.
@@ -276,12 +322,25 @@ class Supervisor:
             if self.start_method == "fork":
                 pid = self._zygote_spawn(slot)
             else:
+                if self.start_method == "forkserver" and _fork_server_state() == "stopped":
+                    # a start would wait for its answer for as long as it is
+                    # stopped (a killed one is restarted by multiprocessing)
+                    raise _from_outside(slot, "the fork server is stopped")
                 proc = self._ctx.Process(
                     target=_process_entry, name=f"{self.name}-{slot}", daemon=True,
                     args=(self.target, slot, self.args, os.getpid(), self.start_method,
                           outlives_children()))
-                with sigint_blocked():         # the child inherits the mask (see _process_entry)
-                    proc.start()
+                try:
+                    with sigint_blocked():         # the child inherits the mask (see _process_entry)
+                        proc.start()
+                except (OSError, EOFError) as exc:
+                    # multiprocessing's fork server killed mid-request: "unexpected
+                    # EOF", a refused connection, a broken pipe; that says nothing
+                    # about whether workers can start (as a zygote killed from outside)
+                    if self.start_method == "forkserver" and \
+                            _fork_server_state(settle=_FORK_SERVER_SETTLE_S) in ("stopped", "killed"):
+                        raise _from_outside(slot, f"the fork server was stopped or killed ({exc!r:.100})") from exc
+                    raise
                 self._procs[slot] = proc
                 self._track(slot, proc.pid, None)
                 pid = proc.pid
@@ -563,10 +622,21 @@ class Supervisor:
                 deadline = time.monotonic() + timeout
                 for proc in self._procs.values():
                     proc.join(max(deadline - time.monotonic(), 0))
-                for slot, proc in self._procs.items():
+                for proc in self._procs.values():
                     if proc.exitcode is None:
                         proc.kill()
-                        proc.join()
+                # bounded: under forkserver the exit status comes from the
+                # fork server, which may be stopped (SIGSTOP)
+                deadline = time.monotonic() + _STOP_JOIN_S
+                for slot, proc in self._procs.items():
+                    if proc.exitcode is None:
+                        proc.join(max(deadline - time.monotonic(), 0))
+                    if proc.exitcode is None:
+                        # killed (SIGKILL needs no answer), its status held by a
+                        # stopped fork server: no longer waited for
+                        forget_mp_child(proc)
+                        exits.append(WorkerExit(slot, proc.pid, None))
+                        continue
                     exits.append(WorkerExit(slot, proc.pid, proc.exitcode))
                     proc.close()
                 self._procs.clear()

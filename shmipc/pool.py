@@ -116,9 +116,10 @@ class Pool(PoolAPI):
         again at a submit after a back-off (1 s, doubling up to 30 s).
         Workers killed from outside while they start (the OOM killer) are
         simply replaced: they say nothing about the initializer. Nor do
-        zygotes killed or stopped from outside, while the pool is made
-        either: the constructor returns, and the workers are started after
-        a back-off (50 ms, doubling up to 1 s) once they can be.
+        zygotes (under forkserver, multiprocessing's fork server) killed or
+        stopped from outside, while the pool is made either: the constructor
+        returns, and the workers are started after a back-off (50 ms,
+        doubling up to 1 s) once they can be.
       * A value that does not cross a process boundary (a result, an
         exception or an argument that fails to pickle or unpickle) fails only
         its own task: MaybeEncodingError for a result or an exception, the

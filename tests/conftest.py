@@ -165,13 +165,15 @@ def children_tree(pid: int) -> list[int]:
     return out
 
 
-def kill_storm(until: Callable[[], bool]) -> int:
-    """SIGKILL every process below this one (multiprocessing's resource
-    tracker spared) as soon as it shows up, until `until()`; the kills."""
+def kill_storm(until: Callable[[], bool], fork_server: bool = False) -> int:
+    """SIGKILL every process below this one as soon as it shows up, until
+    `until()`; the kills. Multiprocessing's resource tracker is spared, and
+    its fork server too unless `fork_server` (the helper of forkserver pools,
+    which a storm at a fork pool would only hit by the way)."""
     kills = 0
     while not until():
         for pid in children_tree(os.getpid()):
-            if not is_resource_tracker(pid):
+            if not is_resource_tracker(pid) and (fork_server or not is_fork_server(pid)):
                 try:
                     os.kill(pid, signal.SIGKILL)
                     kills += 1
@@ -232,8 +234,20 @@ def shm_created_since(before: set[str]) -> set[str]:
     return mine
 
 
+def is_fork_server(pid: int) -> bool:
+    """Whether `pid` is multiprocessing's fork server: process-wide and long
+    lived (as its resource tracker); a test that kills it gets a new one
+    from multiprocessing at the next forkserver start."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing.forkserver" in f.read()
+    except OSError:
+        return False
+
+
 def live_children() -> set[int]:
-    """Pids of this process's children that have not been reaped."""
+    """Pids of this process's children that have not been reaped, but for
+    multiprocessing's fork server (see is_fork_server)."""
     me = os.getpid()
     kids = set()
     for entry in os.listdir("/proc"):
@@ -245,7 +259,7 @@ def live_children() -> set[int]:
         except OSError:
             continue
         fields = data[data.rfind(b")") + 2:].split()
-        if int(fields[1]) == me:
+        if int(fields[1]) == me and not is_fork_server(int(entry)):
             kids.add(int(entry))
     return kids
 
@@ -266,7 +280,7 @@ def no_leaks(request):
     gc.collect()
     deadline = time.monotonic() + 3
     while True:
-        extra_fds = open_fds() - fds
+        extra_fds = open_fds() - fds - {_fork_server_fd()}
         extra_shm = shm_created_since(shm)
         extra_kids = live_children() - kids
         if not (extra_fds or extra_shm or extra_kids) or time.monotonic() > deadline:
@@ -274,9 +288,26 @@ def no_leaks(request):
         time.sleep(0.05)
         gc.collect()
     assert not extra_shm, f"/dev/shm entries left behind: {sorted(extra_shm)}"
-    assert not extra_kids, f"child processes left behind: {sorted(extra_kids)}"
+    assert not extra_kids, f"child processes left behind: {[(p, _cmdline(p)) for p in sorted(extra_kids)]}"
     details = {fd: _fd_target(fd) for fd in extra_fds}
     assert not extra_fds, f"file descriptors left open: {details}"
+
+
+def _fork_server_fd() -> int:
+    """The descriptor by which multiprocessing keeps its fork server alive
+    (a new one each time the server is restarted), or -1."""
+    import multiprocessing.forkserver as fs
+
+    fd = getattr(fs._forkserver, "_forkserver_alive_fd", None)
+    return fd if isinstance(fd, int) else -1
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")[:120]
+    except OSError:
+        return "?"
 
 
 def _fd_target(fd: int) -> str:

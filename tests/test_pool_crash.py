@@ -673,10 +673,39 @@ def test_ctrl_c_during_spawn_start_up_prints_no_child_traceback(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", ["Pool", "ProcessPoolExecutor"])
-def test_zygotes_killed_while_the_pool_is_made_never_stop_it(no_leaks, capfd, kind):
-    """Every process below us is SIGKILLed as soon as it shows up from before
-    the pool is made until 1 s later, so its first workers cannot start.
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds")
+def test_a_stopped_fork_server_does_not_hang_terminate(no_leaks):
+    """Under forkserver a worker's exit status comes from multiprocessing's
+    fork server. With the server SIGSTOPped and the workers gone, terminate()
+    returns within its bounded waits instead of waiting for the server for as
+    long as it is stopped (before: for ever, in Process.join()); starts meet
+    the stopped server and are put off rather than wait on it."""
+    from multiprocessing import forkserver
+
+    p = shmipc.Pool(2, context="forkserver")
+    server = None
+    try:
+        assert p.apply(abs, (-7,)) == 7
+        server = forkserver._forkserver._forkserver_pid
+        os.kill(server, signal.SIGSTOP)
+        for pid in p._engine.worker_pids().values():
+            os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        p.terminate()
+        took = time.monotonic() - t0
+        p.join()
+    finally:
+        if server is not None:
+            os.kill(server, signal.SIGCONT)
+    assert took < 15, f"terminate() took {took:.1f} s with the fork server stopped"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind,method", [("Pool", "fork"), ("ProcessPoolExecutor", "fork"), ("Pool", "forkserver")])
+def test_zygotes_killed_while_the_pool_is_made_never_stop_it(no_leaks, capfd, kind, method):
+    """Every process below us (the zygotes, or multiprocessing's fork server)
+    is SIGKILLed as soon as it shows up from before the pool is made until
+    1 s later, so its first workers cannot start.
     Kills from outside never break a pool, when it is made either (as with
     multiprocessing.Pool, whose constructor only forks): the constructor
     returns, the workers start once the kills end, and the work is done.
@@ -684,15 +713,15 @@ def test_zygotes_killed_while_the_pool_is_made_never_stop_it(no_leaks, capfd, ki
     for slot 0") within 0.2 s."""
     end = time.monotonic() + 1.0
     kills: list[int] = []
-    killer = threading.Thread(target=lambda: kills.append(kill_storm(lambda: time.monotonic() >= end)),
-                              daemon=True)
+    killer = threading.Thread(target=lambda: kills.append(kill_storm(lambda: time.monotonic() >= end,
+                                                                      method == "forkserver")), daemon=True)
     killer.start()
     try:
         if kind == "Pool":
-            with shmipc.Pool(2, context="fork") as p:
+            with shmipc.Pool(2, context=method) as p:
                 got = p.map(abs, range(-20, 20))
         else:
-            with shmipc.ProcessPoolExecutor(2, mp_context="fork") as ex:
+            with shmipc.ProcessPoolExecutor(2, mp_context=method) as ex:
                 got = list(ex.map(abs, range(-20, 20)))
     finally:
         killer.join()
@@ -702,23 +731,27 @@ def test_zygotes_killed_while_the_pool_is_made_never_stop_it(no_leaks, capfd, ki
 
 
 @pytest.mark.timeout(120)
-def test_zygotes_killed_over_and_over_never_break_the_executor(capfd):
-    """Every worker and every zygote the pool starts is SIGKILLed as soon as
-    it shows up, for long enough that starting a worker fails far more than
-    MAX_SPAWN_FAILURES times in a row with no worker alive. Kills from
-    outside never break the pool (a broken ProcessPoolExecutor stays broken
-    for good): once they stop, the pending call runs and its result comes
-    back. Before, the tenth failure in a row failed every pending call with
-    BrokenProcessPool ("the pool lost all its workers and cannot start new
-    ones"), as the kill fuzz saw once under load."""
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_zygotes_killed_over_and_over_never_break_the_executor(capfd, method):
+    """Every worker and every helper the pool starts from (the zygotes under
+    fork, multiprocessing's fork server under forkserver, 3.14's default) is
+    SIGKILLed as soon as it shows up, for long enough that starting a worker
+    fails far more than MAX_SPAWN_FAILURES times in a row with no worker
+    alive. Kills from outside never break the pool (a broken
+    ProcessPoolExecutor stays broken for good): once they stop, the pending
+    call runs and its result comes back. Before, the tenth failure in a row
+    failed every pending call with BrokenProcessPool ("the pool lost all its
+    workers and cannot start new ones"), as the kill fuzz saw once under
+    load (fork), and within 0.2 s under forkserver, whose failed starts
+    ("unexpected EOF", a refused connection) were taken for the pool's own."""
     from shmipc._runtime import MAX_SPAWN_FAILURES
-    ex = shmipc.ProcessPoolExecutor(2, mp_context="fork")
+    ex = shmipc.ProcessPoolExecutor(2, mp_context=method)
     try:
         assert ex.submit(abs, -7).result(timeout=30) == 7
         capfd.readouterr()
         stop = False
         failures = 0
-        killer = threading.Thread(target=kill_storm, args=(lambda: stop,), daemon=True)
+        killer = threading.Thread(target=kill_storm, args=(lambda: stop, method == "forkserver"), daemon=True)
         killer.start()
         try:
             future = ex.submit(abs, -42)
