@@ -237,7 +237,12 @@ def shm_created_since(before: set[str]) -> set[str]:
 def is_fork_server(pid: int) -> bool:
     """Whether `pid` is multiprocessing's fork server: process-wide and long
     lived (as its resource tracker); a test that kills it gets a new one
-    from multiprocessing at the next forkserver start."""
+    from multiprocessing at the next forkserver start (which reaps the one
+    killed: until then it is a zombie, known by its pid alone)."""
+    import multiprocessing.forkserver as fs
+
+    if pid == getattr(fs._forkserver, "_forkserver_pid", None):
+        return True
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"multiprocessing.forkserver" in f.read()

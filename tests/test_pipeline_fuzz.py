@@ -27,7 +27,7 @@ import pytest
 import shmipc
 from shmipc.pipeline import Pipeline
 
-from conftest import SOAK, is_resource_tracker, kill_storm
+from conftest import SOAK, is_fork_server, is_resource_tracker, kill_storm
 
 ROUNDS = 6 * SOAK
 ITEMS = 400
@@ -76,11 +76,12 @@ def _children_of(pid):
 
 def _tree():
     """Our descendants: the zygote(s) and their workers (multiprocessing's
-    resource tracker, if an earlier test started it, is not ours to kill)."""
+    resource tracker and fork server, if an earlier test started them, are
+    not ours to kill)."""
     found, todo = [], [os.getpid()]
     while todo:
         for child in _children_of(todo.pop()):
-            if not is_resource_tracker(child):
+            if not is_resource_tracker(child) and not is_fork_server(child):
                 found.append(child)
                 todo.append(child)
     return found
