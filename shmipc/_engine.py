@@ -51,7 +51,7 @@ from shmipc._runtime import StartupGuard, check_retries
 from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_counter,  # noqa: F401 (re-exported)
                            _run_callback, _Task)
 from shmipc._waiting import BOOKKEEPING_S as _POLL
-from shmipc._waiting import FORK_PAUSE_S, SPAWN_RETRY_S
+from shmipc._waiting import FORK_PAUSE_S
 from shmipc._wire_records import read_result_record
 from shmipc._workers import Supervisor, mark_thread_long_lived, register_pausable, unmark_thread_long_lived
 from shmipc.arena import MAX_REGIONS, Arena
@@ -185,9 +185,8 @@ class _Engine(_Dispatch, _WorkerExits):
             self._sup.start(range(processes))
             self._pids = self._sup.pids()        # slot -> pid of the live workers
             for slot in range(processes):
-                if slot not in self._pids:      # its zygotes were killed from outside: see _respawn
-                    self._outside_spawn_failures = 1
-                    self._respawn_at[slot] = time.monotonic() + SPAWN_RETRY_S
+                if slot not in self._pids:      # its zygotes were killed from outside
+                    self._put_off(slot)
         except BaseException:
             self._shutdown_resources()
             raise

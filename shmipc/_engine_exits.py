@@ -151,14 +151,7 @@ class _WorkerExits:
             except Exception as exc:
                 print(f"shmipc.Pool: could not start a replacement worker: {exc}", file=sys.stderr)
                 if getattr(exc, "killed_from_outside", False):
-                    # the zygotes were killed or stopped from outside (or too
-                    # slow): that says nothing about whether workers can
-                    # start, so it never breaks the pool (as StartupGuard
-                    # treats workers killed while starting); tried again
-                    # after a back-off, so an attack costs few forks
-                    self._outside_spawn_failures += 1
-                    self._respawn_at[slot] = time.monotonic() + \
-                        doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, self._outside_spawn_failures - 1)
+                    self._put_off(slot)
                     return later
                 self._respawn_at[slot] = 0.0        # tried again at the next poll
                 self._spawn_failures += 1
@@ -169,6 +162,16 @@ class _WorkerExits:
                     self._spawn_failures = 0
                     later += self._trip(f"the pool lost all its workers and cannot start new ones ({exc})")
         return later
+
+    def _put_off(self, slot: int) -> None:
+        """A worker start failed only because the zygotes (or the fork
+        server) were killed or stopped from outside (or too slow): that says
+        nothing about whether workers can start, so it never breaks the pool
+        (as StartupGuard treats workers killed while starting); tried again
+        after a back-off, so an attack costs few forks."""
+        self._outside_spawn_failures += 1
+        self._respawn_at[slot] = time.monotonic() + \
+            doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, self._outside_spawn_failures - 1)
 
     def _slot(self, slot: int) -> tuple[int, int, int]:
         """(pid, state, seq) of a worker's slot record (see shmipc._slots). Lock held."""

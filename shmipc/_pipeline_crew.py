@@ -88,9 +88,8 @@ class Crew:
             s, j = self.slot_owner(k)
             if k in started:
                 s.pids[j] = started[k]
-            else:                               # its zygotes were killed from outside: see replace()
-                self._outside[k] = 1
-                self._respawn[k] = (now, "", now + SPAWN_RETRY_S)
+            else:                               # its zygotes were killed from outside
+                self._put_off(k, now)
 
     def slot_owner(self, k: int) -> tuple[Stage, int]:
         for s in self.stages:
@@ -116,19 +115,22 @@ class Crew:
             s.pids[j] = self.sup.spawn(k)
         except (OSError, ValueError) as exc:   # Supervisor.spawn's "cannot now"
             if getattr(exc, "killed_from_outside", False):
-                # the helpers were killed or stopped from outside (or too
-                # slow): that says nothing about whether workers can start,
-                # so it never stops the pipeline (as a Pool: see
-                # _engine_exits); tried again after a back-off, so that an
-                # attack costs few forks, and the give-up clock starts anew
-                tries = self._outside[k] = self._outside.get(k, 0) + 1
-                self._respawn[k] = (now, "", now + doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, tries - 1))
+                self._put_off(k, now)
                 return
             first = self._respawn.get(k, (now, "", 0.0))[0]
             self._respawn[k] = (first, f"{type(exc).__name__}: {exc}", 0.0)
             return
         self._respawn.pop(k, None)
         self._outside.pop(k, None)
+
+    def _put_off(self, k: int, now: float) -> None:
+        """Slot k's start failed only because the helpers were killed or
+        stopped from outside (or too slow): that says nothing about whether
+        workers can start, so it never stops the pipeline (as a Pool: see
+        _engine_exits); tried again after a back-off, so that an attack
+        costs few forks, and the give-up clock starts anew."""
+        tries = self._outside[k] = self._outside.get(k, 0) + 1
+        self._respawn[k] = (now, "", now + doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, tries - 1))
 
     def poll(self) -> list[Death]:
         """The workers that died since the last call (not yet replaced).

@@ -95,11 +95,13 @@ _STOP_JOIN_S = 2.0      # stop(): how long a SIGKILLed spawn/forkserver worker's
 _FORK_SERVER_SETTLE_S = 0.2     # a start that failed on the fork server: how long it is given to be seen dead
 
 
-def _from_outside(slot: int, why: str) -> OSError:
-    """The error of a worker start that failed only because of something done
-    from outside (see Supervisor.spawn's callers: never counted against the pool)."""
-    error = OSError(errno.ECHILD, f"could not start a worker for slot {slot}: {why}")
-    error.killed_from_outside = True        # type: ignore[attr-defined]
+def _start_failed(slot: int, why: Any, outside: bool = True, code: int = errno.ECHILD) -> OSError:
+    """The error of a worker start that failed; ``killed_from_outside`` says
+    whether only something done from outside caused it (the zygotes or the
+    fork server killed or stopped): Supervisor.spawn's callers never count
+    such a failure against the pool or pipeline."""
+    error = OSError(code, f"could not start a worker for slot {slot}: {why}")
+    error.killed_from_outside = outside     # type: ignore[attr-defined]
     return error
 
 
@@ -325,7 +327,7 @@ class Supervisor:
                 if self.start_method == "forkserver" and _fork_server_state() == "stopped":
                     # a start would wait for its answer for as long as it is
                     # stopped (a killed one is restarted by multiprocessing)
-                    raise _from_outside(slot, "the fork server is stopped")
+                    raise _start_failed(slot, "the fork server is stopped")
                 proc = self._ctx.Process(
                     target=_process_entry, name=f"{self.name}-{slot}", daemon=True,
                     args=(self.target, slot, self.args, os.getpid(), self.start_method,
@@ -339,7 +341,7 @@ class Supervisor:
                     # about whether workers can start (as a zygote killed from outside)
                     if self.start_method == "forkserver" and \
                             _fork_server_state(settle=_FORK_SERVER_SETTLE_S) in ("stopped", "killed"):
-                        raise _from_outside(slot, f"the fork server was stopped or killed ({exc!r:.100})") from exc
+                        raise _start_failed(slot, f"the fork server was stopped or killed ({exc!r:.100})") from exc
                     raise
                 self._procs[slot] = proc
                 self._track(slot, proc.pid, None)
@@ -399,10 +401,7 @@ class Supervisor:
             last = OSError(errno.ETIMEDOUT, f"the worker zygote (pid {link.pid}) did not start a "
                                             f"worker for slot {slot} within {self.zygote_timeout} s")
             self._lose_zygote(link, kill=True)
-        error = OSError(getattr(last, "errno", None) or errno.ECHILD,
-                        f"could not start a worker for slot {slot}: {last}")
-        error.killed_from_outside = not own_failure      # type: ignore[attr-defined]
-        raise error
+        raise _start_failed(slot, last, not own_failure, getattr(last, "errno", None) or errno.ECHILD)
 
     def _track(self, slot: int, pid: int, link: _ZygoteLink) -> None:
         """Watch a worker the zygote reported: its pidfd tells us it exited
