@@ -51,6 +51,8 @@ cdef class Ring:
     cdef int notify_fd              # readiness: this process's fd to signal after a commit
                                     # (a pipe's write end or a socket), -1: none
     cdef bint notify_socket         # notify_fd is a socket (send), else a pipe (write)
+    cdef bint keep_dead_claims      # records claimed by dead consumers wait for _take_back
+                                    # (process-local; see _keep_dead_claims)
     cdef object __weakref__
 
     cdef int _map(self, object buffer, Py_ssize_t offset, uint64_t need) except -1
@@ -97,7 +99,7 @@ cdef class Ring:
     cdef object _encode(self, object obj, enc_t *e)
     cdef shm_rec_t *_take(self, int64_t deadline, uint64_t *pos_out, uint64_t *len_out) except? NULL
     cdef object _consume(self, int64_t deadline, Py_ssize_t max_items, Py_ssize_t max_bytes,
-                         bint claim, list out, list tags, take_t *t)
+                         int claim, list out, list tags, take_t *t)
     cdef void _consumed(self, uint64_t pos, uint64_t length, shm_rec_t *r, uint32_t size, bint claim) noexcept
     cdef bint _move_tail(self) noexcept
     cdef int _advance_tail(self) except -1

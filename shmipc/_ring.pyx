@@ -113,6 +113,7 @@ cdef Py_ssize_t BATCH_BYTES = 64 << 10   # get_many's default max_bytes (see the
 # how long leaving a zero-copy view may wait for the consumer lock to move
 # the tail (the record itself is released at once, without the lock)
 cdef int64_t CLAIM_RELEASE_NS = 1_000_000_000
+cdef int CLAIM_ANY = 2                  # _consume: leave any payload claimed (Ring._get_held)
 
 # not a record tag: marks a failure kept in Ring.pending (see get_many)
 cdef enum:
@@ -983,7 +984,9 @@ cdef class Ring:
 
     cdef int _reclaim_dead_claims(self) except -1:
         """With the consumer lock held: release records claimed by dead
-        processes (their messages are lost and counted), then move the tail."""
+        processes (their messages are lost and counted), then move the tail.
+        A ring that keeps dead claims (_keep_dead_claims) leaves them for
+        _take_back."""
         cdef uint64_t head, cursor, tail, pos, length, me = shm_self_ident()
         cdef shm_rec_t *r
         self._positions(&head, &cursor, &tail)
@@ -992,7 +995,8 @@ cdef class Ring:
             length = self._check_record(pos, head)
             r = self._rec_at(pos)
             if r.tag != TAG_PAD and r.state != SHM_REC_DONE:
-                if r.state != SHM_REC_CLAIMED or (r.owner != me and not shm_ident_alive(r.owner)):
+                if r.state != SHM_REC_CLAIMED or (
+                        not self.keep_dead_claims and r.owner != me and not shm_ident_alive(r.owner)):
                     shm_store_rel8(&r.state, SHM_REC_DONE)
                     shm_add64(&self.hdr.counters.lost, 1)
                     shm_add64(&self.hdr.counters.recoveries, 1)
@@ -1020,7 +1024,8 @@ cdef class Ring:
         wrote nothing visible: its message is lost, and a `msgs` it had
         already counted is rolled back. Consumers advance the cursor per
         message; what a dead holder took since locking is lost and counted
-        (records claimed by it are released by _reclaim_dead_claims)."""
+        (records claimed by it are released by _reclaim_dead_claims, or in
+        a ring that keeps dead claims, left claimed for _take_back)."""
         cdef shm_ring_t *h = self.hdr
         cdef uint64_t head, cursor, tail, pos, length, taken = 0
         cdef shm_rec_t *r
@@ -1036,7 +1041,7 @@ cdef class Ring:
             while pos < cursor:
                 length = self._check_record(pos, head)
                 r = self._rec_at(pos)
-                if r.tag != TAG_PAD:
+                if r.tag != TAG_PAD and not (self.keep_dead_claims and r.state == SHM_REC_CLAIMED):
                     taken += 1
                     shm_store_rel8(&r.state, SHM_REC_DONE)
                 pos += length
@@ -1488,7 +1493,7 @@ cdef class Ring:
                 return NULL
 
     cdef object _consume(self, int64_t deadline, Py_ssize_t max_items, Py_ssize_t max_bytes,
-                         bint claim, list out, list tags, take_t *t):
+                         int claim, list out, list tags, take_t *t):
         """The consumer protocol, for get, get_many and get_view: wait (up to
         `deadline`) for a message, then take it and whatever else is already
         there, up to `max_items` messages or `max_bytes` payload bytes, in
@@ -1496,7 +1501,8 @@ cdef class Ring:
 
         Each message is copied out (_copy_out), or for a fixed-record ring
         into one buffer; with `claim` (a zero-copy view, max_items 1) a
-        buffer payload is left in place, CLAIMED. Returns, and sets t.count
+        buffer payload is left in place, CLAIMED; with CLAIM_ANY (a held
+        message, see Ring._get_held) any payload is. Returns, and sets t.count
         (0 if the deadline passed first):
           - `out` is None (one message): the object copied out, its tag in
             t.tag (t.tag >= TAG_NDARRAY: a bytearray still to decode), or
@@ -1553,7 +1559,7 @@ cdef class Ring:
                     memcpy(dst + off, (<char *>r) + SHM_REC_HDR, size)
                     off += size
                 else:
-                    hold = claim and (tag < TAG_STR or tag > TAG_NONE)
+                    hold = claim == CLAIM_ANY or (claim and (tag < TAG_STR or tag > TAG_NONE))
                     if hold:
                         pass
                     elif first:
@@ -2031,7 +2037,85 @@ cdef class Ring:
         message as a read-only memoryview (bytes-like messages) or read-only
         numpy array over the ring memory, valid until the block ends; other
         types come decoded as usual. The ring space is freed on leaving."""
-        return MessageView(self, deadline_of(block, timeout))
+        return MessageView(self, deadline_of(block, timeout), False)
+
+    def _get_held(self, bint block=True, timeout=None):
+        """``with ring._get_held() as msg:`` gives the next message as get()
+        does (a copy: it stays valid after the block), but its record stays
+        claimed by this process until the block ends. In a ring that keeps
+        dead claims (_keep_dead_claims), a consumer killed inside the block
+        leaves the message for _take_back instead of losing it: so a
+        consumer can write down what it took before letting the ring forget
+        it (the pipeline's workers)."""
+        return MessageView(self, deadline_of(block, timeout), True)
+
+    def _keep_dead_claims(self):
+        """From now on, in this process (and processes forked from it later),
+        records claimed by consumers that died are never released by the
+        ring's recovery (which counts them lost): they hold their room until
+        _take_back hands them over. For a ring whose owner calls _take_back
+        whenever it learns that a consumer died (shmipc.pipeline)."""
+        self.keep_dead_claims = True
+
+    def _take_back(self, double timeout=0.05):
+        """The messages claimed (a view or _get_held block) by consumers that
+        have died, now released: a list of ``(pid, message)``, in ring order;
+        a message that does not decode is given as its CorruptMessage. None
+        if the consumer side could not be had within `timeout` seconds (a
+        live consumer holds it: try again later). Each is handed over once;
+        counted in ``stats()["recoveries"]``, not in ``lost``."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t head, cursor, tail, pos, length, owner, me
+        cdef shm_rec_t *r
+        cdef uint8_t tag
+        cdef uint32_t size
+        cdef bint raw
+        cdef int64_t deadline = deadline_of(True, timeout)
+        taken = []
+        self._enter()
+        try:
+            me = shm_self_ident()
+            # (a consumer killed holding the consumer side is taken over at
+            # once, not after the quiet slice a wait for it would take)
+            if self.many_consumers and not self._look_around(W_CLOCK) and self._lock(W_CLOCK, deadline):
+                return None
+            try:
+                self._positions(&head, &cursor, &tail)
+                pos = tail
+                while pos < cursor:
+                    length = self._check_record(pos, head)
+                    r = self._rec_at(pos)
+                    if r.tag != TAG_PAD and r.state == SHM_REC_CLAIMED:
+                        owner = r.owner
+                        if owner != me and not shm_ident_alive(owner):
+                            if self._payload(r, length, &tag, &size):
+                                # (only objects the collector does not track: no
+                                # user code runs under the lock; decoded below)
+                                obj = self._copy_out((<char *>r) + SHM_REC_HDR, tag, size, &raw)
+                                taken.append((<uint32_t>owner, tag if raw else 0, obj))
+                            else:
+                                shm_add64(&h.counters.bad_messages, 1)
+                                taken.append((<uint32_t>owner, 0, CorruptMessage(
+                                    f"claimed record at position {pos} changed under the reader "
+                                    f"(tag {tag}, size {size}, length {length})")))
+                            shm_store_rel8(&r.state, SHM_REC_DONE)
+                            shm_add64(&h.counters.recoveries, 1)
+                    pos += length
+                self._advance_tail()
+            finally:
+                if self.many_consumers:
+                    self._unlock(W_CLOCK)
+        finally:
+            self._leave()
+        out = []
+        for pid, tag, obj in taken:
+            if tag:
+                try:
+                    obj = self._decode(tag, obj)
+                except CorruptMessage as exc:
+                    obj = exc
+            out.append((pid, obj))
+        return out
 
     cdef int _release_claim(self, uint64_t pos, int64_t deadline) except -1:
         """Mark a record this process claimed DONE, then move the tail if the
@@ -2144,7 +2228,9 @@ cdef class Ring:
     def stats(self, *, bint recover=True):
         """Live counters kept in the shared memory, as a dict.
 
-        ``lost``: messages lost with a dead process; ``bad_messages``: messages
+        ``lost``: messages lost with a dead process; ``bytes_held``: ring
+        space taken but not yet released (records claimed by views, or by
+        dead consumers of a ring that keeps their claims); ``bad_messages``: messages
         taken that could not be delivered (garbage records, payloads that
         failed to decode), each raised to the call that took it.
 
@@ -2165,6 +2251,7 @@ cdef class Ring:
         cdef shm_ring_t *h = self.hdr
         cdef uint64_t head = shm_load_rlx64(&h.prod.pos)
         cdef uint64_t tail = shm_load_rlx64(&h.cons.pos)
+        cdef uint64_t cursor = shm_load_rlx64(&h.cons.cursor)
         return {
             "capacity": self.capacity,
             "producers": self.producers,
@@ -2175,6 +2262,7 @@ cdef class Ring:
             "bytes_out": shm_load_rlx64(&h.cons.bytes),
             "qsize": self.qsize(),
             "bytes_used": head - tail if head >= tail else 0,
+            "bytes_held": cursor - tail if cursor >= tail and cursor - tail <= self.capacity else 0,
             "high_water": shm_load_rlx64(&h.counters.high_water),
             "producers_waiting": shm_load_rlx32(&h.wait.space_waiters) + shm_load_rlx32(&h.wait.plock_waiters),
             "consumers_waiting": shm_load_rlx32(&h.wait.data_waiters) + shm_load_rlx32(&h.wait.clock_waiters),
@@ -2197,12 +2285,14 @@ cdef class MessageView:
     cdef int64_t deadline
     cdef uint64_t pos
     cdef bint held
+    cdef bint copy          # Ring._get_held: a copy out, the record held until the block ends
     cdef object mv
 
-    def __cinit__(self, Ring ring, int64_t deadline):
+    def __cinit__(self, Ring ring, int64_t deadline, bint copy):
         self.ring = ring
         self.deadline = deadline
         self.held = False
+        self.copy = copy
 
     def __enter__(self):
         cdef Ring ring = self.ring
@@ -2212,9 +2302,10 @@ cdef class MessageView:
         if ring.pending is not None:
             ring._check_open()
             return ring._from_pending(1)[0]
+        cdef bint raw
         ring._enter()
         try:
-            out = ring._consume(self.deadline, 1, 0, True, None, None, &t)
+            out = ring._consume(self.deadline, 1, 0, CLAIM_ANY if self.copy else 1, None, None, &t)
         except BaseException:
             ring._leave()
             raise
@@ -2230,6 +2321,9 @@ cdef class MessageView:
         global g_views_open
         g_views_open += 1
         try:
+            if self.copy:
+                out = ring._copy_out((<char *>t.rec) + SHM_REC_HDR, t.tag, t.size, &raw)
+                return ring._decode(t.tag, out) if raw else out
             if ring.data_view is None:
                 # one read-only view of the ring's data per ring, made at its
                 # first get_view: each message's view is then a slice of it

@@ -1077,3 +1077,105 @@ def test_one_to_one_fast_paths_leave_anything_unusual_to_the_general_path(arena)
         ring.get(timeout=0.1)
     stats = ring.stats()
     assert stats["bad_messages"] == 2 and stats["messages_in"] == sent + 7
+
+
+# ---------------------------------------------------------------- dead claims handed back
+# (the pipeline's workers take items held, and its parent takes back what a
+# killed worker held: see shmipc._pipeline_worker and Pipeline._reap)
+def _hold_until_killed(ring, ready):
+    with ring._get_held(timeout=10) as msg:
+        ready.put(msg)
+        time.sleep(120)
+
+
+def _killed_holding(ring):
+    """Fork a consumer that takes the next message held, SIGKILL it inside the
+    block; returns (its pid, the message it reported)."""
+    ready = ring.arena.ring(1 << 16)
+    pid = fork_child(_hold_until_killed, ring, ready)
+    msg = ready.get(timeout=10)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_child(pid) == -signal.SIGKILL
+    return pid, msg
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("first", [("item", 0, b"x" * 100), b"raw bytes", "text", 7])
+def test_a_killed_consumers_held_message_is_handed_back_where_dead_claims_are_kept(arena, first):
+    ring = arena.ring(1 << 16, producers="one", consumers="many")
+    ring._keep_dead_claims()
+    for m in [first, ("item", 1), ("item", 2)]:
+        ring.put(m)
+    pid, msg = _killed_holding(ring)
+    assert msg == first
+    stats = ring.stats()                    # recovery runs, and leaves the claim alone
+    assert (stats["lost"], stats["recoveries"]) == (0, 0) and stats["bytes_held"] > 0
+    assert ring.get(timeout=1) == ("item", 1)           # later messages flow past it
+    assert ring._take_back() == [(pid, first)]
+    assert ring._take_back() == []                      # handed over once
+    stats = ring.stats()
+    assert (stats["lost"], stats["recoveries"], stats["bytes_held"]) == (0, 1, 0)
+    assert ring.get(timeout=1) == ("item", 2)
+    assert ring.stats()["bytes_used"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_without_keeping_dead_claims_a_killed_consumers_held_message_is_counted_lost(arena):
+    ring = arena.ring(1 << 16, producers="one", consumers="many")
+    ring.put(b"held")
+    _killed_holding(ring)
+    stats = ring.stats()
+    assert (stats["lost"], stats["recoveries"], stats["bytes_used"]) == (1, 1, 0)
+    assert ring._take_back() == []
+
+
+@pytest.mark.timeout(30)
+def test_messages_held_by_live_consumers_are_never_handed_back(arena):
+    ring = arena.ring(1 << 16, producers="one", consumers="many")
+    ring._keep_dead_claims()
+    ring.put(b"theirs")
+    ring.put(b"ours")
+    ready = arena.ring(1 << 16)
+    pid = fork_child(_hold_until_killed, ring, ready)
+    assert ready.get(timeout=10) == b"theirs"
+    try:
+        with ring._get_held(timeout=1) as mine:
+            assert ring._take_back() == []
+        assert mine == b"ours"              # a copy: valid after the block
+        assert ring.stats()["bytes_held"] > 0               # theirs, still
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_child(pid)
+    assert ring._take_back() == [(pid, b"theirs")]
+    assert ring.stats()["bytes_used"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_take_back_gives_up_in_time_while_a_live_process_holds_the_consumer_side(arena, unrelated_live_pid):
+    ring = arena.ring(1 << 16, producers="one", consumers="many")
+    ring._keep_dead_claims()
+    ring.put(b"held")
+    pid, _ = _killed_holding(ring)
+    poke(ring, "cons.lock", "<Q", _ident(unrelated_live_pid))
+    t = time.monotonic()
+    assert ring._take_back(0.2) is None
+    assert time.monotonic() - t < 2
+    poke(ring, "cons.lock", "<Q", 0)
+    assert ring._take_back(0.2) == [(pid, b"held")]
+
+
+@pytest.mark.timeout(30)
+def test_a_dead_claim_whose_payload_is_garbage_is_handed_back_as_an_error(arena):
+    ring = arena.ring(1 << 16, producers="one", consumers="many")
+    ring._keep_dead_claims()
+    ring.put(("a", "pickled", "tuple"))
+    ring.put(b"next")
+    pid, _ = _killed_holding(ring)
+    buf, base = region_of(ring)
+    L = _ring._layout()
+    at = base + L["data"] + L["rec.header"]
+    buf[at: at + 16] = b"\xff" * 16                     # the pickle's segment table
+    (got_pid, exc), = ring._take_back()
+    assert got_pid == pid and isinstance(exc, shmipc.errors.CorruptMessage)
+    assert ring.stats()["bad_messages"] == 1
+    assert ring.get(timeout=1) == b"next"
