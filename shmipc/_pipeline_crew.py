@@ -16,7 +16,7 @@ import time
 from typing import Any, NamedTuple
 
 from shmipc._pipeline_api import StageConfig
-from shmipc._pipeline_sched import S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, SlotRecord
+from shmipc._pipeline_sched import S_BUSY, S_DONE, S_STARTING, SLOT_WORDS, SlotRecord, is_envelope
 from shmipc._wire import PipelineError
 from shmipc._proc import steady_malloc
 from shmipc._runtime import MAX_STARTUP_DEATHS, StartupGuard
@@ -41,6 +41,7 @@ class Stage(StageConfig):
         self.stashes: list[Any] = []     # per worker: its current input (retries only)
         self.pids: list[int] = []        # per worker slot: pid, 0 when none
         self.deaths = 0
+        self.claims: dict[int, Any] = {}   # pid of a dead worker: the item it had taken (Pipeline._take_back)
         self.startup = StartupGuard()    # deaths in a row of workers that had not finished setup
 
 
@@ -54,11 +55,6 @@ class Death(NamedTuple):
     exitcode: int | None
     slot: SlotRecord | None
     stashed: tuple | None
-
-    @property
-    def untraced(self) -> bool:
-        """It may have taken an item it had not written down yet."""
-        return self.stashed is None and (self.slot is None or self.slot.state not in (S_BUSY, S_DONE))
 
     def lost(self, seq: int) -> BaseException:
         return WorkerLost(self.pid, self.exitcode, task=f"item {seq} of stage {self.stage.name!r}")
@@ -175,6 +171,8 @@ class Crew:
                 pass
             except Exception:
                 stashed = None            # a copy that does not decode: as if none
+            if stashed is not None and not is_envelope(stashed):
+                stashed = None            # garbage in the stash ring: as if none
         if (rec is None or rec.state == S_STARTING) and s.startup.died_starting(pid, exitcode):
             # (killed from outside: not the stage's fault, never counted here)
             raise PipelineError(f"workers of stage {s.name!r} keep dying before their setup "

@@ -62,7 +62,8 @@ from shmipc._slots import BUSY, DONE, READY, STARTING
 
 __all__ = ["Scheduler", "SlotRecord", "StageFailure", "StageRule", "Raise", "SLOT_WORDS",
            "MAX_PATH", "S_STARTING", "S_READY", "S_BUSY", "S_DONE",
-           "F_NONE", "F_PART", "F_LAST", "F_FUNC", "F_END", "F_COMPLETE", "progress_word"]
+           "F_NONE", "F_PART", "F_LAST", "F_FUNC", "F_END", "F_COMPLETE", "progress_word",
+           "is_envelope"]
 
 # the states of the slot table every worker runtime shares (shmipc._slots)
 S_STARTING, S_READY, S_BUSY, S_DONE = STARTING, READY, BUSY, DONE
@@ -73,6 +74,14 @@ MAX_PATH = SLOT_WORDS - 5
 
 def progress_word(sent: int, inflight: int) -> int:
     return sent * 8 + inflight
+
+
+def is_envelope(env: Any) -> bool:
+    """`env` (decoded from shared memory: untrusted) has an item envelope's
+    shape: (seq, credit, path, data, meta) with a path of ints."""
+    return (type(env) is tuple and len(env) == 5 and type(env[0]) is int and env[0] >= 0
+            and type(env[1]) is int and env[1] >= 0 and type(env[2]) is tuple
+            and len(env[2]) <= MAX_PATH and all(type(x) is int for x in env[2]))
 
 
 @dataclass(frozen=True)

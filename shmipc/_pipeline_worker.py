@@ -3,20 +3,24 @@ one item at a time, keeping its slot (see shmipc._pipeline_sched) up to date
 so the parent knows, if it dies, exactly what it held and what it had sent.
 
 Per item (the order is what makes a death decidable):
-  1. take an envelope from the stage's ring (slot READY);
+  1. take an envelope from the stage's ring, held: its record stays claimed
+     by this process (slot READY);
   2. with retries, keep a copy in this worker's stash ring;
-  3. write seq, credit and path, then state BUSY;
+  3. write seq, credit and path, then state BUSY; let the ring forget the
+     record (zero_copy: at 5, the input lives in it until then);
   4. before each put, write progress (sent, inflight) as one word; after it,
      (sent + 1, F_NONE), or (sent + 1, F_COMPLETE) after the item's last message;
   5. state DONE, empty the stash, state READY.
-A kill between 1 and 3 loses the item without a trace (the parent notices
-when the pipeline goes quiet); everything else is decided from the slot.
+A kill between 1 and 3 leaves the record claimed by a dead process: the
+stage's ring keeps it (Ring._keep_dead_claims) and the parent takes it back
+(Ring._take_back) to retry or fail the item at once; after 3, the slot says
+what was held and sent.
 """
 from __future__ import annotations
 
 import queue
 import types
-from typing import Any, Callable
+from typing import Any
 
 from shmipc._pipeline_sched import (F_COMPLETE, F_END, F_FUNC, F_LAST, F_NONE, F_PART, S_BUSY,
                                     S_DONE, S_READY, SLOT_WORDS)
@@ -80,29 +84,30 @@ class StageWorker:
 
     def _loop(self) -> None:
         ctrl = self.ctrl
-        # zero_copy: the input stays in the ring (claimed) until handled: no copy out
-        take = self._take_view if self.zero_copy else self.inring.get
         while not ctrl[0]:
-            got = next_message(take, self.owner, lambda: bool(ctrl[0]))
+            got = next_message(self._take, self.owner, lambda: bool(ctrl[0]))
             if got is GONE:
                 return
-            view, env = got if self.zero_copy else (None, got)
+            held, env = got
             del got
             try:
                 if ctrl[0]:
                     return
-                self._handle(env)
-            finally:
+                self._handle(env, held)
                 del env
-                if view is not None:
-                    view.__exit__(None, None, None)
+                self._finish(held)
+            finally:
+                held.__exit__(None, None, None)     # (once: a second call does nothing)
 
-    def _take_view(self, timeout: float) -> tuple[Any, tuple]:
-        view = self.inring.get_view(timeout=timeout)
-        return view, view.__enter__()
+    def _take(self, timeout: float) -> tuple[Any, tuple]:
+        """The next envelope, its record held (step 1). zero_copy: the input
+        is read over the ring (no copy out) until the item is done."""
+        ring = self.inring
+        held = ring.get_view(timeout=timeout) if self.zero_copy else ring._get_held(timeout=timeout)
+        return held, held.__enter__()
 
     # ------------------------------------------------------------ one item
-    def _handle(self, env: tuple) -> None:
+    def _handle(self, env: tuple, held: Any) -> None:
         slots, base = self.slots, self.base
         if self.stash is not None:
             self.stash.put(repack(env))
@@ -115,6 +120,8 @@ class StageWorker:
         for i, step in enumerate(path):
             slots[base + 5 + i] = step
         slots[base] = S_BUSY
+        if not self.zero_copy:
+            held.__exit__(None, None, None)     # written down: the ring may forget it
         self.seq, self.e, self.path, self.sent = seq, e, path, 0
         try:
             try:
@@ -138,7 +145,13 @@ class StageWorker:
             self._fail(exc)
         except Exception as exc:
             self._fail(exc)
+
+    def _finish(self, held: Any) -> None:
+        """Step 5. The held input (zero_copy) is let go while the slot says
+        DONE: from then on a kill is settled by the slot, never retried."""
+        slots, base = self.slots, self.base
         slots[base] = S_DONE
+        held.__exit__(None, None, None)
         if self.stash is not None:
             with self.stash.get_view(timeout=0):
                 pass

@@ -45,8 +45,8 @@ def doubled(first: float, cap: float, times: int) -> float:
 PIPELINE_POLL_S = 0.05       # the parent's longest sleep before it looks at its workers
 FEED_SLICE_S = 0.002         # longest the parent reads the source before it drains results
 REAP_EVERY_S = 0.1           # how often the parent checks for dead workers
+CLAIM_WAIT_S = 0.05          # the pipeline's parent waits this long for a stage ring's consumer side (take-back)
 QUIET_S = 1.0                # nothing moving this long after a death: stuck items are lost
-JAM_WAIT_S = 0.08            # a wait on a full, empty first ring (longer than the ring's quiet slice)
 SPAWN_GIVE_UP_S = 15.0       # a worker that cannot be started for this long stops the pipeline
 
 # ---------------------------------------------------------------- parent: the Ray path (shmipc.cluster)

@@ -51,10 +51,15 @@ Failure model
     :class:`~shmipc.errors.WorkerLost` under ``on_error``, or is retried up
     to ``retries`` times if it had sent nothing yet (the worker keeps a copy
     of its current input in a small ring of its own when retries are on).
-    If a worker dies in the instant between taking an item and writing its
-    slot, nothing records the item: once nothing has moved for QUIET_S with
-    every ring empty and no worker busy, unfinished items fail with
-    WorkerLost (so nothing hangs), and a late result is dropped (counted).
+    A worker takes an item with its ring record claimed, and lets the ring
+    forget it only once its slot says it holds the item: killed in between,
+    it leaves the record claimed, and the parent takes it back from the ring
+    (which keeps dead consumers' claims for it) and retries or fails the
+    item at once. Only garbage in shared memory (a slot or a claim that does
+    not decode) can lose an item without a trace: once nothing has moved
+    for QUIET_S with every ring empty and no worker busy, unfinished items
+    then fail with WorkerLost (so nothing hangs), and a late result is
+    dropped (counted).
   * Only workers that keep dying by their own hand before their setup
     finished stop the pipeline (PipelineError, after MAX_START_DEATHS in a
     row), or a worker that cannot be started for SPAWN_GIVE_UP_S (15 s) by
@@ -86,14 +91,15 @@ from typing import Any, Iterable, Iterator
 from shmipc import _ring
 from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, ON_ERROR, PipelineAPI  # noqa: F401
 from shmipc._pipeline_crew import Crew, Stage
-from shmipc._pipeline_sched import MAX_PATH, SLOT_WORDS, Raise, Scheduler, StageFailure, StageRule
+from shmipc._pipeline_sched import (MAX_PATH, S_BUSY, S_DONE, SLOT_WORDS, Raise, Scheduler, StageFailure,
+                                    StageRule, is_envelope)
 from shmipc._slots import SlotTable
-from shmipc._waiting import FEED_SLICE_S, JAM_WAIT_S, QUIET_S, REAP_EVERY_S
+from shmipc._waiting import CLAIM_WAIT_S, FEED_SLICE_S, QUIET_S, REAP_EVERY_S
 from shmipc._waiting import PIPELINE_POLL_S as POLL_S
 from shmipc._wire import (K_DONE, K_FATAL, K_RESULT, PipelineError, RemoteTraceback, pack,
                           rebuild_error, repack, unpack)
 from shmipc.arena import Arena
-from shmipc.errors import MessageTooLarge, RingClosed, WorkerLost
+from shmipc.errors import CorruptMessage, MessageTooLarge, RingClosed, WorkerLost
 
 __all__ = ["Pipeline", "PipelineError", "RemoteTraceback", "StageFailure"]
 
@@ -255,6 +261,9 @@ class Pipeline(PipelineAPI):
                 # stage 0's input has one producer: this (single-threaded) parent
                 s.ring = arena.ring(s.ring_capacity, producers="one" if s.index == 0 else "many",
                                     consumers="many")
+                # a worker killed before it wrote down the item it took leaves
+                # the item claimed in the ring, for _reap to take back
+                s.ring._keep_dead_claims()
                 if s.retries:
                     s.stashes = [arena.ring(s.ring_capacity, producers="many", consumers="many")
                                  for _ in range(s.workers)]
@@ -273,7 +282,7 @@ class Pipeline(PipelineAPI):
         self._last_move = time.monotonic()
         self._moves = -1
         self._maybe_lost = False              # a death may have lost an item without a trace
-        self._last_unjam = 0.0                # see _unjam
+        self._unsettled: list = []            # deaths whose ring could not be looked at yet (_reap)
         self._crew = Crew(self)
         self._started = True
         try:
@@ -286,19 +295,56 @@ class Pipeline(PipelineAPI):
     def _reap(self) -> None:
         """Find dead workers; settle what they held and start replacements."""
         dead = self._crew.poll()
-        if not dead:
+        if not dead and not self._unsettled:
             return
         # what a dead worker committed to the output ring is there now: take
         # it all before deciding what it lost (so a delivered result counts)
         self._drain_all()
         for d in dead:
-            if d.untraced:
-                self._maybe_lost = True   # idle, or between taking an item and writing it
-            env = self._sched.worker_lost(d.stage.index, d.slot, d.stashed, d.lost)
-            if env is not None:
-                self._requeue.append((d.stage, env))
             if not self._closed:
                 self._crew.replace(d.stage, d.j)
+        pending, self._unsettled = self._unsettled + dead, []
+        had = {s.index: self._take_back(s, {d.pid for d in pending if d.stage is s})
+               for s in {d.stage.index: d.stage for d in pending}.values()}
+        for d in pending:
+            s = d.stage
+            if not had[s.index]:
+                self._unsettled.append(d)   # its ring's consumer side was busy: next time
+                continue
+            claim = s.claims.pop(d.pid, None)
+            stashed = d.stashed
+            untraced = d.slot is None or d.slot.state not in (S_BUSY, S_DONE)
+            if untraced and stashed is None and claim is not None and not isinstance(claim, BaseException):
+                stashed = claim             # taken, not yet written down: as if stashed
+            elif untraced and stashed is None:
+                # idle, or garbage in its slot or claim: nothing says what it
+                # held (normally nothing); see _settle_stuck
+                self._maybe_lost = True
+            env = self._sched.worker_lost(s.index, d.slot, stashed, d.lost)
+            if env is not None:
+                self._requeue.append((s, env))
+
+    def _take_back(self, s: Stage, dead: set[int]) -> bool:
+        """Collect in s.claims, by pid, the items of s's ring claimed by its
+        workers that died (see shmipc._pipeline_worker), for _reap to settle
+        with their slots. `dead`: the pids of s's workers known dead. False if
+        the ring's consumer side could not be had now (a live worker holds
+        it: tried again at the next reap)."""
+        taken = s.ring._take_back(CLAIM_WAIT_S)
+        if taken is None:
+            return False
+        for pid, env in taken:
+            if pid in s.claims or (pid not in dead and pid not in s.pids):
+                # not one of the stage's workers (or a second claim): garbage
+                # in the ring named the owner; its item is settled as lost
+                # once the pipeline goes quiet (_settle_stuck)
+                self._maybe_lost = True
+                continue
+            if not isinstance(env, BaseException) and not is_envelope(env):
+                env = CorruptMessage(f"a record claimed in stage {s.name!r}'s ring holds "
+                                     f"{type(env).__name__}, not an item")
+            s.claims[pid] = env     # (a live pid: its death is reported a little later)
+        return True
 
     # ------------------------------------------------------------ the parent loop
     def _iterate(self) -> Iterator[Any]:
@@ -375,8 +421,7 @@ class Pipeline(PipelineAPI):
                 try:
                     s.ring.put_nowait(repack(env))
                 except queue.Full:
-                    if not self._unjam(s.ring, repack(env)):
-                        keep.append((s, env))
+                    keep.append((s, env))
             self._requeue[:] = keep
         # One item at a time: a source that blocks (a socket, a queue) must not
         # hold back items it already produced, waiting to fill a batch; and
@@ -404,7 +449,7 @@ class Pipeline(PipelineAPI):
             try:
                 put(env)
             except queue.Full:
-                self._unsent = None if self._unjam(self._stages[0].ring, env) else env
+                self._unsent = env
                 return False
             except (MessageTooLarge, pickle.PicklingError, TypeError, AttributeError) as exc:
                 self._unsent = None
@@ -413,22 +458,6 @@ class Pipeline(PipelineAPI):
             self._unsent = None
             if time.monotonic() - t0 >= FEED_SLICE_S:
                 return True
-
-    def _unjam(self, ring: Any, env: tuple) -> bool:
-        """`ring` is full with nothing queued: its room is held by records a
-        killed worker had claimed (zero_copy). The ring gives such room back
-        only to a producer that waits (after one of its quiet slices), and
-        this parent never waits on its puts; so, at most every JAM_WAIT_S,
-        put `env` with a brief wait. True if it went in."""
-        now = time.monotonic()
-        if ring.qsize() or now - self._last_unjam < JAM_WAIT_S:
-            return False
-        self._last_unjam = now
-        try:
-            ring.put(env, timeout=JAM_WAIT_S)
-        except queue.Full:
-            return False
-        return True
 
     def _source_item_failed(self, seq: int, exc: BaseException) -> None:
         """A source item that cannot be sent to the first stage fails alone."""
@@ -484,24 +513,27 @@ class Pipeline(PipelineAPI):
         self._sched.error(stage_index, seq, credit, path, exc, tb)
 
     def _settle_stuck(self, now: float) -> None:
-        """After a worker died idle, an item it had just taken (before it
-        could write its slot) may be lost without a trace. When nothing is
-        being fed, every ring is empty, no worker holds an item, and nothing
-        moved for QUIET_S, the unfinished items are failed with WorkerLost."""
+        """Garbage in a dead worker's slot, or in a record it had claimed,
+        may have lost an item without a trace (a worker killed at any
+        instant leaves none: see _reap). When nothing is being fed, every
+        ring is empty with no record held, no worker holds an item, and
+        nothing moved for QUIET_S, the unfinished items are failed with
+        WorkerLost."""
         sched = self._sched
         if not sched.outstanding:
             self._maybe_lost = False
             return
-        moves = sum(s.ring.stats(recover=False)["messages_out"] for s in self._stages) + \
-            self._out.stats(recover=False)["messages_out"]
+        stats = [s.ring.stats(recover=False) for s in self._stages] + [self._out.stats(recover=False)]
+        moves = sum(st["messages_out"] for st in stats)
         if moves != self._moves:
             self._moves = moves
             self._last_move = now
             return
-        if now - self._last_move < QUIET_S or self._requeue or self._unsent is not None:
+        if (now - self._last_move < QUIET_S or self._requeue or self._unsent is not None
+                or self._unsettled):
             return
-        if any(s.ring.qsize() for s in self._stages) or self._out.qsize():
-            return
+        if any(st["qsize"] or st["bytes_held"] for st in stats):
+            return                  # (an item claimed by a live worker that has not written it down yet)
         if self._crew.busy():
             return
 

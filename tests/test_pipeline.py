@@ -5,16 +5,20 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import queue
 import signal
+import threading
 import time
 
 import pytest
 
 import shmipc
+from shmipc._pipeline_sched import S_READY, SLOT_WORDS
 from shmipc._proc import pid_alive
+from shmipc._waiting import QUIET_S
 from shmipc.pipeline import Pipeline, PipelineError, RemoteTraceback, StageFailure
 
-from conftest import fork_child, wait_child
+from conftest import fork_child, wait_child, wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -748,6 +752,133 @@ def test_item_lost_without_a_trace_does_not_stall_an_infinite_source(no_leaks):
     _PIPELINE_UNDER_TEST = None
     assert out == [x for x in range(51) if x != 5]
     assert [f.seq for f in p.errors] == [5]
+
+
+def _fill(ring) -> int:
+    """Fill `ring` with filler messages until a put would block; returns how many."""
+    n = 0
+    while True:
+        try:
+            ring.put_nowait(b"filler" * 100)
+        except queue.Full:
+            return n
+        n += 1
+
+
+def _drain(ring, n: int) -> None:
+    for _ in range(n):
+        assert ring.get(timeout=10) == b"filler" * 100
+
+
+def _in_the_window(p, j: int) -> bool:
+    """Worker j of stage 0 has taken an item and is blocked writing its copy
+    to its stash ring: between the take and its slot write."""
+    s = p._stages[0]
+    return bool(s.stashes) and (s.stashes[j].stats(recover=False)["producers_waiting"] >= 1
+            and p._slots.words[(s.slot_base + j) * SLOT_WORDS] == S_READY)
+
+
+class _Helper(threading.Thread):
+    """Runs `fn` beside the test's results() loop over pipeline `p`; if it
+    fails, closes `p` (so results() ends at once) and check() re-raises."""
+
+    def __init__(self, fn, p):
+        super().__init__(daemon=True)
+        self.fn, self.p, self.exc = fn, p, None
+
+    def run(self):
+        try:
+            self.fn()
+        except BaseException as exc:     # noqa: BLE001 (re-raised in join)
+            self.exc = exc
+            self.p.close()
+
+    def check(self):
+        assert not self.is_alive(), "the helper thread did not finish"
+        if self.exc is not None:
+            raise self.exc
+
+
+@pytest.mark.timeout(60)
+def test_worker_killed_between_taking_an_item_and_writing_it_down_gets_it_retried(no_leaks):
+    # The worker's stash ring is filled first, so the worker that takes item 0
+    # blocks copying it there: after the take, before its slot says it holds
+    # the item. SIGKILLed there, it leaves the item claimed in the stage's
+    # ring, and the parent takes it back and retries it (before: lost without
+    # a trace, failed with WorkerLost once the pipeline had been quiet for 1 s).
+    state = {}
+
+    def source():
+        s = p._stages[0]
+        state["filler"] = _fill(s.stashes[0])
+        yield from range(20)
+
+    def attack():
+        s = p._stages[0]
+        wait_until(lambda: _in_the_window(p, 0), what="worker 0 blocked between take and slot write")
+        pid = s.pids[0]
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: s.deaths == 1 and s.ring.stats(recover=False)["recoveries"],
+                   what="the parent took the item back")
+        _drain(s.stashes[0], state["filler"] - 1)   # (the parent read one as the dead worker's copy)
+        stats = s.ring.stats()
+        state["killed"], state["ring"] = pid, (stats["recoveries"], stats["lost"])
+
+    with Pipeline(source(), retries=1, on_error="collect") as p:
+        p.stage(double, workers=1, ring_capacity=1 << 16)
+        helper = _Helper(attack, p)
+        helper.start()
+        try:
+            out = list(p.results())
+        finally:
+            helper.join(30)
+    assert p.errors == []
+    assert out == [2 * x for x in range(20)]
+    helper.check()
+    assert p._sched.retried == 1
+    assert state["ring"] == (1, 0)      # (recoveries, lost): handed back, not lost
+
+
+@pytest.mark.timeout(60)
+def test_live_worker_between_take_and_slot_write_is_not_failed_when_another_dies_idle(no_leaks):
+    # Worker 0 is held in the same window (its stash ring full) for longer than
+    # the parent's quiet time, while worker 1, idle, is killed. Before, the
+    # parent saw an idle death, every ring empty and no worker busy, and failed
+    # worker 0's item with WorkerLost although worker 0 still had it; now the
+    # record worker 0 holds claimed keeps the pipeline from looking quiet.
+    state = {}
+
+    def source():
+        state["filler"] = _fill(p._stages[0].stashes[0])
+        yield from range(10)
+
+    def attack():
+        s = p._stages[0]
+        base1 = (s.slot_base + 1) * SLOT_WORDS
+        wait_until(lambda: _in_the_window(p, 0) and s.ring.qsize() == 0
+                   and p._slots.words[base1] == S_READY and p._sched.ncomplete == 9,
+                   what="worker 0 in the window, the other items done, worker 1 idle")
+        os.kill(s.pids[1], signal.SIGKILL)
+        wait_until(lambda: s.deaths == 1, what="the parent noticed the death")
+        reaped = time.monotonic()
+        # the time under test: the parent's quiet rule acted after QUIET_S
+        wait_until(lambda: time.monotonic() > reaped + QUIET_S + 0.5 or p.errors,
+                   what="the quiet time passed")
+        _drain(s.stashes[0], state["filler"])
+        state["done"] = True
+
+    with Pipeline(source(), on_error="collect", retries=1) as p:
+        p.stage(double, workers=2, ring_capacity=1 << 16)
+        helper = _Helper(attack, p)
+        helper.start()
+        try:
+            out = list(p.results())
+        finally:
+            helper.join(30)
+    assert p.errors == []
+    assert out == [2 * x for x in range(10)]
+    helper.check()
+    assert state.get("done")
 
 
 def yield_three_but_die_on_four(x):
