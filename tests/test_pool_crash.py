@@ -710,24 +710,30 @@ def test_zygotes_killed_while_the_pool_is_made_never_stop_it(no_leaks, capfd, ki
     multiprocessing.Pool, whose constructor only forks): the constructor
     returns, the workers start once the kills end, and the work is done.
     Before, the constructor raised BrokenPipeError("could not start a worker
-    for slot 0") within 0.2 s."""
-    end = time.monotonic() + 1.0
-    kills: list[int] = []
-    killer = threading.Thread(target=lambda: kills.append(kill_storm(lambda: time.monotonic() >= end,
-                                                                      method == "forkserver")), daemon=True)
-    killer.start()
-    try:
-        if kind == "Pool":
-            with shmipc.Pool(2, context=method) as p:
-                got = p.map(abs, range(-20, 20))
-        else:
-            with shmipc.ProcessPoolExecutor(2, mp_context=method) as ex:
-                got = list(ex.map(abs, range(-20, 20)))
-    finally:
-        killer.join()
-    assert kills[0] >= 3, f"the attack killed only {kills[0]} processes"
-    assert got == [abs(x) for x in range(-20, 20)]
-    assert "could not start a replacement worker" in capfd.readouterr().err     # it was retried
+    for slot 0") within 0.2 s. A storm may also miss (multiprocessing
+    restarts a killed fork server before the pool needs it): it is made
+    again, up to 4 times, until a start was hit and retried."""
+    for attempt in range(4):
+        end = time.monotonic() + 1.0
+        kills: list[int] = []
+        killer = threading.Thread(target=lambda: kills.append(kill_storm(lambda: time.monotonic() >= end,
+                                                                          method == "forkserver")),
+                                  daemon=True)
+        killer.start()
+        try:
+            if kind == "Pool":
+                with shmipc.Pool(2, context=method) as p:
+                    got = p.map(abs, range(-20, 20))
+            else:
+                with shmipc.ProcessPoolExecutor(2, mp_context=method) as ex:
+                    got = list(ex.map(abs, range(-20, 20)))
+        finally:
+            killer.join()
+        assert kills[0] >= 3, f"the attack killed only {kills[0]} processes"
+        assert got == [abs(x) for x in range(-20, 20)]
+        if "could not start a replacement worker" in capfd.readouterr().err:
+            return                                      # a start was hit, and retried
+    pytest.fail("in 4 storms, no start of a worker failed: the attack never hit")
 
 
 @pytest.mark.timeout(120)
