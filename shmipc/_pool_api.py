@@ -51,7 +51,7 @@ class PoolAPI:
     def apply(self, func: Callable, args: tuple = (), kwds: dict = {}) -> Any:  # noqa: B006 (as mp)
         """Call func(*args, **kwds) in a worker and return its result."""
         self._check_running()
-        return self._wait(self.apply_async(func, args, kwds))
+        return self._wait(lambda: self.apply_async(func, args, kwds))
 
     def apply_async(self, func: Callable, args: tuple = (), kwds: dict = {}, callback: Callable | None = None,  # noqa: B006
                     error_callback: Callable | None = None) -> ApplyResult:
@@ -80,12 +80,12 @@ class PoolAPI:
         if progress:
             items = iterable if hasattr(iterable, "__len__") else list(iterable)
             return list(self.imap(func, items, chunksize or self._default_chunksize(items), progress=True))
-        return self._wait(self._map_async(func, iterable, K_MAP, chunksize))
+        return self._wait(lambda: self._map_async(func, iterable, K_MAP, chunksize))
 
     def starmap(self, func: Callable, iterable: Iterable, chunksize: int | None = None) -> list:
         """[func(*args) for args in iterable], in chunks as map()."""
         self._check_running()
-        return self._wait(self._map_async(func, iterable, K_STARMAP, chunksize))
+        return self._wait(lambda: self._map_async(func, iterable, K_STARMAP, chunksize))
 
     def map_async(self, func: Callable, iterable: Iterable, chunksize: int | None = None,
                   callback: Callable | None = None, error_callback: Callable | None = None) -> MapResult:
@@ -145,10 +145,12 @@ class PoolAPI:
             out = track(out, total=total, desc=desc)
         return out
 
-    def _wait(self, result: ApplyResult) -> Any:
-        """get() that stops the workers on Ctrl-C before re-raising it."""
+    def _wait(self, start: Callable[[], ApplyResult]) -> Any:
+        """start().get(), stopping the workers on Ctrl-C before re-raising it:
+        also one that lands while the tasks are being submitted (some may
+        already run)."""
         try:
-            return result.get()
+            return start().get()
         except KeyboardInterrupt:
             self.terminate()
             raise
