@@ -370,10 +370,6 @@ def test_outside_kills_during_setup_do_not_stop_the_pipeline(no_leaks, tmp_path)
         assert p.stats()["stages"][0]["deaths"] >= want - 1
 
 
-def identity(x):
-    return x
-
-
 @pytest.mark.timeout(120)
 def test_close_from_another_thread_during_results_raises_one_clear_error(no_leaks):
     """F3: close() from another thread while results() runs: the loop raises
@@ -846,16 +842,20 @@ def test_live_worker_between_take_and_slot_write_is_not_failed_when_another_dies
     # parent saw an idle death, every ring empty and no worker busy, and failed
     # worker 0's item with WorkerLost although worker 0 still had it; now the
     # record worker 0 holds claimed keeps the pipeline from looking quiet.
+    # Both stash rings start full, so each worker blocks on its first item (else
+    # worker 1 may take all ten before worker 0 starts); worker 1 is let go first.
     state = {}
 
     def source():
-        state["filler"] = _fill(p._stages[0].stashes[0])
+        state["filler"] = [_fill(ring) for ring in p._stages[0].stashes]
         yield from range(10)
 
     def attack():
         s = p._stages[0]
+        wait_until(lambda: _in_the_window(p, 0) and _in_the_window(p, 1), what="both workers in the window")
+        _drain(s.stashes[1], state["filler"][1])
         base1 = (s.slot_base + 1) * SLOT_WORDS
-        wait_until(lambda: _in_the_window(p, 0) and s.ring.qsize() == 0
+        wait_until(lambda: s.ring.qsize() == 0
                    and p._slots.words[base1] == S_READY and p._sched.ncomplete == 9,
                    what="worker 0 in the window, the other items done, worker 1 idle")
         os.kill(s.pids[1], signal.SIGKILL)
@@ -864,7 +864,7 @@ def test_live_worker_between_take_and_slot_write_is_not_failed_when_another_dies
         # the time under test: the parent's quiet rule acted after QUIET_S
         wait_until(lambda: time.monotonic() > reaped + QUIET_S + 0.5 or p.errors,
                    what="the quiet time passed")
-        _drain(s.stashes[0], state["filler"])
+        _drain(s.stashes[0], state["filler"][0])
         state["done"] = True
 
     with Pipeline(source(), on_error="collect", retries=1) as p:
