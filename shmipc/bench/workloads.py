@@ -165,7 +165,15 @@ def _receive_round(ep: Endpoint, mode: str, kind: str, pool: list, objects: bool
         while True:
             got = recv_many()
             k = len(got)
-            if k <= count and got == doubled[i:i + k]:
+            if k == 1:
+                # (large messages come one a call: compared as the single
+                # receiver compares, without a slice of the expected list,
+                # whose cost would be the verification's, not the ring's)
+                if got[0] == pool[i]:
+                    n += 1
+                    i = (i + 1) % count
+                    continue
+            elif k <= count and got == doubled[i:i + k]:
                 n += k
                 i = (i + k) % count
                 continue
