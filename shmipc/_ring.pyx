@@ -1027,7 +1027,7 @@ cdef class Ring:
         (records claimed by it are released by _reclaim_dead_claims, or in
         a ring that keeps dead claims, left claimed for _take_back)."""
         cdef shm_ring_t *h = self.hdr
-        cdef uint64_t head, cursor, tail, pos, length, taken = 0
+        cdef uint64_t head, cursor, tail, pos, length, taken = 0, kept = 0
         cdef shm_rec_t *r
         shm_add64(&h.counters.recoveries, 1)
         if kind == W_PLOCK:
@@ -1041,12 +1041,15 @@ cdef class Ring:
             while pos < cursor:
                 length = self._check_record(pos, head)
                 r = self._rec_at(pos)
-                if r.tag != TAG_PAD and not (self.keep_dead_claims and r.state == SHM_REC_CLAIMED):
+                if r.tag != TAG_PAD:
                     taken += 1
-                    shm_store_rel8(&r.state, SHM_REC_DONE)
+                    if self.keep_dead_claims and r.state == SHM_REC_CLAIMED:
+                        kept += 1       # taken, not lost: for _take_back
+                    else:
+                        shm_store_rel8(&r.state, SHM_REC_DONE)
                 pos += length
         h.cons.msgs = h.cons.lock_msgs + taken
-        shm_add64(&h.counters.lost, taken)
+        shm_add64(&h.counters.lost, taken - kept)
         self._reclaim_dead_claims()
         return 0
 

@@ -1179,3 +1179,26 @@ def test_a_dead_claim_whose_payload_is_garbage_is_handed_back_as_an_error(arena)
     assert got_pid == pid and isinstance(exc, shmipc.errors.CorruptMessage)
     assert ring.stats()["bad_messages"] == 1
     assert ring.get(timeout=1) == b"next"
+
+
+@pytest.mark.timeout(30)
+def test_a_consumer_killed_holding_the_consumer_side_after_its_claim_leaves_the_message_for_take_back(arena):
+    # as if killed inside _get_held's take: the record claimed, the consumer
+    # side still locked by it (its lock word and the position it locked at)
+    ring = arena.ring(1 << 16, producers="one", consumers="many")
+    ring._keep_dead_claims()
+    ring.put(b"first")
+    ring.put(b"second")
+    ready = arena.ring(1 << 16)
+    pid = fork_child(_hold_until_killed, ring, ready)
+    assert ready.get(timeout=10) == b"first"
+    ident = _ident(pid)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_child(pid) == -signal.SIGKILL
+    poke(ring, "cons.lock", "<Q", ident)
+    poke(ring, "cons.lock_pos", "<Q", 0)            # it locked before the first record
+    poke(ring, "cons.lock_msgs", "<Q", 0)
+    assert ring._take_back() == [(pid, b"first")]
+    stats = ring.stats()
+    assert (stats["lost"], stats["messages_out"], stats["bytes_held"]) == (0, 1, 0)
+    assert ring.get(timeout=1) == b"second"
