@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import time
 import traceback
 from typing import Any, Callable
@@ -47,6 +48,28 @@ def wait_child(pid: int, timeout: float = 30.0) -> int:
             os.waitpid(pid, 0)
             pytest.fail(f"child {pid} still running after {timeout} s (killed)")
         time.sleep(0.005)
+
+
+def region_of(ring):
+    """The ring's region in its arena: (buffer, offset of the ring header)."""
+    region = next(r for r in ring.arena.regions() if r.name == ring.name)
+    return ring.arena.buf, region.offset
+
+
+def poke(ring, field, fmt, value):
+    """Write `value` (struct format `fmt`) into `ring`'s header field (a name
+    of _ring._layout()): hostile values, or the state a killed process leaves."""
+    from shmipc import _ring
+
+    buf, base = region_of(ring)
+    struct.pack_into(fmt, buf, base + _ring._layout()[field], value)
+
+
+def ident(pid):
+    """A live process's ring identity: its pid and start-time token."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[19]) % 0xFFFFFFFF + 1) << 32 | pid
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "the condition") -> None:

@@ -18,7 +18,7 @@ from shmipc._proc import pid_alive
 from shmipc._waiting import QUIET_S
 from shmipc.pipeline import Pipeline, PipelineError, RemoteTraceback, StageFailure
 
-from conftest import fork_child, wait_child, wait_until
+from conftest import fork_child, ident, poke, wait_child, wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -761,9 +761,35 @@ def _fill(ring) -> int:
         n += 1
 
 
+_GATE = None             # a file: while it exists, gated_double waits (inherited by the workers)
+
+
+def gated_double(x):
+    while _GATE is not None and os.path.exists(_GATE):
+        time.sleep(0.001)
+    return 2 * x
+
+
 def _drain(ring, n: int) -> None:
-    for _ in range(n):
-        assert ring.get(timeout=10) == b"filler" * 100
+    """Take the `n` filler messages back out of a stash ring that a blocked
+    worker waits to put into. The gate is shut meanwhile: a worker let go
+    must not finish its item, and take the first message of its stash
+    (a filler, still), before all of them are out."""
+    with open(_GATE, "w"):
+        pass
+    try:
+        for _ in range(n):
+            assert ring.get(timeout=10) == b"filler" * 100
+    finally:
+        os.unlink(_GATE)
+
+
+@pytest.fixture
+def gate(tmp_path):
+    global _GATE
+    _GATE = str(tmp_path / "gate")
+    yield
+    _GATE = None
 
 
 def _in_the_window(p, j: int) -> bool:
@@ -795,8 +821,23 @@ class _Helper(threading.Thread):
             raise self.exc
 
 
+def _results_beside(p, attack) -> tuple[list, _Helper]:
+    """list(p.results()) with `attack` running in a helper thread; if the
+    helper failed (and so closed p), its error is raised, not the close's."""
+    helper = _Helper(attack, p)
+    helper.start()
+    try:
+        out = list(p.results())
+    except PipelineError:
+        helper.join(30)
+        helper.check()
+        raise
+    helper.join(30)
+    return out, helper
+
+
 @pytest.mark.timeout(60)
-def test_worker_killed_between_taking_an_item_and_writing_it_down_gets_it_retried(no_leaks):
+def test_worker_killed_between_taking_an_item_and_writing_it_down_gets_it_retried(no_leaks, gate):
     # The worker's stash ring is filled first, so the worker that takes item 0
     # blocks copying it there: after the take, before its slot says it holds
     # the item. SIGKILLed there, it leaves the item claimed in the stage's
@@ -821,13 +862,8 @@ def test_worker_killed_between_taking_an_item_and_writing_it_down_gets_it_retrie
         state["killed"], state["ring"] = pid, (stats["recoveries"], stats["lost"])
 
     with Pipeline(source(), retries=1, on_error="collect") as p:
-        p.stage(double, workers=1, ring_capacity=1 << 16)
-        helper = _Helper(attack, p)
-        helper.start()
-        try:
-            out = list(p.results())
-        finally:
-            helper.join(30)
+        p.stage(gated_double, workers=1, ring_capacity=1 << 16)
+        out, helper = _results_beside(p, attack)
     assert p.errors == []
     assert out == [2 * x for x in range(20)]
     helper.check()
@@ -836,7 +872,45 @@ def test_worker_killed_between_taking_an_item_and_writing_it_down_gets_it_retrie
 
 
 @pytest.mark.timeout(60)
-def test_live_worker_between_take_and_slot_write_is_not_failed_when_another_dies_idle(no_leaks):
+def test_a_death_is_settled_later_while_a_live_process_holds_the_stage_rings_consumer_side(no_leaks, gate):
+    # As the test above, but when the worker dies its stage ring's consumer
+    # side is held by a live process (its lock word names one): the parent
+    # cannot look at the ring's claims, so it leaves the death unsettled
+    # (no retry, no WorkerLost) and settles it at a later reap, once the
+    # consumer side is free: the item is then retried.
+    blocker = fork_child(time.sleep, 60)
+    state = {}
+
+    def source():
+        state["filler"] = _fill(p._stages[0].stashes[0])
+        yield from range(20)
+
+    def attack():
+        s = p._stages[0]
+        wait_until(lambda: _in_the_window(p, 0), what="worker 0 blocked between take and slot write")
+        poke(s.ring, "cons.lock", "<Q", ident(blocker))
+        os.kill(s.pids[0], signal.SIGKILL)
+        wait_until(lambda: s.deaths == 1 and p._unsettled, what="the death left unsettled")
+        state["unsettled"] = (p._sched.retried, len(p.errors))     # nothing decided yet
+        _drain(s.stashes[0], state["filler"] - 1)   # (the parent read one as the dead worker's copy)
+        poke(s.ring, "cons.lock", "<Q", 0)
+        wait_until(lambda: p._sched.retried == 1, what="the item retried once the ring could be read")
+
+    try:
+        with Pipeline(source(), retries=1, on_error="collect") as p:
+            p.stage(gated_double, workers=1, ring_capacity=1 << 16)
+            out, helper = _results_beside(p, attack)
+    finally:
+        os.kill(blocker, signal.SIGKILL)
+        wait_child(blocker)
+    assert p.errors == []
+    assert out == [2 * x for x in range(20)]
+    helper.check()
+    assert state["unsettled"] == (0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_live_worker_between_take_and_slot_write_is_not_failed_when_another_dies_idle(no_leaks, gate):
     # Worker 0 is held in the same window (its stash ring full) for longer than
     # the parent's quiet time, while worker 1, idle, is killed. Before, the
     # parent saw an idle death, every ring empty and no worker busy, and failed
@@ -868,13 +942,8 @@ def test_live_worker_between_take_and_slot_write_is_not_failed_when_another_dies
         state["done"] = True
 
     with Pipeline(source(), on_error="collect", retries=1) as p:
-        p.stage(double, workers=2, ring_capacity=1 << 16)
-        helper = _Helper(attack, p)
-        helper.start()
-        try:
-            out = list(p.results())
-        finally:
-            helper.join(30)
+        p.stage(gated_double, workers=2, ring_capacity=1 << 16)
+        out, helper = _results_beside(p, attack)
     assert p.errors == []
     assert out == [2 * x for x in range(10)]
     helper.check()

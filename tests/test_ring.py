@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 import shmipc
 import shmipc.errors
 from shmipc import _ring
-from conftest import fork_child, wait_child, wait_until_asleep
+from conftest import fork_child, ident as _ident, poke, region_of, wait_child, wait_until_asleep
 
 
 @pytest.fixture
@@ -645,17 +645,6 @@ def test_high_water_mark_catches_a_full_ring(arena):
 # ---------------------------------------------------------------- hardening (issue 9)
 # Hostile values are written at the ring's own field offsets (_ring._layout()).
 
-def region_of(ring):
-    """The ring's region in its arena: (buffer, offset of the ring header)."""
-    region = next(r for r in ring.arena.regions() if r.name == ring.name)
-    return ring.arena.buf, region.offset
-
-
-def poke(ring, field, fmt, value):
-    buf, base = region_of(ring)
-    struct.pack_into(fmt, buf, base + _ring._layout()[field], value)
-
-
 def _generator_producer(ring, big):
     # every item is a fresh object that only the generator refers to
     ring.put_many(bytes([i % 251]) * 3000 for i in range(200))
@@ -885,13 +874,6 @@ def _drop_a_view_while_the_lock_is_held(ring, owner_ident):
     t = time.monotonic()
     view.__exit__(None, None, None)                 # bounded too
     assert time.monotonic() - t < 3
-
-
-def _ident(pid):
-    """A live process's ring identity: its pid and start-time token."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[19]) % 0xFFFFFFFF + 1) << 32 | pid
 
 
 @pytest.mark.timeout(30)
