@@ -1070,25 +1070,32 @@ def _hold_until_killed(ring, ready):
         time.sleep(120)
 
 
+def _keeping(arena):
+    """A many-consumer ring that keeps dead consumers' claims."""
+    ring = arena.ring(1 << 16, producers="one", consumers="many")
+    ring._keep_dead_claims()
+    return ring
+
+
 def _killed_holding(ring):
     """Fork a consumer that takes the next message held, SIGKILL it inside the
-    block; returns (its pid, the message it reported)."""
+    block; returns (its pid, the message it reported, its ring identity)."""
     ready = ring.arena.ring(1 << 16)
     pid = fork_child(_hold_until_killed, ring, ready)
     msg = ready.get(timeout=10)
+    ident = _ident(pid)
     os.kill(pid, signal.SIGKILL)
     assert wait_child(pid) == -signal.SIGKILL
-    return pid, msg
+    return pid, msg, ident
 
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("first", [("item", 0, b"x" * 100), b"raw bytes", "text", 7])
 def test_a_killed_consumers_held_message_is_handed_back_where_dead_claims_are_kept(arena, first):
-    ring = arena.ring(1 << 16, producers="one", consumers="many")
-    ring._keep_dead_claims()
+    ring = _keeping(arena)
     for m in [first, ("item", 1), ("item", 2)]:
         ring.put(m)
-    pid, msg = _killed_holding(ring)
+    pid, msg, _ = _killed_holding(ring)
     assert msg == first
     stats = ring.stats()                    # recovery runs, and leaves the claim alone
     assert (stats["lost"], stats["recoveries"]) == (0, 0) and stats["bytes_held"] > 0
@@ -1113,8 +1120,7 @@ def test_without_keeping_dead_claims_a_killed_consumers_held_message_is_counted_
 
 @pytest.mark.timeout(30)
 def test_messages_held_by_live_consumers_are_never_handed_back(arena):
-    ring = arena.ring(1 << 16, producers="one", consumers="many")
-    ring._keep_dead_claims()
+    ring = _keeping(arena)
     ring.put(b"theirs")
     ring.put(b"ours")
     ready = arena.ring(1 << 16)
@@ -1134,10 +1140,9 @@ def test_messages_held_by_live_consumers_are_never_handed_back(arena):
 
 @pytest.mark.timeout(30)
 def test_take_back_gives_up_in_time_while_a_live_process_holds_the_consumer_side(arena, unrelated_live_pid):
-    ring = arena.ring(1 << 16, producers="one", consumers="many")
-    ring._keep_dead_claims()
+    ring = _keeping(arena)
     ring.put(b"held")
-    pid, _ = _killed_holding(ring)
+    pid, _, _ = _killed_holding(ring)
     poke(ring, "cons.lock", "<Q", _ident(unrelated_live_pid))
     t = time.monotonic()
     assert ring._take_back(0.2) is None
@@ -1148,11 +1153,10 @@ def test_take_back_gives_up_in_time_while_a_live_process_holds_the_consumer_side
 
 @pytest.mark.timeout(30)
 def test_a_dead_claim_whose_payload_is_garbage_is_handed_back_as_an_error(arena):
-    ring = arena.ring(1 << 16, producers="one", consumers="many")
-    ring._keep_dead_claims()
+    ring = _keeping(arena)
     ring.put(("a", "pickled", "tuple"))
     ring.put(b"next")
-    pid, _ = _killed_holding(ring)
+    pid, _, _ = _killed_holding(ring)
     buf, base = region_of(ring)
     L = _ring._layout()
     at = base + L["data"] + L["rec.header"]
@@ -1167,16 +1171,11 @@ def test_a_dead_claim_whose_payload_is_garbage_is_handed_back_as_an_error(arena)
 def test_a_consumer_killed_holding_the_consumer_side_after_its_claim_leaves_the_message_for_take_back(arena):
     # as if killed inside _get_held's take: the record claimed, the consumer
     # side still locked by it (its lock word and the position it locked at)
-    ring = arena.ring(1 << 16, producers="one", consumers="many")
-    ring._keep_dead_claims()
+    ring = _keeping(arena)
     ring.put(b"first")
     ring.put(b"second")
-    ready = arena.ring(1 << 16)
-    pid = fork_child(_hold_until_killed, ring, ready)
-    assert ready.get(timeout=10) == b"first"
-    ident = _ident(pid)
-    os.kill(pid, signal.SIGKILL)
-    assert wait_child(pid) == -signal.SIGKILL
+    pid, msg, ident = _killed_holding(ring)
+    assert msg == b"first"
     poke(ring, "cons.lock", "<Q", ident)
     poke(ring, "cons.lock_pos", "<Q", 0)            # it locked before the first record
     poke(ring, "cons.lock_msgs", "<Q", 0)
