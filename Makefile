@@ -10,7 +10,7 @@ EXTRAS ?= test,bench,ray
 SOURCES := shmipc/_ring.pyx shmipc/_ring.pxd shmipc/_codec.pxi shmipc/_posix.pxd shmipc/_shm.pxd shmipc/_shm.h setup.py
 PYTEST_ARGS ?=
 
-.PHONY: build test bench bench-quick readme-bench debug soak clean dist
+.PHONY: build test bench bench-quick bench-busy readme-bench debug soak clean dist
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ bench: build
 
 bench-quick: build
 	$(PY) -m shmipc bench --quick
+
+# the same comparison on a busy machine: one CPU-bound loop per usable CPU beside every measurement
+bench-busy: build
+	$(PY) -m shmipc bench --busy $$($(PY) -c "import os; print(len(os.sched_getaffinity(0)))")
 
 # the README's performance section and docs/bench.*, rewritten from one fresh run (~2 min)
 readme-bench: build

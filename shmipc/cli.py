@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pin the two processes of each measurement to the same CPU (as a busy machine's "
                         "scheduler may place them) or to two different CPUs (default: the scheduler decides; "
                         "pools are never pinned)")
+    b.add_argument("--busy", type=int, default=0, metavar="N",
+                   help="run N CPU-bound loops (pinned one per CPU in turn) beside every measurement, as other "
+                        "work on a busy machine would: --busy 2 on two cores keeps both busy (default 0)")
     b.add_argument("--json", metavar="FILE", help="write every figure (all rounds) as JSON")
     b.add_argument("--plot", metavar="FILE.png", help="draw throughput against message size (matplotlib)")
     b.add_argument("--markdown", metavar="FILE", help="write the tables as Markdown")
@@ -137,7 +140,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     seconds = args.seconds if args.seconds is not None else (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
     try:
         options = Options(repeat=repeat, seconds=seconds, timeout=args.timeout, processes=args.processes,
-                          progress=not args.no_progress, pin=args.pin)
+                          progress=not args.no_progress, pin=args.pin, busy=args.busy)
         if args.sizes is not None:
             options.sizes = [parse_size(s) for s in args.sizes]
         if args.transports is not None:
@@ -170,7 +173,11 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     except ValueError as exc:
         print(f"shmipc bench: error: {exc}", file=sys.stderr)
         return 2
-    report = run(options)
+    try:
+        report = run(options)
+    except RuntimeError as exc:         # --busy loops that would not start
+        print(f"shmipc bench: error: {exc}", file=sys.stderr)
+        return 1
     print(format_report(report))
     unwritten = 0
 

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from shmipc.bench import Options, format_report, get_transports, markdown_tables, parse_size, plan, plot
-from shmipc.bench.runner import Spec, run_one
+from shmipc.bench.runner import BUSY_LOOP_LABEL, Spec, busy_loops, run_one
 from shmipc.bench.transports import Endpoint, OsPipe, ShmipcRing, Transport, _OsPipeChannel
 from shmipc.bench.workloads import message_pool
 
@@ -283,6 +283,52 @@ def test_pinned_measurement(tmp_path, no_leaks):
         assert split[0] != split[1]
     with pytest.raises(ValueError, match="--pin"):
         _opts(pin="elsewhere").check()
+
+
+def _stat(pid: int) -> tuple[str, int]:
+    """(state, last CPU) of a process, from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return fields[0], int(fields[36])
+
+
+@pytest.mark.timeout(60)
+def test_busy_loops_run_pinned_one_per_cpu_and_are_gone_after(no_leaks):
+    cpus = sorted(os.sched_getaffinity(0))
+    with busy_loops(2) as pids:
+        assert len(pids) == 2
+        for i, pid in enumerate(pids):
+            assert os.sched_getaffinity(pid) == {cpus[i % len(cpus)]}
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                assert BUSY_LOOP_LABEL.encode() in f.read()
+            # each said it runs its loop: it is runnable, not asleep
+            assert _stat(pid)[0] == "R"
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)                     # killed and reaped
+    with busy_loops(0) as none:
+        assert none == []
+
+
+@pytest.mark.timeout(60)
+def test_a_busy_loop_that_cannot_start_is_an_error_and_none_is_left(monkeypatch):
+    monkeypatch.setattr("sys.executable", "/bin/false")    # every "loop" exits at once
+    with pytest.raises(RuntimeError, match=r"--busy: busy loop 1 of 2 \(pid \d+\) exited with status"):
+        with busy_loops(2):
+            pass
+    with pytest.raises(ValueError, match="--busy must be between 0 and 64, got 65"):
+        _opts(busy=65).check()
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_run_is_measured_and_says_so(tmp_path, no_leaks):
+    options = _opts(repeat=1, busy=2, sizes=[64], workloads=["throughput"], transports=["shmipc.ring"])
+    from shmipc.bench import run
+
+    report = run(options)
+    assert report["options"]["busy"] == 2
+    assert report["records"] and all(r["status"] == "ok" for r in report["records"]), report["records"]
+    assert "busy: 2 CPU-bound loops ran beside every measurement" in format_report(report)
 
 
 # ---------------------------------------------------------------- cheating transports are caught

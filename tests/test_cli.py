@@ -123,6 +123,30 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
 
 
 @pytest.mark.timeout(60)
+def test_bench_killed_leaves_no_busy_loop():
+    """SIGKILL of `shmipc bench --busy 2` (no finally runs): the kernel kills
+    its busy loops with it."""
+    from shmipc.bench.runner import BUSY_LOOP_LABEL
+
+    proc = subprocess.Popen([sys.executable, "-m", "shmipc", "bench", "--no-progress", "--busy", "2",
+                             "--workloads", "throughput", "--seconds", "0.5", "--repeat", "20"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    loops = f"\0{proc.pid}\0{BUSY_LOOP_LABEL}"     # in each loop's command line
+    try:
+        deadline = time.monotonic() + 30
+        while len(_processes_with(loops)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(_processes_with(loops)) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while _processes_with(loops) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_with(loops) == []
+
+
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("args,message", [
     (["--transports", "carrier-pigeon"], "unknown transport 'carrier-pigeon'"),
     (["--sizes", "huge"], "not a message size: 'huge'"),
@@ -132,6 +156,7 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
     (["--timeout", "nan"], "--timeout must be > 0 s"),
     (["--processes", "100000"], "--processes must be between 1 and 64"),
     (["--workloads", "everything"], "unknown workload 'everything'"),
+    (["--busy", "-1"], "--busy must be between 0 and 64, got -1"),
 ])
 def test_bench_bad_arguments_exit_2(args, message):
     proc = shmipc_cmd("bench", *args)

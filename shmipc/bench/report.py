@@ -244,6 +244,11 @@ _PIN = {"same": "both processes of each measurement on one CPU (--pin same)",
         "split": "the two processes of each measurement on two different CPUs (--pin split)"}
 
 
+def _busy_line(n: int) -> str:
+    return (f"busy: {n} CPU-bound loop{'s' if n != 1 else ''} ran beside every measurement, pinned one per "
+            f"CPU in turn (--busy {n})")
+
+
 def load_warning(report: dict) -> str | None:
     """A warning when the load average during the run exceeded the usable
     cores (other work competed with the measurements), else None."""
@@ -268,6 +273,7 @@ def format_report(report: dict) -> str:
              "  (figures are the best of the rounds; a busy machine lowers them)",
              *([busy] if (busy := load_warning(report)) else []),
              *([f"pinned: {_PIN[pin]}"] if (pin := report["options"].get("pin")) else []),
+             *([_busy_line(busy_n)] if (busy_n := report["options"].get("busy")) else []),
              "ring x: the plain shmipc.ring (put/get) figure over this transport's; best x: the best "
              "shmipc variant's; for round trips, this transport's median over shmipc's",
              *(["of c-ring: this row's rate over a C ring of the same design (sem_t + spin, no Python; its receiver "
@@ -543,7 +549,8 @@ def readme_section(report: dict, command: str) -> str:
         "shmipc's ring (`F_SETPIPE_SZ`, up to `/proc/sys/fs/pipe-max-size`), buffered reads, one "
         "`write()` per batch for the batched row, `readinto` a preallocated buffer for large messages. "
         "The pools get the same list inputs on both sides and every result is checked in order. "
-        f"Load average {m.get('load_before')} before, {m.get('load_after')} after.",
+        f"Load average {m.get('load_before')} before, {m.get('load_after')} after."
+        + (f" Busy run: {_busy_line(o['busy'])[len('busy: '):]}." if o.get("busy") else ""),
     ]
     busy = load_warning(report)
     if busy:

@@ -8,16 +8,18 @@ too) and reported as "timeout", and the run goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from shmipc.bench.transports import PoolSuite, Transport, get_transports
 
@@ -40,6 +42,8 @@ MAX_SECONDS = 3600.0                # per round
 MAX_TIMEOUT = 86400.0               # per measurement
 MAX_PROCESSES = 64
 MAX_REPEAT = 1000
+MAX_BUSY = 64                       # --busy loops
+BUSY_START_S = 30.0                 # how long the busy loops may take to start
 
 
 def parse_size(text: str) -> int:
@@ -78,6 +82,7 @@ class Options:
     progress: bool = True
     verify: str = "full"            # or "stamps" (see workloads._receive_round)
     pin: str | None = None          # "same": both processes on one CPU; "split": on two
+    busy: int = 0                   # CPU-bound loops run beside the measurements (see busy_loops)
 
     def cpus(self) -> tuple[int, int] | None:
         """(CPU of the sender, CPU of the receiver) for `pin`, or None."""
@@ -106,6 +111,8 @@ class Options:
             raise ValueError(f"--processes must be between 1 and {MAX_PROCESSES}, got {self.processes}")
         if self.pin not in (None, "same", "split"):
             raise ValueError(f"--pin must be 'same' or 'split', got {self.pin!r}")
+        if not 0 <= self.busy <= MAX_BUSY:
+            raise ValueError(f"--busy must be between 0 and {MAX_BUSY}, got {self.busy}")
         if self.pin == "split" and len(os.sched_getaffinity(0)) < 2:
             raise ValueError(f"--pin split needs 2 usable CPUs, this process may use "
                              f"{len(os.sched_getaffinity(0))}")
@@ -417,6 +424,7 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
         "machine": machine(),
         "options": {"sizes": options.sizes, "workloads": options.workloads, "repeat": options.repeat,
                     "seconds_per_round": options.seconds, "processes": options.processes, "pin": options.pin,
+                    "busy": options.busy,
                     "transports": [t.name for t in get_transports(options.transports)]},
         "records": [],
     }
@@ -424,43 +432,8 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
     started = time.monotonic()
     current = {"now": ""}
     try:
-        steps = _steps(specs, options.repeat)
-
-        def labelled() -> Any:
-            # the label is set as an item is taken, so the bar names the
-            # measurement running now
-            for step in steps:
-                current["now"] = step[1].label
-                yield step
-
-        items: Any = labelled()
-        if options.progress:
-            try:
-                import tqdm
-
-                tqdm.tqdm.monitor_interval = 0     # no monitor thread: we fork
-            except ImportError:
-                pass
-            from shmipc.progress import track
-
-            items = track(items, total=len(steps), desc="bench", status=lambda: dict(current))
-        one_round = replace(options, repeat=1)
-        partial: dict[int, dict] = {}
-        for index, spec, rounds, last in items:
-            if rounds == options.repeat:
-                record = run_one(spec, options, tmpdir, index)
-            else:
-                # one round of several measured side by side (see _steps)
-                record = partial.get(index)
-                if record is None or record["status"] == "ok":
-                    record = partial[index] = _merge_round(record, run_one(spec, one_round, tmpdir, index))
-                if not last:
-                    continue
-                record["best"] = _best(spec.workload, record["rounds"])
-            for one in _expand(record):
-                report["records"].append(one)
-                if on_record is not None:
-                    on_record(one)
+        with busy_loops(options.busy):
+            _run_steps(specs, options, tmpdir, report, current, on_record)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     report["machine"]["load_after"] = _loadavg()
@@ -471,8 +444,110 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
     return report
 
 
+def _run_steps(specs: list[Spec], options: Options, tmpdir: str, report: dict, current: dict,
+               on_record: Callable[[dict], None] | None) -> None:
+    """run()'s measurements, their records appended to report["records"]."""
+    steps = _steps(specs, options.repeat)
+
+    def labelled() -> Any:
+        # the label is set as an item is taken, so the bar names the
+        # measurement running now
+        for step in steps:
+            current["now"] = step[1].label
+            yield step
+
+    items: Any = labelled()
+    if options.progress:
+        try:
+            import tqdm
+
+            tqdm.tqdm.monitor_interval = 0     # no monitor thread: we fork
+        except ImportError:
+            pass
+        from shmipc.progress import track
+
+        items = track(items, total=len(steps), desc="bench", status=lambda: dict(current))
+    one_round = replace(options, repeat=1)
+    partial: dict[int, dict] = {}
+    for index, spec, rounds, last in items:
+        if rounds == options.repeat:
+            record = run_one(spec, options, tmpdir, index)
+        else:
+            # one round of several measured side by side (see _steps)
+            record = partial.get(index)
+            if record is None or record["status"] == "ok":
+                record = partial[index] = _merge_round(record, run_one(spec, one_round, tmpdir, index))
+            if not last:
+                continue
+            record["best"] = _best(spec.workload, record["rounds"])
+        for one in _expand(record):
+            report["records"].append(one)
+            if on_record is not None:
+                on_record(one)
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+# One busy loop: dies with the bench (even SIGKILLed), says it runs, spins.
+_BUSY_LOOP = ("import sys\n"
+              "from shmipc._proc import die_with_parent\n"
+              "die_with_parent(int(sys.argv[1]))\n"
+              "sys.stdout.write('r')\n"
+              "sys.stdout.flush()\n"
+              "while True:\n"
+              "    pass\n")
+BUSY_LOOP_LABEL = "shmipc-bench-busy-loop"     # in each loop's command line (ps, tests)
+
+
+@contextlib.contextmanager
+def busy_loops(n: int, start_timeout: float = BUSY_START_S) -> Iterator[list[int]]:
+    """Keep `n` CPU-bound Python loops running for the block (``shmipc bench
+    --busy N``), pinned round-robin to the CPUs this process may use: the
+    other work of a busy machine, made the same in every run (``--busy 2`` on
+    two cores: both busy). Yields their pids once every loop runs; kills and
+    reaps them when the block ends, and the kernel kills them if this process
+    dies first (PR_SET_PDEATHSIG).
+
+    Raises:
+        RuntimeError: a loop exited, or did not start within `start_timeout`.
+    """
+    procs: list[subprocess.Popen] = []
+    try:
+        if n > 0:
+            import shmipc
+
+            cpus = sorted(os.sched_getaffinity(0))
+            env = dict(os.environ)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(shmipc.__file__)))
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+            for i in range(n):
+                proc = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(os.getpid()), BUSY_LOOP_LABEL],
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, env=env)
+                procs.append(proc)
+                try:
+                    os.sched_setaffinity(proc.pid, {cpus[i % len(cpus)]})
+                except OSError:
+                    pass            # it already exited: reported below
+            deadline = time.monotonic() + start_timeout
+            for i, proc in enumerate(procs):
+                assert proc.stdout is not None
+                left = deadline - time.monotonic()
+                ready = select.select([proc.stdout], [], [], max(left, 0.0))[0]
+                said = os.read(proc.stdout.fileno(), 1) if ready else b""
+                if said != b"r":
+                    why = (f"exited with status {proc.poll()}" if ready else
+                           f"did not start within {start_timeout:g} s")
+                    raise RuntimeError(f"--busy: busy loop {i + 1} of {n} (pid {proc.pid}) {why}")
+        yield [p.pid for p in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
