@@ -45,7 +45,7 @@ since another process may have scribbled over the memory):
     if a waiter died, never lost.
 """
 cimport cython
-from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, int64_t, INT64_MAX, INT64_MIN
 from libc.string cimport memcpy, memset
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE, PyBUF_SIMPLE
 from cpython.ref cimport Py_INCREF
@@ -90,6 +90,45 @@ cdef int cpus_allowed = shm_cpus_allowed()
 cdef uint64_t n_pause_spins = 0    # waits that spun with PAUSE (peer elsewhere)
 cdef uint64_t n_yield_spins = 0    # waits that spun with sched_yield (co-located)
 cdef uint64_t n_spin_wins = 0      # spins (either kind) that ended ready
+cdef uint64_t n_slow_yields = 0    # yields that gave the CPU away (see YIELD_SLOW_NS)
+# A yield hands the CPU to whichever runnable task the scheduler picks, not
+# to the peer: with a third CPU-bound task on our CPU, a waiter that yields
+# lets it run until the next tick (4 ms at HZ=250), and a co-located round
+# trip that takes 4 us took 4 ms in 70% of trips (issue 11: a mean of 1409 us
+# against the pipe's 17, whose sleeping reader is picked at once). So a
+# yield is "slow" when it took longer than YIELD_SLOW_NS (a tick at HZ=1000,
+# or most of EEVDF's shortest slice; a peer just forked takes a few hundred
+# us to answer its first messages) while the other side moved fewer than
+# YIELD_SLOW_MSGS messages (a co-located stream's yield lets the peer drain
+# or fill the whole ring: long, and worth it); one alone may be the peer's
+# own long turn, but a second within
+# YIELD_SLOW_WINDOW_NS of the first makes this process's co-located waits
+# sleep at once (a sleeper woken by the peer's post runs before that task)
+# for a while, from YIELD_BACKOFF_MIN_NS, doubling while yields tried again
+# are slow again, up to YIELD_BACKOFF_MAX_NS: each try costs one tick at most.
+cdef int64_t YIELD_SLOW_NS = 500_000
+cdef uint64_t YIELD_SLOW_MSGS = 16
+cdef int64_t YIELD_SLOW_WINDOW_NS = 100_000_000
+cdef int64_t YIELD_BACKOFF_MIN_NS = 100_000_000
+cdef int64_t YIELD_BACKOFF_MAX_NS = 1_000_000_000
+cdef int64_t last_slow_yield = INT64_MIN // 2   # when the last slow yield ended
+cdef int64_t yield_backoff_ns = 0               # the current sleep-at-once period (0: none)
+cdef int64_t yield_off_until = 0                # until then, co-located waits sleep at once
+
+
+cdef inline void slow_yield(int64_t now) noexcept nogil:
+    """A co-located wait's yield, ending `now`, gave the CPU away for longer
+    than YIELD_SLOW_NS."""
+    global n_slow_yields, last_slow_yield, yield_backoff_ns, yield_off_until
+    cdef bint recent
+    n_slow_yields += 1
+    recent = now - last_slow_yield <= YIELD_SLOW_WINDOW_NS + yield_backoff_ns
+    last_slow_yield = now
+    if not recent:
+        yield_backoff_ns = 0        # the first in a while: perhaps the peer's own long turn
+        return
+    yield_backoff_ns = min(max(yield_backoff_ns * 2, YIELD_BACKOFF_MIN_NS), YIELD_BACKOFF_MAX_NS)
+    yield_off_until = now + yield_backoff_ns
 
 
 def _wait_stats():
@@ -97,9 +136,13 @@ def _wait_stats():
     ``cpus_allowed`` (affinity count as last read), ``pause_spins`` (waits
     that busy-spun, the peer running elsewhere), ``yield_spins`` (waits that
     spun by yielding the CPU, the peer sharing ours), ``spin_wins`` (spins
-    that ended with the wait satisfied, without sleeping)."""
+    that ended with the wait satisfied, without sleeping), ``slow_yields``
+    (yields that gave the CPU to another task for a while, see
+    YIELD_SLOW_NS) and ``yields_off_s`` (how long co-located waits will
+    still sleep at once instead of yielding after them)."""
     return {"cpus_allowed": cpus_allowed, "pause_spins": n_pause_spins,
-            "yield_spins": n_yield_spins, "spin_wins": n_spin_wins}
+            "yield_spins": n_yield_spins, "spin_wins": n_spin_wins, "slow_yields": n_slow_yields,
+            "yields_off_s": max(0, yield_off_until - shm_now_ns()) / 1e9}
 cdef int64_t FOREVER = INT64_MAX
 cdef int BATCH = 64            # put_many encodes this many items before writing them
 # A batch (put_many, get_many) publishes what it wrote, or releases what it
@@ -766,7 +809,9 @@ cdef class Ring:
         unknown, this process may use one CPU only), a busy spin would hold the very CPU the peer needs
         to make us ready (issue 11: 50 us round trips against 6 us for a
         pipe); there the spin yields the CPU at every step instead, so the
-        peer runs at once and no semaphore post or sleep is paid."""
+        peer runs at once and no semaphore post or sleep is paid -- unless
+        yields were found to hand the CPU to a third task (YIELD_SLOW_NS):
+        then the wait sleeps at once for a while."""
         global n_pause_spins, n_yield_spins, n_spin_wins, cpus_allowed
         cdef shm_ring_t *h = self.hdr
         cdef int64_t now, spin_end, start
@@ -778,10 +823,13 @@ cdef class Ring:
         cdef uint32_t *peer_slot
         cdef sem_t *sem
         cdef uint32_t *waiters
+        cdef uint64_t moved
+        cdef uint64_t *other_msgs       # the count the process we wait for moves
         if self._ready(kind, need):
             return False
         if deadline == 0:
             return not self._recover_at_deadline(kind, need)
+        other_msgs = &h.prod.msgs if kind == W_DATA or kind == W_PLOCK else &h.cons.msgs
         # Where do we run, and where did the peer last put, take or wait?
         # Each side publishes its CPU after every put / take (shm_publish_cpu)
         # and here, and writes the shared line only when the CPU changed. Lock waits (W_PLOCK / W_CLOCK) wait
@@ -803,19 +851,28 @@ cdef class Ring:
             else:                       # rare (the first waits): read it afresh
                 cpus_allowed = shm_cpus_allowed()
                 shared = cpus_allowed <= 1
-        if shared:
-            n_yield_spins += 1
+        now = start = shm_now_ns()
+        if shared and now < yield_off_until:
+            spin_end = now                  # yields were slow: sleep at once (see YIELD_BACKOFF_MIN_NS)
         else:
-            n_pause_spins += 1
-        with nogil:
-            now = start = shm_now_ns()
             spin_end = now + self.spin_ns
-            if spin_end > deadline:
-                spin_end = deadline
-            while not ok:
+            if shared:
+                n_yield_spins += 1
+            else:
+                n_pause_spins += 1
+        if spin_end > deadline:
+            spin_end = deadline
+        with nogil:
+            while not ok and spin_end > start:
                 if shared:
+                    now = shm_now_ns()
+                    moved = shm_load_rlx64(other_msgs)
                     shm_yield()
                     ok = self._ready(kind, need)
+                    if shm_now_ns() - now > YIELD_SLOW_NS and \
+                            shm_load_rlx64(other_msgs) - moved < YIELD_SLOW_MSGS:
+                        slow_yield(shm_now_ns())
+                        break
                 else:
                     for i in range(64):
                         if self._ready(kind, need):

@@ -89,10 +89,59 @@ static inline void publish_cpu(volatile unsigned *slot) {
     if (*slot != c) *slot = c;
 }
 
-/* one step of a waiter's spin: yield if the peer shares our CPU, else PAUSE */
-static inline void spin_step(int shared) {
-    if (shared) sched_yield();
-    else relax();
+/* As shmipc's ring (_ring.pyx YIELD_SLOW_NS): a yield hands the CPU to any
+ * runnable task, and with a third CPU-bound task on our CPU that task then
+ * runs until the next tick. A yield that took longer than YIELD_SLOW_NS while
+ * the other side moved fewer than YIELD_SLOW_MSGS messages is slow; a second
+ * within YIELD_SLOW_WINDOW_NS of the first (plus the current back-off) makes
+ * this process's co-located waits sleep at once for a back-off that starts at
+ * YIELD_BACKOFF_MIN_NS and doubles up to YIELD_BACKOFF_MAX_NS. */
+#define YIELD_SLOW_NS 500000LL
+#define YIELD_SLOW_MSGS 16
+#define YIELD_SLOW_WINDOW_NS 100000000LL
+#define YIELD_BACKOFF_MIN_NS 100000000LL
+#define YIELD_BACKOFF_MAX_NS 1000000000LL
+static int64_t last_slow_yield = INT64_MIN / 2, yield_backoff = 0, yield_off_until = 0;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static void slow_yield(int64_t t) {
+    int recent = t - last_slow_yield <= YIELD_SLOW_WINDOW_NS + yield_backoff;
+    last_slow_yield = t;
+    if (!recent) { yield_backoff = 0; return; }
+    yield_backoff = yield_backoff * 2 < YIELD_BACKOFF_MIN_NS ? YIELD_BACKOFF_MIN_NS : yield_backoff * 2;
+    if (yield_backoff > YIELD_BACKOFF_MAX_NS) yield_backoff = YIELD_BACKOFF_MAX_NS;
+    yield_off_until = t + yield_backoff;
+}
+
+/* Spins a co-located waiter may still make (0: sleep at once, yields are
+ * slow for now), else SPINS. */
+static inline int spin_budget(int shared) {
+    return shared && now_ns() < yield_off_until ? 0 : SPINS;
+}
+
+/* one step of a waiter's spin: yield if the peer shares our CPU, else PAUSE.
+ * `moved` is the other side's position (bytes; a message is `record` of
+ * them). Returns 0 if the spin must end: the yield was slow. */
+static inline int spin_step(int shared, volatile uint64_t *moved, uint64_t record) {
+    if (!shared) {
+        relax();
+        return 1;
+    }
+    int64_t t = now_ns();
+    uint64_t before = __atomic_load_n(moved, __ATOMIC_RELAXED);
+    sched_yield();
+    int64_t after = now_ns();
+    if (after - t > YIELD_SLOW_NS
+            && __atomic_load_n(moved, __ATOMIC_RELAXED) - before < YIELD_SLOW_MSGS * record) {
+        slow_yield(after);
+        return 0;
+    }
+    return 1;
 }
 
 static void pin(int cpu) {
@@ -151,8 +200,12 @@ int main(int argc, char **argv) {
                 unsigned me = cpu_now();
                 publish_cpu(&sh->receiver_cpu);
                 int shared = me != 0 && sh->sender_cpu == me;
+                int budget = spin_budget(shared);
                 while ((head = __atomic_load_n(&sh->head, __ATOMIC_ACQUIRE)) == tail) {
-                    if (++spins < SPINS) { spin_step(shared); continue; }
+                    if (++spins < budget) {
+                        if (!spin_step(shared, &sh->head, record)) budget = 0;
+                        continue;
+                    }
                     __atomic_store_n(&sh->consumer_waiting, 1, __ATOMIC_SEQ_CST);
                     if ((head = __atomic_load_n(&sh->head, __ATOMIC_SEQ_CST)) != tail) break;
                     sleep_on(&sh->data);
@@ -207,8 +260,12 @@ int main(int argc, char **argv) {
             unsigned me = cpu_now();
             publish_cpu(&sh->sender_cpu);
             int shared = me != 0 && sh->receiver_cpu == me;
+            int budget = spin_budget(shared);
             while (head + need - (tail = __atomic_load_n(&sh->tail, __ATOMIC_ACQUIRE)) > capacity) {
-                if (++spins < SPINS) { spin_step(shared); continue; }
+                if (++spins < budget) {
+                    if (!spin_step(shared, &sh->tail, record)) budget = 0;
+                    continue;
+                }
                 __atomic_store_n(&sh->producer_waiting, 1, __ATOMIC_SEQ_CST);
                 if (head + need - (tail = __atomic_load_n(&sh->tail, __ATOMIC_SEQ_CST)) <= capacity) break;
                 sleep_on(&sh->space);
