@@ -95,17 +95,17 @@ cdef uint64_t n_slow_yields = 0    # yields that gave the CPU away (see YIELD_SL
 # to the peer: with a third CPU-bound task on our CPU, a waiter that yields
 # lets it run until the next tick (4 ms at HZ=250), and a co-located round
 # trip that takes 4 us took 4 ms in 70% of trips (issue 11: a mean of 1409 us
-# against the pipe's 17, whose sleeping reader is picked at once). So a
-# yield is "slow" when it took longer than YIELD_SLOW_NS (a tick at HZ=1000,
-# or most of EEVDF's shortest slice; a peer just forked takes a few hundred
-# us to answer its first messages) while the other side moved fewer than
+# against the pipe's 17, whose sleeping reader is picked at once). So a yield
+# is "slow" when it took longer than YIELD_SLOW_NS (a tick at HZ=1000, or
+# most of EEVDF's shortest slice; a peer just forked takes a few hundred us
+# to answer its first messages) while the other side moved fewer than
 # YIELD_SLOW_MSGS messages (a co-located stream's yield lets the peer drain
-# or fill the whole ring: long, and worth it); one alone may be the peer's
-# own long turn, but a second within
-# YIELD_SLOW_WINDOW_NS of the first makes this process's co-located waits
-# sleep at once (a sleeper woken by the peer's post runs before that task)
-# for a while, from YIELD_BACKOFF_MIN_NS, doubling while yields tried again
-# are slow again, up to YIELD_BACKOFF_MAX_NS: each try costs one tick at most.
+# or fill the whole ring: long, and worth it). One alone may be the peer's
+# own long turn; a second within YIELD_SLOW_WINDOW_NS of the first makes this
+# process's co-located waits sleep at once (a sleeper woken by the peer's
+# post runs before that task) for a while, from YIELD_BACKOFF_MIN_NS,
+# doubling while yields tried again are slow again, up to
+# YIELD_BACKOFF_MAX_NS: each try costs one tick at most.
 cdef int64_t YIELD_SLOW_NS = 500_000
 cdef uint64_t YIELD_SLOW_MSGS = 16
 cdef int64_t YIELD_SLOW_WINDOW_NS = 100_000_000
