@@ -2,6 +2,7 @@
 death, class and generator stages. Real forked workers and real rings."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -770,18 +771,25 @@ def gated_double(x):
     return 2 * x
 
 
-def _drain(ring, n: int) -> None:
-    """Take the `n` filler messages back out of a stash ring that a blocked
-    worker waits to put into. The gate is shut meanwhile: a worker let go
-    must not finish its item, and take the first message of its stash
-    (a filler, still), before all of them are out."""
+@contextlib.contextmanager
+def _gate_shut():
+    """gated_double waits while the block runs."""
     with open(_GATE, "w"):
         pass
     try:
-        for _ in range(n):
-            assert ring.get(timeout=10) == b"filler" * 100
+        yield
     finally:
         os.unlink(_GATE)
+
+
+def _drain(ring, n: int) -> None:
+    """Take the `n` filler messages back out of a stash ring that a blocked
+    worker waits to put into. Call it with the gate shut (_gate_shut), from
+    before anything lets a worker go: a worker let go must not finish its
+    item, and take the first message of its stash (a filler, still), before
+    all of them are out."""
+    for _ in range(n):
+        assert ring.get(timeout=10) == b"filler" * 100
 
 
 @pytest.fixture
@@ -854,10 +862,13 @@ def test_worker_killed_between_taking_an_item_and_writing_it_down_gets_it_retrie
         s = p._stages[0]
         wait_until(lambda: _in_the_window(p, 0), what="worker 0 blocked between take and slot write")
         pid = s.pids[0]
-        os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: s.deaths == 1 and s.ring.stats(recover=False)["recoveries"],
-                   what="the parent took the item back")
-        _drain(s.stashes[0], state["filler"] - 1)   # (the parent read one as the dead worker's copy)
+        # (shut from the kill on: the worker started in its place may get the
+        # retried item, stash it in the room the parent made, and finish it)
+        with _gate_shut():
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: s.deaths == 1 and s.ring.stats(recover=False)["recoveries"],
+                       what="the parent took the item back")
+            _drain(s.stashes[0], state["filler"] - 1)   # (the parent read one as the dead worker's copy)
         stats = s.ring.stats()
         state["killed"], state["ring"] = pid, (stats["recoveries"], stats["lost"])
 
@@ -889,10 +900,11 @@ def test_a_death_is_settled_later_while_a_live_process_holds_the_stage_rings_con
         s = p._stages[0]
         wait_until(lambda: _in_the_window(p, 0), what="worker 0 blocked between take and slot write")
         poke(s.ring, "cons.lock", "<Q", ident(blocker))
-        os.kill(s.pids[0], signal.SIGKILL)
-        wait_until(lambda: s.deaths == 1 and p._unsettled, what="the death left unsettled")
-        state["unsettled"] = (p._sched.retried, len(p.errors))     # nothing decided yet
-        _drain(s.stashes[0], state["filler"] - 1)   # (the parent read one as the dead worker's copy)
+        with _gate_shut():                          # (as in the test above)
+            os.kill(s.pids[0], signal.SIGKILL)
+            wait_until(lambda: s.deaths == 1 and p._unsettled, what="the death left unsettled")
+            state["unsettled"] = (p._sched.retried, len(p.errors))     # nothing decided yet
+            _drain(s.stashes[0], state["filler"] - 1)   # (the parent read one as the dead worker's copy)
         poke(s.ring, "cons.lock", "<Q", 0)
         wait_until(lambda: p._sched.retried == 1, what="the item retried once the ring could be read")
 
@@ -927,7 +939,8 @@ def test_live_worker_between_take_and_slot_write_is_not_failed_when_another_dies
     def attack():
         s = p._stages[0]
         wait_until(lambda: _in_the_window(p, 0) and _in_the_window(p, 1), what="both workers in the window")
-        _drain(s.stashes[1], state["filler"][1])
+        with _gate_shut():
+            _drain(s.stashes[1], state["filler"][1])
         base1 = (s.slot_base + 1) * SLOT_WORDS
         wait_until(lambda: s.ring.qsize() == 0
                    and p._slots.words[base1] == S_READY and p._sched.ncomplete == 9,
@@ -938,7 +951,8 @@ def test_live_worker_between_take_and_slot_write_is_not_failed_when_another_dies
         # the time under test: the parent's quiet rule acted after QUIET_S
         wait_until(lambda: time.monotonic() > reaped + QUIET_S + 0.5 or p.errors,
                    what="the quiet time passed")
-        _drain(s.stashes[0], state["filler"][0])
+        with _gate_shut():
+            _drain(s.stashes[0], state["filler"][0])
         state["done"] = True
 
     with Pipeline(source(), on_error="collect", retries=1) as p:
