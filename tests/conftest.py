@@ -123,6 +123,20 @@ def open_fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
+def processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose command line contains `marker`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids
+
+
 def shm_entries() -> set[str]:
     try:
         return set(os.listdir("/dev/shm"))

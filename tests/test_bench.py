@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import pytest
 
+from conftest import processes_with
 from shmipc.bench import Options, format_report, get_transports, markdown_tables, parse_size, plan, plot
 from shmipc.bench.runner import BUSY_LOOP_LABEL, Spec, busy_loops, run_one
 from shmipc.bench.transports import Endpoint, OsPipe, ShmipcRing, Transport, _OsPipeChannel
@@ -329,6 +331,34 @@ def test_a_busy_run_is_measured_and_says_so(tmp_path, no_leaks):
     assert report["options"]["busy"] == 2
     assert report["records"] and all(r["status"] == "ok" for r in report["records"]), report["records"]
     assert "busy: 2 CPU-bound loops ran beside every measurement" in format_report(report)
+    assert "busy_ended" not in report and "busy loops ended" not in format_report(report)
+
+
+@pytest.mark.timeout(120)
+def test_a_busy_loop_killed_during_the_run_is_reported(no_leaks):
+    """A loop killed from outside mid-run: the report must not claim that
+    every measurement ran beside all the loops."""
+    from shmipc.bench import run
+    from shmipc.bench.report import readme_section
+
+    options = _opts(repeat=1, busy=2, sizes=[64, 1024], workloads=["throughput"], transports=["shmipc.ring"])
+    killed: list[int] = []
+
+    def kill_one(record: dict) -> None:
+        if not killed:                          # after the first measurement
+            pid = processes_with(BUSY_LOOP_LABEL)[0]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    report = run(options, on_record=kill_one)
+    assert {r["size"] for r in report["records"]} == {64, 1024}
+    assert all(r["status"] == "ok" for r in report["records"]), report["records"]
+    assert report["busy_ended"] == [{"pid": killed[0], "status": -signal.SIGKILL}]
+    want = f"WARNING: 1 of the 2 busy loops ended before the run did: pid {killed[0]} (killed by signal 9)"
+    assert want in format_report(report)
+    assert want in readme_section(report, "shmipc bench --busy 2")
+    assert "ran beside every measurement" not in format_report(report) + readme_section(report, "")
+    assert processes_with(BUSY_LOOP_LABEL) == []
 
 
 # ---------------------------------------------------------------- cheating transports are caught

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from conftest import processes_with
 from shmipc.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,19 +82,6 @@ def test_bench_selected_transports_only():
     assert "pingpong" in proc.stdout and "vs os.pipe" in proc.stdout
 
 
-def _processes_with(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 @pytest.mark.timeout(60)
 def test_bench_ctrl_c_stops_everything(tmp_path):
     """Ctrl-C during a measurement: exit 130, and no measurement process or
@@ -104,9 +92,9 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         deadline = time.monotonic() + 20
-        while len(_processes_with(marker)) < 3 and time.monotonic() < deadline:
+        while len(processes_with(marker)) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)                          # the CLI, a measurement, its peer
-        assert len(_processes_with(marker)) >= 3
+        assert len(processes_with(marker)) >= 3
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -116,9 +104,9 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
     assert proc.returncode == 130, err
     assert "interrupted" in err
     deadline = time.monotonic() + 5
-    while _processes_with(marker) and time.monotonic() < deadline:
+    while processes_with(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _processes_with(marker) == []
+    assert processes_with(marker) == []
     assert not os.path.exists(marker)                 # no report from an interrupted run
 
 
@@ -134,16 +122,16 @@ def test_bench_killed_leaves_no_busy_loop():
     loops = f"\0{proc.pid}\0{BUSY_LOOP_LABEL}"     # in each loop's command line
     try:
         deadline = time.monotonic() + 30
-        while len(_processes_with(loops)) < 2 and time.monotonic() < deadline:
+        while len(processes_with(loops)) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(_processes_with(loops)) == 2
+        assert len(processes_with(loops)) == 2
     finally:
         proc.kill()
         proc.wait()
     deadline = time.monotonic() + 10
-    while _processes_with(loops) and time.monotonic() < deadline:
+    while processes_with(loops) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _processes_with(loops) == []
+    assert processes_with(loops) == []
 
 
 @pytest.mark.timeout(60)

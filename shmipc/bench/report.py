@@ -244,9 +244,10 @@ _PIN = {"same": "both processes of each measurement on one CPU (--pin same)",
         "split": "the two processes of each measurement on two different CPUs (--pin split)"}
 
 
-def _busy_line(n: int) -> str:
-    return (f"busy: {n} CPU-bound loop{'s' if n != 1 else ''} ran beside every measurement, pinned one per "
-            f"CPU in turn (--busy {n})")
+def _busy_line(n: int, ended: bool = False) -> str:
+    beside = ("started beside the measurements (not all lasted: see the warning)" if ended
+              else "ran beside every measurement")
+    return f"busy: {n} CPU-bound loop{'s' if n != 1 else ''} {beside}, pinned one per CPU in turn (--busy {n})"
 
 
 def load_warning(report: dict) -> str | None:
@@ -265,15 +266,40 @@ def load_warning(report: dict) -> str | None:
             "machine (compare ratios of the same run, or rerun when the machine is quiet)")
 
 
+def busy_warning(report: dict) -> str | None:
+    """A warning when busy loops (--busy) ended before the run did (killed
+    from outside): the claim that they ran beside every measurement would be
+    false for the measurements after that. None otherwise."""
+    ended = report.get("busy_ended")
+    if not ended:
+        return None
+    which = ", ".join(f"pid {e['pid']} ({_exit_status(e['status'])})" for e in ended)
+    n = report["options"].get("busy")
+    return (f"WARNING: {len(ended)} of the {n} busy loops ended before the run did: {which}; "
+            "the measurements after that ran beside fewer loops")
+
+
+def _exit_status(code: int | None) -> str:
+    if code is None:
+        return "status unknown"
+    return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+
+
+def run_warnings(report: dict) -> list[str]:
+    """Every warning about how the run went (load, busy loops)."""
+    return [w for w in (load_warning(report), busy_warning(report)) if w]
+
+
 def format_report(report: dict) -> str:
     """The text tables `shmipc bench` prints."""
     m = report["machine"]
     lines = [f"shmipc bench  {m['date']}", f"machine: {_machine_line(m)}",
              f"load average before/after: {m.get('load_before')} / {m.get('load_after')}"
              "  (figures are the best of the rounds; a busy machine lowers them)",
-             *([busy] if (busy := load_warning(report)) else []),
+             *run_warnings(report),
              *([f"pinned: {_PIN[pin]}"] if (pin := report["options"].get("pin")) else []),
-             *([_busy_line(busy_n)] if (busy_n := report["options"].get("busy")) else []),
+             *([_busy_line(busy_n, bool(report.get("busy_ended")))]
+               if (busy_n := report["options"].get("busy")) else []),
              "ring x: the plain shmipc.ring (put/get) figure over this transport's; best x: the best "
              "shmipc variant's; for round trips, this transport's median over shmipc's",
              *(["of c-ring: this row's rate over a C ring of the same design (sem_t + spin, no Python; its receiver "
@@ -346,9 +372,7 @@ def _summary(report: dict) -> list[str]:
         out.append(f"FAILED {r['workload']} {r['transport']} size={r['size']}: {r['status']}: {r['reason']}")
         # the end of the measurement's own output: for a hang, where it hung
         out.extend("    | " + line for line in (r.get("log") or "").splitlines()[-12:])
-    busy = load_warning(report)
-    if busy:
-        out.append(busy)
+    out.extend(run_warnings(report))
     out.append(f"Total time: {report.get('elapsed_s', 0):.0f} s")
     return out
 
@@ -550,11 +574,11 @@ def readme_section(report: dict, command: str) -> str:
         "`write()` per batch for the batched row, `readinto` a preallocated buffer for large messages. "
         "The pools get the same list inputs on both sides and every result is checked in order. "
         f"Load average {m.get('load_before')} before, {m.get('load_after')} after."
-        + (f" Busy run: {_busy_line(o['busy'])[len('busy: '):]}." if o.get("busy") else ""),
+        + (f" Busy run: {_busy_line(o['busy'], bool(report.get('busy_ended')))[len('busy: '):]}."
+           if o.get("busy") else ""),
     ]
-    busy = load_warning(report)
-    if busy:
-        lines += ["", f"**{busy}**"]
+    for warning in run_warnings(report):
+        lines += ["", f"**{warning}**"]
     sentences = prose(report)
     if sentences:
         lines += ["", "In this run (sentences generated from the figures below):", ""]

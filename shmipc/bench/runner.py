@@ -432,8 +432,11 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
     started = time.monotonic()
     current = {"now": ""}
     try:
-        with busy_loops(options.busy):
+        ended: list[tuple[int, int | None]] = []
+        with busy_loops(options.busy, ended=ended):
             _run_steps(specs, options, tmpdir, report, current, on_record)
+        if ended:
+            report["busy_ended"] = [{"pid": pid, "status": status} for pid, status in ended]
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     report["machine"]["load_after"] = _loadavg()
@@ -505,13 +508,16 @@ BUSY_LOOP_LABEL = "shmipc-bench-busy-loop"     # in each loop's command line (ps
 
 
 @contextlib.contextmanager
-def busy_loops(n: int, start_timeout: float = BUSY_START_S) -> Iterator[list[int]]:
+def busy_loops(n: int, start_timeout: float = BUSY_START_S,
+               ended: list[tuple[int, int | None]] | None = None) -> Iterator[list[int]]:
     """Keep `n` CPU-bound Python loops running for the block (``shmipc bench
     --busy N``), pinned round-robin to the CPUs this process may use: the
     other work of a busy machine, made the same in every run (``--busy 2`` on
     two cores: both busy). Yields their pids once every loop runs; kills and
     reaps them when the block ends, and the kernel kills them if this process
-    dies first (PR_SET_PDEATHSIG).
+    dies first (PR_SET_PDEATHSIG). `ended`, if given, gets ``(pid, exit
+    status)`` of each loop found ended when the block ends (killed from
+    outside: the block did not run beside it to its end).
 
     Raises:
         RuntimeError: a loop exited, or did not start within `start_timeout`.
@@ -546,6 +552,9 @@ def busy_loops(n: int, start_timeout: float = BUSY_START_S) -> Iterator[list[int
         yield [p.pid for p in procs]
     finally:
         for proc in procs:
+            status = proc.poll()
+            if status is not None and ended is not None:
+                ended.append((proc.pid, status))
             proc.kill()
         for proc in procs:
             proc.wait()
