@@ -91,6 +91,11 @@ class _Base(_QueueReadiness):
     _ready_w: int = -1
     _polled: bool = False       # fileno() was called in this process: gets re-arm
 
+    def _reading_locked_here(self) -> bool:
+        """True while a thread of this process holds the queue's ``_rlock``
+        (SimpleQueue: see _Reader.recv)."""
+        return False
+
     def __init__(self, maxsize: int = 0, *, ctx: Any = None, capacity: int | None = None) -> None:
         maxsize = _ring_maxsize(maxsize)
         cap = _ring_capacity(capacity)

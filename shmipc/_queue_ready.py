@@ -221,7 +221,20 @@ class _Reader:
         return self._q._closed
 
     def recv(self) -> Any:
-        return self._q.get()
+        """The next message, waiting for one; but without waiting while this
+        process holds the queue's ``_rlock``. multiprocessing.Pool's
+        terminate drains its task queue so (``_rlock`` held, then
+        ``while poll(): recv()``), counting on the lock to keep the workers
+        from reading meanwhile. shmipc's readers take no such lock: a worker
+        may take the message poll() saw, and recv() then returns None
+        instead of waiting for ever for another."""
+        q = self._q
+        if q._reading_locked_here():
+            try:
+                return q._get(False, None)
+            except queue.Empty:
+                return None
+        return q.get()
 
     def poll(self, timeout: float | None = 0.0) -> bool:
         return self._q._readable(timeout)

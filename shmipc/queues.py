@@ -326,11 +326,17 @@ class SimpleQueue(_Base):
     def _rlock(self) -> Any:
         # multiprocessing.Pool's terminate takes this to stop its workers from
         # reading while it drains the queue, then kills them; shmipc's get
-        # takes no such lock, so a lock of this process suffices.
+        # takes no such lock, so a lock of this process suffices, and a
+        # _reader.recv() under it does not wait (see _Reader.recv: a worker
+        # may take the message the drain's poll() saw).
         # One per process (setdefault: one per process even when threads
         # race): a forked child, perhaps forked while another thread held
         # its parent's, makes its own.
         return self.__dict__.setdefault(f"_rlock_here_{os.getpid()}", threading.Lock())
+
+    def _reading_locked_here(self) -> bool:
+        lock = self.__dict__.get(f"_rlock_here_{os.getpid()}")
+        return lock is not None and lock.locked()
 
     @property
     def waitable(self) -> bool:

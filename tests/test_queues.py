@@ -1341,6 +1341,44 @@ def test_simple_queue_rlock_is_fresh_in_a_forked_child():
     assert os.waitstatus_to_exitcode(status) == 0, "the child's reader lock stayed held"
 
 
+@pytest.mark.timeout(60)
+def test_pool_terminate_drain_does_not_wait_for_a_message_a_worker_took():
+    """multiprocessing.Pool's terminate drains its task queue holding
+    q._rlock: ``while poll(): q._reader.recv()``. shmipc's readers take no
+    such lock, so a worker can take the message between the drain's poll()
+    and its recv(); recv() waited for ever then (seen once as a 60 s timeout
+    of test_multiprocessing_pool_with_shmipc_context[spawn] on 3.12). Here the
+    worker's take is made to land in that window: recv() must return at
+    once, and a message still there is received as usual."""
+    q = shmipc.SimpleQueue()
+    q.put("task")
+    with q._rlock:
+        assert q._reader.poll()
+        def take() -> None:                     # a worker takes it
+            assert q.get() == "task"
+
+        pid = fork_child(take)
+        assert wait_child(pid) == 0
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(q._reader.recv()), daemon=True)
+        t.start()
+        t.join(10)
+        stuck = t.is_alive()
+        if stuck:
+            q.put("unblock")                    # (the old code: let the thread go)
+            t.join(10)
+        assert not stuck, "recv() under the drain's lock waited for a message another process took"
+        assert got == [None]
+        q.put("next")
+        assert q._reader.poll() and q._reader.recv() == "next"
+    # without the lock, recv() waits for a message as before
+    t = threading.Thread(target=lambda: got.append(q._reader.recv()), daemon=True)
+    t.start()
+    q.put("later")
+    t.join(10)
+    assert got == [None, "later"]
+
+
 class _ReportingQueue(shmipc.Queue):
     errors: list = []
 
