@@ -1097,6 +1097,18 @@ def _read_and_report(q, w):
         os.write(w, (i if ok else (1 << 63) + i % (1 << 32)).to_bytes(8, "little"))
 
 
+def _token_holders(q, readers: list, wait: float) -> list:
+    """The readers that hold a large message's token now, looked for up to
+    `wait` seconds while none does (readers hold tokens only while the
+    writer is ahead of them: one run saw none at 36 instants in a row)."""
+    deadline = time.monotonic() + wait
+    while True:
+        holding = [p for p in readers if p.pid in q._bulk.holders().values()]
+        if holding or time.monotonic() >= deadline:
+            return holding
+        time.sleep(0.001)
+
+
 @pytest.mark.timeout(240)
 def test_large_message_readers_killed_at_random_instants():
     """Three processes read large messages (each larger than the queue's
@@ -1129,7 +1141,7 @@ def test_large_message_readers_killed_at_random_instants():
         while writer.is_alive() and (kills < kills_wanted or (
                 kills < 3 * kills_wanted and not (aimed and q.stats()["lost"]))):
             time.sleep(rng.uniform(0.002, 0.03))
-            holding = [p for p in readers if p.pid in q._bulk.holders().values()]
+            holding = _token_holders(q, readers, 0.2 if kills % 2 else 0.0)
             victim = rng.choice(holding) if holding and kills % 2 else rng.choice(readers)
             aimed += victim in holding
             os.kill(victim.pid, signal.SIGKILL)
