@@ -1047,7 +1047,7 @@ def test_co_located_waits_stop_yielding_to_a_third_task(arena):
     try:
         # a new loop while none has taken the CPU from a yield (the scheduler
         # may keep picking the peer for a while): up to 4 loops of 5000 trips
-        engaged = []
+        engaged = False
         for attempt in range(4):
             with busy_loops(1) as [loop]:               # pinned to the lowest usable CPU: ours
                 assert os.sched_getaffinity(loop) == {cpu}
