@@ -110,6 +110,50 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
     assert not os.path.exists(marker)                 # no report from an interrupted run
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(60)
+def test_bench_ctrl_c_at_a_terminal_stops_the_busy_loops_quietly():
+    """A Ctrl-C at a terminal reaches the whole process group, busy loops
+    included: exit 130, no loop left, and no KeyboardInterrupt traceback from
+    each loop (before, one per loop)."""
+    from shmipc.bench.runner import BUSY_LOOP_LABEL
+
+    proc = subprocess.Popen([sys.executable, "-m", "shmipc", "bench", "--no-progress", "--busy", "2",
+                             "--workloads", "throughput", "--seconds", "0.5", "--repeat", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    loops = f"\0{proc.pid}\0{BUSY_LOOP_LABEL}"     # in each loop's command line
+    try:
+        deadline = time.monotonic() + 30
+        # each loop past its start-up (Python's SIGINT handler is installed
+        # then): 0.3 s of CPU each, by then in its `while True`
+        while not (len(processes_with(loops)) == 2 and all(
+                _cpu_seconds(pid) >= 0.3 for pid in processes_with(loops))) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(processes_with(loops)) == 2
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err, err
+    deadline = time.monotonic() + 10
+    while processes_with(loops) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(loops) == []
+
+
 @pytest.mark.timeout(60)
 def test_bench_killed_leaves_no_busy_loop():
     """SIGKILL of `shmipc bench --busy 2` (no finally runs): the kernel kills

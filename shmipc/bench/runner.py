@@ -497,7 +497,10 @@ def _loadavg() -> list[float] | None:
 
 
 # One busy loop: dies with the bench (even SIGKILLed), says it runs, spins.
-_BUSY_LOOP = ("import sys\n"
+# It ignores SIGINT: a Ctrl-C at a terminal reaches the whole process group,
+# and the bench stops the loops itself (without a traceback from each).
+_BUSY_LOOP = ("import signal, sys\n"
+              "signal.signal(signal.SIGINT, signal.SIG_IGN)\n"
               "from shmipc._proc import die_with_parent\n"
               "die_with_parent(int(sys.argv[1]))\n"
               "sys.stdout.write('r')\n"
