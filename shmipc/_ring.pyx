@@ -824,6 +824,7 @@ cdef class Ring:
         cdef sem_t *sem
         cdef uint32_t *waiters
         cdef uint64_t moved
+        cdef int64_t after
         cdef uint64_t *other_msgs       # the count the process we wait for moves
         if self._ready(kind, need):
             return False
@@ -865,21 +866,22 @@ cdef class Ring:
         with nogil:
             while not ok and spin_end > start:
                 if shared:
-                    now = shm_now_ns()
                     moved = shm_load_rlx64(other_msgs)
                     shm_yield()
                     ok = self._ready(kind, need)
-                    if shm_now_ns() - now > YIELD_SLOW_NS and \
-                            shm_load_rlx64(other_msgs) - moved < YIELD_SLOW_MSGS:
-                        slow_yield(shm_now_ns())
+                    after = shm_now_ns()
+                    if after - now > YIELD_SLOW_NS and shm_load_rlx64(other_msgs) - moved < YIELD_SLOW_MSGS:
+                        slow_yield(after)
                         break
+                    now = after
                 else:
                     for i in range(64):
                         if self._ready(kind, need):
                             ok = True
                             break
                         shm_cpu_relax()
-                if ok or shm_now_ns() >= spin_end:
+                    now = shm_now_ns()
+                if ok or now >= spin_end:
                     break
         if ok:
             n_spin_wins += 1
