@@ -114,7 +114,7 @@ class StartupGuard:
 
     def died_starting(self, pid: int, exitcode: int | None) -> bool:
         """A worker died before it was ready; True if the guard trips now."""
-        self.last = f"pid {pid}, {WorkerLost(pid, exitcode).how}"
+        self.last = f"pid {pid}, {WorkerLost.describe(exitcode)}"
         if killed_from_outside(exitcode):
             self.killed += 1
             return False

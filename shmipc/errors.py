@@ -194,20 +194,24 @@ class WorkerLost(ShmipcError):
     def __init__(self, pid: int, exitcode: int | None, task: str = "") -> None:
         self.pid = pid
         self.exitcode = exitcode
-        if exitcode is not None and exitcode < 0:
-            import signal
-
-            try:
-                how = f"killed by {signal.Signals(-exitcode).name}"
-            except ValueError:
-                how = f"killed by signal {-exitcode}"
-        elif exitcode is None:
-            how = "lost"
-        else:
-            how = f"exited with code {exitcode}"
-        self.how = how
+        self.how = how = self.describe(exitcode)
         self.task = task
         super().__init__(f"worker pid {pid} {how}" + (f" while running {task}" if task else ""))
+
+    @staticmethod
+    def describe(exitcode: int | None) -> str:
+        """How a process with this exit status ended: "killed by SIGKILL",
+        "exited with code 3", or "lost" (None: not known)."""
+        if exitcode is None:
+            return "lost"
+        if exitcode >= 0:
+            return f"exited with code {exitcode}"
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
 
     def __reduce__(self):
         return (type(self), (self.pid, self.exitcode, self.task))

@@ -354,7 +354,7 @@ def test_a_busy_loop_killed_during_the_run_is_reported(no_leaks):
     assert {r["size"] for r in report["records"]} == {64, 1024}
     assert all(r["status"] == "ok" for r in report["records"]), report["records"]
     assert report["busy_ended"] == [{"pid": killed[0], "status": -signal.SIGKILL}]
-    want = f"WARNING: 1 of the 2 busy loops ended before the run did: pid {killed[0]} (killed by signal 9)"
+    want = f"WARNING: 1 of the 2 busy loops ended before the run did: pid {killed[0]} (killed by SIGKILL)"
     assert want in format_report(report)
     assert want in readme_section(report, "shmipc bench --busy 2")
     assert "ran beside every measurement" not in format_report(report) + readme_section(report, "")

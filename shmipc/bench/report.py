@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Any, Iterable
 
+from shmipc.errors import WorkerLost
+
 __all__ = ["machine", "format_report", "write_json", "plot", "markdown_tables", "markdown_summary"]
 
 WORKLOAD_TITLES = {
@@ -244,10 +246,14 @@ _PIN = {"same": "both processes of each measurement on one CPU (--pin same)",
         "split": "the two processes of each measurement on two different CPUs (--pin split)"}
 
 
-def _busy_line(n: int, ended: bool = False) -> str:
-    beside = ("started beside the measurements (not all lasted: see the warning)" if ended
+def _busy_phrase(report: dict) -> str | None:
+    """What the --busy loops did, for the header (None: no --busy)."""
+    n = report["options"].get("busy")
+    if not n:
+        return None
+    beside = ("started beside the measurements (not all lasted: see the warning)" if report.get("busy_ended")
               else "ran beside every measurement")
-    return f"busy: {n} CPU-bound loop{'s' if n != 1 else ''} {beside}, pinned one per CPU in turn (--busy {n})"
+    return f"{n} CPU-bound loop{'s' if n != 1 else ''} {beside}, pinned one per CPU in turn (--busy {n})"
 
 
 def load_warning(report: dict) -> str | None:
@@ -273,16 +279,10 @@ def busy_warning(report: dict) -> str | None:
     ended = report.get("busy_ended")
     if not ended:
         return None
-    which = ", ".join(f"pid {e['pid']} ({_exit_status(e['status'])})" for e in ended)
+    which = ", ".join(f"pid {e['pid']} ({WorkerLost.describe(e['status'])})" for e in ended)
     n = report["options"].get("busy")
     return (f"WARNING: {len(ended)} of the {n} busy loops ended before the run did: {which}; "
             "the measurements after that ran beside fewer loops")
-
-
-def _exit_status(code: int | None) -> str:
-    if code is None:
-        return "status unknown"
-    return f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
 
 
 def run_warnings(report: dict) -> list[str]:
@@ -298,8 +298,7 @@ def format_report(report: dict) -> str:
              "  (figures are the best of the rounds; a busy machine lowers them)",
              *run_warnings(report),
              *([f"pinned: {_PIN[pin]}"] if (pin := report["options"].get("pin")) else []),
-             *([_busy_line(busy_n, bool(report.get("busy_ended")))]
-               if (busy_n := report["options"].get("busy")) else []),
+             *([f"busy: {busy}"] if (busy := _busy_phrase(report)) else []),
              "ring x: the plain shmipc.ring (put/get) figure over this transport's; best x: the best "
              "shmipc variant's; for round trips, this transport's median over shmipc's",
              *(["of c-ring: this row's rate over a C ring of the same design (sem_t + spin, no Python; its receiver "
@@ -574,8 +573,7 @@ def readme_section(report: dict, command: str) -> str:
         "`write()` per batch for the batched row, `readinto` a preallocated buffer for large messages. "
         "The pools get the same list inputs on both sides and every result is checked in order. "
         f"Load average {m.get('load_before')} before, {m.get('load_after')} after."
-        + (f" Busy run: {_busy_line(o['busy'], bool(report.get('busy_ended')))[len('busy: '):]}."
-           if o.get("busy") else ""),
+        + (f" Busy run: {busy}." if (busy := _busy_phrase(report)) else ""),
     ]
     for warning in run_warnings(report):
         lines += ["", f"**{warning}**"]
