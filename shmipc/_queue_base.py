@@ -22,6 +22,9 @@ from shmipc._queue_ready import _NOTHING, _QueueReadiness
 #: committed as the ring's pages are first written, so a queue that only ever
 #: holds small messages costs little until the ring has cycled once.
 DEFAULT_CAPACITY = 32 << 20
+# SimpleQueue's _rlock lives in the instance under this name plus the pid
+# (one per process); pickling drops them
+_RLOCK_HERE = "_rlock_here_"
 
 
 
@@ -121,7 +124,7 @@ class _Base(_QueueReadiness):
         state["_closed"] = False
         state["_never_used"] = False
         state["_polled"] = False
-        for name in [k for k in state if k.startswith("_rlock_here")]:
+        for name in [k for k in state if k.startswith(_RLOCK_HERE)]:
             del state[name]
         state["_ready_r"] = reduction.DupFd(self._ready_r)
         state["_ready_w"] = reduction.DupFd(self._ready_w)

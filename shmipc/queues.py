@@ -54,7 +54,7 @@ from shmipc.arena import Arena
 from shmipc.errors import HandleClosed, MessageTooLarge, RingClosed
 from shmipc._bulk import _Bulk
 from shmipc._queue_ready import _NOTHING
-from shmipc._queue_base import (DEFAULT_CAPACITY, _Base, _check_spawning,  # noqa: F401 (re-exported)
+from shmipc._queue_base import (DEFAULT_CAPACITY, _RLOCK_HERE, _Base, _check_spawning,  # noqa: F401 (re-exported)
                                  _ring_capacity, _ring_maxsize, _timeout)
 from shmipc._waiting import JOIN_POLL_MAX_S, JOIN_POLL_S, Backoff
 
@@ -332,10 +332,10 @@ class SimpleQueue(_Base):
         # One per process (setdefault: one per process even when threads
         # race): a forked child, perhaps forked while another thread held
         # its parent's, makes its own.
-        return self.__dict__.setdefault(f"_rlock_here_{os.getpid()}", threading.Lock())
+        return self.__dict__.setdefault(_RLOCK_HERE + str(os.getpid()), threading.Lock())
 
     def _reading_locked_here(self) -> bool:
-        lock = self.__dict__.get(f"_rlock_here_{os.getpid()}")
+        lock = self.__dict__.get(_RLOCK_HERE + str(os.getpid()))
         return lock is not None and lock.locked()
 
     @property

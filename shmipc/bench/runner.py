@@ -432,7 +432,7 @@ def run(options: Options, on_record: Callable[[dict], None] | None = None) -> di
     started = time.monotonic()
     current = {"now": ""}
     try:
-        ended: list[tuple[int, int | None]] = []
+        ended: list[tuple[int, int]] = []
         with busy_loops(options.busy, ended=ended):
             _run_steps(specs, options, tmpdir, report, current, on_record)
         if ended:
@@ -512,7 +512,7 @@ BUSY_LOOP_LABEL = "shmipc-bench-busy-loop"     # in each loop's command line (ps
 
 @contextlib.contextmanager
 def busy_loops(n: int, start_timeout: float = BUSY_START_S,
-               ended: list[tuple[int, int | None]] | None = None) -> Iterator[list[int]]:
+               ended: list[tuple[int, int]] | None = None) -> Iterator[list[int]]:
     """Keep `n` CPU-bound Python loops running for the block (``shmipc bench
     --busy N``), pinned round-robin to the CPUs this process may use: the
     other work of a busy machine, made the same in every run (``--busy 2`` on
