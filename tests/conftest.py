@@ -65,11 +65,16 @@ def poke(ring, field, fmt, value):
     struct.pack_into(fmt, buf, base + _ring._layout()[field], value)
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat after the command name: [0] is the
+    state, field N of proc(5) is [N - 3]. Raises OSError if it is gone."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def ident(pid):
     """A live process's ring identity: its pid and start-time token."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[19]) % 0xFFFFFFFF + 1) << 32 | pid
+    return (int(proc_stat(pid)[19]) % 0xFFFFFFFF + 1) << 32 | pid
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "the condition") -> None:

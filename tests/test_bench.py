@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from conftest import processes_with
+from conftest import proc_stat, processes_with
 from shmipc.bench import Options, format_report, get_transports, markdown_tables, parse_size, plan, plot
 from shmipc.bench.runner import BUSY_LOOP_LABEL, Spec, busy_loops, run_one
 from shmipc.bench.transports import Endpoint, OsPipe, ShmipcRing, Transport, _OsPipeChannel
@@ -287,13 +287,6 @@ def test_pinned_measurement(tmp_path, no_leaks):
         _opts(pin="elsewhere").check()
 
 
-def _stat(pid: int) -> tuple[str, int]:
-    """(state, last CPU) of a process, from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return fields[0], int(fields[36])
-
-
 @pytest.mark.timeout(60)
 def test_busy_loops_run_pinned_one_per_cpu_and_are_gone_after(no_leaks):
     cpus = sorted(os.sched_getaffinity(0))
@@ -304,7 +297,7 @@ def test_busy_loops_run_pinned_one_per_cpu_and_are_gone_after(no_leaks):
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 assert BUSY_LOOP_LABEL.encode() in f.read()
             # each said it runs its loop: it is runnable, not asleep
-            assert _stat(pid)[0] == "R"
+            assert proc_stat(pid)[0] == "R"
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)                     # killed and reaped

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import processes_with
+from conftest import proc_stat, processes_with
 from shmipc.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,8 +113,7 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of process `pid` (0 if it is gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        fields = proc_stat(pid)
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -19,7 +19,7 @@ from shmipc._proc import pid_alive
 from shmipc._waiting import QUIET_S
 from shmipc.pipeline import Pipeline, PipelineError, RemoteTraceback, StageFailure
 
-from conftest import fork_child, ident, poke, wait_child, wait_until
+from conftest import fork_child, ident, poke, proc_stat, wait_child, wait_until
 
 np = pytest.importorskip("numpy")
 
@@ -1326,8 +1326,7 @@ def test_killing_idle_workers_replaces_them_and_goes_on(test_dir, no_leaks):
 def _process_state(pid: int) -> str:
     """The state letter of /proc/<pid>/stat ("S": asleep; "" if gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0]
+        return proc_stat(pid)[0]
     except (OSError, IndexError):
         return ""
 
