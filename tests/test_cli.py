@@ -12,10 +12,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from typing import Any
 
 import pytest
 
-from conftest import proc_stat, processes_with
+from conftest import proc_stat, processes_with, wait_until
 from shmipc.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,6 +83,12 @@ def test_bench_selected_transports_only():
     assert "pingpong" in proc.stdout and "vs os.pipe" in proc.stdout
 
 
+def _none_left(marker: str, timeout: float) -> None:
+    """Wait (up to `timeout` s) until no process has `marker` in its command line."""
+    wait_until(lambda: not processes_with(marker), timeout, f"no process with {marker!r} left")
+    assert processes_with(marker) == []
+
+
 @pytest.mark.timeout(60)
 def test_bench_ctrl_c_stops_everything(tmp_path):
     """Ctrl-C during a measurement: exit 130, and no measurement process or
@@ -91,9 +98,7 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
                              "--workloads", "throughput", "--seconds", "0.5", "--repeat", "5"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
-        deadline = time.monotonic() + 20
-        while len(processes_with(marker)) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)                          # the CLI, a measurement, its peer
+        wait_until(lambda: len(processes_with(marker)) >= 3, 20, "the CLI, a measurement and its peer running")
         assert len(processes_with(marker)) >= 3
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
@@ -103,10 +108,7 @@ def test_bench_ctrl_c_stops_everything(tmp_path):
             proc.wait()
     assert proc.returncode == 130, err
     assert "interrupted" in err
-    deadline = time.monotonic() + 5
-    while processes_with(marker) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes_with(marker) == []
+    _none_left(marker, 5)
     assert not os.path.exists(marker)                 # no report from an interrupted run
 
 
@@ -119,25 +121,30 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _bench_with_busy_loops(**popen: Any) -> tuple[subprocess.Popen, str]:
+    """`shmipc bench --busy 2` started, once both its loops run; returns it
+    and the marker in each loop's command line."""
+    from shmipc.bench.runner import BUSY_LOOP_LABEL
+
+    proc = subprocess.Popen([sys.executable, "-m", "shmipc", "bench", "--no-progress", "--busy", "2",
+                             "--workloads", "throughput", "--seconds", "0.5", "--repeat", "20"],
+                            cwd=ROOT, **popen)
+    return proc, f"\0{proc.pid}\0{BUSY_LOOP_LABEL}"
+
+
 @pytest.mark.timeout(60)
 def test_bench_ctrl_c_at_a_terminal_stops_the_busy_loops_quietly():
     """A Ctrl-C at a terminal reaches the whole process group, busy loops
     included: exit 130, no loop left, and no KeyboardInterrupt traceback from
     each loop (before, one per loop)."""
-    from shmipc.bench.runner import BUSY_LOOP_LABEL
-
-    proc = subprocess.Popen([sys.executable, "-m", "shmipc", "bench", "--no-progress", "--busy", "2",
-                             "--workloads", "throughput", "--seconds", "0.5", "--repeat", "20"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            start_new_session=True)
-    loops = f"\0{proc.pid}\0{BUSY_LOOP_LABEL}"     # in each loop's command line
+    proc, loops = _bench_with_busy_loops(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         start_new_session=True)
     try:
-        deadline = time.monotonic() + 30
         # each loop past its start-up (Python's SIGINT handler is installed
         # then): 0.3 s of CPU each, by then in its `while True`
-        while not (len(processes_with(loops)) == 2 and all(
-                _cpu_seconds(pid) >= 0.3 for pid in processes_with(loops))) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(processes_with(loops)) == 2
+                   and all(_cpu_seconds(pid) >= 0.3 for pid in processes_with(loops)), 30,
+                   "both busy loops past their start-up")
         assert len(processes_with(loops)) == 2
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=30)
@@ -147,34 +154,21 @@ def test_bench_ctrl_c_at_a_terminal_stops_the_busy_loops_quietly():
             proc.wait()
     assert proc.returncode == 130, err
     assert "KeyboardInterrupt" not in err and "Traceback" not in err, err
-    deadline = time.monotonic() + 10
-    while processes_with(loops) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes_with(loops) == []
+    _none_left(loops, 10)
 
 
 @pytest.mark.timeout(60)
 def test_bench_killed_leaves_no_busy_loop():
     """SIGKILL of `shmipc bench --busy 2` (no finally runs): the kernel kills
     its busy loops with it."""
-    from shmipc.bench.runner import BUSY_LOOP_LABEL
-
-    proc = subprocess.Popen([sys.executable, "-m", "shmipc", "bench", "--no-progress", "--busy", "2",
-                             "--workloads", "throughput", "--seconds", "0.5", "--repeat", "20"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    loops = f"\0{proc.pid}\0{BUSY_LOOP_LABEL}"     # in each loop's command line
+    proc, loops = _bench_with_busy_loops(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 30
-        while len(processes_with(loops)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(processes_with(loops)) == 2, 30, "both busy loops running")
         assert len(processes_with(loops)) == 2
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.monotonic() + 10
-    while processes_with(loops) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes_with(loops) == []
+    _none_left(loops, 10)
 
 
 @pytest.mark.timeout(60)
