@@ -1,27 +1,30 @@
 """The floor under the pool workloads of ``shmipc/bench/pools.py`` on this
-machine: the CPU that any pool must spend per item, measured in one process,
-next to multiprocessing.Pool's wall time in the same run.
+machine, part by part: the CPU that any pool must spend per item, measured
+in one process, next to multiprocessing.Pool's wall time in the same run.
+``shmipc bench`` shows the same floor as the ``floor`` row of its pool
+tables (one definition: :func:`shmipc.bench.pools.floor_rounds`).
 
 What a process pool cannot avoid, for ``Pool.map(inc, list of 200_000 ints)``:
 the call itself (``list(map(inc, chunk))`` in the workers), the arguments
-encoded in the parent and decoded in a worker, the results encoded in a
-worker and decoded in the parent (pickle here: what both pools use), and
-freeing what was decoded. On P cores that CPU takes at least total / P of
-wall time, however well the work overlaps; ``best ratio`` is
-multiprocessing's time divided by that bound: no pool built on pickle can
-beat mp.Pool by more on this machine, in this run. For the 2,000 x 100 KiB
-bytes map the floor is two copies of every byte: into shared memory (here a
-4 MiB buffer written round and round, as a task ring is) and out of it into
-the worker's own bytes object; the parent makes the first copy from
-one thread, so that copy alone is a bound too.
+encoded in the parent and rebuilt in a worker, the results encoded in a
+worker and rebuilt in the parent, and freeing them; with pickle (what
+multiprocessing uses) and with native int64s (what shmipc uses, the
+cheapest codec known). On P cores that CPU takes at least total / P of wall
+time, however well the work overlaps; ``best ratio`` is multiprocessing's
+time divided by that bound: no pool can beat mp.Pool by more on this
+machine, in this run. For the 2,000 x 100 KiB bytes map the floor is two
+copies of every byte: into shared memory (a 4 MiB buffer written round and
+round, as a task ring is) and out of it into the worker's own bytes object;
+the parent makes the first copy from one thread, so that copy alone is a
+bound too.
 
 Run it::
 
     .venv/bin/python benchmarks/bench_pool_floor.py [--processes 2] [--repeat 5] [--json]
 
-Each figure is the best of `repeat` runs (process CPU time: the load other
-processes put on the machine inflates it less than wall time; uptime is
-printed).
+Each part is the best of `repeat` runs (process CPU time: the load other
+processes put on the machine inflates it less than wall time; the load
+average is printed).
 """
 from __future__ import annotations
 
@@ -29,76 +32,39 @@ import argparse
 import json
 import multiprocessing
 import os
-import pickle
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 if __package__ in (None, ""):       # run as a script from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from shmipc.bench.pools import N_INTS, blobs, fingerprint, inc  # noqa: E402
+from shmipc.bench.pools import N_INTS, blobs, fingerprint, floor_rounds, inc  # noqa: E402
 
 __all__ = ["floor", "main"]
 
-
-def _cpu(fn: Callable[[], Any], repeat: int) -> float:
-    """Best process CPU seconds of `repeat` calls."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best
+CODECS = ("pickle", "int64")
 
 
-def floor(processes: int = 2, repeat: int = 5, chunks: int = 8) -> dict[str, Any]:
-    """The per-part CPU of the int and bytes maps, their sum, the bound it puts
-    on wall time over `processes` cores, and mp.Pool's wall time (tuned
-    chunksize for the bytes: 15; default for ints) measured in the same run."""
-    ints = list(range(N_INTS))
-    size = -(-N_INTS // chunks)
-    parts = [ints[i: i + size] for i in range(0, N_INTS, size)]
-    results = [[x + 1 for x in p] for p in parts]
-    args_pickled = [pickle.dumps(p, 5) for p in parts]
-    results_pickled = [pickle.dumps(r, 5) for r in results]
-    out: dict[str, Any] = {"processes": processes, "n_ints": N_INTS, "load": os.getloadavg()}
-    cost = {
-        "serial [x + 1 for x in ints] (no pool at all)": _cpu(lambda: [x + 1 for x in ints], repeat),
-        "workers: list(map(inc, chunk))": _cpu(lambda: [list(map(inc, p)) for p in parts], repeat),
-        "parent: pickle the arguments": _cpu(lambda: [pickle.dumps(p, 5) for p in parts], repeat),
-        "workers: unpickle the arguments (and free them)": _cpu(
-            lambda: [pickle.loads(s) for s in args_pickled], repeat),
-        "workers: pickle the results": _cpu(lambda: [pickle.dumps(r, 5) for r in results], repeat),
-        "parent: unpickle the results": _cpu(lambda: [pickle.loads(s) for s in results_pickled], repeat),
-    }
-    pool_cpu = sum(v for k, v in cost.items() if not k.startswith("serial"))
-    out["int_parts_s"] = cost
-    out["int_pool_cpu_s"] = pool_cpu
-    out["int_bound_s"] = pool_cpu / processes
+def _best(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each part's (and the floor's) best of the rounds."""
+    return {k: min(r[k] for r in rounds) for k in rounds[0]}
+
+
+def floor(processes: int = 2, repeat: int = 5) -> dict[str, Any]:
+    """The floors' parts (best of `repeat`) for each codec, and mp.Pool's wall
+    time on the same maps in the same run (default chunksize for the ints,
+    15 for the bytes), with the best ratio each floor leaves."""
     data = blobs()
-    ring = memoryview(bytearray(4 << 20))           # as large as a pool's task ring
-    slots = [(i * len(data[0])) % (len(ring) - len(data[0])) for i in range(len(data))]
-
-    def copy_in() -> None:              # the parent: each blob into the ring, round and round
-        for at, b in zip(slots, data):
-            ring[at: at + len(b)] = b
-
-    def copy_out() -> None:             # a worker: out of the ring into a bytes object of its own
-        n = len(data[0])
-        for at in slots:
-            bytes(ring[at: at + n])     # (freed at once, as a worker's is: memory reused, no page faults)
-
-    copy_in_s, copy_out_s = _cpu(copy_in, repeat), _cpu(copy_out, repeat)
-    out["bytes_copy_in_s"] = copy_in_s
-    out["bytes_copy_out_s"] = copy_out_s
-    # the parent writes every byte from one thread (one ring writer at a time):
-    # that alone bounds the map, whatever the workers do
-    out["bytes_bound_s"] = max(copy_in_s, (copy_in_s + copy_out_s) / processes)
-    ctx = multiprocessing.get_context("fork")
+    out: dict[str, Any] = {"processes": processes, "n_ints": N_INTS, "load": os.getloadavg()}
+    for codec in CODECS:
+        rounds = floor_rounds(processes, repeat, codec=codec, data=data)
+        out[f"ints_{codec}"] = _best(rounds["ints"])
+        out["bytes"] = _best(rounds["bytes"])
+    ints = list(range(N_INTS))
     want_ints = [x + 1 for x in ints]
     want_blobs = [fingerprint(b) for b in data]
-    with ctx.Pool(processes) as pool:
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
         pool.map(inc, ints[:1000])
         walls_i, walls_b = [], []
         for _ in range(repeat):
@@ -112,8 +78,9 @@ def floor(processes: int = 2, repeat: int = 5, chunks: int = 8) -> dict[str, Any
             assert got_b == want_blobs
     out["mp_pool_int_s"] = min(walls_i)
     out["mp_pool_bytes_tuned_s"] = min(walls_b)
-    out["int_best_ratio"] = min(walls_i) / out["int_bound_s"]
-    out["bytes_best_ratio"] = min(walls_b) / out["bytes_bound_s"]
+    for codec in CODECS:
+        out[f"int_best_ratio_{codec}"] = min(walls_i) / out[f"ints_{codec}"]["floor_s"]
+    out["bytes_best_ratio"] = min(walls_b) / out["bytes"]["floor_s"]
     return out
 
 
@@ -128,16 +95,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(r, indent=2))
         return 0
     print(f"load average {r['load']}, {r['processes']} cores")
-    print(f"Pool.map(inc, list of {r['n_ints']:,} ints): CPU a pool cannot avoid (pickle as the codec)")
-    for k, v in r["int_parts_s"].items():
-        print(f"  {k:52} {v * 1e3:7.1f} ms")
-    print(f"  {'sum for a pool (all but the serial line)':52} {r['int_pool_cpu_s'] * 1e3:7.1f} ms"
-          f" -> at least {r['int_bound_s'] * 1e3:.1f} ms on {r['processes']} cores")
-    print(f"  mp.Pool in this run: {r['mp_pool_int_s'] * 1e3:.1f} ms -> best possible ratio "
-          f"{r['int_best_ratio']:.2f}x")
+    for codec in CODECS:
+        parts = r[f"ints_{codec}"]
+        print(f"Pool.map(inc, list of {r['n_ints']:,} ints): CPU a pool cannot avoid ({codec} as the codec)")
+        for k, v in parts.items():
+            if k != "floor_s":
+                print(f"  {k:52} {v * 1e3:7.1f} ms")
+        print(f"  -> at least {parts['floor_s'] * 1e3:.1f} ms on {r['processes']} cores; mp.Pool in this run "
+              f"{r['mp_pool_int_s'] * 1e3:.1f} ms -> best possible ratio {r[f'int_best_ratio_{codec}']:.2f}x")
+    b = r["bytes"]
+    copy_in, copy_out = (v for k, v in b.items() if k != "floor_s")
     print("Pool.map(fingerprint, 2000 x 100 KiB): two copies of 200 MB")
-    print(f"  into a 4 MiB ring {r['bytes_copy_in_s'] * 1e3:.1f} ms, out of it {r['bytes_copy_out_s'] * 1e3:.1f} ms"
-          f" -> at least {r['bytes_bound_s'] * 1e3:.1f} ms (the parent copies in alone) on "
+    print(f"  into a 4 MiB ring {copy_in * 1e3:.1f} ms, out of it {copy_out * 1e3:.1f} ms"
+          f" -> at least {b['floor_s'] * 1e3:.1f} ms (the parent copies in alone) on "
           f"{r['processes']} cores; mp.Pool (chunksize 15) {r['mp_pool_bytes_tuned_s'] * 1e3:.1f} ms -> "
           f"best possible ratio {r['bytes_best_ratio']:.2f}x")
     return 0

@@ -180,17 +180,49 @@ def test_pool_workload_keeps_every_round_of_both_sides(tmp_path, no_leaks):
     record = run_one(Spec("pool", PoolSuite(), 0, "suite"), _opts(repeat=2, timeout=200), str(tmp_path))
     assert record["status"] == "ok", record
     records = _expand(record)
-    assert {r["transport"] for r in records} == {"shmipc.Pool", "mp.Pool", "mp.Pool (tuned)",
+    assert {r["transport"] for r in records} == {"shmipc.Pool", "mp.Pool", "mp.Pool (tuned)", "floor",
                                                  "shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor"}
-    # Pool.map ints and bytes: shmipc, mp default, mp tuned; the two executor maps: shmipc, cf
+    # Pool.map ints and bytes: shmipc, mp default, mp tuned; the executor maps: shmipc, cf; and the
+    # machine's floor under each map that has one (not the latency row, executor_map_large)
     assert sorted((r["pool_kind"], r["transport"]) for r in records) == sorted(
-        [(k, t) for k in ("pool_map_int", "pool_map_100k") for t in ("shmipc.Pool", "mp.Pool", "mp.Pool (tuned)")]
+        [(k, t) for k in ("pool_map_int", "pool_map_100k")
+         for t in ("shmipc.Pool", "mp.Pool", "mp.Pool (tuned)", "floor")]
         + [(k, t) for k in ("executor_map", "executor_map_blobs", "executor_map_large")
-           for t in ("shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor")])
+           for t in ("shmipc.ProcessPoolExecutor", "cf.ProcessPoolExecutor")]
+        + [("executor_map", "floor"), ("executor_map_blobs", "floor")])
     for r in records:
         assert len(r["rounds"]) == 2 and all(x["items_per_s"] > 0 for x in r["rounds"])
         assert r["best"] == max(r["rounds"], key=lambda x: x["items_per_s"])
         assert (r.get("chunksize", 0) > 0) == (r["transport"] == "mp.Pool (tuned)")
+        assert r["reference"] == (r["transport"] == "floor") and not (r["reference"] and r["shmipc"])
+    # the ints' floor is the same under the Pool's and the executor's map (so are the bytes')
+    floors = {r["pool_kind"]: r["rounds"] for r in records if r["reference"]}
+    assert floors["pool_map_int"] == floors["executor_map"]
+    assert [x["seconds"] for x in floors["pool_map_100k"]] == [x["seconds"] for x in floors["executor_map_blobs"]]
+
+
+def test_pool_floor_is_the_cpu_any_pool_spends_over_the_workers():
+    """The floor's parts are measured (CPU time, each > 0) and combined as
+    documented: ints, their sum over the workers; bytes, the parent's copy or
+    both copies over the workers, whichever is larger. Bad arguments are named."""
+    from shmipc.bench.pools import floor_rounds
+
+    data = [bytes([i]) * 4096 for i in range(64)]
+    for codec in ("int64", "pickle"):
+        got = floor_rounds(processes=3, repeat=2, codec=codec, data=data)
+        assert len(got["ints"]) == len(got["bytes"]) == 2
+        for r in got["ints"]:
+            parts = [v for k, v in r.items() if k != "floor_s"]
+            assert len(parts) == 5 and all(v > 0 for v in parts), r
+            assert r["floor_s"] == pytest.approx(sum(parts) / 3)
+        for r in got["bytes"]:
+            copy_in, copy_out = r["parent: copy into shared memory"], r["workers: copy out of it"]
+            assert copy_in > 0 and copy_out > 0
+            assert r["floor_s"] == max(copy_in, (copy_in + copy_out) / 3)
+    with pytest.raises(ValueError, match="codec must be 'int64' or 'pickle', got 'json'"):
+        floor_rounds(codec="json", data=data)
+    with pytest.raises(ValueError, match="at least 1, got 0 and 3"):
+        floor_rounds(processes=0, data=data)
 
 
 def test_pool_results_are_checked_item_by_item():
@@ -547,6 +579,44 @@ def test_memcpy_row_is_a_floor_not_a_peer():
     assert "vs memcpy" not in text           # never the peer a ratio is taken against
 
 
+def test_pool_floor_is_a_reference_row_not_a_baseline():
+    """The pool tables show each row's share of the machine's floor; the floor
+    is never the baseline a shmipc x, a summary line, the README matrix or a
+    sentence compares with, and the best ratio it leaves is said."""
+    from shmipc.bench.report import markdown_summary, prose
+
+    report = _fake_report()
+    report["options"]["processes"] = 2
+
+    def pool(transport, mine, per_s, reference=False, chunksize=None):
+        best = {"items": 1000, "seconds": 1000 / per_s, "items_per_s": per_s, "mb_per_s": per_s * 8 / 1e6}
+        r = {"workload": "pool", "transport": transport, "shmipc": mine, "reference": reference, "size": 0,
+             "pool_kind": "pool_map_int", "title": "Pool.map(x+1, list of 200_000 ints)", "note": "",
+             "status": "ok", "reason": "", "rounds": [best], "best": best}
+        if chunksize:
+            r["chunksize"] = chunksize
+        return r
+
+    report["records"] += [pool("shmipc.Pool", True, 6e6), pool("mp.Pool", False, 4e6),
+                          pool("mp.Pool (tuned)", False, 5e6, chunksize=50000),
+                          pool("floor", False, 20e6, reference=True)]
+    text = format_report(report)
+    table = text[text.index("Pool.map(x+1"):].split("\n\n")[0].splitlines()
+    assert table[1].rstrip().endswith("of floor"), table
+    shmipc_row = next(line for line in table if line.strip().startswith("shmipc.Pool"))
+    floor_row = next(line for line in table if line.strip().startswith("floor"))
+    assert shmipc_row.rstrip().endswith("30%")              # 6 M of the floor's 20 M
+    assert floor_row.rstrip().endswith("100%") and "x" not in floor_row.split("floor", 1)[1]
+    assert "of floor: this pool's rate over the machine's floor" in text
+    assert "pool pool_map_int" in text and "1.2x vs mp.Pool (tuned)" in text      # never "vs floor"
+    assert "vs floor" not in text
+    md = markdown_summary(report)
+    assert "| 6 M items/s | 5 M items/s (mp.Pool (tuned)) | 1.2x | 4.0x |" in md, md
+    said = prose(report)
+    assert not any("`floor`" in s for s in said), said
+    assert any("30% of the machine's floor" in s and "by more than 4.0x" in s for s in said), said
+
+
 @pytest.mark.timeout(120)
 def test_bench_without_numpy_skips_in_one_line(tmp_path):
     """A plain install (no numpy): the numpy workload is skipped with one
@@ -777,3 +847,24 @@ def test_ray_workload_is_opt_in_and_skipped_in_one_line_without_ray(tmp_path, mo
     text = format_report(report)
     assert "  skipped: needs Ray: pip install 'shmipc[ray]'" in text
     assert "FAILED" not in text and "ray_init_s" not in text
+
+
+@pytest.mark.timeout(240)
+def test_pool_floor_script_prints_both_codecs_and_the_best_ratios(tmp_path):
+    """benchmarks/bench_pool_floor.py runs from a checkout and reports the
+    floors' parts (pickle and int64), mp.Pool's times and the best ratios."""
+    import json
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "benchmarks", "bench_pool_floor.py")
+    out = subprocess.run([sys.executable, script, "--repeat", "1", "--json"], capture_output=True, text=True,
+                         timeout=200, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    for codec in ("pickle", "int64"):
+        parts = got[f"ints_{codec}"]
+        assert len(parts) == 6 and all(v > 0 for v in parts.values()), parts
+        assert got[f"int_best_ratio_{codec}"] == pytest.approx(got["mp_pool_int_s"] / parts["floor_s"])
+    assert got["bytes_best_ratio"] == pytest.approx(got["mp_pool_bytes_tuned_s"] / got["bytes"]["floor_s"])

@@ -28,15 +28,38 @@ Both sides get the same inputs (the same list objects). Every result list is
 compared, item by item, with the expected one: order and content (a blob's
 fingerprint is its length and the index stamped at both of its ends, so a
 reordered, truncated or mixed-up argument shows). Every round's time is kept.
+
+The machine's floor under the ints and the bytes rows (:func:`floor_rounds`,
+the ``floor`` row of their tables): the CPU that any process pool must spend
+on that map, measured in this process, over the number of workers (a pool
+on P cores takes at least that long, however well its processes overlap).
+
+* ints: the calls (``list(map(inc, chunk))``), the arguments encoded in the
+  parent and rebuilt as ints in a worker, the results encoded in a worker
+  and rebuilt in the parent, and freeing them, with the cheapest codec known
+  (``codec="int64"``: native int64s, what shmipc uses; ``"pickle"``, what
+  multiprocessing uses, costs more: benchmarks/bench_pool_floor.py shows both).
+* bytes: two copies of every byte, into shared memory (a 4 MiB buffer written
+  round and round, as a task ring is) and out of it into a bytes object of
+  the worker's own. The first is made by the parent alone (only the parent
+  can read its own objects: a pipe's ``write`` is that copy too), so it is a
+  bound of its own: ``max(copy in, (copy in + copy out) / P)``.
+
+So each table shows how close to the machine's limit each pool gets, and the
+floor's ratio to multiprocessing is the best ratio any pool could reach in
+that run.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import multiprocessing
+import pickle
 import time
 from typing import Any, Callable
 
-__all__ = ["run", "inc", "fingerprint", "N_INTS", "N_BLOBS", "BLOB_SIZE", "COMPARISONS", "TUNED"]
+__all__ = ["run", "inc", "fingerprint", "floor_rounds", "N_INTS", "N_BLOBS", "BLOB_SIZE",
+           "COMPARISONS", "TUNED", "FLOOR", "FLOOR_OF"]
 
 N_INTS = 200_000
 N_BLOBS = 2_000
@@ -58,6 +81,12 @@ COMPARISONS = {
 BLOB_CHUNK = 100                    # executor_map_blobs: 20 chunks of 10 MB
 LARGE_MAPS = 20                     # executor_map_large: maps per timed round
 TUNED = "mp.Pool (tuned)"           # multiprocessing.Pool with the chunksize that suited it best
+FLOOR = "floor"                     # the machine's floor under a comparison (floor_rounds)
+# comparison -> the floor under it (executor_map_large is a round-trip row: no floor)
+FLOOR_OF = {"pool_map_int": "ints", "executor_map": "ints",
+            "pool_map_100k": "bytes", "executor_map_blobs": "bytes"}
+FLOOR_CHUNKS = 8                    # the ints in mp.Pool's default chunks for 2 workers
+RING_BYTES = 4 << 20                # the bytes floor's stand-in for a task ring
 
 
 def inc(x: int) -> int:
@@ -97,7 +126,10 @@ def _check(got: Any, expected: list, who: str) -> None:
 
 def _rounds(fns: tuple[Callable[[], Any], ...], expected: list, names: tuple[str, ...],
             repeat: int) -> tuple[list[float], ...]:
-    """`repeat` timed runs of each function, alternating; every result checked."""
+    """`repeat` timed runs of each function, alternating; every result checked.
+    Each result is freed before the next run starts its clock: rebinding
+    `out` inside the timed span would charge each side with freeing the
+    other's 200,000 results."""
     times: tuple[list[float], ...] = tuple([] for _ in fns)
     for _ in range(repeat):
         for i, fn in enumerate(fns):
@@ -105,6 +137,7 @@ def _rounds(fns: tuple[Callable[[], Any], ...], expected: list, names: tuple[str
             out = fn()
             times[i].append(time.perf_counter() - t0)
             _check(out, expected, names[i])
+            del out
     return times
 
 
@@ -129,9 +162,92 @@ def _tune(pool: Any, fn: Callable, items: list, expected: list, processes: int, 
             out = pool.map(fn, items, chunksize)
             took = time.perf_counter() - t0
             _check(out, expected, f"mp.Pool chunksize={chunksize}")
+            del out                     # (freed outside the next run's clock, as in _rounds)
             if took < best_t:
                 best, best_t = chunksize, took
     return best
+
+
+def _cpu(fn: Callable[[], Any]) -> float:
+    """Process CPU seconds of one call, what it returned freed (the load of
+    other processes inflates CPU time far less than wall time)."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
+def _int_parts(codec: str) -> dict[str, Callable[[], Any]]:
+    """What any pool spends on ``map(inc, list of N_INTS ints)``, part by part."""
+    if codec == "int64":
+        from shmipc._ring import pack_int64_list as encode, unpack_int64_list as decode
+    elif codec == "pickle":
+        encode, decode = functools.partial(pickle.dumps, protocol=5), pickle.loads
+    else:
+        raise ValueError(f"codec must be 'int64' or 'pickle', got {codec!r}")
+    ints = list(range(N_INTS))
+    size = -(-N_INTS // FLOOR_CHUNKS)
+    chunks = [ints[i: i + size] for i in range(0, N_INTS, size)]
+    results = [[x + 1 for x in c] for c in chunks]
+    args_sent = [encode(c) for c in chunks]
+    results_sent = [encode(r) for r in results]
+    return {
+        "workers: the calls, list(map(inc, chunk))": lambda: _each(lambda c: list(map(inc, c)), chunks),
+        "parent: encode the arguments": lambda: _each(encode, chunks),
+        "workers: rebuild the arguments (and free them)": lambda: _each(decode, args_sent),
+        "workers: encode the results": lambda: _each(encode, results),
+        "parent: rebuild the results (and free them)": lambda: _each(decode, results_sent),
+    }
+
+
+def _each(fn: Callable[[Any], Any], items: list) -> None:
+    """fn(item) for each item, each result freed before the next call: a
+    floor must be a lower bound, so the memory is reused (no page faults),
+    as the cheapest pool would."""
+    for item in items:
+        fn(item)
+
+
+def _bytes_parts(data: list[bytes]) -> dict[str, Callable[[], Any]]:
+    """The two copies any pool makes of ``map(fingerprint, data)``'s bytes."""
+    ring = memoryview(bytearray(RING_BYTES))
+    size = len(data[0])
+    slots = [(i * size) % (RING_BYTES - size) for i in range(len(data))]
+
+    def copy_in() -> None:              # the parent: each blob into the ring, round and round
+        for at, blob in zip(slots, data):
+            ring[at: at + size] = blob
+
+    def copy_out() -> None:             # a worker: out of the ring into a bytes object of its own
+        for at in slots:
+            bytes(ring[at: at + size])  # (freed at once, as a worker's is: memory reused, no page faults)
+
+    return {"parent: copy into shared memory": copy_in, "workers: copy out of it": copy_out}
+
+
+def floor_rounds(processes: int = 2, repeat: int = 3, codec: str = "int64",
+                 data: list[bytes] | None = None) -> dict[str, list[dict[str, float]]]:
+    """The floors under the ints and the bytes maps (see the module
+    docstring), `repeat` times: ``{"ints": rounds, "bytes": rounds}``, each
+    round ``{part: CPU seconds, ..., "floor_s": the least wall time any pool
+    of `processes` workers could take}``. `data`: the blobs (else blobs()).
+
+    Raises:
+        ValueError: `processes` < 1, `repeat` < 1 or an unknown codec.
+    """
+    if processes < 1 or repeat < 1:
+        raise ValueError(f"processes and repeat must be at least 1, got {processes} and {repeat}")
+    ints, copies = _int_parts(codec), _bytes_parts(data if data is not None else blobs())
+    out: dict[str, list[dict[str, float]]] = {"ints": [], "bytes": []}
+    for _ in range(repeat):
+        cost = {what: _cpu(fn) for what, fn in ints.items()}
+        cost["floor_s"] = sum(cost.values()) / processes
+        out["ints"].append(cost)
+        cost = {what: _cpu(fn) for what, fn in copies.items()}
+        copy_in, copy_out = cost.values()
+        # the parent writes every byte from one thread: that alone bounds the map
+        cost["floor_s"] = max(copy_in, (copy_in + copy_out) / processes)
+        out["bytes"].append(cost)
+    return out
 
 
 def run(processes: int = 2, repeat: int = 3, context: str = "fork") -> list[dict[str, Any]]:
@@ -139,7 +255,10 @@ def run(processes: int = 2, repeat: int = 3, context: str = "fork") -> list[dict
     for both sides (``shmipc_rounds_s``, ``stdlib_rounds_s``), the best of
     each (``shmipc_s``, ``stdlib_s``), ``speedup`` (best over best); for the
     Pool.map rows also ``tuned_rounds_s``, ``tuned_s``, ``tuned_chunksize``
-    and ``speedup_tuned`` (against multiprocessing with that chunksize)."""
+    and ``speedup_tuned`` (against multiprocessing with that chunksize); for
+    the rows with a floor (FLOOR_OF) ``floor_rounds_s``, ``floor_s`` and
+    ``floor_speedup`` (the floor against the strongest standard-library row:
+    the best ratio any pool could reach in this run)."""
     import shmipc
 
     ctx = multiprocessing.get_context(context)
@@ -151,6 +270,7 @@ def run(processes: int = 2, repeat: int = 3, context: str = "fork") -> list[dict
     want_large = [BLOB_SIZE] * N_LARGE
     timings: dict[str, tuple[list[float], ...]] = {}
     tuned: dict[str, int] = {}
+    floors = floor_rounds(processes, repeat, data=data)     # (before the pools: no process of theirs runs)
     with shmipc.Pool(processes, context=context) as mine, ctx.Pool(processes) as theirs:
         _check(mine.map(inc, ints[:1000]), want_ints[:1000], "shmipc.Pool")     # warm up
         _check(theirs.map(inc, ints[:1000]), want_ints[:1000], "mp.Pool")
@@ -185,5 +305,10 @@ def run(processes: int = 2, repeat: int = 3, context: str = "fork") -> list[dict
         if more:
             row.update({"tuned_rounds_s": more[0], "tuned_s": min(more[0]), "tuned_chunksize": tuned[name],
                         "speedup_tuned": min(more[0]) / min(mine_t)})
+        if name in FLOOR_OF:
+            row["floor_rounds_s"] = [f["floor_s"] for f in floors[FLOOR_OF[name]]]
+            row["floor_s"] = min(row["floor_rounds_s"])
+            # the best ratio any pool could reach against the strongest baseline, in this run
+            row["floor_speedup"] = min(row.get("tuned_s", row["stdlib_s"]), row["stdlib_s"]) / row["floor_s"]
         rows.append(row)
     return rows

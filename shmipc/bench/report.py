@@ -186,7 +186,7 @@ def _table_rows(key: tuple, rows: list[dict]) -> tuple[list[str], list[list[str]
         else:
             cells = [_human(b["msgs_per_s"]), _mb(b["mb_per_s"])]
         if workload == "pool":
-            cells += ["" if mine else _ratio(best, m),
+            cells += ["" if mine or r.get("reference") else _ratio(best, m),
                       f"chunksize={r['chunksize']}" if r.get("chunksize") else ""]
         elif workload == "ray":
             cells += ["" if mine else _ratio(best, m)]
@@ -305,7 +305,12 @@ def format_report(report: dict) -> str:
                 "verifies every message as the Python receivers do); "
                 "of memcpy: over one process copying each message once from a Python loop (no IPC; two "
                 "processes on two cores, or a zero-copy receive, can exceed it)"]
-               if any(r.get("reference") for r in report["records"]) else []), ""]
+               if any(r.get("reference") for r in report["records"] if r["workload"] != "pool") else []),
+             *([f"of floor: this pool's rate over the machine's floor for that map: the CPU any pool must "
+                f"spend on it (the calls and the cheapest encoding both ways for ints; two copies of every byte, "
+                f"the first by the parent alone, for bytes), measured in one process, over the "
+                f"{report['options'].get('processes', 2)} workers (shmipc/bench/pools.py)"]
+               if any(r.get("reference") for r in report["records"] if r["workload"] == "pool") else []), ""]
     ray_line = ray_init_line(report)
     for key, rows in _groups(report["records"]):
         if key[0] == "ray" and ray_line:
@@ -439,17 +444,21 @@ def markdown_summary(report: dict) -> str:
     for name in order:
         out.append(f"| {name} | " + " | ".join(cells.get(name, {}).get(key, "") for key, _ in cols) + " |")
     if pools:
-        out += ["", "| pool workload | shmipc | standard library | shmipc x |", "|---|---:|---:|---:|"]
+        out += ["", "| pool workload | shmipc | standard library | shmipc x | floor x |",
+                "|---|---:|---:|---:|---:|"]
         for key, rows in pools:
             mine = [r for r in rows if r["shmipc"] and _metric(r)]
-            theirs = [r for r in rows if not r["shmipc"] and _metric(r)]
+            theirs = [r for r in rows if not r["shmipc"] and not r.get("reference") and _metric(r)]
+            floor = next((r for r in rows if r.get("reference") and _metric(r)), None)
             if not mine or not theirs:
                 continue
             title = rows[0].get("title") or key[1]
             a, b = mine[0], max(theirs, key=_metric)       # the strongest baseline (a tuned one)
+            # floor x: the machine's floor over that baseline, the best any pool could do
             out.append(f"| {title} | {_human(a['best']['items_per_s'])} items/s | "
                        f"{_human(b['best']['items_per_s'])} items/s ({b['transport']}) | "
-                       f"{_ratio(_metric(a), _metric(b))} |")
+                       f"{_ratio(_metric(a), _metric(b))} | "
+                       f"{_ratio(_metric(floor), _metric(b)) if floor else ''} |")
     return "\n".join(out) + "\n"
 
 
@@ -543,12 +552,19 @@ def prose(report: dict) -> list[str]:
         rows = [r for r in report["records"] if r["workload"] == "pool" and r.get("pool_kind") == kind
                 and _metric(r)]
         mine = next((r for r in rows if r["shmipc"]), None)
-        peers = [r for r in rows if not r["shmipc"]]
+        peers = [r for r in rows if not r["shmipc"] and not r.get("reference")]
+        floor = next((r for r in rows if r.get("reference")), None)
         for theirs in peers:            # every baseline, the default and the tuned one
             how = f" with chunksize={theirs['chunksize']}" if theirs.get("chunksize") else ""
             if mine:
                 out.append(f"`{mine.get('title', kind)}`: {_ratio(_metric(mine), _metric(theirs))} "
                            f"`{theirs['transport']}`{how}.")
+        if mine and floor and peers:
+            strongest = max(peers, key=_metric)
+            out.append(f"`{mine.get('title', kind)}`: {_metric(mine) / _metric(floor):.0%} of the machine's "
+                       f"floor for that map (the CPU any pool must spend on it, over the workers); no pool "
+                       f"could beat `{strongest['transport']}` by more than "
+                       f"{_ratio(_metric(floor), _metric(strongest))} in this run.")
     return out
 
 

@@ -382,8 +382,9 @@ def _pingpong_round(ep: Endpoint, pool: list, seconds: float) -> dict:
 # ---------------------------------------------------------------- pool.map
 def _pool_records(processes: int, rounds: int) -> list[dict]:
     """Run shmipc/bench/pools.py; one record per pool per comparison, with
-    every round's figure."""
-    from shmipc.bench.pools import COMPARISONS, LARGE_MAPS, N_BLOBS, N_INTS, N_LARGE, TUNED, run
+    every round's figure, and a reference record (``floor``) for each
+    comparison that has a machine floor."""
+    from shmipc.bench.pools import COMPARISONS, FLOOR, LARGE_MAPS, N_BLOBS, N_INTS, N_LARGE, TUNED, run
 
     counts = {"pool_map_int": N_INTS, "pool_map_100k": N_BLOBS, "executor_map": N_INTS,
               "executor_map_blobs": N_BLOBS, "executor_map_large": N_LARGE * LARGE_MAPS}
@@ -394,11 +395,13 @@ def _pool_records(processes: int, rounds: int) -> list[dict]:
         sides = [(mine, row["shmipc_rounds_s"], True, None), (theirs, row["stdlib_rounds_s"], False, None)]
         if "tuned_rounds_s" in row:     # multiprocessing with the chunksize that suited it best
             sides.append((TUNED, row["tuned_rounds_s"], False, row["tuned_chunksize"]))
+        if "floor_rounds_s" in row:     # the machine's floor: a reference row, not a peer
+            sides.append((FLOOR, row["floor_rounds_s"], False, None))
         for transport, times, is_shmipc, chunksize in sides:
             figures = [{"items": n, "seconds": s, "items_per_s": n / s, "mb_per_s": n * item_bytes / s / 1e6}
                        for s in times]
-            record = {"transport": transport, "shmipc": is_shmipc, "pool_kind": row["name"],
-                      "title": label, "rounds": figures,
+            record = {"transport": transport, "shmipc": is_shmipc, "reference": transport == FLOOR,
+                      "pool_kind": row["name"], "title": label, "rounds": figures,
                       "best": max(figures, key=lambda f: f["items_per_s"]), "status": "ok"}
             if chunksize is not None:
                 record["chunksize"] = chunksize
