@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.processes < 1 or args.repeat < 1:
+        parser.error(f"--processes and --repeat must be at least 1, got {args.processes} and {args.repeat}")
     r = floor(args.processes, args.repeat)
     if args.json:
         print(json.dumps(r, indent=2))

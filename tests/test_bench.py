@@ -223,6 +223,12 @@ def test_pool_floor_is_the_cpu_any_pool_spends_over_the_workers():
         floor_rounds(codec="json", data=data)
     with pytest.raises(ValueError, match="at least 1, got 0 and 3"):
         floor_rounds(processes=0, data=data)
+    with pytest.raises(ValueError, match=r"one size between 1 and 2097152 bytes, got 0 of sizes \[\]"):
+        floor_rounds(data=[])
+    with pytest.raises(ValueError, match=r"got 2 of sizes \[1, 2\]"):
+        floor_rounds(data=[b"x", b"yy"])
+    with pytest.raises(ValueError, match=r"got 1 of sizes \[4194304\]"):
+        floor_rounds(data=[bytes(4 << 20)])
 
 
 def test_pool_results_are_checked_item_by_item():
@@ -868,3 +874,5 @@ def test_pool_floor_script_prints_both_codecs_and_the_best_ratios(tmp_path):
         assert len(parts) == 6 and all(v > 0 for v in parts.values()), parts
         assert got[f"int_best_ratio_{codec}"] == pytest.approx(got["mp_pool_int_s"] / parts["floor_s"])
     assert got["bytes_best_ratio"] == pytest.approx(got["mp_pool_bytes_tuned_s"] / got["bytes"]["floor_s"])
+    bad = subprocess.run([sys.executable, script, "--repeat", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--repeat must be at least 1, got 2 and 0" in bad.stderr

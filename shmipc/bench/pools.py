@@ -232,11 +232,17 @@ def floor_rounds(processes: int = 2, repeat: int = 3, codec: str = "int64",
     of `processes` workers could take}``. `data`: the blobs (else blobs()).
 
     Raises:
-        ValueError: `processes` < 1, `repeat` < 1 or an unknown codec.
+        ValueError: `processes` < 1, `repeat` < 1, an unknown codec, or
+            `data` empty or of mixed sizes (or larger than half the ring).
     """
     if processes < 1 or repeat < 1:
         raise ValueError(f"processes and repeat must be at least 1, got {processes} and {repeat}")
-    ints, copies = _int_parts(codec), _bytes_parts(data if data is not None else blobs())
+    data = data if data is not None else blobs()
+    sizes = {len(b) for b in data}
+    if len(sizes) != 1 or not 0 < len(data[0]) <= RING_BYTES // 2:
+        raise ValueError(f"data must be bytes objects of one size between 1 and {RING_BYTES // 2} bytes, "
+                         f"got {len(data)} of sizes {sorted(sizes)[:5]}")
+    ints, copies = _int_parts(codec), _bytes_parts(data)
     out: dict[str, list[dict[str, float]]] = {"ints": [], "bytes": []}
     for _ in range(repeat):
         cost = {what: _cpu(fn) for what, fn in ints.items()}
