@@ -21,7 +21,7 @@ once, so each map moves 100 KiB and the row measures a round trip through
 three wake-ups (submit, worker, result), not how chunks travel. The ``floor``
 column is the best ratio any pool could reach in the same run: the standard
 library's best time over the CPU that any pool must spend on that map on
-this machine, over the workers (see ``shmipc/bench/pools.py``); a target
+this machine, spread over its CPUs (see ``shmipc/bench/pools.py``); a target
 above it cannot be met here. Its parts, with pickle as the codec too:
 ``benchmarks/bench_pool_floor.py``.
 

@@ -31,8 +31,9 @@ reordered, truncated or mixed-up argument shows). Every round's time is kept.
 
 The machine's floor under the ints and the bytes rows (:func:`floor_rounds`,
 the ``floor`` row of their tables): the CPU that any process pool must spend
-on that map, measured in this process, over the number of workers (a pool
-on P cores takes at least that long, however well its processes overlap).
+on that map, measured in this process, spread over the CPUs its processes
+can use at once (a pool takes at least that long, however well its
+processes overlap; on 2 cores with 2 workers, the total over 2).
 
 * ints: the calls (``list(map(inc, chunk))``), the arguments encoded in the
   parent and rebuilt as ints in a worker, the results encoded in a worker
@@ -42,8 +43,8 @@ on P cores takes at least that long, however well its processes overlap).
 * bytes: two copies of every byte, into shared memory (a 4 MiB buffer written
   round and round, as a task ring is) and out of it into a bytes object of
   the worker's own. The first is made by the parent alone (only the parent
-  can read its own objects: a pipe's ``write`` is that copy too), so it is a
-  bound of its own: ``max(copy in, (copy in + copy out) / P)``.
+  can read its own objects: a pipe's ``write`` is that copy too), from one
+  thread in every pool compared here, so it is a bound of its own.
 
 So each table shows how close to the machine's limit each pool gets, and the
 floor's ratio to multiprocessing is the best ratio any pool could reach in
@@ -54,6 +55,7 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import multiprocessing
+import os
 import pickle
 import time
 from typing import Any, Callable
@@ -229,7 +231,10 @@ def floor_rounds(processes: int = 2, repeat: int = 3, codec: str = "int64",
     """The floors under the ints and the bytes maps (see the module
     docstring), `repeat` times: ``{"ints": rounds, "bytes": rounds}``, each
     round ``{part: CPU seconds, ..., "floor_s": the least wall time any pool
-    of `processes` workers could take}``. `data`: the blobs (else blobs()).
+    of `processes` workers could take}``: the workers' parts over the
+    workers, everything over the CPUs the parent and workers can use at once
+    (``min(usable CPUs, processes + 1)``), and for bytes the parent's copy;
+    whichever is largest. `data`: the blobs (else blobs()).
 
     Raises:
         ValueError: `processes` < 1, `repeat` < 1, an unknown codec, or
@@ -243,16 +248,19 @@ def floor_rounds(processes: int = 2, repeat: int = 3, codec: str = "int64",
         raise ValueError(f"data must be bytes objects of one size between 1 and {RING_BYTES // 2} bytes, "
                          f"got {len(data)} of sizes {sorted(sizes)[:5]}")
     ints, copies = _int_parts(codec), _bytes_parts(data)
+    # the parent and the workers together run on at most this many CPUs at once
+    lanes = min(len(os.sched_getaffinity(0)), processes + 1)
     out: dict[str, list[dict[str, float]]] = {"ints": [], "bytes": []}
     for _ in range(repeat):
-        cost = {what: _cpu(fn) for what, fn in ints.items()}
-        cost["floor_s"] = sum(cost.values()) / processes
-        out["ints"].append(cost)
-        cost = {what: _cpu(fn) for what, fn in copies.items()}
-        copy_in, copy_out = cost.values()
-        # the parent writes every byte from one thread: that alone bounds the map
-        cost["floor_s"] = max(copy_in, (copy_in + copy_out) / processes)
-        out["bytes"].append(cost)
+        for kind, parts in (("ints", ints), ("bytes", copies)):
+            cost = {what: _cpu(fn) for what, fn in parts.items()}
+            parent = sum(v for what, v in cost.items() if what.startswith("parent"))
+            workers = sum(cost.values()) - parent
+            cost["floor_s"] = max(workers / processes, (parent + workers) / lanes,
+                                  # the parent writes every byte from one thread (as every pool
+                                  # compared here does): that alone bounds the bytes map
+                                  parent if kind == "bytes" else 0.0)
+            out[kind].append(cost)
     return out
 
 

@@ -306,10 +306,10 @@ def format_report(report: dict) -> str:
                 "of memcpy: over one process copying each message once from a Python loop (no IPC; two "
                 "processes on two cores, or a zero-copy receive, can exceed it)"]
                if any(r.get("reference") for r in report["records"] if r["workload"] != "pool") else []),
-             *([f"of floor: this pool's rate over the machine's floor for that map: the CPU any pool must "
-                f"spend on it (the calls and the cheapest encoding both ways for ints; two copies of every byte, "
-                f"the first by the parent alone, for bytes), measured in one process, over the "
-                f"{report['options'].get('processes', 2)} workers (shmipc/bench/pools.py)"]
+             *(["of floor: this pool's rate over the machine's floor for that map: the CPU any pool must "
+                "spend on it (the calls and the cheapest encoding both ways for ints; two copies of every byte, "
+                "the first by the parent alone, for bytes), measured in one process, spread over the CPUs the "
+                "parent and its workers can use at once (shmipc/bench/pools.py)"]
                if any(r.get("reference") for r in report["records"] if r["workload"] == "pool") else []), ""]
     ray_line = ray_init_line(report)
     for key, rows in _groups(report["records"]):
@@ -562,7 +562,7 @@ def prose(report: dict) -> list[str]:
         if mine and floor and peers:
             strongest = max(peers, key=_metric)
             out.append(f"`{mine.get('title', kind)}`: {_metric(mine) / _metric(floor):.0%} of the machine's "
-                       f"floor for that map (the CPU any pool must spend on it, over the workers); no pool "
+                       f"floor for that map (the CPU any pool must spend on it, spread over the CPUs); no pool "
                        f"could beat `{strongest['transport']}` by more than "
                        f"{_ratio(_metric(floor), _metric(strongest))} in this run.")
     return out
