@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 from shmipc._engine_exits import _WorkerExits
 from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
 from shmipc._footprint import BigRings, Footprint
-from shmipc._poolworker import SLOT_WORDS, R_BAD_TASK, R_BIG, R_OK, _worker_main
+from shmipc._poolworker import (K_CALL, SLOT_WORDS, R_BAD_TASK, R_BIG, R_OK, R_RAISED, R_UNDECODABLE,
+                                R_UNENCODABLE, _worker_main)
 from shmipc._slots import SlotTable
 from shmipc._runtime import StartupGuard, check_retries
 from shmipc._tasks import (MaybeEncodingError, Outcomes, RemoteTraceback, _job_counter,  # noqa: F401 (re-exported)
@@ -337,7 +338,7 @@ class _Engine(_Dispatch, _WorkerExits):
                 return None
             for msg in msgs:
                 if msg is not None:
-                    later += self._on_result(msg)
+                    later += self._on_result_guarded(msg)
             now = time.monotonic()
             if not msgs or now - self._last_poll > _POLL or None in msgs:
                 self._last_poll = now
@@ -372,26 +373,50 @@ class _Engine(_Dispatch, _WorkerExits):
                 continue
             for msg in msgs:
                 if msg is not None:
-                    later += self._on_result(msg)
+                    later += self._on_result_guarded(msg)
+
+    def _on_result_guarded(self, msg: Any) -> list:
+        """_on_result, which must never end the bookkeeping thread (every
+        pending result would wait for ever): whatever it raises fails the
+        task the record names, if one is in flight, else is reported."""
+        try:
+            return self._on_result(msg)
+        except Exception as exc:
+            return self._fail_named(msg[0] if type(msg) is tuple and msg else None, exc)
+
+    def _fail_named(self, seq: Any, exc: Exception) -> list:
+        """A result record that could not be used fails the task it names,
+        if that one is in flight (rather than leaving it to wait for ever);
+        otherwise it is reported as lost. Lock held."""
+        task = self._inflight.get(seq) if type(seq) is int else None
+        if task is None:
+            print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
+            return []
+        task.pieces = None
+        self._settle(task)
+        return task.job._deliver(task, False, exc)
 
     def _on_result(self, msg: tuple | bytes) -> list:
+        """One result record (lock held). Every part of it is untrusted (it
+        was read from shared memory): a malformed record fails the task it
+        names with CorruptMessage, or is dropped when it names none in flight."""
         if type(msg) is bytes:                  # a compact result record (see shmipc._wire)
             try:
                 msg = read_result_record(msg, R_OK)
             except CorruptMessage as exc:
                 # damaged in shared memory: its task (if the header still names
                 # one in flight) fails with the error rather than waiting for ever
-                task = self._inflight.get(getattr(exc, "seq", None))
-                if task is None:                # as a record the ring could not decode: consumed
-                    print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
-                    return []
-                self._settle(task)
-                return task.job._deliver(task, False, exc)
-        seq, status, offset, last = msg[:4]
+                return self._fail_named(getattr(exc, "seq", None), exc)
+        try:
+            seq, status, offset, last = _result_head(msg)
+        except CorruptMessage as exc:
+            return self._fail_named(getattr(exc, "seq", None), exc)
         if status == R_BAD_TASK:
             return self._on_bad_task(offset, msg[6])
         if status is R_BIG:                     # a stub: the record waits in the big ring
             msg = self._fetch_big(seq, offset)
+            if msg is not None and (_result_head(msg)[1] in (R_BIG, R_BAD_TASK) or msg[0] != seq):
+                raise CorruptMessage(f"the big result record for task {seq} is a stub or names another task")
         task = self._inflight.get(seq)
         if task is None:
             return []           # a late piece of a task already settled
@@ -400,17 +425,25 @@ class _Engine(_Dispatch, _WorkerExits):
         else:
             ok, value = self._outcomes.decode(task, msg)
         del msg
+        if ok and task.kind != K_CALL:
+            # a chunk's results: lists that tile its items exactly
+            problem = _piece_problem(task, offset, value)
+            if problem:
+                ok, value, last = False, CorruptMessage(f"the result of {task.describe()} {problem}"), True
         if not last and ok:
             if task.pieces is None:
                 task.pieces = []
             task.pieces.append((offset, value))
             return []
-        if task.pieces:
-            if ok:
-                task.pieces.append((offset, value))
-                task.pieces.sort(key=lambda p: p[0])
-                value = [v for _, piece in task.pieces for v in piece]
-            task.pieces = None
+        if ok and task.kind != K_CALL:
+            pieces = sorted((task.pieces or []) + [(offset, value)], key=lambda p: p[0])
+            problem = _tiling_problem(pieces, len(task.payload))
+            if problem:
+                ok, value = False, CorruptMessage(f"the result of {task.describe()} {problem}")
+            elif len(pieces) > 1:
+                value = [v for _, piece in pieces for v in piece]
+            del pieces
+        task.pieces = None
         self._settle(task)
         return task.job._deliver(task, ok, value)
 
@@ -602,3 +635,66 @@ def _terminate_live_pools() -> None:
             pass
 
 
+_STATUSES = (R_OK, R_RAISED, R_UNENCODABLE, R_BAD_TASK, R_UNDECODABLE, R_BIG)
+
+
+def _result_head(msg: Any) -> tuple[int, Any, int, bool]:
+    """``(seq, status, offset, last)`` of a result record, its shape checked
+    (a forged record must not end the bookkeeping thread).
+
+    Raises:
+        CorruptMessage: not a well-formed record; ``seq`` names its task when
+            the record still says which one.
+    """
+    seq = msg[0] if type(msg) is tuple and msg and type(msg[0]) is int else None
+    problem = None
+    if type(msg) is not tuple or len(msg) != 7:
+        problem = f"a result record is {type(msg).__name__} of length {_length(msg)}, not a tuple of 7"
+    elif seq is None:
+        problem = f"a result record's sequence number is {type(msg[0]).__name__}, not int"
+    elif msg[1] not in _STATUSES or type(msg[1]) not in (int, type(None)):
+        problem = f"a result record's status is {msg[1]!r:.40}"
+    elif type(msg[2]) is not int or msg[2] < 0:
+        problem = f"a result record's offset is {msg[2]!r:.40}"
+    elif type(msg[3]) not in (bool, int) or msg[3] not in (0, 1):
+        problem = f"a result record's last flag is {msg[3]!r:.40}"
+    elif msg[1] not in (R_OK, R_BIG) and not (
+            type(msg[6]) is tuple and len(msg[6]) == 2 and all(type(x) in (str, type(None)) for x in msg[6])):
+        problem = f"a result record's error info is {type(msg[6]).__name__}, not (traceback, description)"
+    if problem:
+        exc = CorruptMessage(problem)
+        exc.seq = seq                   # type: ignore[attr-defined]
+        raise exc
+    return msg[0], msg[1], msg[2], bool(msg[3])
+
+
+def _length(obj: Any) -> str:
+    try:
+        return str(len(obj))
+    except Exception:
+        return "-"
+
+
+def _piece_problem(task: Any, offset: int, value: Any) -> str | None:
+    """Why `value`, a chunk's result (or a piece of it at `offset`), cannot
+    be one: not a list, or past the chunk's end (None: it can)."""
+    n = len(task.payload)
+    if type(value) is not list:
+        return f"arrived as {type(value).__name__}, not a list"
+    have = sum(len(piece) for _, piece in task.pieces or ())
+    if offset + len(value) > n or have + len(value) > n:
+        return f"has {have + len(value)} items (a piece of {len(value)} at offset {offset}) for a chunk of {n}"
+    return None
+
+
+def _tiling_problem(pieces: list, n: int) -> str | None:
+    """Why the pieces (offset, list), sorted, do not tile a chunk of `n`
+    items exactly (None: they do)."""
+    at = 0
+    for offset, piece in pieces:
+        if offset != at:
+            return f"arrived in pieces that do not follow each other (offset {offset}, expected {at})"
+        at += len(piece)
+    if at != n:
+        return f"has {at} item{'s' if at != 1 else ''} for a chunk of {n}"
+    return None

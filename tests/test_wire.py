@@ -3,6 +3,7 @@ through a real ring too; forged records raise CorruptMessage with the numbers;
 in a real pool, a value that does not cross fails only its own task."""
 from __future__ import annotations
 
+import functools
 import multiprocessing.pool
 import pickle
 import queue
@@ -411,6 +412,98 @@ def test_a_forged_task_record_fails_that_task_in_the_worker():
                 module.pack_task = original
         assert pool.map(echo, [b"fine"]) == [b"fine"]
         assert engine.statistics()["worker_deaths"] == 0
+
+
+# ---------------------------------------------------------------------- forged results
+def _forged_result(how):
+    """A result record for the calling task, forged as `how` says (what a
+    process writing into the arena could leave in the result ring)."""
+    import gc
+
+    from shmipc import _poolworker
+
+    w = next(o for o in gc.get_objects() if type(o) is _poolworker._WorkerLoop)
+    seq = _poolworker.HEAD3.unpack_from(w.slots, w.offset)[1]       # the task this worker runs
+    d, m = pack(1)
+    if how in ("long", "short", "far"):
+        items = {"long": list(range(50)), "short": [7], "far": [1, 2]}[how]
+        data, meta = _wire.pack_items(items)
+        return _wire_records.result_record((seq, _poolworker.R_OK, 10**9 if how == "far" else 0,
+                                            how != "far", data, meta, None))
+    return {"int": (seq, _poolworker.R_OK, 0, True, d, m, None),
+            "piece": (seq, _poolworker.R_OK, 0, False, d, m, None),
+            "short_tuple": (seq,),
+            "status": (seq, 99, 0, True, d, m, None),
+            "offset": (seq, _poolworker.R_OK, -1, True, d, m, None),
+            "last": (seq, _poolworker.R_OK, 0, 7, d, m, None),
+            "info": (seq, _poolworker.R_RAISED, 0, True, d, m, 5),
+            "no_tuple": 5,
+            "seq_str": ("x", _poolworker.R_OK, 0, True, d, m, None)}[how]
+
+
+def forge_then_echo(x, how):
+    """Item 0 of a chunk first puts a forged result for its own task."""
+    if x == 0:
+        import gc
+
+        from shmipc import _poolworker
+
+        w = next(o for o in gc.get_objects() if type(o) is _poolworker._WorkerLoop)
+        w.results.put(_forged_result(how))
+    return x * 10
+
+
+# how -> what the map of that chunk raises (None: the record names no task in flight, so it
+# is dropped and reported, and the worker's own result arrives)
+FORGERIES = {
+    "int": "the result of forge_then_echo on items 0..3 .* arrived as int, not a list",
+    "piece": "arrived as int, not a list",
+    "long": "has 50 items \\(a piece of 50 at offset 0\\) for a chunk of 4",
+    "short": "has 1 item for a chunk of 4",
+    "far": "a piece of 2 at offset 1000000000\\) for a chunk of 4",
+    "short_tuple": "a result record is tuple of length 1, not a tuple of 7",
+    "status": "a result record's status is 99",
+    "offset": "a result record's offset is -1",
+    "last": "a result record's last flag is 7",
+    "info": "a result record's error info is int, not \\(traceback, description\\)",
+    "no_tuple": None,
+    "seq_str": None,
+}
+
+
+@pytest.mark.timeout(120)
+def test_a_forged_result_record_fails_its_task_and_never_the_pool(capfd):
+    """A result record forged in the result ring (a value that is not a list,
+    a chunk's results of the wrong length or past its end, a record of the
+    wrong shape, status, offset, flag or error info) fails the task it names
+    with CorruptMessage and the numbers; one that names no task is dropped
+    and reported. The bookkeeping thread lives on: the pool keeps working
+    (before, `len(5)` in it ended the thread and every later call hung)."""
+    with shmipc.Pool(2, context="fork") as pool:
+        for how, match in FORGERIES.items():
+            args = [(i, how) for i in range(4)]
+            if match is None:
+                assert pool.starmap(forge_then_echo, args, chunksize=4) == [0, 10, 20, 30]
+                assert "a result record was lost: CorruptMessage" in capfd.readouterr().err
+            else:
+                with pytest.raises(CorruptMessage, match=match):
+                    pool.starmap(forge_then_echo, args, chunksize=4)
+            assert pool.map(abs, [-1, -2, -3], chunksize=1) == [1, 2, 3], how
+        assert pool._engine._thread.is_alive()
+        assert pool._engine.statistics()["worker_deaths"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_forged_result_record_fails_that_future_and_that_imap_item():
+    with shmipc.ProcessPoolExecutor(1, mp_context="fork") as ex:
+        with pytest.raises(CorruptMessage, match="has 50 items"):
+            list(ex.map(forge_then_echo, range(4), ["long"] * 4, chunksize=4))
+        assert list(ex.map(abs, [-4, -5])) == [4, 5]
+    with shmipc.Pool(1, context="fork") as pool:
+        it = pool.imap(functools.partial(forge_then_echo, how="int"), range(4), chunksize=2)
+        with pytest.raises(CorruptMessage, match="arrived as int"):
+            next(it)
+        assert pool.map(abs, [-6]) == [6]
 
 
 # ---------------------------------------------------------------------- compact records
