@@ -63,13 +63,20 @@ from shmipc._slots import BUSY, DONE, READY, STARTING
 __all__ = ["Scheduler", "SlotRecord", "StageFailure", "StageRule", "Raise", "SLOT_WORDS",
            "MAX_PATH", "S_STARTING", "S_READY", "S_BUSY", "S_DONE",
            "F_NONE", "F_PART", "F_LAST", "F_FUNC", "F_END", "F_COMPLETE", "progress_word",
-           "is_envelope"]
+           "is_envelope", "output_problem", "MAX_CREDIT"]
 
 # the states of the slot table every worker runtime shares (shmipc._slots)
 S_STARTING, S_READY, S_BUSY, S_DONE = STARTING, READY, BUSY, DONE
 F_NONE, F_PART, F_LAST, F_FUNC, F_END, F_COMPLETE = 0, 1, 2, 3, 4, 5
 SLOT_WORDS = 32
 MAX_PATH = SLOT_WORDS - 5
+# An item's share travels as an exponent e (2**-e of the item): each output of
+# a generator stage takes one more. Credits are summed as exact fractions
+# (_add_credit), in ints of e bits; a credit above this, read from shared
+# memory, is forged or damaged (one item would need more than 64 M outputs,
+# which that arithmetic could not sum in reasonable time anyway), and taken
+# as it is it would make a shift allocate up to 2**e bits.
+MAX_CREDIT = 1 << 26
 
 
 def progress_word(sent: int, inflight: int) -> int:
@@ -80,8 +87,39 @@ def is_envelope(env: Any) -> bool:
     """`env` (decoded from shared memory: untrusted) has an item envelope's
     shape: (seq, credit, path, data, meta) with a path of ints."""
     return (type(env) is tuple and len(env) == 5 and type(env[0]) is int and env[0] >= 0
-            and type(env[1]) is int and env[1] >= 0 and type(env[2]) is tuple
-            and len(env[2]) <= MAX_PATH and all(type(x) is int for x in env[2]))
+            and type(env[1]) is int and 0 <= env[1] <= MAX_CREDIT and type(env[2]) is tuple
+            and len(env[2]) <= MAX_PATH and all(type(x) is int and x >= 0 for x in env[2]))
+
+
+# the kinds of message stage workers send to the parent (shmipc._wire)
+_OUTPUT_KINDS = (0, 1, 2, 3)            # K_RESULT, K_DONE, K_ERROR, K_FATAL
+_ERROR_KINDS = (2, 3)
+_FATAL = 3
+
+
+def output_problem(msg: Any) -> str | None:
+    """Why `msg`, read from the parent's output ring (untrusted), is not a
+    well-formed ``(kind, seq, credit, path, data, meta)`` message (None: it
+    is). An error's data must be ``(stage index, pickled exception or None,
+    text, traceback)``."""
+    if type(msg) is not tuple or len(msg) != 6:
+        length = f" of length {len(msg)}" if type(msg) is tuple else ""
+        return f"an output message is {type(msg).__name__}{length}, not a tuple of 6"
+    kind, seq, credit, path, data, _meta = msg
+    if type(kind) is not int or kind not in _OUTPUT_KINDS:
+        return f"an output message's kind is {kind!r:.40}"
+    if type(seq) is not int or seq < (-1 if kind == _FATAL else 0):     # (a setup failure names no item: -1)
+        return f"an output message's item number is {seq!r:.40}"
+    if type(credit) is not int or not 0 <= credit <= MAX_CREDIT:
+        return f"item {seq}'s output message has credit {credit!r:.40} (0 to {MAX_CREDIT})"
+    if (type(path) is not tuple or len(path) > MAX_PATH
+            or not all(type(x) is int and x >= 0 for x in path)):
+        return f"item {seq}'s output message has path {path!r:.60}"
+    if kind in _ERROR_KINDS and not (
+            type(data) is tuple and len(data) == 4 and type(data[0]) is int
+            and type(data[1]) in (bytes, type(None)) and type(data[2]) is str and type(data[3]) is str):
+        return f"item {seq}'s error message carries {type(data).__name__}, not (stage, exception, text, traceback)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -102,7 +140,7 @@ class SlotRecord:
         state, seq, credit, progress, npath = (int(w) for w in words[:5])
         if state not in (S_STARTING, S_READY, S_BUSY, S_DONE) or not 0 <= npath <= MAX_PATH:
             return None
-        if state == S_BUSY and (seq < 0 or credit < 0 or progress < 0
+        if state == S_BUSY and (seq < 0 or not 0 <= credit <= MAX_CREDIT or progress < 0
                                 or progress % 8 > F_COMPLETE):
             return None
         path = tuple(int(w) for w in words[5:5 + npath])
@@ -361,6 +399,17 @@ class Scheduler:
         self._fail(stage, seq, lost(seq), "")
         self._add_credit(seq, credit + sent)
         return None
+
+    def fail_item(self, stage: int, seq: int, exc: BaseException) -> bool:
+        """Fail all of item `seq` with `exc` under `stage`'s on_error (a
+        message for it arrived damaged: what is left of its share cannot be
+        told). False if it was settled already."""
+        if seq not in self._outstanding:
+            self.dropped += 1
+            return False
+        self._fail(stage, seq, exc, "")
+        self._finish(seq)
+        return True
 
     def fail_outstanding(self, lost: Callable[[int], BaseException]) -> list[int]:
         """Fail every unfinished item (lost without a trace: see

@@ -85,6 +85,7 @@ import inspect
 import os
 import pickle
 import queue
+import sys
 import time
 from typing import Any, Iterable, Iterator
 
@@ -92,7 +93,7 @@ from shmipc import _ring
 from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, ON_ERROR, PipelineAPI  # noqa: F401
 from shmipc._pipeline_crew import Crew, Stage
 from shmipc._pipeline_sched import (MAX_PATH, S_BUSY, S_DONE, SLOT_WORDS, Raise, Scheduler, StageFailure,
-                                    StageRule, is_envelope)
+                                    StageRule, is_envelope, output_problem)
 from shmipc._slots import SlotTable
 from shmipc._waiting import CLAIM_WAIT_S, FEED_SLICE_S, QUIET_S, REAP_EVERY_S
 from shmipc._waiting import PIPELINE_POLL_S as POLL_S
@@ -478,9 +479,18 @@ class Pipeline(PipelineAPI):
             self._handle_batch(msgs)
 
     def _handle_batch(self, msgs: list) -> None:
-        """Hand output messages to the scheduler (results on a fast path)."""
+        """Hand output messages to the scheduler (results on a fast path).
+        A malformed message (forged or damaged in shared memory) fails all
+        of the item it names, if that one is unfinished, with CorruptMessage
+        (under the last stage's on_error); one naming no such item is
+        dropped, with a line on stderr."""
         sched = self._sched
-        for kind, seq, credit, path, data, meta in msgs:
+        for msg in msgs:
+            problem = output_problem(msg)
+            if problem is not None:
+                self._bad_output(msg, problem)
+                continue
+            kind, seq, credit, path, data, meta = msg
             if kind == K_RESULT:
                 if meta is not None:
                     try:
@@ -497,6 +507,12 @@ class Pipeline(PipelineAPI):
                 sched.done(seq, credit, path)
             else:
                 self._handle_error(kind, seq, credit, path, data)
+
+    def _bad_output(self, msg: Any, problem: str) -> None:
+        seq = msg[1] if type(msg) is tuple and len(msg) > 1 else None
+        exc = CorruptMessage(problem)
+        if type(seq) is not int or not self._sched.fail_item(len(self._stages) - 1, seq, exc):
+            print(f"shmipc.Pipeline: an output message was lost: {problem}", file=sys.stderr)
 
     def _handle_error(self, kind: int, seq: int, credit: int, path: tuple, data: Any) -> None:
         """K_ERROR: a stage raised for an item; K_FATAL: a stage's setup failed."""

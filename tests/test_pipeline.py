@@ -1454,3 +1454,46 @@ def test_room_held_by_a_killed_zero_copy_worker_is_given_back(no_leaks):
         out = list(p.results())
     assert out == [i for i in range(40) if i != 7]
     assert [f.seq for f in p.errors] == [7]
+
+
+def forge_output(x, how):
+    """Item 3 first puts a forged message into the parent's output ring (as
+    a process writing into the arena could)."""
+    if x == 3:
+        import gc
+
+        from shmipc import _pipeline_worker
+        from shmipc._wire import K_RESULT, pack
+
+        w = next(o for o in gc.get_objects() if type(o) is _pipeline_worker.StageWorker)
+        d, m = pack(1)
+        w.out.put({"no_tuple": 5, "kind": (99, 3, 0, (), d, m), "credit": (K_RESULT, 3, 10**12, (), d, m),
+                   "path": (K_RESULT, 3, 0, 5, d, m), "error": (2, 3, 0, (), 5, None),
+                   "seq": (K_RESULT, "3", 0, (), d, m)}[how])
+    return x * 10
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["no_tuple", "kind", "credit", "path", "error", "seq"])
+def test_a_forged_output_message_fails_only_its_item(how, no_leaks, capfd):
+    """A malformed message in the output ring (wrong shape, kind, credit,
+    path, error data) fails the item it names with CorruptMessage under the
+    stage's on_error, and no other; one that names no item is dropped and
+    reported. Before, it ended the whole run with a TypeError (or, a credit
+    of 10**12, asked for a 10**12-bit int)."""
+    import functools
+
+    from shmipc.errors import CorruptMessage
+
+    fn = functools.partial(forge_output, how=how)
+    with Pipeline(range(8), on_error="collect") as p:
+        p.stage(fn, workers=1)
+        got = list(p)
+        errors = p.errors
+    if how in ("no_tuple", "seq"):          # names no item: the real result of item 3 stands
+        assert got == [x * 10 for x in range(8)] and not errors
+        assert "an output message was lost" in capfd.readouterr().err
+    else:
+        assert got == [x * 10 for x in range(8) if x != 3]
+        assert [(e.seq, type(e.exception)) for e in errors] == [(3, CorruptMessage)]
+

@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shmipc._pipeline_sched import (F_COMPLETE, F_END, F_FUNC, F_LAST, F_NONE, F_PART, S_BUSY, S_DONE,
-                                    S_READY, Raise, Scheduler, SlotRecord, StageRule)
+                                    S_READY, Raise, Scheduler, SlotRecord, StageRule, MAX_CREDIT, MAX_PATH,
+                                    is_envelope, output_problem)
 from shmipc.errors import WorkerLost
 
 K_RESULT, K_DONE, K_ERROR = 0, 1, 2
@@ -348,6 +349,44 @@ def test_slot_records_from_shared_memory_are_checked():
     assert SlotRecord.from_words([S_BUSY, -1] + words[2:]) is None  # negative seq
     assert SlotRecord.from_words([S_BUSY, 3, 1, 7] + words[4:]) is None  # unknown in-flight kind
     assert SlotRecord.from_words([S_BUSY, 3, 1, 8 + F_COMPLETE] + words[4:]).inflight == F_COMPLETE
+    assert SlotRecord.from_words([S_BUSY, 3, MAX_CREDIT + 1] + words[3:]) is None     # a forged credit
+
+
+def test_output_messages_from_shared_memory_are_checked():
+    """Each field of a message from the output ring, with the number in the
+    reason; a credit beyond MAX_CREDIT too (as it is, `1 << credit` would
+    allocate up to 2**credit bits)."""
+    good = (0, 3, 2, (0, 1), b"x", None)
+    assert output_problem(good) is None
+    assert output_problem((2, 3, 0, (), (0, None, "text", "tb"), None)) is None
+    assert output_problem((3, -1, 0, (), (0, None, "setup failed", "tb"), None)) is None   # K_FATAL: no item
+    assert "item number is -1" in output_problem((2, -1, 0, (), (0, None, "text", "tb"), None))
+    bad = [(5, "is int, not a tuple of 6"), (good[:5], "is tuple of length 5"),
+           ((9,) + good[1:], "kind is 9"), ((True,) + good[1:], "kind is True"),
+           ((0, -1) + good[2:], "item number is -1"), ((0, "3") + good[2:], "item number is '3'"),
+           ((0, 3, MAX_CREDIT + 1) + good[3:], f"credit {MAX_CREDIT + 1} (0 to {MAX_CREDIT})"),
+           ((0, 3, -2) + good[3:], "credit -2"), ((0, 3, 2, [0]) + good[4:], "path [0]"),
+           ((0, 3, 2, (0, -1)) + good[4:], "path (0, -1)"),
+           ((0, 3, 2, (0,) * (MAX_PATH + 1)) + good[4:], "path (0, 0"),
+           ((2, 3, 0, (), 5, None), "error message carries int"),
+           ((3, 3, 0, (), (0, None, 7, "tb"), None), "error message carries tuple")]
+    for msg, why in bad:
+        assert why in (output_problem(msg) or ""), (msg, output_problem(msg))
+    assert not is_envelope((3, MAX_CREDIT + 1, (), b"", None)) and is_envelope((3, MAX_CREDIT, (), b"", None))
+    assert not is_envelope((3, 0, (-1,), b"", None))
+
+
+def test_a_damaged_message_fails_all_of_its_item_once():
+    errors: list = []
+    sched = Scheduler([StageRule("s", "collect", 0)], True, 8, errors)
+    a, b = sched.admit(), sched.admit()
+    sched.exhausted = True
+    assert sched.result(a, 1, (0,), "half")            # half of a arrived
+    assert sched.fail_item(0, a, ValueError("damaged"))
+    assert not sched.fail_item(0, a, ValueError("again"))        # settled: counted as dropped
+    assert sched.result(b, 0, (), "b")
+    assert [str(e.exception) for e in errors] == ["damaged"] and sched.dropped == 1
+    assert sched.take_ready() == ["half", "b"] and sched.finished
 
 
 def test_a_dead_workers_delivered_result_is_not_counted_again():
