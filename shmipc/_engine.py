@@ -158,6 +158,7 @@ class _Engine(_Dispatch, _WorkerExits):
         self._big_seq = 0                                   # the task last sent through the big ring
         self._big_slot = -1
         self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
+        self._done_seen: dict[int, tuple[int, float]] = {}  # slot -> (its W_DONE task, when first seen)
         self._startup = StartupGuard()                      # workers dying before they are ready
         self._retry_at = 0.0                                # broken: when a submit may try again
         self._respawn_at: dict[int, float] = {}             # empty slot -> when to start its worker
@@ -349,6 +350,8 @@ class _Engine(_Dispatch, _WorkerExits):
                         later += self._on_exit(ev)
                 if self._startup.deaths or self._startup.killed:
                     self._note_ready_workers()
+                if not msgs and self._inflight:
+                    later += self._lost_results(now)        # (the result ring was just found empty)
                 for slot, at in sorted(self._respawn_at.items()):
                     if at <= now and not self._broken and slot not in self._pids:
                         later += self._respawn(slot)
@@ -420,6 +423,12 @@ class _Engine(_Dispatch, _WorkerExits):
         task = self._inflight.get(seq)
         if task is None:
             return []           # a late piece of a task already settled
+        assigned = self._assigned[task.slot] if 0 <= task.slot < self._processes else ()
+        # a worker runs its tasks in the order sent and puts all of a task's
+        # records before it takes the next: any task sent to it before this one
+        # still in flight never will be
+        lost = self._fail_lost(task.slot, seq, False, "its worker has sent a later task's result") \
+            if assigned and assigned[0] != seq else []
         if msg is None:
             ok, value, last = False, RuntimeError(f"task {seq}: its large result never arrived"), True
         else:
@@ -434,7 +443,7 @@ class _Engine(_Dispatch, _WorkerExits):
             if task.pieces is None:
                 task.pieces = []
             task.pieces.append((offset, value))
-            return []
+            return lost
         if ok and task.kind != K_CALL:
             pieces = sorted((task.pieces or []) + [(offset, value)], key=lambda p: p[0])
             problem = _tiling_problem(pieces, len(task.payload))
@@ -445,7 +454,7 @@ class _Engine(_Dispatch, _WorkerExits):
             del pieces
         task.pieces = None
         self._settle(task)
-        return task.job._deliver(task, ok, value)
+        return lost + task.job._deliver(task, ok, value)
 
     def _on_bad_task(self, slot: int, info: tuple) -> list:
         """A task record did not decode in the worker of `slot`: it was the

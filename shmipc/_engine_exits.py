@@ -24,11 +24,12 @@ import sys
 import time
 from typing import Any
 
-from shmipc._poolworker import SLOT_WORDS, W_PID
+from shmipc._poolworker import SLOT_WORDS, W_DONE, W_PID
 from shmipc._runtime import MAX_SPAWN_FAILURES
 from shmipc._slots import BUSY, EXITING, STARTING, W_SEQ, W_STATE
 from shmipc._tasks import _Task
-from shmipc._waiting import DEAD_RING_SLICE_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, doubled
+from shmipc._waiting import DEAD_RING_SLICE_S, LOST_RESULT_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, doubled
+from shmipc.errors import CorruptMessage
 
 # pool states (as shmipc._engine's)
 RUN = "RUN"
@@ -52,6 +53,7 @@ class _WorkerExits:
     _state: str
     _broken: str
     _slots: Any
+    _done_seen: dict[int, tuple[int, float]]
     _lock: Any
     _resources_released: bool
 
@@ -61,6 +63,7 @@ class _WorkerExits:
         later: list = []
         slot = ev.slot
         self._pids.pop(slot, None)
+        self._done_seen.pop(slot, None)
         _pid, state, running = self._slot(slot)
         if _pid != ev.pid:
             _pid, state, running = 0, STARTING, 0      # it never wrote its slot: died while starting
@@ -172,6 +175,50 @@ class _WorkerExits:
         self._outside_spawn_failures += 1
         self._respawn_at[slot] = time.monotonic() + \
             doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, self._outside_spawn_failures - 1)
+
+    def _lost_results(self, now: float) -> list:
+        """Tasks whose results were lost in shared memory (a record damaged,
+        forged over, or dropped by the ring as corrupt), which would otherwise
+        be waited for for ever. A worker writes W_DONE after every record of
+        a task is in the result ring; called when the parent has just found
+        that ring empty, this fails a task its worker has said for
+        LOST_RESULT_S is done and whose result never came, with the tasks
+        sent to that worker before it. Lock held."""
+        later: list = []
+        words = self._slots.words
+        for slot, pid in list(self._pids.items()):
+            base = slot * SLOT_WORDS
+            done = words[base + W_DONE]
+            task = self._inflight.get(done) if words[base + W_PID] == pid else None
+            if task is None or task.slot != slot:
+                self._done_seen.pop(slot, None)
+                continue
+            seen = self._done_seen.get(slot)
+            if seen is None or seen[0] != done:
+                self._done_seen[slot] = (done, now)         # (a record may be on its way: look again later)
+            elif now - seen[1] >= LOST_RESULT_S:
+                del self._done_seen[slot]
+                later += self._fail_lost(slot, done, True, f"its worker (pid {pid}) said it was done "
+                                         f"{now - seen[1]:.1f} s ago and the result ring is empty")
+        return later
+
+    def _fail_lost(self, slot: int, upto: int, inclusive: bool, why: str) -> list:
+        """Fail the tasks in flight on `slot` sent before task `upto` (and it
+        too if `inclusive`): no result came for them although `why`. Lock held."""
+        later: list = []
+        for seq in list(self._assigned[slot]):
+            if seq == upto and not inclusive:
+                break
+            task = self._inflight.get(seq)
+            if task is not None and task.slot == slot:
+                self._settle(task)
+                task.pieces = None
+                later += task.job._deliver(task, False, CorruptMessage(
+                    f"no result came for {task.describe()}, although {why}: its task or result "
+                    f"record was lost (damaged in shared memory)"))
+            if seq == upto:
+                break
+        return later
 
     def _slot(self, slot: int) -> tuple[int, int, int]:
         """(pid, state, seq) of a worker's slot record (see shmipc._slots). Lock held."""

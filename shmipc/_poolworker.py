@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import os
 import queue
+import struct
 import time
 import traceback
 from typing import Any, Callable
@@ -42,6 +43,11 @@ _ITEM_KINDS = (K_MAP, K_STARMAP)    # the kinds a compact task record may have (
 # leaves on purpose (an orphan's exit code is unknown).
 SLOT_WORDS = 8                        # one cache line per worker
 W_PID = 2
+# The last task whose every result record is in the result ring (0: none
+# yet), written after them: a task its worker says is done whose result the
+# parent never read was lost in shared memory (see _Engine._lost_results).
+W_DONE = 3
+_WORD = struct.Struct("=q")
 
 _BIG_WAIT = BIG_MESSAGE_WAIT_S        # a reader waits this long for a big message announced by a stub
 
@@ -116,6 +122,12 @@ class _WorkerLoop:
         # reads a record only once its worker is gone (or for statistics)
         HEAD3.pack_into(self.slots, self.offset, state, seq, self.pid)
 
+    def finished(self, seq: int) -> None:
+        """Task `seq` is settled on this side: READY, and W_DONE says so
+        (after its records went into the result ring)."""
+        self.mark(READY)
+        _WORD.pack_into(self.slots, self.offset + W_DONE * 8, seq)
+
     def run(self) -> None:
         done = 0
         while self.maxtasks is None or done < self.maxtasks:
@@ -135,7 +147,7 @@ class _WorkerLoop:
                 del data, meta
                 self.send_error(seq, exc, "the task's arguments could not be unpickled in the worker",
                                 status=R_UNDECODABLE)
-                self.mark(READY)
+                self.finished(seq)
                 done += 1
                 continue
             del data, meta
@@ -149,7 +161,7 @@ class _WorkerLoop:
             else:
                 self.send_error(seq, value)
             del value
-            self.mark(READY)
+            self.finished(seq)
             done += 1
         self.mark(EXITING)
 

@@ -107,3 +107,4 @@ def wait_until(cond: Callable[[], bool], timeout: float, interval: float = EXIT_
             return False
         time.sleep(interval)
     return True
+LOST_RESULT_S = 1.0           # a task its pool worker says is done, its result not come: lost after this

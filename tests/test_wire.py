@@ -8,6 +8,7 @@ import multiprocessing.pool
 import pickle
 import queue
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -504,6 +505,70 @@ def test_a_forged_result_record_fails_that_future_and_that_imap_item():
         with pytest.raises(CorruptMessage, match="arrived as int"):
             next(it)
         assert pool.map(abs, [-6]) == [6]
+
+
+class _DropNextPut:
+    """Stands in for a worker's result ring and loses the next record put
+    (as a record destroyed in shared memory, or dropped by the ring as
+    corrupt, is lost), then gets out of the way."""
+
+    def __init__(self, loop):
+        self.loop, self.ring = loop, loop.results
+
+    def put(self, record, *args, **kwargs):
+        self.loop.results = self.ring
+        return None
+
+    def __getattr__(self, name):
+        return getattr(self.ring, name)
+
+
+def lose_my_result(x):
+    if x == 0:
+        import gc
+
+        from shmipc import _poolworker
+
+        loop = next(o for o in gc.get_objects() if type(o) is _poolworker._WorkerLoop)
+        loop.results = _DropNextPut(loop)
+    return x + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_lost_result_record_fails_its_task_instead_of_waiting_for_ever():
+    """A task whose result record never reaches the parent fails with
+    CorruptMessage: at once when its worker's next result arrives (a worker
+    runs its tasks in order and puts all of one's records before taking the
+    next), else once its worker has said it was done (W_DONE) for
+    LOST_RESULT_S while the result ring is empty. Before, map() waited for
+    ever. Nothing else is lost and the pool goes on."""
+    from shmipc._waiting import LOST_RESULT_S
+
+    with shmipc.Pool(1, context="fork") as pool:
+        results = [pool.apply_async(lose_my_result, (x,)) for x in range(4)]
+        with pytest.raises(CorruptMessage, match="no result came for lose_my_result.* its worker has sent a "
+                                                 "later task's result"):
+            results[0].get(timeout=20)
+        assert [r.get(timeout=20) for r in results[1:]] == [2, 3, 4]
+        t0 = time.monotonic()
+        with pytest.raises(CorruptMessage, match=r"its worker \(pid \d+\) said it was done [\d.]+ s ago and the "
+                                                 r"result ring is empty"):
+            pool.map(lose_my_result, [0, 5], chunksize=2)        # its worker's last task: nothing follows
+        assert LOST_RESULT_S <= time.monotonic() - t0 < LOST_RESULT_S + 10
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+        assert pool._engine.statistics()["worker_deaths"] == 0 and pool._engine.statistics()["in_flight"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_long_tasks_are_not_mistaken_for_lost_ones():
+    """W_DONE names the last task a worker finished: a task running longer
+    than LOST_RESULT_S, and tasks queued behind it, are waited for."""
+    from shmipc._waiting import LOST_RESULT_S
+
+    with shmipc.Pool(1, context="fork") as pool:
+        slow = pool.apply_async(time.sleep, (LOST_RESULT_S * 2.5,))
+        queued = [pool.apply_async(abs, (-x,)) for x in range(3)]
+        assert slow.get(timeout=30) is None and [r.get(timeout=30) for r in queued] == [0, 1, 2]
 
 
 # ---------------------------------------------------------------------- compact records
