@@ -158,7 +158,8 @@ class _Engine(_Dispatch, _WorkerExits):
         self._big_seq = 0                                   # the task last sent through the big ring
         self._big_slot = -1
         self._big_stash: dict[tuple[int, int], tuple] = {}  # big results read ahead of their stub
-        self._done_seen: dict[int, tuple[int, float]] = {}  # slot -> (its W_DONE task, when first seen)
+        self._done_seen: dict[int, tuple[tuple[int, bool], float]] = {}  # slot -> (suspect, when first seen): _lost_results
+        self._bad_records: dict[int, tuple] = {}    # seq -> why a task record in its ring did not decode
         self._startup = StartupGuard()                      # workers dying before they are ready
         self._retry_at = 0.0                                # broken: when a submit may try again
         self._respawn_at: dict[int, float] = {}             # empty slot -> when to start its worker
@@ -457,14 +458,18 @@ class _Engine(_Dispatch, _WorkerExits):
         return lost + task.job._deliver(task, ok, value)
 
     def _on_bad_task(self, slot: int, info: tuple) -> list:
-        """A task record did not decode in the worker of `slot`: it was the
-        oldest task sent there and not settled (a worker takes them in order,
-        and its earlier results were read before this record). Lock held."""
+        """A record in the task ring of `slot` did not decode in its worker.
+        It was the record of the oldest task sent there and not settled (a
+        worker takes them in order, and its earlier results were read before
+        this record), or one forged in that belongs to no task. So that task
+        is not failed now: if its result comes, the bad record was not its
+        own; if it never does (its worker sends a later task's result, or
+        waits for work with its ring empty: see _lost_results), it fails with
+        this error. Lock held."""
         for seq in self._assigned[slot] if 0 <= slot < self._processes else ():
-            task = self._inflight.get(seq)
-            if task is not None:
-                self._settle(task)
-                return task.job._deliver(task, False, self._outcomes.bad_task(task, info))
+            if seq in self._inflight:
+                self._bad_records[seq] = info
+                break
         return []
 
     def _maybe_finish(self) -> bool:

@@ -167,6 +167,8 @@ class _Dispatch:
 
     def _settle(self, task: _Task) -> None:
         del self._inflight[task.seq]
+        if self._bad_records:
+            self._bad_records.pop(task.seq, None)
         slot = task.slot
         self._outstanding[slot] -= 1
         now = time.monotonic()

@@ -26,7 +26,7 @@ from typing import Any
 
 from shmipc._poolworker import SLOT_WORDS, W_DONE, W_PID
 from shmipc._runtime import MAX_SPAWN_FAILURES
-from shmipc._slots import BUSY, EXITING, STARTING, W_SEQ, W_STATE
+from shmipc._slots import BUSY, EXITING, READY, STARTING, W_SEQ, W_STATE
 from shmipc._tasks import _Task
 from shmipc._waiting import DEAD_RING_SLICE_S, LOST_RESULT_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, doubled
 from shmipc.errors import CorruptMessage
@@ -53,7 +53,8 @@ class _WorkerExits:
     _state: str
     _broken: str
     _slots: Any
-    _done_seen: dict[int, tuple[int, float]]
+    _done_seen: dict[int, tuple[tuple[int, bool], float]]
+    _bad_records: dict[int, tuple]
     _lock: Any
     _resources_released: bool
 
@@ -177,29 +178,48 @@ class _WorkerExits:
             doubled(SPAWN_RETRY_S, SPAWN_RETRY_MAX_S, self._outside_spawn_failures - 1)
 
     def _lost_results(self, now: float) -> list:
-        """Tasks whose results were lost in shared memory (a record damaged,
-        forged over, or dropped by the ring as corrupt), which would otherwise
-        be waited for for ever. A worker writes W_DONE after every record of
-        a task is in the result ring; called when the parent has just found
-        that ring empty, this fails a task its worker has said for
-        LOST_RESULT_S is done and whose result never came, with the tasks
-        sent to that worker before it. Lock held."""
+        """Tasks whose task or result record was lost in shared memory (a
+        record damaged, forged over, skipped, or dropped by the ring as
+        corrupt), which would otherwise be waited for for ever. Called when
+        the parent has just found the result ring empty; lock held. A slot
+        is suspect when
+        * its W_DONE task is still in flight: the worker put every record of
+          it into the result ring (before writing W_DONE), the parent has
+          none: fail it and the tasks sent to that worker before it; or
+        * it is READY (not running a task), its task ring is empty and tasks
+          sent to it after its W_DONE task are in flight: a worker marks a
+          task BUSY before the ring lets its record go, so none of them is
+          on its way: fail them all.
+        Either only once it has stayed so for LOST_RESULT_S (a record may be
+        on its way; the words are read without a lock)."""
         later: list = []
         words = self._slots.words
         for slot, pid in list(self._pids.items()):
             base = slot * SLOT_WORDS
             done = words[base + W_DONE]
-            task = self._inflight.get(done) if words[base + W_PID] == pid else None
-            if task is None or task.slot != slot:
+            suspect: tuple | None = None
+            if words[base + W_PID] == pid and self._assigned[slot]:
+                task = self._inflight.get(done)
+                if task is not None and task.slot == slot:
+                    suspect = (done, True)
+                elif words[base + W_STATE] == READY and self._tasks[slot].empty():
+                    suspect = (self._assigned[slot][-1], False)
+            if suspect is None:
                 self._done_seen.pop(slot, None)
                 continue
             seen = self._done_seen.get(slot)
-            if seen is None or seen[0] != done:
-                self._done_seen[slot] = (done, now)         # (a record may be on its way: look again later)
+            if seen is None or seen[0] != suspect:
+                self._done_seen[slot] = (suspect, now)      # look again later
             elif now - seen[1] >= LOST_RESULT_S:
                 del self._done_seen[slot]
-                later += self._fail_lost(slot, done, True, f"its worker (pid {pid}) said it was done "
-                                         f"{now - seen[1]:.1f} s ago and the result ring is empty")
+                upto, result_lost = suspect
+                if result_lost:
+                    why = f"its worker (pid {pid}) said it was done {now - seen[1]:.1f} s ago and " \
+                          f"the result ring is empty"
+                else:
+                    why = f"its worker (pid {pid}) has waited for tasks for {now - seen[1]:.1f} s " \
+                          f"with its task ring empty (its last task done: {done})"
+                later += self._fail_lost(slot, upto, True, why)
         return later
 
     def _fail_lost(self, slot: int, upto: int, inclusive: bool, why: str) -> list:
@@ -211,9 +231,11 @@ class _WorkerExits:
                 break
             task = self._inflight.get(seq)
             if task is not None and task.slot == slot:
+                bad_record = self._bad_records.get(seq)
                 self._settle(task)
                 task.pieces = None
-                later += task.job._deliver(task, False, CorruptMessage(
+                later += task.job._deliver(task, False, self._outcomes.bad_task(task, bad_record)
+                                           if bad_record else CorruptMessage(
                     f"no result came for {task.describe()}, although {why}: its task or result "
                     f"record was lost (damaged in shared memory)"))
             if seq == upto:

@@ -123,10 +123,11 @@ class _WorkerLoop:
         HEAD3.pack_into(self.slots, self.offset, state, seq, self.pid)
 
     def finished(self, seq: int) -> None:
-        """Task `seq` is settled on this side: READY, and W_DONE says so
-        (after its records went into the result ring)."""
-        self.mark(READY)
+        """Task `seq` is settled on this side (its records are in the result
+        ring): W_DONE says so, then READY. In that order: a READY slot's
+        W_DONE always names its last task (see _Engine._lost_results)."""
         _WORD.pack_into(self.slots, self.offset + W_DONE * 8, seq)
+        self.mark(READY)
 
     def run(self) -> None:
         done = 0
@@ -138,9 +139,9 @@ class _WorkerLoop:
                 continue
             seq, kind, data, meta = msg
             del msg
-            # busy before unpickling: a crash in there (a C extension's
-            # __setstate__) is this task's, not a reason to re-run it elsewhere
-            self.mark(BUSY, seq)
+            # BUSY since take(), before unpickling: a crash in there (a C
+            # extension's __setstate__) is this task's, not a reason to re-run
+            # it elsewhere
             try:
                 func, payload = unpack_task(data, meta)
             except Exception as exc:            # the arguments do not unpickle here
@@ -185,6 +186,7 @@ class _WorkerLoop:
         if big is None:
             self.send_error(msg[0], RuntimeError(
                 f"task {msg[0]}: its data never arrived in the big-message ring"))
+            self.finished(msg[0])
             return _SKIP
         return big
 
@@ -199,8 +201,19 @@ class _WorkerLoop:
                     if msg[1] not in _ITEM_KINDS:
                         raise CorruptMessage(f"a compact task record of kind {msg[1]}: only map "
                                              f"and starmap chunks ({_ITEM_KINDS}) travel so")
-                    return msg
-                return detach(view)
+                else:
+                    msg = detach(view)
+                    if msg is None:                 # the pool is closing
+                        return None
+                    problem = _task_problem(msg)
+                    if problem:
+                        raise CorruptMessage(f"a task record {problem}")
+                # BUSY with its number before the ring lets the record go: a
+                # parent that finds this ring empty and this slot READY knows
+                # that a task it sent here and that W_DONE does not name was
+                # lost (see _Engine._lost_results)
+                self.mark(BUSY, msg[0])
+                return msg
         except queue.Empty:
             # idle: the big rings' address space goes back (mapped again at
             # the next large message; see shmipc._footprint)
@@ -285,6 +298,20 @@ class _WorkerLoop:
 
 
 _SKIP = object()
+_KINDS = (K_CALL, K_MAP, K_STARMAP, K_BIG)
+
+
+def _task_problem(msg: Any) -> str:
+    """What is wrong with a task tuple read from the ring ('' if nothing):
+    (seq, kind, data, meta), seq an int >= 1 and kind one of _KINDS."""
+    if type(msg) is not tuple or len(msg) != 4:
+        return f"is {type(msg).__name__} {_safe_repr(msg, 80)}, not a (seq, kind, data, meta) tuple"
+    seq, kind = msg[0], msg[1]
+    if type(seq) is not int or seq < 1:
+        return f"has task number {_safe_repr(seq, 80)}, not an int >= 1"
+    if type(kind) is not int or kind not in _KINDS:
+        return f"of task {seq} has kind {_safe_repr(kind, 80)}, not one of {_KINDS}"
+    return ""
 
 
 def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,

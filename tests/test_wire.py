@@ -560,6 +560,69 @@ def test_a_lost_result_record_fails_its_task_instead_of_waiting_for_ever():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("forged", [5, (1,), ("x", 1, None, None), (3, 99, None, None), (0, 0, None, None),
+                                    b"\x00" * 40])
+def test_a_record_forged_into_a_task_ring_costs_no_task(forged):
+    """A record that is no task's (forged into a worker's ring between real
+    ones) is reported by the worker as undecodable; the parent does not fail
+    the task it would otherwise have blamed, whose own record comes next:
+    every real task's result arrives, and the worker lives on."""
+    with shmipc.Pool(1, context="fork") as pool:
+        assert pool.map(abs, [-1]) == [1]
+        engine = pool._engine
+        with engine._lock:              # nothing is dispatched between the two puts
+            engine._tasks[0].put(forged)
+            job = pool.map_async(abs, [-1, -2, -3], chunksize=1)
+        assert job.get(timeout=20) == [1, 2, 3]
+        assert pool.map(abs, [-4, -5]) == [4, 5]
+        stats = engine.statistics()
+        assert stats["worker_deaths"] == 0 and stats["in_flight"] == 0 and not engine._bad_records
+
+
+def swallow_next_task(x):
+    """Take the next task record out of this worker's own ring and drop it,
+    as a hostile write of the ring's read position would: the task is never
+    run, no record of it is ever written."""
+    import gc
+
+    from shmipc import _poolworker
+
+    loop = next(o for o in gc.get_objects() if type(o) is _poolworker._WorkerLoop)
+    loop.tasks.get(timeout=20)
+    return x + 1
+
+
+@pytest.mark.timeout(60)
+def test_a_lost_task_record_fails_its_task_instead_of_waiting_for_ever():
+    """A task whose record vanished from its worker's task ring (skipped,
+    forged over) is never run: once its worker has been READY with that
+    ring empty for LOST_RESULT_S, the task fails with CorruptMessage (a
+    worker marks a task BUSY before the ring lets its record go, so none is
+    on its way). Before, apply_async().get() and map() without a timeout
+    waited for ever. Nothing else is lost and the pool goes on."""
+    from shmipc._waiting import LOST_RESULT_S
+
+    with shmipc.Pool(1, context="fork") as pool:
+        first = pool.apply_async(swallow_next_task, (1,))
+        lost = pool.apply_async(abs, (-7,))
+        assert first.get(timeout=20) == 2
+        t0 = time.monotonic()
+        with pytest.raises(CorruptMessage, match=r"no result came for .*abs.* its worker \(pid \d+\) has waited "
+                                                 r"for tasks for [\d.]+ s with its task ring empty"):
+            lost.get(timeout=20)
+        assert LOST_RESULT_S <= time.monotonic() - t0 < LOST_RESULT_S + 10
+        # a map chunk lost the same way: the map fails, it does not hang
+        first = pool.apply_async(swallow_next_task, (0,))
+        chunk = pool.map_async(abs, [-1, -2], chunksize=2)
+        assert first.get(timeout=20) == 1
+        with pytest.raises(CorruptMessage, match="has waited for tasks"):
+            chunk.get(timeout=20)
+        assert pool.map(abs, [-1, -2, -3], chunksize=1) == [1, 2, 3]
+        stats = pool._engine.statistics()
+        assert stats["worker_deaths"] == 0 and stats["in_flight"] == 0
+
+
+@pytest.mark.timeout(60)
 def test_long_tasks_are_not_mistaken_for_lost_ones():
     """W_DONE names the last task a worker finished: a task running longer
     than LOST_RESULT_S, and tasks queued behind it, are waited for."""
