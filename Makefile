@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 EXT_STAMP := $(VENV)/.ext-$(if $(DEBUG),debug,release)
 # what `make` installs besides shmipc (.ci/run's second Python takes only test)
 EXTRAS ?= test,bench,ray
-SOURCES := shmipc/_ring.pyx shmipc/_ring.pxd shmipc/_codec.pxi shmipc/_posix.pxd shmipc/_shm.pxd shmipc/_shm.h setup.py
+SOURCES := shmipc/_ring.pyx shmipc/_ring.pxd shmipc/_codec.pxi shmipc/_arenas.pxi shmipc/_posix.pxd shmipc/_shm.pxd shmipc/_shm.h setup.py
 PYTEST_ARGS ?=
 
 .PHONY: build test bench bench-quick bench-busy readme-bench debug soak clean dist

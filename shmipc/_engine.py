@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 from shmipc._engine_exits import _WorkerExits
 from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
 from shmipc._footprint import BigRings, Footprint
+from shmipc._proc import give_memory_back, steady_memory
 from shmipc._poolworker import (K_CALL, SLOT_WORDS, R_BAD_TASK, R_BIG, R_OK, R_RAISED, R_UNDECODABLE,
                                 R_UNENCODABLE, _worker_main)
 from shmipc._slots import SlotTable
@@ -168,6 +169,9 @@ class _Engine(_Dispatch, _WorkerExits):
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
+        # the parent builds and drops every map's result lists: keep their
+        # pages (until the pool is idle: see _step) instead of faulting them in
+        steady_memory(parent=True)
         self._arena = Arena(Arena.size_for(rings=[result_ring] + [task_ring] * processes,
                                            blocks=[SlotTable.nbytes(processes, SLOT_WORDS)]))
         try:
@@ -357,7 +361,8 @@ class _Engine(_Dispatch, _WorkerExits):
                     if at <= now and not self._broken and slot not in self._pids:
                         later += self._respawn(slot)
             later += self._dispatch()
-            self._footprint.tick(now, not (self._inflight or self._queue or self._big_waiting))
+            if self._footprint.tick(now, not (self._inflight or self._queue or self._big_waiting)):
+                later.append(give_memory_back)      # (idle: what steady_memory kept goes back too)
             finished = self._state == CLOSE and self._maybe_finish()
         msgs.clear()
         while later:

@@ -220,18 +220,23 @@ class Footprint:
         self._used = True           # work was done since the last give-back
         self.bytes_freed = 0        # statistics: bytes given back so far
 
-    def tick(self, now: float, idle: bool) -> None:
-        """`idle`: no task queued or in flight (so no worker writes a ring)."""
+    def tick(self, now: float, idle: bool) -> bool:
+        """`idle`: no task queued or in flight (so no worker writes a ring).
+        True when this call gave the pool's memory back (once per idle
+        period: the caller then gives back its process's kept memory,
+        shmipc._proc.give_memory_back, without the engine's lock)."""
         if not idle:
             self._idle_since = None
             self._used = True
-            return
+            return False
         if not self._used:
-            return
+            return False
         if self._idle_since is None:
             self._idle_since = now
         elif now - self._idle_since >= IDLE_RELEASE_S:
             self._used = False
             if self._arena.closed:
-                return
+                return False
             self.bytes_freed += give_back(self._arena.fd, self._areas) + self._big.give_back(results_idle=True)
+            return True
+        return False

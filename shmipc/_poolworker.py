@@ -18,7 +18,7 @@ import traceback
 from typing import Any, Callable
 
 from shmipc._footprint import BigRings
-from shmipc._proc import steady_malloc
+from shmipc._proc import give_memory_back, steady_memory
 from shmipc._wire import detach, pack, pack_items, pack_pickled, unpack_task
 from shmipc._wire_records import read_task_record, result_record
 from shmipc._runtime import GONE, next_message
@@ -116,6 +116,7 @@ class _WorkerLoop:
         # the executor delivers SystemExit & co. as the future's exception (as
         # concurrent.futures); the Pool lets them end the worker (as multiprocessing)
         self.catch: type = BaseException if catch_base else Exception
+        self.kept = False           # work done since the last idle give-back (see take)
 
     def mark(self, state: int, seq: int = 0) -> None:
         # state, seq and pid (W_STATE, W_SEQ, W_PID) in one store: the parent
@@ -208,6 +209,7 @@ class _WorkerLoop:
                     problem = _task_problem(msg)
                     if problem:
                         raise CorruptMessage(f"a task record {problem}")
+                self.kept = True
                 # BUSY with its number before the ring lets the record go: a
                 # parent that finds this ring empty and this slot READY knows
                 # that a task it sent here and that W_DONE does not name was
@@ -216,8 +218,12 @@ class _WorkerLoop:
                 return msg
         except queue.Empty:
             # idle: the big rings' address space goes back (mapped again at
-            # the next large message; see shmipc._footprint)
+            # the next large message; see shmipc._footprint), and the memory
+            # steady_memory kept, once per idle period
             self.big.release()
+            if self.kept:
+                self.kept = False
+                give_memory_back()
             raise
 
     def take_big(self, seq: int) -> tuple | None:
@@ -317,7 +323,7 @@ def _task_problem(msg: Any) -> str:
 def _worker_main(slot: int, arena: Arena, initializer: Callable | None, initargs: tuple,
                  maxtasks: int | None, parent_pid: int, catch_base: bool, big: BigRings) -> None:
     """A pool worker (the Supervisor's target): see _WorkerLoop."""
-    steady_malloc()                 # large arguments must not cost a page fault storm each
+    steady_memory()                 # large arguments must not cost a page fault storm each
     loop = _WorkerLoop(slot, arena, maxtasks, parent_pid, catch_base, big)
     loop.mark(STARTING)
     if initializer is not None:

@@ -63,6 +63,7 @@ from shmipc.errors import (MessageTooLarge, CorruptArena, CorruptMessage, Undeco
                            PeerDied, RingClosed)
 
 include "_codec.pxi"
+include "_arenas.pxi"
 
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1

@@ -137,3 +137,107 @@ def test_a_worker_killed_holding_the_big_rings_costs_its_task_only(tmp_path):
         wait_until(lambda: engine._footprint.bytes_freed > freed_before, timeout=IDLE_RELEASE_S + 10,
                    what="the idle pool giving its memory back after the death")
         wait_until(lambda: committed(engine._big._fd) <= MiB, timeout=10, what="the big rings' pages freed")
+
+
+# ---------------------------------------------------------------------- kept memory
+def arena_stats() -> dict:
+    """The arena cache's figures in the process that runs this (a worker)."""
+    from shmipc import _ring
+
+    return _ring.arena_cache_stats()
+
+
+def plus_one(x: int) -> int:
+    return x + 1
+
+
+@pytest.mark.timeout(120)
+def test_freed_object_arenas_are_reused_then_given_back_when_the_pool_is_idle():
+    """steady_memory (shmipc._proc): a map's freed int objects leave their
+    arenas in a cache, the next map reuses them instead of faulting fresh
+    pages in, and an idle pool gives them back: the workers' at their first
+    idle wait, the parent's when the pool has been idle IDLE_RELEASE_S."""
+    from shmipc import _ring
+    from shmipc._proc import ARENA_CACHE_BYTES
+
+    ints = list(range(400_000))
+    expect = [x + 1 for x in ints]
+    with shmipc.Pool(2, context="fork") as pool:
+        pids = list(pool._engine._pids.values())
+        for _ in range(3):
+            out = pool.map(plus_one, ints, chunksize=200_000)   # one chunk a worker: ~12.8 MB of ints each
+            assert out == expect
+            del out
+        parent = _ring.arena_cache_stats()
+        assert parent["installed"] and parent["limit"] == ARENA_CACHE_BYTES
+        assert parent["reused"] > 0 and 0 < parent["cached_bytes"] <= ARENA_CACHE_BYTES
+        worker = pool.apply(arena_stats)
+        assert worker["installed"] and worker["reused"] > 0
+        # the workers, untouched since: their cached arenas go back at their first idle wait
+        rss = {pid: status(pid, "RssAnon") for pid in pids}
+        wait_until(lambda: all(status(pid, "RssAnon") < rss[pid] - 6 * MiB for pid in pids), 20,
+                   f"the workers' kept memory given back (RssAnon was {rss})")
+        wait_until(lambda: _ring.arena_cache_stats()["cached_bytes"] == 0, IDLE_RELEASE_S + 20,
+                   "the parent's cached arenas given back")
+        assert pool.map(plus_one, ints[:1000]) == expect[:1000]
+
+
+@pytest.mark.timeout(60)
+def test_the_arena_cache_keeps_objects_intact_and_within_its_limit(tmp_path):
+    """In a fresh interpreter: arenas freed into the cache come back for new
+    objects (counted as reused), never more than the limit is kept, release
+    empties it, and a limit below 0 is a clear error."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "arenas.py"
+    script.write_text(
+        "from shmipc import _ring\n"
+        "try:\n"
+        "    _ring.arena_cache(-1)\n"
+        "except ValueError as exc:\n"
+        "    assert '-1' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "assert _ring.arena_cache_release() == 0 and not _ring.arena_cache_stats()['installed']\n"
+        "limit = 8 << 20\n"
+        "_ring.arena_cache(limit)\n"
+        "for round in range(5):\n"
+        "    xs = [x * 3 + round for x in range(1_000_000)]\n"
+        "    assert sum(xs) == 3 * 999_999 * 1_000_000 // 2 + round * 1_000_000\n"
+        "    del xs\n"
+        "    s = _ring.arena_cache_stats()\n"
+        "    assert 0 < s['cached_bytes'] <= limit, s\n"
+        "assert s['reused'] > 0, s\n"
+        "freed = _ring.arena_cache_release()\n"
+        "assert freed == s['cached_bytes'] and _ring.arena_cache_stats()['cached_bytes'] == 0\n"
+        "assert _ring.arena_cache(0) == 0 and _ring.arena_cache_stats()['limit'] == 0\n"
+        "xs = [str(x) for x in range(200_000)]; del xs\n"
+        "assert _ring.arena_cache_stats()['cached_bytes'] == 0\n"
+        "print('ok')\n")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_user_can_keep_the_pool_from_tuning_their_process(tmp_path):
+    """SHMIPC_STEADY_MEMORY=0: the pool leaves the user's process's malloc
+    and object arenas as they were (its workers still keep memory)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "optout.py"
+    script.write_text(
+        "import shmipc\n"
+        "from shmipc import _ring\n"
+        "def arena_stats():\n"
+        "    return _ring.arena_cache_stats()\n"
+        "if __name__ == '__main__':\n"
+        "    with shmipc.Pool(1, context='fork') as pool:\n"
+        "        assert pool.map(abs, [-1, -2]) == [1, 2]\n"
+        "        assert not _ring.arena_cache_stats()['installed']\n"
+        "        assert pool.apply(arena_stats)['installed']\n"
+        "    print('ok')\n")
+    env = dict(os.environ, SHMIPC_STEADY_MEMORY="0")
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
