@@ -241,3 +241,46 @@ def test_a_user_can_keep_the_pool_from_tuning_their_process(tmp_path):
     env = dict(os.environ, SHMIPC_STEADY_MEMORY="0")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=50, env=env)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+def wait_for_file(path: str) -> bool:
+    """A task that holds its worker until the test creates `path` (at most 60 s)."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_a_big_task_whose_data_vanished_fails_alone(tmp_path, monkeypatch):
+    """A large task's data is taken out of the big task ring before its
+    worker reads it (a hostile reader, a damaged ring): the worker waits
+    BIG_MESSAGE_WAIT_S for it, fails that task with a clear error, marks it
+    done, and takes the next; nothing else is lost or taken for lost."""
+    from shmipc import _poolworker
+
+    monkeypatch.setattr(_poolworker, "_BIG_WAIT", 1.0)        # (inherited by the forked worker)
+    go = str(tmp_path / "go")
+    with shmipc.Pool(1, context="fork") as pool:
+        engine = pool._engine
+        blocker = pool.apply_async(wait_for_file, (go,))
+        wait_until(lambda: engine.busy_workers(), 30, "the worker busy with the first task")
+        big = pool.apply_async(len, (big_value(3 * MiB),))       # over a task ring message: the big ring
+        wait_until(lambda: engine._big_tasks.qsize() == 1, 30, "the large task's data in the big ring")
+        stolen = engine._big_tasks.get(timeout=10)
+        assert stolen[0] > 0 and len(stolen) == 4
+        del stolen
+        open(go, "w").close()
+        assert blocker.get(timeout=30) is True
+        with pytest.raises(RuntimeError, match="its data never arrived in the big-message ring"):
+            big.get(timeout=30)
+        # settled on the worker's side too: READY, not shown running it for ever
+        wait_until(lambda: not engine.busy_workers(), 10, "the worker READY after the failed large task")
+        assert pool.map(abs, [-1, -2, -3]) == [1, 2, 3]
+        assert len(pool.apply(big_value, (3 * MiB,))) == 3 * MiB
+        stats = pool.statistics()
+        assert stats["worker_deaths"] == 0 and stats["in_flight"] == 0
