@@ -406,7 +406,9 @@ class Pipeline(PipelineAPI):
         if now - self._last_reap >= REAP_EVERY_S:
             self._last_reap = now
             self._reap()
-            if self._maybe_lost:
+            if self._maybe_lost or sched.outstanding:
+                # after a death, and at any time: a record destroyed or
+                # skipped in a ring (a hostile write) leaves no trace either;
                 # also with the source not done: at max_inflight, a lost
                 # head item would otherwise stall an ordered pipeline
                 self._settle_stuck(now)
@@ -531,10 +533,12 @@ class Pipeline(PipelineAPI):
     def _settle_stuck(self, now: float) -> None:
         """Garbage in a dead worker's slot, or in a record it had claimed,
         may have lost an item without a trace (a worker killed at any
-        instant leaves none: see _reap). When nothing is being fed, every
-        ring is empty with no record held, no worker holds an item, and
-        nothing moved for QUIET_S, the unfinished items are failed with
-        WorkerLost."""
+        instant leaves none: see _reap); so may a record destroyed or
+        skipped in a ring, with no death at all. When nothing is being fed,
+        every ring is empty with no record held, no worker holds an item (a
+        worker marks its item BUSY before its ring forgets the record), and
+        nothing moved for QUIET_S, the unfinished items are failed: with
+        WorkerLost after a death, else with CorruptMessage."""
         sched = self._sched
         if not sched.outstanding:
             self._maybe_lost = False
@@ -553,8 +557,14 @@ class Pipeline(PipelineAPI):
         if self._crew.busy():
             return
 
+        died = self._maybe_lost
+        quiet = now - self._last_move
+
         def lost(seq: int) -> BaseException:
-            return WorkerLost(0, None, task=f"item {seq} (taken by a worker that died)")
+            if died:
+                return WorkerLost(0, None, task=f"item {seq} (taken by a worker that died)")
+            return CorruptMessage(f"item {seq} was lost: no ring holds it, no worker has it, and nothing has "
+                                  f"moved for {quiet:.1f} s (its record was destroyed or skipped in shared memory)")
 
         sched.fail_outstanding(lost)
         self._maybe_lost = False

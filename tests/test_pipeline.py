@@ -1497,3 +1497,66 @@ def test_a_forged_output_message_fails_only_its_item(how, no_leaks, capfd):
         assert got == [x * 10 for x in range(8) if x != 3]
         assert [(e.seq, type(e.exception)) for e in errors] == [(3, CorruptMessage)]
 
+
+
+def swallow_next_input(x):
+    """Item 3 first takes the next record out of its own stage's ring and
+    drops it, as a hostile write of the ring's read position would: that
+    item is never run, and no worker dies."""
+    if x == 3:
+        import gc
+
+        from shmipc import _pipeline_worker
+
+        w = next(o for o in gc.get_objects() if type(o) is _pipeline_worker.StageWorker)
+        assert w.inring.get(timeout=20)[0] == 4
+    return x * 10
+
+
+@pytest.mark.timeout(60)
+def test_an_input_record_lost_without_a_death_fails_its_item(no_leaks):
+    """An item whose record vanished from a ring (no worker died, so nothing
+    said an item might be lost) fails with CorruptMessage once no ring holds
+    it, no worker has it and nothing has moved for QUIET_S. Before, the
+    pipeline waited for it for ever."""
+    from shmipc.errors import CorruptMessage
+
+    t0 = time.monotonic()
+    with Pipeline(range(8), on_error="collect") as p:
+        p.stage(swallow_next_input, workers=1)
+        got = list(p)
+        errors = p.errors
+        deaths = p.stats()["stages"][0]["deaths"]
+    assert got == [x * 10 for x in range(8) if x != 4]
+    assert [(e.seq, type(e.exception)) for e in errors] == [(4, CorruptMessage)]
+    assert "nothing has moved for" in str(errors[0].exception) and deaths == 0
+    assert QUIET_S <= time.monotonic() - t0 < QUIET_S + 20
+    with Pipeline(range(8)) as p:             # on_error="raise": the run ends with it
+        p.stage(swallow_next_input, workers=1)
+        with pytest.raises(CorruptMessage, match="item 4 was lost"):
+            list(p)
+
+
+def slow_at_one(x):
+    if x == 1:
+        time.sleep(QUIET_S * 2.5)
+    return x + 1
+
+
+def slow_source(n):
+    for x in range(n):
+        if x == n - 1:
+            time.sleep(QUIET_S * 1.5)          # every item fed so far is done: nothing outstanding
+        yield x
+
+
+@pytest.mark.timeout(60)
+def test_slow_items_and_slow_sources_are_not_taken_for_lost(no_leaks):
+    """The check for lost items runs all the time now: an item running
+    longer than QUIET_S (its worker holds it) and a source that pauses for
+    longer (nothing outstanding) are waited for."""
+    with Pipeline(slow_source(5)) as p:
+        p.stage(slow_at_one, workers=1)
+        p.stage(slow_at_one, workers=2)
+        assert list(p) == [x + 2 for x in range(5)]
+        assert p.stats()["lost"] == 0
