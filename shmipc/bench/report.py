@@ -351,8 +351,10 @@ def _summary(report: dict) -> list[str]:
         if mine and peers:
             best = max(mine, key=_metric)
             peer = max(peers, key=_metric)
+            paired = _paired_note(best, peer, times=True)[2:].replace(" as the median of the", ", median of")
             out.append(f"  {label} {_ratio(_metric(best), _metric(peer)):>7} vs {peer['transport']}"
-                       f"  ({best['transport']} {_figure(best)}, {peer['transport']} {_figure(peer)})")
+                       f"  ({best['transport']} {_figure(best)}, {peer['transport']} {_figure(peer)})"
+                       + (f"; {paired}" if paired and key[0] == "pool" else ""))
         elif measured:
             one = max(measured, key=_metric)
             out.append(f"  {label} {one['transport']} {_figure(one)}  (no "
@@ -470,10 +472,21 @@ def _find(report: dict, workload: str, transport: str, size: int | None = None) 
     return None
 
 
+def _round_rate(x: dict) -> float | None:
+    """A round's rate: messages (throughput) or items (pools) a second."""
+    return x.get("msgs_per_s") or x.get("items_per_s")
+
+
 def _round_ratios(a: dict, b: dict) -> list[float]:
-    """Row `a`'s rate over row `b`'s, round by round (rounds with no rate left out)."""
-    return [x["msgs_per_s"] / y["msgs_per_s"] for x, y in zip(a.get("rounds") or [], b.get("rounds") or [])
-            if x.get("msgs_per_s") and y.get("msgs_per_s")]
+    """Row `a`'s rate over row `b`'s, round by round (rounds with no rate
+    left out). Throughput rows of one size, and the pools of one table, take
+    turns round by round: round k of each ran side by side."""
+    out = []
+    for x, y in zip(a.get("rounds") or [], b.get("rounds") or []):
+        rx, ry = _round_rate(x), _round_rate(y)
+        if rx and ry:
+            out.append(rx / ry)
+    return out
 
 
 def paired_ratio(a: dict, b: dict) -> float | None:
@@ -486,15 +499,16 @@ def paired_ratio(a: dict, b: dict) -> float | None:
     return statistics.median(q) if q else None
 
 
-def _paired_note(a: dict, b: dict, percent: bool = True) -> str:
+def _paired_note(a: dict, b: dict, percent: bool = True, times: bool = False) -> str:
     """"; <ratio> as the median of the N rounds run side by side" (see
-    paired_ratio), to follow a best-against-best figure; "" if there is none."""
+    paired_ratio), to follow a best-against-best figure; "" with fewer than two rounds.
+    The ratio as a percentage, a plain number, or (`times`) as "1.5x"."""
     q = _round_ratios(a, b)
-    if not q:
+    if len(q) < 2:              # (one round: it is the best-against-best figure)
         return ""
     median = statistics.median(q)
-    return (f"; {median:.0%}" if percent else f"; {median:.2f}") + \
-        f" as the median of the {len(q)} rounds run side by side"
+    text = _ratio(median, 1.0) if times else f"{median:.0%}" if percent else f"{median:.2f}"
+    return f"; {text} as the median of the {len(q)} rounds run side by side"
 
 
 def prose(report: dict) -> list[str]:
@@ -557,8 +571,10 @@ def prose(report: dict) -> list[str]:
         for theirs in peers:            # every baseline, the default and the tuned one
             how = f" with chunksize={theirs['chunksize']}" if theirs.get("chunksize") else ""
             if mine:
+                # (best against best, then round by round: on a busy machine the best
+                # rounds of two rows are often minutes of luck apart)
                 out.append(f"`{mine.get('title', kind)}`: {_ratio(_metric(mine), _metric(theirs))} "
-                           f"`{theirs['transport']}`{how}.")
+                           f"`{theirs['transport']}`{how}{_paired_note(mine, theirs, times=True)}.")
         if mine and floor and peers:
             strongest = max(peers, key=_metric)
             out.append(f"`{mine.get('title', kind)}`: {_metric(mine) / _metric(floor):.0%} of the machine's "
