@@ -8,7 +8,10 @@ of the ints in chunks of 1,000, of the 2,000 blobs in 20 chunks of 10 MB
 chunk (20 maps a round: a latency row, see below); both sides get
 the same list objects, every result list is checked item by item (order and
 content), shmipc's and the standard library's runs alternate so both see the
-same load, and every round's time is printed with ``--json``.
+same load, and every round's time is printed with ``--json``. Beside each
+best-against-best speedup, ``median`` is the median of the per-round
+ratios (round k of each side ran one after the other): on a busy machine
+the steadier of the two.
 
 multiprocessing.Pool runs twice: with its default chunksize and with the one
 that suited it best in a calibration just before (both shown).
@@ -52,9 +55,12 @@ TARGETS = {"pool_map_int": 3.0, "pool_map_100k": 5.0, "executor_map": 3.0, "exec
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
+    """One line per comparison: best times, best-against-best speedups, each
+    followed by the median of the per-round ratios ("median"), the floor's
+    best possible ratio and the target."""
     width = max(len(r["label"]) for r in rows)
-    lines = [f"{'benchmark':{width}} {'shmipc':>9} {'stdlib':>9} {'speedup':>8} {'tuned stdlib':>22} "
-             f"{'speedup':>8} {'floor':>7} {'target':>7}"]
+    lines = [f"{'benchmark':{width}} {'shmipc':>9} {'stdlib':>9} {'speedup':>8} {'median':>7} "
+             f"{'tuned stdlib':>22} {'speedup':>8} {'median':>7} {'floor':>7} {'target':>7}"]
     for r in rows:
         target = TARGETS.get(r["name"])
         worst = min(r["speedup"], r.get("speedup_tuned", r["speedup"]))
@@ -65,9 +71,11 @@ def _table(rows: list[dict[str, Any]]) -> str:
         tuned = (f"{r['tuned_s'] * 1e3:8.1f}ms (chunksize={r['tuned_chunksize']})"
                  if "tuned_s" in r else "")
         tuned_x = f"{r['speedup_tuned']:7.2f}x" if "speedup_tuned" in r else ""
+        tuned_m = f"{r['speedup_tuned_median']:6.2f}x" if "speedup_tuned_median" in r else ""
         floor_x = f"{r['floor_speedup']:6.2f}x" if "floor_speedup" in r else "-"
         lines.append(f"{r['label']:{width}} {r['shmipc_s'] * 1e3:7.1f}ms {r['stdlib_s'] * 1e3:7.1f}ms "
-                     f"{r['speedup']:7.2f}x {tuned:>22} {tuned_x:>8} {floor_x:>7} {goal:>7}{mark}")
+                     f"{r['speedup']:7.2f}x {r['speedup_median']:6.2f}x {tuned:>22} {tuned_x:>8} {tuned_m:>7} "
+                     f"{floor_x:>7} {goal:>7}{mark}")
     return "\n".join(lines)
 
 

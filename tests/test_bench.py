@@ -909,3 +909,30 @@ def test_pool_floor_script_prints_both_codecs_and_the_best_ratios(tmp_path):
     assert got["bytes_best_ratio"] == pytest.approx(got["mp_pool_bytes_tuned_s"] / got["bytes"]["floor_s"])
     bad = subprocess.run([sys.executable, script, "--repeat", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--repeat must be at least 1, got 2 and 0" in bad.stderr
+
+
+def test_pool_script_table_gives_the_median_of_paired_rounds_beside_the_best():
+    """benchmarks/bench_pool.py's table: best against best, then the median
+    of the per-round ratios (here the bests say 1.00x, round by round the
+    standard library took 2x, 2x and 0.5x shmipc's time: median 2.00x);
+    the floor's best ratio and the target as before."""
+    import importlib.util
+
+    from shmipc.bench.pools import paired_speedup
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_pool.py")
+    spec = importlib.util.spec_from_file_location("bench_pool_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    mine, theirs, tuned = [0.010, 0.020, 0.040], [0.020, 0.040, 0.020], [0.030, 0.030, 0.030]
+    assert paired_speedup(mine, theirs) == 2.0 and paired_speedup(mine, tuned) == 1.5
+    row = {"name": "pool_map_int", "label": "Pool.map(x+1, ints)", "shmipc_s": 0.010, "stdlib_s": 0.020,
+           "speedup": 2.0, "speedup_median": paired_speedup(mine, theirs), "tuned_s": 0.030,
+           "tuned_chunksize": 50000, "speedup_tuned": 3.0, "speedup_tuned_median": paired_speedup(mine, tuned),
+           "floor_speedup": 2.5}
+    head, line = script._table([row]).splitlines()
+    assert head.split() == ["benchmark", "shmipc", "stdlib", "speedup", "median", "tuned", "stdlib", "speedup",
+                            "median", "floor", "target"]
+    cells = line[len(row["label"]):].split(None, 10)
+    assert cells == ["10.0ms", "20.0ms", "2.00x", "2.00x", "30.0ms", "(chunksize=50000)", "3.00x", "1.50x",
+                     "2.50x", "3.0x", "(below target; so is the floor)"], line
