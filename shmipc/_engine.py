@@ -169,6 +169,7 @@ class _Engine(_Dispatch, _WorkerExits):
         self.worker_deaths = 0                              # statistics
         self.tasks_retried = 0
         self.tasks_lost = 0
+        self.rings_remade = 0                               # task rings laid out afresh after damage
         # the parent builds and drops every map's result lists: keep their
         # pages (until the pool is idle: see _step) instead of faulting them in
         steady_memory(parent=True)

@@ -29,22 +29,45 @@ from shmipc._runtime import MAX_SPAWN_FAILURES
 from shmipc._slots import BUSY, EXITING, READY, STARTING, W_SEQ, W_STATE
 from shmipc._tasks import _Task
 from shmipc._waiting import DEAD_RING_SLICE_S, LOST_RESULT_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, doubled
-from shmipc.errors import CorruptMessage
+from shmipc.errors import CorruptArena, CorruptMessage
+
+# records in a row that do not decode before a task ring counts as damaged
+# (more than a ring of them can hold: it is not giving its records up)
+_UNDECODABLE_MAX = 100_000
 
 # pool states (as shmipc._engine's)
 RUN = "RUN"
 CLOSE = "CLOSE"
 
 
-def _discard_all(ring: Any) -> None:
-    """Drop every record left in a dead worker's ring (none of them started)."""
+def _discard_all(ring: Any) -> bool:
+    """Drop every record left in a dead worker's ring (none of them started).
+    False if the ring itself is damaged (its header: nothing can be read
+    from it any more, see _on_exit), True once it is empty."""
+    undecodable = 0
     while ring.qsize():
         try:
             ring.get(timeout=DEAD_RING_SLICE_S)     # waits a slice if the dead worker held the lock
         except (queue.Empty, EOFError):
             break
-        except Exception:
-            continue                                # a corrupt record is dropped as well
+        except CorruptMessage:
+            undecodable += 1                        # a corrupt record is dropped as well
+            if undecodable > _UNDECODABLE_MAX:
+                return False
+        except CorruptArena:
+            return False
+    return True
+
+
+def _unread_bytes(ring: Any) -> int:
+    """Bytes between a ring's read and write positions (what its consumer
+    can still take, or holds), -1 if they cannot be read (closed, damaged).
+    Positions, not message counts: a hostile write that moves the read
+    position past a record leaves the counts as they were."""
+    try:
+        return ring.stats(recover=False)["bytes_used"]
+    except Exception:
+        return -1
 
 
 class _WorkerExits:
@@ -55,6 +78,10 @@ class _WorkerExits:
     _slots: Any
     _done_seen: dict[int, tuple[tuple[int, bool], float]]
     _bad_records: dict[int, tuple]
+    _tasks: list
+    _arena: Any
+    _footprint: Any
+    rings_remade: int
     _lock: Any
     _resources_released: bool
 
@@ -72,8 +99,16 @@ class _WorkerExits:
         exitcode = ev.exitcode
         if exitcode is None and state == EXITING:
             exitcode = 0            # an orphan (its zygote died) that left on purpose
-        # empty its ring: nothing in it ever started
-        _discard_all(self._tasks[slot])
+        # empty its ring: nothing in it ever started. A ring whose header is
+        # damaged (a hostile write) is laid out afresh: no process uses it now
+        # (its worker is gone; the replacement attaches after this), and the
+        # tasks it held are re-queued below from _assigned
+        if not _discard_all(self._tasks[slot]):
+            self._tasks[slot] = self._arena._remake_ring(self._tasks[slot])
+            self._footprint.replace_ring(slot, self._tasks[slot])
+            self.rings_remade += 1
+            print(f"shmipc.Pool: the task ring of worker {slot} was damaged in shared memory; "
+                  f"laid out afresh, its tasks re-queued", file=sys.stderr)
         if self._big_slot == slot and self._big_seq in self._inflight:
             # the big task sent to it may still wait in the big ring: it never started
             _discard_all(self._big_tasks)
@@ -202,7 +237,7 @@ class _WorkerExits:
                 task = self._inflight.get(done)
                 if task is not None and task.slot == slot:
                     suspect = (done, True)
-                elif words[base + W_STATE] == READY and self._tasks[slot].empty():
+                elif words[base + W_STATE] == READY and _unread_bytes(self._tasks[slot]) == 0:
                     suspect = (self._assigned[slot][-1], False)
             if suspect is None:
                 self._done_seen.pop(slot, None)

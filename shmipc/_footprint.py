@@ -220,6 +220,10 @@ class Footprint:
         self._used = True           # work was done since the last give-back
         self.bytes_freed = 0        # statistics: bytes given back so far
 
+    def replace_ring(self, index: int, ring: Any) -> None:
+        """Task ring `index` was laid out afresh (a new handle, same memory)."""
+        self._areas[index] = (ring, self._areas[index][1])
+
     def tick(self, now: float, idle: bool) -> bool:
         """`idle`: no task queued or in flight (so no worker writes a ring).
         True when this call gave the pool's memory back (once per idle

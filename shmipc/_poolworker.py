@@ -25,7 +25,7 @@ from shmipc._runtime import GONE, next_message
 from shmipc._slots import BUSY, EXITING, HEAD3, READY, STARTING
 from shmipc._waiting import BIG_MESSAGE_WAIT_S
 from shmipc.arena import Arena
-from shmipc.errors import CorruptMessage, MessageTooLarge, RingClosed
+from shmipc.errors import CorruptArena, CorruptMessage, MessageTooLarge, RingClosed
 
 # task kinds: what a worker does with the payload
 K_CALL = 0          # payload (args, kwargs): func(*args, **kwargs)
@@ -50,6 +50,7 @@ W_DONE = 3
 _WORD = struct.Struct("=q")
 
 _BIG_WAIT = BIG_MESSAGE_WAIT_S        # a reader waits this long for a big message announced by a stub
+_UNDECODABLE_MAX = 10_000             # task records in a row that do not decode: the ring is not giving up records
 
 
 # ---------------------------------------------------------------------- the records
@@ -117,6 +118,7 @@ class _WorkerLoop:
         # concurrent.futures); the Pool lets them end the worker (as multiprocessing)
         self.catch: type = BaseException if catch_base else Exception
         self.kept = False           # work done since the last idle give-back (see take)
+        self.undecodable = 0        # task records in a row that did not decode (see next_task)
 
     def mark(self, state: int, seq: int = 0) -> None:
         # state, seq and pid (W_STATE, W_SEQ, W_PID) in one store: the parent
@@ -175,10 +177,21 @@ class _WorkerLoop:
                 return None
         except (RingClosed, EOFError):          # closed, shut down, or the parent died
             return None
-        except Exception as exc:                # a record that does not decode: consumed
+        except Exception as exc:
+            # a record that does not decode is consumed: report it, take the
+            # next. A damaged ring (its header: CorruptArena) gives nothing
+            # up any more, nor does one that yields only garbage: report it
+            # and exit, so that the parent lays the ring out afresh and
+            # re-queues its tasks (_Engine._on_exit) instead of this worker
+            # spinning on it
             self.results.put((0, R_BAD_TASK, self.slot, True, *pack(None),
                               (_format_tb(exc), _safe_repr(exc))))
+            self.undecodable += 1
+            if not isinstance(exc, CorruptMessage) and isinstance(exc, CorruptArena) \
+                    or self.undecodable > _UNDECODABLE_MAX:
+                return None
             return _SKIP
+        self.undecodable = 0
         if msg is None:                         # the pool is closing
             return None
         if msg[1] != K_BIG:

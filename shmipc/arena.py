@@ -461,6 +461,33 @@ class Arena(Closeable):
                 return ring
         raise KeyError(f"no ring named {name!r} in this arena (it has {[r.name for r in self.regions()]})")
 
+    def _remake_ring(self, ring: "_ring.Ring") -> "_ring.Ring":
+        """Lay `ring` (a handle of this arena's) out afresh, empty, where it
+        is, and return the new handle (the old one is closed). For a ring
+        whose header was damaged (CorruptArena) once no other process uses
+        it: the caller guarantees that. Its size comes from the region table
+        and is checked as a new ring's is; producers and consumers as the
+        table says.
+
+        Raises:
+            KeyError: no ring of that name here.
+            ValueError: the region's size does not hold a valid ring.
+        """
+        self._check_open()
+        region = next((r for r in self.regions() if r.name == ring.name and r.kind == "ring"), None)
+        if region is None:
+            raise KeyError(f"no ring named {ring.name!r} in this arena")
+        allow_pickle = ring.allow_pickle
+        ring.close()
+        made = _ring.Ring._create(self._mmap, region.size - _ring.RING_HEADER_SIZE, offset=region.offset,
+                                  many_producers=region.meta.get("producers") != "one",
+                                  many_consumers=region.meta.get("consumers") != "one")
+        _set_allow_pickle(made, allow_pickle)
+        made.arena = self
+        made.name = region.name
+        self._rings.add(made)
+        return made
+
     def _table_lock(self) -> "TableLock":
         return TableLock(self)
 

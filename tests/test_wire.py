@@ -622,6 +622,86 @@ def test_a_lost_task_record_fails_its_task_instead_of_waiting_for_ever():
         assert stats["worker_deaths"] == 0 and stats["in_flight"] == 0
 
 
+def hold_until(path: str) -> bool:
+    """A task that holds its worker until the test creates `path` (at most 60 s)."""
+    import os
+
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _task_waiting_in_the_ring(pool, tmp_path):
+    """A worker held by a first task, and a second task (abs(-5)) whose
+    record waits in that worker's ring: (release, first, second, ring,
+    write position)."""
+    import struct
+
+    from shmipc import _ring
+    from conftest import region_of, wait_until
+
+    go = str(tmp_path / "go")
+    engine = pool._engine
+    first = pool.apply_async(hold_until, (go,))
+    wait_until(lambda: engine.busy_workers(), 20, "the worker busy with the first task")
+    second = pool.apply_async(abs, (-5,))
+    ring = engine._tasks[0]
+    wait_until(lambda: ring.qsize() == 1, 20, "the second task's record in the ring")
+    buf, base = region_of(ring)
+    head = struct.unpack_from("<Q", buf, base + _ring._layout()["prod.pos"])[0]
+    return (lambda: open(go, "w").close()), first, second, ring, head
+
+
+@pytest.mark.timeout(60)
+def test_a_record_skipped_by_a_hostile_read_position_fails_its_task(tmp_path):
+    """The read position moved past a waiting record (its message counts
+    untouched): the worker never sees the task; the parent, which judges an
+    empty ring by its positions, fails it about LOST_RESULT_S later."""
+    from shmipc._waiting import LOST_RESULT_S
+    from conftest import poke
+
+    with shmipc.Pool(1, context="fork") as pool:
+        release, first, second, ring, head = _task_waiting_in_the_ring(pool, tmp_path)
+        poke(ring, "cons.pos", "<Q", head)
+        poke(ring, "cons.cursor", "<Q", head)
+        release()
+        assert first.get(timeout=20) is True
+        t0 = time.monotonic()
+        with pytest.raises(CorruptMessage, match="with its task ring empty"):
+            second.get(timeout=20)
+        assert time.monotonic() - t0 < LOST_RESULT_S + 10
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+        assert pool.statistics()["worker_deaths"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_damaged_task_ring_is_laid_out_afresh_and_its_tasks_run(tmp_path, capfd):
+    """Read positions past the write position (a hostile write): the worker
+    cannot take anything from its ring any more. It says so and exits
+    (before, it spun at 100 % CPU reporting the same error, and with tasks
+    in flight the pool hung); the parent lays the ring out afresh and
+    re-queues its tasks, which a replacement worker runs."""
+    from conftest import poke
+
+    with shmipc.Pool(1, context="fork") as pool:
+        engine = pool._engine
+        release, first, second, ring, head = _task_waiting_in_the_ring(pool, tmp_path)
+        old_pid = next(iter(engine.worker_pids().values()))
+        poke(ring, "cons.pos", "<Q", head + 4096)
+        poke(ring, "cons.cursor", "<Q", head + 4096)
+        release()
+        assert first.get(timeout=20) is True
+        assert second.get(timeout=20) == 5
+        assert engine.rings_remade == 1 and engine._tasks[0] is not ring
+        assert pool.map(abs, range(-50, 0), chunksize=3) == list(range(50, 0, -1))
+        assert next(iter(engine.worker_pids().values())) != old_pid
+        assert pool.statistics()["in_flight"] == 0
+    assert "the task ring of worker 0 was damaged in shared memory; laid out afresh" in capfd.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_long_tasks_are_not_mistaken_for_lost_ones():
     """W_DONE names the last task a worker finished: a task running longer
