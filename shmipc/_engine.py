@@ -57,7 +57,7 @@ from shmipc._waiting import FORK_PAUSE_S
 from shmipc._wire_records import read_result_record
 from shmipc._workers import Supervisor, mark_thread_long_lived, register_pausable, unmark_thread_long_lived
 from shmipc.arena import MAX_REGIONS, Arena
-from shmipc.errors import CorruptMessage, RingClosed, WorkerLost
+from shmipc.errors import CorruptArena, CorruptMessage, RingClosed, WorkerLost
 
 
 # Pool states, as strings like CPython's pool.py
@@ -73,6 +73,7 @@ _MAX_WORKERS = MAX_REGIONS - 4        # a task ring each, plus the result ring, 
 # direction (up to half its capacity), in memory of its own that is mapped
 # only while used.
 _TASK_RING = 4 << 20                  # per worker: messages up to 2 MiB
+_UNDECODABLE_RESULTS_MAX = 100_000     # result records in a row that do not decode: a damaged ring
 _RESULT_RING = 4 << 20                # shared: messages up to 2 MiB (it is never punched: see _footprint)
 _BIG_RING = 256 << 20
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
@@ -170,6 +171,7 @@ class _Engine(_Dispatch, _WorkerExits):
         self.tasks_retried = 0
         self.tasks_lost = 0
         self.rings_remade = 0                               # task rings laid out afresh after damage
+        self._bad_results = 0                               # result records in a row that did not decode
         # the parent builds and drops every map's result lists: keep their
         # pages (until the pool is idle: see _step) instead of faulting them in
         steady_memory(parent=True)
@@ -322,9 +324,16 @@ class _Engine(_Dispatch, _WorkerExits):
                 msgs = []
             except RingClosed:                  # closed under us: terminate() is running
                 return
+            except CorruptArena as exc:
+                if not isinstance(exc, CorruptMessage) or self._undecodable_results(exc):
+                    self._results_damaged(exc)  # the ring gives nothing up any more
+                    return
+                msgs = []
             except Exception as exc:            # records that do not decode (corrupt): consumed
                 print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
                 msgs = []
+            else:
+                self._bad_results = 0
             # (a step of its own, so that no result stays referenced here while idle)
             outcome = self._step(msgs)
             del msgs
@@ -335,6 +344,34 @@ class _Engine(_Dispatch, _WorkerExits):
                 # that close() without join() (or shutdown(wait=False)) leaks nothing
                 self._shutdown_resources()
                 return
+
+    def _undecodable_results(self, exc: BaseException) -> bool:
+        """A result record that does not decode was consumed: report it. True
+        once too many come in a row (the ring yields nothing else)."""
+        print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
+        self._bad_results += 1
+        return self._bad_results > _UNDECODABLE_RESULTS_MAX
+
+    def _results_damaged(self, exc: BaseException) -> None:
+        """The result ring is damaged in shared memory (its header: every read
+        raises): no result can come back, and the ring is shared by every
+        worker and the zygote, so it cannot be laid out afresh while they
+        run. Fail every pending task with CorruptArena, make later submits
+        raise it, and stop the workers (before, the bookkeeping thread spun
+        on the error and every call hung)."""
+        why = (f"the pool's result ring was damaged in shared memory ({exc}): the pool stopped, "
+               f"every task in flight or queued failed; make a new pool")
+        print(f"shmipc.Pool: {why}", file=sys.stderr)
+        with self._lock:
+            self._broken = why
+            self._retry_at = float("inf")
+            self._respawn_at.clear()
+            later = self._fail_all_locked(CorruptArena(why))
+        for callback in later:
+            _run_callback(callback)
+        if self._sup is not None:
+            self._sup.stop(0.5)
+        self._shutdown_resources()
 
     def _step(self, msgs: list) -> bool | None:
         """Handle a batch of results, worker exits, dispatch. Returns None if

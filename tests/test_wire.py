@@ -702,6 +702,62 @@ def test_a_damaged_task_ring_is_laid_out_afresh_and_its_tasks_run(tmp_path, capf
     assert "the task ring of worker 0 was damaged in shared memory; laid out afresh" in capfd.readouterr().err
 
 
+def slow_times_ten(x):
+    time.sleep(0.005)
+    return x * 10
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["pool", "executor"])
+def test_a_damaged_result_ring_stops_the_pool_with_a_clear_error(kind, capfd):
+    """The shared result ring's read position forged past its write
+    position: no result can come back (and the ring cannot be laid out
+    afresh while workers and the zygote use it). Every pending task fails
+    with CorruptArena, a later submit raises with the reason, the workers
+    stop, and close/shutdown return. Before, the bookkeeping thread spun
+    printing the error (100,000s of lines) and every call hung."""
+    import concurrent.futures
+    import struct
+
+    from shmipc import _ring
+    from shmipc._proc import pid_alive
+    from shmipc.errors import CorruptArena
+    from conftest import poke, region_of, wait_until
+
+    pool = shmipc.Pool(2, context="fork") if kind == "pool" else shmipc.ProcessPoolExecutor(2, mp_context="fork")
+    engine = pool._engine
+    pids = list(engine.worker_pids().values())
+    if kind == "pool":
+        job = pool.map_async(slow_times_ten, range(400), chunksize=1)
+        pending = [job]
+    else:
+        pending = [pool.submit(slow_times_ten, x) for x in range(400)]
+    ring = engine._results
+    wait_until(lambda: ring.stats()["messages_out"] > 10, 20, "some results read")
+    buf, base = region_of(ring)
+    head = struct.unpack_from("<Q", buf, base + _ring._layout()["prod.pos"])[0]
+    poke(ring, "cons.pos", "<Q", head + 4096)
+    poke(ring, "cons.cursor", "<Q", head + 4096)
+    with pytest.raises(CorruptArena, match="result ring was damaged in shared memory"):
+        if kind == "pool":
+            pending[0].get(timeout=20)
+        else:
+            [f.result(timeout=20) for f in pending]
+    broken = RuntimeError if kind == "pool" else concurrent.futures.process.BrokenProcessPool
+    with pytest.raises(broken, match="result ring was damaged"):
+        pool.apply_async(abs, (-1,)).get(timeout=20) if kind == "pool" else pool.submit(abs, -1).result(20)
+    t0 = time.monotonic()
+    if kind == "pool":
+        pool.close()
+        pool.join()
+    else:
+        pool.shutdown(wait=True)
+    assert time.monotonic() - t0 < 10
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 10, "the workers gone")
+    err = capfd.readouterr().err
+    assert err.count("result ring was damaged") == 1 and err.count("a result record was lost") < 10, err[-2000:]
+
+
 @pytest.mark.timeout(60)
 def test_long_tasks_are_not_mistaken_for_lost_ones():
     """W_DONE names the last task a worker finished: a task running longer
