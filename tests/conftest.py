@@ -99,6 +99,18 @@ def wait_until_asleep(stats: Callable[[], dict], side: str = "consumers", n: int
     wait_until(lambda: stats()[key] >= n, timeout, f"{n} {side} asleep on the ring ({key})")
 
 
+def hold_until(path: str, limit: float = 60.0) -> bool:
+    """A task that holds its worker until the test creates `path` (False
+    after `limit` seconds without it): the test decides when the worker is
+    free again. Module-level, so any start method's worker can import it."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def touch_then_sleep(flag: str, seconds: float, value: Any = None) -> Any:
     """A task that says it has started (creates the file `flag`), then
     sleeps: the test waits for the file instead of guessing when a worker is

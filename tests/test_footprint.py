@@ -10,7 +10,7 @@ import pytest
 
 import shmipc
 from shmipc._footprint import IDLE_RELEASE_S
-from conftest import touch_then_sleep, wait_until
+from conftest import hold_until, touch_then_sleep, wait_until
 
 MiB = 1 << 20
 # Pool(2): two 4 MiB task rings, a 4 MiB result ring, the slot table and the
@@ -243,18 +243,6 @@ def test_a_user_can_keep_the_pool_from_tuning_their_process(tmp_path):
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 
-def wait_for_file(path: str) -> bool:
-    """A task that holds its worker until the test creates `path` (at most 60 s)."""
-    import time
-
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 @pytest.mark.timeout(120)
 def test_a_big_task_whose_data_vanished_fails_alone(tmp_path, monkeypatch):
     """A large task's data is taken out of the big task ring before its
@@ -267,7 +255,7 @@ def test_a_big_task_whose_data_vanished_fails_alone(tmp_path, monkeypatch):
     go = str(tmp_path / "go")
     with shmipc.Pool(1, context="fork") as pool:
         engine = pool._engine
-        blocker = pool.apply_async(wait_for_file, (go,))
+        blocker = pool.apply_async(hold_until, (go,))
         wait_until(lambda: engine.busy_workers(), 30, "the worker busy with the first task")
         big = pool.apply_async(len, (big_value(3 * MiB),))       # over a task ring message: the big ring
         wait_until(lambda: engine._big_tasks.qsize() == 1, 30, "the large task's data in the big ring")

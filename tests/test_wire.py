@@ -622,18 +622,6 @@ def test_a_lost_task_record_fails_its_task_instead_of_waiting_for_ever():
         assert stats["worker_deaths"] == 0 and stats["in_flight"] == 0
 
 
-def hold_until(path: str) -> bool:
-    """A task that holds its worker until the test creates `path` (at most 60 s)."""
-    import os
-
-    deadline = time.monotonic() + 60
-    while not os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.005)
-    return True
-
-
 def _task_waiting_in_the_ring(pool, tmp_path):
     """A worker held by a first task, and a second task (abs(-5)) whose
     record waits in that worker's ring: (release, first, second, ring,
@@ -641,7 +629,7 @@ def _task_waiting_in_the_ring(pool, tmp_path):
     import struct
 
     from shmipc import _ring
-    from conftest import region_of, wait_until
+    from conftest import hold_until, region_of, wait_until
 
     go = str(tmp_path / "go")
     engine = pool._engine
