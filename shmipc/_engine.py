@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Iterable
 if TYPE_CHECKING:
     from shmipc._tasks import _Feeder
 
-from shmipc._engine_exits import _WorkerExits
+from shmipc._engine_exits import UNDECODABLE_MAX, _WorkerExits
 from shmipc._engine_dispatch import _CREDIT_MIN, _Dispatch
 from shmipc._footprint import BigRings, Footprint
 from shmipc._proc import give_memory_back, steady_memory
@@ -73,7 +73,6 @@ _MAX_WORKERS = MAX_REGIONS - 4        # a task ring each, plus the result ring, 
 # direction (up to half its capacity), in memory of its own that is mapped
 # only while used.
 _TASK_RING = 4 << 20                  # per worker: messages up to 2 MiB
-_UNDECODABLE_RESULTS_MAX = 100_000     # result records in a row that do not decode: a damaged ring
 _RESULT_RING = 4 << 20                # shared: messages up to 2 MiB (it is never punched: see _footprint)
 _BIG_RING = 256 << 20
 _live_pools: "weakref.WeakSet[_Engine]" = weakref.WeakSet()
@@ -350,7 +349,7 @@ class _Engine(_Dispatch, _WorkerExits):
         once too many come in a row (the ring yields nothing else)."""
         print(f"shmipc.Pool: a result record was lost: {exc!r}", file=sys.stderr)
         self._bad_results += 1
-        return self._bad_results > _UNDECODABLE_RESULTS_MAX
+        return self._bad_results > UNDECODABLE_MAX
 
     def _results_damaged(self, exc: BaseException) -> None:
         """The result ring is damaged in shared memory (its header: every read
@@ -363,10 +362,7 @@ class _Engine(_Dispatch, _WorkerExits):
                f"every task in flight or queued failed; make a new pool")
         print(f"shmipc.Pool: {why}", file=sys.stderr)
         with self._lock:
-            self._broken = why
-            self._retry_at = float("inf")
-            self._respawn_at.clear()
-            later = self._fail_all_locked(CorruptArena(why))
+            later = self._break(why, float("inf"), CorruptArena(why))
         for callback in later:
             _run_callback(callback)
         if self._sup is not None:

@@ -31,9 +31,9 @@ from shmipc._tasks import _Task
 from shmipc._waiting import DEAD_RING_SLICE_S, LOST_RESULT_S, SPAWN_RETRY_MAX_S, SPAWN_RETRY_S, doubled
 from shmipc.errors import CorruptArena, CorruptMessage
 
-# records in a row that do not decode before a task ring counts as damaged
-# (more than a ring of them can hold: it is not giving its records up)
-_UNDECODABLE_MAX = 100_000
+# records in a row that do not decode before the parent counts a ring as
+# damaged (more than a ring of them can hold: it is not giving its records up)
+UNDECODABLE_MAX = 100_000
 
 # pool states (as shmipc._engine's)
 RUN = "RUN"
@@ -52,7 +52,7 @@ def _discard_all(ring: Any) -> bool:
             break
         except CorruptMessage:
             undecodable += 1                        # a corrupt record is dropped as well
-            if undecodable > _UNDECODABLE_MAX:
+            if undecodable > UNDECODABLE_MAX:
                 return False
         except CorruptArena:
             return False
@@ -168,10 +168,16 @@ class _WorkerExits:
     def _trip(self, why: str) -> list:
         """Workers cannot start: fail every pending task with `why`, start no
         worker until a submit after the guard's back-off. Lock held."""
+        return self._break(why, time.monotonic() + self._startup.trip(), self._broken_error(why))
+
+    def _break(self, why: str, retry_at: float, error: BaseException) -> list:
+        """The pool cannot run tasks: submits raise `why` until `retry_at`,
+        no worker is respawned, every pending task fails with `error`. Lock
+        held; returns the callbacks to run."""
         self._broken = why
-        self._retry_at = time.monotonic() + self._startup.trip()
+        self._retry_at = retry_at
         self._respawn_at.clear()
-        return self._fail_all_locked(self._broken_error(why))
+        return self._fail_all_locked(error)
 
     def _respawn(self, slot: int, delay: float = 0.0) -> list:
         """Start a worker in an empty slot (after `delay` seconds: at a later

@@ -376,9 +376,14 @@ class Arena(Closeable):
                 many_consumers=consumers == "many", maxsize=maxsize, dtype=dtype)
 
         ring, region_name = self._allocate(KIND_RING, need, name, meta_bytes, make)
+        return self._adopt(ring, region_name, allow_pickle)
+
+    def _adopt(self, ring: "_ring.Ring", name: str, allow_pickle: bool) -> "_ring.Ring":
+        """`ring`, a new handle on region `name`, as this arena's: its
+        pickle policy, arena and name set, closed with the arena."""
         _set_allow_pickle(ring, allow_pickle)
         ring.arena = self
-        ring.name = region_name
+        ring.name = name
         self._rings.add(ring)
         return ring
 
@@ -454,11 +459,7 @@ class Arena(Closeable):
                 if dtype is not None:
                     dtype = dtype_from_descr(dtype)
                 ring = _ring.Ring._attach(self._mmap, dtype, offset=region.offset, size=region.size)
-                _set_allow_pickle(ring, allow_pickle)
-                ring.arena = self
-                ring.name = name
-                self._rings.add(ring)
-                return ring
+                return self._adopt(ring, name, allow_pickle)
         raise KeyError(f"no ring named {name!r} in this arena (it has {[r.name for r in self.regions()]})")
 
     def _remake_ring(self, ring: "_ring.Ring") -> "_ring.Ring":
@@ -482,11 +483,7 @@ class Arena(Closeable):
         made = _ring.Ring._create(self._mmap, region.size - _ring.RING_HEADER_SIZE, offset=region.offset,
                                   many_producers=region.meta.get("producers") != "one",
                                   many_consumers=region.meta.get("consumers") != "one")
-        _set_allow_pickle(made, allow_pickle)
-        made.arena = self
-        made.name = region.name
-        self._rings.add(made)
-        return made
+        return self._adopt(made, region.name, allow_pickle)
 
     def _table_lock(self) -> "TableLock":
         return TableLock(self)
