@@ -406,12 +406,11 @@ class Pipeline(PipelineAPI):
         if now - self._last_reap >= REAP_EVERY_S:
             self._last_reap = now
             self._reap()
-            if self._maybe_lost or sched.outstanding:
-                # after a death, and at any time: a record destroyed or
-                # skipped in a ring (a hostile write) leaves no trace either;
-                # also with the source not done: at max_inflight, a lost
-                # head item would otherwise stall an ordered pipeline
-                self._settle_stuck(now)
+            # after a death, and at any time: a record destroyed or skipped
+            # in a ring (a hostile write) leaves no trace either; also with
+            # the source not done: at max_inflight, a lost head item would
+            # otherwise stall an ordered pipeline
+            self._settle_stuck(now)
         return False
 
     def _feed(self) -> bool:

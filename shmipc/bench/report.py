@@ -351,10 +351,11 @@ def _summary(report: dict) -> list[str]:
         if mine and peers:
             best = max(mine, key=_metric)
             peer = max(peers, key=_metric)
-            paired = _paired_note(best, peer, times=True)[2:].replace(" as the median of the", ", median of")
+            paired = _paired(best, peer) if key[0] == "pool" else None
             out.append(f"  {label} {_ratio(_metric(best), _metric(peer)):>7} vs {peer['transport']}"
                        f"  ({best['transport']} {_figure(best)}, {peer['transport']} {_figure(peer)})"
-                       + (f"; {paired}" if paired and key[0] == "pool" else ""))
+                       + (f"; {_ratio(paired[0], 1.0)}, median of {paired[1]} rounds run side by side"
+                          if paired else ""))
         elif measured:
             one = max(measured, key=_metric)
             out.append(f"  {label} {one['transport']} {_figure(one)}  (no "
@@ -499,16 +500,23 @@ def paired_ratio(a: dict, b: dict) -> float | None:
     return statistics.median(q) if q else None
 
 
+def _paired(a: dict, b: dict) -> tuple[float, int] | None:
+    """(paired_ratio, how many rounds), or None with fewer than two rounds
+    in common (one round: it is the best-against-best figure)."""
+    q = _round_ratios(a, b)
+    return (statistics.median(q), len(q)) if len(q) >= 2 else None
+
+
 def _paired_note(a: dict, b: dict, percent: bool = True, times: bool = False) -> str:
     """"; <ratio> as the median of the N rounds run side by side" (see
     paired_ratio), to follow a best-against-best figure; "" with fewer than two rounds.
     The ratio as a percentage, a plain number, or (`times`) as "1.5x"."""
-    q = _round_ratios(a, b)
-    if len(q) < 2:              # (one round: it is the best-against-best figure)
+    paired = _paired(a, b)
+    if paired is None:
         return ""
-    median = statistics.median(q)
+    median, n = paired
     text = _ratio(median, 1.0) if times else f"{median:.0%}" if percent else f"{median:.2f}"
-    return f"; {text} as the median of the {len(q)} rounds run side by side"
+    return f"; {text} as the median of the {n} rounds run side by side"
 
 
 def prose(report: dict) -> list[str]:
