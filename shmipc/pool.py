@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from multiprocessing import TimeoutError  # noqa: F401 (AsyncResult.get raises it, as mp)
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from shmipc._engine import CLOSE, INIT, RUN, TERMINATE, _Engine
 from shmipc._pool_api import PoolAPI, feed_imap

@@ -47,12 +47,9 @@ import threading
 import time
 from typing import Any, Iterable, overload
 
-import queue
 
 from shmipc._framing import Frame as _Frame     # looked up on every get/recv
-from shmipc.arena import Arena
 from shmipc.errors import HandleClosed, MessageTooLarge, RingClosed
-from shmipc._bulk import _Bulk
 from shmipc._queue_ready import _NOTHING
 from shmipc._queue_base import (DEFAULT_CAPACITY, _RLOCK_HERE, _Base, _check_spawning,  # noqa: F401 (re-exported)
                                  _ring_capacity, _ring_maxsize, _timeout)

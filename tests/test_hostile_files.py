@@ -31,7 +31,7 @@ from collections import Counter
 import pytest
 
 import shmipc
-from shmipc.arena import (DATA_START, ENTRY, ENTRY_SIZE, HEADER, MAGIC, MAX_REGIONS, META_MAX,
+from shmipc.arena import (DATA_START, ENTRY, ENTRY_SIZE, MAGIC, MAX_REGIONS, META_MAX,
                           MIN_SIZE, TABLE_OFFSET)
 
 SEED = int(os.environ.get("SHMIPC_FUZZ_SEED") or 20261130)

@@ -24,7 +24,7 @@ import pytest
 
 import shmipc
 from shmipc._proc import pid_alive
-from conftest import SOAK, is_resource_tracker, kill_storm
+from conftest import SOAK, kill_storm
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -30,7 +30,6 @@ import pytest
 
 import shmipc
 from conftest import SOAK
-from shmipc._proc import pid_alive
 
 PHASE_SECONDS = 12.0 * SOAK
 

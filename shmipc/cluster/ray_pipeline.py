@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 from shmipc._pipeline_api import DEFAULT_MAX_INFLIGHT, PipelineAPI, StageConfig
 from shmipc._waiting import RAY_PIPELINE_POLL_S as POLL_S
 from shmipc.cluster import connect
-from shmipc.cluster._actors import E_DONE, E_FATAL, E_LOST, E_REQUEUE, STAGE, ActorGroup, poll
+from shmipc.cluster._actors import E_FATAL, E_LOST, E_REQUEUE, STAGE, ActorGroup, poll
 from shmipc.errors import WorkerLost
 
 __all__ = ["RayPipeline"]

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import collections
 import threading
-import time
 import weakref
 from multiprocessing.pool import MaybeEncodingError
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 from shmipc._pool_api import PoolAPI, feed_imap
 from shmipc._pool_results import ApplyResult, AsyncResult, IMapIterator, MapResult  # noqa: F401
