@@ -1782,31 +1782,60 @@ cdef class Ring:
     cdef list _from_pending(self, Py_ssize_t max_items):
         """Deliver up to `max_items` messages left over from a batch whose
         decoding failed part way (see get_many), in order; the failure
-        itself is raised when it comes first."""
+        itself is raised when it comes first. A KeyboardInterrupt or
+        SystemExit while one decodes leaves it, and the values taken before
+        it, at the front for the next call."""
         cdef list result = []
         cdef uint8_t tag
         pending = self.pending
         try:
             while pending and len(result) < max_items:
                 tag, value = pending[0]
-                if tag == TAG_FAILED and result:
-                    break
-                pending.popleft()
                 if tag == TAG_FAILED:
+                    if result:
+                        break
+                    pending.popleft()
                     raise value
                 if tag >= TAG_NDARRAY:
                     try:
                         value = self._decode(tag, value)
                     except CorruptMessage as exc:
+                        pending.popleft()
                         if not result:
                             raise
                         pending.appendleft((TAG_FAILED, exc))
                         break
+                    except BaseException:
+                        pending.extendleft([(TAG_PAD, v) for v in reversed(result)])
+                        raise
+                pending.popleft()
                 result.append(value)
         finally:
             if not pending and self.pending is pending:
                 self.pending = None     # (None when empty: the fast paths test one pointer)
         return result
+
+    cdef int _keep_undelivered(self, list items) except -1:
+        """Put (tag, value) pairs back at the front of `pending`, in order,
+        for the next get (TAG_PAD: a value already decoded)."""
+        if items:
+            if self.pending is None:
+                self.pending = deque()
+            self.pending.extendleft(reversed(items))
+        return 0
+
+    cdef object _decode_or_keep(self, uint8_t tag, object buf):
+        """_decode a message already taken from the ring; a KeyboardInterrupt
+        or SystemExit raised while it decodes (a signal handler runs inside
+        unpickling's Python code) keeps the payload at the front of `pending`
+        instead of losing it: the next get decodes it again."""
+        try:
+            return self._decode(tag, buf)
+        except Exception:
+            raise
+        except BaseException:
+            self._keep_undelivered([(tag, buf)])
+            raise
 
     def get(self, bint block=True, timeout=None):
         """Take the next message, blocking while the ring is empty (up to
@@ -1855,7 +1884,7 @@ cdef class Ring:
         if t.count == 0:
             raise queue.Empty
         if t.tag >= TAG_NDARRAY:
-            return self._decode(t.tag, out)
+            return self._decode_or_keep(t.tag, out)
         return out
 
     cdef object _get_now(self, bint *done):
@@ -1915,7 +1944,7 @@ cdef class Ring:
         if SHMIPC_DEBUG:
             self._debug_check()
         if hd.tag >= TAG_NDARRAY:
-            return self._decode(hd.tag, out)
+            return self._decode_or_keep(hd.tag, out)
         return out
 
     cdef bint _empty_now(self) noexcept:
@@ -2093,6 +2122,12 @@ cdef class Ring:
                 self.pending = pending
             if i == 0:
                 raise
+        except BaseException:
+            # a KeyboardInterrupt or SystemExit while message i decodes:
+            # every message of the batch waits, in order, for the next call
+            self._keep_undelivered([(TAG_PAD, v) for v in out[:i]] + list(zip(tags[i:], out[i:])))
+            del out[:]
+            raise
         return out
 
     def get_view(self, bint block=True, timeout=None):
@@ -2399,7 +2434,12 @@ cdef class MessageView:
             if t.tag == TAG_BYTES or t.tag == TAG_BYTEARRAY:
                 return self.mv
             return ring._decode(t.tag, self.mv)
-        except BaseException:
+        except BaseException as exc:
+            if not isinstance(exc, Exception) and t.tag >= TAG_NDARRAY:
+                # interrupted while it decoded (KeyboardInterrupt): a copy
+                # waits in `pending` for the next get, as in get
+                ring._keep_undelivered([(t.tag, PyByteArray_FromStringAndSize(
+                    (<char *>t.rec) + SHM_REC_HDR, t.size))])
             self._close(shm_now_ns() + CLAIM_RELEASE_NS)
             raise
 

@@ -732,6 +732,66 @@ def test_get_many_delivers_every_good_message_around_an_undecodable_one(arena, s
     assert ring.stats()["bad_messages"] == 4 and ring.empty()
 
 
+class InterruptsOnce:
+    """Unpickling the first instance with `ctrl_c` set sends this process a
+    real SIGINT: Python's handler raises KeyboardInterrupt inside
+    __setstate__, as when Ctrl-C lands while a message decodes."""
+    armed = False
+
+    def __init__(self, i, ctrl_c=False):
+        self.i, self.ctrl_c = i, ctrl_c
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self.ctrl_c and InterruptsOnce.armed:
+            InterruptsOnce.armed = False
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def __eq__(self, other):
+        return isinstance(other, InterruptsOnce) and other.i == self.i
+
+    __hash__ = None
+
+
+def _interrupted(call):
+    InterruptsOnce.armed = True
+    with pytest.raises(KeyboardInterrupt):
+        call()
+    assert not InterruptsOnce.armed, "the message was never decoded"
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_while_messages_decode_loses_none(arena, sides):
+    """A KeyboardInterrupt raised while a message unpickles (Ctrl-C runs its
+    handler in the decoding Python code) used to lose that message, and in
+    get_many the whole batch, already taken from the ring: 60 put, 0
+    delivered. Now the interrupted message, and the ones of its batch
+    before and after it, wait in order for the next call."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    ring = arena.ring(1 << 16, producers=sides, consumers=sides)
+    items = [InterruptsOnce(i, ctrl_c=(i == 2)) for i in range(6)]
+    ring.put_many(items)
+    _interrupted(lambda: ring.get_many(10))
+    assert ring.get_many(10) == items       # decoded again, then the rest: nothing lost
+    ring.put_many(items)
+    assert [ring.get(), ring.get()] == items[:2]
+    _interrupted(ring.get)
+    assert ring.get_many(10) == items[2:3]  # (what was kept back comes alone)
+    assert ring.get_many(10) == items[3:]
+    ring.put(items[2])
+    _interrupted(lambda: ring.get_view().__enter__())
+    assert ring.get() == items[2]
+    # interrupted while a batch left over from an undecodable message decodes
+    ring.put_many([0, NeedsCode("x", 1)] + items)
+    assert ring.get_many(10) == [0]
+    with pytest.raises(shmipc.CorruptMessage):
+        ring.get_many(10)
+    assert ring.get_many(1) == items[:1]
+    _interrupted(lambda: ring.get_many(10))
+    assert ring.get_many(10) == items[1:]
+    assert ring.empty() and ring.qsize() == 0 and ring.stats()["bad_messages"] == 1
+
+
 @pytest.mark.timeout(20)
 def test_get_many_stops_before_a_garbage_record_and_keeps_the_good_ones(arena):
     ring = arena.ring(1 << 16)
