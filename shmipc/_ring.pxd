@@ -109,5 +109,6 @@ cdef class Ring:
     cdef object _decode(self, uint8_t tag, object buf)
     cdef list _from_pending(self, Py_ssize_t max_items)
     cdef int _keep_undelivered(self, list items) except -1
+    cdef int _check_room_accounts(self) except -1
     cdef object _decode_or_keep(self, uint8_t tag, object buf)
     cdef int _release_claim(self, uint64_t pos, int64_t deadline) except -1

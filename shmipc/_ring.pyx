@@ -948,6 +948,8 @@ cdef class Ring:
             if rc == ETIMEDOUT:
                 if self._look_around(kind):
                     return False
+                if kind == W_SPACE:
+                    self._check_room_accounts()
 
     cdef inline bint _await_data(self, int64_t deadline) except -1:
         """For the one-consumer fast paths of get and get_many, found empty:
@@ -1030,6 +1032,41 @@ cdef class Ring:
             finally:
                 self._unlock(W_CLOCK)
         return False
+
+    cdef int _check_room_accounts(self) except -1:
+        """A producer that waited a quiet slice for room: raise CorruptArena
+        if the positions or the message counts it waits on cannot be right,
+        for then no consumer will ever make room (a forged tail, or counts
+        claiming `maxsize` messages in an empty ring, made put() block for
+        ever). Checked only while no commit is under way, so a producer
+        stopped between counting and publishing is not taken for damage:
+        one producer (this one, waiting), or many with their lock free
+        (taken for the check). A consumer counts a message before it moves
+        the cursor past it, so reading the cursor first errs the safe way."""
+        cdef shm_ring_t *h = self.hdr
+        cdef uint64_t tail, cursor, head, taken, sent
+        cdef int64_t count
+        if self.many_producers:
+            if not shm_cas64(&h.prod.lock, 0, shm_self_ident()):
+                return 0
+            self._locked(&h.prod)
+        try:
+            tail = shm_load_acq64(&h.cons.pos)
+            cursor = shm_load_acq64(&h.cons.cursor)
+            taken = shm_load_acq64(&h.cons.msgs)
+            head = shm_load_acq64(&h.prod.pos)
+            sent = shm_load_acq64(&h.prod.msgs)
+            if not (tail <= cursor <= head) or head - tail > self.capacity:
+                self._corrupt(f"positions out of order: tail {tail}, cursor {cursor}, "
+                              f"head {head}, capacity {self.capacity}")
+            count = <int64_t>(sent - taken)
+            if count < 0 or <uint64_t>count > (head - cursor) // SHM_REC_HDR:
+                self._corrupt(f"message counts out of order: {sent} sent and {taken} taken, "
+                              f"but {head - cursor} bytes unread (at least {SHM_REC_HDR} a message)")
+        finally:
+            if self.many_producers:
+                self._unlock(W_PLOCK)
+        return 0
 
     cdef int _recover_dead(self) except -1:
         """Take back, now and without waiting, what dead processes hold on the

@@ -358,3 +358,73 @@ def test_hostile_writes_while_reading_never_crash_hang_or_overallocate():
     total, bad = summarise(results, "while")
     assert sum(total.values()) > 0
     assert not bad, f"readers failed (negative status = signal death): {bad}"
+
+
+def _blocked_put(ring, payload):
+    """put(payload) with no timeout in a thread; returns (thread, outcome list)."""
+    import threading
+
+    outcome: list = []
+
+    def put():
+        try:
+            ring.put(payload)
+            outcome.append("put")
+        except BaseException as exc:     # noqa: B036 (reported, checked below)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=put, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("producers", ["one", "many"])
+@pytest.mark.parametrize("consumers", ["one", "many"])
+@pytest.mark.parametrize("forgery", ["tail", "taken", "sent"])
+def test_a_put_that_waits_without_timeout_ends_on_impossible_accounts(producers, consumers, forgery):
+    """A producer asleep in put() (no timeout) waits for positions and
+    message counts that a hostile write made impossible: a tail far behind
+    the head (head - tail > capacity), or counts claiming `maxsize` messages
+    in an empty ring (or more taken than sent). Nothing can ever make room:
+    put() used to block for ever; now it raises CorruptArena naming the
+    numbers after a quiet slice. The forgery comes from another process."""
+    from conftest import poke, wait_until_asleep
+
+    arena = shmipc.Arena(1 << 20)
+    ring = arena.ring(1024, producers=producers, consumers=consumers,
+                      maxsize=0 if forgery == "tail" else 2)
+    for _ in range(3):                  # the positions a lap or more from 0
+        ring.put_many([b"x" * 300] * 2)
+        assert ring.get_many(2) == [b"x" * 300] * 2
+    stats = ring.stats()
+    sent, taken = stats["messages_in"], stats["messages_out"]
+    assert sent == taken == 6
+
+    def hostile():
+        if forgery == "tail":
+            poke(ring, "cons.pos", "<Q", 0)
+        elif forgery == "taken":
+            poke(ring, "cons.msgs", "<Q", sent + 1000)      # more taken than ever sent
+        else:
+            poke(ring, "prod.msgs", "<Q", taken + 2)        # 2 (maxsize) "in" the empty ring
+        os._exit(0)
+
+    if forgery == "tail":
+        while True:                     # full by bytes: the next put waits for room
+            try:
+                ring.put(b"x" * 300, timeout=0)
+            except queue.Full:
+                break
+        thread, outcome = _blocked_put(ring, b"y" * 300)
+        wait_until_asleep(ring.stats, "producers")
+        assert wait_child(fork_child(hostile)) == 0
+    else:
+        assert wait_child(fork_child(hostile)) == 0
+        assert ring.qsize() == 0 or forgery == "sent"
+        thread, outcome = _blocked_put(ring, b"y")
+    thread.join(20)
+    assert not thread.is_alive(), f"put() still blocked after 20 s (forged: {forgery})"
+    assert len(outcome) == 1 and isinstance(outcome[0], shmipc.CorruptArena), outcome
+    assert "out of order" in str(outcome[0])
+    arena.close()
