@@ -75,7 +75,9 @@ def read_maps(pid: int) -> list[Mapping]:
         raise InspectError(f"invalid pid {pid}: must be a positive process id")
     path = f"/proc/{pid}/maps"
     try:
-        with open(path) as f:
+        # file names are bytes, not always UTF-8: decoded as os.fsdecode
+        # does, so they still compare equal to os.readlink's
+        with open(path, errors="surrogateescape") as f:
             text = f.read()
     except FileNotFoundError:
         raise InspectError(f"no process with pid {pid} (no {path})") from None
@@ -95,7 +97,7 @@ def read_resident(pid: int) -> dict[int, int]:
     /proc/PID/smaps; empty if it cannot be read."""
     out: dict[int, int] = {}
     try:
-        with open(f"/proc/{pid}/smaps") as f:
+        with open(f"/proc/{pid}/smaps", errors="surrogateescape") as f:
             start = None
             for line in f:
                 if line.startswith("Rss:"):
@@ -267,6 +269,50 @@ def inspect_process(pid: int, show_all: bool = False) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- text
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def shown(text: str) -> str:
+    """`text` made safe to print to a terminal: each character that is not
+    printable (control characters such as ESC, BEL and newline, bidi
+    overrides, bytes that are not UTF-8) becomes an escape (``\\n``,
+    ``\\x1b``, ``\\u202e``); printable text, spaces and backslashes
+    included, is unchanged. Region names come from shared memory, which any
+    process that can write the arena can forge; mapping paths and command
+    lines come from the file system and the inspected process.
+    """
+    if text.isprintable():
+        return text
+    out = []
+    for c in text:
+        code = ord(c)
+        if c.isprintable():
+            out.append(c)
+        elif c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif 0xDC80 <= code <= 0xDCFF:        # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _shown_all(value: Any) -> Any:
+    """`value` (inspect_process's data) with every string in it passed
+    through :func:`shown`: every field, so a new one is safe too."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {k: _shown_all(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_shown_all(v) for v in value]
+    return value
+
+
 def _bytes(n: float) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
@@ -288,7 +334,11 @@ def _table(head: list[str], rows: list[list[str]], indent: str = "  ") -> list[s
 
 def format_inspection(data: dict[str, Any], previous: dict[str, Any] | None = None) -> str:
     """The text `shmipc inspect` prints; with `previous` (the last refresh of
-    --watch) message rates are shown too."""
+    --watch) message rates are shown too. Every string is shown escaped
+    (see :func:`shown`); the JSON output needs no such step (json.dumps
+    escapes every control and non-ASCII character)."""
+    data = _shown_all(data)
+    previous = _shown_all(previous) if previous else None
     lines = [f"process {data['pid']}: {data['process']}"]
     maps = data["mappings"]
     lines.append(f"{len(maps)} {'shared ' if all(m['shared'] for m in maps) else ''}mapping"

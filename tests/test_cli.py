@@ -572,3 +572,72 @@ def test_inspect_names_pools_and_queues_and_high_water_is_never_below_used():
     cells = queue_line.split()
     used, high = " ".join(cells[7:9]), " ".join(cells[9:11])
     assert used == "1.0 KiB" and high == "1.0 KiB", queue_line
+
+
+FORGED_HOLDER = textwrap.dedent("""
+    import mmap, sys, time, shmipc
+    # names as a process that can write the arena could forge them
+    arena = shmipc.Arena(shmipc.Arena.size_for(rings=[1024, 1024], blocks=[64]))
+    arena.ring(1024, name="\\x1b[2J\\x1b[31mFAKE\\x1b[0m\\nrecov lost")
+    arena.ring(1024, name="plain")
+    arena.block(64, name="\\x1b]0;pwned-title\\x07blk")
+    with open(sys.argv[3], "w+b") as f:          # a shared file mapping with a hostile name
+        f.truncate(4096)
+        shared = mmap.mmap(f.fileno(), 4096)
+    print("ready", flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.timeout(60)
+def test_inspect_shows_forged_names_and_paths_escaped(tmp_path):
+    """Region names (from shared memory), the backing file's path and the
+    command line were printed raw: a name carrying ESC [2J cleared the
+    screen, ESC ] 0; ... BEL set the terminal's title, and a newline forged
+    a table line. Now each is shown escaped; plain names are unchanged, and
+    the JSON output (json.dumps escapes them) gives the names exactly."""
+    backing = tmp_path / "\x1b[1mbold\x1b[0m\nfile"
+    # the forged argument early in the command line: inspect shows its first 100 characters
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; exec(sys.argv[2])", "\x1b[2Jargv", FORGED_HOLDER,
+                             str(backing)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        text = subprocess.run([sys.executable, "-m", "shmipc", "inspect", str(proc.pid)],
+                              capture_output=True, timeout=50, cwd=ROOT)
+        as_json = shmipc_cmd("inspect", str(proc.pid), "--json", timeout=50)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    assert text.returncode == 0, text.stderr
+    assert b"\x1b" not in text.stdout and b"\x07" not in text.stdout
+    out = text.stdout.decode()
+    assert "\\x1b[2J\\x1b[31mFAKE\\x1b[0m\\nrecov lost" in out
+    assert "blocks: \\x1b]0;pwned-title\\x07blk (64 B)" in out
+    assert not any(line.startswith("recov lost") for line in out.splitlines())
+    assert "\\x1b[2Jargv" in out                      # the command line
+    assert "\\x1b[1mbold\\x1b[0m" in out                # the mapped file (maps escapes its newline)
+    assert "  plain " in out                           # plain names as they are
+
+    assert as_json.returncode == 0, as_json.stderr
+    assert "\x1b" not in as_json.stdout and "\x07" not in as_json.stdout
+    names = {r["name"] for a in json.loads(as_json.stdout)["arenas"] for r in a.get("regions", [])}
+    assert {"\x1b[2J\x1b[31mFAKE\x1b[0m\nrecov lost", "\x1b]0;pwned-title\x07blk", "plain"} <= names
+
+
+@pytest.mark.timeout(30)
+def test_inspect_a_mapped_file_whose_name_is_not_utf8(tmp_path):
+    """A process that maps a file whose name is not UTF-8 made inspect end
+    in a UnicodeDecodeError traceback reading /proc/PID/maps; the byte is
+    now shown as \\xff."""
+    import mmap
+
+    path = os.path.join(os.fsencode(tmp_path), b"bad\xffname")
+    with open(path, "w+b") as f:
+        f.truncate(4096)
+        m = mmap.mmap(f.fileno(), 4096)
+        try:
+            result = shmipc_cmd("inspect", str(os.getpid()))
+        finally:
+            m.close()
+    assert result.returncode == 0, result.stderr
+    assert "bad\\xffname" in result.stdout
