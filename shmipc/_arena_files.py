@@ -106,6 +106,15 @@ def pickle_default(st: os.stat_result, allow_pickle: bool | None) -> bool:
     return bool(allow_pickle)
 
 
+def names_file(path: str, ident: tuple[int, int], follow: bool) -> bool:
+    """Whether `path` still names the file `ident` (st_dev, st_ino)."""
+    try:
+        st = os.stat(path) if follow else os.lstat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == ident
+
+
 def unlink_if(path: str, ident: tuple[int, int]) -> bool:
     """Unlink `path` if it is still the file `ident` (st_dev, st_ino) names.
     (A check then an unlink: a file swapped in between those two system
@@ -125,22 +134,28 @@ def unlink_if(path: str, ident: tuple[int, int]) -> bool:
 
 # ------------------------------------------------------------ files
 def open_file(self: "Arena", path: Any, size: int | None, private: bool, raw: bool, overwrite: bool,
-              follow_symlinks: bool, allow_other_users: bool, allow_pickle: bool | None) -> None:
-    """Arena.from_file's work (see its docstring), on a bare `self`."""
+              follow_symlinks: bool, allow_other_users: bool, allow_pickle: bool | None,
+              expect: tuple[int, int] | None = None) -> None:
+    """Arena.from_file's work (see its docstring), on a bare `self`. With
+    `expect` (st_dev, st_ino), only that file will do: a missing path is not
+    created, another file is refused (FileNotFoundError both)."""
     path = os.fspath(path)
+    if not path:
+        raise FileNotFoundError(errno.ENOENT, "an arena file needs a path; got an empty one")
     if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
         raise ValueError(f"size must be a positive int, got {size!r}")
     for _ in range(CREATE_ATTEMPTS):
         self._init_state("file", None, 0)
         if _open_file_once(self, path, size, private, raw, overwrite, follow_symlinks,
-                           allow_other_users, allow_pickle):
+                           allow_other_users, allow_pickle, expect):
             return
     raise FileExistsError(errno.EEXIST, f"{os.fsdecode(path)!r} kept appearing and vanishing while it was "
                           f"created ({CREATE_ATTEMPTS} attempts): another process creates and removes it")
 
 
 def _open_file_once(self: "Arena", path: Any, size: int | None, private: bool, raw: bool, overwrite: bool,
-                    follow_symlinks: bool, allow_other_users: bool, allow_pickle: bool | None) -> bool:
+                    follow_symlinks: bool, allow_other_users: bool, allow_pickle: bool | None,
+                    expect: tuple[int, int] | None) -> bool:
     """Open or create `path` once. False (and `self` closed) when another
     process published the path while this call made its own: open theirs."""
     shown = os.fsdecode(path)
@@ -152,6 +167,9 @@ def _open_file_once(self: "Arena", path: Any, size: int | None, private: bool, r
     except FileNotFoundError:
         if private:
             raise
+        if expect is not None:
+            raise FileNotFoundError(errno.ENOENT, f"the arena's file {shown!r} was removed after the "
+                                    "arena was sent") from None
         if size is None:
             raise ValueError(f"{shown!r} does not exist: give a size to create it") from None
         unnamed = _Unnamed(path)
@@ -164,6 +182,9 @@ def _open_file_once(self: "Arena", path: Any, size: int | None, private: bool, r
         regular = stat.S_ISREG(st.st_mode)
         if not regular and not stat.S_ISCHR(st.st_mode):
             raise ValueError(f"{shown!r} is a {file_type(st)}, not a regular file or a device")
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            raise FileNotFoundError(errno.ENOENT, f"{shown!r} is no longer the arena's file: it was "
+                                    "replaced after the arena was sent")
         if regular:
             uid_check(st, f"file {shown!r}", allow_other_users)
         if regular and not created and not raw and not overwrite:
@@ -188,6 +209,7 @@ def _open_file_once(self: "Arena", path: Any, size: int | None, private: bool, r
         self._follow_symlinks = follow_symlinks
         self._allow_other_users = allow_other_users
         self._sized_backing = regular
+        self._file_ident = (st.st_dev, st.st_ino)
         self.allow_pickle = pickle_default(st, allow_pickle)
         self._map_file(private)
         if raw:

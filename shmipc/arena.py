@@ -87,6 +87,7 @@ class Arena(Closeable):
     _reaper: "_arena_files.Reaper | None" = None
     _lock_depth: int = 0
     _sized_backing: bool = False               # a named segment or regular file: can be truncated
+    _file_ident: tuple[int, int] | None = None # a file arena's (st_dev, st_ino)
     _lock_pid: int = 0
     _fd_locked: bool = False                   # TableLock holds the record lock on _fd
     allow_pickle: bool = True
@@ -110,13 +111,19 @@ class Arena(Closeable):
         and blocks of these sizes: the header and region table included.
 
         ``Arena(Arena.size_for(rings=[1 << 20, 1 << 20], blocks=[64]))``
+
+        Raises:
+            TypeError, ValueError: a capacity ``ring()`` would refuse, a block
+                size below 1, or a total beyond the largest arena (128 TiB).
         """
         size = DATA_START
         for capacity in rings:
-            size = align(size, ALIGN) + _ring.RING_HEADER_SIZE + capacity
+            size = align(size, ALIGN) + _ring.RING_HEADER_SIZE + _check_capacity(capacity)
         for nbytes in blocks:
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 1:
+                raise ValueError(f"block size must be a positive int, got {nbytes!r}")
             size = align(size, ALIGN) + nbytes
-        return align(max(size, MIN_SIZE), PAGE)
+        return check_size(align(max(size, MIN_SIZE), PAGE), "the arena these rings and blocks need")
 
     def _init_state(self, kind: str, name: str | None, size: int) -> None:
         self.kind = kind
@@ -171,8 +178,11 @@ class Arena(Closeable):
         Raises:
             FileNotFoundError: `private` and the file does not exist.
             ValueError: no size for a new file or a device, `size` beyond the
-                end of a file mapped privately, or a path that is a
-                directory, FIFO or socket.
+                end of a file mapped privately, or a path that is a FIFO or
+                another special file that is not a device. (A directory
+                raises IsADirectoryError and a socket OSError ENXIO, from
+                open(2).)
+            FileNotFoundError: an empty path.
             CorruptArena: the file holds data that is not an arena (pass
                 raw=True to map it as plain memory, or overwrite=True to
                 format it), or an arena whose header does not match the file.
@@ -269,6 +279,9 @@ class Arena(Closeable):
     def _header(self) -> tuple[int, int]:
         """(used, nregions) from the header, validated."""
         self._check_open()
+        if self.kind == "raw":
+            raise ValueError(f"{self!r} is a raw mapping (from_file(raw=True)): it has no arena header, "
+                             "so no rings, blocks or regions; read and write its bytes through buf")
         self._check_backing()
         return read_header(self._buf, self.size)
 
@@ -297,6 +310,7 @@ class Arena(Closeable):
 
         Raises:
             ArenaClosed: the arena is closed. CorruptArena: a bad header.
+            ValueError: a raw mapping (no header).
         """
         used, nregions = self._header()
         creator = HEADER.unpack_from(self._buf, 0)[7]
@@ -351,11 +365,7 @@ class Arena(Closeable):
         self._check_name(name)
         if capacity is None:
             capacity = DEFAULT_RING_CAPACITY
-        if not isinstance(capacity, int) or isinstance(capacity, bool):
-            raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
-        if capacity < _ring.MIN_CAPACITY or capacity > _ring.MAX_CAPACITY or capacity & (capacity - 1):
-            raise ValueError(f"capacity must be a power of two between {_ring.MIN_CAPACITY} and "
-                             f"{_ring.MAX_CAPACITY}, got {capacity}")
+        _check_capacity(capacity)
         for side, value in (("producers", producers), ("consumers", consumers)):
             if value not in ("one", "many"):
                 raise ValueError(f"{side} must be 'one' or 'many', got {value!r}")
@@ -580,13 +590,35 @@ class Arena(Closeable):
         if self.kind == "named":
             return _rebuild_named, (self.name, self._allow_other_users, self.allow_pickle)
         if self.kind == "file" and self._writable and self.path is not None:
-            return _rebuild_file, (self.path, self.size, self._follow_symlinks,
-                                   self._allow_other_users, self.allow_pickle)
+            if not self._sized_backing:
+                # each shared mapping of /dev/zero is new memory of its own: a
+                # receiver would get an empty arena, not this one
+                raise TypeError(f"an arena on the device {self.path!r} cannot be sent to another "
+                                "process (its mappings do not share memory); use an anonymous, "
+                                "named or file arena")
+            if _arena_files.names_file(self.path, self._file_ident, self._follow_symlinks):
+                return _rebuild_file, (self.path, self.size, self._follow_symlinks,
+                                       self._allow_other_users, self.allow_pickle, self._file_ident)
+            # unlinked or replaced since it was opened: the receiver gets the
+            # file itself, not whatever has that name now
+            from multiprocessing import reduction
+
+            return _rebuild_fd_arena, (reduction.DupFd(self._fd), self.size, self.path, self.allow_pickle)
         if self.kind == "anonymous":
             from multiprocessing import reduction
 
             return _rebuild_fd_arena, (reduction.DupFd(self._fd), self.size)
         raise TypeError(f"a {self.kind} arena cannot be sent to another process")
+
+
+def _check_capacity(capacity: Any) -> int:
+    """A ring's capacity, or TypeError / ValueError naming it."""
+    if not isinstance(capacity, int) or isinstance(capacity, bool):
+        raise TypeError(f"capacity must be an int, not {type(capacity).__name__}")
+    if capacity < _ring.MIN_CAPACITY or capacity > _ring.MAX_CAPACITY or capacity & (capacity - 1):
+        raise ValueError(f"capacity must be a power of two between {_ring.MIN_CAPACITY} and "
+                         f"{_ring.MAX_CAPACITY}, got {capacity}")
+    return capacity
 
 
 def _set_allow_pickle(ring: "_ring.Ring", allow: bool) -> None:
@@ -606,13 +638,21 @@ def _rebuild_named(name: str, allow_other_users: bool, allow_pickle: bool) -> Ar
 
 
 def _rebuild_file(path: str, size: int, follow_symlinks: bool, allow_other_users: bool,
-                  allow_pickle: bool) -> Arena:
-    return Arena.from_file(path, size, follow_symlinks=follow_symlinks,
-                           allow_other_users=allow_other_users, allow_pickle=allow_pickle)
+                  allow_pickle: bool, ident: tuple[int, int] | None = None) -> Arena:
+    """The arena file `path` names, which must still be the file `ident`
+    (never created anew: FileNotFoundError if it was removed or replaced)."""
+    self = Arena.__new__(Arena)
+    _arena_files.open_file(self, path, size, False, False, False, follow_symlinks,
+                           allow_other_users, allow_pickle, ident)
+    return self
 
 
-def _rebuild_fd_arena(dupfd: Any, size: int) -> Arena:
-    return Arena._from_fd(dupfd.detach(), size)
+def _rebuild_fd_arena(dupfd: Any, size: int, path: str | None = None, allow_pickle: bool = True) -> Arena:
+    arena = Arena._from_fd(dupfd.detach(), size)
+    if path is not None:                # a file arena whose file has no (or another) name now
+        arena.kind, arena.path, arena._sized_backing = "file", path, True
+        arena.allow_pickle = allow_pickle
+    return arena
 
 
 def _rebuild_ring(arena: Arena, name: str) -> "_ring.Ring":

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import stat
 import subprocess
 import sys
@@ -119,11 +120,83 @@ def test_raw_file_mapping_and_foreign_files(tmp_path, no_leaks):
     with shmipc.Arena.from_file(path, raw=True) as raw:
         assert bytes(raw.buf[:12]) == b"not an arena"
         raw.buf[:3] = b"NOT"
-        with pytest.raises(shmipc.CorruptArena):
+        with pytest.raises(ValueError, match="raw mapping"):
             raw.ring(4096)
     assert path.read_bytes()[:3] == b"NOT"
     with pytest.raises(ValueError, match="give a size"):
         shmipc.Arena.from_file(tmp_path / "empty.bin")
+
+
+@pytest.mark.timeout(20)
+def test_a_raw_mapping_of_an_arena_file_has_no_rings(tmp_path, no_leaks):
+    """raw=True maps the bytes as they are: ring() and block() used to work
+    on it when the file happened to be an arena, writing into the file
+    that the docstring says raw mode leaves alone."""
+    path = tmp_path / "arena.bin"
+    with shmipc.Arena.from_file(path, size=1 << 20) as arena:
+        arena.ring(4096, name="r").put(b"kept")
+    before = path.read_bytes()
+    with shmipc.Arena.from_file(path, raw=True) as raw:
+        for call in (lambda: raw.ring(4096), lambda: raw.ring(name="r"), lambda: raw.block(64),
+                     raw.info, lambda: list(raw.regions())):
+            with pytest.raises(ValueError, match="raw mapping"):
+                call()
+    assert path.read_bytes() == before
+    with pytest.raises(FileNotFoundError, match="empty"):
+        shmipc.Arena.from_file("")
+
+
+@pytest.mark.parametrize("rings, blocks, match", [
+    ([-1], [], "power of two"), ([0], [], "power of two"), ([1000], [], "power of two"),
+    ([1 << 60], [], "power of two"), ([], [0], "positive"), ([], [-5], "positive"),
+    ([1 << 40] * 200, [], "at most"),
+])
+def test_size_for_refuses_what_ring_and_block_would(rings, blocks, match):
+    with pytest.raises(ValueError, match=match):
+        shmipc.Arena.size_for(rings=rings, blocks=blocks)
+
+
+def test_an_arena_on_dev_zero_cannot_be_pickled(no_leaks):
+    """Each shared mapping of /dev/zero is memory of its own: the receiver
+    of a pickled /dev/zero arena used to map and format an empty arena of
+    its own, silently ("no ring named 'r'")."""
+    with shmipc.Arena.from_file("/dev/zero", size=1 << 20) as arena:
+        arena.ring(4096, name="r").put(1)
+        with pytest.raises(TypeError, match="/dev/zero"):
+            pickle.dumps(arena)
+
+
+@pytest.mark.timeout(60)
+def test_a_pickled_file_arena_is_the_same_file_even_once_unlinked(tmp_path):
+    """A file arena used to pickle as its path alone. Unlinked after it
+    was made (a common pattern), the receiver then created a new empty
+    arena file there and left it behind; replaced, it opened another
+    file. Now an arena whose path still names its file travels by path,
+    checked again (device and inode) when it is opened; one whose file
+    was unlinked or replaced travels as its file descriptor."""
+    path = tmp_path / "arena.bin"
+    arena = shmipc.Arena.from_file(path, size=1 << 20)
+    try:
+        arena.ring(4096, name="r").put(b"one")
+        by_path = pickle.dumps(arena)
+        os.unlink(path)
+        with pytest.raises(FileNotFoundError, match="removed"):
+            pickle.loads(by_path)
+        assert not path.exists()
+        (tmp_path / "other.bin").write_bytes(b"x")
+        os.rename(tmp_path / "other.bin", path)            # another file under the name
+        with pytest.raises(FileNotFoundError, match="replaced"):
+            pickle.loads(by_path)
+        assert path.read_bytes() == b"x"
+        p = mp.get_context("spawn").Process(target=_pickled_arena_child, args=(arena, "r"))
+        p.start()
+        p.join(30)
+        assert p.exitcode == 0
+        ring = arena.ring(name="r")
+        assert ring.get(timeout=5) == b"one" and ring.get(timeout=5) == p.pid
+    finally:
+        arena.close()
+    assert path.read_bytes() == b"x"
 
 
 @pytest.mark.timeout(20)
