@@ -13,6 +13,10 @@ __all__ = ["PipelineAPI", "StageConfig", "ON_ERROR", "DEFAULT_MAX_INFLIGHT", "ch
 
 ON_ERROR = ("raise", "skip", "collect")
 DEFAULT_MAX_INFLIGHT = 256
+# worker processes in one pipeline, all stages together: more is a mistake
+# (workers=10**9 used to reach results() and die in a MemoryError building
+# the slot table; 10**5 would fork until the machine ran out of pids)
+MAX_WORKERS = 4096
 
 
 class StageConfig:
@@ -54,7 +58,7 @@ class PipelineAPI(Closeable):
             raise TypeError(f"source must be iterable, got {type(source).__name__}") from None
         try:
             self._total = len(source)  # type: ignore[arg-type]
-        except TypeError:
+        except (TypeError, OverflowError):      # (range(10**20): no len, but fine to iterate)
             self._total = None
         if not isinstance(max_inflight, int) or isinstance(max_inflight, bool) or max_inflight < 1:
             raise ValueError(f"max_inflight must be an int >= 1, got {max_inflight!r}")
@@ -83,6 +87,10 @@ class PipelineAPI(Closeable):
             raise TypeError(f"a stage must be callable or have a process() method, got {fn!r}")
         if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
             raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+        others = sum(st.workers for st in self._stages)
+        if others + workers > MAX_WORKERS:
+            raise ValueError(f"workers={workers} would make {others + workers} worker processes in this "
+                             f"pipeline; at most {MAX_WORKERS}")
         on_error = self._on_error if on_error is None else check_policy(on_error)
         retries = self._retries if retries is None else check_retries(retries)
         if name is None:

@@ -628,7 +628,27 @@ def test_bad_arguments_name_the_values():
         p.stage(42)
     with pytest.raises(ValueError, match="at least one stage"):
         p.results()
+    # (10**9 used to be accepted, then died in results() with a MemoryError)
+    p.stage(double, workers=4000)
+    with pytest.raises(ValueError, match="workers=97 would make 4097 .* at most 4096"):
+        p.stage(double, workers=97)
+    with pytest.raises(ValueError, match="at most 4096"):
+        p.stage(double, workers=10**9)
     p.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_range_too_long_for_len_is_a_source_like_any_other(no_leaks):
+    """range(10**20) has no len() (OverflowError), which the pipeline took
+    for a broken source; it is an iterable like an infinite generator."""
+    with Pipeline(range(10**20)) as p:
+        p.stage(double)
+        out = []
+        for x in p.results():
+            out.append(x)
+            if len(out) == 5:
+                break
+    assert out == [0, 2, 4, 6, 8]
 
 
 # ---------------------------------------------------------------- worker death
