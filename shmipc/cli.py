@@ -9,7 +9,8 @@
 
 Exit status: 0 on success, 1 when a measurement failed or timed out (or
 the demo saw a wrong message, or the process to inspect does not exist or
-cannot be read), 2 for bad arguments (an invalid pid included), 130 on Ctrl-C.
+cannot be read), 2 for bad arguments (an invalid pid included: outside
+1..4194303), 130 on Ctrl-C.
 """
 from __future__ import annotations
 

@@ -408,6 +408,7 @@ def format_inspection(data: dict[str, Any], previous: dict[str, Any] | None = No
 
 
 MAX_INTERVAL = 86400.0          # --watch refresh period, seconds
+PID_LIMIT = 1 << 22             # the kernel's PID_MAX_LIMIT: pid_max is at most this, every pid below it
 
 
 def run_inspect(pid: int, watch: bool = False, interval: float = 1.0, show_all: bool = False,
@@ -415,8 +416,11 @@ def run_inspect(pid: int, watch: bool = False, interval: float = 1.0, show_all: 
     """The `shmipc inspect` command; returns the exit status (1: no such
     process, or it cannot be read; 2: an invalid pid or interval)."""
     out = out or sys.stdout
-    if pid <= 0:                  # a bad argument, like a pid that is not a number (argparse: 2)
-        print(f"shmipc inspect: error: invalid pid {pid}: must be a positive process id", file=sys.stderr)
+    if not 0 < pid < PID_LIMIT:   # a bad argument, like a pid that is not a number (argparse: 2)
+        # (the hard limit, not /proc/sys/kernel/pid_max: lowering it leaves
+        # the processes with larger pids running)
+        print(f"shmipc inspect: error: invalid pid {pid}: a process id is between 1 and {PID_LIMIT - 1}",
+              file=sys.stderr)
         return 2
     if not 0 < interval <= MAX_INTERVAL:           # (nan, inf: time.sleep refuses them)
         print(f"shmipc inspect: error: --interval must be > 0 and at most {MAX_INTERVAL:g} s, got {interval}",

@@ -504,12 +504,15 @@ def test_demo_shows_progress_on_long_runs():
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("pid", ["0", "-5", "abc"])
+@pytest.mark.parametrize("pid", ["0", "-5", "abc", str(1 << 22), "99999999999999999999999"])
 def test_inspect_invalid_pids_exit_2(pid):
-    """Every kind of invalid pid is a bad argument (2); a pid with no process is 1."""
+    """Every kind of invalid pid is a bad argument (2), out of the kernel's
+    range too (it was 1, "no process"); a pid with no process is 1."""
     result = shmipc_cmd("inspect", "--", pid)
     assert result.returncode == 2, result.stderr
     assert "pid" in result.stderr
+    if pid.isdigit():
+        assert f"invalid pid {pid}: a process id is between 1 and 4194303" in result.stderr
 
 
 def test_inspect_no_root_hint_for_root(monkeypatch, capsys):
