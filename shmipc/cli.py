@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import stat
 import sys
 from typing import Any, Callable, Sequence
 
@@ -25,6 +26,7 @@ __all__ = ["main", "build_parser"]
 QUICK_SECONDS = 0.1
 DEFAULT_SECONDS = 0.2
 DEFAULT_REPEAT = 3
+README_MAX = 16 << 20           # bytes: a larger --readme is refused (it is read whole, and rewritten)
 
 
 def _csv(text: str) -> list[str]:
@@ -43,19 +45,75 @@ def version() -> str:
         return shmipc.__version__
 
 
+def _kind(mode: int) -> str:
+    """What a file that is not a regular file is, for an error message."""
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def check_output_path(path: str, option: str) -> None:
-    """Fail before measuring if `path` cannot be written.
+    """Fail before measuring if `path` cannot be written: it must be a
+    regular file, or missing in a writable directory. A FIFO would block the
+    write after the whole run (for ever if nothing reads it), and a device
+    (/dev/null, a disk) is no place for a report.
 
     Raises:
         ValueError: naming the option, the path and why.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{option} {path}: no such directory {folder}")
-    if os.path.isdir(path):
-        raise ValueError(f"{option} {path}: is a directory")
-    if not os.access(path if os.path.exists(path) else folder, os.W_OK):
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"{option} {path}: no such directory {folder}") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{option} {path}: not writable (directory {folder})") from None
+        return
+    except OSError as exc:              # a component that is a file, a loop of links, no permission
+        raise ValueError(f"{option} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{option} {path}: is {_kind(st.st_mode)}, not a regular file")
+    if not os.access(path, os.W_OK):
         raise ValueError(f"{option} {path}: not writable")
+
+
+def read_readme(path: str) -> str:
+    """The text of the README that --readme rewrites, read before measuring.
+
+    It must be a regular file of at most README_MAX bytes: a FIFO is never
+    opened (open() would wait for a writer), /dev/zero never read (it has no
+    end).
+
+    Raises:
+        ValueError: naming --readme, the path and why.
+    """
+    too_large = f"--readme {path}: larger than {README_MAX >> 20} MiB, not a README"
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError(f"--readme {path}: is {_kind(st.st_mode)}, not a regular file")
+        if st.st_size > README_MAX:
+            raise ValueError(too_large)
+        # O_NONBLOCK does nothing to a regular file; should a FIFO replace
+        # this one after the stat, open() returns at once and fstat refuses it
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        with open(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ValueError(f"--readme {path}: is {_kind(st.st_mode)}, not a regular file")
+            data = f.read(README_MAX + 1)          # (it may have grown since the stat)
+    except OSError as exc:                  # missing, unreadable
+        raise ValueError(f"--readme {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(data) > README_MAX:
+        raise ValueError(too_large)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--readme {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,13 +215,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         if args.readme:
             from shmipc.bench.report import README_END, README_START
 
-            try:
-                with open(args.readme, encoding="utf-8") as f:
-                    text = f.read()
-            except OSError as exc:          # (missing, unreadable: before anything is measured)
-                raise ValueError(f"--readme {args.readme}: cannot read it ({exc.strerror or exc})") from None
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"--readme {args.readme}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+            text = read_readme(args.readme)
             if README_START not in text or README_END not in text:
                 raise ValueError(f"--readme {args.readme}: no {README_START} ... {README_END} section")
         if args.plot:

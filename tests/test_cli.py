@@ -469,17 +469,94 @@ def test_bench_readme_that_cannot_be_read_fails_before_measuring(capsys, tmp_pat
 
 
 @pytest.mark.timeout(60)
-def test_bench_output_that_cannot_be_written_after_the_run_is_said_and_the_rest_written(capsys, tmp_path):
-    """/dev/full passes the checks made before measuring; writing to it
-    after the run used to end in a traceback, and the outputs after it were
-    never written."""
-    out = tmp_path / "report.json"
+def test_bench_output_that_cannot_be_written_after_the_run_is_said_and_the_rest_written(capsys, monkeypatch,
+                                                                                        tmp_path):
+    """A write that fails after the run (a full disk) used to end in a
+    traceback, and the outputs after it were never written. (/dev/full made
+    it fail; a device is now refused before measuring, so the full disk is
+    simulated.)"""
+    import shmipc.bench
+
+    def full_disk(report: dict, path: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(shmipc.bench, "write_json", full_disk)
+    out = tmp_path / "report.md"
     assert main(["bench", "--workloads", "pingpong", "--transports", "os.pipe", "--repeat", "1",
-                 "--seconds", "0.03", "--no-progress", "--markdown", "/dev/full", "--json", str(out)]) == 1
+                 "--seconds", "0.03", "--no-progress", "--json", str(tmp_path / "r.json"),
+                 "--markdown", str(out)]) == 1
     err = capsys.readouterr().err
-    assert "--markdown /dev/full: could not write it (No space left on device)" in err
+    assert f"--json {tmp_path / 'r.json'}: could not write it (No space left on device)" in err
     assert "Traceback" not in err
-    assert json.loads(out.read_text())["records"]
+    assert "| transport |" in out.read_text()
+
+
+@pytest.fixture
+def no_measuring(monkeypatch):
+    """`shmipc bench` run in this process fails the test if it gets as far
+    as measuring."""
+    import shmipc.bench
+
+    def run(options: Any) -> dict:
+        raise AssertionError("the bench started measuring")
+
+    monkeypatch.setattr(shmipc.bench, "run", run)
+
+
+@pytest.mark.parametrize("option", ["--json", "--markdown", "--plot"])
+@pytest.mark.parametrize("target", ["fifo", "/dev/null"])
+def test_bench_output_that_is_not_a_regular_file_is_refused_before_measuring(option, target, tmp_path, capsys,
+                                                                              no_measuring):
+    """A FIFO passed the checks: the whole run was measured, then writing
+    it blocked until a reader came (for ever if none); a device took the
+    report. Now only a regular file, or a new one in a writable directory."""
+    path = str(tmp_path / "fifo") if target == "fifo" else target
+    if target == "fifo":
+        os.mkfifo(path)
+    t0 = time.monotonic()
+    assert main(["bench", option, path, "--no-progress"]) == 2
+    kind = "a FIFO" if target == "fifo" else "a character device"
+    assert f"{option} {path}: is {kind}, not a regular file" in capsys.readouterr().err
+    assert time.monotonic() - t0 < 1
+
+
+def _limit_memory() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("target", ["fifo", "/dev/zero"])
+def test_bench_readme_that_is_not_a_regular_file_is_refused_before_reading(target, tmp_path):
+    """--readme FIFO waited in open() for a writer, before anything was
+    measured, for ever; --readme /dev/zero read until memory ran out (a
+    MemoryError traceback under a 2 GiB limit). Now both are refused at once
+    (exit 2), neither opened. A child process: unfixed, it would hang or
+    eat memory."""
+    path = str(tmp_path / "README.md") if target == "fifo" else target
+    if target == "fifo":
+        os.mkfifo(path)
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "shmipc", "bench", "--readme", path, "--no-progress"],
+                          capture_output=True, text=True, timeout=10, cwd=ROOT, preexec_fn=_limit_memory)
+    assert proc.returncode == 2, proc.stderr
+    kind = "a FIFO" if target == "fifo" else "a character device"
+    assert f"--readme {path}: is {kind}, not a regular file" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert time.monotonic() - t0 < 5                   # (an interpreter's start on a busy machine)
+
+
+def test_bench_readme_over_16_mib_is_refused(tmp_path, capsys, no_measuring):
+    """A README is read whole (and rewritten): one over 16 MiB is refused
+    before anything is read or measured."""
+    from shmipc.bench.report import README_END, README_START
+
+    path = tmp_path / "README.md"
+    path.write_text(f"{README_START}\n{README_END}\n")
+    os.truncate(path, (16 << 20) + 1)                # (sparse: NUL bytes, valid UTF-8)
+    assert main(["bench", "--readme", str(path), "--no-progress"]) == 2
+    assert f"--readme {path}: larger than 16 MiB, not a README" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(60)
