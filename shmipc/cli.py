@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from shmipc.bench import Options, format_report, get_transports, parse_size, run
+    from shmipc.bench import TRANSPORTS, WORKLOADS, Options, format_report, get_transports, parse_size, run
     from shmipc.bench import markdown_tables, plot, write_json
     from shmipc.bench.report import markdown_summary
 
@@ -198,6 +198,14 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else DEFAULT_REPEAT)
     seconds = args.seconds if args.seconds is not None else (QUICK_SECONDS if args.quick else DEFAULT_SECONDS)
     try:
+        # "--workloads ," gives an empty list: it ran nothing and exited 0
+        # (and an empty --transports ran every transport)
+        for option, given, known in (
+                ("--sizes", args.sizes, "give message sizes such as 64,1k,64k,1M"),
+                ("--transports", args.transports, "known: " + ", ".join(t.name for t in TRANSPORTS)),
+                ("--workloads", args.workloads, "known: " + ", ".join(WORKLOADS))):
+            if given is not None and not given:
+                raise ValueError(f"{option} lists nothing; {known}")
         options = Options(repeat=repeat, seconds=seconds, timeout=args.timeout, processes=args.processes,
                           progress=not args.no_progress, pin=args.pin, busy=args.busy)
         if args.sizes is not None:

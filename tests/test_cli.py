@@ -559,6 +559,19 @@ def test_bench_readme_over_16_mib_is_refused(tmp_path, capsys, no_measuring):
     assert f"--readme {path}: larger than 16 MiB, not a README" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option,message", [
+    ("--workloads", "--workloads lists nothing; known: throughput, pingpong, pool, numpy, ray"),
+    ("--transports", "--transports lists nothing; known: shmipc.ring, "),
+    ("--sizes", "--sizes lists nothing; give message sizes such as 64,1k,64k,1M"),
+])
+@pytest.mark.parametrize("value", [",", ""])
+def test_bench_empty_lists_are_bad_arguments(option, message, value, capsys, no_measuring):
+    """`--workloads ,` measured nothing and exited 0 with an empty summary;
+    `--transports ,` ran every transport; `--sizes ,` no throughput."""
+    assert main(["bench", option, value, "--no-progress"]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.mark.timeout(60)
 def test_bench_one_transport_still_has_a_summary():
     proc = shmipc_cmd("bench", "--transports", "os.pipe", "--workloads", "pingpong", "--repeat", "1",
