@@ -1111,8 +1111,8 @@ cdef class Ring:
 
     cdef void _locked(self, shm_side_t *side) noexcept:
         """Just took `side`'s lock: note the consistent point recovery rolls back to."""
-        side.lock_pos = side.cursor if side == &self.hdr.cons else side.pos
-        side.lock_msgs = side.msgs
+        side.lock_msgs = side.msgs          # (first: see _consistent_point)
+        shm_store_rel64(&side.lock_pos, side.cursor if side == &self.hdr.cons else side.pos)
 
     cdef int _recover_lock(self, int kind) except -1:
         """Just took over the lock of a dead holder: make the side consistent.
@@ -1128,10 +1128,18 @@ cdef class Ring:
         cdef shm_rec_t *r
         shm_add64(&h.counters.recoveries, 1)
         if kind == W_PLOCK:
-            if h.prod.pos == h.prod.lock_pos:
+            if h.prod.pos == h.prod.lock_pos and h.prod.msgs != h.prod.lock_msgs:
+                shm_add64(&h.counters.lost, h.prod.msgs - h.prod.lock_msgs)
                 h.prod.msgs = h.prod.lock_msgs
-                shm_add64(&h.counters.lost, 1)
             return 0
+        # The consumer side's point (lock_pos, lock_msgs) is at most one lock
+        # hold old and never behind the tail (_consistent_point runs before
+        # the tail moves and at every unlock). The messages are those counted
+        # there plus the records the dead holder took since: unless it died
+        # between its two stores of that point, where the sum exceeds `msgs`,
+        # which is then right (no message was under way while it stored it);
+        # and `msgs` one above the sum when it died between counting a
+        # message and moving the cursor past it, which the sum corrects.
         self._positions(&head, &cursor, &tail)
         pos = h.cons.lock_pos
         if tail <= pos <= cursor:
@@ -1145,8 +1153,10 @@ cdef class Ring:
                     else:
                         shm_store_rel8(&r.state, SHM_REC_DONE)
                 pos += length
-        h.cons.msgs = h.cons.lock_msgs + taken
-        shm_add64(&h.counters.lost, taken - kept)
+            if h.cons.lock_msgs + taken < h.cons.msgs:
+                h.cons.msgs = h.cons.lock_msgs + taken
+            shm_add64(&h.counters.lost, taken - kept)
+        # (a point outside tail..cursor was forged: `msgs` is left as it is)
         self._reclaim_dead_claims()
         return 0
 
@@ -1157,6 +1167,7 @@ cdef class Ring:
             shm_fence()
             shm_wake(&h.plock_sem, &h.wait.plock_waiters)
         else:
+            self._consistent_point()        # the next holder starts from a true point
             shm_store_rel64(&h.cons.lock, 0)
             shm_fence()
             shm_wake(&h.clock_sem, &h.wait.clock_waiters)
@@ -1239,8 +1250,8 @@ cdef class Ring:
         shm_store_rel64(&h.prod.pos, head)     # the commit point
         # consistent again (see _recover_lock; one-producer rings never read
         # them, and two stores to our own line cost nothing measurable)
-        h.prod.lock_pos = head
-        h.prod.lock_msgs = h.prod.msgs
+        h.prod.lock_msgs = h.prod.msgs      # (first: a holder killed between the two
+        shm_store_rel64(&h.prod.lock_pos, head)     # leaves pos != lock_pos: nothing rolled back)
 
     cdef inline void _signal_data(self) noexcept:
         """After a commit: the full fence that orders it before the waiter
@@ -1726,6 +1737,16 @@ cdef class Ring:
         h.cons.bytes += size
         shm_store_rel64(&h.cons.cursor, pos + length)
 
+    cdef inline void _consistent_point(self) noexcept:
+        """Consumer side held, between messages (`msgs` and the cursor
+        agree): record them as the point recovery from this holder's death
+        counts from (see _recover_lock). `lock_msgs` first: a holder killed
+        between the two stores leaves a count too high for its position,
+        which recovery recognises (it exceeds `msgs`), never one too low."""
+        cdef shm_ring_t *h = self.hdr
+        h.cons.lock_msgs = h.cons.msgs
+        shm_store_rel64(&h.cons.lock_pos, h.cons.cursor)
+
     cdef bint _move_tail(self) noexcept:
         """Move the tail over DONE and PAD records (consumer side held) and
         wake a producer waiting for room. False if garbage stopped it (it
@@ -1748,6 +1769,7 @@ cdef class Ring:
                 break
             tail += length
         if tail != start:
+            self._consistent_point()        # first: the tail never passes lock_pos
             shm_store_rel64(&h.cons.pos, tail)
             shm_fence()
             shm_wake(&h.space_sem, &h.wait.space_waiters)

@@ -596,3 +596,99 @@ def test_observers_killed_inside_stats_lose_nothing(no_leaks):
     assert aimed > 0 and stats["recoveries"] >= aimed, "no kill landed under the lock: recovery was not tested"
     assert stats["lost"] == 0 and len(seen) == 2 * count
     arena.close()
+
+
+def _getting_forever(q):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while True:
+        q.get()
+
+
+@pytest.mark.timeout(120 * SOAK)
+@pytest.mark.parametrize("maxsize", [1, 2, 0])
+def test_getters_killed_under_the_consumer_lock_leave_the_counts_true(maxsize, no_leaks):
+    """A getter killed while it held the consumer lock (after it had moved
+    the tail, or before it had noted where it started) made recovery roll
+    the taken count back to an older holder's point: the queue counted a
+    message that was not there, for ever. maxsize=1: every later put raised
+    CorruptArena ('15665 sent and 15664 taken, but 0 bytes unread');
+    maxsize=2: one slot lost; unbounded: empty() False on an empty queue,
+    so `while not q.empty(): q.get()` hung. Each round kills the getter
+    while it holds the lock, drains, then checks the counts and the room."""
+    rng = random.Random(maxsize)
+    q = shmipc.get_context("fork").Queue(maxsize)
+    ring = q._ring
+    region = next(r for r in ring.arena.regions() if r.name == ring.name)
+    lock_at = region.offset + _ring._layout()["cons.lock"]
+    under_lock = 0
+    for _ in range(100 * SOAK):
+        pid = fork_child(_getting_forever, q)
+        deadline = time.monotonic() + 10
+        hold_after = rng.randrange(1, 50)   # puts before looking for the getter under its lock
+        put = 0
+        while True:
+            try:
+                q.put(b"m" * rng.choice((1, 700)), timeout=0.01)
+                put += 1
+            except queue.Full:
+                pass
+            if put >= hold_after and struct.unpack_from("<Q", ring.arena.buf, lock_at)[0] & 0xFFFFFFFF == pid:
+                os.kill(pid, signal.SIGSTOP)
+                os.waitpid(pid, os.WUNTRACED)
+                if struct.unpack_from("<Q", ring.arena.buf, lock_at)[0] & 0xFFFFFFFF == pid:
+                    under_lock += 1
+                    break
+                os.kill(pid, signal.SIGCONT)
+            if time.monotonic() > deadline:
+                break                       # (killed wherever it is: still a fair round)
+        kill(pid)
+        ring.stats()                        # takes the dead holder's lock back
+        while True:
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                break
+        stats = ring.stats()
+        assert stats["messages_in"] == stats["messages_out"], stats
+        assert q.qsize() == 0 and q.empty(), stats
+        room = maxsize or 8
+        for k in range(room):
+            q.put(k, timeout=0)             # (queue.Full: room was lost)
+        assert [q.get(timeout=5) for _ in range(room)] == list(range(room))
+    print(f"\n{under_lock} getters killed under the consumer lock, {ring.stats()['recoveries']} recoveries")
+    assert under_lock > 0 and ring.stats()["recoveries"] > 0
+    q.close()
+
+
+def _get_one(q):
+    q.get(timeout=10)
+
+
+def _sleep_forever():
+    while True:
+        time.sleep(60)
+
+
+@pytest.mark.timeout(60)
+def test_a_getter_killed_as_it_won_the_consumer_lock_costs_no_count(no_leaks):
+    """The window of the test above, made certain: another process took a
+    message (and left), then a getter won the consumer lock and was killed
+    before it noted where it started. Recovery used the earlier holder's
+    point, already behind the tail, and rolled the taken count back: with
+    maxsize=1 the empty queue stayed full for ever."""
+    from conftest import ident, poke
+
+    q = shmipc.get_context("fork").Queue(1)
+    q.put("a")
+    assert wait_child(fork_child(_get_one, q)) == 0
+    sleeper = fork_child(_sleep_forever)
+    poke(q._ring, "cons.lock", "<Q", ident(sleeper))      # it won the lock...
+    kill(sleeper)                                           # ...and died at once
+    q.put("b", timeout=5)
+    assert q.get(timeout=5) == "b"
+    stats = q._ring.stats()
+    assert stats["recoveries"] == 1 and stats["lost"] == 0
+    assert stats["messages_in"] == stats["messages_out"] == 2 and q.qsize() == 0 and q.empty()
+    q.put("c", timeout=0)                                   # room again
+    assert q.get(timeout=5) == "c"
+    q.close()
