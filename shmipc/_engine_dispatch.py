@@ -152,7 +152,10 @@ class _Dispatch:
                     later += task.job._deliver(task, False, MessageTooLarge(
                         exc.size, big.max_message_size, big.capacity))
                     continue
-            except Exception as exc:            # pickling the task failed
+            except BaseException as exc:        # pickling the task failed
+                # (SystemExit or KeyboardInterrupt from a __reduce__ too: it
+                # fails this task, whose get() raises it; in the bookkeeping
+                # thread it used to end the thread, and every result then hung)
                 later += task.job._deliver(task, False, exc)
                 continue
             finally:

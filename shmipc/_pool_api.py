@@ -149,10 +149,14 @@ class PoolAPI:
         """start().get(), stopping the workers on Ctrl-C before re-raising it:
         also one that lands while the tasks are being submitted (some may
         already run)."""
+        result = None
         try:
-            return start().get()
-        except KeyboardInterrupt:
-            self.terminate()
+            result = start()
+            return result.get()
+        except KeyboardInterrupt as exc:
+            # (unless it is the result: a task or its input raised it)
+            if result is None or not result.ready() or result._success or exc is not result._value:
+                self.terminate()
             raise
 
     # -------------------------------------------------------- lifetime
@@ -196,8 +200,8 @@ def feed_imap(job: IMapIterator, func: Callable, iterable: Iterable, chunksize: 
                 return
             try:
                 items = list(itertools.islice(it, chunksize))
-            except Exception as exc:        # the input raised: the job reports it in place
-                job.fail(exc)
+            except BaseException as exc:    # the input raised: the job reports it in place
+                job.fail(exc)               # (SystemExit too: this thread would end, the job never)
                 return
             if not items:
                 job._set_length(index)
@@ -213,5 +217,5 @@ def feed_imap(job: IMapIterator, func: Callable, iterable: Iterable, chunksize: 
             job._next_chunk = index
             if not queue_task(task):
                 return
-    except Exception as exc:                # iter() itself failed
+    except BaseException as exc:            # iter() itself failed
         job.fail(exc)

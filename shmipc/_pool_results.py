@@ -139,6 +139,7 @@ class IMapIterator:
         # the feeder's credit: at most `ahead` chunks queued or running (see _Feeder)
         self._room = None if ahead is None else threading.Semaphore(ahead)
         self._pool: Any = None      # keeps the Pool alive until the iterator is exhausted
+        self._raised: BaseException | None = None   # the failure next() raised last
 
     def __iter__(self) -> "IMapIterator":
         return self
@@ -146,9 +147,9 @@ class IMapIterator:
     def next(self, timeout: float | None = None) -> Any:
         try:
             return self._next(timeout)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             owner = self._owner
-            if owner is not None:
+            if owner is not None and exc is not self._raised:
                 owner.terminate()       # Ctrl-C stops the workers (see Pool's docstring)
             raise
 
@@ -176,6 +177,7 @@ class IMapIterator:
             self._index += 1
         if ok:
             return value
+        self._raised = value        # (a KeyboardInterrupt of the input or a task is no Ctrl-C)
         raise value
 
     __next__ = next

@@ -809,3 +809,53 @@ def test_forked_child_exiting_normally_prints_nothing_about_the_parents_pool():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
     assert r.returncode == 0, r.stderr
     assert "Exception ignored" not in r.stderr, r.stderr
+
+
+class _RaisesWhenPickled:
+    def __init__(self, exc_type):
+        self.exc_type = exc_type
+
+    def __reduce__(self):
+        raise self.exc_type("not this argument")
+
+
+def _input_raising(exc_type):
+    yield 1
+    yield 2
+    raise exc_type("from the input")
+
+
+def _square(x):
+    return x * x
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("exc_type", [SystemExit, KeyboardInterrupt])
+def test_base_exceptions_from_arguments_inputs_and_tasks_fail_only_their_own_work(tmp_path, exc_type):
+    """A SystemExit or KeyboardInterrupt raised by pickling an argument
+    queued behind busy workers (pickled in the bookkeeping thread) ended
+    that thread: the tasks already running never delivered and every later
+    call hung. Raised by imap's input, it ended the feeder thread and the
+    iterator waited for ever. Now each fails only its own task or job (its
+    get()/next() raises it); a KeyboardInterrupt that is a task's result or
+    the input's is not taken for Ctrl-C (the pool used to be terminated),
+    and the pool goes on."""
+    from conftest import hold_until
+
+    flag = str(tmp_path / "go")
+    with shmipc.Pool(1) as pool:
+        held = [pool.apply_async(hold_until, (flag,)) for _ in range(30)]
+        bad = pool.apply_async(_square, (_RaisesWhenPickled(exc_type),))
+        after = pool.apply_async(_square, (7,))
+        open(flag, "w").close()
+        assert [r.get(timeout=30) for r in held] == [True] * 30
+        with pytest.raises(exc_type, match="not this argument"):
+            bad.get(timeout=30)
+        assert after.get(timeout=30) == 49
+        it = pool.imap(_square, _input_raising(exc_type))
+        assert [it.next(timeout=30), it.next(timeout=30)] == [1, 4]
+        with pytest.raises(exc_type, match="from the input"):
+            it.next(timeout=30)
+        with pytest.raises(exc_type, match="not this argument"):
+            pool.map(_square, [1, _RaisesWhenPickled(exc_type)], chunksize=1)
+        assert pool.map(_square, range(4)) == [0, 1, 4, 9]
