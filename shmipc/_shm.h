@@ -68,10 +68,13 @@ typedef struct {
     uint64_t lock;      /* identity of the process holding this side's lock
                            ("many" side), 0 = free; see shm_self_ident */
     uint64_t pid;       /* identity of the last process that used this side */
-    uint64_t lock_pos;  /* while the lock is held: the position (head, or cursor)
-                           at the holder's last consistent point ... */
+    uint64_t lock_pos;  /* the position (head, or cursor) at the last point
+                           where it and `msgs` agreed: noted at locking, after
+                           each commit (producers), before each tail move and
+                           at unlocking (consumers), `lock_msgs` first ... */
     uint64_t lock_msgs; /* ... and `msgs` then: recovery from a dead holder
-                           rolls back to, or counts the loss from, this pair */
+                           rolls back to, or counts the loss from, this pair
+                           (see Ring._recover_lock) */
 } __attribute__((aligned(SHM_CACHE_LINE))) shm_side_t;
 
 /* Who sleeps on what. Read by the other side after every commit, written

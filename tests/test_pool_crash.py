@@ -759,17 +759,26 @@ def test_zygotes_killed_over_and_over_never_break_the_executor(capfd, method):
         failures = 0
         killer = threading.Thread(target=kill_storm, args=(lambda: stop, method == "forkserver"), daemon=True)
         killer.start()
+        lost_running = 0
         try:
             future = ex.submit(abs, -42)
             deadline = time.monotonic() + 60
             while failures < 2 * MAX_SPAWN_FAILURES and time.monotonic() < deadline:
                 time.sleep(0.05)
                 failures += capfd.readouterr().err.count("could not start a replacement worker")
-                assert not future.done() or future.exception() is None, future.exception()
+                if future.done() and future.exception() is not None:
+                    # a worker that took the call before the storm reached
+                    # it: that call is lost, as a killed worker's call is
+                    # (seen once in a soak run); the pool must not be broken
+                    exc = future.exception()
+                    assert isinstance(exc, shmipc.WorkerLost) and "while running" in str(exc), exc
+                    lost_running += 1
+                    future = ex.submit(abs, -42)
         finally:
             stop = True
             killer.join(10)
         assert failures >= 2 * MAX_SPAWN_FAILURES, f"the attack caused only {failures} failed starts"
+        assert lost_running < 5, f"{lost_running} calls lost with their worker: the storm hardly ever hit starts"
         assert future.result(timeout=60) == 42
         assert ex.submit(abs, -5).result(timeout=60) == 5
     finally:
