@@ -27,13 +27,13 @@ producer is the caller, or is known to be idle, are punched.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import mmap
 import os
 from typing import Any, Iterable
 
 from shmipc import _ring
 from shmipc.arena import Arena
+from shmipc._proc import libc
 
 __all__ = ["BigRings", "give_back", "IDLE_RELEASE_S"]
 
@@ -42,15 +42,15 @@ _FALLOC_FL_KEEP_SIZE = 1
 _FALLOC_FL_PUNCH_HOLE = 2
 _PAGE = mmap.PAGESIZE
 
-_libc: Any = None
+_fallocate_fn: Any = None
 
 
 def _fallocate() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    return _libc.fallocate
+    global _fallocate_fn
+    if _fallocate_fn is None:
+        fn = _fallocate_fn = libc().fallocate
+        fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return _fallocate_fn
 
 
 def punch(fd: int, offset: int, length: int) -> int:

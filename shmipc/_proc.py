@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
-import ctypes.util
 import os
 import signal
 from typing import Any
@@ -17,6 +16,22 @@ _PR_SET_PDEATHSIG = 1
 _libc = None
 
 
+def libc() -> Any:
+    """The C library, loaded once, errno kept (ctypes' use_errno): the
+    symbols already in this process (dlopen(NULL)), or libc.so.6. Not
+    ctypes.util.find_library("c"), which runs ldconfig in a subprocess: a
+    fork in another thread meanwhile (a new pool's zygote) inherits the
+    pipe the subprocess module waits on, and the wait never ends (two
+    threads making their first Pool at once hung 1 to 4 times in 15)."""
+    global _libc
+    if _libc is None:
+        lib = ctypes.CDLL(None, use_errno=True)
+        if not hasattr(lib, "mallopt") and not hasattr(lib, "prctl"):
+            lib = ctypes.CDLL("libc.so.6", use_errno=True)
+        _libc = lib
+    return _libc
+
+
 def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
     """Ask the kernel to send `sig` to this process when its parent dies, so a
     worker never outlives (and burns CPU after) the process that started it.
@@ -24,10 +39,7 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
     Call it first thing in a child. If the parent is already gone the child
     exits at once (the request would never fire).
     """
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if _libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+    if libc().prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
     if os.getppid() != parent_pid:
@@ -47,11 +59,8 @@ def steady_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 64 << 20
     Pool.map over 2000 x 100 KiB bytes took 85 ms or 13 ms depending only on
     what the parent had allocated before). Returns False where mallopt is
     not available (not glibc)."""
-    global _libc
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        mallopt = _libc.mallopt
+        mallopt = libc().mallopt
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and \

@@ -859,3 +859,29 @@ def test_base_exceptions_from_arguments_inputs_and_tasks_fail_only_their_own_wor
         with pytest.raises(exc_type, match="not this argument"):
             pool.map(_square, [1, _RaisesWhenPickled(exc_type)], chunksize=1)
         assert pool.map(_square, range(4)) == [0, 1, 4, 9]
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_never_runs_a_subprocess_to_find_libc():
+    """Pool() loaded the C library through ctypes.util.find_library('c'),
+    which runs ldconfig in a subprocess. A pool made meanwhile in another
+    thread forks its zygote, which inherited the pipe the subprocess module
+    waits on, and that wait never ended: two threads making their first
+    Pool at once hung 1 to 4 times in 15 (found through joblib). Here
+    find_library raises, in a fresh interpreter (the library is loaded once
+    a process), and a pool must still start, trim memory and map."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes.util\n"
+        "def refuse(name):\n"
+        "    raise AssertionError(f'find_library({name!r}) runs a subprocess')\n"
+        "ctypes.util.find_library = refuse\n"
+        "import shmipc, shmipc._proc\n"
+        "assert shmipc._proc.steady_malloc()\n"
+        "with shmipc.Pool(2) as pool:\n"
+        "    assert pool.map(abs, range(-5, 5)) == [abs(x) for x in range(-5, 5)]\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
