@@ -277,8 +277,8 @@ class _Base(_QueueReadiness):
 
     def _close_fds(self) -> None:
         aio = sys.modules.get("shmipc.aio")
-        if aio is not None and self._ready_r >= 0:
-            aio._forget(self._ready_r)      # wake get_async awaits
+        if aio is not None and self._ready_r >= 0 and aio._forget(self._ready_r):
+            self._ready_r = -1              # wakes get_async awaits; closed by their loop
         for name in ("_ready_r", "_ready_w"):
             fd = getattr(self, name)
             if fd >= 0:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import threading
 import time
 import weakref
 from typing import Any
@@ -99,27 +100,61 @@ async def readable(fd: int, timeout: float | None = None) -> bool:
                 loop.remove_reader(fd)
 
 
-def _forget(fd: int) -> None:
+def _forget(fd: int) -> bool:
     """`fd` is about to be closed (its queue or connection is being closed):
     wake every await waiting on it, in every loop, so they find it closed
     and raise instead of waiting on a descriptor that no longer exists.
-    Safe from any thread."""
+    Safe from any thread.
+
+    Returns True when the caller must not close `fd` itself: a loop running
+    in another thread still watches it, and closes it once that loop has
+    removed its reader. Closed first, the descriptor could not be removed
+    from epoll any more (a forked peer still holds the socket or pipe, so
+    the registration stays), it stayed readable, and that loop spun at 100%
+    CPU for ever; and that thread may be the one waiting for this close, so
+    it cannot be waited for here."""
+    foreign = []
     for loop, table in list(_waiting.items()):
         if fd in table and not loop.is_closed():
-            def wake(loop: asyncio.AbstractEventLoop = loop, table: dict = table) -> None:
-                waiters = table.pop(fd, None)
-                if waiters is not None:
-                    loop.remove_reader(fd)
-                    for f in waiters:
-                        if not f.done():
-                            f.set_result(True)
-            try:
-                if _running_loop() is loop:
-                    wake()
-                else:
-                    loop.call_soon_threadsafe(wake)
-            except RuntimeError:
-                pass        # the loop closed meanwhile
+            if _running_loop() is loop or not loop.is_running():
+                _wake(loop, table, fd)      # (a loop not running selects nothing meanwhile)
+            else:
+                foreign.append((loop, table))
+    if not foreign:
+        return False
+    left = [len(foreign)]
+    lock = threading.Lock()
+
+    def wake_then_close(loop: asyncio.AbstractEventLoop, table: dict) -> None:
+        try:
+            _wake(loop, table, fd)
+        finally:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                os.close(fd)
+
+    for loop, table in foreign:
+        try:
+            loop.call_soon_threadsafe(wake_then_close, loop, table)
+        except RuntimeError:                # the loop closed meanwhile: nothing to remove
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                os.close(fd)
+    return True
+
+
+def _wake(loop: asyncio.AbstractEventLoop, table: dict, fd: int) -> None:
+    """Remove `loop`'s reader of `fd` and wake the awaits waiting on it."""
+    waiters = table.pop(fd, None)
+    if waiters is not None:
+        loop.remove_reader(fd)
+        for f in waiters:
+            if not f.done():
+                f.set_result(True)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -200,10 +235,9 @@ async def recv_when_ready(conn: Any, as_bytes: bool, maxlength: int | None) -> A
             if type(pending) is Frame and pending.sizes:
                 # chunks that stream in, perhaps from a writer in this very
                 # loop: read them in a thread, kept on the connection so a
-                # cancelled await leaves it to the next recv_async
+                # cancelled await leaves it to the next receive
                 conn._pending = conn._nothing
-                conn._frame_read = (asyncio.ensure_future(asyncio.to_thread(
-                    conn._unframe, pending, as_bytes)), as_bytes)
+                conn._start_frame_read(pending, as_bytes)
                 continue
             return conn.recv_bytes(maxlength) if as_bytes else conn.recv()
         conn._rearm()
@@ -213,26 +247,18 @@ async def recv_when_ready(conn: Any, as_bytes: bool, maxlength: int | None) -> A
 
 
 async def _finish_frame_read(conn: Any, as_bytes: bool, maxlength: int | None) -> Any:
-    import pickle
-
-    task, read_as_bytes = conn._frame_read
+    """The chunked message conn's frame read gives (see
+    Connection._start_frame_read), awaited without blocking the loop. A
+    cancelled await leaves the read, and its message, to the next receive."""
+    waited = asyncio.wrap_future(conn._frame_read[0])
     try:
-        item = await asyncio.shield(task)
-    finally:
-        if task.done():
-            conn._frame_read = None
-    if as_bytes != read_as_bytes:       # read for the other kind of receive
-        if as_bytes:
-            from shmipc.connection import _as_bytes
-
-            item = _as_bytes(item)
-        elif isinstance(item, bytes):
-            item = pickle.loads(item)
-    if as_bytes and maxlength is not None and len(item) > maxlength:
-        conn._bad_message_length()
-    if conn._polled:
-        conn._rearm()
-    return item
+        await asyncio.shield(waited)
+    except asyncio.CancelledError:
+        waited.cancel()         # (the read runs on: only this loop's wrapper goes)
+        raise
+    except BaseException:
+        pass                    # the read's own error: _frame_result raises it
+    return conn._frame_result(as_bytes, maxlength)
 
 
 async def send_when_room(conn: Any, records: list) -> None:

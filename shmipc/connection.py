@@ -46,12 +46,14 @@ receiving) at a time, as multiprocessing requires.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pickle
 import queue
 import select
 import socket
 import sys
+import threading
 import time
 from multiprocessing import BufferTooShort, reduction
 from typing import Any, NoReturn
@@ -397,6 +399,8 @@ class Connection(Closeable, _FrameReading, _Readiness):
             OSError: this end is closed or write-only.
             Whatever unpickling the message raises (the message is consumed).
         """
+        if self._frame_read is not None:
+            return self._frame_result(False, None)
         ring = self._recv_ring          # None once closed, or on a write-only end
         if ring is None:
             self._check_readable()
@@ -420,6 +424,8 @@ class Connection(Closeable, _FrameReading, _Readiness):
 
     def _recv_buffer(self) -> bytes:
         """The next message as multiprocessing's recv_bytes gives it."""
+        if self._frame_read is not None:
+            return self._frame_result(True, None)
         item = self._take(None)
         if type(item) is _Frame:
             item = self._unframe(item, True)
@@ -440,7 +446,7 @@ class Connection(Closeable, _FrameReading, _Readiness):
             EOFError: as recv.
         """
         ring = self._recv_ring
-        if ring is not None and maxlength is None and self._pending is _NOTHING:
+        if ring is not None and maxlength is None and self._pending is _NOTHING and self._frame_read is None:
             try:
                 data = ring.get(True, SLICE)        # the common case, inlined
                 if type(data) is bytes:
@@ -461,6 +467,46 @@ class Connection(Closeable, _FrameReading, _Readiness):
         if maxlength is not None and len(data) > maxlength:
             self._bad_message_length()
         return data
+
+    def _start_frame_read(self, frame: _Frame, as_bytes: bool) -> concurrent.futures.Future:
+        """Read the chunked message `frame` announces (taken from the ring)
+        in a thread of its own, for recv_async: its chunks may come from a
+        writer in the very event loop that awaits it. The read belongs to
+        the connection, not to the await: a cancelled recv_async, a plain
+        recv or poll, or a recv_async in a later event loop collects it
+        (_frame_result), so no message is lost and none is read twice. A
+        daemon thread, not the loop's executor: asyncio.run and interpreter
+        exit do not wait for a writer that stalls (close() ends the read)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()   # never cancelled: the read has begun
+
+        def read() -> None:
+            try:
+                future.set_result(self._unframe(frame, as_bytes))
+            except BaseException as exc:        # (its receiver raises it)
+                future.set_exception(exc)
+
+        self._frame_read = (future, as_bytes)
+        threading.Thread(target=read, name="shmipc-frame-read", daemon=True).start()
+        return future
+
+    def _frame_result(self, as_bytes: bool, maxlength: int | None) -> Any:
+        """The message of the frame read (waiting for it), as recv
+        (as_bytes False) or recv_bytes gives it; raises what the read
+        raised. Clears the read."""
+        future, read_as_bytes = self._frame_read
+        try:
+            item = future.result()
+        finally:
+            if future.done():
+                self._frame_read = None
+        if as_bytes != read_as_bytes:       # read for the other kind of receive
+            item = _as_bytes(item) if as_bytes else pickle.loads(item) if isinstance(item, bytes) else item
+        if as_bytes and maxlength is not None and len(item) > maxlength:
+            self._bad_message_length()
+        if self._polled:
+            self._rearm()
+        return item
 
     def _bad_message_length(self) -> None:
         if self._send_ring is not None:
@@ -506,6 +552,8 @@ class Connection(Closeable, _FrameReading, _Readiness):
         self._check_readable()
         if timeout is not None:
             timeout = _timeout(timeout)     # negative: 0; NaN: ValueError
+        if self._frame_read is not None:    # a chunked message read in a thread: once it is read
+            return bool(concurrent.futures.wait([self._frame_read[0]], timeout).done)
         if self._pending is not _NOTHING and self._pending is not _ABANDONED:
             return True
         try:
@@ -537,11 +585,13 @@ class Connection(Closeable, _FrameReading, _Readiness):
                     ring.close()
             self._send_ring = self._recv_ring = None
             self._pending = _NOTHING
+            self._frame_read = None         # (its thread ends: the ring is closed)
             if self._sock is not None:
                 aio = sys.modules.get("shmipc.aio")
-                if aio is not None and self._sock.fileno() >= 0:
-                    aio._forget(self._sock.fileno())    # wake recv_async awaits
-                self._sock.close()
+                if aio is not None and self._sock.fileno() >= 0 and aio._forget(self._sock.fileno()):
+                    self._sock.detach()     # wakes recv_async awaits; closed by their loop
+                else:
+                    self._sock.close()
             for name in ("_mine", "_peer"):
                 fd = getattr(self, name)
                 if fd >= 0:
