@@ -124,6 +124,7 @@ class _Base(_QueueReadiness):
         state["_closed"] = False
         state["_never_used"] = False
         state["_polled"] = False
+        state.pop("_reader_half", None)     # (made again where it is asked for)
         for name in [k for k in state if k.startswith(_RLOCK_HERE)]:
             del state[name]
         state["_ready_r"] = reduction.DupFd(self._ready_r)

@@ -126,8 +126,12 @@ class _QueueReadiness:
     @property
     def _reader(self) -> "_Reader":
         """The receiving half as multiprocessing's internals reach for it
-        (``q._reader.fileno()``, ``poll``, ``recv``)."""
-        return _Reader(self)
+        (``q._reader.fileno()``, ``poll``, ``recv``). One object per queue,
+        as multiprocessing's: ``wait([q._reader]) == [q._reader]``."""
+        reader = self.__dict__.get("_reader_half")
+        if reader is None:
+            reader = self.__dict__["_reader_half"] = _Reader(self)
+        return reader
 
     def _after_get(self) -> None:
         """After a get in a process that polls: keep the descriptor exact."""

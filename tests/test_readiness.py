@@ -299,6 +299,9 @@ def test_queue_descriptor_with_stdlib_wait(method):
         assert multiprocessing.connection.wait([q, s1], timeout=0.05) == []
         assert not q._reader.poll(0)
         q.put("again")
+        # one reader object, as multiprocessing's (code compares wait's answer with it)
+        assert q._reader is q._reader
+        assert multiprocessing.connection.wait([q._reader], timeout=10) == [q._reader]
         assert q._reader.poll(10)
         assert q._reader.recv() == "again"
     finally:
