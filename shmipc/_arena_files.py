@@ -386,12 +386,18 @@ class Reaper:
         self._watcher.start()
 
     def _spawn(self) -> subprocess.Popen:
-        # posix_spawn-style start (safe from a threaded process); its own
-        # session, so a signal to our process group does not reach it
-        return subprocess.Popen(
-            ["/bin/sh", "-c", _REAPER_SCRIPT, "shmipc-reaper", self.path, self.ident],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            close_fds=True, start_new_session=True)
+        # its own session, so a signal to our process group does not reach
+        # it. Not while a pool forks its zygote in another thread: Popen
+        # waits until every copy of its error pipe is closed, and a zygote
+        # forked meanwhile would hold one for its whole life (the hang
+        # ctypes.util.find_library caused, see shmipc._proc.libc)
+        from shmipc._fork_safety import _fork_lock
+
+        with _fork_lock:
+            return subprocess.Popen(
+                ["/bin/sh", "-c", _REAPER_SCRIPT, "shmipc-reaper", self.path, self.ident],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                close_fds=True, start_new_session=True)
 
     def respawn(self, dead: subprocess.Popen) -> subprocess.Popen | None:
         """Replace the helper `dead` (it exited without being dismissed)."""
