@@ -125,6 +125,7 @@ class _Base(_QueueReadiness):
         state["_never_used"] = False
         state["_polled"] = False
         state.pop("_reader_half", None)     # (made again where it is asked for)
+        state.pop("_big_read", None)        # (this process's own)
         for name in [k for k in state if k.startswith(_RLOCK_HERE)]:
             del state[name]
         state["_ready_r"] = reduction.DupFd(self._ready_r)
@@ -179,6 +180,10 @@ class _Base(_QueueReadiness):
 
     def _get(self, block: bool, timeout: float | None) -> Any:
         """get(), past tokens whose frame was lost."""
+        if self._big_read is not None:  # a large message get_async began to read
+            item = self._take_big_read(timeout if block else 0.0)
+            if item is not _NOTHING:
+                return item
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             try:
@@ -261,7 +266,7 @@ class _Base(_QueueReadiness):
                 return True
             raise HandleClosed(f"{type(self).__name__} {self!r} is closed")
         try:
-            return self._ring.empty()
+            return self._ring.empty() and self._big_read is None   # (a large message being read here)
         except RingClosed:      # closed by another thread meanwhile
             raise HandleClosed(f"{type(self).__name__} {self!r} is closed") from None
 

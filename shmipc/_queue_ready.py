@@ -22,9 +22,11 @@ Readiness descriptor (``fileno()``, ``_reader.fileno()``):
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import queue
 import select
+import threading
 import time
 from typing import Any
 
@@ -33,6 +35,7 @@ from shmipc.errors import MessageTooLarge, RingClosed
 from shmipc._waiting import READY_SPURIOUS_MAX_S, READY_SPURIOUS_S, Backoff
 
 _NOTHING = object()
+_BIG_READ_LOCK = threading.Lock()     # one collector of a queue's large-message read
 
 # how long taking out a readiness byte still in flight may wait (its
 # producer is between two instructions, or died there)
@@ -105,6 +108,9 @@ class _QueueReadiness:
         self._check_open()
         self._polled = True
         deadline = None if timeout is None else time.monotonic() + _timeout(timeout)
+        if self._big_read is not None:      # a large message being read: once it is
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            return bool(concurrent.futures.wait([self._big_read], left).done)
         backoff = None
         while True:
             if not self._ring.empty():
@@ -175,7 +181,9 @@ class _QueueReadiness:
         await aio.put_when_room(self, obj, timeout)
 
     def _get_ready(self) -> Any:
-        """One non-blocking get for get_async: the next message, or _NOTHING."""
+        """One non-blocking get for get_async: the next message, or _NOTHING.
+        A large message's token starts its read in a thread (_big_read):
+        _NOTHING then, and get_async awaits that read."""
         try:
             item = self._ring.get(False)
         except queue.Empty:
@@ -183,7 +191,50 @@ class _QueueReadiness:
         except RingClosed:
             self._raise_closed()
         if type(item) is _Frame:
-            item = self._unframe(item)      # _NOTHING: a token whose frame was lost
+            if item.kind == "token":
+                self._start_big_read(item)
+                return _NOTHING
+            item = self._unframe(item)
+        if item is not _NOTHING:
+            self._after_get()
+        return item
+
+    # A large message taken by get_async is read in a thread of its own: it
+    # streams in as its writer writes it, and a writer stopped half way
+    # (SIGSTOP) blocked the event loop until it died, past any timeout. The
+    # read belongs to the queue in this process: whichever get comes next
+    # (get_async, get, get_many, poll) collects it, and a cancelled or
+    # timed-out await leaves it there, so it is never lost nor read twice.
+    _big_read: "concurrent.futures.Future | None" = None
+
+    def _start_big_read(self, token: Any) -> None:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()   # never cancelled: the read has begun
+
+        def read() -> None:
+            try:
+                future.set_result(self._unframe(token))   # (_NOTHING: its frame was lost)
+            except BaseException as exc:        # (its collector raises it)
+                future.set_exception(exc)
+
+        self._big_read = future
+        threading.Thread(target=read, name="shmipc-queue-read", daemon=True).start()
+
+    def _take_big_read(self, timeout: float | None) -> Any:
+        """The message of the large-message read under way, waiting up to
+        `timeout` seconds (None: until it is read); raises queue.Empty if it
+        is not read by then (it stays for the next get). _NOTHING if there
+        is none (or another thread took it, or its frame was lost)."""
+        future = self._big_read
+        if future is None:
+            return _NOTHING
+        if not concurrent.futures.wait([future], timeout).done:
+            raise queue.Empty
+        with _BIG_READ_LOCK:
+            if self._big_read is not future:
+                return _NOTHING                 # another thread collected it
+            self._big_read = None
+        item = future.result()
         if item is not _NOTHING:
             self._after_get()
         return item

@@ -192,6 +192,24 @@ async def get_when_ready(q: Any, timeout: float | None) -> Any:
     backoff = _Backoff()
     woke = False
     while True:
+        if q._big_read is not None:
+            # a large message read in a thread (Queue._start_big_read): a
+            # stalled writer stalls it, not the loop
+            waited = asyncio.wrap_future(q._big_read)
+            try:
+                await asyncio.wait_for(asyncio.shield(waited), _left(deadline))
+            except asyncio.TimeoutError:
+                waited.cancel()
+                raise queue.Empty from None
+            except asyncio.CancelledError:
+                waited.cancel()     # (the read goes on: the next get collects it)
+                raise
+            except BaseException:
+                pass                # the read's own error: _take_big_read raises it
+            item = q._take_big_read(0.0)
+            if item is not _NOTHING:
+                return item
+            continue
         item = q._get_ready()
         if item is not _NOTHING:
             return item

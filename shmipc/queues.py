@@ -101,6 +101,10 @@ class Queue(_Base):
         """
         if timeout is not None:
             timeout = _timeout(timeout)
+        if self._big_read is not None:  # a large message get_async began to read
+            item = self._take_big_read(timeout if block else 0.0)
+            if item is not _NOTHING:
+                return item
         try:
             item = self._ring.get(block, timeout)
         except RingClosed:
@@ -147,6 +151,10 @@ class Queue(_Base):
         """
         if timeout is not None:
             timeout = _timeout(timeout)
+        if self._big_read is not None:  # a large message get_async began to read
+            item = self._take_big_read(timeout if block else 0.0)
+            if item is not _NOTHING:
+                return [item]
         try:
             items = self._ring.get_many(max_items, block, timeout)
         except RingClosed:

@@ -507,3 +507,69 @@ def test_closing_from_another_thread_leaves_the_loop_idle(kind):
         go_here.send("end")
         peer.join(10)
     assert used < 0.3, f"the idle loop used {used:.2f} s of CPU in 1 s"
+
+
+def _say_then_put(q, go, size):
+    go.send("start")
+    q.put(b"q" * size)
+    go.recv()               # (holds on until the test ends)
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_large_queue_message_stalls_neither_the_loop_nor_the_timeout():
+    """get_async read a message larger than half the ring in the loop's
+    own thread: with its writer stopped half way (SIGSTOP), the whole loop
+    stood still until the writer died, past get_async's timeout and
+    wait_for's. The read is now the queue's, in a thread: the await times
+    out on time, the loop runs meanwhile, and once the writer goes on, the
+    next get (here a plain get) collects the whole message."""
+    cap, size = 1 << 14, 64 << 20
+    q = shmipc.Queue(capacity=cap)
+    ctx = multiprocessing.get_context("fork")
+    go_here, go_there = ctx.Pipe()
+    writer = ctx.Process(target=_say_then_put, args=(q, go_there, size))
+    writer.start()
+    assert go_here.poll(30) and go_here.recv() == "start"
+
+    async def main():
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        first = asyncio.create_task(q.get_async())
+        for _ in range(10_000):
+            if q._big_read is not None:
+                break
+            await asyncio.sleep(0.001)
+        os.kill(writer.pid, signal.SIGSTOP)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert not q._big_read.done(), "the message was read before the writer stopped"
+        start, before = time.monotonic(), ticks
+        with pytest.raises(queue.Empty):
+            await q.get_async(timeout=0.3)
+        waited = time.monotonic() - start
+        ticker.cancel()
+        return waited, ticks - before
+
+    try:
+        waited, ticked = asyncio.run(main())
+        assert waited < 5, f"get_async(timeout=0.3) returned after {waited:.1f} s"
+        assert ticked >= 5, f"the loop ran {ticked} times while it waited"
+        assert not q.empty()                        # (the message being read counts)
+        os.kill(writer.pid, signal.SIGCONT)
+        assert q.get(timeout=30) == b"q" * size     # collected whole, once
+        assert q.empty() and q._big_read is None
+        go_here.send("end")
+    finally:
+        os.kill(writer.pid, signal.SIGCONT)
+        writer.join(10)
+        if writer.exitcode is None:
+            writer.kill()
+    q.close()
