@@ -149,9 +149,10 @@ class _QueueReadiness:
         waits on the readiness descriptor with ``loop.add_reader``.
 
         Cancelling the await loses no message: one is only taken once the
-        descriptor said so, synchronously, and returned at once. (A message
-        larger than half the ring is read as it streams in, blocking the
-        loop meanwhile.)
+        descriptor said so, synchronously, and returned at once. A message
+        larger than half the ring is read in a thread as it streams in; a
+        cancelled or timed-out await leaves that read to the next get in
+        this process (get_async, get, get_many), which returns it.
 
         Raises:
             queue.Empty: nothing came within `timeout` seconds (None: wait forever).

@@ -30,8 +30,10 @@ only after the wait, synchronously, and returns it in the same step; a put
 puts all of a message or nothing (a message larger than the ring, cut into
 chunks, is aborted if cancelled midway, and the reader drops the part).
 
-Large messages (over half the ring) are read as they stream in, blocking
-the loop meanwhile; queues write theirs from a feeder thread, as ``put``.
+Large messages (over half the ring) are read in a thread as they stream in
+(a writer stopped half way stalls that read, not the loop); the read
+belongs to the queue or connection, so a cancelled await leaves it to the
+next receive. Queues write theirs from a feeder thread, as ``put``.
 """
 from __future__ import annotations
 
