@@ -110,6 +110,7 @@ cdef class Ring:
     cdef list _from_pending(self, Py_ssize_t max_items)
     cdef int _keep_undelivered(self, list items) except -1
     cdef int _check_room_accounts(self) except -1
+    cdef inline int _check_positions(self, uint64_t tail, uint64_t cursor, uint64_t head) except -1
     cdef inline void _consistent_point(self) noexcept
     cdef object _decode_or_keep(self, uint8_t tag, object buf)
     cdef int _release_claim(self, uint64_t pos, int64_t deadline) except -1

@@ -773,9 +773,13 @@ cdef class Ring:
             head[0] = self.cached_head
         else:
             head[0] = self.cached_head = shm_load_acq64(&self.hdr.prod.pos)
-        if not (tail[0] <= cursor[0] <= head[0]) or head[0] - tail[0] > self.capacity:
-            self._corrupt(f"positions out of order: tail {tail[0]}, cursor {cursor[0]}, "
-                          f"head {head[0]}, capacity {self.capacity}")
+        return self._check_positions(tail[0], cursor[0], head[0])
+
+    cdef inline int _check_positions(self, uint64_t tail, uint64_t cursor, uint64_t head) except -1:
+        """CorruptArena unless tail <= cursor <= head within one capacity."""
+        if not (tail <= cursor <= head) or head - tail > self.capacity:
+            self._corrupt(f"positions out of order: tail {tail}, cursor {cursor}, "
+                          f"head {head}, capacity {self.capacity}")
         return 0
 
     # ------------------------------------------------------------ waiting
@@ -1056,9 +1060,7 @@ cdef class Ring:
             taken = shm_load_acq64(&h.cons.msgs)
             head = shm_load_acq64(&h.prod.pos)
             sent = shm_load_acq64(&h.prod.msgs)
-            if not (tail <= cursor <= head) or head - tail > self.capacity:
-                self._corrupt(f"positions out of order: tail {tail}, cursor {cursor}, "
-                              f"head {head}, capacity {self.capacity}")
+            self._check_positions(tail, cursor, head)
             count = <int64_t>(sent - taken)
             if count < 0 or <uint64_t>count > (head - cursor) // SHM_REC_HDR:
                 self._corrupt(f"message counts out of order: {sent} sent and {taken} taken, "
@@ -2173,14 +2175,10 @@ cdef class Ring:
                     out[i] = self._decode(tags[i], out[i])
         except CorruptMessage as exc:
             # keep the rest, undecoded and in order, for the next calls
-            pending = deque(zip(tags[i + 1:], out[i + 1:]))
-            if i:
-                pending.appendleft((TAG_FAILED, exc))
-                del out[i:]
-            if pending:
-                self.pending = pending
+            self._keep_undelivered(([(TAG_FAILED, exc)] if i else []) + list(zip(tags[i + 1:], out[i + 1:])))
             if i == 0:
                 raise
+            del out[i:]
         except BaseException:
             # a KeyboardInterrupt or SystemExit while message i decodes:
             # every message of the batch waits, in order, for the next call
