@@ -38,6 +38,7 @@ next receive. Queues write theirs from a feeder thread, as ``put``.
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import threading
 import time

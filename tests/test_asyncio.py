@@ -487,6 +487,9 @@ def test_closing_from_another_thread_leaves_the_loop_idle(kind):
         peer = ctx.Process(target=_put_when_told, args=(theirs, go_there))
     peer.start()
 
+    fd = mine.fileno()
+    what = os.readlink(f"/proc/self/fd/{fd}")       # (pipe:[inode] or socket:[inode])
+
     async def main():
         waiter = asyncio.create_task(mine.get_async() if kind == "Queue" else mine.recv_async())
         await asyncio.sleep(0.05)
@@ -507,6 +510,11 @@ def test_closing_from_another_thread_leaves_the_loop_idle(kind):
         go_here.send("end")
         peer.join(10)
     assert used < 0.3, f"the idle loop used {used:.2f} s of CPU in 1 s"
+    try:
+        still = os.readlink(f"/proc/self/fd/{fd}")
+    except FileNotFoundError:
+        still = None
+    assert still != what, f"the descriptor {fd} ({what}) was never closed"
 
 
 def _say_then_put(q, go, size):
