@@ -22,14 +22,16 @@ shmipc's own code makes Frame objects, so a user's message is never one.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import copyreg
 import io
 import pickle
+import threading
 from typing import Any, Callable
 
 from shmipc.errors import UndecodableMessage
 
-__all__ = ["Frame", "ABORT", "chunk_size", "dump_parts", "load_parts"]
+__all__ = ["Frame", "ABORT", "chunk_size", "dump_parts", "load_parts", "read_in_thread"]
 
 
 class Frame:
@@ -153,3 +155,24 @@ def read_parts(sizes: tuple[int, ...], next_chunk: Callable[[memoryview], None])
             done += next_chunk(view[done:])
         parts.append(part)
     return parts
+
+
+def read_in_thread(read: Callable[[], Any], name: str) -> concurrent.futures.Future:
+    """Run `read` (a large message's read: it streams in as its writer
+    writes it) in a daemon thread of its own, its result or exception in
+    the returned future. The future is running from the start, so it can
+    never be cancelled: a read that has begun is always finished and
+    collected, never lost. Daemon, not an executor's: asyncio.run and
+    interpreter exit do not wait for a writer that stalls. (Pipe ends'
+    recv_async, Queue.get_async.)"""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+
+    def run() -> None:
+        try:
+            future.set_result(read())
+        except BaseException as exc:        # (its collector raises it)
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

@@ -30,7 +30,7 @@ import threading
 import time
 from typing import Any
 
-from shmipc._framing import Frame as _Frame
+from shmipc._framing import Frame as _Frame, read_in_thread
 from shmipc.errors import MessageTooLarge, RingClosed
 from shmipc._waiting import READY_SPURIOUS_MAX_S, READY_SPURIOUS_S, Backoff
 
@@ -209,17 +209,8 @@ class _QueueReadiness:
     _big_read: "concurrent.futures.Future | None" = None
 
     def _start_big_read(self, token: Any) -> None:
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()   # never cancelled: the read has begun
-
-        def read() -> None:
-            try:
-                future.set_result(self._unframe(token))   # (_NOTHING: its frame was lost)
-            except BaseException as exc:        # (its collector raises it)
-                future.set_exception(exc)
-
-        self._big_read = future
-        threading.Thread(target=read, name="shmipc-queue-read", daemon=True).start()
+        # (its result is _NOTHING if the token's frame was lost)
+        self._big_read = read_in_thread(lambda: self._unframe(token), "shmipc-queue-read")
 
     def _take_big_read(self, timeout: float | None) -> Any:
         """The message of the large-message read under way, waiting up to

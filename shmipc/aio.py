@@ -128,25 +128,24 @@ def _forget(fd: int) -> bool:
     left = [len(foreign)]
     lock = threading.Lock()
 
+    def one_done() -> None:             # the last loop to drop its reader closes fd
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            os.close(fd)
+
     def wake_then_close(loop: asyncio.AbstractEventLoop, table: dict) -> None:
         try:
             _wake(loop, table, fd)
         finally:
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                os.close(fd)
+            one_done()
 
     for loop, table in foreign:
         try:
             loop.call_soon_threadsafe(wake_then_close, loop, table)
         except RuntimeError:                # the loop closed meanwhile: nothing to remove
-            with lock:
-                left[0] -= 1
-                last = left[0] == 0
-            if last:
-                os.close(fd)
+            one_done()
     return True
 
 
@@ -198,17 +197,8 @@ async def get_when_ready(q: Any, timeout: float | None) -> Any:
         if q._big_read is not None:
             # a large message read in a thread (Queue._start_big_read): a
             # stalled writer stalls it, not the loop
-            waited = asyncio.wrap_future(q._big_read)
-            try:
-                await asyncio.wait_for(asyncio.shield(waited), _left(deadline))
-            except asyncio.TimeoutError:
-                waited.cancel()
-                raise queue.Empty from None
-            except asyncio.CancelledError:
-                waited.cancel()     # (the read goes on: the next get collects it)
-                raise
-            except BaseException:
-                pass                # the read's own error: _take_big_read raises it
+            if not await _await_read(q._big_read, deadline):
+                raise queue.Empty
             item = q._take_big_read(0.0)
             if item is not _NOTHING:
                 return item
@@ -271,15 +261,27 @@ async def _finish_frame_read(conn: Any, as_bytes: bool, maxlength: int | None) -
     """The chunked message conn's frame read gives (see
     Connection._start_frame_read), awaited without blocking the loop. A
     cancelled await leaves the read, and its message, to the next receive."""
-    waited = asyncio.wrap_future(conn._frame_read[0])
+    await _await_read(conn._frame_read[0])
+    return conn._frame_result(as_bytes, maxlength)
+
+
+async def _await_read(future: Any, deadline: float | None = None) -> bool:
+    """Await a large message's read (_framing.read_in_thread) without
+    blocking the loop: True once it is over (its owner collects its result
+    or raises its error), False if `deadline` passed first. A cancelled or
+    timed-out await leaves the read running, for the next receive: only
+    this loop's wrapper of the future goes."""
+    waited = asyncio.wrap_future(future)
     try:
-        await asyncio.shield(waited)
+        await asyncio.wait_for(asyncio.shield(waited), _left(deadline))
     except asyncio.CancelledError:
-        waited.cancel()         # (the read runs on: only this loop's wrapper goes)
+        waited.cancel()
         raise
     except BaseException:
-        pass                    # the read's own error: _frame_result raises it
-    return conn._frame_result(as_bytes, maxlength)
+        if not waited.done():       # (timed out; else the read's own error)
+            waited.cancel()
+            return False
+    return True
 
 
 async def send_when_room(conn: Any, records: list) -> None:

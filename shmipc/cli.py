@@ -45,14 +45,11 @@ def version() -> str:
         return shmipc.__version__
 
 
-def _kind(mode: int) -> str:
+def _kind(st: os.stat_result) -> str:
     """What a file that is not a regular file is, for an error message."""
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISSOCK, "a socket")):
-        if test(mode):
-            return kind
-    return "not a regular file"
+    from shmipc._arena_files import file_type
+
+    return f"a {file_type(st)}"
 
 
 def check_output_path(path: str, option: str) -> None:
@@ -76,7 +73,7 @@ def check_output_path(path: str, option: str) -> None:
     except OSError as exc:              # a component that is a file, a loop of links, no permission
         raise ValueError(f"{option} {path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{option} {path}: is {_kind(st.st_mode)}, not a regular file")
+        raise ValueError(f"{option} {path}: is {_kind(st)}, not a regular file")
     if not os.access(path, os.W_OK):
         raise ValueError(f"{option} {path}: not writable")
 
@@ -95,7 +92,7 @@ def read_readme(path: str) -> str:
     try:
         st = os.stat(path)
         if not stat.S_ISREG(st.st_mode):
-            raise ValueError(f"--readme {path}: is {_kind(st.st_mode)}, not a regular file")
+            raise ValueError(f"--readme {path}: is {_kind(st)}, not a regular file")
         if st.st_size > README_MAX:
             raise ValueError(too_large)
         # O_NONBLOCK does nothing to a regular file; should a FIFO replace
@@ -104,7 +101,7 @@ def read_readme(path: str) -> str:
         with open(fd, "rb") as f:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise ValueError(f"--readme {path}: is {_kind(st.st_mode)}, not a regular file")
+                raise ValueError(f"--readme {path}: is {_kind(st)}, not a regular file")
             data = f.read(README_MAX + 1)          # (it may have grown since the stat)
     except OSError as exc:                  # missing, unreadable
         raise ValueError(f"--readme {path}: cannot read it ({exc.strerror or exc})") from None

@@ -53,7 +53,6 @@ import queue
 import select
 import socket
 import sys
-import threading
 import time
 from multiprocessing import BufferTooShort, reduction
 from typing import Any, NoReturn
@@ -468,27 +467,16 @@ class Connection(Closeable, _FrameReading, _Readiness):
             self._bad_message_length()
         return data
 
-    def _start_frame_read(self, frame: _Frame, as_bytes: bool) -> concurrent.futures.Future:
+    def _start_frame_read(self, frame: _Frame, as_bytes: bool) -> None:
         """Read the chunked message `frame` announces (taken from the ring)
-        in a thread of its own, for recv_async: its chunks may come from a
-        writer in the very event loop that awaits it. The read belongs to
-        the connection, not to the await: a cancelled recv_async, a plain
-        recv or poll, or a recv_async in a later event loop collects it
-        (_frame_result), so no message is lost and none is read twice. A
-        daemon thread, not the loop's executor: asyncio.run and interpreter
-        exit do not wait for a writer that stalls (close() ends the read)."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()   # never cancelled: the read has begun
-
-        def read() -> None:
-            try:
-                future.set_result(self._unframe(frame, as_bytes))
-            except BaseException as exc:        # (its receiver raises it)
-                future.set_exception(exc)
-
-        self._frame_read = (future, as_bytes)
-        threading.Thread(target=read, name="shmipc-frame-read", daemon=True).start()
-        return future
+        in a thread of its own (_framing.read_in_thread), for recv_async:
+        its chunks may come from a writer in the very event loop that
+        awaits it. The read belongs to the connection, not to the await: a
+        cancelled recv_async, a plain recv or poll, or a recv_async in a
+        later event loop collects it (_frame_result), so no message is lost
+        and none is read twice (close() ends the read)."""
+        self._frame_read = (_framing.read_in_thread(lambda: self._unframe(frame, as_bytes),
+                                                    "shmipc-frame-read"), as_bytes)
 
     def _frame_result(self, as_bytes: bool, maxlength: int | None) -> Any:
         """The message of the frame read (waiting for it), as recv

@@ -102,9 +102,7 @@ class Queue(_Base):
         if timeout is not None:
             timeout = _timeout(timeout)
         if self._big_read is not None:  # a large message get_async began to read
-            item = self._take_big_read(timeout if block else 0.0)
-            if item is not _NOTHING:
-                return item
+            return self._get(block, timeout)
         try:
             item = self._ring.get(block, timeout)
         except RingClosed:

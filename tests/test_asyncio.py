@@ -19,6 +19,21 @@ from shmipc import aio
 METHODS = ["fork", "spawn"]
 
 
+class _Ticker:
+    """A task that counts how often the event loop let it run, every
+    `interval` seconds: a loop blocked by a call shows as missing ticks.
+    Made inside a running loop."""
+
+    def __init__(self, interval: float) -> None:
+        self.ticks = 0
+        self.task = asyncio.create_task(self._run(interval))
+
+    async def _run(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.ticks += 1
+
+
 # ---------------------------------------------------------------- children
 def echo_upper(conn):
     while True:
@@ -59,15 +74,7 @@ def test_recv_async_and_send_async_with_a_child(method):
     b.close()
 
     async def main():
-        ticks = 0
-
-        async def ticker():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.001)
-                ticks += 1
-
-        t = asyncio.create_task(ticker())
+        ticker = _Ticker(0.001)
         words = [f"word{i}" * 20 for i in range(300)]     # more than the ring holds
         sender = asyncio.create_task(_send_all(a, words))
         got = [await a.recv_async() for _ in words]
@@ -76,8 +83,8 @@ def test_recv_async_and_send_async_with_a_child(method):
         await a.send_async(big)
         assert await a.recv_async() == big
         await a.send_async(None)
-        t.cancel()
-        return got, ticks
+        ticker.task.cancel()
+        return got, ticker.ticks
 
     got, ticks = asyncio.run(main())
     assert got == [f"WORD{i}" * 20 for i in range(300)]
@@ -540,15 +547,7 @@ def test_a_stalled_large_queue_message_stalls_neither_the_loop_nor_the_timeout()
     assert go_here.poll(30) and go_here.recv() == "start"
 
     async def main():
-        ticks = 0
-
-        async def tick():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
-
-        ticker = asyncio.create_task(tick())
+        ticker = _Ticker(0.01)
         first = asyncio.create_task(q.get_async())
         for _ in range(10_000):
             if q._big_read is not None:
@@ -559,12 +558,12 @@ def test_a_stalled_large_queue_message_stalls_neither_the_loop_nor_the_timeout()
         with pytest.raises(asyncio.CancelledError):
             await first
         assert not q._big_read.done(), "the message was read before the writer stopped"
-        start, before = time.monotonic(), ticks
+        start, before = time.monotonic(), ticker.ticks
         with pytest.raises(queue.Empty):
             await q.get_async(timeout=0.3)
         waited = time.monotonic() - start
-        ticker.cancel()
-        return waited, ticks - before
+        ticker.task.cancel()
+        return waited, ticker.ticks - before
 
     try:
         waited, ticked = asyncio.run(main())
