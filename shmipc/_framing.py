@@ -10,8 +10,8 @@ is never copied into the stream); a ``send_bytes`` payload is one part.
 
 Invariants:
     * The records of one frame are contiguous in their ring: the writer
-      holds the ring's only producer side (a Connection end is used by one
-      sending thread at a time, a Queue's large writers take a lock), and
+      holds the ring's producers (a Pipe sender, see Ring._hold_producers;
+      a Queue's large writers take a lock of their own), and
       the reader reads them all before anything else.
     * A reader delivers a framed message only once every announced byte has
       arrived: a writer that dies mid-frame, or is interrupted (it then puts

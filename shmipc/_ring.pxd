@@ -53,6 +53,8 @@ cdef class Ring:
     cdef bint notify_socket         # notify_fd is a socket (send), else a pipe (write)
     cdef bint keep_dead_claims      # records claimed by dead consumers wait for _take_back
                                     # (process-local; see _keep_dead_claims)
+    cdef unsigned long hold_thread  # the thread of this process that holds the producer
+                                    # lock across puts (_hold_producers), 0: none
     cdef object __weakref__
 
     cdef int _map(self, object buffer, Py_ssize_t offset, uint64_t need) except -1
@@ -78,6 +80,7 @@ cdef class Ring:
     cdef int _recover_dead(self) except -1
     cdef bint _lock(self, int kind, int64_t deadline) except -1
     cdef void _locked(self, shm_side_t *side) noexcept
+    cdef bint _holding(self) noexcept
     cdef int _recover_lock(self, int kind) except -1
     cdef void _unlock(self, int kind) noexcept
     cdef uint64_t _reserve(self, uint64_t head, uint64_t length, uint64_t pending) except? 1
@@ -89,6 +92,7 @@ cdef class Ring:
                              int64_t deadline) except -1
     cdef int _check_size(self, enc_t *e) except -1
     cdef bint _put_now(self, enc_t *e) noexcept
+    cdef bint _put_now_shared(self, enc_t *e) noexcept
     cdef Py_ssize_t _put_many_now(self, enc_t *encs, Py_ssize_t n) noexcept
     cdef object _get_now(self, bint *done)
     cdef bint _empty_now(self) noexcept

@@ -25,7 +25,11 @@ since another process may have scribbled over the memory):
     start time, see _shm.h: a recycled or garbage pid is not mistaken for
     the owner); it is released before sleeping, so no lock is held across an
     unbounded wait, and a lock whose owner died is taken over (after a wait
-    slice) by the next waiter. Claimed records carry the same identity.
+    slice) by the next waiter. Claimed records carry the same identity. The
+    one exception is a producer hold (_hold_producers): a Pipe sender keeps
+    the producer lock while its chunked message waits for room, so that no
+    other sender's record lands inside it; the others wait, and take the
+    lock over if the holder dies.
   * One producer path (_produce) serves put and put_many; one consumer path
     (_consume) serves get, get_many and get_view. On one-to-one rings, fast
     paths (_put_now, _put_many_now, _get_now, _get_many_now) take the
@@ -52,6 +56,7 @@ from cpython.ref cimport Py_INCREF
 from cpython.list cimport PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_CheckExact, PyLong_AsLongLongAndOverflow, PyLong_FromLongLong
 from cpython.pyport cimport PY_SSIZE_T_MAX
+from cpython.pythread cimport PyThread_get_thread_ident
 from shmipc._posix cimport sem_t, sem_init, errno, EINTR, ETIMEDOUT, getpid
 from shmipc._shm cimport *
 
@@ -413,6 +418,15 @@ cdef int64_t deadline_of(bint block, object timeout) except -2:
     return shm_now_ns() + <int64_t>(t * 1e9)
 
 
+cdef inline int check_timeout(bint block, object timeout) except -1:
+    """Refuse what deadline_of refuses, without reading the clock in the
+    common cases (None, a non-negative float): for the fast paths, which
+    may finish without computing a deadline."""
+    if block and timeout is not None and not (type(timeout) is float and <double>timeout >= 0):
+        deadline_of(block, timeout)
+    return 0
+
+
 # Methods as plain builtins (method descriptors), not Cython function
 # objects: a call costs ~100 fewer instructions, a third of a 64 B put or get
 # (issue 11); the signatures stay visible to inspect through the
@@ -579,6 +593,12 @@ cdef class Ring:
 
     cdef void _release(self) noexcept:
         global g_rings_open
+        if self.hold_thread != 0 and self.hdr != NULL:
+            # closed while a thread held the producers (_hold_producers):
+            # the others must not wait for a hold nobody can end
+            self.hold_thread = 0
+            if shm_load_rlx64(&self.hdr.prod.lock) == shm_self_ident():
+                self._unlock(W_PLOCK)
         if self.has_view:
             PyBuffer_Release(&self.view)
             self.has_view = False
@@ -1116,6 +1136,48 @@ cdef class Ring:
         side.lock_msgs = side.msgs          # (first: see _consistent_point)
         shm_store_rel64(&side.lock_pos, side.cursor if side == &self.hdr.cons else side.pos)
 
+    cdef bint _holding(self) noexcept:
+        """True in the thread that holds the producer lock across puts
+        (_hold_producers). The lock's owner is checked too: a forked child
+        inherits hold_thread but not the lock."""
+        return (self.hold_thread != 0 and self.hold_thread == PyThread_get_thread_ident()
+                and shm_load_rlx64(&self.hdr.prod.lock) == shm_self_ident())
+
+    def _hold_producers(self, timeout=None):
+        """Take the producer lock and keep it across this thread's puts until
+        _release_producers(): the messages put meanwhile are contiguous in the
+        ring, with no other producer's in between (a Pipe's chunked message,
+        or a mark and the record it marks, from one of several senders).
+        Other producers -- other processes, and other threads of this one --
+        wait meanwhile; a holder that dies is recovered from as any lock
+        holder (what it committed stays, the rest is dropped). A one-producer
+        ring has nothing to hold: True at once. Returns False if `timeout`
+        seconds (None: no limit) passed first.
+
+        Raises:
+            RuntimeError: this thread holds it already.
+        """
+        cdef int64_t deadline = deadline_of(True, timeout)
+        if not self.many_producers:
+            return True
+        self._enter()
+        try:
+            if self._holding():
+                raise RuntimeError(f"this thread holds the producers of ring {self.name!r} already")
+            if self._lock(W_PLOCK, deadline):
+                return False
+            self.hold_thread = PyThread_get_thread_ident()
+            return True
+        finally:
+            self._leave()
+
+    def _release_producers(self):
+        """Let go of the producer lock _hold_producers took (other producers
+        go on). Does nothing in a thread that does not hold it."""
+        if self.hdr != NULL and self._holding():
+            self.hold_thread = 0
+            self._unlock(W_PLOCK)
+
     cdef int _recover_lock(self, int kind) except -1:
         """Just took over the lock of a dead holder: make the side consistent.
 
@@ -1284,10 +1346,14 @@ cdef class Ring:
         cdef shm_ring_t *h = self.hdr
         cdef Py_ssize_t i = 0, start
         cdef uint64_t head, pos, length, nbytes, published
+        cdef bint held = self.many_producers and self._holding()    # see _hold_producers
+        cdef bint lock = self.many_producers and not held
         while True:
             self._shut()
-            if self.many_producers and self._lock(W_PLOCK, deadline):
+            if lock and self._lock(W_PLOCK, deadline):
                 return i
+            if held:
+                self._locked(&h.prod)   # recovery's point: this round's start
             start = i
             head = published = shm_load_rlx64(&h.prod.pos)
             nbytes = 0
@@ -1310,7 +1376,7 @@ cdef class Ring:
             finally:
                 if i > start:           # also on an error: what was written is put
                     self._commit(head, i - start, nbytes)
-                if self.many_producers:
+                if lock:
                     self._unlock(W_PLOCK)
                 if i > start:
                     self._signal_data()
@@ -1370,8 +1436,10 @@ cdef class Ring:
             Whatever pickling the object raises; the ring is then unchanged.
         """
         cdef enc_t e
+        check_timeout(block, timeout)
         segs = self._encode(obj, &e)
-        if segs is None and not self.many_producers and not self.closed and self._put_now(&e):
+        if segs is None and not self.closed and (
+                self._put_now_shared(&e) if self.many_producers else self._put_now(&e)):
             if SHMIPC_DEBUG:
                 self._debug_check()
             return
@@ -1386,7 +1454,8 @@ cdef class Ring:
             self._leave()
 
     cdef bint _put_now(self, enc_t *e) noexcept:
-        """put's fast path, for a one-producer ring and a one-segment payload
+        """put's fast path, for a one-producer ring (or a many-producer one
+        whose lock _put_now_shared took) and a one-segment payload
         (bytes, str, scalars): write and commit the record if it fits now
         without padding and nothing is unusual (no message limit, no
         shutdown, the positions in range). False when it did nothing: the
@@ -1395,7 +1464,7 @@ cdef class Ring:
         batches, segments and locks need; no Python object is touched, so
         nothing can run in between (the GIL is held throughout)."""
         cdef shm_ring_t *h = self.hdr
-        cdef uint64_t head = shm_load_rlx64(&h.prod.pos)     # ours alone: one producer
+        cdef uint64_t head = shm_load_rlx64(&h.prod.pos)     # ours alone (one producer, or the lock held)
         cdef uint64_t length = rec_len(e.size)
         cdef uint64_t off = head & self.mask
         cdef uint64_t tail
@@ -1422,6 +1491,22 @@ cdef class Ring:
         self._publish(head + length, 1, <uint64_t>e.size)
         shm_publish_cpu(&h.wait.prod_cpu)               # see _wait
         return True
+
+    cdef bint _put_now_shared(self, enc_t *e) noexcept:
+        """_put_now for a many-producer ring, while its producer lock is
+        free: taken without waiting, released at once (so several producers
+        sharing one end, as a Pipe's senders may, cost one atomic exchange
+        each, not the general path). False when the lock is taken (by
+        another producer, or held by this process's _hold_producers): the
+        general path waits for it, or writes under the hold."""
+        cdef shm_ring_t *h = self.hdr
+        cdef bint done
+        if not shm_cas64(&h.prod.lock, 0, shm_self_ident()):
+            return False
+        self._locked(&h.prod)
+        done = self._put_now(e)
+        self._unlock(W_PLOCK)
+        return done
 
     cdef Py_ssize_t _put_many_now(self, enc_t *encs, Py_ssize_t n) noexcept:
         """put_many's fast path, for a one-producer ring and one-segment
@@ -1920,6 +2005,7 @@ cdef class Ring:
             self._check_open()
             return self._from_pending(1)[0]
         if not self.many_consumers and not self.closed and self.record_size == 0:
+            check_timeout(block, timeout)
             out = self._get_now(&done)
             if done:
                 return out

@@ -1,8 +1,8 @@
 """``Pipe()`` and ``Connection``: multiprocessing's pipes over shared-memory rings.
 
 A pipe is one arena holding one ring per direction (two for a duplex pipe),
-each with one producer and one consumer, so sending and receiving take no
-lock. What the rings cannot tell -- whether anyone still holds the other end --
+each with one consumer and any number of producers (see the end of this
+docstring). What the rings cannot tell -- whether anyone still holds the other end --
 comes from the kernel:
 
 Liveness (why the ends hold pipe fds):
@@ -39,10 +39,15 @@ system call each). ``fileno()`` is a readiness descriptor and a socket for
 fd passing, as multiprocessing's (see shmipc._pipe_ready); awaiting
 versions of recv and send are there too (see shmipc.aio). Receiving a
 chunked message is shmipc._pipe_frames'.
-As with multiprocessing, two processes must not send on (or receive from) the
-same end at the same time -- each ring has one producer and one consumer
-process; threads of one process may share an end, one sending (and one
-receiving) at a time, as multiprocessing requires.
+Several processes (and threads) may send on one end at once, as programs
+written for multiprocessing do with small messages: each ring takes many
+producers (a lock word, taken with one atomic exchange on the fast path), and
+a message of several records -- a chunked one, a marked send_bytes pickle --
+holds the producers while it is put, so every message arrives whole, of any
+size (multiprocessing interleaves large messages). Receiving stays one at a
+time, as multiprocessing requires: two processes must not receive from the
+same end at once (each ring has one consumer); threads of one process may
+share an end, one receiving at a time.
 """
 from __future__ import annotations
 
@@ -104,9 +109,11 @@ def Pipe(duplex: bool = True, *, capacity: int | None = None) -> tuple["Connecti
     arena = Arena(Arena.size_for(rings=[cap] * nrings))
     fds: list[int] = []
     try:
-        arena.ring(cap, name="a>b", producers="one", consumers="one")
+        # "many" producers: an end may be shared by several senders (see the
+        # module's docstring); one consumer: receivers take turns, as there
+        arena.ring(cap, name="a>b", producers="many", consumers="one")
         if duplex:
-            arena.ring(cap, name="b>a", producers="one", consumers="one")
+            arena.ring(cap, name="b>a", producers="many", consumers="one")
         r_a, w_a = os.pipe()
         fds += [r_a, w_a]
         r_b, w_b = os.pipe()
@@ -305,21 +312,50 @@ class Connection(Closeable, _FrameReading, _Readiness):
             except RingClosed:
                 self._raise_closed()
 
+    def _sending_ring(self) -> Any:
+        ring = self._send_ring
+        if ring is None:
+            self._check_writable()
+        return ring
+
+    def _hold_send(self, ring: Any) -> None:
+        """Take the send ring's producers for a message of several records
+        (a chunked one, or a mark and the record it marks), so that no other
+        sender of this end -- another process or thread -- puts a record
+        inside it; they wait until ``ring._release_producers()``, which the
+        caller calls in a ``finally`` around this call (a Ctrl-C right after
+        the hold is taken must not leave it held). Waits as long as the
+        reader lives."""
+        while True:
+            try:
+                if ring._hold_producers(SLICE):
+                    return
+            except RingClosed:
+                self._raise_closed()
+            if self._peer_gone():
+                raise BrokenPipeError("the other end of the pipe is closed")
+
     def _send_frame(self, kind: str, parts: list) -> None:
         """A message too large for one record: a Frame, then its parts in
-        chunks. Interrupted midway (peer gone, Ctrl-C), it puts ABORT if it
-        can, so the reader drops the partial message (see shmipc._framing)."""
+        chunks, with the producers held. Interrupted midway (peer gone,
+        Ctrl-C), it puts ABORT if it can, so the reader drops the partial
+        message (see shmipc._framing)."""
         records = self._frame_records(kind, parts)
-        self._put(records[0])
+        ring = self._sending_ring()
         try:
-            for rec in records[1:]:
-                self._put(rec)
-        except BaseException:
+            self._hold_send(ring)
+            self._put(records[0])
             try:
-                self._send_ring.put(_framing.ABORT, True, SLICE)
+                for rec in records[1:]:
+                    self._put(rec)
             except BaseException:
-                pass    # the reader is gone, or the ring stays full: it drops the frame anyway
-            raise
+                try:
+                    ring.put(_framing.ABORT, True, SLICE)
+                except BaseException:
+                    pass    # the reader is gone, or the ring stays full: it drops the frame anyway
+                raise
+        finally:
+            ring._release_producers()
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send the bytes of a bytes-like object, or of buf[offset:offset+size]
@@ -353,8 +389,16 @@ class Connection(Closeable, _FrameReading, _Readiness):
             return self._send_frame("bytes", [payload])
         if payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
             # marked, so that recv() unpickles it as multiprocessing's does
-            # (a plain bytes record is what send(b"...") puts)
-            self._put(_framing.Frame("bytes"))
+            # (a plain bytes record is what send(b"...") puts); the mark and
+            # the payload with no other sender's record between them
+            ring = self._sending_ring()
+            try:
+                self._hold_send(ring)
+                self._put(_framing.Frame("bytes"))
+                self._put(payload)
+            finally:
+                ring._release_producers()
+            return
         # the ring encodes a memoryview as a bytes message (one copy, into
         # the ring), so the receiver gets bytes whatever buf was
         self._put(payload)

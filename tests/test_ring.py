@@ -291,13 +291,18 @@ def test_timeouts_and_nonblocking(arena):
 
 @pytest.mark.timeout(20)
 @pytest.mark.parametrize("bad, exc", [(-1, ValueError), (float("nan"), ValueError), ("1", TypeError), ([], TypeError)])
-def test_bad_timeouts_raise_naming_the_value(arena, bad, exc):
-    ring = arena.ring(4096)
+def test_bad_timeouts_raise_naming_the_value(arena, sides, bad, exc):
+    """Refused even where the call could finish at once (the fast paths)."""
+    ring = arena.ring(4096, producers=sides, consumers=sides)
     ring.put(b"kept")
     with pytest.raises(exc, match="timeout"):
         ring.get(timeout=bad)
     with pytest.raises(exc, match="timeout"):
+        ring.get_many(5, timeout=bad)
+    with pytest.raises(exc, match="timeout"):
         ring.put(b"x", timeout=bad)
+    with pytest.raises(exc, match="timeout"):
+        ring.put_many([b"x"], timeout=bad)
     assert ring.qsize() == 1 and ring.get() == b"kept"
 
 
