@@ -148,6 +148,7 @@ class _Readiness:
             obj = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
             return await self.send_bytes_async(obj)
         records = [obj]
+        await aio.after_waiting_sends(self)
         try:
             self._send_ring.put(obj, False)
             return                      # the common case: there was room
@@ -174,6 +175,14 @@ class _Readiness:
             records = [_framing.Frame("bytes", None), payload]
         else:
             records = [payload]
+            await aio.after_waiting_sends(self)
+            try:
+                self._send_ring.put(payload, False)
+                return                  # the common case: there was room
+            except (queue.Full, PeerDied):
+                pass
+            except RingClosed:
+                self._raise_closed()
         await aio.send_when_room(self, records)
 
     async def recv_async(self) -> Any:

@@ -284,20 +284,60 @@ async def _await_read(future: Any, deadline: float | None = None) -> bool:
     return True
 
 
+async def after_waiting_sends(conn: Any) -> None:
+    """Return once no send of `conn` in this loop waits for room (see
+    send_when_room), so that a send trying the ring at once does not put
+    its record inside another coroutine's chunked message."""
+    lock = conn._async_send_lock
+    while lock is not None and lock.locked():
+        async with lock:
+            pass        # (released without a yield: nothing is under way now)
+
+
 async def send_when_room(conn: Any, records: list) -> None:
     """Put `records` (one message: one record, or a frame's) on `conn`'s
     ring, awaiting room; on any failure after the first record is in, put
-    ABORT so the reader drops the partial message."""
-    if len(records) > 1:
-        # the records of one message must stay together: one chunked
-        # message at a time per connection and loop
-        lock = conn._async_send_lock
-        if lock is None:
-            lock = conn._async_send_lock = asyncio.Lock()
-        async with lock:
+    ABORT so the reader drops the partial message.
+
+    The records of one message stay together: a message of several records
+    holds the ring's producers (other processes and threads wait, see
+    Ring._hold_producers), and every send of this connection that has to
+    wait goes through its asyncio lock, so no other coroutine's record
+    lands inside a chunked message either (a coroutine that calls the
+    blocking send meanwhile still can: the reader then drops the chunked
+    one, never tears it)."""
+    lock = conn._async_send_lock
+    if lock is None:
+        lock = conn._async_send_lock = asyncio.Lock()
+    async with lock:
+        if len(records) == 1:
             await _put_records(conn, records)
-    else:
-        await _put_records(conn, records)
+            return
+        ring = conn._send_ring
+        if ring is None:
+            conn._check_writable()
+        try:
+            await _hold_producers(conn, ring)
+            await _put_records(conn, records)
+        finally:
+            ring._release_producers()
+
+
+async def _hold_producers(conn: Any, ring: Any) -> None:
+    """Take `ring`'s producers for this thread (Ring._hold_producers),
+    awaiting another holder on asyncio timers while the reader lives."""
+    from shmipc.errors import RingClosed
+
+    backoff = _Backoff()
+    while True:
+        try:
+            if ring._hold_producers(0):
+                return
+        except RingClosed:
+            conn._raise_closed()
+        if conn._peer_gone():
+            raise BrokenPipeError("the other end of the pipe is closed")
+        await backoff.sleep(None)
 
 
 async def _put_records(conn: Any, records: list) -> None:

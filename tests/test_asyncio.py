@@ -580,3 +580,61 @@ def test_a_stalled_large_queue_message_stalls_neither_the_loop_nor_the_timeout()
         if writer.exitcode is None:
             writer.kill()
     q.close()
+
+
+def _send_small_sync(conn, n):
+    for i in range(n):
+        conn.send(("proc", i))
+    conn.close()
+
+
+@pytest.mark.timeout(90)
+def test_coroutines_and_processes_sending_on_one_end_keep_every_message_whole():
+    """Two coroutines of one loop (one sending messages larger than the ring,
+    one small ones, with send_async and send_bytes_async) and a child
+    process (blocking send) share one sending end: no record of one lands
+    inside another's chunked message, so every message arrives, whole and
+    in its sender's order."""
+    import threading
+
+    r, w = shmipc.Pipe(duplex=False, capacity=1 << 13)
+    big = w._send_ring.max_message_size * 3
+    nbig, nsmall, nproc = 12, 300, 300
+    child = multiprocessing.get_context("fork").Process(target=_send_small_sync, args=(w, nproc))
+    child.start()
+    received = []
+    reader = threading.Thread(target=lambda: received.extend(r.recv() for _ in range(nbig + nsmall + nproc)))
+    reader.start()
+
+    async def big_sender():
+        for i in range(nbig):
+            if i % 2:
+                await w.send_async(("big", i, bytes([i]) * big))
+            else:
+                await w.send_bytes_async(pickle.dumps(("big", i, bytes([i]) * big)))
+
+    async def small_sender():
+        for i in range(nsmall):
+            if i % 3:
+                await w.send_async(("small", i))
+            else:
+                await w.send_bytes_async(pickle.dumps(("small", i)))     # a marked pickle: two records
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+
+    async def main():
+        await asyncio.gather(big_sender(), small_sender())
+
+    asyncio.run(main())
+    reader.join(60)
+    child.join(30)
+    assert not reader.is_alive() and child.exitcode == 0
+    by = {"big": [], "small": [], "proc": []}
+    for msg in received:
+        by[msg[0]].append(msg)
+    assert [m[1] for m in by["big"]] == list(range(nbig))
+    assert all(m[2] == bytes([m[1]]) * big for m in by["big"])
+    assert [m[1] for m in by["small"]] == list(range(nsmall))
+    assert [m[1] for m in by["proc"]] == list(range(nproc))
+    w.close()
+    r.close()
