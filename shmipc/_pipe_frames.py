@@ -10,6 +10,11 @@ Invariants:
       an interrupted receive left behind (a signal's handler may raise
       after the ring consumed a frame's announcement and before the
       receive recorded it).
+    * A frame's records are contiguous (its writer holds the ring's
+      producers) unless the writer stopped midway -- killed, or interrupted
+      with no room left for its ABORT: then the next record that is not a
+      chunk ends the frame (dropped) and is delivered, so another sender's
+      message is never read as a chunk of a dead one.
     * ``_frame_left`` is the number of bytes of the frame being read that
       have not been taken from the ring; while it is above zero after an
       interrupted receive, ``_pending`` is ``_ABANDONED`` and the next
@@ -171,12 +176,12 @@ class _FrameReading:
             if frame.kind == "abort":
                 frame = self._take(None)        # nothing pending: the next message
                 continue
-            if frame.sizes is None:             # one record: a send_bytes pickle
-                item = self._take(None)
-                if type(item) is not bytes:
-                    frame = item                # interrupted writer: drop the mark
-                    continue
-                return item if as_bytes else pickle.loads(item)
+            if frame.sizes is None:
+                # a mark for the next record, which shmipc no longer sends
+                # (with several senders the next record need not be the one
+                # it marked): dropped
+                frame = self._take(None)
+                continue
             self._frame_left = sum(frame.sizes)
             try:
                 parts = _framing.read_parts(frame.sizes, self._next_chunk)
@@ -207,9 +212,18 @@ class _FrameReading:
             self._check_readable()
         while True:
             try:
-                with ring.get_view(True, SLICE) as view:
-                    if type(view) is not memoryview or view.nbytes > dest.nbytes:
+                taking = ring.get_view(True, SLICE)
+                with taking as view:
+                    if type(view) is bytearray:         # (a chunk kept in the ring's pending)
+                        view = memoryview(view)
+                    elif type(view) is not memoryview or not taking.is_bytearray:
+                        # not a chunk: the writer stopped midway (killed, or
+                        # interrupted with no room for its ABORT), and this
+                        # is another sender's message, whatever its type
                         raise _Interrupted(_detached(view))
+                    if view.nbytes > dest.nbytes:
+                        # a chunk of no frame this one could be: dropped with it
+                        raise _Interrupted(bytearray())
                     n = view.nbytes
                     # counted first: from here the with-block's exit takes
                     # the record, even if an exception interrupts the copy

@@ -169,10 +169,9 @@ class _Readiness:
         from shmipc import aio
 
         payload = self._payload(buf, offset, size)
-        if payload.nbytes > self._send_ring.max_message_size:
-            records = self._frame_records("bytes", [payload])
-        elif payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
-            records = [_framing.Frame("bytes", None), payload]
+        if payload.nbytes > self._send_ring.max_message_size or (
+                payload.nbytes and payload[0] == _framing.PICKLE_PROTO):
+            records = self._frame_records("bytes", [payload])       # (see send_bytes)
         else:
             records = [payload]
             await aio.after_waiting_sends(self)

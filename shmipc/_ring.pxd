@@ -89,7 +89,7 @@ cdef class Ring:
     cdef inline void _signal_data(self) noexcept
     cdef inline void _publish(self, uint64_t head, uint64_t nmsgs, uint64_t nbytes) noexcept
     cdef Py_ssize_t _produce(self, enc_t *encs, Py_ssize_t n, object keep, bint batch,
-                             int64_t deadline) except -1
+                             int64_t deadline, bint under_hold=*) except -1
     cdef int _check_size(self, enc_t *e) except -1
     cdef bint _put_now(self, enc_t *e) noexcept
     cdef bint _put_now_shared(self, enc_t *e) noexcept

@@ -1163,13 +1163,45 @@ cdef class Ring:
         self._enter()
         try:
             if self._holding():
-                raise RuntimeError(f"this thread holds the producers of ring {self.name!r} already")
+                raise RuntimeError(self._held_message())
             if self._lock(W_PLOCK, deadline):
                 return False
             self.hold_thread = PyThread_get_thread_ident()
             return True
         finally:
             self._leave()
+
+    def _holds_producers(self):
+        """True in the thread that holds the producers (_hold_producers)."""
+        return self.hdr != NULL and self._holding()
+
+    def _put_held(self, obj, timeout=None):
+        """put, by the thread that holds the producers (_hold_producers): the
+        record goes in under the hold. Plain puts of that thread meanwhile
+        (a signal handler's, another coroutine's) raise RuntimeError rather
+        than land inside the held message. A plain put on a one-producer
+        ring.
+
+        Raises:
+            queue.Full: no room within `timeout` seconds (None: no limit).
+            RuntimeError: this thread does not hold the producers.
+            As put otherwise.
+        """
+        cdef enc_t e
+        cdef int64_t deadline = deadline_of(True, timeout)
+        segs = self._encode(obj, &e)
+        self._check_size(&e)
+        self._enter()
+        try:
+            if self._produce(&e, 1, segs, False, deadline, True) == 0:
+                raise queue.Full
+        finally:
+            self._leave()
+
+    def _held_message(self):
+        return (f"this thread is in the middle of a message of several records on ring "
+                f"{self.name!r} (a chunked Pipe message); a signal handler or another "
+                f"coroutine of the same thread cannot put on it until that message is in")
 
     def _release_producers(self):
         """Let go of the producer lock _hold_producers took (other producers
@@ -1227,13 +1259,11 @@ cdef class Ring:
     cdef void _unlock(self, int kind) noexcept:
         cdef shm_ring_t *h = self.hdr
         if kind == W_PLOCK:
-            shm_store_rel64(&h.prod.lock, 0)
-            shm_fence()
+            shm_release_fenced64(&h.prod.lock)
             shm_wake(&h.plock_sem, &h.wait.plock_waiters)
         else:
             self._consistent_point()        # the next holder starts from a true point
-            shm_store_rel64(&h.cons.lock, 0)
-            shm_fence()
+            shm_release_fenced64(&h.cons.lock)
             shm_wake(&h.clock_sem, &h.wait.clock_waiters)
 
     # ------------------------------------------------------------ producing
@@ -1334,7 +1364,7 @@ cdef class Ring:
         self._signal_data()
 
     cdef Py_ssize_t _produce(self, enc_t *encs, Py_ssize_t n, object keep, bint batch,
-                             int64_t deadline) except -1:
+                             int64_t deadline, bint under_hold=False) except -1:
         """The producer protocol, for put and put_many: write the encoded
         messages encs[0:n] in order, as many at a time as there is room for
         (one lock round trip and one commit each time), waiting for room
@@ -1348,6 +1378,12 @@ cdef class Ring:
         cdef uint64_t head, pos, length, nbytes, published
         cdef bint held = self.many_producers and self._holding()    # see _hold_producers
         cdef bint lock = self.many_producers and not held
+        if held != (under_hold and self.many_producers):
+            if held:
+                # a signal handler, or another coroutine of this thread,
+                # while the thread is in the middle of a held message
+                raise RuntimeError(self._held_message())
+            raise RuntimeError(f"_put_held on ring {self.name!r} without _hold_producers")
         while True:
             self._shut()
             if lock and self._lock(W_PLOCK, deadline):
@@ -2528,6 +2564,7 @@ cdef class MessageView:
     cdef bint held
     cdef bint copy          # Ring._get_held: a copy out, the record held until the block ends
     cdef object mv
+    cdef readonly bint is_bytearray     # the record was put as a bytearray (a Pipe's chunk)
 
     def __cinit__(self, Ring ring, int64_t deadline, bint copy):
         self.ring = ring
@@ -2574,6 +2611,7 @@ cdef class MessageView:
                 ring.data_view = memoryview(ring.buffer)[start: start + ring.capacity].toreadonly()
             start = (<char *>t.rec) + SHM_REC_HDR - ring.data
             self.mv = ring.data_view[start: start + t.size]
+            self.is_bytearray = t.tag == TAG_BYTEARRAY
             if t.tag == TAG_BYTES or t.tag == TAG_BYTEARRAY:
                 return self.mv
             return ring._decode(t.tag, self.mv)

@@ -178,6 +178,10 @@ static inline int shm_cas64(uint64_t *p, uint64_t expected, uint64_t desired) {
     return __atomic_compare_exchange_n(p, &expected, desired, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
 }
 static inline void shm_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/* Free a lock word: a store of 0 ordered before every later load, as a
+ * release store then shm_fence, in one locked exchange (cheaper than a
+ * fence on x86). */
+static inline void shm_release_fenced64(uint64_t *p) { (void)__atomic_exchange_n(p, 0, __ATOMIC_SEQ_CST); }
 
 static inline void shm_cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)

@@ -84,6 +84,7 @@ cdef extern from "_shm.h" nogil:
     void shm_add64(uint64_t *p, uint64_t d)
     bint shm_cas64(uint64_t *p, uint64_t expected, uint64_t desired)
     void shm_fence()
+    void shm_release_fenced64(uint64_t *p)
     void shm_cpu_relax()
     int shm_cpus_allowed()
     uint32_t shm_cpu_now()

@@ -304,8 +304,7 @@ async def send_when_room(conn: Any, records: list) -> None:
     Ring._hold_producers), and every send of this connection that has to
     wait goes through its asyncio lock, so no other coroutine's record
     lands inside a chunked message either (a coroutine that calls the
-    blocking send meanwhile still can: the reader then drops the chunked
-    one, never tears it)."""
+    blocking send meanwhile gets RuntimeError, see Ring._put_held)."""
     lock = conn._async_send_lock
     if lock is None:
         lock = conn._async_send_lock = asyncio.Lock()
@@ -313,9 +312,7 @@ async def send_when_room(conn: Any, records: list) -> None:
         if len(records) == 1:
             await _put_records(conn, records)
             return
-        ring = conn._send_ring
-        if ring is None:
-            conn._check_writable()
+        ring = conn._sending_ring()
         try:
             await _hold_producers(conn, ring)
             await _put_records(conn, records)
@@ -344,6 +341,7 @@ async def _put_records(conn: Any, records: list) -> None:
     from shmipc import _framing
     from shmipc.errors import PeerDied, RingClosed
 
+    held = len(records) > 1         # (send_when_room holds the producers)
     started = False
     try:
         for rec in records:
@@ -353,7 +351,10 @@ async def _put_records(conn: Any, records: list) -> None:
                 if ring is None:
                     conn._check_writable()
                 try:
-                    ring.put(rec, False)
+                    if held:
+                        ring._put_held(rec, 0)
+                    else:
+                        ring.put(rec, False)
                     break
                 except (queue.Full, PeerDied):
                     pass
@@ -364,11 +365,11 @@ async def _put_records(conn: Any, records: list) -> None:
                 await backoff.sleep(None)
             started = True
     except BaseException:
-        if started and len(records) > 1:
+        if started and held:
             try:
-                conn._send_ring.put(_framing.ABORT, True, 0.05)
+                conn._send_ring._put_held(_framing.ABORT, 0.05)
             except BaseException:
-                pass        # the reader drops the frame anyway
+                pass        # the reader drops the frame anyway (the next message ends it)
         raise
 
 

@@ -313,9 +313,15 @@ class Connection(Closeable, _FrameReading, _Readiness):
                 self._raise_closed()
 
     def _sending_ring(self) -> Any:
+        """The send ring, for a message of several records: refused (before
+        anything is held or put) in a signal handler or coroutine running
+        while this thread is in the middle of such a message on it, whose
+        hold is not this call's to release."""
         ring = self._send_ring
         if ring is None:
             self._check_writable()
+        if ring._holds_producers():
+            raise RuntimeError(ring._held_message())
         return ring
 
     def _hold_send(self, ring: Any) -> None:
@@ -344,18 +350,32 @@ class Connection(Closeable, _FrameReading, _Readiness):
         ring = self._sending_ring()
         try:
             self._hold_send(ring)
-            self._put(records[0])
+            self._put_held(ring, records[0])
             try:
                 for rec in records[1:]:
-                    self._put(rec)
+                    self._put_held(ring, rec)
             except BaseException:
                 try:
-                    ring.put(_framing.ABORT, True, SLICE)
+                    ring._put_held(_framing.ABORT, SLICE)
                 except BaseException:
-                    pass    # the reader is gone, or the ring stays full: it drops the frame anyway
+                    pass    # the reader is gone, or the ring stays full: the next message ends the frame
                 raise
         finally:
             ring._release_producers()
+
+    def _put_held(self, ring: Any, rec: Any) -> None:
+        """One record of a held message (see _hold_send), waiting for room
+        as long as the reader lives."""
+        while True:
+            try:
+                ring._put_held(rec, SLICE)
+                return
+            except (queue.Full, PeerDied):
+                pass            # the reader is slow, or its last process died: look
+            except RingClosed:
+                self._raise_closed()
+            if self._peer_gone():
+                raise BrokenPipeError("the other end of the pipe is closed")
 
     def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """Send the bytes of a bytes-like object, or of buf[offset:offset+size]
@@ -385,20 +405,12 @@ class Connection(Closeable, _FrameReading, _Readiness):
         self._probe_in -= 1
         if not self._probe_in:
             self._probe()
-        if payload.nbytes > self._send_ring.max_message_size:
+        if payload.nbytes > self._send_ring.max_message_size or (
+                payload.nbytes and payload[0] == _framing.PICKLE_PROTO):
+            # a pickle goes framed, so that recv() unpickles it as
+            # multiprocessing's does (a plain bytes record is what
+            # send(b"...") puts)
             return self._send_frame("bytes", [payload])
-        if payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
-            # marked, so that recv() unpickles it as multiprocessing's does
-            # (a plain bytes record is what send(b"...") puts); the mark and
-            # the payload with no other sender's record between them
-            ring = self._sending_ring()
-            try:
-                self._hold_send(ring)
-                self._put(_framing.Frame("bytes"))
-                self._put(payload)
-            finally:
-                ring._release_producers()
-            return
         # the ring encodes a memoryview as a bytes message (one copy, into
         # the ring), so the receiver gets bytes whatever buf was
         self._put(payload)

@@ -638,3 +638,35 @@ def test_coroutines_and_processes_sending_on_one_end_keep_every_message_whole():
     assert [m[1] for m in by["proc"]] == list(range(nproc))
     w.close()
     r.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_blocking_send_inside_a_held_async_message_raises_runtime_error():
+    """A coroutine calls the blocking send while another coroutine of the
+    same loop is in the middle of a chunked send_async on that end: it gets
+    RuntimeError (its record once landed inside the chunked message, and a
+    fragment of it was delivered); the chunked message arrives whole."""
+    import threading
+
+    r, w = shmipc.Pipe(duplex=False, capacity=1 << 13)
+    big = os.urandom(100_000)
+    got, may_read = [], threading.Event()
+    reader = threading.Thread(target=lambda: (may_read.wait(30), got.extend([r.recv_bytes(), r.recv()])))
+    reader.start()
+
+    async def other():
+        while not w._send_ring._holds_producers():       # the chunked send holds the end now
+            await asyncio.sleep(0.001)
+        for attempt in (lambda: w.send("x"), lambda: w.send_bytes(b"y" * 10), lambda: w.send_bytes(big)):
+            with pytest.raises(RuntimeError, match="middle of a message"):
+                attempt()
+        may_read.set()
+
+    async def main():
+        await asyncio.gather(w.send_bytes_async(big), other())
+        await w.send_async("after")
+
+    asyncio.run(main())
+    reader.join(30)
+    assert got == [big, "after"]
+    r.close(), w.close()

@@ -799,8 +799,28 @@ def hold_with_big_message(conn, size):
 
 def send_small_after(conn, items):
     for item in items:
-        conn.send(item)
+        if isinstance(item, bytes):
+            conn.send_bytes(item)
+        else:
+            conn.send(item)
     conn.close()
+
+
+def mixed_small(n):
+    """What send_small_after sends, and what recv returns for each: objects,
+    raw bytes (a plain bytes record, like a chunk but not one) and pickles
+    sent with send_bytes (framed)."""
+    sent, expected = [], []
+    for i in range(n):
+        if i % 3 == 0:      # first: right after a dead frame
+            raw = b"raw-%d-" % i + bytes(2000)          # chunk-sized: a dead frame must not take it
+            sent.append(raw), expected.append(raw)
+        elif i % 3 == 1:
+            item = ("after", i, os.urandom(100))
+            sent.append(item), expected.append(item)
+        else:
+            sent.append(pickle.dumps(("marked", i))), expected.append(("marked", i))
+    return sent, expected
 
 
 @pytest.mark.timeout(60)
@@ -818,7 +838,7 @@ def test_sender_killed_while_holding_the_end_does_not_stop_the_others(sig):
     while r.stats()["recv"]["bytes_in"] < 8000:         # its first chunks are in
         assert time.monotonic() < deadline, r.stats()
         time.sleep(0.01)
-    items = [("after", i, os.urandom(100)) for i in range(50)]
+    items, expected = mixed_small(60)
     other = ctx.Process(target=send_small_after, args=(w, items))
     other.start()
     w.close()
@@ -836,7 +856,7 @@ def test_sender_killed_while_holding_the_end_does_not_stop_the_others(sig):
             break
     other.join(30)
     assert other.exitcode == 0
-    assert got == items
+    assert got == expected          # (bytes ones were once read as the dead message's chunks)
     assert (r.stats()["recv"]["recoveries"] >= 1) == (sig == signal.SIGKILL)
     r.close()
 
@@ -881,3 +901,88 @@ def test_closing_an_end_while_a_thread_holds_it_lets_other_senders_go_on():
     r.close()
     os.close(go_r)
     os.close(go_w)
+
+
+def interrupted_then_small(conn, prefill, items, told):
+    conn.send_bytes(b"p" * prefill)
+    try:
+        conn.send_bytes(b"h" * (1 << 20))       # the ring fills; SIGINT lands here
+    except KeyboardInterrupt:
+        os.write(told, b"i")                    # (its ABORT found no room)
+    send_small_after(conn, items)
+
+
+@pytest.mark.timeout(60)
+def test_a_sender_interrupted_with_no_room_for_its_abort_keeps_its_next_messages():
+    """Ctrl-C in a chunked send while the ring stays full: its ABORT finds
+    no room, so the partial frame stays open; the sender's next messages
+    end it and arrive (they were once read as its chunks, and lost)."""
+    ctx = multiprocessing.get_context("fork")
+    r, w = shmipc.Pipe(duplex=False, capacity=1 << 13)     # 1800 B first: no room for an ABORT later
+    items, expected = mixed_small(30)
+    told_r, told_w = os.pipe()
+    proc = ctx.Process(target=interrupted_then_small, args=(w, 1800, items, told_w))
+    proc.start()
+    w.close()
+    os.close(told_w)
+    deadline = time.monotonic() + 30
+    while r.stats()["recv"]["producers_waiting"] < 1:     # blocked in the chunked send
+        assert time.monotonic() < deadline, r.stats()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGINT)
+    assert os.read(told_r, 1) == b"i"           # nothing read meanwhile: the ring stayed full
+    os.close(told_r)
+    got = []
+    while True:
+        try:
+            got.append(r.recv_bytes() if not got else r.recv())
+        except EOFError:
+            break
+    proc.join(30)
+    assert proc.exitcode == 0
+    assert got == [b"p" * 1800] + expected
+    r.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_signal_handler_cannot_send_inside_its_threads_chunked_message():
+    """A signal handler that sends on the end its thread is in the middle of
+    a chunked message on gets RuntimeError (it once wrote inside that
+    message, and both were lost); the chunked message arrives whole."""
+    r, w = shmipc.Pipe(duplex=False, capacity=1 << 14)
+    big = os.urandom(200_000)
+    raised, handled = [], threading.Event()
+
+    def handler(signum, frame):
+        for attempt in (lambda: w.send("from the handler"), lambda: w.send_bytes(pickle.dumps(1)),
+                        lambda: w.send_bytes(big)):
+            try:
+                attempt()
+            except RuntimeError as exc:
+                raised.append(str(exc))
+        handled.set()
+
+    got = []
+
+    def reader():
+        deadline = time.monotonic() + 30
+        while r.stats()["recv"]["producers_waiting"] < 1:     # the main thread waits for room
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        handled.wait(30)
+        got.append(r.recv_bytes())
+        got.append(r.recv())
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        t = threading.Thread(target=reader)
+        t.start()
+        w.send_bytes(big)
+        w.send("after")
+        t.join(30)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert len(raised) == 3 and all("middle of a message" in m for m in raised), raised
+    assert got == [big, "after"]
+    r.close(), w.close()
