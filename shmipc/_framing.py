@@ -4,9 +4,10 @@ let a receiver tell how a message was sent.
 A ring takes messages of at most ``ring.max_message_size`` bytes (half its
 capacity). A larger message travels as a *frame*: a small :class:`Frame`
 record announcing the sizes of its parts, then the parts cut into chunks of
-at most :func:`chunk_size` bytes, each a bytes record. An object is one
-pickle stream plus its protocol-5 out-of-band buffers (a numpy array's data
-is never copied into the stream); a ``send_bytes`` payload is one part.
+at most :func:`chunk_size` bytes, each a bytearray record
+(``_ring.Chunk``). An object is one pickle stream plus its protocol-5
+out-of-band buffers (a numpy array's data is never copied into the stream);
+a ``send_bytes`` payload is one part.
 
 Invariants:
     * The records of one frame are contiguous in their ring: the writer
@@ -31,7 +32,7 @@ from typing import Any, Callable
 
 from shmipc.errors import UndecodableMessage
 
-__all__ = ["Frame", "ABORT", "chunk_size", "dump_parts", "load_parts", "read_in_thread"]
+__all__ = ["Frame", "ABORT", "Pickled", "PICKLED_MAX", "chunk_size", "dump_parts", "load_parts", "read_in_thread"]
 
 
 class Frame:
@@ -43,9 +44,8 @@ class Frame:
         "object": an object: part 0 is its pickle stream, the others its
             out-of-band buffers.
         "abort": the frame before this one will never be completed.
-    sizes: the byte size of each part, or None: the next single record is
-        the whole payload (a small send_bytes payload that looks like a
-        pickle, marked so that recv() unpickles it).
+    sizes: the byte size of each part. (None marked the next record as a
+        send_bytes pickle; no longer sent -- see Pickled -- and dropped.)
     seq: a Queue's large messages only (see shmipc._bulk): the number that
         pairs a token with its frame. None elsewhere.
     """
@@ -69,6 +69,24 @@ class Frame:
 
 
 ABORT = Frame("abort")
+
+#: a send_bytes pickle at most this long goes as one Pickled record (not
+#: framed): one record needs no hold and no read in a thread
+PICKLED_MAX = 64 << 10
+
+
+class Pickled:
+    """A send_bytes payload that is a pickle, in one record: recv()
+    unpickles it, recv_bytes() returns it (multiprocessing's behaviour).
+    Larger ones are framed (see PICKLED_MAX)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple:
+        return (Pickled, (self.data,))
 
 # the first byte of every pickle of protocol 2 or later (multiprocessing
 # pickles with the default protocol, 4 or 5)

@@ -43,6 +43,18 @@ _ABANDONED = object()
 _EOF_MESSAGE = "the other end of the pipe is closed and nothing is left to read"
 
 
+class _Whole:
+    """A message read whole and not yet made what a receive gives: what a
+    read in a thread (as_bytes None) returns, so that whichever receive
+    collects it converts it once, from the original (see _finish)."""
+
+    __slots__ = ("kind", "parts")
+
+    def __init__(self, kind: str, parts: list) -> None:
+        self.kind = kind
+        self.parts = parts
+
+
 class _Interrupted(Exception):
     """Raised inside a frame's reading: a record that is not the next chunk
     arrived (the writer was interrupted), carried in ``item``."""
@@ -156,9 +168,11 @@ class _FrameReading:
             self._frame_left -= len(item)
         return _NOTHING
 
-    def _unframe(self, frame: Any, as_bytes: bool) -> Any:
-        """The message a Frame announces: for recv (as_bytes False) the
-        object, for recv_bytes its bytes, as multiprocessing would give them.
+    def _unframe(self, frame: Any, as_bytes: bool | None) -> Any:
+        """The message a Frame (or Pickled) announces: for recv (as_bytes
+        False) the object, for recv_bytes its bytes, as multiprocessing would
+        give them; for a read in a thread (None) a _Whole, converted by the
+        receive that collects it (_finish).
         Reads records until a whole message is there: an ABORT, or a record
         that is not the expected chunk (the writer was interrupted midway),
         drops the partial message and the next message is read instead.
@@ -171,6 +185,13 @@ class _FrameReading:
             if type(frame) is bytearray:
                 frame = self._take(None)        # a stray chunk (see the invariants): dropped
                 continue
+            if type(frame) is _framing.Pickled:
+                if type(frame.data) is not bytes:
+                    frame = self._take(None)    # (only shmipc makes them: garbage) dropped
+                    continue
+                if as_bytes is None:
+                    return _Whole("bytes", [frame.data])
+                return frame.data if as_bytes else pickle.loads(frame.data)
             if type(frame) is not _Frame:
                 return frame if not as_bytes else _as_bytes(frame)
             if frame.kind == "abort":
@@ -196,11 +217,22 @@ class _FrameReading:
                 if self._frame_left > 0 and self._pending is _NOTHING:
                     self._pending = _ABANDONED
                 raise
-            if frame.kind == "bytes":
-                data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-                return data if as_bytes else pickle.loads(data)
-            obj = _framing.load_parts(parts)
-            return obj if not as_bytes else _as_bytes(obj)
+            if as_bytes is None:
+                return _Whole(frame.kind, parts)
+            return self._finish(_Whole(frame.kind, parts), as_bytes)
+
+    @staticmethod
+    def _finish(item: Any, as_bytes: bool) -> Any:
+        """What recv (as_bytes False) or recv_bytes gives for a message
+        _unframe(..., None) read: a _Whole, or a record's item."""
+        if type(item) is not _Whole:
+            return _as_bytes(item) if as_bytes else item
+        parts = item.parts
+        if item.kind == "bytes":
+            data = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else b"".join(parts)
+            return data if as_bytes else pickle.loads(data)
+        obj = _framing.load_parts(parts)
+        return obj if not as_bytes else _as_bytes(obj)
 
     def _next_chunk(self, dest: memoryview) -> int:
         """Copy the next chunk record into `dest` (straight from the ring)."""

@@ -169,9 +169,11 @@ class _Readiness:
         from shmipc import aio
 
         payload = self._payload(buf, offset, size)
-        if payload.nbytes > self._send_ring.max_message_size or (
-                payload.nbytes and payload[0] == _framing.PICKLE_PROTO):
-            records = self._frame_records("bytes", [payload])       # (see send_bytes)
+        pickled = payload.nbytes and payload[0] == _framing.PICKLE_PROTO
+        if pickled and payload.nbytes <= min(_framing.PICKLED_MAX, self._send_ring.max_message_size // 2):
+            records = [_framing.Pickled(bytes(payload))]                # (see send_bytes)
+        elif pickled or payload.nbytes > self._send_ring.max_message_size:
+            records = self._frame_records("bytes", [payload])
         else:
             records = [payload]
             await aio.after_waiting_sends(self)

@@ -42,7 +42,7 @@ chunked message is shmipc._pipe_frames'.
 Several processes (and threads) may send on one end at once, as programs
 written for multiprocessing do with small messages: each ring takes many
 producers (a lock word, taken with one atomic exchange on the fast path), and
-a message of several records -- a chunked one, a marked send_bytes pickle --
+a message of several records -- a chunked one, larger than max_message_size --
 holds the producers while it is put, so every message arrives whole, of any
 size (multiprocessing interleaves large messages). Receiving stays one at a
 time, as multiprocessing requires: two processes must not receive from the
@@ -405,11 +405,14 @@ class Connection(Closeable, _FrameReading, _Readiness):
         self._probe_in -= 1
         if not self._probe_in:
             self._probe()
-        if payload.nbytes > self._send_ring.max_message_size or (
-                payload.nbytes and payload[0] == _framing.PICKLE_PROTO):
-            # a pickle goes framed, so that recv() unpickles it as
+        if payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
+            # a pickle goes marked, so that recv() unpickles it as
             # multiprocessing's does (a plain bytes record is what
-            # send(b"...") puts)
+            # send(b"...") puts): in one Pickled record, or framed
+            if payload.nbytes <= min(_framing.PICKLED_MAX, self._send_ring.max_message_size // 2):
+                return self._put(_framing.Pickled(bytes(payload)))
+            return self._send_frame("bytes", [payload])
+        if payload.nbytes > self._send_ring.max_message_size:
             return self._send_frame("bytes", [payload])
         # the ring encodes a memoryview as a bytes message (one copy, into
         # the ring), so the receiver gets bytes whatever buf was
@@ -471,7 +474,7 @@ class Connection(Closeable, _FrameReading, _Readiness):
                 self._raise_closed()
         if item is _NOTHING:
             item = self._take(None)
-        if type(item) is _Frame or type(item) is bytearray:
+        if type(item) is _Frame or type(item) is bytearray or type(item) is _framing.Pickled:
             item = self._unframe(item, False)       # (a bytearray: a stray chunk, dropped)
         if self._polled:
             self._rearm()
@@ -482,7 +485,7 @@ class Connection(Closeable, _FrameReading, _Readiness):
         if self._frame_read is not None:
             return self._frame_result(True, None)
         item = self._take(None)
-        if type(item) is _Frame:
+        if type(item) is _Frame or type(item) is _framing.Pickled:
             item = self._unframe(item, True)
         elif type(item) is not bytes:
             item = _as_bytes(item)
@@ -531,21 +534,22 @@ class Connection(Closeable, _FrameReading, _Readiness):
         cancelled recv_async, a plain recv or poll, or a recv_async in a
         later event loop collects it (_frame_result), so no message is lost
         and none is read twice (close() ends the read)."""
-        self._frame_read = (_framing.read_in_thread(lambda: self._unframe(frame, as_bytes),
+        # read whole but not converted (as_bytes None): the receive that
+        # collects it may be the other kind
+        self._frame_read = (_framing.read_in_thread(lambda: self._unframe(frame, None),
                                                     "shmipc-frame-read"), as_bytes)
 
     def _frame_result(self, as_bytes: bool, maxlength: int | None) -> Any:
         """The message of the frame read (waiting for it), as recv
         (as_bytes False) or recv_bytes gives it; raises what the read
         raised. Clears the read."""
-        future, read_as_bytes = self._frame_read
+        future = self._frame_read[0]
         try:
             item = future.result()
         finally:
             if future.done():
                 self._frame_read = None
-        if as_bytes != read_as_bytes:       # read for the other kind of receive
-            item = _as_bytes(item) if as_bytes else pickle.loads(item) if isinstance(item, bytes) else item
+        item = self._finish(item, as_bytes)
         if as_bytes and maxlength is not None and len(item) > maxlength:
             self._bad_message_length()
         if self._polled:

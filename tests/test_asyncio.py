@@ -670,3 +670,44 @@ def test_a_blocking_send_inside_a_held_async_message_raises_runtime_error():
     reader.join(30)
     assert got == [big, "after"]
     r.close(), w.close()
+
+
+def _send_one(conn, how, msg):
+    getattr(conn, how)(msg)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how, msg, first, then, expected", [
+    ("send", bytearray(b"a" * 100_000), "recv_async", "recv_bytes", pickle.dumps(bytearray(b"a" * 100_000), 5)),
+    ("send", b"b" * 100_000, "recv_bytes_async", "recv", b"b" * 100_000),
+    ("send_bytes", pickle.dumps(b"c" * 100_000, 2), "recv_async", "recv_bytes", pickle.dumps(b"c" * 100_000, 2)),
+    ("send", bytearray(b"d" * 100_000), "recv_bytes_async", "recv", bytearray(b"d" * 100_000)),
+], ids=["bytearray-as-bytes", "bytes-as-object", "pickle-as-bytes", "bytearray-as-object"])
+def test_a_timed_out_async_read_is_collected_as_the_collecting_receive_asks(how, msg, first, then, expected):
+    """A chunked message whose read a recv_async (or recv_bytes_async) began
+    and left when it timed out -- its writer stopped midway -- is collected
+    by the other kind of receive exactly as that receive gives it: it once
+    came converted from the first kind's result (a bytearray's pickle as raw
+    bytes, a pickle re-pickled, bytes unpickled: UnpicklingError)."""
+    r, w = shmipc.Pipe(duplex=False, capacity=1 << 13)
+    proc = multiprocessing.get_context("fork").Process(target=_send_one, args=(w, how, msg))
+    proc.start()
+    deadline = time.monotonic() + 30
+    while r.stats()["recv"]["producers_waiting"] < 1:     # its first chunks in, waiting for room
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGSTOP)
+
+    async def first_receive():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(getattr(r, first)(), 0.3)
+
+    try:
+        asyncio.run(first_receive())
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    got = getattr(r, then)()
+    assert type(got) is type(expected) and got == expected
+    proc.join(30)
+    assert proc.exitcode == 0
+    w.close(), r.close()
