@@ -55,6 +55,7 @@ cdef class Ring:
                                     # (process-local; see _keep_dead_claims)
     cdef unsigned long hold_thread  # the thread of this process that holds the producer
                                     # lock across puts (_hold_producers), 0: none
+    cdef object hold_key            # this ring's key in g_holds (see _hold_key), or None
     cdef object __weakref__
 
     cdef int _map(self, object buffer, Py_ssize_t offset, uint64_t need) except -1
@@ -81,6 +82,8 @@ cdef class Ring:
     cdef bint _lock(self, int kind, int64_t deadline) except -1
     cdef void _locked(self, shm_side_t *side) noexcept
     cdef bint _holding(self) noexcept
+    cdef object _hold_key(self)
+    cdef bint _held_elsewhere(self) except -1
     cdef int _recover_lock(self, int kind) except -1
     cdef void _unlock(self, int kind) noexcept
     cdef uint64_t _reserve(self, uint64_t head, uint64_t length, uint64_t pending) except? 1

@@ -180,6 +180,11 @@ shm_sem_template_init()
 # leak counters (uvloop-style): the test suite asserts they return to zero
 cdef Py_ssize_t g_rings_open = 0      # rings mapped in this process
 cdef Py_ssize_t g_views_open = 0      # zero-copy views not yet released
+# producer holds of this process (Ring._hold_producers): ring (_hold_key)
+# -> the holding thread, so that a put through another Ring object of the
+# same ring in that thread (an end unpickled again: another mapping) is
+# refused, not left to wait for its own thread
+cdef dict g_holds = {}
 
 
 def pid_alive(pid):
@@ -598,6 +603,7 @@ cdef class Ring:
             # the others must not wait for a hold nobody can end
             self.hold_thread = 0
             if shm_load_rlx64(&self.hdr.prod.lock) == shm_self_ident():
+                g_holds.pop(self._hold_key(), None)
                 self._unlock(W_PLOCK)
         if self.has_view:
             PyBuffer_Release(&self.view)
@@ -1143,6 +1149,27 @@ cdef class Ring:
         return (self.hold_thread != 0 and self.hold_thread == PyThread_get_thread_ident()
                 and shm_load_rlx64(&self.hdr.prod.lock) == shm_self_ident())
 
+    cdef bint _held_elsewhere(self) except -1:
+        """True if this thread holds the producers through another Ring
+        object of this ring (see g_holds): waiting for them would be waiting
+        for itself."""
+        return (shm_load_rlx64(&self.hdr.prod.lock) == shm_self_ident()
+                and g_holds.get(self._hold_key()) == PyThread_get_thread_ident())
+
+    cdef object _hold_key(self):
+        """What names this ring in g_holds whichever mapping of it this object
+        uses: the backing file and the ring's offset in it (the mapping's
+        address for an arena without a descriptor)."""
+        if self.hold_key is None:
+            fd = getattr(self.arena, "fd", -1)
+            offset = <size_t>self.hdr - <size_t>self.view.buf if self.has_view else 0
+            if fd is not None and fd >= 0:
+                st = os.fstat(fd)
+                self.hold_key = (st.st_dev, st.st_ino, offset)
+            else:
+                self.hold_key = (<size_t>self.hdr,)
+        return self.hold_key
+
     def _hold_producers(self, timeout=None):
         """Take the producer lock and keep it across this thread's puts until
         _release_producers(): the messages put meanwhile are contiguous in the
@@ -1162,18 +1189,19 @@ cdef class Ring:
             return True
         self._enter()
         try:
-            if self._holding():
+            if self._holding() or self._held_elsewhere():
                 raise RuntimeError(self._held_message())
             if self._lock(W_PLOCK, deadline):
                 return False
             self.hold_thread = PyThread_get_thread_ident()
+            g_holds[self._hold_key()] = self.hold_thread
             return True
         finally:
             self._leave()
 
     def _holds_producers(self):
         """True in the thread that holds the producers (_hold_producers)."""
-        return self.hdr != NULL and self._holding()
+        return self.hdr != NULL and (self._holding() or self._held_elsewhere())
 
     def _put_held(self, obj, timeout=None):
         """put, by the thread that holds the producers (_hold_producers): the
@@ -1208,6 +1236,7 @@ cdef class Ring:
         go on). Does nothing in a thread that does not hold it."""
         if self.hdr != NULL and self._holding():
             self.hold_thread = 0
+            g_holds.pop(self._hold_key(), None)
             self._unlock(W_PLOCK)
 
     cdef int _recover_lock(self, int kind) except -1:
@@ -1384,6 +1413,8 @@ cdef class Ring:
                 # while the thread is in the middle of a held message
                 raise RuntimeError(self._held_message())
             raise RuntimeError(f"_put_held on ring {self.name!r} without _hold_producers")
+        if lock and self._held_elsewhere():
+            raise RuntimeError(self._held_message())
         while True:
             self._shut()
             if lock and self._lock(W_PLOCK, deadline):

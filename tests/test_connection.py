@@ -945,11 +945,17 @@ def test_a_sender_interrupted_with_no_room_for_its_abort_keeps_its_next_messages
 
 
 @pytest.mark.timeout(60)
-def test_a_signal_handler_cannot_send_inside_its_threads_chunked_message():
+@pytest.mark.parametrize("objects", ["one", "two"])
+def test_a_signal_handler_cannot_send_inside_its_threads_chunked_message(objects):
     """A signal handler that sends on the end its thread is in the middle of
     a chunked message on gets RuntimeError (it once wrote inside that
-    message, and both were lost); the chunked message arrives whole."""
+    message, and both were lost); the chunked message arrives whole. Also
+    when the handler's object for the end is another one of this process
+    (the end unpickled again): it once waited for its own thread."""
+    from multiprocessing.reduction import ForkingPickler
+
     r, w = shmipc.Pipe(duplex=False, capacity=1 << 14)
+    sender = w if objects == "one" else pickle.loads(ForkingPickler.dumps(w))
     big = os.urandom(200_000)
     raised, handled = [], threading.Event()
 
@@ -978,11 +984,11 @@ def test_a_signal_handler_cannot_send_inside_its_threads_chunked_message():
     try:
         t = threading.Thread(target=reader)
         t.start()
-        w.send_bytes(big)
-        w.send("after")
+        sender.send_bytes(big)
+        sender.send("after")
         t.join(30)
     finally:
         signal.signal(signal.SIGUSR1, old)
     assert len(raised) == 3 and all("middle of a message" in m for m in raised), raised
     assert got == [big, "after"]
-    r.close(), w.close()
+    r.close(), w.close(), sender.close()
