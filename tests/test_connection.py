@@ -944,14 +944,7 @@ def test_a_sender_interrupted_with_no_room_for_its_abort_keeps_its_next_messages
     r.close()
 
 
-@pytest.mark.timeout(60)
-@pytest.mark.parametrize("objects", ["one", "two"])
-def test_a_signal_handler_cannot_send_inside_its_threads_chunked_message(objects):
-    """A signal handler that sends on the end its thread is in the middle of
-    a chunked message on gets RuntimeError (it once wrote inside that
-    message, and both were lost); the chunked message arrives whole. Also
-    when the handler's object for the end is another one of this process
-    (the end unpickled again): it once waited for its own thread."""
+def _handler_sends_inside_a_chunked_message(objects):
     from multiprocessing.reduction import ForkingPickler
 
     r, w = shmipc.Pipe(duplex=False, capacity=1 << 14)
@@ -992,3 +985,17 @@ def test_a_signal_handler_cannot_send_inside_its_threads_chunked_message(objects
     assert len(raised) == 3 and all("middle of a message" in m for m in raised), raised
     assert got == [big, "after"]
     r.close(), w.close(), sender.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("objects", ["one", "two"])
+def test_a_signal_handler_cannot_send_inside_its_threads_chunked_message(objects):
+    """A signal handler that sends on the end its thread is in the middle of
+    a chunked message on gets RuntimeError (it once wrote inside that
+    message, and both were lost); the chunked message arrives whole. Also
+    when the handler's object for the end is another one of this process
+    (the end unpickled again): it once waited for its own thread. In a
+    forked child: unpickling an end in-process starts multiprocessing's
+    resource sharer, which later raw forks of pytest would inherit
+    half-alive."""
+    assert wait_child(fork_child(_handler_sends_inside_a_chunked_message, objects), 50) == 0
