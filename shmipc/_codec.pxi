@@ -19,6 +19,7 @@ import io
 import sys
 import struct
 import pickle
+import threading
 
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object u, Py_ssize_t *size) except NULL
@@ -64,6 +65,7 @@ cdef dict _dtype_descr_cache = {}    # dtype -> descr bytes
 cdef dict _descr_dtype_cache = {}    # descr bytes -> dtype
 cdef object _meta_head = struct.Struct("<BBHI")
 cdef object _pickle_head = struct.Struct("<II")
+cdef object _pickle_head1 = struct.Struct("<IIQ")     # the header of a one-segment pickle
 
 
 cdef inline Py_ssize_t align16(Py_ssize_t n) noexcept nogil:
@@ -208,6 +210,8 @@ cdef object encode_ndarray(object arr, enc_t *e):
 
 cdef object _fp_table = None          # copyreg's table plus multiprocessing's reducers
 cdef dict _fp_seen = None             # ForkingPickler._extra_reducers when the table was built
+cdef object _fp_reduction = None      # multiprocessing.reduction, once imported
+cdef object _fp_local = threading.local()   # .state: this thread's reusable _PickleState
 
 
 class _ForkingPickler(pickle.Pickler):
@@ -216,37 +220,78 @@ class _ForkingPickler(pickle.Pickler):
     protocol 5 out-of-band buffers, which ForkingPickler.dumps cannot do."""
 
 
-cdef object pickle_dumps(object obj, object keep):
-    global _fp_table, _fp_seen
-    from multiprocessing import reduction       # registers the socket reducers
-    extra = reduction.ForkingPickler._extra_reducers
+class _PickleState:
+    """A pickler kept for one thread's messages, with its stream and its
+    buffer callback: making a Pickler costs ~0.9 us, more than pickling a
+    small tuple (issue 11). Used by one dump at a time (`busy`: a __reduce__
+    that puts on a ring pickles with a fresh one), dropped after a failed
+    dump and when the reducer table changes."""
+
+    __slots__ = ("out", "pickler", "buffers", "busy", "table")
+
+    def __init__(self, table):
+        self.out = io.BytesIO()
+        self.pickler = _ForkingPickler(self.out, 5, buffer_callback=self.keep)
+        self.pickler.dispatch_table = table
+        self.table = table
+        self.buffers = None
+        self.busy = False
+
+    def keep(self, pb):
+        """Contiguous buffers travel out of band; others in band."""
+        try:
+            raw = pb.raw()
+        except BufferError:
+            return True
+        self.buffers.append(raw)
+        return False
+
+
+cdef tuple pickle_dumps(object obj):
+    """(pickle stream, [out-of-band buffers]) of obj, as multiprocessing's
+    ForkingPickler would pickle it, protocol 5."""
+    global _fp_table, _fp_seen, _fp_reduction
+    if _fp_reduction is None:
+        from multiprocessing import reduction       # registers the socket reducers
+        _fp_reduction = reduction
+    extra = _fp_reduction.ForkingPickler._extra_reducers
     if _fp_seen is None or _fp_seen != extra:
         table = copyreg.dispatch_table.copy()
         table.update(extra)
         _fp_table, _fp_seen = table, dict(extra)
-    out = io.BytesIO()
-    pickler = _ForkingPickler(out, 5, buffer_callback=keep)
-    pickler.dispatch_table = _fp_table
-    pickler.dump(obj)
-    return out.getbuffer()
+    state = getattr(_fp_local, "state", None)
+    if state is None or state.busy or state.table is not _fp_table:
+        fresh = _PickleState(_fp_table)
+        if state is None or not state.busy:
+            _fp_local.state = fresh
+        state = fresh
+    state.busy = True
+    state.buffers = buffers = []
+    try:
+        state.pickler.dump(obj)
+        stream = state.out.getvalue()       # (hands over its bytes: no copy)
+    except BaseException:
+        if getattr(_fp_local, "state", None) is state:
+            _fp_local.state = None          # not reused after a failure
+        raise
+    finally:
+        state.buffers = None
+        state.out.seek(0)
+        state.out.truncate()
+        state.pickler.clear_memo()
+        state.busy = False
+    return stream, buffers
 
 
 cdef object encode_pickle(object obj, enc_t *e):
-    buffers = []
-
-    def keep(pb):
-        try:
-            raw = pb.raw()          # contiguous buffers travel out of band
-        except BufferError:
-            return True             # non-contiguous: pickle copies it in band
-        buffers.append(raw)
-        return False
-
-    stream = pickle_dumps(obj, keep)
+    stream, buffers = pickle_dumps(obj)
     cdef Py_ssize_t nseg = 1 + len(buffers)
     head = bytearray(align16(8 + 8 * nseg))
-    _pickle_head.pack_into(head, 0, nseg, 0)
-    struct.pack_into(f"<{nseg}Q", head, 8, len(stream), *[b.nbytes for b in buffers])
+    if nseg == 1:
+        _pickle_head1.pack_into(head, 0, 1, 0, len(stream))
+    else:
+        _pickle_head.pack_into(head, 0, nseg, 0)
+        struct.pack_into(f"<{nseg}Q", head, 8, len(stream), *[b.nbytes for b in buffers])
     cdef Py_ssize_t total = len(head) + align16(len(stream))
     for b in buffers:
         total = align16(total) + b.nbytes
@@ -352,7 +397,7 @@ cdef object decode_buffer(uint8_t tag, object buf, object dtype, bint allow_pick
         nseg, _ = _pickle_head.unpack_from(mv, 0)
         if nseg < 1 or 8 + 8 * nseg > n:
             raise CorruptMessage(f"pickle message claims {nseg} segments in {n} bytes")
-        lengths = struct.unpack_from(f"<{nseg}Q", mv, 8)
+        lengths = _pickle_head1.unpack_from(mv, 0)[2:] if nseg == 1 else struct.unpack_from(f"<{nseg}Q", mv, 8)
         off = align16(8 + 8 * nseg)
         segs = []
         for i in range(nseg):

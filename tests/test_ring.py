@@ -9,6 +9,7 @@ import queue
 import random
 import signal
 import struct
+import threading
 import time
 from collections import Counter
 from fractions import Fraction
@@ -1330,3 +1331,54 @@ def test_a_consumer_killed_holding_the_consumer_side_after_its_claim_leaves_the_
     stats = ring.stats()
     assert (stats["lost"], stats["messages_out"], stats["bytes_held"]) == (0, 1, 0)
     assert ring.get(timeout=1) == b"second"
+
+
+class _PutsWhilePickled:
+    """Its pickling puts another message on the ring (a nested pickle)."""
+
+    def __init__(self, ring, n):
+        self.ring, self.n = ring, n
+
+    def __reduce__(self):
+        if self.n:
+            self.ring.put({"nested": self.n, "list": list(range(self.n))})
+        return (dict, ({"outer": self.n},))
+
+
+class _FailsToPickle:
+    def __reduce__(self):
+        raise ValueError("no pickling this one")
+
+
+@pytest.mark.timeout(60)
+def test_reused_pickler_survives_nesting_failures_and_threads(arena):
+    """Each thread pickles with one reused pickler (making one costs more
+    than pickling a small tuple): a message whose pickling puts another one,
+    a pickling that fails half way, and four threads at once all give the
+    right messages, each decoded whole."""
+    ring = arena.ring(1 << 22)
+    ring.put(_PutsWhilePickled(ring, 3))
+    assert ring.get() == {"nested": 3, "list": [0, 1, 2]}       # put first, from inside
+    assert ring.get() == {"outer": 3}
+    big = list(range(50_000))
+    with pytest.raises(ValueError, match="no pickling"):
+        ring.put([big, _FailsToPickle()])
+    assert ring.qsize() == 0
+    ring.put(("after", big))
+    assert ring.get() == ("after", big)
+
+    def put_many_objects(who):
+        for i in range(2000):
+            ring.put((who, i, "x" * (i % 50), [i] * (i % 7)))
+
+    threads = [threading.Thread(target=put_many_objects, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    got = {w: [] for w in range(4)}
+    for _ in range(8000):
+        who, i, s, lst = ring.get(timeout=30)
+        assert s == "x" * (i % 50) and lst == [i] * (i % 7)
+        got[who].append(i)
+    for t in threads:
+        t.join(30)
+    assert all(v == list(range(2000)) for v in got.values())
