@@ -150,14 +150,10 @@ class _Readiness:
         records = [obj]
         await aio.after_waiting_sends(self)
         try:
-            self._send_ring.put(obj, False)
-            return                      # the common case: there was room
-        except (queue.Full, PeerDied):
-            pass
+            if self._put_if_room(obj):
+                return                  # the common case
         except MessageTooLarge:
             records = self._frame_records("object", _framing.dump_parts(obj))
-        except RingClosed:
-            self._raise_closed()
         await aio.send_when_room(self, records)
 
     async def send_bytes_async(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
@@ -169,22 +165,29 @@ class _Readiness:
         from shmipc import aio
 
         payload = self._payload(buf, offset, size)
-        pickled = payload.nbytes and payload[0] == _framing.PICKLE_PROTO
-        if pickled and payload.nbytes <= min(_framing.PICKLED_MAX, self._send_ring.max_message_size // 2):
-            records = [_framing.Pickled(bytes(payload))]                # (see send_bytes)
-        elif pickled or payload.nbytes > self._send_ring.max_message_size:
+        form = self._bytes_form(payload)
+        if form == "pickled":
+            records = [_framing.Pickled(bytes(payload))]
+        elif form == "framed":
             records = self._frame_records("bytes", [payload])
         else:
             records = [payload]
             await aio.after_waiting_sends(self)
-            try:
-                self._send_ring.put(payload, False)
-                return                  # the common case: there was room
-            except (queue.Full, PeerDied):
-                pass
-            except RingClosed:
-                self._raise_closed()
+            if self._put_if_room(payload):
+                return                  # the common case
         await aio.send_when_room(self, records)
+
+    def _put_if_room(self, obj: Any) -> bool:
+        """Put one record if there is room now (send_async's first try):
+        False if not, or if the ring's last reader process died (the
+        caller waits, and looks at the reader)."""
+        try:
+            self._send_ring.put(obj, False)
+            return True
+        except (queue.Full, PeerDied):
+            return False
+        except RingClosed:
+            self._raise_closed()
 
     async def recv_async(self) -> Any:
         """Like recv, awaiting a message without blocking the event loop and

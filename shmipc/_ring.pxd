@@ -84,6 +84,7 @@ cdef class Ring:
     cdef bint _holding(self) noexcept
     cdef object _hold_key(self)
     cdef bint _held_elsewhere(self) except -1
+    cdef void _end_hold(self) noexcept
     cdef int _recover_lock(self, int kind) except -1
     cdef void _unlock(self, int kind) noexcept
     cdef uint64_t _reserve(self, uint64_t head, uint64_t length, uint64_t pending) except? 1

@@ -601,10 +601,9 @@ cdef class Ring:
         if self.hold_thread != 0 and self.hdr != NULL:
             # closed while a thread held the producers (_hold_producers):
             # the others must not wait for a hold nobody can end
-            self.hold_thread = 0
             if shm_load_rlx64(&self.hdr.prod.lock) == shm_self_ident():
-                g_holds.pop(self._hold_key(), None)
-                self._unlock(W_PLOCK)
+                self._end_hold()
+            self.hold_thread = 0
         if self.has_view:
             PyBuffer_Release(&self.view)
             self.has_view = False
@@ -1235,9 +1234,14 @@ cdef class Ring:
         """Let go of the producer lock _hold_producers took (other producers
         go on). Does nothing in a thread that does not hold it."""
         if self.hdr != NULL and self._holding():
-            self.hold_thread = 0
-            g_holds.pop(self._hold_key(), None)
-            self._unlock(W_PLOCK)
+            self._end_hold()
+
+    cdef void _end_hold(self) noexcept:
+        """The hold of _hold_producers is over: forget it (its key was made
+        when the hold was taken), free the lock."""
+        self.hold_thread = 0
+        g_holds.pop(self._hold_key(), None)
+        self._unlock(W_PLOCK)
 
     cdef int _recover_lock(self, int kind) except -1:
         """Just took over the lock of a dead holder: make the side consistent.

@@ -248,7 +248,7 @@ async def recv_when_ready(conn: Any, as_bytes: bool, maxlength: int | None) -> A
                 # loop: read them in a thread, kept on the connection so a
                 # cancelled await leaves it to the next receive
                 conn._pending = conn._nothing
-                conn._start_frame_read(pending, as_bytes)
+                conn._start_frame_read(pending)
                 continue
             return conn.recv_bytes(maxlength) if as_bytes else conn.recv()
         conn._rearm()
@@ -261,7 +261,7 @@ async def _finish_frame_read(conn: Any, as_bytes: bool, maxlength: int | None) -
     """The chunked message conn's frame read gives (see
     Connection._start_frame_read), awaited without blocking the loop. A
     cancelled await leaves the read, and its message, to the next receive."""
-    await _await_read(conn._frame_read[0])
+    await _await_read(conn._frame_read)
     return conn._frame_result(as_bytes, maxlength)
 
 
@@ -323,13 +323,24 @@ async def send_when_room(conn: Any, records: list) -> None:
 async def _hold_producers(conn: Any, ring: Any) -> None:
     """Take `ring`'s producers for this thread (Ring._hold_producers),
     awaiting another holder on asyncio timers while the reader lives."""
-    from shmipc.errors import RingClosed
+    await _while_reader_lives(conn, lambda: ring._hold_producers(0))
+
+
+async def _while_reader_lives(conn: Any, attempt: Any) -> None:
+    """Call attempt() -- one try that does not wait -- until it returns
+    True, on asyncio timers (50 us growing to 5 ms), looking between tries
+    whether the reader still lives (BrokenPipeError once it is gone). A
+    full ring, or a dead last reader process while another holder may
+    remain (queue.Full, PeerDied), is a try that did not succeed."""
+    from shmipc.errors import PeerDied, RingClosed
 
     backoff = _Backoff()
     while True:
         try:
-            if ring._hold_producers(0):
+            if attempt():
                 return
+        except (queue.Full, PeerDied):
+            pass
         except RingClosed:
             conn._raise_closed()
         if conn._peer_gone():
@@ -339,30 +350,23 @@ async def _hold_producers(conn: Any, ring: Any) -> None:
 
 async def _put_records(conn: Any, records: list) -> None:
     from shmipc import _framing
-    from shmipc.errors import PeerDied, RingClosed
 
     held = len(records) > 1         # (send_when_room holds the producers)
+
+    def put(rec: Any) -> bool:
+        ring = conn._send_ring
+        if ring is None:
+            conn._check_writable()
+        if held:
+            ring._put_held(rec, 0)
+        else:
+            ring.put(rec, False)
+        return True
+
     started = False
     try:
         for rec in records:
-            backoff = _Backoff()
-            while True:
-                ring = conn._send_ring
-                if ring is None:
-                    conn._check_writable()
-                try:
-                    if held:
-                        ring._put_held(rec, 0)
-                    else:
-                        ring.put(rec, False)
-                    break
-                except (queue.Full, PeerDied):
-                    pass
-                except RingClosed:
-                    conn._raise_closed()
-                if conn._peer_gone():
-                    raise BrokenPipeError("the other end of the pipe is closed")
-                await backoff.sleep(None)
+            await _while_reader_lives(conn, lambda: put(rec))
             started = True
     except BaseException:
         if started and held:

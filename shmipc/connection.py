@@ -177,7 +177,7 @@ class Connection(Closeable, _FrameReading, _Readiness):
             # our puts announce themselves on our socket, readable at the peer's
             self._send_ring._set_notify(sock, True)
         self._polled = False            # fileno() was called here: receives re-arm
-        self._frame_read = None         # recv_async: a chunked message being read in a thread
+        self._frame_read = None         # recv_async: the future of a chunked message read in a thread
         self._async_send_lock = None    # send_async: one chunked message at a time
         self._pending = _NOTHING
         self._frame_left = 0            # bytes of the frame being read not yet taken
@@ -332,14 +332,7 @@ class Connection(Closeable, _FrameReading, _Readiness):
         caller calls in a ``finally`` around this call (a Ctrl-C right after
         the hold is taken must not leave it held). Waits as long as the
         reader lives."""
-        while True:
-            try:
-                if ring._hold_producers(SLICE):
-                    return
-            except RingClosed:
-                self._raise_closed()
-            if self._peer_gone():
-                raise BrokenPipeError("the other end of the pipe is closed")
+        self._while_reader_lives(lambda: ring._hold_producers(SLICE))
 
     def _send_frame(self, kind: str, parts: list) -> None:
         """A message too large for one record: a Frame, then its parts in
@@ -366,12 +359,20 @@ class Connection(Closeable, _FrameReading, _Readiness):
     def _put_held(self, ring: Any, rec: Any) -> None:
         """One record of a held message (see _hold_send), waiting for room
         as long as the reader lives."""
+        self._while_reader_lives(lambda: ring._put_held(rec, SLICE) is None)    # (None: put)
+
+    def _while_reader_lives(self, attempt: Any) -> None:
+        """Call attempt() -- one try, waiting at most SLICE -- until it
+        returns True, looking between tries whether the reader still lives
+        (BrokenPipeError once it is gone). A full ring, or a dead last
+        reader process while another holder may remain (queue.Full,
+        PeerDied), is a try that did not succeed."""
         while True:
             try:
-                ring._put_held(rec, SLICE)
-                return
+                if attempt():
+                    return
             except (queue.Full, PeerDied):
-                pass            # the reader is slow, or its last process died: look
+                pass
             except RingClosed:
                 self._raise_closed()
             if self._peer_gone():
@@ -405,18 +406,25 @@ class Connection(Closeable, _FrameReading, _Readiness):
         self._probe_in -= 1
         if not self._probe_in:
             self._probe()
-        if payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
-            # a pickle goes marked, so that recv() unpickles it as
-            # multiprocessing's does (a plain bytes record is what
-            # send(b"...") puts): in one Pickled record, or framed
-            if payload.nbytes <= min(_framing.PICKLED_MAX, self._send_ring.max_message_size // 2):
-                return self._put(_framing.Pickled(bytes(payload)))
-            return self._send_frame("bytes", [payload])
-        if payload.nbytes > self._send_ring.max_message_size:
+        form = self._bytes_form(payload)
+        if form == "pickled":
+            return self._put(_framing.Pickled(bytes(payload)))
+        if form == "framed":
             return self._send_frame("bytes", [payload])
         # the ring encodes a memoryview as a bytes message (one copy, into
         # the ring), so the receiver gets bytes whatever buf was
         self._put(payload)
+
+    def _bytes_form(self, payload: memoryview) -> str:
+        """How a send_bytes payload travels (send_bytes, send_bytes_async):
+        "pickled" (a pickle of up to PICKLED_MAX bytes: one Pickled record,
+        so that recv() unpickles it as multiprocessing's does, while a plain
+        bytes record is what send(b"...") puts), "framed" (a larger pickle,
+        or a payload larger than one record) or "plain" (one bytes record)."""
+        limit = self._send_ring.max_message_size
+        if payload.nbytes and payload[0] == _framing.PICKLE_PROTO:
+            return "pickled" if payload.nbytes <= min(_framing.PICKLED_MAX, limit // 2) else "framed"
+        return "framed" if payload.nbytes > limit else "plain"
 
     def _payload(self, buf: Any, offset: int, size: int | None) -> memoryview:
         """buf[offset:offset+size] in bytes, checked as multiprocessing does."""
@@ -526,7 +534,7 @@ class Connection(Closeable, _FrameReading, _Readiness):
             self._bad_message_length()
         return data
 
-    def _start_frame_read(self, frame: _Frame, as_bytes: bool) -> None:
+    def _start_frame_read(self, frame: _Frame) -> None:
         """Read the chunked message `frame` announces (taken from the ring)
         in a thread of its own (_framing.read_in_thread), for recv_async:
         its chunks may come from a writer in the very event loop that
@@ -535,15 +543,15 @@ class Connection(Closeable, _FrameReading, _Readiness):
         later event loop collects it (_frame_result), so no message is lost
         and none is read twice (close() ends the read)."""
         # read whole but not converted (as_bytes None): the receive that
-        # collects it may be the other kind
-        self._frame_read = (_framing.read_in_thread(lambda: self._unframe(frame, None),
-                                                    "shmipc-frame-read"), as_bytes)
+        # collects it may be either kind
+        self._frame_read = _framing.read_in_thread(lambda: self._unframe(frame, None),
+                                                   "shmipc-frame-read")
 
     def _frame_result(self, as_bytes: bool, maxlength: int | None) -> Any:
         """The message of the frame read (waiting for it), as recv
         (as_bytes False) or recv_bytes gives it; raises what the read
         raised. Clears the read."""
-        future = self._frame_read[0]
+        future = self._frame_read
         try:
             item = future.result()
         finally:
@@ -601,7 +609,7 @@ class Connection(Closeable, _FrameReading, _Readiness):
         if timeout is not None:
             timeout = _timeout(timeout)     # negative: 0; NaN: ValueError
         if self._frame_read is not None:    # a chunked message read in a thread: once it is read
-            return bool(concurrent.futures.wait([self._frame_read[0]], timeout).done)
+            return bool(concurrent.futures.wait([self._frame_read], timeout).done)
         if self._pending is not _NOTHING and self._pending is not _ABANDONED:
             return True
         try:

@@ -426,7 +426,7 @@ def test_a_cancelled_chunked_recv_async_leaves_its_message_to_the_next_receive(t
         waiter = asyncio.create_task(a.recv_async())
         while a._frame_read is None:
             await asyncio.sleep(0)
-        a._frame_read[0].result(30)     # the read is over, its result on its way to the loop...
+        a._frame_read.result(30)        # the read is over, its result on its way to the loop...
         waiter.cancel()                 # ...when the timeout fires
         with pytest.raises(asyncio.CancelledError):
             await waiter
